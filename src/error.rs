@@ -1,0 +1,144 @@
+//! The one error type of Convo, and its single mapping to Matrix errcodes and HTTP
+//! statuses. Services and storage return `Error`; only `IntoResponse` below turns it
+//! into bytes on the wire.
+
+use std::time::Duration;
+
+use axum::{
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use axum::http::StatusCode;
+use ruma::api::{
+    OutgoingResponseExt,
+    client::uiaa::{UiaaInfo, UiaaResponse},
+    error::{
+        ErrorBody, ErrorKind, LimitExceededErrorData, RetryAfter, StandardErrorBody, UnknownTokenErrorData,
+    },
+};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Matrix error for the client: errcode, message and the status the spec gives it.
+    #[error("{status} {kind:?}: {message}")]
+    Matrix { status: StatusCode, kind: ErrorKind, message: String },
+    /// User-interactive authentication is needed (401 with flows and session).
+    #[error("user-interactive authentication required")]
+    Uiaa(Box<UiaaInfo>),
+    /// Something failed on our side. Logged with its detail, shown as `M_UNKNOWN`.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn matrix(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error::Matrix { status, kind, message: message.into() }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::FORBIDDEN, ErrorKind::Forbidden, message)
+    }
+    pub fn bad_json(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::BadJson, message)
+    }
+    pub fn not_json(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::NotJson, message)
+    }
+    pub fn invalid_param(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::InvalidParam, message)
+    }
+    pub fn missing_param(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::MissingParam, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::NOT_FOUND, ErrorKind::NotFound, message)
+    }
+    pub fn unrecognized(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::matrix(status, ErrorKind::Unrecognized, message)
+    }
+    pub fn unknown(status: StatusCode, message: impl Into<String>) -> Self {
+        Self::matrix(status, ErrorKind::Unknown, message)
+    }
+    pub fn missing_token() -> Self {
+        Self::matrix(StatusCode::UNAUTHORIZED, ErrorKind::MissingToken, "Missing access token")
+    }
+    pub fn unknown_token(soft_logout: bool) -> Self {
+        Self::matrix(
+            StatusCode::UNAUTHORIZED,
+            ErrorKind::UnknownToken({
+                let mut data = UnknownTokenErrorData::new();
+                data.soft_logout = soft_logout;
+                data
+            }),
+            if soft_logout { "Access token has expired" } else { "Unknown access token" },
+        )
+    }
+    pub fn user_in_use(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::UserInUse, message)
+    }
+    pub fn invalid_username(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::InvalidUsername, message)
+    }
+    pub fn weak_password(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::WeakPassword, message)
+    }
+    pub fn user_deactivated() -> Self {
+        Self::matrix(StatusCode::FORBIDDEN, ErrorKind::UserDeactivated, "This account has been deactivated")
+    }
+    pub fn guest_access_forbidden() -> Self {
+        Self::matrix(StatusCode::FORBIDDEN, ErrorKind::GuestAccessForbidden, "Guest access is not enabled on this server")
+    }
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::TooLarge, message)
+    }
+    pub fn limit_exceeded(retry_after: Duration) -> Self {
+        Self::matrix(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::LimitExceeded({
+                let mut data = LimitExceededErrorData::new();
+                data.retry_after = Some(RetryAfter::Delay(retry_after));
+                data
+            }),
+            "Too many requests; try again later",
+        )
+    }
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        Error::Internal(detail.to_string())
+    }
+
+    /// The Matrix errcode, for logs and tests.
+    pub fn errcode(&self) -> String {
+        match self {
+            Error::Matrix { kind, .. } => kind.errcode().to_string(),
+            Error::Uiaa(_) => "UIAA".into(),
+            Error::Internal(_) => "M_UNKNOWN".into(),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let result = match self {
+            Error::Matrix { status, kind, message } => {
+                let body = ErrorBody::Standard(StandardErrorBody::new(kind, message));
+                ruma::api::error::Error::new(status, body).try_into_http_response::<Vec<u8>>()
+            }
+            Error::Uiaa(info) => UiaaResponse::AuthResponse(*info).try_into_http_response::<Vec<u8>>(),
+            Error::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                let body = ErrorBody::Standard(StandardErrorBody::new(ErrorKind::Unknown, "Internal server error".into()));
+                ruma::api::error::Error::new(StatusCode::INTERNAL_SERVER_ERROR, body)
+                    .try_into_http_response::<Vec<u8>>()
+            }
+        };
+        match result {
+            Ok(response) => response.map(Body::from),
+            Err(e) => {
+                tracing::error!(error = %e, "could not serialize an error response");
+                (StatusCode::INTERNAL_SERVER_ERROR, r#"{"errcode":"M_UNKNOWN","error":"Internal server error"}"#)
+                    .into_response()
+            }
+        }
+    }
+}

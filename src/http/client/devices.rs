@@ -1,0 +1,79 @@
+//! Device management: list, get, rename and delete (with UIA).
+
+use axum::{Router, extract::State};
+use ruma::api::client::device::{delete_device, delete_devices, get_device, get_devices, update_device};
+
+use crate::{
+    error::Result,
+    http::{
+        AppState, route,
+        ruma::{Ruma, RumaResponse},
+    },
+};
+
+/// # `GET /_matrix/client/v3/devices`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3devices>
+async fn get_devices(
+    State(services): State<AppState>,
+    req: Ruma<get_devices::v3::Request>,
+) -> Result<RumaResponse<get_devices::v3::Response>> {
+    let devices = services.list_devices(req.session()?.user_id.as_str()).await?;
+    Ok(get_devices::v3::Response::new(devices).into())
+}
+
+/// # `GET /_matrix/client/v3/devices/{deviceId}`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3devicesdeviceid>
+async fn get_device(
+    State(services): State<AppState>,
+    req: Ruma<get_device::v3::Request>,
+) -> Result<RumaResponse<get_device::v3::Response>> {
+    let device = services.get_device(req.session()?.user_id.as_str(), req.body.device_id.as_str()).await?;
+    Ok(get_device::v3::Response::new(device).into())
+}
+
+/// # `PUT /_matrix/client/v3/devices/{deviceId}`
+/// <https://spec.matrix.org/v1.19/client-server-api/#put_matrixclientv3devicesdeviceid>
+async fn update_device(
+    State(services): State<AppState>,
+    req: Ruma<update_device::v3::Request>,
+) -> Result<RumaResponse<update_device::v3::Response>> {
+    let session = req.session()?;
+    services
+        .rename_device(session.user_id.as_str(), req.body.device_id.as_str(), req.body.display_name.as_deref())
+        .await?;
+    Ok(update_device::v3::Response::new().into())
+}
+
+/// # `DELETE /_matrix/client/v3/devices/{deviceId}`
+/// <https://spec.matrix.org/v1.19/client-server-api/#delete_matrixclientv3devicesdeviceid>
+async fn delete_device(
+    State(services): State<AppState>,
+    req: Ruma<delete_device::v3::Request>,
+) -> Result<RumaResponse<delete_device::v3::Response>> {
+    let session = req.session()?;
+    services.get_device(session.user_id.as_str(), req.body.device_id.as_str()).await?;
+    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref()).await?;
+    services.delete_devices(session.user_id.as_str(), &[req.body.device_id.as_str()]).await?;
+    Ok(delete_device::v3::Response::new().into())
+}
+
+/// # `POST /_matrix/client/v3/delete_devices`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3delete_devices>
+async fn delete_devices(
+    State(services): State<AppState>,
+    req: Ruma<delete_devices::v3::Request>,
+) -> Result<RumaResponse<delete_devices::v3::Response>> {
+    let session = req.session()?;
+    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref()).await?;
+    let ids: Vec<&str> = req.body.devices.iter().map(|d| d.as_str()).collect();
+    services.delete_devices(session.user_id.as_str(), &ids).await?;
+    Ok(delete_devices::v3::Response::new().into())
+}
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<get_devices::v3::Request, _, _>(router, get_devices);
+    let router = route::<get_device::v3::Request, _, _>(router, get_device);
+    let router = route::<update_device::v3::Request, _, _>(router, update_device);
+    let router = route::<delete_device::v3::Request, _, _>(router, delete_device);
+    route::<delete_devices::v3::Request, _, _>(router, delete_devices)
+}

@@ -1,0 +1,70 @@
+//! Discovery: supported versions, `/.well-known/matrix/client` and capabilities.
+
+use std::collections::BTreeMap;
+
+use axum::{Router, extract::State};
+use ruma::api::client::discovery::{
+    discover_homeserver::{self, HomeserverInfo},
+    get_capabilities::{
+        self,
+        v3::{Capabilities, RoomVersionStability},
+    },
+    get_supported_versions,
+};
+
+use crate::{
+    error::Result,
+    http::{
+        AppState, route,
+        ruma::{Ruma, RumaResponse},
+    },
+    service::SUPPORTED_ROOM_VERSIONS,
+};
+
+/// The spec versions whose client-server API Convo follows, for the modules it has.
+const SPEC_VERSIONS: &[&str] = &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10"];
+
+/// # `GET /_matrix/client/versions`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientversions>
+async fn get_supported_versions(
+    _: Ruma<get_supported_versions::Request>,
+) -> Result<RumaResponse<get_supported_versions::Response>> {
+    let mut response =
+        get_supported_versions::Response::new(SPEC_VERSIONS.iter().map(|v| (*v).to_owned()).collect());
+    response.unstable_features = BTreeMap::new();
+    Ok(response.into())
+}
+
+/// # `GET /.well-known/matrix/client`
+/// <https://spec.matrix.org/v1.19/client-server-api/#getwell-knownmatrixclient>
+async fn discover_homeserver(
+    State(services): State<AppState>,
+    _: Ruma<discover_homeserver::Request>,
+) -> Result<RumaResponse<discover_homeserver::Response>> {
+    Ok(discover_homeserver::Response::new(HomeserverInfo::new(services.public_baseurl.clone())).into())
+}
+
+/// # `GET /_matrix/client/v3/capabilities`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3capabilities>
+#[allow(deprecated)] // m.set_displayname and m.set_avatar_url: still what clients of v1.10 read
+async fn get_capabilities(
+    State(services): State<AppState>,
+    _: Ruma<get_capabilities::v3::Request>,
+) -> Result<RumaResponse<get_capabilities::v3::Response>> {
+    let mut capabilities = Capabilities::new();
+    capabilities.change_password.enabled = true;
+    capabilities.set_displayname.enabled = true;
+    capabilities.set_avatar_url.enabled = true;
+    capabilities.thirdparty_id_changes.enabled = false;
+    capabilities.get_login_token.enabled = false;
+    capabilities.room_versions.default = services.config.rooms.default_room_version.clone();
+    capabilities.room_versions.available =
+        SUPPORTED_ROOM_VERSIONS.iter().map(|v| (v.clone(), RoomVersionStability::Stable)).collect();
+    Ok(get_capabilities::v3::Response::new(capabilities).into())
+}
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<get_supported_versions::Request, _, _>(router, get_supported_versions);
+    let router = route::<discover_homeserver::Request, _, _>(router, discover_homeserver);
+    route::<get_capabilities::v3::Request, _, _>(router, get_capabilities)
+}

@@ -1,0 +1,161 @@
+//! The glue between axum and ruma: `Ruma<T>` parses any ruma request type (path,
+//! query, body) and authenticates its sender as the endpoint's metadata says;
+//! `RumaResponse<T>` writes any ruma response.
+
+use std::net::SocketAddr;
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request},
+    http::{StatusCode, header::AUTHORIZATION},
+    response::{IntoResponse, Response},
+};
+use ruma::api::{
+    IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
+    auth_scheme::{AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication},
+    error::{DeserializationError, FromHttpRequestError},
+};
+
+use super::AppState;
+use crate::{
+    error::{Error, Result},
+    service::Session,
+};
+
+/// Who must be signed in to call an endpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum AuthRequirement {
+    Required,
+    Optional,
+    /// The endpoint ignores any token (public, or appservice-only until appservices land).
+    Ignored,
+}
+
+/// Maps ruma's authentication schemes to what Convo enforces.
+pub trait ClientAuth {
+    const REQUIREMENT: AuthRequirement;
+}
+impl ClientAuth for AccessToken {
+    const REQUIREMENT: AuthRequirement = AuthRequirement::Required;
+}
+impl ClientAuth for AccessTokenOptional {
+    const REQUIREMENT: AuthRequirement = AuthRequirement::Optional;
+}
+impl ClientAuth for NoAuthentication {
+    const REQUIREMENT: AuthRequirement = AuthRequirement::Ignored;
+}
+impl ClientAuth for NoAccessToken {
+    const REQUIREMENT: AuthRequirement = AuthRequirement::Ignored;
+}
+impl ClientAuth for AppserviceTokenOptional {
+    const REQUIREMENT: AuthRequirement = AuthRequirement::Ignored;
+}
+impl ClientAuth for AppserviceToken {
+    const REQUIREMENT: AuthRequirement = AuthRequirement::Required;
+}
+
+/// A parsed ruma request with its sender.
+pub struct Ruma<T> {
+    pub body: T,
+    /// The signed-in caller; always `Some` for endpoints that require a token.
+    pub session: Option<Session>,
+    /// The client's address, for rate limits and "last seen".
+    pub client_ip: String,
+}
+
+impl<T> Ruma<T> {
+    /// The caller of an endpoint that requires authentication.
+    pub fn session(&self) -> Result<&Session> {
+        self.session.as_ref().ok_or_else(Error::missing_token)
+    }
+}
+
+/// The access token from `Authorization: Bearer` or the deprecated `access_token` query parameter.
+fn access_token(parts: &axum::http::request::Parts) -> Result<Option<String>> {
+    if let Some(value) = parts.headers.get(AUTHORIZATION) {
+        let value = value.to_str().map_err(|_| Error::unknown_token(false))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Error::unknown_token(false))?;
+        return Ok(Some(token.trim().to_owned()));
+    }
+    let query = parts.uri.query().unwrap_or_default();
+    Ok(form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "access_token")
+        .map(|(_, value)| value.into_owned()))
+}
+
+/// Maps a parse failure to the spec's errcode: bodies that are not JSON get
+/// `M_NOT_JSON`, JSON of the wrong shape `M_BAD_JSON`, bad path or query values
+/// `M_INVALID_PARAM`.
+fn request_error(e: FromHttpRequestError) -> Error {
+    match e {
+        FromHttpRequestError::MethodMismatch { .. } => {
+            Error::unrecognized(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed on this endpoint")
+        }
+        FromHttpRequestError::Deserialization(d) => match d {
+            DeserializationError::Json(e) => Error::bad_json(format!("Invalid request body: {e}")),
+            DeserializationError::Query(e) => Error::invalid_param(format!("Invalid query parameter: {e}")),
+            DeserializationError::Ident(e) => Error::invalid_param(format!("Invalid identifier: {e}")),
+            other => Error::bad_json(format!("Invalid request: {other}")),
+        },
+        other => Error::bad_json(format!("Invalid request: {other}")),
+    }
+}
+
+impl<T> FromRequest<AppState> for Ruma<T>
+where
+    T: IncomingRequest,
+    T::Authentication: ClientAuth,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let client_ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_string())
+            .unwrap_or_default();
+        let params = RawPathParams::from_request_parts(&mut parts, state)
+            .await
+            .map_err(|e| Error::invalid_param(format!("Invalid path: {e}")))?;
+        let args: Vec<String> = params.iter().map(|(_, v)| v.to_owned()).collect();
+
+        let session = match (T::Authentication::REQUIREMENT, access_token(&parts)?) {
+            (AuthRequirement::Ignored, _) | (AuthRequirement::Optional, None) => None,
+            (AuthRequirement::Required, None) => return Err(Error::missing_token()),
+            (_, Some(token)) => Some(state.authenticate(&token, Some(&client_ip)).await?),
+        };
+
+        let limit = state.config.limits.max_request_body;
+        let bytes = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|_| Error::too_large(format!("Request bodies are {limit} bytes at most")))?;
+        if !bytes.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
+            return Err(Error::not_json("The request body is not valid JSON"));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let body = T::try_from_http_request(axum::http::Request::from_parts(parts, bytes.as_ref()), &args)
+            .map_err(request_error)?;
+        Ok(Ruma { body, session, client_ip })
+    }
+}
+
+/// Any ruma response, written as the spec says.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<Vec<u8>>() {
+            Ok(response) => response.map(Body::from),
+            Err(e) => Error::internal(format!("could not serialize a response: {e}")).into_response(),
+        }
+    }
+}
+
+impl<T> From<T> for RumaResponse<T> {
+    fn from(value: T) -> Self {
+        RumaResponse(value)
+    }
+}

@@ -1,0 +1,53 @@
+//! Account data: per-user JSON blobs, global or per room, that only the user sees.
+
+use axum::http::StatusCode;
+use ruma::{UserId, api::error::ErrorKind, serde::Raw};
+use serde_json::value::RawValue;
+
+use super::{Services, Session};
+use crate::error::{Error, Result};
+
+/// Types that clients may not set through the account data API: the server owns them.
+const SERVER_MANAGED: [&str; 2] = ["m.fully_read", "m.push_rules"];
+
+impl Services {
+    pub async fn get_account_data<T>(&self, session: &Session, user_id: &UserId, room_id: &str, data_type: &str) -> Result<Raw<T>> {
+        if user_id != session.user_id {
+            return Err(Error::forbidden("You can only read your own account data"));
+        }
+        let content = self
+            .store
+            .get_account_data(user_id.as_str(), room_id, data_type)
+            .await?
+            .ok_or_else(|| Error::not_found("No account data of that type"))?;
+        let raw = RawValue::from_string(content).map_err(Error::internal)?;
+        Ok(Raw::from_json(raw))
+    }
+
+    pub async fn set_account_data(
+        &self,
+        session: &Session,
+        user_id: &UserId,
+        room_id: &str,
+        data_type: &str,
+        content: &RawValue,
+    ) -> Result<()> {
+        if user_id != session.user_id {
+            return Err(Error::forbidden("You can only set your own account data"));
+        }
+        if SERVER_MANAGED.contains(&data_type) {
+            return Err(Error::matrix(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorKind::BadJson,
+                format!("{data_type} is managed by the server and cannot be set through the account data API"),
+            ));
+        }
+        if !content.get().trim_start().starts_with('{') {
+            return Err(Error::bad_json("Account data content must be a JSON object"));
+        }
+        if content.get().len() > 65_536 {
+            return Err(Error::too_large("Account data is 64 KiB at most"));
+        }
+        self.store.set_account_data(user_id.as_str(), room_id, data_type, content.get()).await
+    }
+}

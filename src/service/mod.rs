@@ -1,0 +1,90 @@
+//! Services: the Matrix logic of Convo. They know ruma types and the `Store`, nothing
+//! of axum or SQL. `Services` is built once per server and shared as an `Arc`; each
+//! file adds the methods of one area (users, sessions, UIA, profile, account data).
+
+mod account_data;
+mod ids;
+mod password;
+mod profile;
+mod ratelimit;
+mod sessions;
+mod uiaa;
+mod users;
+
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use ruma::{OwnedServerName, RoomVersionId};
+use tokio::sync::Semaphore;
+
+pub use self::{
+    ids::{generate_registration_token, hash_token},
+    ratelimit::{RateLimitKind, RateLimiter},
+    sessions::{IssuedSession, Session},
+    users::{LoginRequest, RegisterRequest, RegisterOutcome},
+};
+use crate::{config::Config, storage::Store};
+
+/// The room versions Convo can create and join: 6 to 12 (ruma does not implement the
+/// older algorithms).
+pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 7] = [
+    RoomVersionId::V6,
+    RoomVersionId::V7,
+    RoomVersionId::V8,
+    RoomVersionId::V9,
+    RoomVersionId::V10,
+    RoomVersionId::V11,
+    RoomVersionId::V12,
+];
+
+pub fn rooms_supported(version: &RoomVersionId) -> bool {
+    SUPPORTED_ROOM_VERSIONS.contains(version)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub struct Services {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub rate_limiter: RateLimiter,
+    /// The client API's URL, for `/.well-known/matrix/client`.
+    pub public_baseurl: String,
+    /// Bounds concurrent argon2 work: each hash holds its memory and a core.
+    hashing: Semaphore,
+}
+
+impl Services {
+    pub fn new(config: Arc<Config>, store: Store, public_baseurl: String) -> Arc<Self> {
+        let hashing = Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        Arc::new(Services {
+            rate_limiter: RateLimiter::new(config.rate_limits.clone()),
+            config,
+            store,
+            public_baseurl,
+            hashing,
+        })
+    }
+
+    /// On first start in token mode, when no registration token exists at all, makes
+    /// one so that the first account can be created. Returns it, for printing.
+    pub async fn ensure_first_registration_token(&self) -> crate::error::Result<Option<String>> {
+        if self.config.registration.mode != crate::config::RegistrationMode::Token
+            || !self.config.registration.tokens.is_empty()
+            || !self.store.list_registration_tokens().await?.is_empty()
+        {
+            return Ok(None);
+        }
+        let token = generate_registration_token();
+        self.store.create_registration_token(&token, Some(1), None, now_ms()).await?;
+        Ok(Some(token))
+    }
+
+    pub fn server_name(&self) -> &OwnedServerName {
+        &self.config.server_name
+    }
+}

@@ -1,0 +1,164 @@
+//! Storage: the only module that speaks SQL or imports sqlx.
+//!
+//! `Store` offers domain-level methods (`create_user`, `find_access_token`, ...), each
+//! one statement or one transaction. The same SQL text serves SQLite and PostgreSQL
+//! (both accept `$1` placeholders, `ON CONFLICT`, `RETURNING`); where the dialects
+//! differ a method says so with `self.dialect()`. The `on_pool!` macro compiles each
+//! method body once per backend. SQLite writes go through a single connection, so
+//! writers queue in process instead of failing with `SQLITE_BUSY`.
+
+mod account_data;
+mod registration_tokens;
+mod sessions;
+mod uiaa;
+mod users;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    Connection,
+    postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+};
+
+pub use self::{
+    registration_tokens::RegistrationTokenInfo,
+    sessions::{DeviceInfo, NewSession, TokenInfo},
+    uiaa::UiaaSession,
+    users::{NewUser, UserAuth},
+};
+use crate::error::Error;
+
+/// Runs `$body` with `$pool` bound to the right pool of the store's backend.
+/// `read` uses the shared pool; `write` uses the SQLite writer (or the PostgreSQL pool).
+macro_rules! on_pool {
+    ($store:expr, read, |$pool:ident| $body:expr) => {
+        match &$store.db {
+            $crate::storage::Db::Sqlite { read, .. } => {
+                let $pool = read;
+                $body
+            }
+            $crate::storage::Db::Postgres(pg) => {
+                let $pool = pg;
+                $body
+            }
+        }
+    };
+    ($store:expr, write, |$pool:ident| $body:expr) => {
+        match &$store.db {
+            $crate::storage::Db::Sqlite { write, .. } => {
+                let $pool = write;
+                $body
+            }
+            $crate::storage::Db::Postgres(pg) => {
+                let $pool = pg;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_pool;
+
+pub(crate) enum Db {
+    Sqlite { read: SqlitePool, write: SqlitePool },
+    Postgres(PgPool),
+}
+
+/// Which SQL dialect a store speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// The database behind Convo.
+pub struct Store {
+    pub(crate) db: Db,
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Internal(format!("database: {e}"))
+    }
+}
+
+/// Whether a database error is a unique-constraint violation.
+pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` and runs the migrations.
+    pub async fn open(url: &str, pool_size: u32) -> Result<Self, String> {
+        if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)
+                .map_err(|e| format!("database.url: {e}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10));
+            if let Some(parent) = options.get_filename().parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("database.url: cannot create {}: {e}", parent.display()))?;
+            }
+            let write = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await
+                .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
+            sqlx::migrate!("migrations/sqlite")
+                .run(&write)
+                .await
+                .map_err(|e| format!("database migration failed: {e}"))?;
+            let read = SqlitePoolOptions::new()
+                .max_connections(pool_size)
+                .connect_with(options)
+                .await
+                .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
+            Ok(Store { db: Db::Sqlite { read, write } })
+        } else {
+            // One direct connection first: a pool hides the cause behind a timeout.
+            let options = PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
+            let probe = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&options))
+                .await
+                .map_err(|_| "database.url: PostgreSQL did not answer within 10 s".to_owned())?
+                .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
+            let _ = probe.close().await;
+            let pool = PgPoolOptions::new()
+                .max_connections(pool_size)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
+            sqlx::migrate!("migrations/postgres")
+                .run(&pool)
+                .await
+                .map_err(|e| format!("database migration failed: {e}"))?;
+            Ok(Store { db: Db::Postgres(pool) })
+        }
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        match self.db {
+            Db::Sqlite { .. } => Dialect::Sqlite,
+            Db::Postgres(_) => Dialect::Postgres,
+        }
+    }
+
+    /// Closes every connection (used at shutdown so SQLite checkpoints its WAL).
+    pub async fn close(&self) {
+        match &self.db {
+            Db::Sqlite { read, write } => {
+                read.close().await;
+                write.close().await;
+            }
+            Db::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,307 @@
+//! Storage of devices, access tokens and refresh tokens.
+
+use super::{Store, on_pool};
+use crate::error::Result;
+
+/// A device and its first access token (and refresh token), stored together.
+pub struct NewSession<'a> {
+    pub user_id: &'a str,
+    pub device_id: &'a str,
+    /// Set on a new device; on an existing one, replaces its name when given.
+    pub display_name: Option<&'a str>,
+    pub access_token_hash: &'a str,
+    pub refresh_token_hash: Option<&'a str>,
+    pub expires_ts: Option<i64>,
+    pub created_ts: i64,
+}
+
+/// What an access token stands for.
+#[derive(Debug, sqlx::FromRow)]
+pub struct TokenInfo {
+    pub user_id: String,
+    pub device_id: String,
+    pub expires_ts: Option<i64>,
+    pub prev_refresh_hash: Option<String>,
+    pub last_seen_ts: Option<i64>,
+    pub deactivated: bool,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct DeviceInfo {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub last_seen_ts: Option<i64>,
+    pub last_seen_ip: Option<String>,
+}
+
+/// Inserts (or reuses) a device and adds its tokens. Generic over the backend by
+/// being a macro: the body is the same SQL on both.
+macro_rules! insert_session_tx {
+    ($tx:expr, $s:expr) => {{
+        let s = $s;
+        sqlx::query(
+            "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (user_id, device_id) DO UPDATE
+             SET display_name = COALESCE(excluded.display_name, devices.display_name)",
+        )
+        .bind(s.user_id)
+        .bind(s.device_id)
+        .bind(s.display_name)
+        .bind(s.created_ts)
+        .execute(&mut **$tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts, expires_ts, refresh_token_hash)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(s.access_token_hash)
+        .bind(s.user_id)
+        .bind(s.device_id)
+        .bind(s.created_ts)
+        .bind(s.expires_ts)
+        .bind(s.refresh_token_hash)
+        .execute(&mut **$tx)
+        .await?;
+        if let Some(refresh) = s.refresh_token_hash {
+            sqlx::query(
+                "INSERT INTO refresh_tokens (token_hash, user_id, device_id, created_ts) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(refresh)
+            .bind(s.user_id)
+            .bind(s.device_id)
+            .bind(s.created_ts)
+            .execute(&mut **$tx)
+            .await?;
+        }
+    }};
+}
+
+/// Deletes a user's devices (all, or all but one) with their tokens.
+macro_rules! delete_devices_tx {
+    ($tx:expr, $user_id:expr, $only:expr, $except:expr) => {{
+        let (user_id, only, except): (&str, Option<&str>, Option<&str>) = ($user_id, $only, $except);
+        for sql in [
+            "DELETE FROM access_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
+            "DELETE FROM refresh_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
+            "DELETE FROM devices WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
+        ] {
+            sqlx::query(sql).bind(user_id).bind(only).bind(except).execute(&mut **$tx).await?;
+        }
+    }};
+}
+
+/// The transaction operations other storage files share, for each backend's transaction.
+pub(crate) trait SessionTx {
+    async fn insert_session(&mut self, session: &NewSession<'_>) -> Result<()>;
+    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()>;
+}
+
+impl SessionTx for sqlx::Transaction<'_, sqlx::Sqlite> {
+    async fn insert_session(&mut self, session: &NewSession<'_>) -> Result<()> {
+        insert_session_tx!(self, session);
+        Ok(())
+    }
+    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()> {
+        delete_devices_tx!(self, user_id, only, except);
+        Ok(())
+    }
+}
+
+impl SessionTx for sqlx::Transaction<'_, sqlx::Postgres> {
+    async fn insert_session(&mut self, session: &NewSession<'_>) -> Result<()> {
+        insert_session_tx!(self, session);
+        Ok(())
+    }
+    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()> {
+        delete_devices_tx!(self, user_id, only, except);
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Stores a new login: the device (new or reused) and its tokens.
+    pub async fn create_session(&self, session: NewSession<'_>) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            tx.insert_session(&session).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Looks up an access token by its hash.
+    pub async fn find_access_token(&self, token_hash: &str) -> Result<Option<TokenInfo>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT t.user_id, t.device_id, t.expires_ts, t.prev_refresh_hash, d.last_seen_ts, u.deactivated
+                 FROM access_tokens t
+                 JOIN devices d ON d.user_id = t.user_id AND d.device_id = t.device_id
+                 JOIN users u ON u.user_id = t.user_id
+                 WHERE t.token_hash = $1",
+            )
+            .bind(token_hash)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
+    /// The first use of a token obtained by refreshing revokes the refresh token it
+    /// replaced, and the access tokens issued with that one.
+    pub async fn retire_previous_refresh(&self, token_hash: &str, prev_refresh_hash: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query("DELETE FROM access_tokens WHERE refresh_token_hash = $1")
+                .bind(prev_refresh_hash)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM refresh_tokens WHERE token_hash = $1")
+                .bind(prev_refresh_hash)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE access_tokens SET prev_refresh_hash = NULL WHERE token_hash = $1")
+                .bind(token_hash)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE refresh_tokens SET prev_token_hash = NULL WHERE prev_token_hash = $1")
+                .bind(prev_refresh_hash)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Swaps a refresh token for a new access token and refresh token. The old refresh
+    /// token stays valid until one of the new tokens is used. Returns the user and
+    /// device, or `None` if the refresh token is unknown.
+    pub async fn refresh_session(
+        &self,
+        refresh_hash: &str,
+        new_access_hash: &str,
+        new_refresh_hash: &str,
+        expires_ts: i64,
+        now: i64,
+    ) -> Result<Option<(String, String)>> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let row: Option<(String, String, Option<String>)> = sqlx::query_as(
+                "SELECT user_id, device_id, prev_token_hash FROM refresh_tokens WHERE token_hash = $1",
+            )
+            .bind(refresh_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some((user_id, device_id, prev)) = row else { return Ok(None) };
+            if let Some(prev) = prev {
+                // Using this refresh token retires the one it replaced.
+                for sql in [
+                    "DELETE FROM access_tokens WHERE refresh_token_hash = $1",
+                    "DELETE FROM refresh_tokens WHERE token_hash = $1",
+                ] {
+                    sqlx::query(sql).bind(&prev).execute(&mut *tx).await?;
+                }
+            }
+            sqlx::query(
+                "INSERT INTO refresh_tokens (token_hash, user_id, device_id, created_ts, prev_token_hash)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(new_refresh_hash)
+            .bind(&user_id)
+            .bind(&device_id)
+            .bind(now)
+            .bind(refresh_hash)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO access_tokens
+                 (token_hash, user_id, device_id, created_ts, expires_ts, refresh_token_hash, prev_refresh_hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(new_access_hash)
+            .bind(&user_id)
+            .bind(&device_id)
+            .bind(now)
+            .bind(expires_ts)
+            .bind(new_refresh_hash)
+            .bind(refresh_hash)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Some((user_id, device_id)))
+        })
+    }
+
+    /// Records when and from where a device was last seen.
+    pub async fn touch_device(&self, user_id: &str, device_id: &str, ts: i64, ip: Option<&str>) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            sqlx::query("UPDATE devices SET last_seen_ts = $3, last_seen_ip = $4 WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .bind(ts)
+                .bind(ip)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    pub async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceInfo>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices
+                 WHERE user_id = $1 ORDER BY device_id",
+            )
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    pub async fn get_device(&self, user_id: &str, device_id: &str) -> Result<Option<DeviceInfo>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT device_id, display_name, last_seen_ts, last_seen_ip FROM devices
+                 WHERE user_id = $1 AND device_id = $2",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
+    /// Renames a device; `false` if it does not exist.
+    pub async fn rename_device(&self, user_id: &str, device_id: &str, name: Option<&str>) -> Result<bool> {
+        on_pool!(self, write, |pool| {
+            let n = sqlx::query("UPDATE devices SET display_name = $3 WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .bind(name)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            Ok(n > 0)
+        })
+    }
+
+    /// Deletes the given devices of a user and every token they hold.
+    pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            for device_id in device_ids {
+                tx.delete_devices(user_id, Some(device_id), None).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Deletes all of a user's devices and tokens (`logout/all`).
+    pub async fn delete_all_devices(&self, user_id: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            tx.delete_devices(user_id, None, None).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}

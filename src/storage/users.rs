@@ -1,0 +1,211 @@
+//! Storage of users and their profiles.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value as JsonValue;
+
+use super::{Store, is_unique_violation, on_pool, sessions::SessionTx};
+use crate::{
+    error::{Error, Result},
+    storage::NewSession,
+};
+
+/// A user to create, with what registration hands out in the same transaction.
+pub struct NewUser<'a> {
+    pub user_id: &'a str,
+    pub password_hash: Option<&'a str>,
+    pub is_admin: bool,
+    pub displayname: Option<&'a str>,
+    pub created_ts: i64,
+    /// A first device and access token, unless the client asked `inhibit_login`.
+    pub session: Option<NewSession<'a>>,
+    /// A registration token to count as used.
+    pub registration_token: Option<&'a str>,
+    /// A UIA session to close.
+    pub uiaa_session: Option<&'a str>,
+}
+
+/// What login needs to know about a user.
+#[derive(Debug, sqlx::FromRow)]
+pub struct UserAuth {
+    pub password_hash: Option<String>,
+    pub is_admin: bool,
+    pub deactivated: bool,
+}
+
+impl Store {
+    /// Creates a user; `M_USER_IN_USE` if the id is taken (also by a deactivated user).
+    pub async fn create_user(&self, new: NewUser<'_>) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO users (user_id, password_hash, is_admin, deactivated, created_ts) VALUES ($1, $2, $3, FALSE, $4)",
+            )
+            .bind(new.user_id)
+            .bind(new.password_hash)
+            .bind(new.is_admin)
+            .bind(new.created_ts)
+            .execute(&mut *tx)
+            .await;
+            match inserted {
+                Err(e) if is_unique_violation(&e) => return Err(Error::user_in_use("User ID already taken")),
+                other => other?,
+            };
+            if let Some(name) = new.displayname {
+                sqlx::query("INSERT INTO profile_fields (user_id, field, value) VALUES ($1, 'displayname', $2)")
+                    .bind(new.user_id)
+                    .bind(JsonValue::from(name).to_string())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(session) = &new.session {
+                tx.insert_session(session).await?;
+            }
+            if let Some(token) = new.registration_token {
+                sqlx::query("UPDATE registration_tokens SET completed = completed + 1 WHERE token = $1")
+                    .bind(token)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if let Some(session_id) = new.uiaa_session {
+                sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1")
+                    .bind(session_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Whether a user id is taken (by an active or a deactivated account).
+    pub async fn user_exists(&self, user_id: &str) -> Result<bool> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(String,)> = sqlx::query_as("SELECT user_id FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?;
+            Ok(row.is_some())
+        })
+    }
+
+    pub async fn get_user_auth(&self, user_id: &str) -> Result<Option<UserAuth>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as("SELECT password_hash, is_admin, deactivated FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?)
+        })
+    }
+
+    /// Replaces a user's password hash; with `keep_device`, signs out every other
+    /// device, or all of them when `keep_device` is `None` and `logout` is set.
+    pub async fn set_password_hash(
+        &self,
+        user_id: &str,
+        hash: &str,
+        logout: bool,
+        keep_device: Option<&str>,
+    ) -> Result<bool> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1 AND NOT deactivated")
+                .bind(user_id)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if updated == 0 {
+                return Ok(false);
+            }
+            if logout {
+                tx.delete_devices(user_id, None, keep_device).await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Deactivates a user: no password, no devices or tokens, no profile; with
+    /// `erase`, no account data either. The id stays taken.
+    pub async fn deactivate_user(&self, user_id: &str, erase: bool) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query("UPDATE users SET deactivated = TRUE, password_hash = NULL WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.delete_devices(user_id, None, None).await?;
+            sqlx::query("DELETE FROM profile_fields WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM uiaa_sessions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            if erase {
+                sqlx::query("DELETE FROM account_data WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// A user's profile fields, or `None` if no such active user exists.
+    pub async fn get_profile(&self, user_id: &str) -> Result<Option<BTreeMap<String, JsonValue>>> {
+        on_pool!(self, read, |pool| {
+            let active: Option<(bool,)> = sqlx::query_as("SELECT deactivated FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?;
+            if active.is_none() {
+                return Ok(None);
+            }
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT field, value FROM profile_fields WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_all(pool)
+                    .await?;
+            let mut profile = BTreeMap::new();
+            for (field, value) in rows {
+                let value = serde_json::from_str(&value).map_err(Error::internal)?;
+                profile.insert(field, value);
+            }
+            Ok(Some(profile))
+        })
+    }
+
+    pub async fn set_profile_field(&self, user_id: &str, field: &str, value: &JsonValue) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            sqlx::query(
+                "INSERT INTO profile_fields (user_id, field, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
+            )
+            .bind(user_id)
+            .bind(field)
+            .bind(value.to_string())
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
+    pub async fn delete_profile_field(&self, user_id: &str, field: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            sqlx::query("DELETE FROM profile_fields WHERE user_id = $1 AND field = $2")
+                .bind(user_id)
+                .bind(field)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Makes a user an admin or not (`convo admin`).
+    pub async fn set_admin(&self, user_id: &str, is_admin: bool) -> Result<bool> {
+        on_pool!(self, write, |pool| {
+            let n = sqlx::query("UPDATE users SET is_admin = $2 WHERE user_id = $1")
+                .bind(user_id)
+                .bind(is_admin)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            Ok(n > 0)
+        })
+    }
+}
