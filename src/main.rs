@@ -40,9 +40,12 @@ fn init_logging(config: &Config, quiet: bool) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(v).map_err(|e| format!("RUST_LOG: {e}"))?,
         _ if quiet => EnvFilter::new("warn"),
-        _ => EnvFilter::try_new(&config.logging.level).map_err(|e| format!("config key `logging.level`: {e}"))?,
+        _ => EnvFilter::try_new(&config.logging.level)
+            .map_err(|e| format!("config key `logging.level`: {e}"))?,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.logging.format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -61,8 +64,13 @@ async fn run_server(config: Config) -> Result<(), String> {
              convo admin registration-token create{cfg}\n",
             addr = running.client_addr,
             name = config.server_name,
-            cfg = std::env::args().skip(1).collect::<Vec<_>>().windows(2).find(|w| w[0] == "--config" || w[0] == "-c")
-                .map(|w| format!(" --config {}", w[1])).unwrap_or_default(),
+            cfg = std::env::args()
+                .skip(1)
+                .collect::<Vec<_>>()
+                .windows(2)
+                .find(|w| w[0] == "--config" || w[0] == "-c")
+                .map(|w| format!(" --config {}", w[1]))
+                .unwrap_or_default(),
         );
     }
     tokio::select! {
@@ -76,7 +84,8 @@ async fn run_server(config: Config) -> Result<(), String> {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let config = Config::load(cli.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let config =
+        Config::load(cli.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
     let is_admin = matches!(cli.command, Some(Command::Admin(_)));
     init_logging(&config, is_admin)?;
     rustls::crypto::ring::default_provider()

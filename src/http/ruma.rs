@@ -12,7 +12,10 @@ use axum::{
 };
 use ruma::api::{
     IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
-    auth_scheme::{AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication},
+    auth_scheme::{
+        AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken,
+        NoAuthentication,
+    },
     error::{DeserializationError, FromHttpRequestError},
 };
 
@@ -85,18 +88,47 @@ fn access_token(parts: &axum::http::request::Parts) -> Result<Option<String>> {
         .map(|(_, value)| value.into_owned()))
 }
 
+/// Some clients (matrix-nio) open a UIA exchange with an `auth` object that has
+/// neither `type` nor `session`. The spec allows omitting `type` only with a session;
+/// like other servers, Convo reads such an object as "no auth yet" and answers with
+/// the flows, instead of rejecting the request.
+fn drop_untyped_auth(bytes: bytes::Bytes) -> bytes::Bytes {
+    if !bytes.windows(6).any(|w| w == b"\"auth\"") {
+        return bytes;
+    }
+    let Ok(serde_json::Value::Object(mut body)) =
+        serde_json::from_slice::<serde_json::Value>(&bytes)
+    else {
+        return bytes;
+    };
+    match body.get("auth") {
+        Some(serde_json::Value::Object(auth))
+            if !auth.contains_key("type") && !auth.contains_key("session") =>
+        {
+            body.remove("auth");
+            serde_json::to_vec(&body).map(Into::into).unwrap_or(bytes)
+        }
+        _ => bytes,
+    }
+}
+
 /// Maps a parse failure to the spec's errcode: bodies that are not JSON get
 /// `M_NOT_JSON`, JSON of the wrong shape `M_BAD_JSON`, bad path or query values
 /// `M_INVALID_PARAM`.
 fn request_error(e: FromHttpRequestError) -> Error {
     match e {
-        FromHttpRequestError::MethodMismatch { .. } => {
-            Error::unrecognized(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed on this endpoint")
-        }
+        FromHttpRequestError::MethodMismatch { .. } => Error::unrecognized(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method not allowed on this endpoint",
+        ),
         FromHttpRequestError::Deserialization(d) => match d {
             DeserializationError::Json(e) => Error::bad_json(format!("Invalid request body: {e}")),
-            DeserializationError::Query(e) => Error::invalid_param(format!("Invalid query parameter: {e}")),
-            DeserializationError::Ident(e) => Error::invalid_param(format!("Invalid identifier: {e}")),
+            DeserializationError::Query(e) => {
+                Error::invalid_param(format!("Invalid query parameter: {e}"))
+            }
+            DeserializationError::Ident(e) => {
+                Error::invalid_param(format!("Invalid identifier: {e}"))
+            }
             other => Error::bad_json(format!("Invalid request: {other}")),
         },
         other => Error::bad_json(format!("Invalid request: {other}")),
@@ -135,10 +167,18 @@ where
         if !bytes.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
             return Err(Error::not_json("The request body is not valid JSON"));
         }
+        let bytes = drop_untyped_auth(bytes);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let body = T::try_from_http_request(axum::http::Request::from_parts(parts, bytes.as_ref()), &args)
-            .map_err(request_error)?;
-        Ok(Ruma { body, session, client_ip })
+        let body = T::try_from_http_request(
+            axum::http::Request::from_parts(parts, bytes.as_ref()),
+            &args,
+        )
+        .map_err(request_error)?;
+        Ok(Ruma {
+            body,
+            session,
+            client_ip,
+        })
     }
 }
 
@@ -149,7 +189,9 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
     fn into_response(self) -> Response {
         match self.0.try_into_http_response::<Vec<u8>>() {
             Ok(response) => response.map(Body::from),
-            Err(e) => Error::internal(format!("could not serialize a response: {e}")).into_response(),
+            Err(e) => {
+                Error::internal(format!("could not serialize a response: {e}")).into_response()
+            }
         }
     }
 }

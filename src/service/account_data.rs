@@ -11,7 +11,13 @@ use crate::error::{Error, Result};
 const SERVER_MANAGED: [&str; 2] = ["m.fully_read", "m.push_rules"];
 
 impl Services {
-    pub async fn get_account_data<T>(&self, session: &Session, user_id: &UserId, room_id: &str, data_type: &str) -> Result<Raw<T>> {
+    pub async fn get_account_data<T>(
+        &self,
+        session: &Session,
+        user_id: &UserId,
+        room_id: &str,
+        data_type: &str,
+    ) -> Result<Raw<T>> {
         if user_id != session.user_id {
             return Err(Error::forbidden("You can only read your own account data"));
         }
@@ -39,15 +45,21 @@ impl Services {
             return Err(Error::matrix(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorKind::BadJson,
-                format!("{data_type} is managed by the server and cannot be set through the account data API"),
+                format!(
+                    "{data_type} is managed by the server and cannot be set through the account data API"
+                ),
             ));
         }
         if !content.get().trim_start().starts_with('{') {
-            return Err(Error::bad_json("Account data content must be a JSON object"));
+            return Err(Error::bad_json(
+                "Account data content must be a JSON object",
+            ));
         }
         if content.get().len() > 65_536 {
             return Err(Error::too_large("Account data is 64 KiB at most"));
         }
-        self.store.set_account_data(user_id.as_str(), room_id, data_type, content.get()).await
+        self.store
+            .set_account_data(user_id.as_str(), room_id, data_type, content.get())
+            .await
     }
 }

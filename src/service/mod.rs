@@ -23,7 +23,7 @@ pub use self::{
     ids::{generate_registration_token, hash_token},
     ratelimit::{RateLimitKind, RateLimiter},
     sessions::{IssuedSession, Session},
-    users::{LoginRequest, RegisterRequest, RegisterOutcome},
+    users::{LoginRequest, RegisterOutcome, RegisterRequest},
 };
 use crate::{config::Config, storage::Store};
 
@@ -45,7 +45,10 @@ pub fn rooms_supported(version: &RoomVersionId) -> bool {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 pub struct Services {
@@ -60,7 +63,11 @@ pub struct Services {
 
 impl Services {
     pub fn new(config: Arc<Config>, store: Store, public_baseurl: String) -> Arc<Self> {
-        let hashing = Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let hashing = Semaphore::new(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        );
         Arc::new(Services {
             rate_limiter: RateLimiter::new(config.rate_limits.clone()),
             config,
@@ -80,7 +87,9 @@ impl Services {
             return Ok(None);
         }
         let token = generate_registration_token();
-        self.store.create_registration_token(&token, Some(1), None, now_ms()).await?;
+        self.store
+            .create_registration_token(&token, Some(1), None, now_ms())
+            .await?;
         Ok(Some(token))
     }
 

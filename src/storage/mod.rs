@@ -18,7 +18,9 @@ use std::{str::FromStr, time::Duration};
 use sqlx::{
     Connection,
     postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
 };
 
 pub use self::{
@@ -101,8 +103,9 @@ impl Store {
             if let Some(parent) = options.get_filename().parent()
                 && !parent.as_os_str().is_empty()
             {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("database.url: cannot create {}: {e}", parent.display()))?;
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    format!("database.url: cannot create {}: {e}", parent.display())
+                })?;
             }
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
@@ -118,14 +121,20 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
-            Ok(Store { db: Db::Sqlite { read, write } })
+            Ok(Store {
+                db: Db::Sqlite { read, write },
+            })
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
-            let options = PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
-            let probe = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&options))
-                .await
-                .map_err(|_| "database.url: PostgreSQL did not answer within 10 s".to_owned())?
-                .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
+            let options =
+                PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
+            let probe = tokio::time::timeout(
+                Duration::from_secs(10),
+                PgConnection::connect_with(&options),
+            )
+            .await
+            .map_err(|_| "database.url: PostgreSQL did not answer within 10 s".to_owned())?
+            .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
             let _ = probe.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(pool_size)
@@ -137,7 +146,9 @@ impl Store {
                 .run(&pool)
                 .await
                 .map_err(|e| format!("database migration failed: {e}"))?;
-            Ok(Store { db: Db::Postgres(pool) })
+            Ok(Store {
+                db: Db::Postgres(pool),
+            })
         }
     }
 

@@ -24,17 +24,28 @@ use crate::{
 
 /// # `GET /_matrix/client/v3/login`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3login>
-async fn get_login_types(_: Ruma<get_login_types::v3::Request>) -> Result<RumaResponse<get_login_types::v3::Response>> {
-    Ok(get_login_types::v3::Response::new(vec![LoginType::Password(PasswordLoginType::new())]).into())
+async fn get_login_types(
+    _: Ruma<get_login_types::v3::Request>,
+) -> Result<RumaResponse<get_login_types::v3::Response>> {
+    Ok(
+        get_login_types::v3::Response::new(vec![LoginType::Password(PasswordLoginType::new())])
+            .into(),
+    )
 }
 
 /// # `POST /_matrix/client/v3/login`
 /// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3login>
 #[allow(deprecated)] // the legacy `user` field is still sent by older clients
-async fn login(State(services): State<AppState>, req: Ruma<login::v3::Request>) -> Result<RumaResponse<login::v3::Response>> {
+async fn login(
+    State(services): State<AppState>,
+    req: Ruma<login::v3::Request>,
+) -> Result<RumaResponse<login::v3::Response>> {
     let body = req.body;
     let LoginInfo::Password(password) = body.login_info else {
-        return Err(Error::unknown(axum::http::StatusCode::BAD_REQUEST, "Unsupported login type; use m.login.password"));
+        return Err(Error::unknown(
+            axum::http::StatusCode::BAD_REQUEST,
+            "Unsupported login type; use m.login.password",
+        ));
     };
     let user = match (password.identifier, password.user) {
         (Some(UserIdentifier::Matrix(id)), _) => id.user,
@@ -75,7 +86,10 @@ async fn refresh(
 
 /// # `POST /_matrix/client/v3/logout`
 /// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3logout>
-async fn logout(State(services): State<AppState>, req: Ruma<logout::v3::Request>) -> Result<RumaResponse<logout::v3::Response>> {
+async fn logout(
+    State(services): State<AppState>,
+    req: Ruma<logout::v3::Request>,
+) -> Result<RumaResponse<logout::v3::Response>> {
     services.logout(req.session()?).await?;
     Ok(logout::v3::Response::new().into())
 }

@@ -1,0 +1,243 @@
+//! The test harness: starts a real Convo on an ephemeral loopback port with a fresh
+//! database (a SQLite file in a temporary folder, or a new PostgreSQL database) and
+//! speaks HTTP to it.
+
+use std::sync::Once;
+
+use convo::{
+    config::{Config, RegistrationMode},
+    server::{RunningServer, start},
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Which database a test runs on.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Sqlite,
+    /// The URL of a PostgreSQL database in which the role may create databases.
+    Postgres(String),
+}
+
+impl Backend {
+    /// PostgreSQL from `TEST_POSTGRES_URL`, or `None` (skip) when unset. With
+    /// `REQUIRE_POSTGRES=1` (as CI sets it) a missing URL fails the test instead.
+    pub fn postgres() -> Option<Backend> {
+        match std::env::var("TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(Backend::Postgres(url)),
+            _ if std::env::var("REQUIRE_POSTGRES").as_deref() == Ok("1") => {
+                panic!("REQUIRE_POSTGRES=1 but TEST_POSTGRES_URL is not set")
+            }
+            _ => {
+                eprintln!("TEST_POSTGRES_URL is not set: skipping the PostgreSQL run of this test");
+                None
+            }
+        }
+    }
+}
+
+/// Runs each named `async fn name(backend: Backend)` once on SQLite and once on PostgreSQL.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(backend) = $crate::common::Backend::postgres() {
+                        super::$name(backend).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+pub const PASSWORD: &str = "Correct-Horse-42";
+
+pub struct TestServer {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub running: Option<RunningServer>,
+    _dir: tempfile::TempDir,
+    pg_database: Option<(String, String)>,
+}
+
+pub fn install_crypto() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A configuration for tests: open registration, cheap hashing, no rate limits.
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.data_dir = dir.join("data");
+    config.listeners.client = "127.0.0.1:0".parse().unwrap();
+    config.registration.mode = RegistrationMode::Open;
+    config.password_hashing.memory_kib = 256;
+    config.password_hashing.iterations = 1;
+    config.rate_limits.enabled = false;
+    config
+}
+
+async fn create_pg_database(admin_url: &str) -> (String, String) {
+    use sqlx::Connection;
+    let name = format!(
+        "convo_test_{}",
+        convo::service::generate_registration_token().to_lowercase()
+    );
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("connect to TEST_POSTGRES_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.ok();
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("TEST_POSTGRES_URL ends in /DATABASE");
+    (format!("{base}/{name}"), name)
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
+        install_crypto();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        let mut pg_database = None;
+        if let Backend::Postgres(admin_url) = &backend {
+            let (url, name) = create_pg_database(admin_url).await;
+            config.database.url = url;
+            pg_database = Some((admin_url.clone(), name));
+        }
+        tweak(&mut config);
+        let running = start(config.resolved()).await.expect("server starts");
+        TestServer {
+            base: format!("http://{}", running.client_addr),
+            http: reqwest::Client::new(),
+            running: Some(running),
+            _dir: dir,
+            pg_database,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        if let Some((admin_url, name)) = self.pg_database.take() {
+            use sqlx::Connection;
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await;
+            }
+        }
+    }
+
+    /// Sends a request; answers the status and the JSON body (`null` if none).
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let bytes = resp.bytes().await.unwrap();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("JSON response")
+        };
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        self.request(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, token, Some(body)).await
+    }
+
+    pub async fn put(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        self.request(Method::PUT, path, token, Some(body)).await
+    }
+
+    /// Registers `name` on an open-registration server; answers (user id, token, device id).
+    pub async fn register(&self, name: &str) -> (String, String, String) {
+        let (status, body) = self
+            .post(
+                "/_matrix/client/v3/register",
+                None,
+                json!({"username": name, "password": PASSWORD, "auth": {"type": "m.login.dummy"}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (
+            body["user_id"].as_str().unwrap().to_owned(),
+            body["access_token"].as_str().unwrap().to_owned(),
+            body["device_id"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    /// Logs in with the test password; answers (token, device id).
+    pub async fn login(&self, user: &str, device_id: Option<&str>) -> (String, String) {
+        let mut body = json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": PASSWORD,
+        });
+        if let Some(d) = device_id {
+            body["device_id"] = json!(d);
+        }
+        let (status, body) = self.post("/_matrix/client/v3/login", None, body).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (
+            body["access_token"].as_str().unwrap().to_owned(),
+            body["device_id"].as_str().unwrap().to_owned(),
+        )
+    }
+}
+
+/// Asserts a Matrix error: status and errcode.
+#[track_caller]
+pub fn assert_error(result: &(StatusCode, Value), status: StatusCode, errcode: &str) {
+    assert_eq!(result.0, status, "unexpected status, body: {}", result.1);
+    assert_eq!(
+        result.1["errcode"], errcode,
+        "unexpected errcode, body: {}",
+        result.1
+    );
+    assert!(
+        result.1["error"].is_string(),
+        "errors carry a message: {}",
+        result.1
+    );
+}

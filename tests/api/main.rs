@@ -1,0 +1,12 @@
+//! Integration tests of the client-server API: a real server on loopback, spoken to
+//! over HTTP, on SQLite and on PostgreSQL.
+
+mod common;
+
+mod account;
+mod cli;
+mod devices;
+mod discovery;
+mod login;
+mod profile;
+mod register;
