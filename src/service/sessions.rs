@@ -90,6 +90,7 @@ impl Services {
         issued: &'a IssuedSession,
         hashes: &'a (String, Option<String>),
         display_name: Option<&'a str>,
+        ip: &'a str,
     ) -> NewSession<'a> {
         let now = now_ms();
         NewSession {
@@ -100,6 +101,7 @@ impl Services {
             refresh_token_hash: hashes.1.as_deref(),
             expires_ts: issued.expires_in.map(|d| now + d.as_millis() as i64),
             created_ts: now,
+            ip: Some(ip),
         }
     }
 
@@ -110,6 +112,7 @@ impl Services {
         device_id: Option<OwnedDeviceId>,
         display_name: Option<&str>,
         refresh: bool,
+        ip: &str,
     ) -> Result<IssuedSession> {
         let issued = self.new_tokens(device_id, refresh);
         let hashes = (
@@ -117,7 +120,7 @@ impl Services {
             issued.refresh_token.as_deref().map(hash_token),
         );
         self.store
-            .create_session(self.session_row(user_id, &issued, &hashes, display_name))
+            .create_session(self.session_row(user_id, &issued, &hashes, display_name, ip))
             .await?;
         Ok(issued)
     }

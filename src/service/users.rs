@@ -158,6 +158,7 @@ impl Services {
                 i,
                 h,
                 req.initial_device_display_name.as_deref(),
+                client_ip,
             )),
             _ => None,
         };
@@ -203,6 +204,7 @@ impl Services {
                 req.device_id,
                 req.initial_device_display_name.as_deref(),
                 req.refresh_token,
+                client_ip,
             )
             .await?;
         tracing::info!(user_id = %user_id, device_id = %issued.device_id, "logged in");

@@ -13,6 +13,8 @@ pub struct NewSession<'a> {
     pub refresh_token_hash: Option<&'a str>,
     pub expires_ts: Option<i64>,
     pub created_ts: i64,
+    /// The client's address: a login counts as the device being seen.
+    pub ip: Option<&'a str>,
 }
 
 /// What an access token stands for.
@@ -40,14 +42,17 @@ macro_rules! insert_session_tx {
     ($tx:expr, $s:expr) => {{
         let s = $s;
         sqlx::query(
-            "INSERT INTO devices (user_id, device_id, display_name, created_ts) VALUES ($1, $2, $3, $4)
+            "INSERT INTO devices (user_id, device_id, display_name, created_ts, last_seen_ts, last_seen_ip)
+             VALUES ($1, $2, $3, $4, $4, $5)
              ON CONFLICT (user_id, device_id) DO UPDATE
-             SET display_name = COALESCE(excluded.display_name, devices.display_name)",
+             SET display_name = COALESCE(excluded.display_name, devices.display_name),
+                 last_seen_ts = excluded.last_seen_ts, last_seen_ip = excluded.last_seen_ip",
         )
         .bind(s.user_id)
         .bind(s.device_id)
         .bind(s.display_name)
         .bind(s.created_ts)
+        .bind(s.ip)
         .execute(&mut **$tx)
         .await?;
         sqlx::query(

@@ -24,35 +24,38 @@ fn convo(dir: &std::path::Path) -> Command {
     cmd
 }
 
-/// Starts `convo` with no arguments and reads its banner until the token line.
+/// Starts `convo` with no arguments and collects what it prints (stdout and
+/// stderr) until it has printed its banner, or is listening and quiet for 500 ms.
 fn start_and_read_banner(dir: &std::path::Path) -> (std::process::Child, Vec<String>) {
-    let mut child = convo(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = convo(dir).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let tx2 = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(line);
         }
     });
     let mut lines = Vec::new();
+    let mut listening = false;
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(200)) {
+        match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(line) => {
+                listening |= line.contains("Convo is listening");
                 let done = line.contains("registration-token create");
                 lines.push(line);
                 if done {
                     break;
                 }
             }
-            Err(_) if child.try_wait().unwrap().is_some() => break,
-            Err(_) if lines.is_empty() && dir.join("convo-data/convo.db").exists() => {}
+            Err(_) if listening || child.try_wait().unwrap().is_some() => break,
             Err(_) => {}
         }
     }
