@@ -70,16 +70,10 @@ impl PasswordArgs {
         }
         if self.password_stdin {
             let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| format!("cannot read standard input: {e}"))?;
+            std::io::stdin().read_to_string(&mut s).map_err(|e| format!("cannot read standard input: {e}"))?;
             return Ok((s.trim_end_matches(['\n', '\r']).to_owned(), false));
         }
-        let generated = format!(
-            "{}-{}-9Aa",
-            generate_registration_token(),
-            generate_registration_token()
-        );
+        let generated = format!("{}-{}-9Aa", generate_registration_token(), generate_registration_token());
         Ok((generated, true))
     }
 }
@@ -87,9 +81,7 @@ impl PasswordArgs {
 fn valid_token(token: &str) -> bool {
     !token.is_empty()
         && token.len() <= 64
-        && token
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-'))
+        && token.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '~' | '-'))
 }
 
 /// Runs one admin command; returns what to print.
@@ -97,16 +89,9 @@ pub async fn run(config: Config, command: AdminCommand) -> Result<String, String
     let addr = config.listeners.client;
     let services = open_services(Arc::new(config), addr).await?;
     let out = match command {
-        AdminCommand::CreateUser {
-            localpart,
-            password,
-            admin,
-        } => {
+        AdminCommand::CreateUser { localpart, password, admin } => {
             let (password, generated) = password.resolve()?;
-            let user_id = services
-                .create_user_admin(&localpart, &password, admin)
-                .await
-                .map_err(describe)?;
+            let user_id = services.create_user_admin(&localpart, &password, admin).await.map_err(describe)?;
             let mut out = format!("created {user_id}{}", if admin { " (admin)" } else { "" });
             if generated {
                 out.push_str(&format!("\npassword: {password}"));
@@ -115,21 +100,14 @@ pub async fn run(config: Config, command: AdminCommand) -> Result<String, String
         }
         AdminCommand::ResetPassword { user, password } => {
             let (password, generated) = password.resolve()?;
-            let user_id = services
-                .reset_password_admin(&user, &password)
-                .await
-                .map_err(describe)?;
+            let user_id = services.reset_password_admin(&user, &password).await.map_err(describe)?;
             let mut out = format!("reset the password of {user_id} and signed out all its devices");
             if generated {
                 out.push_str(&format!("\npassword: {password}"));
             }
             out
         }
-        AdminCommand::RegistrationToken(TokenCommand::Create {
-            token,
-            uses,
-            expires_in_days,
-        }) => {
+        AdminCommand::RegistrationToken(TokenCommand::Create { token, uses, expires_in_days }) => {
             let token = token.unwrap_or_else(generate_registration_token);
             if !valid_token(&token) {
                 return Err("a token is 1 to 64 characters of A-Z a-z 0-9 . _ ~ -".into());
@@ -144,35 +122,17 @@ pub async fn run(config: Config, command: AdminCommand) -> Result<String, String
             token
         }
         AdminCommand::RegistrationToken(TokenCommand::List) => {
-            let tokens = services
-                .store
-                .list_registration_tokens()
-                .await
-                .map_err(describe)?;
+            let tokens = services.store.list_registration_tokens().await.map_err(describe)?;
             let mut out = String::from("token\tuses_allowed\tpending\tcompleted\texpiry_ts");
             for t in tokens {
-                let allowed = t
-                    .uses_allowed
-                    .map(|u| u.to_string())
-                    .unwrap_or_else(|| "unlimited".into());
-                let expiry = t
-                    .expiry_ts
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "never".into());
-                out.push_str(&format!(
-                    "\n{}\t{allowed}\t{}\t{}\t{expiry}",
-                    t.token, t.pending, t.completed
-                ));
+                let allowed = t.uses_allowed.map(|u| u.to_string()).unwrap_or_else(|| "unlimited".into());
+                let expiry = t.expiry_ts.map(|e| e.to_string()).unwrap_or_else(|| "never".into());
+                out.push_str(&format!("\n{}\t{allowed}\t{}\t{}\t{expiry}", t.token, t.pending, t.completed));
             }
             out
         }
         AdminCommand::RegistrationToken(TokenCommand::Revoke { token }) => {
-            if !services
-                .store
-                .delete_registration_token(&token)
-                .await
-                .map_err(describe)?
-            {
+            if !services.store.delete_registration_token(&token).await.map_err(describe)? {
                 return Err(format!("no registration token {token}"));
             }
             format!("revoked {token}")

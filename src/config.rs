@@ -224,19 +224,13 @@ impl Default for Listeners {
 
 impl Default for Database {
     fn default() -> Self {
-        Self {
-            url: String::new(),
-            pool_size: 8,
-        }
+        Self { url: String::new(), pool_size: 8 }
     }
 }
 
 impl Default for Registration {
     fn default() -> Self {
-        Self {
-            mode: RegistrationMode::Token,
-            tokens: Vec::new(),
-        }
+        Self { mode: RegistrationMode::Token, tokens: Vec::new() }
     }
 }
 
@@ -254,44 +248,31 @@ impl Default for PasswordPolicy {
 
 impl Default for PasswordHashing {
     fn default() -> Self {
-        Self {
-            memory_kib: 19_456,
-            iterations: 2,
-            parallelism: 1,
-        }
+        Self { memory_kib: 19_456, iterations: 2, parallelism: 1 }
     }
 }
 
 impl Default for Sessions {
     fn default() -> Self {
-        Self {
-            access_token_lifetime_ms: 5 * 60 * 1000,
-        }
+        Self { access_token_lifetime_ms: 5 * 60 * 1000 }
     }
 }
 
 impl Default for Rooms {
     fn default() -> Self {
-        Self {
-            default_room_version: RoomVersionId::V12,
-        }
+        Self { default_room_version: RoomVersionId::V12 }
     }
 }
 
 impl Default for Media {
     fn default() -> Self {
-        Self {
-            path: PathBuf::new(),
-            max_upload_size: 50 * 1024 * 1024,
-        }
+        Self { path: PathBuf::new(), max_upload_size: 50 * 1024 * 1024 }
     }
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_request_body: 1024 * 1024,
-        }
+        Self { max_request_body: 1024 * 1024 }
     }
 }
 
@@ -299,34 +280,21 @@ impl Default for RateLimits {
     fn default() -> Self {
         Self {
             enabled: true,
-            login: Bucket {
-                per_second: 0.2,
-                burst: 5,
-            },
-            registration: Bucket {
-                per_second: 0.1,
-                burst: 3,
-            },
+            login: Bucket { per_second: 0.2, burst: 5 },
+            registration: Bucket { per_second: 0.1, burst: 3 },
         }
     }
 }
 
 impl Default for Logging {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-            format: LogFormat::Pretty,
-        }
+        Self { level: "info".into(), format: LogFormat::Pretty }
     }
 }
 
 impl Default for Federation {
     fn default() -> Self {
-        Self {
-            extra_ca_file: PathBuf::new(),
-            skip_tls_verify: false,
-            allow_private_destinations: false,
-        }
+        Self { extra_ca_file: PathBuf::new(), skip_tls_verify: false, allow_private_destinations: false }
     }
 }
 
@@ -339,18 +307,13 @@ const ENV_PREFIX: &str = "CONVO_";
 
 impl Config {
     /// Loads defaults, then `file` (if any), then `CONVO_*` variables from `env`.
-    pub fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut table = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
-                })?;
-                toml::from_str::<toml::Table>(&text).map_err(|e| {
-                    ConfigError(format!("config file {}: {}", path.display(), e.message()))
-                })?
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+                toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| ConfigError(format!("config file {}: {}", path.display(), e.message())))?
             }
             None => toml::Table::new(),
         };
@@ -362,11 +325,10 @@ impl Config {
             set_path(&mut table, &path, parse_env_value(&raw))
                 .map_err(|e| ConfigError(format!("environment variable {name}: {e}")))?;
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let key = e.path().to_string();
-                ConfigError(format!("config key `{key}`: {}", e.inner().message()))
-            })?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError(format!("config key `{key}`: {}", e.inner().message()))
+        })?;
         config.validate()?;
         Ok(config.resolved())
     }
@@ -385,40 +347,27 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let url = &self.database.url;
         if !url.is_empty()
-            && !(url.starts_with("sqlite:")
-                || url.starts_with("postgres://")
-                || url.starts_with("postgresql://"))
+            && !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
         {
-            return Err(ConfigError(
-                "config key `database.url`: must start with sqlite:// or postgres://".into(),
-            ));
+            return Err(ConfigError("config key `database.url`: must start with sqlite:// or postgres://".into()));
         }
         if self.database.pool_size == 0 {
-            return Err(ConfigError(
-                "config key `database.pool_size`: must be at least 1".into(),
-            ));
+            return Err(ConfigError("config key `database.pool_size`: must be at least 1".into()));
         }
         if self.rooms.default_room_version.rules().is_none()
             || !crate::service::rooms_supported(&self.rooms.default_room_version)
         {
             return Err(ConfigError(
-                "config key `rooms.default_room_version`: Convo supports room versions 6 to 12"
-                    .into(),
+                "config key `rooms.default_room_version`: Convo supports room versions 6 to 12".into(),
             ));
         }
-        let tls = (
-            &self.listeners.federation_tls_certificate,
-            &self.listeners.federation_tls_key,
-        );
+        let tls = (&self.listeners.federation_tls_certificate, &self.listeners.federation_tls_key);
         if tls.0.as_os_str().is_empty() != tls.1.as_os_str().is_empty() {
             return Err(ConfigError(
                 "config keys `listeners.federation_tls_certificate` and `listeners.federation_tls_key` must be set together".into(),
             ));
         }
-        for (name, bucket) in [
-            ("login", &self.rate_limits.login),
-            ("registration", &self.rate_limits.registration),
-        ] {
+        for (name, bucket) in [("login", &self.rate_limits.login), ("registration", &self.rate_limits.registration)] {
             if !(bucket.per_second > 0.0) || bucket.burst == 0 {
                 return Err(ConfigError(format!(
                     "config key `rate_limits.{name}`: per_second must be above 0 and burst at least 1"
@@ -429,8 +378,7 @@ impl Config {
             || self.password_hashing.iterations == 0
         {
             return Err(ConfigError(
-                "config key `password_hashing`: memory_kib or iterations too small for argon2"
-                    .into(),
+                "config key `password_hashing`: memory_kib or iterations too small for argon2".into(),
             ));
         }
         Ok(())
@@ -441,10 +389,7 @@ impl Config {
         if self.listeners.public_baseurl.is_empty() {
             format!("http://{bound}")
         } else {
-            self.listeners
-                .public_baseurl
-                .trim_end_matches('/')
-                .to_owned()
+            self.listeners.public_baseurl.trim_end_matches('/').to_owned()
         }
     }
 }
@@ -467,9 +412,7 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
             Ok(())
         }
         [first, rest @ ..] => {
-            let entry = table
-                .entry(first.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = table.entry(first.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             match entry {
                 toml::Value::Table(t) => set_path(t, rest, value),
                 _ => Err(format!("`{first}` is not a section")),
@@ -494,10 +437,7 @@ mod tests {
         let env = vec![
             ("CONVO_SERVER_NAME".to_owned(), "example.org".to_owned()),
             ("CONVO_DATABASE__POOL_SIZE".to_owned(), "3".to_owned()),
-            (
-                "CONVO_REGISTRATION__TOKENS".to_owned(),
-                r#"["a", "b"]"#.to_owned(),
-            ),
+            ("CONVO_REGISTRATION__TOKENS".to_owned(), r#"["a", "b"]"#.to_owned()),
             ("OTHER".to_owned(), "ignored".to_owned()),
         ];
         let c = Config::load(None, env).unwrap();
@@ -505,20 +445,11 @@ mod tests {
         assert_eq!(c.database.pool_size, 3);
         assert_eq!(c.registration.tokens, vec!["a", "b"]);
 
-        let err =
-            Config::load(None, vec![("CONVO_DATABASE__POOLSIZE".into(), "3".into())]).unwrap_err();
+        let err = Config::load(None, vec![("CONVO_DATABASE__POOLSIZE".into(), "3".into())]).unwrap_err();
         assert!(err.0.contains("database.poolsize"), "{err}");
-        let err = Config::load(
-            None,
-            vec![("CONVO_LISTENERS__CLIENT".into(), "nonsense".into())],
-        )
-        .unwrap_err();
+        let err = Config::load(None, vec![("CONVO_LISTENERS__CLIENT".into(), "nonsense".into())]).unwrap_err();
         assert!(err.0.contains("listeners.client"), "{err}");
-        let err = Config::load(
-            None,
-            vec![("CONVO_REGISTRATION__MODE".into(), "maybe".into())],
-        )
-        .unwrap_err();
+        let err = Config::load(None, vec![("CONVO_REGISTRATION__MODE".into(), "maybe".into())]).unwrap_err();
         assert!(err.0.contains("registration.mode"), "{err}");
     }
 }

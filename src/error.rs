@@ -12,10 +12,7 @@ use axum::{
 use ruma::api::{
     OutgoingResponseExt,
     client::uiaa::{UiaaInfo, UiaaResponse},
-    error::{
-        ErrorBody, ErrorKind, LimitExceededErrorData, RetryAfter, StandardErrorBody,
-        UnknownTokenErrorData,
-    },
+    error::{ErrorBody, ErrorKind, LimitExceededErrorData, RetryAfter, StandardErrorBody, UnknownTokenErrorData},
 };
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -24,11 +21,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A Matrix error for the client: errcode, message and the status the spec gives it.
     #[error("{status} {kind:?}: {message}")]
-    Matrix {
-        status: StatusCode,
-        kind: ErrorKind,
-        message: String,
-    },
+    Matrix { status: StatusCode, kind: ErrorKind, message: String },
     /// User-interactive authentication is needed (401 with flows and session).
     #[error("user-interactive authentication required")]
     Uiaa(Box<UiaaInfo>),
@@ -39,11 +32,7 @@ pub enum Error {
 
 impl Error {
     pub fn matrix(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error::Matrix {
-            status,
-            kind,
-            message: message.into(),
-        }
+        Error::Matrix { status, kind, message: message.into() }
     }
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::matrix(StatusCode::FORBIDDEN, ErrorKind::Forbidden, message)
@@ -70,11 +59,7 @@ impl Error {
         Self::matrix(status, ErrorKind::Unknown, message)
     }
     pub fn missing_token() -> Self {
-        Self::matrix(
-            StatusCode::UNAUTHORIZED,
-            ErrorKind::MissingToken,
-            "Missing access token",
-        )
+        Self::matrix(StatusCode::UNAUTHORIZED, ErrorKind::MissingToken, "Missing access token")
     }
     pub fn unknown_token(soft_logout: bool) -> Self {
         Self::matrix(
@@ -84,11 +69,7 @@ impl Error {
                 data.soft_logout = soft_logout;
                 data
             }),
-            if soft_logout {
-                "Access token has expired"
-            } else {
-                "Unknown access token"
-            },
+            if soft_logout { "Access token has expired" } else { "Unknown access token" },
         )
     }
     pub fn user_in_use(message: impl Into<String>) -> Self {
@@ -101,11 +82,7 @@ impl Error {
         Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::WeakPassword, message)
     }
     pub fn user_deactivated() -> Self {
-        Self::matrix(
-            StatusCode::FORBIDDEN,
-            ErrorKind::UserDeactivated,
-            "This account has been deactivated",
-        )
+        Self::matrix(StatusCode::FORBIDDEN, ErrorKind::UserDeactivated, "This account has been deactivated")
     }
     pub fn guest_access_forbidden() -> Self {
         Self::matrix(
@@ -145,23 +122,15 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let result = match self {
-            Error::Matrix {
-                status,
-                kind,
-                message,
-            } => {
+            Error::Matrix { status, kind, message } => {
                 let body = ErrorBody::Standard(StandardErrorBody::new(kind, message));
                 ruma::api::error::Error::new(status, body).try_into_http_response::<Vec<u8>>()
             }
-            Error::Uiaa(info) => {
-                UiaaResponse::AuthResponse(*info).try_into_http_response::<Vec<u8>>()
-            }
+            Error::Uiaa(info) => UiaaResponse::AuthResponse(*info).try_into_http_response::<Vec<u8>>(),
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
-                let body = ErrorBody::Standard(StandardErrorBody::new(
-                    ErrorKind::Unknown,
-                    "Internal server error".into(),
-                ));
+                let body =
+                    ErrorBody::Standard(StandardErrorBody::new(ErrorKind::Unknown, "Internal server error".into()));
                 ruma::api::error::Error::new(StatusCode::INTERNAL_SERVER_ERROR, body)
                     .try_into_http_response::<Vec<u8>>()
             }
@@ -170,10 +139,7 @@ impl IntoResponse for Error {
             Ok(response) => response.map(Body::from),
             Err(e) => {
                 tracing::error!(error = %e, "could not serialize an error response");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    r#"{"errcode":"M_UNKNOWN","error":"Internal server error"}"#,
-                )
+                (StatusCode::INTERNAL_SERVER_ERROR, r#"{"errcode":"M_UNKNOWN","error":"Internal server error"}"#)
                     .into_response()
             }
         }

@@ -40,12 +40,9 @@ fn init_logging(config: &Config, quiet: bool) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(v).map_err(|e| format!("RUST_LOG: {e}"))?,
         _ if quiet => EnvFilter::new("warn"),
-        _ => EnvFilter::try_new(&config.logging.level)
-            .map_err(|e| format!("config key `logging.level`: {e}"))?,
+        _ => EnvFilter::try_new(&config.logging.level).map_err(|e| format!("config key `logging.level`: {e}"))?,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.logging.format {
         LogFormat::Pretty => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -84,8 +81,7 @@ async fn run_server(config: Config) -> Result<(), String> {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let config =
-        Config::load(cli.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
+    let config = Config::load(cli.config.as_deref(), std::env::vars()).map_err(|e| e.to_string())?;
     let is_admin = matches!(cli.command, Some(Command::Admin(_)));
     init_logging(&config, is_admin)?;
     rustls::crypto::ring::default_provider()

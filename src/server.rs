@@ -18,15 +18,12 @@ pub struct RunningServer {
 }
 
 /// Opens the database named in `config` and builds the services (also for `convo admin`).
-pub async fn open_services(
-    config: Arc<Config>,
-    client_addr: SocketAddr,
-) -> Result<Arc<Services>, String> {
+pub async fn open_services(config: Arc<Config>, client_addr: SocketAddr) -> Result<Arc<Services>, String> {
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("data_dir: cannot create {}: {e}", config.data_dir.display()))?;
     let store = Store::open(&config.database.url, config.database.pool_size).await?;
     let baseurl = config.public_baseurl(client_addr);
-    Ok(Services::new(config, store, baseurl))
+    Services::new(config, store, baseurl)
 }
 
 /// Starts serving; returns once the listener is bound.
@@ -34,47 +31,25 @@ pub async fn start(config: Config) -> Result<RunningServer, String> {
     let config = Arc::new(config);
     let listener = TcpListener::bind(config.listeners.client)
         .await
-        .map_err(|e| {
-            format!(
-                "listeners.client: cannot listen on {}: {e}",
-                config.listeners.client
-            )
-        })?;
+        .map_err(|e| format!("listeners.client: cannot listen on {}: {e}", config.listeners.client))?;
     let client_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let services = open_services(config.clone(), client_addr).await?;
-    let first_registration_token = services
-        .ensure_first_registration_token()
-        .await
-        .map_err(|e| e.to_string())?;
-    if !config
-        .listeners
-        .federation_tls_certificate
-        .as_os_str()
-        .is_empty()
-    {
+    let first_registration_token = services.ensure_first_registration_token().await.map_err(|e| e.to_string())?;
+    if !config.listeners.federation_tls_certificate.as_os_str().is_empty() {
         tracing::warn!("federation is not implemented yet: the federation listener is not started");
     }
 
     let app = http::router(services.clone());
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
-            let _ = rx.await;
-        })
-        .await
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async {
+                let _ = rx.await;
+            })
+            .await
     });
     tracing::info!(%client_addr, server_name = %config.server_name, "Convo is listening");
-    Ok(RunningServer {
-        client_addr,
-        services,
-        first_registration_token,
-        shutdown: Some(tx),
-        task,
-    })
+    Ok(RunningServer { client_addr, services, first_registration_token, shutdown: Some(tx), task })
 }
 
 impl RunningServer {

@@ -29,23 +29,14 @@ where
     M: 'static,
 {
     let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
-    T::PATH_BUILDER.all_paths().fold(router, |router, path| {
-        router.route(path, on(filter, handler.clone()))
-    })
+    T::PATH_BUILDER.all_paths().fold(router, |router, path| router.route(path, on(filter, handler.clone())))
 }
 
 /// The client-server API router, with CORS and the Matrix fallbacks.
 pub fn router(state: AppState) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
-        .allow_methods([
-            Method::GET,
-            Method::HEAD,
-            Method::POST,
-            Method::PUT,
-            Method::DELETE,
-            Method::OPTIONS,
-        ])
+        .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
         .allow_headers([
             header::ORIGIN,
             header::CONTENT_TYPE,
@@ -54,11 +45,7 @@ pub fn router(state: AppState) -> Router {
             "x-requested-with".parse().unwrap(),
         ]);
     let router = client::routes(Router::new());
-    router
-        .fallback(unrecognized)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(cors)
-        .with_state(state)
+    router.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed).layer(cors).with_state(state)
 }
 
 async fn unrecognized() -> impl IntoResponse {
@@ -66,8 +53,5 @@ async fn unrecognized() -> impl IntoResponse {
 }
 
 async fn method_not_allowed() -> impl IntoResponse {
-    Error::unrecognized(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "Method not allowed on this endpoint",
-    )
+    Error::unrecognized(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed on this endpoint")
 }

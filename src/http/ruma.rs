@@ -13,8 +13,7 @@ use axum::{
 use ruma::api::{
     IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
     auth_scheme::{
-        AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken,
-        NoAuthentication,
+        AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication,
     },
     error::{DeserializationError, FromHttpRequestError},
 };
@@ -77,9 +76,7 @@ impl<T> Ruma<T> {
 fn access_token(parts: &axum::http::request::Parts) -> Result<Option<String>> {
     if let Some(value) = parts.headers.get(AUTHORIZATION) {
         let value = value.to_str().map_err(|_| Error::unknown_token(false))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Error::unknown_token(false))?;
+        let token = value.strip_prefix("Bearer ").ok_or_else(|| Error::unknown_token(false))?;
         return Ok(Some(token.trim().to_owned()));
     }
     let query = parts.uri.query().unwrap_or_default();
@@ -96,15 +93,11 @@ fn drop_untyped_auth(bytes: bytes::Bytes) -> bytes::Bytes {
     if !bytes.windows(6).any(|w| w == b"\"auth\"") {
         return bytes;
     }
-    let Ok(serde_json::Value::Object(mut body)) =
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-    else {
+    let Ok(serde_json::Value::Object(mut body)) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
         return bytes;
     };
     match body.get("auth") {
-        Some(serde_json::Value::Object(auth))
-            if !auth.contains_key("type") && !auth.contains_key("session") =>
-        {
+        Some(serde_json::Value::Object(auth)) if !auth.contains_key("type") && !auth.contains_key("session") => {
             body.remove("auth");
             serde_json::to_vec(&body).map(Into::into).unwrap_or(bytes)
         }
@@ -117,18 +110,13 @@ fn drop_untyped_auth(bytes: bytes::Bytes) -> bytes::Bytes {
 /// `M_INVALID_PARAM`.
 fn request_error(e: FromHttpRequestError) -> Error {
     match e {
-        FromHttpRequestError::MethodMismatch { .. } => Error::unrecognized(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "Method not allowed on this endpoint",
-        ),
+        FromHttpRequestError::MethodMismatch { .. } => {
+            Error::unrecognized(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed on this endpoint")
+        }
         FromHttpRequestError::Deserialization(d) => match d {
             DeserializationError::Json(e) => Error::bad_json(format!("Invalid request body: {e}")),
-            DeserializationError::Query(e) => {
-                Error::invalid_param(format!("Invalid query parameter: {e}"))
-            }
-            DeserializationError::Ident(e) => {
-                Error::invalid_param(format!("Invalid identifier: {e}"))
-            }
+            DeserializationError::Query(e) => Error::invalid_param(format!("Invalid query parameter: {e}")),
+            DeserializationError::Ident(e) => Error::invalid_param(format!("Invalid identifier: {e}")),
             other => Error::bad_json(format!("Invalid request: {other}")),
         },
         other => Error::bad_json(format!("Invalid request: {other}")),
@@ -169,16 +157,9 @@ where
         }
         let bytes = drop_untyped_auth(bytes);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let body = T::try_from_http_request(
-            axum::http::Request::from_parts(parts, bytes.as_ref()),
-            &args,
-        )
-        .map_err(request_error)?;
-        Ok(Ruma {
-            body,
-            session,
-            client_ip,
-        })
+        let body = T::try_from_http_request(axum::http::Request::from_parts(parts, bytes.as_ref()), &args)
+            .map_err(request_error)?;
+        Ok(Ruma { body, session, client_ip })
     }
 }
 
@@ -189,9 +170,7 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
     fn into_response(self) -> Response {
         match self.0.try_into_http_response::<Vec<u8>>() {
             Ok(response) => response.map(Body::from),
-            Err(e) => {
-                Error::internal(format!("could not serialize a response: {e}")).into_response()
-            }
+            Err(e) => Error::internal(format!("could not serialize a response: {e}")).into_response(),
         }
     }
 }

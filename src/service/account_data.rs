@@ -45,21 +45,17 @@ impl Services {
             return Err(Error::matrix(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorKind::BadJson,
-                format!(
-                    "{data_type} is managed by the server and cannot be set through the account data API"
-                ),
+                format!("{data_type} is managed by the server and cannot be set through the account data API"),
             ));
         }
         if !content.get().trim_start().starts_with('{') {
-            return Err(Error::bad_json(
-                "Account data content must be a JSON object",
-            ));
+            return Err(Error::bad_json("Account data content must be a JSON object"));
         }
         if content.get().len() > 65_536 {
             return Err(Error::too_large("Account data is 64 KiB at most"));
         }
-        self.store
-            .set_account_data(user_id.as_str(), room_id, data_type, content.get())
-            .await
+        self.store.set_account_data(user_id.as_str(), room_id, data_type, content.get()).await?;
+        self.notifier.notify_users(std::slice::from_ref(&session.user_id));
+        Ok(())
     }
 }

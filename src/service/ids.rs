@@ -45,26 +45,17 @@ pub fn generate_device_id() -> String {
 }
 
 pub fn generate_session_id() -> String {
-    random_string(
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
-        32,
-    )
+    random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", 32)
 }
 
 /// A registration token: 20 characters of the spec's allowed set (about 119 bits).
 pub fn generate_registration_token() -> String {
-    random_string(
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
-        20,
-    )
+    random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", 20)
 }
 
 /// A localpart for a registration that names none.
 pub fn generate_localpart() -> String {
-    format!(
-        "u{}",
-        random_string(b"abcdefghijklmnopqrstuvwxyz0123456789", 12)
-    )
+    format!("u{}", random_string(b"abcdefghijklmnopqrstuvwxyz0123456789", 12))
 }
 
 #[cfg(test)]
@@ -76,15 +67,8 @@ mod tests {
         let a = generate_access_token();
         assert_eq!(a.len(), 4 + 43);
         assert_ne!(a, generate_access_token());
-        assert_eq!(
-            hash_token("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(hash_token("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(generate_device_id().len(), 10);
-        assert!(
-            generate_registration_token()
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric())
-        );
+        assert!(generate_registration_token().chars().all(|c| c.is_ascii_alphanumeric()));
     }
 }

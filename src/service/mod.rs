@@ -3,11 +3,16 @@
 //! file adds the methods of one area (users, sessions, UIA, profile, account data).
 
 mod account_data;
+mod directory;
+mod ephemeral;
 mod ids;
 mod password;
 mod profile;
 mod ratelimit;
+pub mod rooms;
+mod server_keys;
 mod sessions;
+pub mod sync;
 mod uiaa;
 mod users;
 
@@ -19,6 +24,11 @@ use std::{
 use ruma::{OwnedServerName, RoomVersionId};
 use tokio::sync::Semaphore;
 
+use self::{
+    ephemeral::Typing,
+    rooms::{MemberCache, RoomLocks},
+    sync::notifier::{LocalNotifier, Notifier},
+};
 pub use self::{
     ids::{generate_registration_token, hash_token},
     ratelimit::{RateLimitKind, RateLimiter},
@@ -45,10 +55,7 @@ pub fn rooms_supported(version: &RoomVersionId) -> bool {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub struct Services {
@@ -59,22 +66,31 @@ pub struct Services {
     pub public_baseurl: String,
     /// Bounds concurrent argon2 work: each hash holds its memory and a core.
     hashing: Semaphore,
+    /// The server's ed25519 key, which signs every event it makes.
+    pub signing_key: ruma::signatures::Ed25519KeyPair,
+    /// Wakes waiting `/sync`s.
+    pub notifier: Box<dyn Notifier>,
+    pub room_locks: RoomLocks,
+    pub member_cache: MemberCache,
+    pub typing: Typing,
 }
 
 impl Services {
-    pub fn new(config: Arc<Config>, store: Store, public_baseurl: String) -> Arc<Self> {
-        let hashing = Semaphore::new(
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
-        );
-        Arc::new(Services {
+    pub fn new(config: Arc<Config>, store: Store, public_baseurl: String) -> Result<Arc<Self>, String> {
+        let hashing = Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        let signing_key = server_keys::load_or_generate(&config.data_dir.join("signing.key"))?;
+        Ok(Arc::new(Services {
             rate_limiter: RateLimiter::new(config.rate_limits.clone()),
             config,
             store,
             public_baseurl,
             hashing,
-        })
+            signing_key,
+            notifier: Box::new(LocalNotifier::default()),
+            room_locks: RoomLocks::default(),
+            member_cache: MemberCache::default(),
+            typing: Typing::default(),
+        }))
     }
 
     /// On first start in token mode, when no registration token exists at all, makes
@@ -87,9 +103,7 @@ impl Services {
             return Ok(None);
         }
         let token = generate_registration_token();
-        self.store
-            .create_registration_token(&token, Some(1), None, now_ms())
-            .await?;
+        self.store.create_registration_token(&token, Some(1), None, now_ms()).await?;
         Ok(Some(token))
     }
 

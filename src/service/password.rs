@@ -27,20 +27,13 @@ pub fn check_policy(policy: &PasswordPolicy, password: &str, localpart: &str) ->
         missing.push("a symbol".to_owned());
     }
     if !missing.is_empty() {
-        return Err(Error::weak_password(format!(
-            "The password needs {}",
-            missing.join(", ")
-        )));
+        return Err(Error::weak_password(format!("The password needs {}", missing.join(", "))));
     }
     if !localpart.is_empty() && password.to_lowercase().contains(&localpart.to_lowercase()) {
-        return Err(Error::weak_password(
-            "The password must not contain the user name",
-        ));
+        return Err(Error::weak_password("The password must not contain the user name"));
     }
     if password.len() > 512 {
-        return Err(Error::weak_password(
-            "The password is too long (512 bytes at most)",
-        ));
+        return Err(Error::weak_password("The password is too long (512 bytes at most)"));
     }
     Ok(())
 }
@@ -48,8 +41,7 @@ pub fn check_policy(policy: &PasswordPolicy, password: &str, localpart: &str) ->
 impl Services {
     fn argon2(&self) -> Result<Argon2<'static>> {
         let c = &self.config.password_hashing;
-        let params = Params::new(c.memory_kib, c.iterations, c.parallelism, None)
-            .map_err(Error::internal)?;
+        let params = Params::new(c.memory_kib, c.iterations, c.parallelism, None).map_err(Error::internal)?;
         Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
     }
 
@@ -59,10 +51,7 @@ impl Services {
         let password = password.to_owned();
         let _permit = self.hashing.acquire().await.map_err(Error::internal)?;
         tokio::task::spawn_blocking(move || {
-            argon2
-                .hash_password(password.as_bytes())
-                .map(|h| h.to_string())
-                .map_err(Error::internal)
+            argon2.hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(Error::internal)
         })
         .await
         .map_err(Error::internal)?
@@ -77,12 +66,7 @@ impl Services {
         let hash = hash.map(str::to_owned);
         let _permit = self.hashing.acquire().await.map_err(Error::internal)?;
         tokio::task::spawn_blocking(move || match hash {
-            Some(hash) => {
-                Ok(
-                    PasswordVerifier::<str>::verify_password(&argon2, password.as_bytes(), &hash)
-                        .is_ok(),
-                )
-            }
+            Some(hash) => Ok(PasswordVerifier::<str>::verify_password(&argon2, password.as_bytes(), &hash).is_ok()),
             None => {
                 let _ = argon2.hash_password(password.as_bytes());
                 Ok(false)

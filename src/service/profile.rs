@@ -37,53 +37,32 @@ impl Services {
         }
         match (field, &value) {
             ("displayname", JsonValue::String(name)) if name.chars().count() > 256 => {
-                return Err(Error::invalid_param(
-                    "Display names are 256 characters at most",
-                ));
+                return Err(Error::invalid_param("Display names are 256 characters at most"));
             }
-            ("avatar_url", JsonValue::String(url))
-                if !url.is_empty() && !url.starts_with("mxc://") =>
-            {
+            ("avatar_url", JsonValue::String(url)) if !url.is_empty() && !url.starts_with("mxc://") => {
                 return Err(Error::invalid_param("avatar_url must be an mxc:// URI"));
             }
             _ => {}
         }
         if field.len() > 255 {
-            return Err(Error::invalid_param(
-                "Profile field names are 255 bytes at most",
-            ));
+            return Err(Error::invalid_param("Profile field names are 255 bytes at most"));
         }
-        let mut profile = self
-            .store
-            .get_profile(user_id.as_str())
-            .await?
-            .unwrap_or_default();
+        let mut profile = self.store.get_profile(user_id.as_str()).await?.unwrap_or_default();
         profile.insert(field.to_owned(), value.clone());
         if serde_json::to_vec(&profile).map_err(Error::internal)?.len() > MAX_PROFILE_BYTES {
             return Err(Error::too_large("The profile would be larger than 64 KiB"));
         }
         if value.is_null() {
-            self.store
-                .delete_profile_field(user_id.as_str(), field)
-                .await
+            self.store.delete_profile_field(user_id.as_str(), field).await
         } else {
-            self.store
-                .set_profile_field(user_id.as_str(), field, &value)
-                .await
+            self.store.set_profile_field(user_id.as_str(), field, &value).await
         }
     }
 
-    pub async fn delete_profile_field(
-        &self,
-        session: &Session,
-        user_id: &UserId,
-        field: &str,
-    ) -> Result<()> {
+    pub async fn delete_profile_field(&self, session: &Session, user_id: &UserId, field: &str) -> Result<()> {
         if user_id != session.user_id {
             return Err(Error::forbidden("You can only change your own profile"));
         }
-        self.store
-            .delete_profile_field(user_id.as_str(), field)
-            .await
+        self.store.delete_profile_field(user_id.as_str(), field).await
     }
 }

@@ -27,10 +27,7 @@ const MAX_TRACKED: usize = 10_000;
 
 impl RateLimiter {
     pub fn new(config: RateLimits) -> Self {
-        RateLimiter {
-            config,
-            buckets: Mutex::new(HashMap::new()),
-        }
+        RateLimiter { config, buckets: Mutex::new(HashMap::new()) }
     }
 
     fn bucket(&self, kind: RateLimitKind) -> &Bucket {
@@ -56,9 +53,7 @@ impl RateLimiter {
                     < f64::from(b.burst)
             });
         }
-        let (level, at) = buckets
-            .entry((kind, key.to_owned()))
-            .or_insert((capacity, now));
+        let (level, at) = buckets.entry((kind, key.to_owned())).or_insert((capacity, now));
         *level = (*level + now.duration_since(*at).as_secs_f64() * bucket.per_second).min(capacity);
         *at = now;
         if *level >= 1.0 {
@@ -66,9 +61,7 @@ impl RateLimiter {
             Ok(())
         } else {
             let wait = (1.0 - *level) / bucket.per_second;
-            Err(Error::limit_exceeded(Duration::from_secs_f64(
-                wait.max(0.001),
-            )))
+            Err(Error::limit_exceeded(Duration::from_secs_f64(wait.max(0.001))))
         }
     }
 }
@@ -81,31 +74,13 @@ mod tests {
     fn bucket_allows_burst_then_refuses() {
         let limiter = RateLimiter::new(RateLimits {
             enabled: true,
-            login: Bucket {
-                per_second: 0.001,
-                burst: 2,
-            },
-            registration: Bucket {
-                per_second: 1.0,
-                burst: 1,
-            },
+            login: Bucket { per_second: 0.001, burst: 2 },
+            registration: Bucket { per_second: 1.0, burst: 1 },
         });
         assert!(limiter.check(RateLimitKind::Login, "a").is_ok());
         assert!(limiter.check(RateLimitKind::Login, "a").is_ok());
-        assert_eq!(
-            limiter
-                .check(RateLimitKind::Login, "a")
-                .unwrap_err()
-                .errcode(),
-            "M_LIMIT_EXCEEDED"
-        );
-        assert!(
-            limiter.check(RateLimitKind::Login, "b").is_ok(),
-            "keys are separate"
-        );
-        assert!(
-            limiter.check(RateLimitKind::Registration, "a").is_ok(),
-            "kinds are separate"
-        );
+        assert_eq!(limiter.check(RateLimitKind::Login, "a").unwrap_err().errcode(), "M_LIMIT_EXCEEDED");
+        assert!(limiter.check(RateLimitKind::Login, "b").is_ok(), "keys are separate");
+        assert!(limiter.check(RateLimitKind::Registration, "a").is_ok(), "kinds are separate");
     }
 }

@@ -39,11 +39,7 @@ impl Services {
     /// `M_UNKNOWN_TOKEN` with `soft_logout`.
     pub async fn authenticate(&self, token: &str, client_ip: Option<&str>) -> Result<Session> {
         let hash = hash_token(token);
-        let info = self
-            .store
-            .find_access_token(&hash)
-            .await?
-            .ok_or_else(|| Error::unknown_token(false))?;
+        let info = self.store.find_access_token(&hash).await?.ok_or_else(|| Error::unknown_token(false))?;
         let now = now_ms();
         if info.deactivated {
             return Err(Error::unknown_token(false));
@@ -54,13 +50,8 @@ impl Services {
         if let Some(prev) = &info.prev_refresh_hash {
             self.store.retire_previous_refresh(&hash, prev).await?;
         }
-        if info
-            .last_seen_ts
-            .is_none_or(|seen| now - seen > LAST_SEEN_GRANULARITY_MS)
-        {
-            self.store
-                .touch_device(&info.user_id, &info.device_id, now, client_ip)
-                .await?;
+        if info.last_seen_ts.is_none_or(|seen| now - seen > LAST_SEEN_GRANULARITY_MS) {
+            self.store.touch_device(&info.user_id, &info.device_id, now, client_ip).await?;
         }
         Ok(Session {
             user_id: OwnedUserId::try_from(info.user_id).map_err(Error::internal)?,
@@ -69,11 +60,7 @@ impl Services {
     }
 
     /// Prepares the tokens for a new login on `device_id` (or a new device).
-    pub(super) fn new_tokens(
-        &self,
-        device_id: Option<OwnedDeviceId>,
-        refresh: bool,
-    ) -> IssuedSession {
+    pub(super) fn new_tokens(&self, device_id: Option<OwnedDeviceId>, refresh: bool) -> IssuedSession {
         let lifetime = self.config.sessions.access_token_lifetime_ms;
         IssuedSession {
             device_id: device_id.unwrap_or_else(|| generate_device_id().into()),
@@ -115,13 +102,8 @@ impl Services {
         ip: &str,
     ) -> Result<IssuedSession> {
         let issued = self.new_tokens(device_id, refresh);
-        let hashes = (
-            hash_token(&issued.access_token),
-            issued.refresh_token.as_deref().map(hash_token),
-        );
-        self.store
-            .create_session(self.session_row(user_id, &issued, &hashes, display_name, ip))
-            .await?;
+        let hashes = (hash_token(&issued.access_token), issued.refresh_token.as_deref().map(hash_token));
+        self.store.create_session(self.session_row(user_id, &issued, &hashes, display_name, ip)).await?;
         Ok(issued)
     }
 
@@ -152,9 +134,7 @@ impl Services {
 
     /// `POST /logout`: the device and all its tokens go.
     pub async fn logout(&self, session: &Session) -> Result<()> {
-        self.store
-            .delete_devices(session.user_id.as_str(), &[session.device_id.as_str()])
-            .await
+        self.store.delete_devices(session.user_id.as_str(), &[session.device_id.as_str()]).await
     }
 
     /// `POST /logout/all`.
@@ -163,13 +143,7 @@ impl Services {
     }
 
     pub async fn list_devices(&self, user_id: &str) -> Result<Vec<Device>> {
-        Ok(self
-            .store
-            .list_devices(user_id)
-            .await?
-            .into_iter()
-            .map(to_device)
-            .collect())
+        Ok(self.store.list_devices(user_id).await?.into_iter().map(to_device).collect())
     }
 
     pub async fn get_device(&self, user_id: &str, device_id: &str) -> Result<Device> {
@@ -180,16 +154,9 @@ impl Services {
             .ok_or_else(|| Error::not_found("No such device"))
     }
 
-    pub async fn rename_device(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        name: Option<&str>,
-    ) -> Result<()> {
+    pub async fn rename_device(&self, user_id: &str, device_id: &str, name: Option<&str>) -> Result<()> {
         if name.is_some_and(|n| n.chars().count() > 100) {
-            return Err(Error::invalid_param(
-                "Device names are 100 characters at most",
-            ));
+            return Err(Error::invalid_param("Device names are 100 characters at most"));
         }
         if !self.store.rename_device(user_id, device_id, name).await? {
             return Err(Error::not_found("No such device"));
@@ -206,9 +173,7 @@ fn to_device(d: DeviceInfo) -> Device {
     let mut device = Device::new(d.device_id.into());
     device.display_name = d.display_name;
     device.last_seen_ip = d.last_seen_ip;
-    device.last_seen_ts = d
-        .last_seen_ts
-        .and_then(|ts| ruma::UInt::new(ts as u64))
-        .map(ruma::MilliSecondsSinceUnixEpoch);
+    device.last_seen_ts =
+        d.last_seen_ts.and_then(|ts| ruma::UInt::new(ts as u64)).map(ruma::MilliSecondsSinceUnixEpoch);
     device
 }

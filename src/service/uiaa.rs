@@ -30,30 +30,17 @@ impl Services {
     /// One round of UIA. Returns the session once a whole flow is complete; otherwise
     /// `Error::Uiaa` (401) with the flows, the session and what is completed, plus an
     /// `auth_error` when the stage just tried failed.
-    pub async fn check_uiaa(
-        &self,
-        ctx: &UiaaContext<'_>,
-        auth: Option<&AuthData>,
-    ) -> Result<UiaaSession> {
+    pub async fn check_uiaa(&self, ctx: &UiaaContext<'_>, auth: Option<&AuthData>) -> Result<UiaaSession> {
         let now = now_ms();
-        self.store
-            .prune_uiaa_sessions(now - SESSION_LIFETIME_MS)
-            .await?;
+        self.store.prune_uiaa_sessions(now - SESSION_LIFETIME_MS).await?;
 
         let mut session = match auth.and_then(AuthData::session) {
             Some(id) => {
                 let session = self.store.get_uiaa_session(id).await?.ok_or_else(|| {
-                    Error::unknown(
-                        axum::http::StatusCode::BAD_REQUEST,
-                        "Unknown or expired UIA session",
-                    )
+                    Error::unknown(axum::http::StatusCode::BAD_REQUEST, "Unknown or expired UIA session")
                 })?;
-                if session.purpose != ctx.purpose
-                    || session.user_id.as_deref() != ctx.user.map(UserId::as_str)
-                {
-                    return Err(Error::forbidden(
-                        "That UIA session belongs to another request",
-                    ));
+                if session.purpose != ctx.purpose || session.user_id.as_deref() != ctx.user.map(UserId::as_str) {
+                    return Err(Error::forbidden("That UIA session belongs to another request"));
                 }
                 session
             }
@@ -76,9 +63,7 @@ impl Services {
         };
         if let Some(stage) = auth.auth_type() {
             if !ctx.flows.iter().any(|flow| flow.contains(&stage)) {
-                return Err(Error::bad_json(format!(
-                    "Authentication type {stage} is not offered here"
-                )));
+                return Err(Error::bad_json(format!("Authentication type {stage} is not offered here")));
             }
         }
         if matches!(auth, AuthData::FallbackAcknowledgement(_)) {
@@ -87,24 +72,12 @@ impl Services {
         } else {
             self.apply_stage(ctx, &mut session, auth).await?;
         }
-        let done = ctx.flows.iter().any(|flow| {
-            flow.iter()
-                .all(|s| session.completed.contains(&s.to_string()))
-        });
-        if done {
-            Ok(session)
-        } else {
-            Err(self.uiaa_error(ctx, &session, None))
-        }
+        let done = ctx.flows.iter().any(|flow| flow.iter().all(|s| session.completed.contains(&s.to_string())));
+        if done { Ok(session) } else { Err(self.uiaa_error(ctx, &session, None)) }
     }
 
     /// Runs one stage and records it in the session if it passed.
-    async fn apply_stage(
-        &self,
-        ctx: &UiaaContext<'_>,
-        session: &mut UiaaSession,
-        auth: &AuthData,
-    ) -> Result<()> {
+    async fn apply_stage(&self, ctx: &UiaaContext<'_>, session: &mut UiaaSession, auth: &AuthData) -> Result<()> {
         match self.run_stage(ctx, session, auth).await {
             Ok(stage) => {
                 if !session.completed.contains(&stage.to_string()) {
@@ -113,11 +86,7 @@ impl Services {
                 self.store.update_uiaa_session(session).await?;
             }
             Err(Error::Matrix { kind, message, .. }) => {
-                return Err(self.uiaa_error(
-                    ctx,
-                    session,
-                    Some(StandardErrorBody::new(kind, message)),
-                ));
+                return Err(self.uiaa_error(ctx, session, Some(StandardErrorBody::new(kind, message))));
             }
             Err(other) => return Err(other),
         }
@@ -125,12 +94,7 @@ impl Services {
     }
 
     /// Checks one stage and says which it was.
-    async fn run_stage(
-        &self,
-        ctx: &UiaaContext<'_>,
-        session: &mut UiaaSession,
-        auth: &AuthData,
-    ) -> Result<AuthType> {
+    async fn run_stage(&self, ctx: &UiaaContext<'_>, session: &mut UiaaSession, auth: &AuthData) -> Result<AuthType> {
         match auth {
             AuthData::Dummy(_) => Ok(AuthType::Dummy),
             AuthData::RegistrationToken(t) => {
@@ -142,9 +106,8 @@ impl Services {
                 Ok(AuthType::RegistrationToken)
             }
             AuthData::Password(p) => {
-                let user = ctx.user.ok_or_else(|| {
-                    Error::forbidden("Password authentication needs a signed-in user")
-                })?;
+                let user =
+                    ctx.user.ok_or_else(|| Error::forbidden("Password authentication needs a signed-in user"))?;
                 let named = match &p.identifier {
                     UserIdentifier::Matrix(id) => self.resolve_user(&id.user).ok(),
                     _ => None,
@@ -152,11 +115,7 @@ impl Services {
                 if named.as_deref() != Some(user) {
                     return Err(Error::forbidden("Invalid username or password"));
                 }
-                let hash = self
-                    .store
-                    .get_user_auth(user.as_str())
-                    .await?
-                    .and_then(|u| u.password_hash);
+                let hash = self.store.get_user_auth(user.as_str()).await?.and_then(|u| u.password_hash);
                 if !self.verify_password(hash.as_deref(), &p.password).await? {
                     return Err(Error::forbidden("Invalid username or password"));
                 }
@@ -169,23 +128,9 @@ impl Services {
         }
     }
 
-    fn uiaa_error(
-        &self,
-        ctx: &UiaaContext<'_>,
-        session: &UiaaSession,
-        auth_error: Option<StandardErrorBody>,
-    ) -> Error {
-        let mut info = UiaaInfo::new(
-            ctx.flows
-                .iter()
-                .map(|stages| AuthFlow::new(stages.clone()))
-                .collect(),
-        );
-        info.completed = session
-            .completed
-            .iter()
-            .map(|s| AuthType::from(s.as_str()))
-            .collect();
+    fn uiaa_error(&self, ctx: &UiaaContext<'_>, session: &UiaaSession, auth_error: Option<StandardErrorBody>) -> Error {
+        let mut info = UiaaInfo::new(ctx.flows.iter().map(|stages| AuthFlow::new(stages.clone())).collect());
+        info.completed = session.completed.iter().map(|s| AuthType::from(s.as_str())).collect();
         info.session = Some(session.session_id.clone());
         info.params = to_raw_value(&serde_json::json!({})).ok();
         info.auth_error = auth_error.map(Box::new);
@@ -204,8 +149,6 @@ impl Services {
         if info.expiry_ts.is_some_and(|expiry| expiry <= now_ms()) {
             return Ok(false);
         }
-        Ok(info
-            .uses_allowed
-            .is_none_or(|allowed| info.completed + info.pending < allowed))
+        Ok(info.uses_allowed.is_none_or(|allowed| info.completed + info.pending < allowed))
     }
 }

@@ -63,15 +63,11 @@ impl Services {
             )));
         }
         if localpart.starts_with('_') {
-            return Err(Error::invalid_username(
-                "User names starting with '_' are reserved",
-            ));
+            return Err(Error::invalid_username("User names starting with '_' are reserved"));
         }
         let user_id = format!("@{localpart}:{}", self.server_name());
         if user_id.len() > 255 {
-            return Err(Error::invalid_username(
-                "The user id would be longer than 255 bytes",
-            ));
+            return Err(Error::invalid_username("The user id would be longer than 255 bytes"));
         }
         UserId::parse(user_id).map_err(|e| Error::invalid_username(e.to_string()))
     }
@@ -81,8 +77,7 @@ impl Services {
     /// in lower case.
     pub fn resolve_user(&self, user: &str) -> Result<OwnedUserId> {
         let user_id = if user.starts_with('@') {
-            let parsed = UserId::parse(user)
-                .map_err(|_| Error::forbidden("Invalid username or password"))?;
+            let parsed = UserId::parse(user).map_err(|_| Error::forbidden("Invalid username or password"))?;
             let localpart = parsed.localpart().to_lowercase();
             UserId::parse(format!("@{localpart}:{}", parsed.server_name()))
                 .map_err(|_| Error::forbidden("Invalid username or password"))?
@@ -111,9 +106,7 @@ impl Services {
             // expect (matrix-nio's register_with_token sends it as a third request).
             RegistrationMode::Token => Ok(vec![vec![AuthType::RegistrationToken, AuthType::Dummy]]),
             RegistrationMode::Open => Ok(vec![vec![AuthType::Dummy]]),
-            RegistrationMode::Closed => {
-                Err(Error::forbidden("Registration is closed on this server"))
-            }
+            RegistrationMode::Closed => Err(Error::forbidden("Registration is closed on this server")),
         }
     }
 
@@ -124,42 +117,24 @@ impl Services {
             return Err(Error::guest_access_forbidden());
         }
         let flows = self.registration_flows()?;
-        self.rate_limiter
-            .check(RateLimitKind::Registration, client_ip)?;
+        self.rate_limiter.check(RateLimitKind::Registration, client_ip)?;
         let user_id = match &req.username {
             Some(name) => self.check_username_available(name).await?,
             None => self.check_username_available(&generate_localpart()).await?,
         };
-        let password = req
-            .password
-            .as_deref()
-            .ok_or_else(|| Error::missing_param("A password is required"))?;
+        let password = req.password.as_deref().ok_or_else(|| Error::missing_param("A password is required"))?;
         check_policy(&self.config.password_policy, password, user_id.localpart())?;
 
-        let ctx = UiaaContext {
-            purpose: "register",
-            flows,
-            user: None,
-        };
+        let ctx = UiaaContext { purpose: "register", flows, user: None };
         let session = self.check_uiaa(&ctx, req.auth.as_ref()).await?;
 
         let hash = self.hash_password(password).await?;
-        let issued =
-            (!req.inhibit_login).then(|| self.new_tokens(req.device_id.clone(), req.refresh_token));
-        let hashes = issued.as_ref().map(|i| {
-            (
-                hash_token(&i.access_token),
-                i.refresh_token.as_deref().map(hash_token),
-            )
-        });
+        let issued = (!req.inhibit_login).then(|| self.new_tokens(req.device_id.clone(), req.refresh_token));
+        let hashes = issued.as_ref().map(|i| (hash_token(&i.access_token), i.refresh_token.as_deref().map(hash_token)));
         let session_row = match (&issued, &hashes) {
-            (Some(i), Some(h)) => Some(self.session_row(
-                user_id.as_str(),
-                i,
-                h,
-                req.initial_device_display_name.as_deref(),
-                client_ip,
-            )),
+            (Some(i), Some(h)) => {
+                Some(self.session_row(user_id.as_str(), i, h, req.initial_device_display_name.as_deref(), client_ip))
+            }
             _ => None,
         };
         self.store
@@ -175,18 +150,11 @@ impl Services {
             })
             .await?;
         tracing::info!(user_id = %user_id, "registered a new user");
-        Ok(RegisterOutcome {
-            user_id,
-            session: issued,
-        })
+        Ok(RegisterOutcome { user_id, session: issued })
     }
 
     /// `POST /login` with a password.
-    pub async fn login_password(
-        &self,
-        req: LoginRequest,
-        client_ip: &str,
-    ) -> Result<(OwnedUserId, IssuedSession)> {
+    pub async fn login_password(&self, req: LoginRequest, client_ip: &str) -> Result<(OwnedUserId, IssuedSession)> {
         self.rate_limiter.check(RateLimitKind::Login, client_ip)?;
         let user_id = self.resolve_user(&req.user)?;
         let user = self.store.get_user_auth(user_id.as_str()).await?;
@@ -222,11 +190,7 @@ impl Services {
         user: &UserId,
         auth: Option<&AuthData>,
     ) -> Result<()> {
-        let ctx = UiaaContext {
-            purpose,
-            flows: Self::password_flows(),
-            user: Some(user),
-        };
+        let ctx = UiaaContext { purpose, flows: Self::password_flows(), user: Some(user) };
         let session = self.check_uiaa(&ctx, auth).await?;
         self.store.delete_uiaa_session(&session.session_id).await
     }
@@ -239,32 +203,17 @@ impl Services {
         logout_devices: bool,
         auth: Option<&AuthData>,
     ) -> Result<()> {
-        self.require_password_uiaa("change_password", &session.user_id, auth)
-            .await?;
-        check_policy(
-            &self.config.password_policy,
-            new_password,
-            session.user_id.localpart(),
-        )?;
+        self.require_password_uiaa("change_password", &session.user_id, auth).await?;
+        check_policy(&self.config.password_policy, new_password, session.user_id.localpart())?;
         let hash = self.hash_password(new_password).await?;
         self.store
-            .set_password_hash(
-                session.user_id.as_str(),
-                &hash,
-                logout_devices,
-                Some(session.device_id.as_str()),
-            )
+            .set_password_hash(session.user_id.as_str(), &hash, logout_devices, Some(session.device_id.as_str()))
             .await?;
         Ok(())
     }
 
     /// `POST /account/deactivate`.
-    pub async fn deactivate(
-        &self,
-        user: &UserId,
-        erase: bool,
-        auth: Option<&AuthData>,
-    ) -> Result<()> {
+    pub async fn deactivate(&self, user: &UserId, erase: bool, auth: Option<&AuthData>) -> Result<()> {
         self.require_password_uiaa("deactivate", user, auth).await?;
         self.store.deactivate_user(user.as_str(), erase).await?;
         tracing::info!(user_id = %user, erase, "deactivated a user");
@@ -272,12 +221,7 @@ impl Services {
     }
 
     /// `convo admin create-user`: no UIA, no rate limit, same name and password rules.
-    pub async fn create_user_admin(
-        &self,
-        localpart: &str,
-        password: &str,
-        is_admin: bool,
-    ) -> Result<OwnedUserId> {
+    pub async fn create_user_admin(&self, localpart: &str, password: &str, is_admin: bool) -> Result<OwnedUserId> {
         let user_id = self.check_username_available(localpart).await?;
         check_policy(&self.config.password_policy, password, user_id.localpart())?;
         let hash = self.hash_password(password).await?;
@@ -298,16 +242,10 @@ impl Services {
 
     /// `convo admin reset-password`: sets a password and signs out every device.
     pub async fn reset_password_admin(&self, user: &str, password: &str) -> Result<OwnedUserId> {
-        let user_id = self
-            .resolve_user(user)
-            .map_err(|_| Error::not_found("No such user"))?;
+        let user_id = self.resolve_user(user).map_err(|_| Error::not_found("No such user"))?;
         check_policy(&self.config.password_policy, password, user_id.localpart())?;
         let hash = self.hash_password(password).await?;
-        if !self
-            .store
-            .set_password_hash(user_id.as_str(), &hash, true, None)
-            .await?
-        {
+        if !self.store.set_password_hash(user_id.as_str(), &hash, true, None).await? {
             return Err(Error::not_found("No such active user"));
         }
         Ok(user_id)

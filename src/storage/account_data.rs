@@ -1,16 +1,12 @@
-//! Storage of account data, global (`room_id` = '') and per room.
+//! Storage of account data, global (`room_id` = '') and per room. Each change takes a
+//! stream position, so incremental sync can find it.
 
-use super::{Store, on_pool};
+use super::{Store, events::next_stream_position, on_pool};
 use crate::error::Result;
 
 impl Store {
     /// The JSON content of one account data entry.
-    pub async fn get_account_data(
-        &self,
-        user_id: &str,
-        room_id: &str,
-        data_type: &str,
-    ) -> Result<Option<String>> {
+    pub async fn get_account_data(&self, user_id: &str, room_id: &str, data_type: &str) -> Result<Option<String>> {
         on_pool!(self, read, |pool| {
             let row: Option<(String,)> = sqlx::query_as(
                 "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
@@ -24,25 +20,38 @@ impl Store {
         })
     }
 
-    pub async fn set_account_data(
-        &self,
-        user_id: &str,
-        room_id: &str,
-        data_type: &str,
-        content: &str,
-    ) -> Result<()> {
+    /// Sets an entry; returns its stream position.
+    pub async fn set_account_data(&self, user_id: &str, room_id: &str, data_type: &str, content: &str) -> Result<i64> {
         on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let pos = next_stream_position!(tx);
             sqlx::query(
-                "INSERT INTO account_data (user_id, room_id, data_type, content) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (user_id, room_id, data_type) DO UPDATE SET content = excluded.content",
+                "INSERT INTO account_data (user_id, room_id, data_type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id, room_id, data_type) DO UPDATE
+                 SET content = excluded.content, stream_pos = excluded.stream_pos",
             )
             .bind(user_id)
             .bind(room_id)
             .bind(data_type)
             .bind(content)
-            .execute(pool)
+            .bind(pos)
+            .execute(&mut *tx)
             .await?;
-            Ok(())
+            tx.commit().await?;
+            Ok(pos)
+        })
+    }
+
+    /// Entries changed after `since`: (room id or '', type, JSON content).
+    pub async fn get_account_data_since(&self, user_id: &str, since: i64) -> Result<Vec<(String, String, String)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT room_id, data_type, content FROM account_data WHERE user_id = $1 AND stream_pos > $2",
+            )
+            .bind(user_id)
+            .bind(since)
+            .fetch_all(pool)
+            .await?)
         })
     }
 }

@@ -8,6 +8,10 @@
 //! writers queue in process instead of failing with `SQLITE_BUSY`.
 
 mod account_data;
+mod directory;
+mod ephemeral;
+mod events;
+mod memberships;
 mod registration_tokens;
 mod sessions;
 mod uiaa;
@@ -18,12 +22,13 @@ use std::{str::FromStr, time::Duration};
 use sqlx::{
     Connection,
     postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions},
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    },
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 
 pub use self::{
+    ephemeral::{PresenceRow, ReceiptRow},
+    events::{NewEvent, StoredEvent},
+    memberships::MembershipRow,
     registration_tokens::RegistrationTokenInfo,
     sessions::{DeviceInfo, NewSession, TokenInfo},
     uiaa::UiaaSession,
@@ -103,9 +108,8 @@ impl Store {
             if let Some(parent) = options.get_filename().parent()
                 && !parent.as_os_str().is_empty()
             {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    format!("database.url: cannot create {}: {e}", parent.display())
-                })?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| format!("database.url: cannot create {}: {e}", parent.display()))?;
             }
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
@@ -121,20 +125,14 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
-            Ok(Store {
-                db: Db::Sqlite { read, write },
-            })
+            Ok(Store { db: Db::Sqlite { read, write } })
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
-            let options =
-                PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
-            let probe = tokio::time::timeout(
-                Duration::from_secs(10),
-                PgConnection::connect_with(&options),
-            )
-            .await
-            .map_err(|_| "database.url: PostgreSQL did not answer within 10 s".to_owned())?
-            .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
+            let options = PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
+            let probe = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&options))
+                .await
+                .map_err(|_| "database.url: PostgreSQL did not answer within 10 s".to_owned())?
+                .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
             let _ = probe.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(pool_size)
@@ -146,9 +144,7 @@ impl Store {
                 .run(&pool)
                 .await
                 .map_err(|e| format!("database migration failed: {e}"))?;
-            Ok(Store {
-                db: Db::Postgres(pool),
-            })
+            Ok(Store { db: Db::Postgres(pool) })
         }
     }
 

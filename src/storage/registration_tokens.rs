@@ -47,33 +47,23 @@ impl Store {
             .execute(pool)
             .await;
             match result {
-                Err(e) if is_unique_violation(&e) => Err(Error::invalid_param(
-                    "That registration token exists already",
-                )),
+                Err(e) if is_unique_violation(&e) => {
+                    Err(Error::invalid_param("That registration token exists already"))
+                }
                 other => other.map(|_| ()).map_err(Into::into),
             }
         })
     }
 
-    pub async fn get_registration_token(
-        &self,
-        token: &str,
-    ) -> Result<Option<RegistrationTokenInfo>> {
+    pub async fn get_registration_token(&self, token: &str) -> Result<Option<RegistrationTokenInfo>> {
         on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(select_tokens!("WHERE t.token = $1"))
-                .bind(token)
-                .fetch_optional(pool)
-                .await?)
+            Ok(sqlx::query_as(select_tokens!("WHERE t.token = $1")).bind(token).fetch_optional(pool).await?)
         })
     }
 
     pub async fn list_registration_tokens(&self) -> Result<Vec<RegistrationTokenInfo>> {
         on_pool!(self, read, |pool| {
-            Ok(
-                sqlx::query_as(select_tokens!("ORDER BY t.created_ts, t.token"))
-                    .fetch_all(pool)
-                    .await?,
-            )
+            Ok(sqlx::query_as(select_tokens!("ORDER BY t.created_ts, t.token")).fetch_all(pool).await?)
         })
     }
 

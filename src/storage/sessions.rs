@@ -98,12 +98,7 @@ macro_rules! delete_devices_tx {
 /// The transaction operations other storage files share, for each backend's transaction.
 pub(crate) trait SessionTx {
     async fn insert_session(&mut self, session: &NewSession<'_>) -> Result<()>;
-    async fn delete_devices(
-        &mut self,
-        user_id: &str,
-        only: Option<&str>,
-        except: Option<&str>,
-    ) -> Result<()>;
+    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()>;
 }
 
 impl SessionTx for sqlx::Transaction<'_, sqlx::Sqlite> {
@@ -111,12 +106,7 @@ impl SessionTx for sqlx::Transaction<'_, sqlx::Sqlite> {
         insert_session_tx!(self, session);
         Ok(())
     }
-    async fn delete_devices(
-        &mut self,
-        user_id: &str,
-        only: Option<&str>,
-        except: Option<&str>,
-    ) -> Result<()> {
+    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()> {
         delete_devices_tx!(self, user_id, only, except);
         Ok(())
     }
@@ -127,12 +117,7 @@ impl SessionTx for sqlx::Transaction<'_, sqlx::Postgres> {
         insert_session_tx!(self, session);
         Ok(())
     }
-    async fn delete_devices(
-        &mut self,
-        user_id: &str,
-        only: Option<&str>,
-        except: Option<&str>,
-    ) -> Result<()> {
+    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()> {
         delete_devices_tx!(self, user_id, only, except);
         Ok(())
     }
@@ -167,11 +152,7 @@ impl Store {
 
     /// The first use of a token obtained by refreshing revokes the refresh token it
     /// replaced, and the access tokens issued with that one.
-    pub async fn retire_previous_refresh(
-        &self,
-        token_hash: &str,
-        prev_refresh_hash: &str,
-    ) -> Result<()> {
+    pub async fn retire_previous_refresh(&self, token_hash: &str, prev_refresh_hash: &str) -> Result<()> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM access_tokens WHERE refresh_token_hash = $1")
@@ -186,12 +167,10 @@ impl Store {
                 .bind(token_hash)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query(
-                "UPDATE refresh_tokens SET prev_token_hash = NULL WHERE prev_token_hash = $1",
-            )
-            .bind(prev_refresh_hash)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("UPDATE refresh_tokens SET prev_token_hash = NULL WHERE prev_token_hash = $1")
+                .bind(prev_refresh_hash)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(())
         })
@@ -210,12 +189,11 @@ impl Store {
     ) -> Result<Option<(String, String)>> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let row: Option<(String, String, Option<String>)> = sqlx::query_as(
-                "SELECT user_id, device_id, prev_token_hash FROM refresh_tokens WHERE token_hash = $1",
-            )
-            .bind(refresh_hash)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let row: Option<(String, String, Option<String>)> =
+                sqlx::query_as("SELECT user_id, device_id, prev_token_hash FROM refresh_tokens WHERE token_hash = $1")
+                    .bind(refresh_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             let Some((user_id, device_id, prev)) = row else {
                 return Ok(None);
             };
@@ -259,21 +237,17 @@ impl Store {
     }
 
     /// Records when and from where a device was last seen.
-    pub async fn touch_device(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        ts: i64,
-        ip: Option<&str>,
-    ) -> Result<()> {
+    pub async fn touch_device(&self, user_id: &str, device_id: &str, ts: i64, ip: Option<&str>) -> Result<()> {
         on_pool!(self, write, |pool| {
-            sqlx::query("UPDATE devices SET last_seen_ts = $3, last_seen_ip = $4 WHERE user_id = $1 AND device_id = $2")
-                .bind(user_id)
-                .bind(device_id)
-                .bind(ts)
-                .bind(ip)
-                .execute(pool)
-                .await?;
+            sqlx::query(
+                "UPDATE devices SET last_seen_ts = $3, last_seen_ip = $4 WHERE user_id = $1 AND device_id = $2",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(ts)
+            .bind(ip)
+            .execute(pool)
+            .await?;
             Ok(())
         })
     }
@@ -304,22 +278,15 @@ impl Store {
     }
 
     /// Renames a device; `false` if it does not exist.
-    pub async fn rename_device(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        name: Option<&str>,
-    ) -> Result<bool> {
+    pub async fn rename_device(&self, user_id: &str, device_id: &str, name: Option<&str>) -> Result<bool> {
         on_pool!(self, write, |pool| {
-            let n = sqlx::query(
-                "UPDATE devices SET display_name = $3 WHERE user_id = $1 AND device_id = $2",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(name)
-            .execute(pool)
-            .await?
-            .rows_affected();
+            let n = sqlx::query("UPDATE devices SET display_name = $3 WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .bind(name)
+                .execute(pool)
+                .await?
+                .rows_affected();
             Ok(n > 0)
         })
     }

@@ -23,9 +23,6 @@ async fn duplicate_user_is_user_in_use() {
         uiaa_session: None,
     };
     store.create_user(new()).await.unwrap();
-    assert_eq!(
-        store.create_user(new()).await.unwrap_err().errcode(),
-        "M_USER_IN_USE"
-    );
+    assert_eq!(store.create_user(new()).await.unwrap_err().errcode(), "M_USER_IN_USE");
     assert!(store.user_exists("@a:x").await.unwrap());
 }

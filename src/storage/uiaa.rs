@@ -45,18 +45,16 @@ impl Store {
             .fetch_optional(pool)
             .await?
         });
-        row.map(
-            |(session_id, purpose, user_id, completed, registration_token, created_ts)| {
-                Ok(UiaaSession {
-                    session_id,
-                    purpose,
-                    user_id,
-                    completed: serde_json::from_str(&completed).map_err(Error::internal)?,
-                    registration_token,
-                    created_ts,
-                })
-            },
-        )
+        row.map(|(session_id, purpose, user_id, completed, registration_token, created_ts)| {
+            Ok(UiaaSession {
+                session_id,
+                purpose,
+                user_id,
+                completed: serde_json::from_str(&completed).map_err(Error::internal)?,
+                registration_token,
+                created_ts,
+            })
+        })
         .transpose()
     }
 
@@ -79,10 +77,7 @@ impl Store {
 
     pub async fn delete_uiaa_session(&self, session_id: &str) -> Result<()> {
         on_pool!(self, write, |pool| {
-            sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1")
-                .bind(session_id)
-                .execute(pool)
-                .await?;
+            sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1").bind(session_id).execute(pool).await?;
             Ok(())
         })
     }
@@ -90,13 +85,11 @@ impl Store {
     /// Forgets sessions started before `cutoff_ts`.
     pub async fn prune_uiaa_sessions(&self, cutoff_ts: i64) -> Result<u64> {
         on_pool!(self, write, |pool| {
-            Ok(
-                sqlx::query("DELETE FROM uiaa_sessions WHERE created_ts < $1")
-                    .bind(cutoff_ts)
-                    .execute(pool)
-                    .await?
-                    .rows_affected(),
-            )
+            Ok(sqlx::query("DELETE FROM uiaa_sessions WHERE created_ts < $1")
+                .bind(cutoff_ts)
+                .execute(pool)
+                .await?
+                .rows_affected())
         })
     }
 }

@@ -64,12 +64,10 @@ impl Store {
                 tx.insert_session(session).await?;
             }
             if let Some(token) = new.registration_token {
-                sqlx::query(
-                    "UPDATE registration_tokens SET completed = completed + 1 WHERE token = $1",
-                )
-                .bind(token)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query("UPDATE registration_tokens SET completed = completed + 1 WHERE token = $1")
+                    .bind(token)
+                    .execute(&mut *tx)
+                    .await?;
             }
             if let Some(session_id) = new.uiaa_session {
                 sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1")
@@ -85,23 +83,20 @@ impl Store {
     /// Whether a user id is taken (by an active or a deactivated account).
     pub async fn user_exists(&self, user_id: &str) -> Result<bool> {
         on_pool!(self, read, |pool| {
-            let row: Option<(String,)> =
-                sqlx::query_as("SELECT user_id FROM users WHERE user_id = $1")
-                    .bind(user_id)
-                    .fetch_optional(pool)
-                    .await?;
+            let row: Option<(String,)> = sqlx::query_as("SELECT user_id FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?;
             Ok(row.is_some())
         })
     }
 
     pub async fn get_user_auth(&self, user_id: &str) -> Result<Option<UserAuth>> {
         on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
-                "SELECT password_hash, is_admin, deactivated FROM users WHERE user_id = $1",
-            )
-            .bind(user_id)
-            .fetch_optional(pool)
-            .await?)
+            Ok(sqlx::query_as("SELECT password_hash, is_admin, deactivated FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?)
         })
     }
 
@@ -116,14 +111,12 @@ impl Store {
     ) -> Result<bool> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let updated = sqlx::query(
-                "UPDATE users SET password_hash = $2 WHERE user_id = $1 AND NOT deactivated",
-            )
-            .bind(user_id)
-            .bind(hash)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let updated = sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1 AND NOT deactivated")
+                .bind(user_id)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             if updated == 0 {
                 return Ok(false);
             }
@@ -140,26 +133,15 @@ impl Store {
     pub async fn deactivate_user(&self, user_id: &str, erase: bool) -> Result<()> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            sqlx::query(
-                "UPDATE users SET deactivated = TRUE, password_hash = NULL WHERE user_id = $1",
-            )
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("UPDATE users SET deactivated = TRUE, password_hash = NULL WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
             tx.delete_devices(user_id, None, None).await?;
-            sqlx::query("DELETE FROM profile_fields WHERE user_id = $1")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("DELETE FROM uiaa_sessions WHERE user_id = $1")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query("DELETE FROM profile_fields WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM uiaa_sessions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
             if erase {
-                sqlx::query("DELETE FROM account_data WHERE user_id = $1")
-                    .bind(user_id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query("DELETE FROM account_data WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -169,11 +151,10 @@ impl Store {
     /// A user's profile fields, or `None` if no such user exists or it is deactivated.
     pub async fn get_profile(&self, user_id: &str) -> Result<Option<BTreeMap<String, JsonValue>>> {
         on_pool!(self, read, |pool| {
-            let active: Option<(bool,)> =
-                sqlx::query_as("SELECT deactivated FROM users WHERE user_id = $1")
-                    .bind(user_id)
-                    .fetch_optional(pool)
-                    .await?;
+            let active: Option<(bool,)> = sqlx::query_as("SELECT deactivated FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?;
             if !matches!(active, Some((false,))) {
                 return Ok(None);
             }
@@ -191,12 +172,7 @@ impl Store {
         })
     }
 
-    pub async fn set_profile_field(
-        &self,
-        user_id: &str,
-        field: &str,
-        value: &JsonValue,
-    ) -> Result<()> {
+    pub async fn set_profile_field(&self, user_id: &str, field: &str, value: &JsonValue) -> Result<()> {
         on_pool!(self, write, |pool| {
             sqlx::query(
                 "INSERT INTO profile_fields (user_id, field, value) VALUES ($1, $2, $3)

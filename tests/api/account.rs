@@ -20,13 +20,8 @@ async fn change_password_signs_out_other_devices(backend: Backend) {
     let (other, _) = server.login("alice", None).await;
 
     // UIA first.
-    let (status, body) = server
-        .post(
-            "/_matrix/client/v3/account/password",
-            Some(&token),
-            json!({"new_password": NEW_PASSWORD}),
-        )
-        .await;
+    let (status, body) =
+        server.post("/_matrix/client/v3/account/password", Some(&token), json!({"new_password": NEW_PASSWORD})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     // A weak new password is refused, and the old password still works.
     assert_error(
@@ -48,32 +43,20 @@ async fn change_password_signs_out_other_devices(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        server
-            .get("/_matrix/client/v3/account/whoami", Some(&token))
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&token)).await.0, StatusCode::OK);
     assert_error(
-        &server
-            .get("/_matrix/client/v3/account/whoami", Some(&other))
-            .await,
+        &server.get("/_matrix/client/v3/account/whoami", Some(&other)).await,
         StatusCode::UNAUTHORIZED,
         "M_UNKNOWN_TOKEN",
     );
 
     let login = |password: &str| json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": password});
     assert_error(
-        &server
-            .post("/_matrix/client/v3/login", None, login(PASSWORD))
-            .await,
+        &server.post("/_matrix/client/v3/login", None, login(PASSWORD)).await,
         StatusCode::FORBIDDEN,
         "M_FORBIDDEN",
     );
-    let (status, body) = server
-        .post("/_matrix/client/v3/login", None, login(NEW_PASSWORD))
-        .await;
+    let (status, body) = server.post("/_matrix/client/v3/login", None, login(NEW_PASSWORD)).await;
     assert_eq!(status, StatusCode::OK);
     let kept = body["access_token"].as_str().unwrap().to_owned();
 
@@ -86,45 +69,28 @@ async fn change_password_signs_out_other_devices(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        server
-            .get("/_matrix/client/v3/account/whoami", Some(&kept))
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&kept)).await.0, StatusCode::OK);
     server.stop().await;
 }
 
 async fn deactivation(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (_, token, _) = server.register("bob").await;
-    let (status, _) = server
-        .post(
-            "/_matrix/client/v3/account/deactivate",
-            Some(&token),
-            json!({}),
-        )
-        .await;
+    let (status, _) = server.post("/_matrix/client/v3/account/deactivate", Some(&token), json!({})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, body) = server
-        .post(
-            "/_matrix/client/v3/account/deactivate",
-            Some(&token),
-            json!({"auth": password_auth("bob", PASSWORD)}),
-        )
+        .post("/_matrix/client/v3/account/deactivate", Some(&token), json!({"auth": password_auth("bob", PASSWORD)}))
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["id_server_unbind_result"], "no-support");
 
     assert_error(
-        &server
-            .get("/_matrix/client/v3/account/whoami", Some(&token))
-            .await,
+        &server.get("/_matrix/client/v3/account/whoami", Some(&token)).await,
         StatusCode::UNAUTHORIZED,
         "M_UNKNOWN_TOKEN",
     );
-    let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": PASSWORD});
+    let login =
+        json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bob"}, "password": PASSWORD});
     assert_error(
         &server.post("/_matrix/client/v3/login", None, login).await,
         StatusCode::FORBIDDEN,
@@ -132,17 +98,13 @@ async fn deactivation(backend: Backend) {
     );
     // The name stays taken.
     assert_error(
-        &server
-            .get("/_matrix/client/v3/register/available?username=bob", None)
-            .await,
+        &server.get("/_matrix/client/v3/register/available?username=bob", None).await,
         StatusCode::BAD_REQUEST,
         "M_USER_IN_USE",
     );
     // The profile is gone.
     assert_error(
-        &server
-            .get("/_matrix/client/v3/profile/@bob:localhost", None)
-            .await,
+        &server.get("/_matrix/client/v3/profile/@bob:localhost", None).await,
         StatusCode::NOT_FOUND,
         "M_NOT_FOUND",
     );
@@ -155,99 +117,40 @@ async fn account_data(backend: Backend) {
     let (_, other, _) = server.register("bob").await;
     let path = format!("/_matrix/client/v3/user/{alice}/account_data/org.example.settings");
 
-    assert_error(
-        &server.get(&path, Some(&token)).await,
-        StatusCode::NOT_FOUND,
-        "M_NOT_FOUND",
-    );
-    let (status, _) = server
-        .put(&path, Some(&token), json!({"theme": "dark", "n": 1}))
-        .await;
+    assert_error(&server.get(&path, Some(&token)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (status, _) = server.put(&path, Some(&token), json!({"theme": "dark", "n": 1})).await;
     assert_eq!(status, StatusCode::OK);
     let (status, body) = server.get(&path, Some(&token)).await;
-    assert_eq!(
-        (status, body),
-        (StatusCode::OK, json!({"theme": "dark", "n": 1}))
-    );
-    let (status, _) = server
-        .put(&path, Some(&token), json!({"theme": "light"}))
-        .await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"theme": "dark", "n": 1})));
+    let (status, _) = server.put(&path, Some(&token), json!({"theme": "light"})).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        server.get(&path, Some(&token)).await.1,
-        json!({"theme": "light"})
-    );
+    assert_eq!(server.get(&path, Some(&token)).await.1, json!({"theme": "light"}));
 
     // Direct chats, as clients store them.
     let direct = format!("/_matrix/client/v3/user/{alice}/account_data/m.direct");
     assert_eq!(
-        server
-            .put(
-                &direct,
-                Some(&token),
-                json!({"@bob:localhost": ["!room:localhost"]})
-            )
-            .await
-            .0,
+        server.put(&direct, Some(&token), json!({"@bob:localhost": ["!room:localhost"]})).await.0,
         StatusCode::OK
     );
-    assert_eq!(
-        server.get(&direct, Some(&token)).await.1["@bob:localhost"][0],
-        "!room:localhost"
-    );
+    assert_eq!(server.get(&direct, Some(&token)).await.1["@bob:localhost"][0], "!room:localhost");
 
     // Per room, separate from global.
-    let room_path = format!(
-        "/_matrix/client/v3/user/{alice}/rooms/!abc:localhost/account_data/org.example.settings"
-    );
-    assert_error(
-        &server.get(&room_path, Some(&token)).await,
-        StatusCode::NOT_FOUND,
-        "M_NOT_FOUND",
-    );
-    assert_eq!(
-        server
-            .put(&room_path, Some(&token), json!({"x": 1}))
-            .await
-            .0,
-        StatusCode::OK
-    );
-    assert_eq!(
-        server.get(&room_path, Some(&token)).await.1,
-        json!({"x": 1})
-    );
+    let room_path = format!("/_matrix/client/v3/user/{alice}/rooms/!abc:localhost/account_data/org.example.settings");
+    assert_error(&server.get(&room_path, Some(&token)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    assert_eq!(server.put(&room_path, Some(&token), json!({"x": 1})).await.0, StatusCode::OK);
+    assert_eq!(server.get(&room_path, Some(&token)).await.1, json!({"x": 1}));
 
-    assert_error(
-        &server.get(&path, Some(&other)).await,
-        StatusCode::FORBIDDEN,
-        "M_FORBIDDEN",
-    );
-    assert_error(
-        &server.put(&path, Some(&other), json!({})).await,
-        StatusCode::FORBIDDEN,
-        "M_FORBIDDEN",
-    );
+    assert_error(&server.get(&path, Some(&other)).await, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert_error(&server.put(&path, Some(&other), json!({})).await, StatusCode::FORBIDDEN, "M_FORBIDDEN");
     assert_error(
         &server
-            .put(
-                &format!("/_matrix/client/v3/user/{alice}/account_data/m.push_rules"),
-                Some(&token),
-                json!({}),
-            )
+            .put(&format!("/_matrix/client/v3/user/{alice}/account_data/m.push_rules"), Some(&token), json!({}))
             .await,
         StatusCode::METHOD_NOT_ALLOWED,
         "M_BAD_JSON",
     );
-    assert_error(
-        &server.put(&path, Some(&token), json!([1, 2])).await,
-        StatusCode::BAD_REQUEST,
-        "M_BAD_JSON",
-    );
+    assert_error(&server.put(&path, Some(&token), json!([1, 2])).await, StatusCode::BAD_REQUEST, "M_BAD_JSON");
     server.stop().await;
 }
 
-backend_tests!(
-    change_password_signs_out_other_devices,
-    deactivation,
-    account_data
-);
+backend_tests!(change_password_signs_out_other_devices, deactivation, account_data);

@@ -69,25 +69,10 @@ async fn first_start_prints_a_registration_token() {
     let (mut child, lines) = start_and_read_banner(dir.path());
     let banner = lines.join("\n");
     assert!(banner.contains("for server name localhost"), "{banner}");
-    let address = banner
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    let token = lines
-        .iter()
-        .map(|l| l.trim())
-        .find(|l| l.len() == 20 && l.chars().all(|c| c.is_ascii_alphanumeric()));
-    let token = token
-        .unwrap_or_else(|| panic!("no token in {banner}"))
-        .to_owned();
-    assert!(
-        dir.path().join("convo-data/convo.db").exists(),
-        "data lives in ./convo-data"
-    );
+    let address = banner.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let token = lines.iter().map(|l| l.trim()).find(|l| l.len() == 20 && l.chars().all(|c| c.is_ascii_alphanumeric()));
+    let token = token.unwrap_or_else(|| panic!("no token in {banner}")).to_owned();
+    assert!(dir.path().join("convo-data/convo.db").exists(), "data lives in ./convo-data");
 
     // The printed token registers the first account.
     let http = reqwest::Client::new();
@@ -99,13 +84,9 @@ async fn first_start_prints_a_registration_token() {
     let first: serde_json::Value = register(json!(null)).await.unwrap().json().await.unwrap();
     let session = first["session"].as_str().unwrap();
     let resp =
-        register(json!({"type": "m.login.registration_token", "token": token, "session": session}))
-            .await
-            .unwrap();
+        register(json!({"type": "m.login.registration_token", "token": token, "session": session})).await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-    let resp = register(json!({"type": "m.login.dummy", "session": session}))
-        .await
-        .unwrap();
+    let resp = register(json!({"type": "m.login.dummy", "session": session})).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     child.kill().unwrap();
     child.wait().unwrap();
@@ -114,47 +95,26 @@ async fn first_start_prints_a_registration_token() {
     let (mut child, lines) = start_and_read_banner(dir.path());
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        lines
-            .iter()
-            .all(|l| !l.contains("registration-token create")),
-        "{lines:?}"
-    );
+    assert!(lines.iter().all(|l| !l.contains("registration-token create")), "{lines:?}");
 }
 
 #[test]
 fn bad_configuration_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let out = convo(dir.path())
-        .env("CONVO_DATABASE__POOL_SIZE", "many")
-        .output()
-        .unwrap();
+    let out = convo(dir.path()).env("CONVO_DATABASE__POOL_SIZE", "many").output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("database.pool_size"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
 
-    std::fs::write(
-        dir.path().join("c.toml"),
-        "[listeners]\nclinet = \"127.0.0.1:1\"\n",
-    )
-    .unwrap();
-    let out = convo(dir.path())
-        .args(["--config", "c.toml"])
-        .output()
-        .unwrap();
+    std::fs::write(dir.path().join("c.toml"), "[listeners]\nclinet = \"127.0.0.1:1\"\n").unwrap();
+    let out = convo(dir.path()).args(["--config", "c.toml"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("listeners.clinet"));
 
-    let out = convo(dir.path())
-        .env("CONVO_DATABASE__URL", "postgres://u:p@127.0.0.1:1/db")
-        .output()
-        .unwrap();
+    let out = convo(dir.path()).env("CONVO_DATABASE__URL", "postgres://u:p@127.0.0.1:1/db").output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("database.url") && stderr.contains("refused"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("database.url") && stderr.contains("refused"), "{stderr}");
 
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("CONVO_DATABASE__URL"));
@@ -164,11 +124,7 @@ fn bad_configuration_names_the_key() {
 async fn admin_commands() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = convo(dir.path())
-            .args(["admin"])
-            .args(args)
-            .output()
-            .unwrap();
+        let out = convo(dir.path()).args(["admin"]).args(args).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         (out.status.success(), stdout, stderr)
@@ -181,29 +137,16 @@ async fn admin_commands() {
     let (ok, _, err) = run(&["create-user", "weak", "--password", "weak"]);
     assert!(!ok && err.contains("password"), "{err}");
     let (ok, out, _) = run(&["create-user", "gen"]);
-    assert!(
-        ok && out.contains("password: "),
-        "a random password is printed: {out}"
-    );
+    assert!(ok && out.contains("password: "), "a random password is printed: {out}");
 
-    let (ok, token, err) = run(&[
-        "registration-token",
-        "create",
-        "--uses",
-        "2",
-        "--expires-in-days",
-        "7",
-    ]);
+    let (ok, token, err) = run(&["registration-token", "create", "--uses", "2", "--expires-in-days", "7"]);
     assert!(ok, "{err}");
     assert_eq!(token.len(), 20);
     let (ok, _, _) = run(&["registration-token", "create", "--token", "my.token_1"]);
     assert!(ok);
     let (_, list, _) = run(&["registration-token", "list"]);
     assert!(list.contains(&format!("{token}\t2\t0\t0\t")), "{list}");
-    assert!(
-        list.contains("my.token_1\tunlimited\t0\t0\tnever"),
-        "{list}"
-    );
+    assert!(list.contains("my.token_1\tunlimited\t0\t0\tnever"), "{list}");
     let (ok, _, err) = run(&["registration-token", "create", "--token", "bad token!"]);
     assert!(!ok && err.contains("A-Z"), "{err}");
     let (ok, out, _) = run(&["registration-token", "revoke", "my.token_1"]);
@@ -218,20 +161,12 @@ async fn admin_commands() {
     })
     .await;
     let (token, _) = server.login("root", None).await;
-    let (_, body) = server
-        .get("/_matrix/client/v3/account/whoami", Some(&token))
-        .await;
+    let (_, body) = server.get("/_matrix/client/v3/account/whoami", Some(&token)).await;
     assert_eq!(body["user_id"], "@root:localhost");
 
     let (ok, out, err) = run(&["reset-password", "root", "--password", "Brand-New-Pass-5"]);
     assert!(ok, "{err}");
     assert!(out.contains("@root:localhost"));
-    assert_eq!(
-        server
-            .get("/_matrix/client/v3/account/whoami", Some(&token))
-            .await
-            .0,
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&token)).await.0, StatusCode::UNAUTHORIZED);
     server.stop().await;
 }

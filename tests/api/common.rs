@@ -92,21 +92,11 @@ pub fn test_config(dir: &std::path::Path) -> Config {
 
 async fn create_pg_database(admin_url: &str) -> (String, String) {
     use sqlx::Connection;
-    let name = format!(
-        "convo_test_{}",
-        convo::service::generate_registration_token().to_lowercase()
-    );
-    let mut conn = sqlx::PgConnection::connect(admin_url)
-        .await
-        .expect("connect to TEST_POSTGRES_URL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+    let name = format!("convo_test_{}", convo::service::generate_registration_token().to_lowercase());
+    let mut conn = sqlx::PgConnection::connect(admin_url).await.expect("connect to TEST_POSTGRES_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
     conn.close().await.ok();
-    let (base, _) = admin_url
-        .rsplit_once('/')
-        .expect("TEST_POSTGRES_URL ends in /DATABASE");
+    let (base, _) = admin_url.rsplit_once('/').expect("TEST_POSTGRES_URL ends in /DATABASE");
     (format!("{base}/{name}"), name)
 }
 
@@ -143,11 +133,9 @@ impl TestServer {
         if let Some((admin_url, name)) = self.pg_database.take() {
             use sqlx::Connection;
             if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&mut conn)
-                .await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+                    .execute(&mut conn)
+                    .await;
             }
         }
     }
@@ -170,11 +158,7 @@ impl TestServer {
         let resp = req.send().await.expect("request sent");
         let status = resp.status();
         let bytes = resp.bytes().await.unwrap();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).expect("JSON response")
-        };
+        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("JSON response") };
         (status, value)
     }
 
@@ -219,10 +203,7 @@ impl TestServer {
         }
         let (status, body) = self.post("/_matrix/client/v3/login", None, body).await;
         assert_eq!(status, StatusCode::OK, "{body}");
-        (
-            body["access_token"].as_str().unwrap().to_owned(),
-            body["device_id"].as_str().unwrap().to_owned(),
-        )
+        (body["access_token"].as_str().unwrap().to_owned(), body["device_id"].as_str().unwrap().to_owned())
     }
 }
 
@@ -230,14 +211,6 @@ impl TestServer {
 #[track_caller]
 pub fn assert_error(result: &(StatusCode, Value), status: StatusCode, errcode: &str) {
     assert_eq!(result.0, status, "unexpected status, body: {}", result.1);
-    assert_eq!(
-        result.1["errcode"], errcode,
-        "unexpected errcode, body: {}",
-        result.1
-    );
-    assert!(
-        result.1["error"].is_string(),
-        "errors carry a message: {}",
-        result.1
-    );
+    assert_eq!(result.1["errcode"], errcode, "unexpected errcode, body: {}", result.1);
+    assert!(result.1["error"].is_string(), "errors carry a message: {}", result.1);
 }

@@ -11,58 +11,33 @@ use crate::{
 async fn list_get_rename(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (_, token, device) = server.register("alice").await;
-    let (status, body) = server
-        .get(
-            &format!("/_matrix/client/v3/devices/{device}"),
-            Some(&token),
-        )
-        .await;
+    let (status, body) = server.get(&format!("/_matrix/client/v3/devices/{device}"), Some(&token)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["device_id"], device.as_str());
-    assert!(
-        body["last_seen_ts"].as_u64().unwrap() > 0,
-        "last_seen_ts is recorded: {body}"
-    );
+    assert!(body["last_seen_ts"].as_u64().unwrap() > 0, "last_seen_ts is recorded: {body}");
     assert_eq!(body["last_seen_ip"], "127.0.0.1");
 
     let (status, _) = server
-        .put(
-            &format!("/_matrix/client/v3/devices/{device}"),
-            Some(&token),
-            json!({"display_name": "Work laptop"}),
-        )
+        .put(&format!("/_matrix/client/v3/devices/{device}"), Some(&token), json!({"display_name": "Work laptop"}))
         .await;
     assert_eq!(status, StatusCode::OK);
     let (_, body) = server.get("/_matrix/client/v3/devices", Some(&token)).await;
     assert_eq!(body["devices"][0]["display_name"], "Work laptop");
 
     assert_error(
-        &server
-            .get("/_matrix/client/v3/devices/NOPE", Some(&token))
-            .await,
+        &server.get("/_matrix/client/v3/devices/NOPE", Some(&token)).await,
         StatusCode::NOT_FOUND,
         "M_NOT_FOUND",
     );
     assert_error(
-        &server
-            .put(
-                "/_matrix/client/v3/devices/NOPE",
-                Some(&token),
-                json!({"display_name": "x"}),
-            )
-            .await,
+        &server.put("/_matrix/client/v3/devices/NOPE", Some(&token), json!({"display_name": "x"})).await,
         StatusCode::NOT_FOUND,
         "M_NOT_FOUND",
     );
     // Another user's device is invisible.
     let (_, other, _) = server.register("bob").await;
     assert_error(
-        &server
-            .get(
-                &format!("/_matrix/client/v3/devices/{device}"),
-                Some(&other),
-            )
-            .await,
+        &server.get(&format!("/_matrix/client/v3/devices/{device}"), Some(&other)).await,
         StatusCode::NOT_FOUND,
         "M_NOT_FOUND",
     );
@@ -76,9 +51,7 @@ async fn delete_needs_password(backend: Backend) {
     let path = format!("/_matrix/client/v3/devices/{phone}");
 
     // First: 401 with the password flow.
-    let (status, body) = server
-        .request(Method::DELETE, &path, Some(&token), Some(json!({})))
-        .await;
+    let (status, body) = server.request(Method::DELETE, &path, Some(&token), Some(json!({}))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["flows"], json!([{"stages": ["m.login.password"]}]));
     let session = body["session"].as_str().unwrap().to_owned();
@@ -86,44 +59,22 @@ async fn delete_needs_password(backend: Backend) {
     // A wrong password: 401 with M_FORBIDDEN, and the device is still there.
     let wrong = json!({"auth": {"type": "m.login.password", "session": session, "password": "Wrong-Pass-1",
                                 "identifier": {"type": "m.id.user", "user": "carol"}}});
-    let (status, body) = server
-        .request(Method::DELETE, &path, Some(&token), Some(wrong))
-        .await;
-    assert_eq!(
-        (status, body["errcode"].clone()),
-        (StatusCode::UNAUTHORIZED, json!("M_FORBIDDEN")),
-        "{body}"
-    );
-    assert_eq!(
-        server
-            .get("/_matrix/client/v3/account/whoami", Some(&phone_token))
-            .await
-            .0,
-        StatusCode::OK
-    );
+    let (status, body) = server.request(Method::DELETE, &path, Some(&token), Some(wrong)).await;
+    assert_eq!((status, body["errcode"].clone()), (StatusCode::UNAUTHORIZED, json!("M_FORBIDDEN")), "{body}");
+    assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&phone_token)).await.0, StatusCode::OK);
 
     // Someone else's password does not do either.
     server.register("mallory").await;
     let other = json!({"auth": {"type": "m.login.password", "session": session, "password": PASSWORD,
                                 "identifier": {"type": "m.id.user", "user": "mallory"}}});
-    assert_eq!(
-        server
-            .request(Method::DELETE, &path, Some(&token), Some(other))
-            .await
-            .0,
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(server.request(Method::DELETE, &path, Some(&token), Some(other)).await.0, StatusCode::UNAUTHORIZED);
 
     let right = json!({"auth": {"type": "m.login.password", "session": session, "password": PASSWORD,
                                 "identifier": {"type": "m.id.user", "user": "@carol:localhost"}}});
-    let (status, body) = server
-        .request(Method::DELETE, &path, Some(&token), Some(right))
-        .await;
+    let (status, body) = server.request(Method::DELETE, &path, Some(&token), Some(right)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_error(
-        &server
-            .get("/_matrix/client/v3/account/whoami", Some(&phone_token))
-            .await,
+        &server.get("/_matrix/client/v3/account/whoami", Some(&phone_token)).await,
         StatusCode::UNAUTHORIZED,
         "M_UNKNOWN_TOKEN",
     );
@@ -142,13 +93,7 @@ async fn delete_needs_password(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        server
-            .get("/_matrix/client/v3/account/whoami", Some(&t1))
-            .await
-            .0,
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&t1)).await.0, StatusCode::UNAUTHORIZED);
     let (_, devices) = server.get("/_matrix/client/v3/devices", Some(&token)).await;
     assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
     server.stop().await;

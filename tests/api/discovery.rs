@@ -12,25 +12,15 @@ async fn versions_well_known_and_capabilities(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (status, body) = server.get("/_matrix/client/versions", None).await;
     assert_eq!(status, StatusCode::OK);
-    let versions: Vec<&str> = body["versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert!(
-        versions.contains(&"v1.1") && versions.contains(&"v1.10"),
-        "{versions:?}"
-    );
+    let versions: Vec<&str> = body["versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(versions.contains(&"v1.1") && versions.contains(&"v1.10"), "{versions:?}");
 
     let (status, body) = server.get("/.well-known/matrix/client", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["m.homeserver"]["base_url"], server.base);
 
     let (_, token, _) = server.register("alice").await;
-    let (status, body) = server
-        .get("/_matrix/client/v3/capabilities", Some(&token))
-        .await;
+    let (status, body) = server.get("/_matrix/client/v3/capabilities", Some(&token)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let caps = &body["capabilities"];
     // Absent means enabled; ruma leaves the default out.
@@ -49,47 +39,28 @@ async fn versions_well_known_and_capabilities(backend: Backend) {
 
 async fn unknown_endpoints_and_bad_input(backend: Backend) {
     let server = TestServer::start_with(backend, |c| c.limits.max_request_body = 4096).await;
+    assert_error(&server.get("/_matrix/client/v3/no_such_thing", None).await, StatusCode::NOT_FOUND, "M_UNRECOGNIZED");
     assert_error(
-        &server.get("/_matrix/client/v3/no_such_thing", None).await,
-        StatusCode::NOT_FOUND,
-        "M_UNRECOGNIZED",
-    );
-    assert_error(
-        &server
-            .request(Method::DELETE, "/_matrix/client/v3/login", None, None)
-            .await,
+        &server.request(Method::DELETE, "/_matrix/client/v3/login", None, None).await,
         StatusCode::METHOD_NOT_ALLOWED,
         "M_UNRECOGNIZED",
     );
 
     // Not JSON at all.
-    let resp = server
-        .http
-        .post(format!("{}/_matrix/client/v3/login", server.base))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let resp =
+        server.http.post(format!("{}/_matrix/client/v3/login", server.base)).body("{not json").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["errcode"], "M_NOT_JSON");
 
     // JSON of the wrong shape.
     assert_error(
-        &server
-            .post("/_matrix/client/v3/login", None, json!({"type": 7}))
-            .await,
+        &server.post("/_matrix/client/v3/login", None, json!({"type": 7})).await,
         StatusCode::BAD_REQUEST,
         "M_BAD_JSON",
     );
     assert_error(
-        &server
-            .post(
-                "/_matrix/client/v3/register",
-                None,
-                json!({"username": ["x"]}),
-            )
-            .await,
+        &server.post("/_matrix/client/v3/register", None, json!({"username": ["x"]})).await,
         StatusCode::BAD_REQUEST,
         "M_BAD_JSON",
     );
@@ -97,13 +68,7 @@ async fn unknown_endpoints_and_bad_input(backend: Backend) {
     // Too large.
     let big = "x".repeat(10_000);
     assert_error(
-        &server
-            .post(
-                "/_matrix/client/v3/register",
-                None,
-                json!({"username": big}),
-            )
-            .await,
+        &server.post("/_matrix/client/v3/register", None, json!({"username": big})).await,
         StatusCode::PAYLOAD_TOO_LARGE,
         "M_TOO_LARGE",
     );
@@ -111,9 +76,7 @@ async fn unknown_endpoints_and_bad_input(backend: Backend) {
     // A bad identifier in the path.
     let (_, token, _) = server.register("bob").await;
     assert_error(
-        &server
-            .get("/_matrix/client/v3/profile/not-a-user-id", Some(&token))
-            .await,
+        &server.get("/_matrix/client/v3/profile/not-a-user-id", Some(&token)).await,
         StatusCode::BAD_REQUEST,
         "M_INVALID_PARAM",
     );
@@ -124,16 +87,10 @@ async fn cors_on_every_endpoint(backend: Backend) {
     let server = TestServer::start(backend).await;
     let preflight = server
         .http
-        .request(
-            Method::OPTIONS,
-            format!("{}/_matrix/client/v3/login", server.base),
-        )
+        .request(Method::OPTIONS, format!("{}/_matrix/client/v3/login", server.base))
         .header("Origin", "https://app.element.io")
         .header("Access-Control-Request-Method", "POST")
-        .header(
-            "Access-Control-Request-Headers",
-            "authorization, content-type",
-        )
+        .header("Access-Control-Request-Headers", "authorization, content-type")
         .send()
         .await
         .unwrap();
@@ -141,23 +98,11 @@ async fn cors_on_every_endpoint(backend: Backend) {
     let headers = preflight.headers();
     assert_eq!(headers["access-control-allow-origin"], "*");
     let methods = headers["access-control-allow-methods"].to_str().unwrap();
-    assert!(
-        methods.contains("POST") && methods.contains("PUT") && methods.contains("DELETE"),
-        "{methods}"
-    );
-    let allowed = headers["access-control-allow-headers"]
-        .to_str()
-        .unwrap()
-        .to_lowercase();
-    assert!(
-        allowed.contains("authorization") && allowed.contains("content-type"),
-        "{allowed}"
-    );
+    assert!(methods.contains("POST") && methods.contains("PUT") && methods.contains("DELETE"), "{methods}");
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap().to_lowercase();
+    assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
 
-    for path in [
-        "/_matrix/client/versions",
-        "/_matrix/client/v3/nothing_here",
-    ] {
+    for path in ["/_matrix/client/versions", "/_matrix/client/v3/nothing_here"] {
         let resp = server
             .http
             .get(format!("{}{path}", server.base))
@@ -170,8 +115,4 @@ async fn cors_on_every_endpoint(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(
-    versions_well_known_and_capabilities,
-    unknown_endpoints_and_bad_input,
-    cors_on_every_endpoint
-);
+backend_tests!(versions_well_known_and_capabilities, unknown_endpoints_and_bad_input, cors_on_every_endpoint);

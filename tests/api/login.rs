@@ -24,9 +24,7 @@ async fn login_variants_and_whoami(backend: Backend) {
     server.register("alice").await;
     // By localpart, by full user id, in another case, and with the legacy `user` field.
     for user in ["alice", "@alice:localhost", "ALICE"] {
-        let (status, body) = server
-            .post(LOGIN, None, password_login(user, PASSWORD))
-            .await;
+        let (status, body) = server.post(LOGIN, None, password_login(user, PASSWORD)).await;
         assert_eq!(status, StatusCode::OK, "{user}: {body}");
         assert_eq!(body["user_id"], "@alice:localhost");
         let (status, me) = server.get(WHOAMI, body["access_token"].as_str()).await;
@@ -35,48 +33,27 @@ async fn login_variants_and_whoami(backend: Backend) {
         assert_eq!(me["device_id"], body["device_id"]);
         assert_ne!(me["is_guest"], true);
     }
-    let (status, _) = server
-        .post(
-            LOGIN,
-            None,
-            json!({"type": "m.login.password", "user": "alice", "password": PASSWORD}),
-        )
-        .await;
+    let (status, _) =
+        server.post(LOGIN, None, json!({"type": "m.login.password", "user": "alice", "password": PASSWORD})).await;
     assert_eq!(status, StatusCode::OK);
 
     assert_error(
-        &server
-            .post(LOGIN, None, password_login("alice", "Wrong-Pass-123"))
-            .await,
+        &server.post(LOGIN, None, password_login("alice", "Wrong-Pass-123")).await,
         StatusCode::FORBIDDEN,
         "M_FORBIDDEN",
     );
     assert_error(
-        &server
-            .post(LOGIN, None, password_login("nobody", PASSWORD))
-            .await,
+        &server.post(LOGIN, None, password_login("nobody", PASSWORD)).await,
         StatusCode::FORBIDDEN,
         "M_FORBIDDEN",
     );
     assert_error(
-        &server
-            .post(
-                LOGIN,
-                None,
-                password_login("@alice:elsewhere.org", PASSWORD),
-            )
-            .await,
+        &server.post(LOGIN, None, password_login("@alice:elsewhere.org", PASSWORD)).await,
         StatusCode::FORBIDDEN,
         "M_FORBIDDEN",
     );
     assert_error(
-        &server
-            .post(
-                LOGIN,
-                None,
-                json!({"type": "m.login.token", "token": "abc"}),
-            )
-            .await,
+        &server.post(LOGIN, None, json!({"type": "m.login.token", "token": "abc"})).await,
         StatusCode::BAD_REQUEST,
         "M_UNKNOWN",
     );
@@ -86,19 +63,13 @@ async fn login_variants_and_whoami(backend: Backend) {
 async fn tokens_missing_unknown_and_logout(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (_, token, _) = server.register("bob").await;
-    assert_error(
-        &server.get(WHOAMI, None).await,
-        StatusCode::UNAUTHORIZED,
-        "M_MISSING_TOKEN",
-    );
+    assert_error(&server.get(WHOAMI, None).await, StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN");
     let unknown = server.get(WHOAMI, Some("cva_not_a_real_token")).await;
     assert_error(&unknown, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
     assert_ne!(unknown.1["soft_logout"], true);
 
     // The deprecated query parameter still works.
-    let (status, _) = server
-        .get(&format!("{WHOAMI}?access_token={token}"), None)
-        .await;
+    let (status, _) = server.get(&format!("{WHOAMI}?access_token={token}"), None).await;
     assert_eq!(status, StatusCode::OK);
 
     // Device reuse: logging in again with the same device id keeps one device.
@@ -109,48 +80,26 @@ async fn tokens_missing_unknown_and_logout(backend: Backend) {
     assert_eq!(devices["devices"].as_array().unwrap().len(), 2, "{devices}");
 
     // Logout removes the device and every token it had.
-    let (status, _) = server
-        .post("/_matrix/client/v3/logout", Some(&t2), json!({}))
-        .await;
+    let (status, _) = server.post("/_matrix/client/v3/logout", Some(&t2), json!({})).await;
     assert_eq!(status, StatusCode::OK);
-    assert_error(
-        &server.get(WHOAMI, Some(&t2)).await,
-        StatusCode::UNAUTHORIZED,
-        "M_UNKNOWN_TOKEN",
-    );
-    assert_error(
-        &server.get(WHOAMI, Some(&t3)).await,
-        StatusCode::UNAUTHORIZED,
-        "M_UNKNOWN_TOKEN",
-    );
+    assert_error(&server.get(WHOAMI, Some(&t2)).await, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
+    assert_error(&server.get(WHOAMI, Some(&t3)).await, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
     assert_eq!(server.get(WHOAMI, Some(&token)).await.0, StatusCode::OK);
 
     // Logout all removes everything.
     let (t4, _) = server.login("bob", None).await;
-    let (status, _) = server
-        .post("/_matrix/client/v3/logout/all", Some(&t4), json!({}))
-        .await;
+    let (status, _) = server.post("/_matrix/client/v3/logout/all", Some(&t4), json!({})).await;
     assert_eq!(status, StatusCode::OK);
     for t in [&token, &t4] {
-        assert_error(
-            &server.get(WHOAMI, Some(t)).await,
-            StatusCode::UNAUTHORIZED,
-            "M_UNKNOWN_TOKEN",
-        );
+        assert_error(&server.get(WHOAMI, Some(t)).await, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
     }
-    let (_, devices) = server
-        .get(
-            "/_matrix/client/v3/devices",
-            Some(&server.login("bob", None).await.0),
-        )
-        .await;
+    let (_, devices) = server.get("/_matrix/client/v3/devices", Some(&server.login("bob", None).await.0)).await;
     assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
     server.stop().await;
 }
 
 async fn refresh_tokens_rotate_and_expire(backend: Backend) {
-    let server =
-        TestServer::start_with(backend, |c| c.sessions.access_token_lifetime_ms = 1500).await;
+    let server = TestServer::start_with(backend, |c| c.sessions.access_token_lifetime_ms = 1500).await;
     server.register("carol").await;
     let mut body = password_login("carol", PASSWORD);
     body["refresh_token"] = json!(true);
@@ -166,50 +115,26 @@ async fn refresh_tokens_rotate_and_expire(backend: Backend) {
     assert_error(&expired, StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN");
     assert_eq!(expired.1["soft_logout"], true);
 
-    let (status, refreshed) = server
-        .post(
-            "/_matrix/client/v3/refresh",
-            None,
-            json!({"refresh_token": refresh}),
-        )
-        .await;
+    let (status, refreshed) = server.post("/_matrix/client/v3/refresh", None, json!({"refresh_token": refresh})).await;
     assert_eq!(status, StatusCode::OK, "{refreshed}");
     let access2 = refreshed["access_token"].as_str().unwrap().to_owned();
     let refresh2 = refreshed["refresh_token"].as_str().unwrap().to_owned();
     assert_ne!(refresh2, refresh);
     // Until the new tokens are used, the old refresh token still works (a lost response
     // must not lock the client out)...
-    let (status, again) = server
-        .post(
-            "/_matrix/client/v3/refresh",
-            None,
-            json!({"refresh_token": refresh}),
-        )
-        .await;
+    let (status, again) = server.post("/_matrix/client/v3/refresh", None, json!({"refresh_token": refresh})).await;
     assert_eq!(status, StatusCode::OK, "{again}");
     // ...using the new access token retires it.
     let access3 = again["access_token"].as_str().unwrap().to_owned();
     assert_eq!(server.get(WHOAMI, Some(&access3)).await.0, StatusCode::OK);
     assert_error(
-        &server
-            .post(
-                "/_matrix/client/v3/refresh",
-                None,
-                json!({"refresh_token": refresh}),
-            )
-            .await,
+        &server.post("/_matrix/client/v3/refresh", None, json!({"refresh_token": refresh})).await,
         StatusCode::UNAUTHORIZED,
         "M_UNKNOWN_TOKEN",
     );
     let _ = access2;
     assert_error(
-        &server
-            .post(
-                "/_matrix/client/v3/refresh",
-                None,
-                json!({"refresh_token": "cvr_bogus"}),
-            )
-            .await,
+        &server.post("/_matrix/client/v3/refresh", None, json!({"refresh_token": "cvr_bogus"})).await,
         StatusCode::UNAUTHORIZED,
         "M_UNKNOWN_TOKEN",
     );
@@ -226,17 +151,9 @@ async fn login_is_rate_limited(backend: Backend) {
     .await;
     server.register("dave").await;
     for _ in 0..3 {
-        assert_eq!(
-            server
-                .post(LOGIN, None, password_login("dave", "Wrong-Pass-123"))
-                .await
-                .0,
-            StatusCode::FORBIDDEN
-        );
+        assert_eq!(server.post(LOGIN, None, password_login("dave", "Wrong-Pass-123")).await.0, StatusCode::FORBIDDEN);
     }
-    let limited = server
-        .post(LOGIN, None, password_login("dave", PASSWORD))
-        .await;
+    let limited = server.post(LOGIN, None, password_login("dave", PASSWORD)).await;
     assert_error(&limited, StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED");
     assert!(limited.1["retry_after_ms"].as_u64().unwrap() > 0);
     server.stop().await;

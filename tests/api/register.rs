@@ -18,24 +18,12 @@ async fn token_registration_flow(backend: Backend) {
     })
     .await;
     let store = &server.running.as_ref().unwrap().services.store;
-    store
-        .create_registration_token("one-use", Some(1), None, 0)
-        .await
-        .unwrap();
+    store.create_registration_token("one-use", Some(1), None, 0).await.unwrap();
 
     // Without auth: 401 with the token flow and a session.
-    let (status, body) = server
-        .post(
-            REGISTER,
-            None,
-            json!({"username": "alice", "password": PASSWORD}),
-        )
-        .await;
+    let (status, body) = server.post(REGISTER, None, json!({"username": "alice", "password": PASSWORD})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    assert_eq!(
-        body["flows"],
-        json!([{"stages": ["m.login.registration_token", "m.login.dummy"]}])
-    );
+    assert_eq!(body["flows"], json!([{"stages": ["m.login.registration_token", "m.login.dummy"]}]));
     let session = body["session"].as_str().unwrap().to_owned();
 
     // A wrong token: 401 again, with M_FORBIDDEN, nothing completed.
@@ -52,14 +40,9 @@ async fn token_registration_flow(backend: Backend) {
     assert_eq!(body["session"], session.as_str());
 
     // Validity endpoint.
-    let valid = |t: &str| {
-        format!("/_matrix/client/v1/register/m.login.registration_token/validity?token={t}")
-    };
+    let valid = |t: &str| format!("/_matrix/client/v1/register/m.login.registration_token/validity?token={t}");
     assert_eq!(server.get(&valid("one-use"), None).await.1["valid"], true);
-    assert_eq!(
-        server.get(&valid("static-token"), None).await.1["valid"],
-        true
-    );
+    assert_eq!(server.get(&valid("static-token"), None).await.1["valid"], true);
     assert_eq!(server.get(&valid("nope"), None).await.1["valid"], false);
 
     // The right token passes the token stage; while that registration is pending,
@@ -74,11 +57,7 @@ async fn token_registration_flow(backend: Backend) {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["completed"], json!(["m.login.registration_token"]));
-    let info = store
-        .get_registration_token("one-use")
-        .await
-        .unwrap()
-        .unwrap();
+    let info = store.get_registration_token("one-use").await.unwrap().unwrap();
     assert_eq!((info.completed, info.pending), (0, 1));
     assert_eq!(server.get(&valid("one-use"), None).await.1["valid"], false);
 
@@ -102,11 +81,7 @@ async fn token_registration_flow(backend: Backend) {
 
     // The one-use token is now spent; the static one is not.
     assert_eq!(server.get(&valid("one-use"), None).await.1["valid"], false);
-    let info = store
-        .get_registration_token("one-use")
-        .await
-        .unwrap()
-        .unwrap();
+    let info = store.get_registration_token("one-use").await.unwrap().unwrap();
     assert_eq!((info.completed, info.pending), (1, 0));
     let (status, body) = server
         .post(
@@ -116,11 +91,7 @@ async fn token_registration_flow(backend: Backend) {
               "auth": {"type": "m.login.registration_token", "token": "one-use"}}),
         )
         .await;
-    assert_eq!(
-        (status, &body["errcode"]),
-        (StatusCode::UNAUTHORIZED, &json!("M_FORBIDDEN")),
-        "{body}"
-    );
+    assert_eq!((status, &body["errcode"]), (StatusCode::UNAUTHORIZED, &json!("M_FORBIDDEN")), "{body}");
     let (status, body) = server
         .post(
             REGISTER,
@@ -143,29 +114,19 @@ async fn token_registration_flow(backend: Backend) {
 
     // The dummy stage alone is not enough in token mode.
     let (status, body) = server
-        .post(
-            REGISTER,
-            None,
-            json!({"username": "carol", "password": PASSWORD, "auth": {"type": "m.login.dummy"}}),
-        )
+        .post(REGISTER, None, json!({"username": "carol", "password": PASSWORD, "auth": {"type": "m.login.dummy"}}))
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["completed"], json!(["m.login.dummy"]));
-    assert!(
-        !server
-            .running
-            .as_ref()
-            .unwrap()
-            .services
-            .store
-            .user_exists("@carol:localhost")
-            .await
-            .unwrap()
-    );
+    assert!(!server.running.as_ref().unwrap().services.store.user_exists("@carol:localhost").await.unwrap());
 
     // An auth object with neither type nor session reads as "no auth yet" (matrix-nio).
     let (status, body) = server
-        .post(REGISTER, None, json!({"username": "carol", "password": PASSWORD, "auth": {"initial_device_display_name": "x"}}))
+        .post(
+            REGISTER,
+            None,
+            json!({"username": "carol", "password": PASSWORD, "auth": {"initial_device_display_name": "x"}}),
+        )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(body["session"].is_string());
@@ -187,60 +148,43 @@ async fn token_registration_flow(backend: Backend) {
 
 async fn open_and_closed_modes(backend: Backend) {
     let server = TestServer::start(backend.clone()).await;
-    let (status, body) = server
-        .post(
-            REGISTER,
-            None,
-            json!({"username": "dan", "password": PASSWORD}),
-        )
-        .await;
+    let (status, body) = server.post(REGISTER, None, json!({"username": "dan", "password": PASSWORD})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["flows"], json!([{"stages": ["m.login.dummy"]}]));
     let (user_id, _, _) = server.register("dan").await;
     assert_eq!(user_id, "@dan:localhost");
 
     // No username: one is made up.
-    let (status, body) = server
-        .post(
-            REGISTER,
-            None,
-            json!({"password": PASSWORD, "auth": {"type": "m.login.dummy"}}),
-        )
-        .await;
+    let (status, body) =
+        server.post(REGISTER, None, json!({"password": PASSWORD, "auth": {"type": "m.login.dummy"}})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(body["user_id"].as_str().unwrap().ends_with(":localhost"));
 
     // inhibit_login: an account, no token.
     let (status, body) = server
-        .post(REGISTER, None, json!({"username": "erin", "password": PASSWORD, "inhibit_login": true, "auth": {"type": "m.login.dummy"}}))
+        .post(
+            REGISTER,
+            None,
+            json!({"username": "erin", "password": PASSWORD, "inhibit_login": true, "auth": {"type": "m.login.dummy"}}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["user_id"], "@erin:localhost");
-    assert!(
-        body["access_token"].is_null() && body["device_id"].is_null(),
-        "{body}"
-    );
+    assert!(body["access_token"].is_null() && body["device_id"].is_null(), "{body}");
     server.login("erin", None).await;
 
     // Guests are not allowed.
     assert_error(
-        &server
-            .post(&format!("{REGISTER}?kind=guest"), None, json!({}))
-            .await,
+        &server.post(&format!("{REGISTER}?kind=guest"), None, json!({})).await,
         StatusCode::FORBIDDEN,
         "M_GUEST_ACCESS_FORBIDDEN",
     );
     server.stop().await;
 
-    let closed =
-        TestServer::start_with(backend, |c| c.registration.mode = RegistrationMode::Closed).await;
+    let closed = TestServer::start_with(backend, |c| c.registration.mode = RegistrationMode::Closed).await;
     assert_error(
         &closed
-            .post(
-                REGISTER,
-                None,
-                json!({"username": "x", "password": PASSWORD, "auth": {"type": "m.login.dummy"}}),
-            )
+            .post(REGISTER, None, json!({"username": "x", "password": PASSWORD, "auth": {"type": "m.login.dummy"}}))
             .await,
         StatusCode::FORBIDDEN,
         "M_FORBIDDEN",
@@ -253,71 +197,40 @@ async fn username_and_password_rules(backend: Backend) {
     let attempt = |name: Value, password: &str| json!({"username": name, "password": password, "auth": {"type": "m.login.dummy"}});
     for bad in ["Alice", "with space", "_reserved", "ünïcode", "", "a:b"] {
         assert_error(
-            &server
-                .post(REGISTER, None, attempt(json!(bad), PASSWORD))
-                .await,
+            &server.post(REGISTER, None, attempt(json!(bad), PASSWORD)).await,
             StatusCode::BAD_REQUEST,
             "M_INVALID_USERNAME",
         );
     }
     assert_error(
-        &server
-            .post(REGISTER, None, attempt(json!("x".repeat(300)), PASSWORD))
-            .await,
+        &server.post(REGISTER, None, attempt(json!("x".repeat(300)), PASSWORD)).await,
         StatusCode::BAD_REQUEST,
         "M_INVALID_USERNAME",
     );
-    for weak in [
-        "short1A",
-        "nouppercase123",
-        "NOLOWERCASE123",
-        "NoDigitsAtAll",
-        "Frank-12345",
-    ] {
+    for weak in ["short1A", "nouppercase123", "NOLOWERCASE123", "NoDigitsAtAll", "Frank-12345"] {
         assert_error(
-            &server
-                .post(REGISTER, None, attempt(json!("frank"), weak))
-                .await,
+            &server.post(REGISTER, None, attempt(json!("frank"), weak)).await,
             StatusCode::BAD_REQUEST,
             "M_WEAK_PASSWORD",
         );
     }
     assert_error(
-        &server
-            .post(
-                REGISTER,
-                None,
-                json!({"username": "frank", "auth": {"type": "m.login.dummy"}}),
-            )
-            .await,
+        &server.post(REGISTER, None, json!({"username": "frank", "auth": {"type": "m.login.dummy"}})).await,
         StatusCode::BAD_REQUEST,
         "M_MISSING_PARAM",
     );
     server.register("frank").await;
     assert_error(
-        &server
-            .post(REGISTER, None, attempt(json!("frank"), PASSWORD))
-            .await,
+        &server.post(REGISTER, None, attempt(json!("frank"), PASSWORD)).await,
         StatusCode::BAD_REQUEST,
         "M_USER_IN_USE",
     );
 
     let available = |n: &str| format!("/_matrix/client/v3/register/available?username={n}");
     let (status, body) = server.get(&available("grace"), None).await;
-    assert_eq!(
-        (status, body["available"].clone()),
-        (StatusCode::OK, json!(true))
-    );
-    assert_error(
-        &server.get(&available("frank"), None).await,
-        StatusCode::BAD_REQUEST,
-        "M_USER_IN_USE",
-    );
-    assert_error(
-        &server.get(&available("Grace"), None).await,
-        StatusCode::BAD_REQUEST,
-        "M_INVALID_USERNAME",
-    );
+    assert_eq!((status, body["available"].clone()), (StatusCode::OK, json!(true)));
+    assert_error(&server.get(&available("frank"), None).await, StatusCode::BAD_REQUEST, "M_USER_IN_USE");
+    assert_error(&server.get(&available("Grace"), None).await, StatusCode::BAD_REQUEST, "M_INVALID_USERNAME");
     server.stop().await;
 }
 
@@ -329,20 +242,12 @@ async fn registration_is_rate_limited(backend: Backend) {
     })
     .await;
     for _ in 0..2 {
-        let (status, _) = server
-            .get("/_matrix/client/v3/register/available?username=zed", None)
-            .await;
+        let (status, _) = server.get("/_matrix/client/v3/register/available?username=zed", None).await;
         assert_eq!(status, StatusCode::OK);
     }
-    let limited = server
-        .get("/_matrix/client/v3/register/available?username=zed", None)
-        .await;
+    let limited = server.get("/_matrix/client/v3/register/available?username=zed", None).await;
     assert_error(&limited, StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED");
-    assert!(
-        limited.1["retry_after_ms"].as_u64().unwrap() > 1000,
-        "{}",
-        limited.1
-    );
+    assert!(limited.1["retry_after_ms"].as_u64().unwrap() > 1000, "{}", limited.1);
     server.stop().await;
 }
 

@@ -1,9 +1,7 @@
 //! The account: `whoami`, `account/password`, `account/deactivate`, `account/3pid`.
 
 use axum::{Router, extract::State};
-use ruma::api::client::account::{
-    ThirdPartyIdRemovalStatus, change_password, deactivate, get_3pids, whoami,
-};
+use ruma::api::client::account::{ThirdPartyIdRemovalStatus, change_password, deactivate, get_3pids, whoami};
 
 use crate::{
     error::Result,
@@ -30,14 +28,7 @@ async fn change_password(
 ) -> Result<RumaResponse<change_password::v3::Response>> {
     let session = req.session()?;
     let body = &req.body;
-    services
-        .change_password(
-            session,
-            &body.new_password,
-            body.logout_devices,
-            body.auth.as_ref(),
-        )
-        .await?;
+    services.change_password(session, &body.new_password, body.logout_devices, body.auth.as_ref()).await?;
     Ok(change_password::v3::Response::new().into())
 }
 
@@ -48,9 +39,7 @@ async fn deactivate(
     req: Ruma<deactivate::v3::Request>,
 ) -> Result<RumaResponse<deactivate::v3::Response>> {
     let session = req.session()?;
-    services
-        .deactivate(&session.user_id, req.body.erase, req.body.auth.as_ref())
-        .await?;
+    services.deactivate(&session.user_id, req.body.erase, req.body.auth.as_ref()).await?;
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport).into())
 }
 
@@ -58,9 +47,7 @@ async fn deactivate(
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3account3pid>
 ///
 /// Convo does not bind e-mail addresses or phone numbers: the list is empty.
-async fn get_3pids(
-    req: Ruma<get_3pids::v3::Request>,
-) -> Result<RumaResponse<get_3pids::v3::Response>> {
+async fn get_3pids(req: Ruma<get_3pids::v3::Request>) -> Result<RumaResponse<get_3pids::v3::Response>> {
     req.session()?;
     Ok(get_3pids::v3::Response::new(Vec::new()).into())
 }

@@ -20,9 +20,7 @@ async fn get_global_account_data(
     req: Ruma<get_global_account_data::v3::Request>,
 ) -> Result<RumaResponse<get_global_account_data::v3::Response>> {
     let b = &req.body;
-    let data = services
-        .get_account_data(req.session()?, &b.user_id, "", &b.event_type.to_string())
-        .await?;
+    let data = services.get_account_data(req.session()?, &b.user_id, "", &b.event_type.to_string()).await?;
     Ok(get_global_account_data::v3::Response::new(data).into())
 }
 
@@ -33,15 +31,7 @@ async fn set_global_account_data(
     req: Ruma<set_global_account_data::v3::Request>,
 ) -> Result<RumaResponse<set_global_account_data::v3::Response>> {
     let b = &req.body;
-    services
-        .set_account_data(
-            req.session()?,
-            &b.user_id,
-            "",
-            &b.event_type.to_string(),
-            b.data.json(),
-        )
-        .await?;
+    services.set_account_data(req.session()?, &b.user_id, "", &b.event_type.to_string(), b.data.json()).await?;
     Ok(set_global_account_data::v3::Response::new().into())
 }
 
@@ -52,14 +42,8 @@ async fn get_room_account_data(
     req: Ruma<get_room_account_data::v3::Request>,
 ) -> Result<RumaResponse<get_room_account_data::v3::Response>> {
     let b = &req.body;
-    let data = services
-        .get_account_data(
-            req.session()?,
-            &b.user_id,
-            b.room_id.as_str(),
-            &b.event_type.to_string(),
-        )
-        .await?;
+    let data =
+        services.get_account_data(req.session()?, &b.user_id, b.room_id.as_str(), &b.event_type.to_string()).await?;
     Ok(get_room_account_data::v3::Response::new(data).into())
 }
 
@@ -71,22 +55,14 @@ async fn set_room_account_data(
 ) -> Result<RumaResponse<set_room_account_data::v3::Response>> {
     let b = &req.body;
     services
-        .set_account_data(
-            req.session()?,
-            &b.user_id,
-            b.room_id.as_str(),
-            &b.event_type.to_string(),
-            b.data.json(),
-        )
+        .set_account_data(req.session()?, &b.user_id, b.room_id.as_str(), &b.event_type.to_string(), b.data.json())
         .await?;
     Ok(set_room_account_data::v3::Response::new().into())
 }
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
-    let router =
-        route::<get_global_account_data::v3::Request, _, _>(router, get_global_account_data);
-    let router =
-        route::<set_global_account_data::v3::Request, _, _>(router, set_global_account_data);
+    let router = route::<get_global_account_data::v3::Request, _, _>(router, get_global_account_data);
+    let router = route::<set_global_account_data::v3::Request, _, _>(router, set_global_account_data);
     let router = route::<get_room_account_data::v3::Request, _, _>(router, get_room_account_data);
     route::<set_room_account_data::v3::Request, _, _>(router, set_room_account_data)
 }

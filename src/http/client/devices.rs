@@ -1,9 +1,7 @@
 //! Device management: list, get, rename and delete (with UIA).
 
 use axum::{Router, extract::State};
-use ruma::api::client::device::{
-    delete_device, delete_devices, get_device, get_devices, update_device,
-};
+use ruma::api::client::device::{delete_device, delete_devices, get_device, get_devices, update_device};
 
 use crate::{
     error::Result,
@@ -19,9 +17,7 @@ async fn get_devices(
     State(services): State<AppState>,
     req: Ruma<get_devices::v3::Request>,
 ) -> Result<RumaResponse<get_devices::v3::Response>> {
-    let devices = services
-        .list_devices(req.session()?.user_id.as_str())
-        .await?;
+    let devices = services.list_devices(req.session()?.user_id.as_str()).await?;
     Ok(get_devices::v3::Response::new(devices).into())
 }
 
@@ -31,9 +27,7 @@ async fn get_device(
     State(services): State<AppState>,
     req: Ruma<get_device::v3::Request>,
 ) -> Result<RumaResponse<get_device::v3::Response>> {
-    let device = services
-        .get_device(req.session()?.user_id.as_str(), req.body.device_id.as_str())
-        .await?;
+    let device = services.get_device(req.session()?.user_id.as_str(), req.body.device_id.as_str()).await?;
     Ok(get_device::v3::Response::new(device).into())
 }
 
@@ -45,11 +39,7 @@ async fn update_device(
 ) -> Result<RumaResponse<update_device::v3::Response>> {
     let session = req.session()?;
     services
-        .rename_device(
-            session.user_id.as_str(),
-            req.body.device_id.as_str(),
-            req.body.display_name.as_deref(),
-        )
+        .rename_device(session.user_id.as_str(), req.body.device_id.as_str(), req.body.display_name.as_deref())
         .await?;
     Ok(update_device::v3::Response::new().into())
 }
@@ -61,15 +51,9 @@ async fn delete_device(
     req: Ruma<delete_device::v3::Request>,
 ) -> Result<RumaResponse<delete_device::v3::Response>> {
     let session = req.session()?;
-    services
-        .get_device(session.user_id.as_str(), req.body.device_id.as_str())
-        .await?;
-    services
-        .require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref())
-        .await?;
-    services
-        .delete_devices(session.user_id.as_str(), &[req.body.device_id.as_str()])
-        .await?;
+    services.get_device(session.user_id.as_str(), req.body.device_id.as_str()).await?;
+    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref()).await?;
+    services.delete_devices(session.user_id.as_str(), &[req.body.device_id.as_str()]).await?;
     Ok(delete_device::v3::Response::new().into())
 }
 
@@ -80,13 +64,9 @@ async fn delete_devices(
     req: Ruma<delete_devices::v3::Request>,
 ) -> Result<RumaResponse<delete_devices::v3::Response>> {
     let session = req.session()?;
-    services
-        .require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref())
-        .await?;
+    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref()).await?;
     let ids: Vec<&str> = req.body.devices.iter().map(|d| d.as_str()).collect();
-    services
-        .delete_devices(session.user_id.as_str(), &ids)
-        .await?;
+    services.delete_devices(session.user_id.as_str(), &ids).await?;
     Ok(delete_devices::v3::Response::new().into())
 }
 

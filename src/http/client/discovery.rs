@@ -22,18 +22,15 @@ use crate::{
 };
 
 /// The spec versions whose client-server API Convo follows, for the modules it has.
-const SPEC_VERSIONS: &[&str] = &[
-    "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10",
-];
+const SPEC_VERSIONS: &[&str] =
+    &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10"];
 
 /// # `GET /_matrix/client/versions`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientversions>
 async fn get_supported_versions(
     _: Ruma<get_supported_versions::Request>,
 ) -> Result<RumaResponse<get_supported_versions::Response>> {
-    let mut response = get_supported_versions::Response::new(
-        SPEC_VERSIONS.iter().map(|v| (*v).to_owned()).collect(),
-    );
+    let mut response = get_supported_versions::Response::new(SPEC_VERSIONS.iter().map(|v| (*v).to_owned()).collect());
     response.unstable_features = BTreeMap::new();
     Ok(response.into())
 }
@@ -44,10 +41,7 @@ async fn discover_homeserver(
     State(services): State<AppState>,
     _: Ruma<discover_homeserver::Request>,
 ) -> Result<RumaResponse<discover_homeserver::Response>> {
-    Ok(
-        discover_homeserver::Response::new(HomeserverInfo::new(services.public_baseurl.clone()))
-            .into(),
-    )
+    Ok(discover_homeserver::Response::new(HomeserverInfo::new(services.public_baseurl.clone())).into())
 }
 
 /// # `GET /_matrix/client/v3/capabilities`
@@ -64,10 +58,8 @@ async fn get_capabilities(
     capabilities.thirdparty_id_changes.enabled = false;
     capabilities.get_login_token.enabled = false;
     capabilities.room_versions.default = services.config.rooms.default_room_version.clone();
-    capabilities.room_versions.available = SUPPORTED_ROOM_VERSIONS
-        .iter()
-        .map(|v| (v.clone(), RoomVersionStability::Stable))
-        .collect();
+    capabilities.room_versions.available =
+        SUPPORTED_ROOM_VERSIONS.iter().map(|v| (v.clone(), RoomVersionStability::Stable)).collect();
     Ok(get_capabilities::v3::Response::new(capabilities).into())
 }
 

@@ -1,9 +1,7 @@
 //! Profiles: the whole profile and single fields (display name, avatar, extended fields).
 
 use axum::{Router, extract::State};
-use ruma::api::client::profile::{
-    delete_profile_field, get_profile, get_profile_field, set_profile_field,
-};
+use ruma::api::client::profile::{delete_profile_field, get_profile, get_profile_field, set_profile_field};
 
 use crate::{
     error::{Error, Result},
@@ -20,10 +18,7 @@ async fn get_profile(
     req: Ruma<get_profile::v3::Request>,
 ) -> Result<RumaResponse<get_profile::v3::Response>> {
     let profile = services.get_profile(&req.body.user_id).await?;
-    Ok(
-        get_profile::v3::Response::from_iter(profile.iter().map(|(k, v)| (k.clone(), v.clone())))
-            .into(),
-    )
+    Ok(get_profile::v3::Response::from_iter(profile.iter().map(|(k, v)| (k.clone(), v.clone()))).into())
 }
 
 /// # `GET /_matrix/client/v3/profile/{userId}/{keyName}`
@@ -34,11 +29,8 @@ async fn get_profile_field(
 ) -> Result<RumaResponse<get_profile_field::v3::Response>> {
     let profile = services.get_profile(&req.body.user_id).await?;
     let field = req.body.field.as_str();
-    let value = profile
-        .get(field)
-        .ok_or_else(|| Error::not_found(format!("The profile has no {field}")))?;
-    let value =
-        ruma::profile::ProfileFieldValue::new(field, value.clone()).map_err(Error::internal)?;
+    let value = profile.get(field).ok_or_else(|| Error::not_found(format!("The profile has no {field}")))?;
+    let value = ruma::profile::ProfileFieldValue::new(field, value.clone()).map_err(Error::internal)?;
     Ok(get_profile_field::v3::Response::new(value).into())
 }
 
@@ -51,12 +43,7 @@ async fn set_profile_field(
     let session = req.session()?;
     let value = &req.body.value;
     services
-        .set_profile_field(
-            session,
-            &req.body.user_id,
-            value.field_name().as_str(),
-            value.value().into_owned(),
-        )
+        .set_profile_field(session, &req.body.user_id, value.field_name().as_str(), value.value().into_owned())
         .await?;
     Ok(set_profile_field::v3::Response::new().into())
 }
@@ -68,9 +55,7 @@ async fn delete_profile_field(
     req: Ruma<delete_profile_field::v3::Request>,
 ) -> Result<RumaResponse<delete_profile_field::v3::Response>> {
     let session = req.session()?;
-    services
-        .delete_profile_field(session, &req.body.user_id, req.body.field.as_str())
-        .await?;
+    services.delete_profile_field(session, &req.body.user_id, req.body.field.as_str()).await?;
     Ok(delete_profile_field::v3::Response::new().into())
 }
 

@@ -53,12 +53,8 @@ async fn get_username_availability(
     State(services): State<AppState>,
     req: Ruma<get_username_availability::v3::Request>,
 ) -> Result<RumaResponse<get_username_availability::v3::Response>> {
-    services
-        .rate_limiter
-        .check(RateLimitKind::Registration, &req.client_ip)?;
-    services
-        .check_username_available(&req.body.username)
-        .await?;
+    services.rate_limiter.check(RateLimitKind::Registration, &req.client_ip)?;
+    services.check_username_available(&req.body.username).await?;
     Ok(get_username_availability::v3::Response::new(true).into())
 }
 
@@ -69,23 +65,15 @@ async fn check_registration_token_validity(
     req: Ruma<check_registration_token_validity::v1::Request>,
 ) -> Result<RumaResponse<check_registration_token_validity::v1::Response>> {
     if services.config.registration.mode != crate::config::RegistrationMode::Token {
-        return Err(Error::forbidden(
-            "This server does not use registration tokens",
-        ));
+        return Err(Error::forbidden("This server does not use registration tokens"));
     }
-    services
-        .rate_limiter
-        .check(RateLimitKind::Registration, &req.client_ip)?;
+    services.rate_limiter.check(RateLimitKind::Registration, &req.client_ip)?;
     let valid = services.registration_token_valid(&req.body.token).await?;
     Ok(check_registration_token_validity::v1::Response::new(valid).into())
 }
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<register::v3::Request, _, _>(router, register);
-    let router =
-        route::<get_username_availability::v3::Request, _, _>(router, get_username_availability);
-    route::<check_registration_token_validity::v1::Request, _, _>(
-        router,
-        check_registration_token_validity,
-    )
+    let router = route::<get_username_availability::v3::Request, _, _>(router, get_username_availability);
+    route::<check_registration_token_validity::v1::Request, _, _>(router, check_registration_token_validity)
 }

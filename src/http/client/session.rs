@@ -24,13 +24,8 @@ use crate::{
 
 /// # `GET /_matrix/client/v3/login`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3login>
-async fn get_login_types(
-    _: Ruma<get_login_types::v3::Request>,
-) -> Result<RumaResponse<get_login_types::v3::Response>> {
-    Ok(
-        get_login_types::v3::Response::new(vec![LoginType::Password(PasswordLoginType::new())])
-            .into(),
-    )
+async fn get_login_types(_: Ruma<get_login_types::v3::Request>) -> Result<RumaResponse<get_login_types::v3::Response>> {
+    Ok(get_login_types::v3::Response::new(vec![LoginType::Password(PasswordLoginType::new())]).into())
 }
 
 /// # `POST /_matrix/client/v3/login`

@@ -1,0 +1,248 @@
+//! Ephemeral and per-user room data: typing notices (in memory, with expiry), read
+//! receipts and read markers, and presence.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ruma::{EventId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use serde_json::{Value as JsonValue, json};
+
+use super::{Services, now_ms};
+use crate::{
+    error::{Error, Result},
+    storage::{PresenceRow, ReceiptRow},
+};
+
+/// Who is typing where, until when. `serial` grows with every change, so a sync token
+/// can say which changes a client has seen.
+#[derive(Default)]
+pub struct Typing {
+    rooms: Mutex<HashMap<OwnedRoomId, (u64, HashMap<OwnedUserId, Instant>)>>,
+    serial: AtomicU64,
+}
+
+/// Longest typing timeout honoured.
+const MAX_TYPING: Duration = Duration::from_secs(120);
+/// After this long without activity, "online" reads as "unavailable".
+const IDLE_AFTER_MS: i64 = 5 * 60 * 1000;
+
+impl Typing {
+    pub fn serial(&self) -> u64 {
+        self.serial.load(Ordering::SeqCst)
+    }
+
+    /// The users typing in a room now, if it changed after `since` (or always when `since` is `None`).
+    pub fn typing_since(&self, room_id: &RoomId, since: Option<u64>) -> Option<Vec<OwnedUserId>> {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let (changed, users) = rooms.get(room_id)?;
+        if since.is_some_and(|s| *changed <= s && s <= self.serial()) {
+            return None;
+        }
+        let now = Instant::now();
+        Some(users.iter().filter(|(_, until)| **until > now).map(|(u, _)| u.clone()).collect())
+    }
+
+    /// Sets or clears a user's typing; returns whether anything changed.
+    fn set(&self, room_id: &RoomId, user: &UserId, until: Option<Instant>) -> bool {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = rooms.entry(room_id.to_owned()).or_default();
+        let now = Instant::now();
+        let was = entry.1.get(user).is_some_and(|u| *u > now);
+        match until {
+            Some(until) => {
+                entry.1.insert(user.to_owned(), until);
+            }
+            None => {
+                entry.1.remove(user);
+            }
+        }
+        entry.1.retain(|_, u| *u > now);
+        if was != until.is_some() || until.is_some() {
+            entry.0 = self.serial.fetch_add(1, Ordering::SeqCst) + 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Drops a user's typing if it has expired; returns whether it was there.
+    fn expire(&self, room_id: &RoomId, user: &UserId) -> bool {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = rooms.get_mut(room_id) else { return false };
+        let now = Instant::now();
+        if entry.1.get(user).is_some_and(|u| *u <= now) {
+            entry.1.remove(user);
+            entry.0 = self.serial.fetch_add(1, Ordering::SeqCst) + 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+impl Services {
+    /// `PUT /rooms/{roomId}/typing/{userId}`.
+    pub async fn set_typing(
+        self: &std::sync::Arc<Self>,
+        room_id: &RoomId,
+        user: &UserId,
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        self.require_joined(room_id, user).await?;
+        let until = timeout.map(|t| Instant::now() + t.min(MAX_TYPING));
+        if self.typing.set(room_id, user, until) {
+            self.notifier.notify_users(&self.joined_local_members(room_id).await?);
+        }
+        if let Some(t) = timeout {
+            // Wake the room when the notice runs out.
+            let services = std::sync::Arc::clone(self);
+            let (room_id, user) = (room_id.to_owned(), user.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(t.min(MAX_TYPING) + Duration::from_millis(10)).await;
+                if services.typing.expire(&room_id, &user)
+                    && let Ok(members) = services.joined_local_members(&room_id).await
+                {
+                    services.notifier.notify_users(&members);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// `POST /rooms/{roomId}/receipt/{type}/{eventId}`.
+    pub async fn set_receipt(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        receipt_type: &str,
+        event_id: &EventId,
+        thread_id: Option<&str>,
+    ) -> Result<()> {
+        if !matches!(receipt_type, "m.read" | "m.read.private" | "m.fully_read") {
+            return Err(Error::invalid_param(format!("Unknown receipt type {receipt_type}")));
+        }
+        self.require_joined(room_id, user).await?;
+        let event = self.store.get_event(event_id.as_str()).await?;
+        if event.as_ref().is_none_or(|e| e.room_id != room_id.as_str()) {
+            return Err(Error::not_found("No such event in this room"));
+        }
+        if receipt_type == "m.fully_read" {
+            return self.set_fully_read(room_id, user, event_id).await;
+        }
+        self.store
+            .set_receipt(&ReceiptRow {
+                room_id: room_id.to_string(),
+                user_id: user.to_string(),
+                receipt_type: receipt_type.to_owned(),
+                thread_id: thread_id.unwrap_or_default().to_owned(),
+                event_id: event_id.to_string(),
+                ts: now_ms(),
+            })
+            .await?;
+        let to_wake = if receipt_type == "m.read.private" {
+            vec![user.to_owned()]
+        } else {
+            self.joined_local_members(room_id).await?
+        };
+        self.notifier.notify_users(&to_wake);
+        Ok(())
+    }
+
+    /// The `m.fully_read` marker, kept as room account data.
+    pub async fn set_fully_read(&self, room_id: &RoomId, user: &UserId, event_id: &EventId) -> Result<()> {
+        let content = json!({"event_id": event_id}).to_string();
+        self.store.set_account_data(user.as_str(), room_id.as_str(), "m.fully_read", &content).await?;
+        self.notifier.notify_users(&[user.to_owned()]);
+        Ok(())
+    }
+
+    /// The `m.receipt` event of a room for a sync: receipts after `since`, the user's
+    /// own private receipts included, others' private ones left out.
+    pub async fn receipt_event(&self, room_id: &RoomId, user: &UserId, since: i64) -> Result<Option<JsonValue>> {
+        let receipts = self.store.get_receipts_since(room_id.as_str(), since).await?;
+        let mut content = serde_json::Map::new();
+        for r in receipts.iter().filter(|r| r.receipt_type != "m.read.private" || r.user_id == user.as_str()) {
+            let mut entry = json!({"ts": r.ts});
+            if !r.thread_id.is_empty() {
+                entry["thread_id"] = json!(r.thread_id);
+            }
+            let by_type = content.entry(r.event_id.clone()).or_insert_with(|| json!({}));
+            by_type[&r.receipt_type][&r.user_id] = entry;
+        }
+        Ok((!content.is_empty()).then(|| json!({"type": "m.receipt", "content": content})))
+    }
+
+    /// `PUT /presence/{userId}/status` and `set_presence` on sync. Writes only on a
+    /// change, or to refresh activity once a minute.
+    pub async fn set_presence(&self, user: &UserId, state: &str, status_msg: Option<Option<&str>>) -> Result<()> {
+        if !matches!(state, "online" | "unavailable" | "offline") {
+            return Err(Error::invalid_param(format!("Unknown presence {state}")));
+        }
+        let now = now_ms();
+        let current = self.store.get_presence(user.as_str()).await?;
+        let msg = match (status_msg, &current) {
+            (Some(m), _) => m.map(str::to_owned),
+            (None, Some(c)) => c.status_msg.clone(),
+            (None, None) => None,
+        };
+        let unchanged = current.as_ref().is_some_and(|c| {
+            effective_state(c, now) == state && c.status_msg == msg && now - c.last_active_ts < 60_000
+        });
+        if unchanged {
+            return Ok(());
+        }
+        self.store.set_presence(user.as_str(), state, msg.as_deref(), now).await?;
+        let mut to_wake = vec![user.to_owned()];
+        for room in self.joined_rooms(user).await? {
+            to_wake.extend(self.joined_local_members(&room).await?);
+        }
+        to_wake.sort();
+        to_wake.dedup();
+        self.notifier.notify_users(&to_wake);
+        Ok(())
+    }
+
+    /// `GET /presence/{userId}/status`.
+    pub async fn get_presence(&self, user: &UserId) -> Result<JsonValue> {
+        let row = self.store.get_presence(user.as_str()).await?;
+        Ok(match row {
+            Some(p) => presence_content(&p, now_ms()),
+            None => json!({"presence": "offline"}),
+        })
+    }
+
+    /// Presence events for a sync.
+    pub async fn presence_events(&self, user: &UserId, since: i64) -> Result<Vec<JsonValue>> {
+        let now = now_ms();
+        Ok(self
+            .store
+            .get_presence_since(user.as_str(), since)
+            .await?
+            .iter()
+            .map(|p| json!({"type": "m.presence", "sender": p.user_id, "content": presence_content(p, now)}))
+            .collect())
+    }
+}
+
+fn effective_state(p: &PresenceRow, now: i64) -> &str {
+    if p.state == "online" && now - p.last_active_ts > IDLE_AFTER_MS { "unavailable" } else { &p.state }
+}
+
+fn presence_content(p: &PresenceRow, now: i64) -> JsonValue {
+    let state = effective_state(p, now);
+    let mut content = json!({
+        "presence": state,
+        "last_active_ago": (now - p.last_active_ts).max(0),
+        "currently_active": state == "online",
+    });
+    if let Some(msg) = &p.status_msg {
+        content["status_msg"] = json!(msg);
+    }
+    content
+}

@@ -1,0 +1,95 @@
+//! Turning stored PDUs into the client format: the client sees `event_id`, `type`,
+//! `content`, `sender`, `origin_server_ts`, `state_key` and `unsigned` (with its own
+//! `transaction_id`, and `redacted_because` on redacted events), never hashes,
+//! signatures or the DAG fields.
+
+use ruma::{DeviceId, UserId, serde::Raw};
+use serde_json::{Map, Value as JsonValue, json, value::to_raw_value};
+
+use crate::{
+    error::{Error, Result},
+    service::{Services, now_ms},
+    storage::StoredEvent,
+};
+
+/// Who is looking: a sender sees the transaction id of its own device's events.
+#[derive(Clone, Copy)]
+pub struct Viewer<'a> {
+    pub user_id: &'a UserId,
+    pub device_id: Option<&'a DeviceId>,
+}
+
+const CLIENT_FIELDS: [&str; 7] = ["type", "content", "sender", "origin_server_ts", "state_key", "redacts", "room_id"];
+
+fn base_client_event(
+    event: &StoredEvent,
+    viewer: Option<Viewer<'_>>,
+    with_room_id: bool,
+) -> Result<Map<String, JsonValue>> {
+    let pdu: Map<String, JsonValue> = serde_json::from_str(&event.json).map_err(Error::internal)?;
+    let mut out = Map::new();
+    for field in CLIENT_FIELDS {
+        if let Some(v) = pdu.get(field) {
+            out.insert(field.to_owned(), v.clone());
+        }
+    }
+    out.insert("event_id".into(), json!(event.event_id));
+    if with_room_id {
+        out.insert("room_id".into(), json!(event.room_id));
+    } else {
+        out.remove("room_id");
+    }
+    if event.event_type == "m.room.redaction" && !out.contains_key("redacts") {
+        if let Some(target) = pdu.get("content").and_then(|c| c.get("redacts")) {
+            out.insert("redacts".into(), target.clone());
+        }
+    }
+    let mut unsigned = Map::new();
+    unsigned.insert("age".into(), json!((now_ms() - event.origin_server_ts).max(0)));
+    if let (Some(viewer), Some(txn_id), Some(device)) = (viewer, &event.txn_id, &event.txn_device_id)
+        && viewer.user_id.as_str() == event.sender
+        && viewer.device_id.is_some_and(|d| d.as_str() == device)
+    {
+        unsigned.insert("transaction_id".into(), json!(txn_id));
+    }
+    out.insert("unsigned".into(), JsonValue::Object(unsigned));
+    Ok(out)
+}
+
+pub fn to_raw<T>(value: JsonValue) -> Result<Raw<T>> {
+    Ok(Raw::from_json(to_raw_value(&value).map_err(Error::internal)?))
+}
+
+impl Services {
+    /// Client-format events, with `redacted_because` filled in for redacted ones.
+    pub async fn client_events(
+        &self,
+        events: &[StoredEvent],
+        viewer: Option<Viewer<'_>>,
+        with_room_id: bool,
+    ) -> Result<Vec<JsonValue>> {
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            let mut value = base_client_event(event, viewer, with_room_id)?;
+            if let Some(redaction_id) = &event.redacted_by
+                && let Some(redaction) = self.store.get_event(redaction_id).await?
+            {
+                let because = base_client_event(&redaction, None, with_room_id)?;
+                if let Some(JsonValue::Object(unsigned)) = value.get_mut("unsigned") {
+                    unsigned.insert("redacted_because".into(), JsonValue::Object(because));
+                }
+            }
+            out.push(JsonValue::Object(value));
+        }
+        Ok(out)
+    }
+
+    pub async fn client_event(
+        &self,
+        event: &StoredEvent,
+        viewer: Option<Viewer<'_>>,
+        with_room_id: bool,
+    ) -> Result<JsonValue> {
+        Ok(self.client_events(std::slice::from_ref(event), viewer, with_room_id).await?.remove(0))
+    }
+}

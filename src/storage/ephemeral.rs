@@ -1,0 +1,184 @@
+//! Storage of read receipts, presence and filters.
+
+use super::{Store, events::next_stream_position, on_pool};
+use crate::error::Result;
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct ReceiptRow {
+    pub room_id: String,
+    pub user_id: String,
+    pub receipt_type: String,
+    pub thread_id: String,
+    pub event_id: String,
+    pub ts: i64,
+}
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct PresenceRow {
+    pub user_id: String,
+    pub state: String,
+    pub status_msg: Option<String>,
+    pub last_active_ts: i64,
+}
+
+impl Store {
+    /// Stores a receipt (replacing the user's previous one of that type and thread).
+    pub async fn set_receipt(&self, r: &ReceiptRow) -> Result<i64> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let pos = next_stream_position!(tx);
+            sqlx::query(
+                "INSERT INTO receipts (room_id, user_id, receipt_type, thread_id, event_id, ts, stream_pos)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (room_id, user_id, receipt_type, thread_id) DO UPDATE
+                 SET event_id = excluded.event_id, ts = excluded.ts, stream_pos = excluded.stream_pos",
+            )
+            .bind(&r.room_id)
+            .bind(&r.user_id)
+            .bind(&r.receipt_type)
+            .bind(&r.thread_id)
+            .bind(&r.event_id)
+            .bind(r.ts)
+            .bind(pos)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(pos)
+        })
+    }
+
+    /// Receipts of a room newer than `since` (all if `since` is 0).
+    pub async fn get_receipts_since(&self, room_id: &str, since: i64) -> Result<Vec<ReceiptRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts FROM receipts
+                 WHERE room_id = $1 AND stream_pos > $2",
+            )
+            .bind(room_id)
+            .bind(since)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// The stream position of the event a user last read in a room (public or private receipt).
+    pub async fn get_read_position(&self, room_id: &str, user_id: &str) -> Result<Option<i64>> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(Option<i64>,)> = sqlx::query_as(
+                "SELECT MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
+                 WHERE r.room_id = $1 AND r.user_id = $2",
+            )
+            .bind(room_id)
+            .bind(user_id)
+            .fetch_optional(pool)
+            .await?;
+            Ok(row.and_then(|r| r.0))
+        })
+    }
+
+    /// Messages from others after `after` in a room: the unread count.
+    pub async fn count_unread(&self, room_id: &str, user_id: &str, after: i64) -> Result<i64> {
+        on_pool!(self, read, |pool| {
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM events WHERE room_id = $1 AND stream_ordering > $2 AND sender <> $3
+                 AND event_type IN ('m.room.message', 'm.room.encrypted', 'm.sticker') AND redacted_by IS NULL",
+            )
+            .bind(room_id)
+            .bind(after)
+            .bind(user_id)
+            .fetch_one(pool)
+            .await?;
+            Ok(n)
+        })
+    }
+
+    pub async fn set_presence(&self, user_id: &str, state: &str, status_msg: Option<&str>, now: i64) -> Result<i64> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let pos = next_stream_position!(tx);
+            sqlx::query(
+                "INSERT INTO presence (user_id, state, status_msg, last_active_ts, stream_pos) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id) DO UPDATE SET state = excluded.state, status_msg = excluded.status_msg,
+                    last_active_ts = excluded.last_active_ts, stream_pos = excluded.stream_pos",
+            )
+            .bind(user_id)
+            .bind(state)
+            .bind(status_msg)
+            .bind(now)
+            .bind(pos)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(pos)
+        })
+    }
+
+    pub async fn get_presence(&self, user_id: &str) -> Result<Option<PresenceRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as("SELECT user_id, state, status_msg, last_active_ts FROM presence WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(pool)
+                .await?)
+        })
+    }
+
+    /// Presence changes after `since` of users who share a joined room with `user_id`.
+    pub async fn get_presence_since(&self, user_id: &str, since: i64) -> Result<Vec<PresenceRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT p.user_id, p.state, p.status_msg, p.last_active_ts FROM presence p
+                 WHERE p.stream_pos > $2 AND (p.user_id = $1 OR EXISTS (
+                     SELECT 1 FROM memberships a JOIN memberships b ON a.room_id = b.room_id
+                     WHERE a.user_id = $1 AND a.membership = 'join' AND b.user_id = p.user_id AND b.membership = 'join'))",
+            )
+            .bind(user_id)
+            .bind(since)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// Stores a filter; returns its id (per user, counting from 0).
+    pub async fn create_filter(&self, user_id: &str, json: &str) -> Result<i64> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let (next,): (i64,) =
+                sqlx::query_as("SELECT COALESCE(MAX(filter_id) + 1, 0) FROM filters WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            sqlx::query("INSERT INTO filters (user_id, filter_id, json) VALUES ($1, $2, $3)")
+                .bind(user_id)
+                .bind(next)
+                .bind(json)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(next)
+        })
+    }
+
+    pub async fn get_filter(&self, user_id: &str, filter_id: i64) -> Result<Option<String>> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT json FROM filters WHERE user_id = $1 AND filter_id = $2")
+                    .bind(user_id)
+                    .bind(filter_id)
+                    .fetch_optional(pool)
+                    .await?;
+            Ok(row.map(|r| r.0))
+        })
+    }
+
+    /// Rooms with events after `since`, with their newest position.
+    pub async fn get_rooms_changed_since(&self, since: i64) -> Result<Vec<(String, i64)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT room_id, MAX(stream_ordering) FROM events WHERE stream_ordering > $1 GROUP BY room_id",
+            )
+            .bind(since)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+}

@@ -1,0 +1,439 @@
+//! Storage of rooms, events, state groups, current state, memberships and forward
+//! extremities. `persist_event` is the one transaction by which any event is stored.
+
+use super::{Store, on_pool};
+use crate::error::{Error, Result};
+
+/// An event as stored.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub stream_ordering: i64,
+    pub event_id: String,
+    pub room_id: String,
+    pub sender: String,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    pub state_group: i64,
+    pub json: String,
+    pub redacted_by: Option<String>,
+    pub txn_device_id: Option<String>,
+    pub txn_id: Option<String>,
+}
+
+macro_rules! select_events {
+    ($tail:literal) => {
+        concat!(
+            "SELECT stream_ordering, event_id, room_id, sender, event_type, state_key, depth, \
+             origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_id FROM events ",
+            $tail
+        )
+    };
+}
+
+/// Everything needed to store one new event.
+pub struct NewEvent<'a> {
+    pub event_id: &'a str,
+    pub room_id: &'a str,
+    pub sender: &'a str,
+    pub event_type: &'a str,
+    pub state_key: Option<&'a str>,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    pub json: &'a str,
+    pub prev_events: &'a [String],
+    /// The room's state group before this event (`None` for the create event).
+    pub prev_state_group: Option<i64>,
+    /// For `m.room.member` events: the membership it sets.
+    pub membership: Option<&'a str>,
+    /// For the create event: the room's version.
+    pub new_room_version: Option<&'a str>,
+    /// A redaction to apply: the target event and its redacted JSON.
+    pub redaction: Option<(&'a str, &'a str)>,
+    pub txn: Option<(&'a str, &'a str)>,
+}
+
+/// After this many deltas a state group is written as a full snapshot.
+const MAX_STATE_CHAIN: i64 = 64;
+
+/// Positions in the stream are taken under a row lock, so they commit in order.
+macro_rules! next_stream_position {
+    ($tx:expr) => {{
+        let (pos,): (i64,) = sqlx::query_as("UPDATE stream_position SET pos = pos + 1 WHERE id = 1 RETURNING pos")
+            .fetch_one(&mut *$tx)
+            .await?;
+        pos
+    }};
+}
+pub(crate) use next_stream_position;
+
+impl Store {
+    /// Stores an event that passed the auth checks; returns its stream position.
+    pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<i64> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let pos = next_stream_position!(tx);
+            if let Some(version) = e.new_room_version {
+                sqlx::query("INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)")
+                    .bind(e.room_id)
+                    .bind(version)
+                    .bind(e.sender)
+                    .bind(e.origin_server_ts)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let state_group = match (e.state_key, e.prev_state_group) {
+                (Some(state_key), prev) => {
+                    let chain: Option<(i64,)> = match prev {
+                        Some(p) => {
+                            sqlx::query_as("SELECT chain_length FROM state_groups WHERE group_id = $1")
+                                .bind(p)
+                                .fetch_optional(&mut *tx)
+                                .await?
+                        }
+                        None => None,
+                    };
+                    let snapshot = chain.is_none_or(|(n,)| n + 1 >= MAX_STATE_CHAIN);
+                    let length = if snapshot { 0 } else { chain.map_or(0, |c| c.0) + 1 };
+                    sqlx::query(
+                        "INSERT INTO state_groups (group_id, room_id, prev_group, is_snapshot, chain_length)
+                         VALUES ($1, $2, $3, $4, $5)",
+                    )
+                    .bind(pos)
+                    .bind(e.room_id)
+                    .bind(prev)
+                    .bind(snapshot)
+                    .bind(length)
+                    .execute(&mut *tx)
+                    .await?;
+                    if snapshot {
+                        sqlx::query(
+                            "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id)
+                             SELECT $1, event_type, state_key, event_id FROM current_state
+                             WHERE room_id = $2 AND NOT (event_type = $3 AND state_key = $4)",
+                        )
+                        .bind(pos)
+                        .bind(e.room_id)
+                        .bind(e.event_type)
+                        .bind(state_key)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                    sqlx::query(
+                        "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(pos)
+                    .bind(e.event_type)
+                    .bind(state_key)
+                    .bind(e.event_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+                    )
+                    .bind(e.room_id)
+                    .bind(e.event_type)
+                    .bind(state_key)
+                    .bind(e.event_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    pos
+                }
+                (None, Some(prev)) => prev,
+                (None, None) => return Err(Error::internal("a non-state event needs room state")),
+            };
+            let inserted = sqlx::query(
+                "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
+                     origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_id)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12)",
+            )
+            .bind(pos)
+            .bind(e.event_id)
+            .bind(e.room_id)
+            .bind(e.sender)
+            .bind(e.event_type)
+            .bind(e.state_key)
+            .bind(e.depth)
+            .bind(e.origin_server_ts)
+            .bind(state_group)
+            .bind(e.json)
+            .bind(e.txn.map(|t| t.0))
+            .bind(e.txn.map(|t| t.1))
+            .execute(&mut *tx)
+            .await;
+            if let Err(err) = inserted {
+                return Err(if super::is_unique_violation(&err) {
+                    Error::internal(format!("event {} is already stored", e.event_id))
+                } else {
+                    err.into()
+                });
+            }
+            if let (Some(membership), Some(user_id)) = (e.membership, e.state_key) {
+                sqlx::query(
+                    "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
+                     VALUES ($1, $2, $3, $4, $5, FALSE)
+                     ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+                        event_id = excluded.event_id, stream_ordering = excluded.stream_ordering, forgotten = FALSE",
+                )
+                .bind(e.room_id)
+                .bind(user_id)
+                .bind(membership)
+                .bind(e.event_id)
+                .bind(pos)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for prev in e.prev_events {
+                sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
+                    .bind(e.room_id)
+                    .bind(prev)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("INSERT INTO forward_extremities (room_id, event_id) VALUES ($1, $2)")
+                .bind(e.room_id)
+                .bind(e.event_id)
+                .execute(&mut *tx)
+                .await?;
+            if let Some((target, redacted_json)) = e.redaction {
+                sqlx::query(
+                    "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",
+                )
+                .bind(target)
+                .bind(redacted_json)
+                .bind(e.event_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(pos)
+        })
+    }
+
+    pub async fn get_room_version(&self, room_id: &str) -> Result<Option<String>> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(String,)> = sqlx::query_as("SELECT room_version FROM rooms WHERE room_id = $1")
+                .bind(room_id)
+                .fetch_optional(pool)
+                .await?;
+            Ok(row.map(|r| r.0))
+        })
+    }
+
+    /// The room's forward extremities with their depths, and its latest state group.
+    pub async fn get_room_head(&self, room_id: &str) -> Result<(Vec<(String, i64)>, Option<i64>)> {
+        on_pool!(self, read, |pool| {
+            let extremities: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id = f.event_id
+                 WHERE f.room_id = $1",
+            )
+            .bind(room_id)
+            .fetch_all(pool)
+            .await?;
+            let group: Option<(i64,)> = sqlx::query_as(
+                "SELECT state_group FROM events WHERE room_id = $1 ORDER BY stream_ordering DESC LIMIT 1",
+            )
+            .bind(room_id)
+            .fetch_optional(pool)
+            .await?;
+            Ok((extremities, group.map(|g| g.0)))
+        })
+    }
+
+    pub async fn get_event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(select_events!("WHERE event_id = $1")).bind(event_id).fetch_optional(pool).await?)
+        })
+    }
+
+    /// The current state events of a room whose type is one of `types` (all if empty).
+    pub async fn get_current_state_events(&self, room_id: &str, types: &[&str]) -> Result<Vec<StoredEvent>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<StoredEvent> = sqlx::query_as(
+                "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth,
+                        e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id
+                 FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = $1",
+            )
+            .bind(room_id)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().filter(|e| types.is_empty() || types.contains(&e.event_type.as_str())).collect())
+        })
+    }
+
+    /// Current state events of the given (type, state key) pairs.
+    pub async fn get_current_state_entries(
+        &self,
+        room_id: &str,
+        keys: &[(String, String)],
+    ) -> Result<Vec<StoredEvent>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for (event_type, state_key) in keys {
+            if let Some(e) = self.get_current_state_event(room_id, event_type, state_key).await? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn get_current_state_event(
+        &self,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<StoredEvent>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth,
+                        e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id
+                 FROM current_state c JOIN events e ON e.event_id = c.event_id
+                 WHERE c.room_id = $1 AND c.event_type = $2 AND c.state_key = $3",
+            )
+            .bind(room_id)
+            .bind(event_type)
+            .bind(state_key)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
+    /// The state of a group as (type, state key, event id), optionally of one type
+    /// (and state key) only.
+    pub async fn get_state_group(
+        &self,
+        group: i64,
+        event_type: Option<&str>,
+        state_key: Option<&str>,
+    ) -> Result<Vec<(String, String, String)>> {
+        let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
+            sqlx::query_as(
+                "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
+                     SELECT group_id, prev_group, is_snapshot, 0 FROM state_groups WHERE group_id = $1
+                     UNION ALL
+                     SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
+                     FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
+                 )
+                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
+                 JOIN chain c ON s.group_id = c.group_id
+                 WHERE ($2 IS NULL OR s.event_type = $2) AND ($3 IS NULL OR s.state_key = $3)
+                 ORDER BY c.n",
+            )
+            .bind(group)
+            .bind(event_type)
+            .bind(state_key)
+            .fetch_all(pool)
+            .await?
+        });
+        let mut seen = std::collections::HashSet::new();
+        Ok(rows
+            .into_iter()
+            .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
+            .map(|(t, k, id, _)| (t, k, id))
+            .collect())
+    }
+
+    /// The parent of a state group (the state before a state event).
+    pub async fn get_prev_state_group(&self, group: i64) -> Result<Option<i64>> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(Option<i64>,)> = sqlx::query_as("SELECT prev_group FROM state_groups WHERE group_id = $1")
+                .bind(group)
+                .fetch_optional(pool)
+                .await?;
+            Ok(row.and_then(|r| r.0))
+        })
+    }
+
+    pub async fn get_events_by_ids(&self, ids: &[String]) -> Result<Vec<StoredEvent>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(e) = self.get_event(id).await? {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The event a device sent with a transaction id, if any.
+    pub async fn find_txn_event(&self, sender: &str, device_id: &str, txn_id: &str) -> Result<Option<String>> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT event_id FROM events WHERE sender = $1 AND txn_device_id = $2 AND txn_id = $3")
+                    .bind(sender)
+                    .bind(device_id)
+                    .bind(txn_id)
+                    .fetch_optional(pool)
+                    .await?;
+            Ok(row.map(|r| r.0))
+        })
+    }
+
+    /// Events of a room with `after < stream_ordering <= until`, newest first when
+    /// `backwards`, at most `limit`.
+    pub async fn get_room_events(
+        &self,
+        room_id: &str,
+        after: i64,
+        until: i64,
+        limit: i64,
+        backwards: bool,
+    ) -> Result<Vec<StoredEvent>> {
+        on_pool!(self, read, |pool| {
+            let sql = if backwards {
+                select_events!(
+                    "WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 ORDER BY stream_ordering DESC LIMIT $4"
+                )
+            } else {
+                select_events!(
+                    "WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3 ORDER BY stream_ordering ASC LIMIT $4"
+                )
+            };
+            Ok(sqlx::query_as(sql).bind(room_id).bind(after).bind(until).bind(limit).fetch_all(pool).await?)
+        })
+    }
+
+    /// State events of a room with `after < stream_ordering <= until`, oldest first.
+    pub async fn get_room_state_events_between(
+        &self,
+        room_id: &str,
+        after: i64,
+        until: i64,
+    ) -> Result<Vec<StoredEvent>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(select_events!(
+                "WHERE room_id = $1 AND state_key IS NOT NULL AND stream_ordering > $2 AND stream_ordering <= $3
+                 ORDER BY stream_ordering ASC"
+            ))
+            .bind(room_id)
+            .bind(after)
+            .bind(until)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// The latest stream position handed out.
+    pub async fn current_stream_position(&self) -> Result<i64> {
+        on_pool!(self, read, |pool| {
+            let (pos,): (i64,) = sqlx::query_as("SELECT pos FROM stream_position WHERE id = 1").fetch_one(pool).await?;
+            Ok(pos)
+        })
+    }
+}
+
+impl Store {
+    /// The `m.room.member` events of one user in a room, oldest first: (stream position, JSON).
+    pub async fn get_member_events_of(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT stream_ordering, json FROM events
+                 WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member' ORDER BY stream_ordering",
+            )
+            .bind(room_id)
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+}

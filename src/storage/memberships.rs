@@ -1,0 +1,115 @@
+//! Storage of room memberships: who is in which room, as of the latest state.
+
+use super::{Store, on_pool};
+use crate::error::Result;
+
+/// One user's membership in one room.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct MembershipRow {
+    pub room_id: String,
+    pub user_id: String,
+    pub membership: String,
+    pub event_id: String,
+    pub stream_ordering: i64,
+}
+
+impl Store {
+    /// A user's rooms (not forgotten), with membership.
+    pub async fn get_user_memberships(&self, user_id: &str) -> Result<Vec<MembershipRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT room_id, user_id, membership, event_id, stream_ordering FROM memberships
+                 WHERE user_id = $1 AND NOT forgotten",
+            )
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// Rooms where a user's membership changed after `since`.
+    pub async fn get_user_membership_changes(&self, user_id: &str, since: i64) -> Result<Vec<MembershipRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT room_id, user_id, membership, event_id, stream_ordering FROM memberships
+                 WHERE user_id = $1 AND stream_ordering > $2 AND NOT forgotten",
+            )
+            .bind(user_id)
+            .bind(since)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    pub async fn get_membership(&self, room_id: &str, user_id: &str) -> Result<Option<MembershipRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT room_id, user_id, membership, event_id, stream_ordering FROM memberships
+                 WHERE room_id = $1 AND user_id = $2",
+            )
+            .bind(room_id)
+            .bind(user_id)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
+    /// Members of a room with the given membership (all if `None`).
+    pub async fn get_room_members(&self, room_id: &str, membership: Option<&str>) -> Result<Vec<MembershipRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT room_id, user_id, membership, event_id, stream_ordering FROM memberships
+                 WHERE room_id = $1 AND ($2 IS NULL OR membership = $2) ORDER BY user_id",
+            )
+            .bind(room_id)
+            .bind(membership)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// Joined and invited counts of a room.
+    pub async fn count_room_members(&self, room_id: &str) -> Result<(i64, i64)> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT membership, COUNT(*) FROM memberships WHERE room_id = $1 AND membership IN ('join', 'invite')
+                 GROUP BY membership",
+            )
+            .bind(room_id)
+            .fetch_all(pool)
+            .await?;
+            let count = |m: &str| rows.iter().find(|r| r.0 == m).map_or(0, |r| r.1);
+            Ok((count("join"), count("invite")))
+        })
+    }
+
+    /// Up to `limit` members other than `user_id`, joined or invited first, for room
+    /// summaries.
+    pub async fn get_room_heroes(&self, room_id: &str, user_id: &str, limit: i64) -> Result<Vec<String>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT user_id FROM memberships WHERE room_id = $1 AND user_id <> $2
+                 ORDER BY CASE WHEN membership IN ('join', 'invite') THEN 0 ELSE 1 END, stream_ordering
+                 LIMIT $3",
+            )
+            .bind(room_id)
+            .bind(user_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().map(|r| r.0).collect())
+        })
+    }
+
+    /// Marks a left room as forgotten for a user.
+    pub async fn forget_room(&self, room_id: &str, user_id: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            sqlx::query("UPDATE memberships SET forgotten = TRUE WHERE room_id = $1 AND user_id = $2")
+                .bind(room_id)
+                .bind(user_id)
+                .execute(pool)
+                .await?;
+            Ok(())
+        })
+    }
+}
