@@ -42,6 +42,12 @@ fn init_logging(config: &Config, quiet: bool) -> Result<(), String> {
         _ if quiet => EnvFilter::new("warn"),
         _ => EnvFilter::try_new(&config.logging.level).map_err(|e| format!("config key `logging.level`: {e}"))?,
     };
+    // ruma's auth checks log every event at info; keep them quiet unless asked for.
+    let filter = if config.logging.level.contains("ruma_state_res") {
+        filter
+    } else {
+        filter.add_directive("ruma_state_res=warn".parse().expect("valid directive"))
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.logging.format {
         LogFormat::Pretty => builder.init(),

@@ -59,3 +59,48 @@ impl Services {
         Ok(())
     }
 }
+
+impl Services {
+    /// The room's `m.tag` tags of the caller, as a JSON object.
+    pub async fn get_tags(
+        &self,
+        session: &Session,
+        user_id: &UserId,
+        room_id: &ruma::RoomId,
+    ) -> Result<serde_json::Value> {
+        if user_id != session.user_id {
+            return Err(Error::forbidden("You can only read your own tags"));
+        }
+        let content = self.store.get_account_data(user_id.as_str(), room_id.as_str(), "m.tag").await?;
+        let content: serde_json::Value = match content {
+            Some(c) => serde_json::from_str(&c).map_err(Error::internal)?,
+            None => serde_json::json!({}),
+        };
+        Ok(content.get("tags").cloned().unwrap_or_else(|| serde_json::json!({})))
+    }
+
+    /// Adds (with `info`) or removes a tag.
+    pub async fn set_tag(
+        &self,
+        session: &Session,
+        user_id: &UserId,
+        room_id: &ruma::RoomId,
+        tag: &str,
+        info: Option<serde_json::Value>,
+    ) -> Result<()> {
+        let mut tags = self.get_tags(session, user_id, room_id).await?;
+        let map = tags.as_object_mut().ok_or_else(|| Error::internal("m.tag is not an object"))?;
+        match info {
+            Some(info) => {
+                map.insert(tag.to_owned(), info);
+            }
+            None => {
+                map.remove(tag);
+            }
+        }
+        let content = serde_json::json!({"tags": tags}).to_string();
+        self.store.set_account_data(user_id.as_str(), room_id.as_str(), "m.tag", &content).await?;
+        self.notifier.notify_users(std::slice::from_ref(&session.user_id));
+        Ok(())
+    }
+}

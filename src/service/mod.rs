@@ -3,7 +3,7 @@
 //! file adds the methods of one area (users, sessions, UIA, profile, account data).
 
 mod account_data;
-mod directory;
+pub mod directory;
 mod ephemeral;
 mod ids;
 mod password;

@@ -4,10 +4,17 @@
 mod account;
 mod account_data;
 mod devices;
+mod directory;
 mod discovery;
+mod ephemeral;
+mod membership;
+mod message;
 mod profile;
 mod register;
+mod rooms;
 mod session;
+mod sync;
+mod tags;
 
 use axum::Router;
 
@@ -20,5 +27,12 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = account::routes(router);
     let router = devices::routes(router);
     let router = profile::routes(router);
-    account_data::routes(router)
+    let router = account_data::routes(router);
+    let router = rooms::routes(router);
+    let router = membership::routes(router);
+    let router = message::routes(router);
+    let router = sync::routes(router);
+    let router = ephemeral::routes(router);
+    let router = directory::routes(router);
+    tags::routes(router)
 }

@@ -91,3 +91,36 @@ impl Services {
         event.ok_or_else(|| Error::not_found("No such state event"))
     }
 }
+
+impl Services {
+    /// The member events of a room as `user_id` may see them: now, at a sync or
+    /// pagination token (`at`), or as of leaving.
+    pub async fn room_members(&self, room_id: &RoomId, user_id: &UserId, at: Option<&str>) -> Result<Vec<StoredEvent>> {
+        let view = self.state_view(room_id, user_id).await?;
+        let group = match (at, view) {
+            (Some(token), view) => {
+                let mut pos = super::messages::parse_position(token)?;
+                if let StateView::AtGroup(left_at) = view {
+                    pos = pos.min(left_at);
+                }
+                let latest = self.store.get_room_events(room_id.as_str(), 0, pos, 1, true).await?;
+                latest.first().map(|e| e.state_group)
+            }
+            (None, StateView::AtGroup(group)) => Some(group),
+            (None, StateView::Current) => None,
+        };
+        match group {
+            Some(group) => {
+                let ids: Vec<String> = self
+                    .store
+                    .get_state_group(group, Some("m.room.member"), None)
+                    .await?
+                    .into_iter()
+                    .map(|e| e.2)
+                    .collect();
+                self.store.get_events_by_ids(&ids).await
+            }
+            None => self.store.get_current_state_events(room_id.as_str(), &["m.room.member"]).await,
+        }
+    }
+}

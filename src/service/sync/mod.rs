@@ -358,3 +358,26 @@ fn room_account_data_section(entries: &[&(String, String, String)]) -> Result<Ro
     data.events = events;
     Ok(data)
 }
+
+impl Services {
+    /// Stores a filter; returns its id.
+    pub async fn create_filter(
+        &self,
+        user: &ruma::UserId,
+        filter: &ruma::api::client::filter::FilterDefinition,
+    ) -> Result<String> {
+        let json = serde_json::to_string(filter).map_err(Error::internal)?;
+        Ok(self.store.create_filter(user.as_str(), &json).await?.to_string())
+    }
+
+    /// A stored filter; `M_NOT_FOUND` if unknown.
+    pub async fn get_filter(
+        &self,
+        user: &ruma::UserId,
+        id: &str,
+    ) -> Result<ruma::api::client::filter::FilterDefinition> {
+        let id: i64 = id.parse().map_err(|_| Error::not_found("No such filter"))?;
+        let json = self.store.get_filter(user.as_str(), id).await?.ok_or_else(|| Error::not_found("No such filter"))?;
+        serde_json::from_str(&json).map_err(Error::internal)
+    }
+}

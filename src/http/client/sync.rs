@@ -1,0 +1,87 @@
+//! `/sync` and filters.
+
+use std::time::Duration;
+
+use axum::{Router, extract::State};
+use ruma::api::client::{
+    filter::{FilterDefinition, LazyLoadOptions, create_filter, get_filter},
+    sync::sync_events::{self, v3::Filter},
+};
+
+use crate::{
+    error::{Error, Result},
+    http::{
+        AppState, route,
+        ruma::{Ruma, RumaResponse},
+    },
+    service::sync::{SyncFilter, SyncRequest},
+};
+
+fn sync_filter(def: &FilterDefinition) -> SyncFilter {
+    let room = &def.room;
+    SyncFilter {
+        timeline_limit: room.timeline.limit.map(|l| u64::from(l) as usize).unwrap_or(10),
+        lazy_load_members: matches!(room.state.lazy_load_options, LazyLoadOptions::Enabled { .. }),
+        include_leave: room.include_leave,
+        rooms: room.rooms.as_ref().map(|r| r.iter().map(ToString::to_string).collect()),
+        not_rooms: room.not_rooms.iter().map(ToString::to_string).collect(),
+    }
+}
+
+/// # `GET /_matrix/client/v3/sync`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync>
+async fn sync_events(
+    State(services): State<AppState>,
+    req: Ruma<sync_events::v3::Request>,
+) -> Result<RumaResponse<sync_events::v3::Response>> {
+    let session = req.session()?;
+    let b = &req.body;
+    let filter = match &b.filter {
+        None => SyncFilter::default(),
+        Some(Filter::FilterDefinition(def)) => sync_filter(def),
+        Some(Filter::FilterId(id)) => sync_filter(&services.get_filter(&session.user_id, id).await?),
+        Some(_) => SyncFilter::default(),
+    };
+    let request = SyncRequest {
+        since: b.since.clone(),
+        timeout: b.timeout.unwrap_or(Duration::ZERO),
+        full_state: b.full_state,
+        filter,
+        set_presence: Some(b.set_presence.to_string()),
+    };
+    Ok(services.sync(session, request).await?.into())
+}
+
+/// # `POST /_matrix/client/v3/user/{userId}/filter`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3useruseridfilter>
+async fn create_filter(
+    State(services): State<AppState>,
+    req: Ruma<create_filter::v3::Request>,
+) -> Result<RumaResponse<create_filter::v3::Response>> {
+    let session = req.session()?;
+    if req.body.user_id != session.user_id {
+        return Err(Error::forbidden("You can only create filters for yourself"));
+    }
+    let id = services.create_filter(&session.user_id, &req.body.filter).await?;
+    Ok(create_filter::v3::Response::new(id).into())
+}
+
+/// # `GET /_matrix/client/v3/user/{userId}/filter/{filterId}`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3useruseridfilterfilterid>
+async fn get_filter(
+    State(services): State<AppState>,
+    req: Ruma<get_filter::v3::Request>,
+) -> Result<RumaResponse<get_filter::v3::Response>> {
+    let session = req.session()?;
+    if req.body.user_id != session.user_id {
+        return Err(Error::forbidden("You can only read your own filters"));
+    }
+    let filter = services.get_filter(&session.user_id, &req.body.filter_id).await?;
+    Ok(get_filter::v3::Response::new(filter).into())
+}
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<sync_events::v3::Request, _, _>(router, sync_events);
+    let router = route::<create_filter::v3::Request, _, _>(router, create_filter);
+    route::<get_filter::v3::Request, _, _>(router, get_filter)
+}
