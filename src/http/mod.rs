@@ -29,7 +29,15 @@ where
     M: 'static,
 {
     let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
-    T::PATH_BUILDER.all_paths().fold(router, |router, path| router.route(path, on(filter, handler.clone())))
+    T::PATH_BUILDER.all_paths().fold(router, |mut router, path| {
+        // An empty state key is written as `/state/{type}/` or `/state/{type}`; the
+        // extractor fills in the missing argument.
+        if let Some(prefix) = path.strip_suffix("/{state_key}") {
+            router = router.route(prefix, on(filter, handler.clone()));
+            router = router.route(&format!("{prefix}/"), on(filter, handler.clone()));
+        }
+        router.route(path, on(filter, handler.clone()))
+    })
 }
 
 /// The client-server API router, with CORS and the Matrix fallbacks.

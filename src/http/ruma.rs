@@ -16,6 +16,7 @@ use ruma::api::{
         AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication,
     },
     error::{DeserializationError, FromHttpRequestError},
+    path_builder::PathBuilder,
 };
 
 use super::AppState;
@@ -140,7 +141,10 @@ where
         let params = RawPathParams::from_request_parts(&mut parts, state)
             .await
             .map_err(|e| Error::invalid_param(format!("Invalid path: {e}")))?;
-        let args: Vec<String> = params.iter().map(|(_, v)| v.to_owned()).collect();
+        let mut args: Vec<String> = params.iter().map(|(_, v)| v.to_owned()).collect();
+        // Routes registered without a trailing empty state key lack its argument.
+        let expected = T::PATH_BUILDER.all_paths().next().map_or(0, |p| p.matches('{').count());
+        args.resize(expected.max(args.len()), String::new());
 
         let session = match (T::Authentication::REQUIREMENT, access_token(&parts)?) {
             (AuthRequirement::Ignored, _) | (AuthRequirement::Optional, None) => None,

@@ -310,7 +310,7 @@ impl Store {
         let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
             sqlx::query_as(
                 "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
-                     SELECT group_id, prev_group, is_snapshot, 0 FROM state_groups WHERE group_id = $1
+                     SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups WHERE group_id = $1
                      UNION ALL
                      SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
                      FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap

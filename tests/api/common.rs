@@ -67,6 +67,7 @@ pub struct TestServer {
     pub base: String,
     pub http: reqwest::Client,
     pub running: Option<RunningServer>,
+    config: Config,
     _dir: tempfile::TempDir,
     pg_database: Option<(String, String)>,
 }
@@ -75,6 +76,11 @@ pub fn install_crypto() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // RUST_LOG=convo=debug shows the server's logs in a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
     });
 }
 
@@ -116,14 +122,26 @@ impl TestServer {
             pg_database = Some((admin_url.clone(), name));
         }
         tweak(&mut config);
-        let running = start(config.resolved()).await.expect("server starts");
+        let config = config.resolved();
+        let running = start(config.clone()).await.expect("server starts");
         TestServer {
             base: format!("http://{}", running.client_addr),
             http: reqwest::Client::new(),
             running: Some(running),
+            config,
             _dir: dir,
             pg_database,
         }
+    }
+
+    /// Stops the server and starts it again on the same database (a new port).
+    pub async fn restart(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+        let running = start(self.config.clone()).await.expect("server restarts");
+        self.base = format!("http://{}", running.client_addr);
+        self.running = Some(running);
     }
 
     pub async fn stop(mut self) {
@@ -213,4 +231,57 @@ pub fn assert_error(result: &(StatusCode, Value), status: StatusCode, errcode: &
     assert_eq!(result.0, status, "unexpected status, body: {}", result.1);
     assert_eq!(result.1["errcode"], errcode, "unexpected errcode, body: {}", result.1);
     assert!(result.1["error"].is_string(), "errors carry a message: {}", result.1);
+}
+
+impl TestServer {
+    /// Creates a room; answers its id.
+    pub async fn create_room(&self, token: &str, body: Value) -> String {
+        let (status, body) = self.post("/_matrix/client/v3/createRoom", Some(token), body).await;
+        assert_eq!(status, StatusCode::OK, "createRoom: {body}");
+        body["room_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends an `m.room.message` text; answers the event id.
+    pub async fn send_text(&self, token: &str, room: &str, text: &str) -> String {
+        let txn = convo::service::generate_registration_token();
+        let (status, body) = self
+            .put(
+                &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}"),
+                Some(token),
+                json!({"msgtype": "m.text", "body": text}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "send: {body}");
+        body["event_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn join(&self, token: &str, room: &str) {
+        let (status, body) = self.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "join: {body}");
+    }
+
+    /// `/sync` with optional `since` and query extras.
+    pub async fn sync(&self, token: &str, since: Option<&str>, extra: &str) -> Value {
+        let mut path = String::from("/_matrix/client/v3/sync?");
+        if let Some(since) = since {
+            path.push_str(&format!("since={since}&"));
+        }
+        path.push_str(extra);
+        let (status, body) = self.get(&path, Some(token)).await;
+        assert_eq!(status, StatusCode::OK, "sync: {body}");
+        body
+    }
+}
+
+/// The bodies of the `m.room.message` events of a timeline.
+pub fn bodies(events: &Value) -> Vec<String> {
+    events
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["type"] == "m.room.message")
+                .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }

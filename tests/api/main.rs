@@ -10,3 +10,5 @@ mod discovery;
 mod login;
 mod profile;
 mod register;
+mod rooms;
+mod sync;

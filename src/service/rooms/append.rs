@@ -66,6 +66,10 @@ impl Services {
 
     /// Hashes, signs and names an event object; returns the event id and JSON.
     fn seal_event(&self, obj: &mut CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
+        if serde_json::to_vec(obj).map_err(Error::internal)?.len() > 65_536 - 1024 {
+            // Hashes and signatures take about a few hundred bytes more.
+            return Err(Error::too_large("The event is larger than 64 KiB"));
+        }
         hash_and_sign_event(self.server_name().as_str(), &self.signing_key, obj, &rules.redaction)
             .map_err(|e| Error::internal(format!("signing failed: {e}")))?;
         let hash = reference_hash(obj, rules).map_err(|e| match e {
