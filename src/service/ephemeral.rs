@@ -162,20 +162,24 @@ impl Services {
         Ok(())
     }
 
-    /// The `m.receipt` event of a room for a sync: receipts after `since`, the user's
-    /// own private receipts included, others' private ones left out.
-    pub async fn receipt_event(&self, room_id: &RoomId, user: &UserId, since: i64) -> Result<Option<JsonValue>> {
-        let receipts = self.store.get_receipts_since(room_id.as_str(), since).await?;
-        let mut content = serde_json::Map::new();
+    /// The `m.receipt` event of each room for a sync: receipts after `since` in the
+    /// user's joined rooms, the user's own private receipts included, others' left out.
+    pub async fn receipt_events(&self, user: &UserId, since: i64) -> Result<HashMap<String, JsonValue>> {
+        let receipts = self.store.get_receipts_for_user_rooms(user.as_str(), since).await?;
+        let mut by_room: HashMap<String, serde_json::Map<String, JsonValue>> = HashMap::new();
         for r in receipts.iter().filter(|r| r.receipt_type != "m.read.private" || r.user_id == user.as_str()) {
             let mut entry = json!({"ts": r.ts});
             if !r.thread_id.is_empty() {
                 entry["thread_id"] = json!(r.thread_id);
             }
+            let content = by_room.entry(r.room_id.clone()).or_default();
             let by_type = content.entry(r.event_id.clone()).or_insert_with(|| json!({}));
             by_type[&r.receipt_type][&r.user_id] = entry;
         }
-        Ok((!content.is_empty()).then(|| json!({"type": "m.receipt", "content": content})))
+        Ok(by_room
+            .into_iter()
+            .map(|(room, content)| (room, json!({"type": "m.receipt", "content": content})))
+            .collect())
     }
 
     /// `PUT /presence/{userId}/status` and `set_presence` on sync. Writes only on a

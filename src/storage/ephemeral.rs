@@ -47,20 +47,6 @@ impl Store {
         })
     }
 
-    /// Receipts of a room newer than `since` (all if `since` is 0).
-    pub async fn get_receipts_since(&self, room_id: &str, since: i64) -> Result<Vec<ReceiptRow>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
-                "SELECT room_id, user_id, receipt_type, thread_id, event_id, ts FROM receipts
-                 WHERE room_id = $1 AND stream_pos > $2",
-            )
-            .bind(room_id)
-            .bind(since)
-            .fetch_all(pool)
-            .await?)
-        })
-    }
-
     /// The stream position of the event a user last read in a room (public or private receipt).
     pub async fn get_read_position(&self, room_id: &str, user_id: &str) -> Result<Option<i64>> {
         on_pool!(self, read, |pool| {
@@ -176,6 +162,23 @@ impl Store {
             Ok(sqlx::query_as(
                 "SELECT room_id, MAX(stream_ordering) FROM events WHERE stream_ordering > $1 GROUP BY room_id",
             )
+            .bind(since)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+}
+
+impl Store {
+    /// Receipts newer than `since` in every room `user_id` is joined to, in one query.
+    pub async fn get_receipts_for_user_rooms(&self, user_id: &str, since: i64) -> Result<Vec<ReceiptRow>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT r.room_id, r.user_id, r.receipt_type, r.thread_id, r.event_id, r.ts FROM receipts r
+                 JOIN memberships m ON m.room_id = r.room_id AND m.user_id = $1 AND m.membership = 'join'
+                 WHERE r.stream_pos > $2",
+            )
+            .bind(user_id)
             .bind(since)
             .fetch_all(pool)
             .await?)

@@ -263,19 +263,36 @@ impl Store {
         })
     }
 
-    /// Current state events of the given (type, state key) pairs.
+    /// Current state events of the given (type, state key) pairs, in one query.
     pub async fn get_current_state_entries(
         &self,
         room_id: &str,
         keys: &[(String, String)],
     ) -> Result<Vec<StoredEvent>> {
-        let mut out = Vec::with_capacity(keys.len());
-        for (event_type, state_key) in keys {
-            if let Some(e) = self.get_current_state_event(room_id, event_type, state_key).await? {
-                out.push(e);
-            }
+        if keys.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        on_pool!(self, read, |pool| {
+            let mut query = sqlx::QueryBuilder::new(
+                "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth,
+                        e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id
+                 FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = ",
+            );
+            query.push_bind(room_id);
+            query.push(" AND (");
+            for (i, (event_type, state_key)) in keys.iter().enumerate() {
+                if i > 0 {
+                    query.push(" OR ");
+                }
+                query.push("(c.event_type = ");
+                query.push_bind(event_type);
+                query.push(" AND c.state_key = ");
+                query.push_bind(state_key);
+                query.push(")");
+            }
+            query.push(")");
+            Ok(query.build_query_as().fetch_all(pool).await?)
+        })
     }
 
     pub async fn get_current_state_event(
@@ -345,14 +362,23 @@ impl Store {
         })
     }
 
+    /// Events by id, in the order asked (unknown ids are skipped); one query per 500.
     pub async fn get_events_by_ids(&self, ids: &[String]) -> Result<Vec<StoredEvent>> {
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(e) = self.get_event(id).await? {
-                out.push(e);
-            }
+        let mut found: std::collections::HashMap<String, StoredEvent> =
+            std::collections::HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let rows: Vec<StoredEvent> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(select_events!("WHERE event_id IN ("));
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(id);
+                }
+                query.push(")");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            found.extend(rows.into_iter().map(|e| (e.event_id.clone(), e)));
         }
-        Ok(out)
+        Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
     }
 
     /// The event a device sent with a transaction id, if any.

@@ -166,8 +166,14 @@ impl Services {
             &rules.authorization,
         )
         .map_err(|e| Error::bad_json(format!("Invalid event content: {e}")))?;
-        let keys: Vec<(String, String)> = auth_types.iter().map(|(t, k)| (t.to_string(), k.clone())).collect();
-        let auth_state = self.store.get_current_state_entries(room_id.as_str(), &keys).await?;
+        let mut keys: Vec<(String, String)> = auth_types.iter().map(|(t, k)| (t.to_string(), k.clone())).collect();
+        // Since room v12 the create event is not listed in auth_events, but the
+        // state-dependent rules still read it from the state: fetch it in the same query.
+        let create_key = ("m.room.create".to_owned(), String::new());
+        if !keys.contains(&create_key) {
+            keys.push(create_key.clone());
+        }
+        let mut auth_state = self.store.get_current_state_entries(room_id.as_str(), &keys).await?;
         let mut by_key: HashMap<(StateEventType, String), Pdu> = HashMap::new();
         let mut by_id: HashMap<OwnedEventId, Pdu> = HashMap::new();
         for stored in &auth_state {
@@ -176,15 +182,8 @@ impl Services {
                 .insert((stored.event_type.as_str().into(), stored.state_key.clone().unwrap_or_default()), pdu.clone());
             by_id.insert(pdu.event_id.clone(), pdu);
         }
-        // Since room v12 the create event is not listed in auth_events, but the
-        // state-dependent rules still read it from the state.
-        if rules.authorization.room_create_event_id_as_room_id
-            && let Some(create) = self.store.get_current_state_event(room_id.as_str(), "m.room.create", "").await?
-        {
-            let pdu = Pdu::from_stored(&create)?;
-            by_key.insert((StateEventType::RoomCreate, String::new()), pdu.clone());
-            by_id.insert(pdu.event_id.clone(), pdu);
-        }
+        let wanted: Vec<(String, String)> = auth_types.iter().map(|(t, k)| (t.to_string(), k.clone())).collect();
+        auth_state.retain(|e| wanted.contains(&(e.event_type.clone(), e.state_key.clone().unwrap_or_default())));
 
         let mut fields = serde_json::json!({
             "type": event.kind.to_string(),

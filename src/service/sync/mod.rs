@@ -138,6 +138,7 @@ impl Services {
         };
         let memberships: Vec<MembershipRow> = self.store.get_user_memberships(user.as_str()).await?;
         let room_account_data = self.store.get_account_data_since(user.as_str(), since_pos).await?;
+        let mut receipts_by_room = self.receipt_events(user, since_pos).await?;
 
         for m in memberships.iter().filter(|m| wanted(&m.room_id) && m.stream_ordering <= head) {
             let room_id = OwnedRoomId::try_from(m.room_id.as_str()).map_err(Error::internal)?;
@@ -146,7 +147,7 @@ impl Services {
                 "join" => {
                     let has_events = changed_rooms.as_ref().is_none_or(|c| c.contains_key(&m.room_id));
                     let typing = self.typing.typing_since(&room_id, since.map(|s| s.typing));
-                    let receipts = self.receipt_event(&room_id, user, since_pos).await?;
+                    let receipts = receipts_by_room.remove(&m.room_id);
                     let account: Vec<&(String, String, String)> =
                         room_account_data.iter().filter(|(r, _, _)| *r == m.room_id).collect();
                     let initial = since.is_none() || membership_changed || req.full_state;
