@@ -8,6 +8,7 @@ mod ephemeral;
 mod ids;
 mod password;
 mod profile;
+mod push;
 mod ratelimit;
 pub mod rooms;
 mod server_keys;

@@ -9,6 +9,7 @@ mod devices;
 mod discovery;
 mod login;
 mod profile;
+mod push;
 mod register;
 mod rooms;
 mod sync;

@@ -10,6 +10,7 @@ mod ephemeral;
 mod membership;
 mod message;
 mod profile;
+mod push;
 mod register;
 mod rooms;
 mod session;
@@ -34,5 +35,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = sync::routes(router);
     let router = ephemeral::routes(router);
     let router = directory::routes(router);
+    let router = push::routes(router);
     tags::routes(router)
 }

@@ -197,6 +197,11 @@ impl Services {
                 global.push(to_raw(json!({"type": data_type, "content": content}))?);
             }
         }
+        if since.is_none() && !room_account_data.iter().any(|(r, t, _)| r.is_empty() && t == "m.push_rules") {
+            // Clients read their push rules from the initial sync.
+            let rules = self.push_rules(user).await?;
+            global.push(to_raw(json!({"type": "m.push_rules", "content": {"global": rules}}))?);
+        }
         response.account_data = GlobalAccountData::new();
         response.account_data.events = global;
         let presence = self.presence_events(user, since_pos).await?;
