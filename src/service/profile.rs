@@ -53,16 +53,38 @@ impl Services {
             return Err(Error::too_large("The profile would be larger than 64 KiB"));
         }
         if value.is_null() {
-            self.store.delete_profile_field(user_id.as_str(), field).await
+            self.store.delete_profile_field(user_id.as_str(), field).await?;
         } else {
-            self.store.set_profile_field(user_id.as_str(), field, &value).await
+            self.store.set_profile_field(user_id.as_str(), field, &value).await?;
         }
+        if matches!(field, "displayname" | "avatar_url") {
+            self.propagate_profile(user_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Members carry their name and avatar in each room: after a change, a new
+    /// `m.room.member` join event in every joined room shows it to the others.
+    async fn propagate_profile(&self, user_id: &UserId) -> Result<()> {
+        for room_id in self.joined_rooms(user_id).await? {
+            // `set_membership` fills in the profile.
+            let mut content = serde_json::Map::new();
+            content.insert("membership".into(), JsonValue::from("join"));
+            if let Err(e) = self.set_membership(&room_id, user_id, user_id, content).await {
+                tracing::warn!(room_id = %room_id, error = %e, "could not update the profile in a room");
+            }
+        }
+        Ok(())
     }
 
     pub async fn delete_profile_field(&self, session: &Session, user_id: &UserId, field: &str) -> Result<()> {
         if user_id != session.user_id {
             return Err(Error::forbidden("You can only change your own profile"));
         }
-        self.store.delete_profile_field(user_id.as_str(), field).await
+        self.store.delete_profile_field(user_id.as_str(), field).await?;
+        if matches!(field, "displayname" | "avatar_url") {
+            self.propagate_profile(user_id).await?;
+        }
+        Ok(())
     }
 }

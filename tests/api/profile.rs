@@ -68,4 +68,20 @@ async fn get_and_set_profile(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(get_and_set_profile);
+async fn profile_changes_reach_rooms(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, token, _) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let room = server.create_room(&token, json!({"invite": ["@bob:localhost"]})).await;
+    server.join(&bob, &room).await;
+    let path = format!("/_matrix/client/v3/profile/{alice}/displayname");
+    assert_eq!(server.put(&path, Some(&token), json!({"displayname": "Queen Alice"})).await.0, StatusCode::OK);
+    let (_, members) = server.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&bob)).await;
+    assert_eq!(members["joined"][&alice]["display_name"], "Queen Alice");
+    let (_, member) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{alice}"), Some(&bob)).await;
+    assert_eq!((member["membership"].clone(), member["displayname"].clone()), (json!("join"), json!("Queen Alice")));
+    server.stop().await;
+}
+
+backend_tests!(get_and_set_profile, profile_changes_reach_rooms);
