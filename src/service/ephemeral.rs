@@ -29,8 +29,10 @@ pub struct Typing {
 
 /// Longest typing timeout honoured.
 const MAX_TYPING: Duration = Duration::from_secs(120);
-/// After this long without activity, "online" reads as "unavailable".
+/// After this long without activity, "online" reads as "unavailable"...
 const IDLE_AFTER_MS: i64 = 5 * 60 * 1000;
+/// ...and after this long, as "offline" (the client stopped syncing).
+const OFFLINE_AFTER_MS: i64 = 30 * 60 * 1000;
 
 impl Typing {
     pub fn serial(&self) -> u64 {
@@ -235,7 +237,33 @@ impl Services {
 }
 
 fn effective_state(p: &PresenceRow, now: i64) -> &str {
-    if p.state == "online" && now - p.last_active_ts > IDLE_AFTER_MS { "unavailable" } else { &p.state }
+    let idle = now - p.last_active_ts;
+    match p.state.as_str() {
+        "online" | "unavailable" if idle > OFFLINE_AFTER_MS => "offline",
+        "online" if idle > IDLE_AFTER_MS => "unavailable",
+        state => state,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_goes_idle_then_offline() {
+        let row = |state: &str, last_active_ts| PresenceRow {
+            user_id: "@a:x".into(),
+            state: state.into(),
+            status_msg: None,
+            last_active_ts,
+        };
+        let now = 100 * 60 * 1000;
+        assert_eq!(effective_state(&row("online", now - 1000), now), "online");
+        assert_eq!(effective_state(&row("online", now - IDLE_AFTER_MS - 1), now), "unavailable");
+        assert_eq!(effective_state(&row("online", now - OFFLINE_AFTER_MS - 1), now), "offline");
+        assert_eq!(effective_state(&row("unavailable", now - OFFLINE_AFTER_MS - 1), now), "offline");
+        assert_eq!(effective_state(&row("offline", now), now), "offline");
+    }
 }
 
 fn presence_content(p: &PresenceRow, now: i64) -> JsonValue {

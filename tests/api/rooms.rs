@@ -402,7 +402,38 @@ async fn aliases_and_directory_permissions(backend: Backend) {
     server.stop().await;
 }
 
+async fn public_rooms_paginate(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    for i in 0..5 {
+        server
+            .create_room(&alice, json!({"visibility": "public", "preset": "public_chat", "name": format!("Room {i}")}))
+            .await;
+    }
+    server.create_room(&alice, json!({"name": "Hidden"})).await;
+    let mut names = Vec::new();
+    let mut since: Option<String> = None;
+    for _ in 0..5 {
+        let path = match &since {
+            Some(s) => format!("/_matrix/client/v3/publicRooms?limit=2&since={s}"),
+            None => "/_matrix/client/v3/publicRooms?limit=2".to_owned(),
+        };
+        let (status, page) = server.get(&path, None).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["total_room_count_estimate"], 5);
+        names.extend(page["chunk"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned()));
+        match page["next_batch"].as_str() {
+            Some(next) => since = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    names.sort();
+    assert_eq!(names, vec!["Room 0", "Room 1", "Room 2", "Room 3", "Room 4"]);
+    server.stop().await;
+}
+
 backend_tests!(
+    public_rooms_paginate,
     create_room_presets_and_state,
     every_supported_room_version,
     membership_and_power,
