@@ -122,6 +122,7 @@ type Res<T> = Result<T, String>;
 
 #[derive(Clone, Debug)]
 struct User {
+    #[allow(dead_code)] // kept for debugging output
     user_id: String,
     token: String,
 }
@@ -347,9 +348,11 @@ struct Meter {
     cpu0: Option<f64>,
     t0: Instant,
     hwm_reset: bool,
+    rss0_mb: Option<f64>,
 }
 
 struct Measured {
+    rss_start_mb: Option<f64>,
     wall_s: f64,
     cpu_s: Option<f64>,
     peak_rss_mb: Option<f64>,
@@ -360,7 +363,8 @@ struct Measured {
 impl Meter {
     fn start(pid: Option<u32>, tck: f64) -> Meter {
         let hwm_reset = pid.is_some_and(reset_hwm);
-        Meter { pid, tck, cpu0: pid.and_then(|p| proc_cpu(p, tck)), t0: Instant::now(), hwm_reset }
+        let rss0_mb = pid.and_then(|p| proc_status_kb(p, "VmRSS:")).map(|k| k as f64 / 1024.0);
+        Meter { pid, tck, cpu0: pid.and_then(|p| proc_cpu(p, tck)), t0: Instant::now(), hwm_reset, rss0_mb }
     }
     fn stop(&self) -> Measured {
         let wall_s = self.t0.elapsed().as_secs_f64();
@@ -370,7 +374,7 @@ impl Meter {
         };
         let peak_rss_mb = self.pid.and_then(|p| proc_status_kb(p, "VmHWM:")).map(|k| k as f64 / 1024.0);
         let rss_mb = self.pid.and_then(|p| proc_status_kb(p, "VmRSS:")).map(|k| k as f64 / 1024.0);
-        Measured { wall_s, cpu_s, peak_rss_mb, rss_mb, hwm_reset: self.hwm_reset }
+        Measured { rss_start_mb: self.rss0_mb, wall_s, cpu_s, peak_rss_mb, rss_mb, hwm_reset: self.hwm_reset }
     }
 }
 
@@ -402,6 +406,7 @@ impl Outcome {
             m.insert("server_cpu_pct".into(), json!(x.cpu_s.map(|c| 100.0 * c / x.wall_s)));
             m.insert("server_peak_rss_mb".into(), json!(x.peak_rss_mb));
             m.insert("server_rss_mb".into(), json!(x.rss_mb));
+            m.insert("server_rss_start_mb".into(), json!(x.rss_start_mb));
             m.insert("peak_rss_reset".into(), json!(x.hwm_reset));
         }
         if let Some(e) = &self.error {
@@ -682,7 +687,7 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     let lat = sorted(lat);
     let slat = sorted(send_lat.lock().unwrap().clone());
     out.put("rate_per_s", rate);
-    out.put("achieved_send_rate", r2(total as f64 / send_phase.max(1e-9)));
+    out.put("send_phase_s", r2(send_phase));
     out.put("sent_ok", sent_ok);
     out.put("send_errors", send_errors.load(Ordering::Relaxed));
     out.put("expected", expected);
@@ -865,6 +870,7 @@ fn print_table(label: &str, base: &str, outs: &[Outcome]) {
                 format!("server_peak_rss_mb{}", if m.hwm_reset { "" } else { " (since start)" }),
                 m.peak_rss_mb.map_or("-".into(), |c| format!("{c:.1}")),
             ));
+            rows.push(("server_rss_mb (start)".into(), m.rss_start_mb.map_or("-".into(), |c| format!("{c:.1}"))));
             rows.push(("server_rss_mb (end)".into(), m.rss_mb.map_or("-".into(), |c| format!("{c:.1}"))));
         }
         if let Some(e) = &o.error {

@@ -74,6 +74,8 @@ pub struct Services {
     pub room_locks: RoomLocks,
     pub member_cache: MemberCache,
     pub typing: Typing,
+    /// Room versions, which never change, by room.
+    pub room_versions: std::sync::Mutex<std::collections::HashMap<ruma::OwnedRoomId, RoomVersionId>>,
 }
 
 impl Services {
@@ -91,6 +93,7 @@ impl Services {
             room_locks: RoomLocks::default(),
             member_cache: MemberCache::default(),
             typing: Typing::default(),
+            room_versions: Default::default(),
         }))
     }
 

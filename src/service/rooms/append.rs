@@ -59,9 +59,15 @@ fn to_canonical(value: JsonValue) -> Result<CanonicalJsonObject> {
 impl Services {
     /// The version of a room; `M_NOT_FOUND` if the server does not know the room.
     pub async fn room_version(&self, room_id: &RoomId) -> Result<RoomVersionId> {
+        if let Some(version) = self.room_versions.lock().unwrap_or_else(|e| e.into_inner()).get(room_id) {
+            return Ok(version.clone());
+        }
         let version =
             self.store.get_room_version(room_id.as_str()).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        RoomVersionId::try_from(version.as_str()).map_err(Error::internal)
+        let version = RoomVersionId::try_from(version.as_str()).map_err(Error::internal)?;
+        // A room's version never changes.
+        self.room_versions.lock().unwrap_or_else(|e| e.into_inner()).insert(room_id.to_owned(), version.clone());
+        Ok(version)
     }
 
     /// Hashes, signs and names an event object; returns the event id and JSON.
