@@ -6,6 +6,9 @@
 #
 # Usage: bench/run.sh [convo-load arguments...]
 #   e.g. bench/run.sh --scenarios sends,initial-sync --sends-count 500
+# The arguments go to both runs; BENCH_CONVO_ARGS and BENCH_SYNAPSE_ARGS (split on
+# spaces) are added for one server only, e.g. BENCH_SYNAPSE_ARGS="--fanout-rates 5,15,100"
+# (do not give the same option in both places).
 # Environment (none of these start with CONVO_, which Convo would read as config keys):
 #   BENCH_TARGETS      "convo synapse" (default), or only one of them
 #   BENCH_CONVO_PORT   loopback port for Convo (default 18108)
@@ -72,8 +75,13 @@ LOAD_BIN=$CARGO_TARGET_DIR/release/convo-load
     echo "kernel: $(uname -r)"
     echo "convo commit: $(git -C "$ROOT" rev-parse HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock migrations 2>/dev/null || echo ' (with uncommitted changes)')"
     echo "rustc: $(rustc --version)"
-    echo "load tool arguments: $*"
+    echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "load tool arguments (both): $*"
+    echo "load tool arguments (convo only): ${BENCH_CONVO_ARGS:-}"
+    echo "load tool arguments (synapse only): ${BENCH_SYNAPSE_ARGS:-}"
 } > "$OUT/machine.txt"
+read -r -a CONVO_EXTRA <<< "${BENCH_CONVO_ARGS:-}"
+read -r -a SYNAPSE_EXTRA <<< "${BENCH_SYNAPSE_ARGS:-}"
 
 run_convo() {
     local data=$WORK/convo-data
@@ -87,7 +95,7 @@ run_convo() {
     wait_http "http://127.0.0.1:$CPORT/_matrix/client/versions" 30 || { cat "$WORK/convo.log"; return 1; }
     echo "== convo-load against Convo (pid $pid)"
     "$LOAD_BIN" --base-url "http://127.0.0.1:$CPORT" --server-pid "$pid" --label convo \
-        --json "$OUT/convo.json" "$@" | tee "$OUT/convo.txt" || echo "convo-load exited with $?"
+        --json "$OUT/convo.json" "$@" "${CONVO_EXTRA[@]}" | tee "$OUT/convo.txt" || echo "convo-load exited with $?"
     cp "$WORK/convo.log" "$OUT/convo.log"
     stop_pid "$pid"
 }
@@ -192,7 +200,7 @@ YAML
     wait_http "http://127.0.0.1:$SPORT/_matrix/client/versions" 90 || { cat "$WORK/synapse.out" "$dir/homeserver.log"; return 1; }
     echo "== convo-load against Synapse (pid $pid)"
     "$LOAD_BIN" --base-url "http://127.0.0.1:$SPORT" --server-pid "$pid" --label synapse \
-        --json "$OUT/synapse.json" "$@" | tee "$OUT/synapse.txt" || echo "convo-load exited with $?"
+        --json "$OUT/synapse.json" "$@" "${SYNAPSE_EXTRA[@]}" | tee "$OUT/synapse.txt" || echo "convo-load exited with $?"
     cp "$dir/homeserver.log" "$OUT/synapse.log" 2>/dev/null || true
     stop_pid "$pid"
 }

@@ -78,12 +78,33 @@ async fn run_server(config: Config) -> Result<(), String> {
     }
     tokio::select! {
         result = running.wait() => result.map_err(|e| format!("server stopped: {e}"))?,
-        _ = tokio::signal::ctrl_c() => {
+        () = shutdown_signal() => {
             tracing::info!("shutting down");
             running.stop().await;
         }
     }
     Ok(())
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, as sent by service managers and containers.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), String> {

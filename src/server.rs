@@ -55,6 +55,7 @@ pub async fn start(config: Config) -> Result<RunningServer, String> {
 impl RunningServer {
     /// Stops accepting, finishes the requests under way, closes the database.
     pub async fn stop(mut self) {
+        self.services.begin_shutdown();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

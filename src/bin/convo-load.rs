@@ -16,8 +16,11 @@
 //! - `messages`: pages of 50 backwards over a room with many messages; pages per second.
 //!
 //! With `--server-pid PID` each scenario also reports the server's CPU time
-//! (utime+stime from /proc/PID/stat, before/after the measured phase) and peak RSS
-//! (VmHWM from /proc/PID/status, reset through /proc/PID/clear_refs when allowed).
+//! (utime+stime from /proc/PID/stat, before/after the measured phase), its peak RSS
+//! during the phase (VmRSS sampled every 10 ms) and VmHWM (peak RSS since the server
+//! started, setup included), plus the CPU time of the load tool itself and of every
+//! other process on the machine during the phase (from /proc/stat), so that a busy
+//! machine shows in the figures.
 //! Every loop is bounded in count and in time; each scenario has an overall deadline.
 
 use std::{
@@ -337,17 +340,62 @@ fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
     status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
 }
 
-/// Resets VmHWM to the current RSS (Linux >= 4.0, needs permission on the process).
-fn reset_hwm(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+/// Busy and total jiffies of the whole machine (first line of /proc/stat).
+fn machine_jiffies() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0.0);
+    Some((total - idle, total))
 }
+
+/// Samples the server's VmRSS every 10 ms in the background: the largest value seen
+/// since the last `take`. (VmHWM is kept for the whole life of the process, so the
+/// per-phase peak comes from sampling and the run-wide peak from VmHWM.)
+#[derive(Clone)]
+struct RssSampler {
+    peak_kb: Arc<AtomicU64>,
+}
+
+impl RssSampler {
+    fn spawn(pid: Option<u32>) -> RssSampler {
+        let peak_kb = Arc::new(AtomicU64::new(0));
+        if let Some(pid) = pid {
+            let p = peak_kb.clone();
+            tokio::spawn(async move {
+                // Bounded: stops when the process is gone or after 24 hours.
+                for _ in 0..(24 * 3600 * 100) {
+                    match proc_status_kb(pid, "VmRSS:") {
+                        Some(kb) => {
+                            p.fetch_max(kb, Ordering::Relaxed);
+                        }
+                        None => return,
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+        }
+        RssSampler { peak_kb }
+    }
+    fn reset(&self, kb: u64) {
+        self.peak_kb.store(kb, Ordering::Relaxed);
+    }
+    fn peak_mb(&self) -> f64 {
+        self.peak_kb.load(Ordering::Relaxed) as f64 / 1024.0
+    }
+}
+
+static SAMPLER: std::sync::OnceLock<RssSampler> = std::sync::OnceLock::new();
 
 struct Meter {
     pid: Option<u32>,
     tck: f64,
     cpu0: Option<f64>,
+    self_cpu0: Option<f64>,
+    machine0: Option<(f64, f64)>,
     t0: Instant,
-    hwm_reset: bool,
     rss0_mb: Option<f64>,
 }
 
@@ -355,16 +403,32 @@ struct Measured {
     rss_start_mb: Option<f64>,
     wall_s: f64,
     cpu_s: Option<f64>,
+    /// Largest sampled VmRSS during the measured phase.
     peak_rss_mb: Option<f64>,
+    /// VmHWM: the largest RSS since the server started (setup phases included).
+    hwm_mb: Option<f64>,
     rss_mb: Option<f64>,
-    hwm_reset: bool,
+    /// CPU seconds of the load tool itself during the phase.
+    tool_cpu_s: Option<f64>,
+    /// CPU seconds used on the machine by everything else (not server, not tool).
+    other_cpu_s: Option<f64>,
 }
 
 impl Meter {
     fn start(pid: Option<u32>, tck: f64) -> Meter {
-        let hwm_reset = pid.is_some_and(reset_hwm);
-        let rss0_mb = pid.and_then(|p| proc_status_kb(p, "VmRSS:")).map(|k| k as f64 / 1024.0);
-        Meter { pid, tck, cpu0: pid.and_then(|p| proc_cpu(p, tck)), t0: Instant::now(), hwm_reset, rss0_mb }
+        let rss0 = pid.and_then(|p| proc_status_kb(p, "VmRSS:"));
+        if let (Some(s), Some(kb)) = (SAMPLER.get(), rss0) {
+            s.reset(kb);
+        }
+        Meter {
+            pid,
+            tck,
+            cpu0: pid.and_then(|p| proc_cpu(p, tck)),
+            self_cpu0: proc_cpu(std::process::id(), tck),
+            machine0: machine_jiffies(),
+            t0: Instant::now(),
+            rss0_mb: rss0.map(|k| k as f64 / 1024.0),
+        }
     }
     fn stop(&self) -> Measured {
         let wall_s = self.t0.elapsed().as_secs_f64();
@@ -372,9 +436,21 @@ impl Meter {
             (Some(b), Some(a)) => Some(b - a),
             _ => None,
         };
-        let peak_rss_mb = self.pid.and_then(|p| proc_status_kb(p, "VmHWM:")).map(|k| k as f64 / 1024.0);
+        let tool_cpu_s = match (proc_cpu(std::process::id(), self.tck), self.self_cpu0) {
+            (Some(b), Some(a)) => Some(b - a),
+            _ => None,
+        };
+        let other_cpu_s = match (machine_jiffies(), self.machine0, cpu_s, tool_cpu_s) {
+            (Some((b, _)), Some((a, _)), Some(c), Some(t)) => Some(((b - a) / self.tck - c - t).max(0.0)),
+            _ => None,
+        };
         let rss_mb = self.pid.and_then(|p| proc_status_kb(p, "VmRSS:")).map(|k| k as f64 / 1024.0);
-        Measured { rss_start_mb: self.rss0_mb, wall_s, cpu_s, peak_rss_mb, rss_mb, hwm_reset: self.hwm_reset }
+        let hwm_mb = self.pid.and_then(|p| proc_status_kb(p, "VmHWM:")).map(|k| k as f64 / 1024.0);
+        let peak_rss_mb = match (self.pid, SAMPLER.get()) {
+            (Some(_), Some(s)) => Some(s.peak_mb().max(rss_mb.unwrap_or(0.0))),
+            _ => None,
+        };
+        Measured { rss_start_mb: self.rss0_mb, wall_s, cpu_s, peak_rss_mb, hwm_mb, rss_mb, tool_cpu_s, other_cpu_s }
     }
 }
 
@@ -405,9 +481,11 @@ impl Outcome {
             m.insert("server_cpu_s".into(), json!(x.cpu_s));
             m.insert("server_cpu_pct".into(), json!(x.cpu_s.map(|c| 100.0 * c / x.wall_s)));
             m.insert("server_peak_rss_mb".into(), json!(x.peak_rss_mb));
+            m.insert("server_hwm_since_start_mb".into(), json!(x.hwm_mb));
             m.insert("server_rss_mb".into(), json!(x.rss_mb));
             m.insert("server_rss_start_mb".into(), json!(x.rss_start_mb));
-            m.insert("peak_rss_reset".into(), json!(x.hwm_reset));
+            m.insert("tool_cpu_s".into(), json!(x.tool_cpu_s));
+            m.insert("other_cpu_s".into(), json!(x.other_cpu_s));
         }
         if let Some(e) = &self.error {
             m.insert("error".into(), json!(e));
@@ -552,9 +630,10 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     let stop = Arc::new(AtomicBool::new(false));
     let syncs = Arc::new(AtomicU64::new(0));
     let sync_errors = Arc::new(AtomicU64::new(0));
+    let limited = Arc::new(AtomicU64::new(0));
     let mut loops = Vec::new();
     for (ui, (u, s)) in f.users.iter().cloned().zip(since).enumerate() {
-        let (api, filter, tag, received, stop, syncs, sync_errors) = (
+        let (api, filter, tag, received, stop, syncs, sync_errors, limited) = (
             api.clone(),
             filter.clone(),
             tag.clone(),
@@ -562,6 +641,7 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
             stop.clone(),
             syncs.clone(),
             sync_errors.clone(),
+            limited.clone(),
         );
         loops.push(tokio::spawn(async move {
             let mut since = s;
@@ -574,6 +654,10 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
                     Ok(v) => {
                         let now = Instant::now();
                         syncs.fetch_add(1, Ordering::Relaxed);
+                        if let Some(rooms) = v["rooms"]["join"].as_object() {
+                            let n = rooms.values().filter(|r| r["timeline"]["limited"] == true).count();
+                            limited.fetch_add(n as u64, Ordering::Relaxed);
+                        }
                         let mut got = Vec::new();
                         for b in timeline_bodies(&v) {
                             if let Some(seq) = b
@@ -602,6 +686,7 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     // Let every long-poll park on the server.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     syncs.store(0, Ordering::Relaxed);
+    limited.store(0, Ordering::Relaxed);
 
     let total = (rate * a.fanout_seconds as f64).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -701,6 +786,8 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     out.put("send_p99_ms", r2(pct(&slat, 99.0)));
     out.put("sync_returns", syncs_done);
     out.put("sync_errors", sync_errors.load(Ordering::Relaxed));
+    // A limited timeline means the client would have to page back for what it missed.
+    out.put("limited_timelines", limited.load(Ordering::Relaxed));
     out.measured = Some(m);
     Ok(out)
 }
@@ -867,11 +954,14 @@ fn print_table(label: &str, base: &str, outs: &[Outcome]) {
                 m.cpu_s.map_or("-".into(), |c| format!("{:.0}%", 100.0 * c / m.wall_s)),
             ));
             rows.push((
-                format!("server_peak_rss_mb{}", if m.hwm_reset { "" } else { " (since start)" }),
+                "server_peak_rss_mb (phase, sampled)".into(),
                 m.peak_rss_mb.map_or("-".into(), |c| format!("{c:.1}")),
             ));
+            rows.push(("server_vmhwm_mb (since start)".into(), m.hwm_mb.map_or("-".into(), |c| format!("{c:.1}"))));
             rows.push(("server_rss_mb (start)".into(), m.rss_start_mb.map_or("-".into(), |c| format!("{c:.1}"))));
             rows.push(("server_rss_mb (end)".into(), m.rss_mb.map_or("-".into(), |c| format!("{c:.1}"))));
+            rows.push(("load_tool_cpu_s".into(), m.tool_cpu_s.map_or("-".into(), |c| format!("{c:.2}"))));
+            rows.push(("other_processes_cpu_s".into(), m.other_cpu_s.map_or("-".into(), |c| format!("{c:.2}"))));
         }
         if let Some(e) = &o.error {
             rows.push(("ERROR".into(), e.clone()));
@@ -920,6 +1010,7 @@ async fn main() -> std::process::ExitCode {
         }
     }
     let tck = clk_tck();
+    let _ = SAMPLER.set(RssSampler::spawn(a.server_pid));
     // Unique, lowercase user names per run.
     let run =
         format!("lt{}", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() % 100_000_000).unwrap_or(0));

@@ -106,6 +106,19 @@ fn drop_untyped_auth(bytes: bytes::Bytes) -> bytes::Bytes {
     }
 }
 
+/// Some clients (matrix-nio's `join`, `leave`, `forget`) send POST requests whose
+/// JSON body has only optional fields with no body at all. Like other servers, Convo
+/// reads an empty JSON body as `{}`. Bodies of another content type (media uploads)
+/// are left alone.
+fn empty_json_as_object(parts: &axum::http::request::Parts, bytes: bytes::Bytes) -> bytes::Bytes {
+    let json_or_untyped = parts
+        .headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_none_or(|v| v.to_str().is_ok_and(|v| v.trim_start().starts_with("application/json")));
+    let has_body = matches!(parts.method, axum::http::Method::POST | axum::http::Method::PUT);
+    if bytes.is_empty() && has_body && json_or_untyped { bytes::Bytes::from_static(b"{}") } else { bytes }
+}
+
 /// Maps a parse failure to the spec's errcode: bodies that are not JSON get
 /// `M_NOT_JSON`, JSON of the wrong shape `M_BAD_JSON`, bad path or query values
 /// `M_INVALID_PARAM`.
@@ -159,7 +172,7 @@ where
         if !bytes.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
             return Err(Error::not_json("The request body is not valid JSON"));
         }
-        let bytes = drop_untyped_auth(bytes);
+        let bytes = drop_untyped_auth(empty_json_as_object(&parts, bytes));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let body = T::try_from_http_request(axum::http::Request::from_parts(parts, bytes.as_ref()), &args)
             .map_err(request_error)?;

@@ -164,23 +164,35 @@ impl Services {
         Ok(())
     }
 
-    /// The `m.receipt` event of each room for a sync: receipts after `since` in the
+    /// The `m.receipt` events of each room for a sync: receipts after `since` in the
     /// user's joined rooms, the user's own private receipts included, others' left out.
-    pub async fn receipt_events(&self, user: &UserId, since: i64) -> Result<HashMap<String, JsonValue>> {
+    /// A user's unthreaded and threaded receipts on one event do not fit in one content
+    /// map (one slot per event, type and user), so the second goes in another event.
+    pub async fn receipt_events(&self, user: &UserId, since: i64) -> Result<HashMap<String, Vec<JsonValue>>> {
         let receipts = self.store.get_receipts_for_user_rooms(user.as_str(), since).await?;
-        let mut by_room: HashMap<String, serde_json::Map<String, JsonValue>> = HashMap::new();
+        let mut by_room: HashMap<String, Vec<JsonValue>> = HashMap::new();
         for r in receipts.iter().filter(|r| r.receipt_type != "m.read.private" || r.user_id == user.as_str()) {
             let mut entry = json!({"ts": r.ts});
             if !r.thread_id.is_empty() {
                 entry["thread_id"] = json!(r.thread_id);
             }
-            let content = by_room.entry(r.room_id.clone()).or_default();
-            let by_type = content.entry(r.event_id.clone()).or_insert_with(|| json!({}));
+            let contents = by_room.entry(r.room_id.clone()).or_default();
+            let free = contents.iter().position(|c| c[&r.event_id][&r.receipt_type].get(&r.user_id).is_none());
+            let content = match free {
+                Some(i) => &mut contents[i],
+                None => {
+                    contents.push(json!({}));
+                    contents.last_mut().expect("just pushed")
+                }
+            };
+            let by_type = content.as_object_mut().expect("an object").entry(r.event_id.clone()).or_insert(json!({}));
             by_type[&r.receipt_type][&r.user_id] = entry;
         }
         Ok(by_room
             .into_iter()
-            .map(|(room, content)| (room, json!({"type": "m.receipt", "content": content})))
+            .map(|(room, contents)| {
+                (room, contents.into_iter().map(|c| json!({"type": "m.receipt", "content": c})).collect())
+            })
             .collect())
     }
 

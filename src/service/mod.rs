@@ -76,6 +76,8 @@ pub struct Services {
     pub typing: Typing,
     /// Room versions, which never change, by room.
     pub room_versions: std::sync::Mutex<std::collections::HashMap<ruma::OwnedRoomId, RoomVersionId>>,
+    /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
+    shutting_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Services {
@@ -94,7 +96,20 @@ impl Services {
             member_cache: MemberCache::default(),
             typing: Typing::default(),
             room_versions: Default::default(),
+            shutting_down: tokio::sync::watch::channel(false).0,
         }))
+    }
+
+    /// Ends every long-poll under way (and any that starts later), so that a graceful
+    /// shutdown does not wait out their timeouts.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.send_replace(true);
+    }
+
+    /// Resolves once the server has begun to shut down.
+    pub async fn shutdown_started(&self) {
+        let mut rx = self.shutting_down.subscribe();
+        let _ = rx.wait_for(|down| *down).await;
     }
 
     /// On first start in token mode, when no registration token exists at all, makes

@@ -61,7 +61,27 @@ async fn long_poll_wakes_on_send_and_times_out(backend: Backend) {
     server.send_text(&alice, &room_id, "after the quiet").await;
     let sync = server.sync(&bob, Some(again), "timeout=5000").await;
     assert_eq!(bodies(&room(&sync, "join", &room_id)["timeline"]["events"]), vec!["after the quiet"]);
+
+    // Shutting down answers a waiting long-poll at once instead of waiting out its timeout.
+    let next = sync["next_batch"].as_str().unwrap().to_owned();
+    let waiting = {
+        let (http, base, bob) = (server.http.clone(), server.base.clone(), bob.clone());
+        tokio::spawn(async move {
+            let resp = http
+                .get(format!("{base}/_matrix/client/v3/sync?since={next}&timeout=30000"))
+                .bearer_auth(bob)
+                .send()
+                .await
+                .unwrap();
+            (resp.status(), Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
     server.stop().await;
+    let (status, answered) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(answered.duration_since(stopping) < Duration::from_secs(3), "the long-poll ended with the server");
 }
 
 async fn sections_invite_join_leave(backend: Backend) {
@@ -121,6 +141,8 @@ async fn sections_invite_join_leave(backend: Backend) {
     let sync = server.sync(&bob, Some(&since), "timeout=5000").await;
     let left = room(&sync, "leave", &room_id);
     assert!(left.is_object(), "{sync}");
+    // Always present, even when empty: matrix-nio rejects the whole sync otherwise.
+    assert!(left["state"]["events"].is_array(), "{left}");
     let last = left["timeline"]["events"].as_array().unwrap().last().unwrap().clone();
     assert_eq!((last["type"].clone(), last["content"]["membership"].clone()), (json!("m.room.member"), json!("leave")));
     assert!(!bodies(&left["timeline"]["events"]).contains(&"bob cannot see this".to_owned()));

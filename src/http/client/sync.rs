@@ -2,11 +2,20 @@
 
 use std::time::Duration;
 
-use axum::{Router, extract::State};
-use ruma::api::client::{
-    filter::{FilterDefinition, LazyLoadOptions, create_filter, get_filter},
-    sync::sync_events::{self, v3::Filter},
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    response::{IntoResponse, Response},
 };
+use ruma::api::{
+    OutgoingResponseExt,
+    client::{
+        filter::{FilterDefinition, LazyLoadOptions, create_filter, get_filter},
+        sync::sync_events::{self, v3::Filter},
+    },
+};
+use serde_json::{Value, json};
 
 use crate::{
     error::{Error, Result},
@@ -30,10 +39,7 @@ fn sync_filter(def: &FilterDefinition) -> SyncFilter {
 
 /// # `GET /_matrix/client/v3/sync`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3sync>
-async fn sync_events(
-    State(services): State<AppState>,
-    req: Ruma<sync_events::v3::Request>,
-) -> Result<RumaResponse<sync_events::v3::Response>> {
+async fn sync_events(State(services): State<AppState>, req: Ruma<sync_events::v3::Request>) -> Result<Response> {
     let session = req.session()?;
     let b = &req.body;
     let filter = match &b.filter {
@@ -49,7 +55,37 @@ async fn sync_events(
         filter,
         set_presence: Some(b.set_presence.to_string()),
     };
-    Ok(services.sync(session, request).await?.into())
+    Ok(with_explicit_leave_sections(services.sync(session, request).await?))
+}
+
+/// matrix-nio rejects a whole sync response when a room under `rooms.leave` lacks
+/// `state.events` (and validates `timeline` the same way), which ruma leaves out when
+/// empty; other servers always send them. Only responses with left rooms are rewritten.
+fn with_explicit_leave_sections(resp: sync_events::v3::Response) -> Response {
+    if resp.rooms.leave.is_empty() {
+        return RumaResponse(resp).into_response();
+    }
+    let (mut parts, body) = match resp.try_into_http_response::<Vec<u8>>() {
+        Ok(http) => http.into_parts(),
+        Err(e) => return Error::internal(format!("could not serialize a response: {e}")).into_response(),
+    };
+    let Ok(mut json) = serde_json::from_slice::<Value>(&body) else {
+        return Response::from_parts(parts, Body::from(body));
+    };
+    if let Some(leave) = json.pointer_mut("/rooms/leave").and_then(Value::as_object_mut) {
+        for room in leave.values_mut().filter_map(Value::as_object_mut) {
+            for section in ["state", "timeline"] {
+                if let Some(s) = room.entry(section).or_insert_with(|| json!({})).as_object_mut() {
+                    s.entry("events").or_insert_with(|| json!([]));
+                }
+            }
+        }
+    }
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    match serde_json::to_vec(&json) {
+        Ok(bytes) => Response::from_parts(parts, Body::from(bytes)),
+        Err(e) => Error::internal(format!("could not serialize a response: {e}")).into_response(),
+    }
 }
 
 /// # `POST /_matrix/client/v3/user/{userId}/filter`

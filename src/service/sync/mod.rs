@@ -114,8 +114,13 @@ impl Services {
             if since.is_none() || req.full_state || !is_empty(&response) || Instant::now() >= deadline {
                 return Ok(response);
             }
-            if tokio::time::timeout_at(deadline.into(), wake.changed()).await.is_err() {
-                return Ok(response);
+            tokio::select! {
+                woken = tokio::time::timeout_at(deadline.into(), wake.changed()) => {
+                    if woken.is_err() {
+                        return Ok(response);
+                    }
+                }
+                () = self.shutdown_started() => return Ok(response),
             }
         }
     }
@@ -165,7 +170,7 @@ impl Services {
                     if let Some(users) = typing {
                         ephemeral.push(to_raw(json!({"type": "m.typing", "content": {"user_ids": users}}))?);
                     }
-                    if let Some(receipt) = receipts {
+                    for receipt in receipts.into_iter().flatten() {
                         ephemeral.push(to_raw(receipt)?);
                     }
                     joined.ephemeral = Ephemeral::new();

@@ -133,16 +133,7 @@ async function startConvo() {
 // HTTP: every request of the SDK goes through this fetch, which refuses anything but
 // loopback and records every error response (method, path, body -> status, body).
 
-const PUSH_RULES_PATH = /^\/_matrix\/client\/(v3|r0)\/pushrules\/?$/;
-
-/**
- * With `shim.pushRules` set, a 404 for GET /pushrules/ (the server does not implement
- * push rules yet) is answered with an empty rule set so that startClient can get past
- * its push-rules step and reach /sync; every such answer is counted in `shim.used`
- * and reported by the test. A server that implements the endpoint is used as is.
- * The test "startClient on the bare server" checks the real behaviour, unshimmed.
- */
-function recordingFetch(failures, shim) {
+function recordingFetch(failures) {
   return async (input, init = {}) => {
     const url = new URL(typeof input === "string" || input instanceof URL ? input : input.url);
     if (url.hostname !== "127.0.0.1") throw new Error(`refusing non-loopback request to ${url}`);
@@ -157,13 +148,6 @@ function recordingFetch(failures, shim) {
       }
       const reqBody = typeof init.body === "string" ? ` ${init.body.slice(0, 300)}` : "";
       failures.push(`${method} ${url.pathname}${url.search}${reqBody} -> ${res.status} ${body.slice(0, 300)}`);
-      if (shim?.pushRules && method === "GET" && res.status === 404 && PUSH_RULES_PATH.test(url.pathname)) {
-        shim.used.push(`${method} ${url.pathname} -> ${res.status} ${body.slice(0, 200)}`);
-        return new Response(JSON.stringify({ global: {} }), {
-          status: 200,
-          headers: { "content-type": "application/json" },
-        });
-      }
     }
     return res;
   };
@@ -235,15 +219,14 @@ function waitForMessage(client, roomId, body, sender) {
 // Accounts and clients.
 
 class Harness {
-  constructor(server, { shimPushRules = true } = {}) {
+  constructor(server) {
     this.server = server;
     this.failures = [];
     this.clients = [];
-    this.shim = { pushRules: shimPushRules, used: [] };
   }
 
   newClient(opts = {}) {
-    return createClient({ baseUrl: this.server.url, fetchFn: recordingFetch(this.failures, this.shim), ...opts });
+    return createClient({ baseUrl: this.server.url, fetchFn: recordingFetch(this.failures), ...opts });
   }
 
   /** Open registration: the first POST /register gets the 401 with the flows and a
@@ -340,20 +323,14 @@ class Harness {
   }
 }
 
-async function withServer(t, fn, opts = {}) {
-  const h = new Harness(await startConvo(), opts);
+async function withServer(t, fn) {
+  const h = new Harness(await startConvo());
   sdkLog.length = 0;
   try {
     await fn(h);
   } catch (err) {
     throw h.explain(err);
   } finally {
-    if (h.shim.used.length) {
-      t.diagnostic(
-        `KNOWN SERVER GAP: ${h.shim.used.length} x "${h.shim.used[0]}"; ` +
-          "answered {\"global\":{}} in the test's fetch so that startClient could reach /sync",
-      );
-    }
     await h.close();
   }
 }
@@ -577,29 +554,24 @@ async function history(h, userId, roomId, expectedMessages) {
 // ---------------------------------------------------------------------------------------
 // The scenarios.
 
-// startClient as a real application calls it, with nothing between the SDK and the
-// server. matrix-js-sdk fetches GET /pushrules/ before its first /sync and retries it
-// for ever when it fails, so without push rules on the server the client never syncs.
-// KNOWN FAILURE while the server lacks GET /_matrix/client/v3/pushrules/ (404
-// M_UNRECOGNIZED); set JS_STRICT=1 to make it an ordinary (failing) test.
-test(
-  "matrix-js-sdk: startClient on the bare server reaches its first sync",
-  {
-    timeout: 60_000,
-    todo: process.env.JS_STRICT ? false : "known server gap: GET /_matrix/client/v3/pushrules/ answers 404 M_UNRECOGNIZED",
-  },
-  async (t) => {
-    await withServer(
-      t,
-      async (h) => {
-        const alice = await h.registerAndStart("alice");
-        assert.equal(alice.getSyncState(), "PREPARED");
-        assert.ok(alice.pushRules?.global, "push rules were loaded from the server");
-      },
-      { shimPushRules: false },
+// matrix-js-sdk fetches GET /pushrules/ before its first /sync and retries it for ever
+// when it fails, so the server's default rules are what lets a client start at all.
+test("matrix-js-sdk: startClient loads the server's push rules", { timeout: 60_000 }, async (t) => {
+  await withServer(t, async (h) => {
+    const alice = await h.registerAndStart("alice");
+    assert.ok(["PREPARED", "SYNCING"].includes(alice.getSyncState()), `sync state ${alice.getSyncState()}`);
+    const rules = alice.pushRules?.global;
+    assert.ok(rules, "push rules were loaded from the server");
+    assert.ok(
+      rules.override.some((r) => r.rule_id === ".m.rule.master" && r.enabled === false),
+      "the server's default master rule (disabled) is there",
     );
-  },
-);
+    assert.ok(
+      rules.underride.some((r) => r.rule_id === ".m.rule.message"),
+      "the default underride rule for messages is there",
+    );
+  });
+});
 
 test("matrix-js-sdk: direct chat", { timeout: 180_000 }, async (t) => {
   await withServer(t, async (h) => {
