@@ -150,7 +150,7 @@ impl Services {
         let to_wake = if receipt_type == "m.read.private" {
             vec![user.to_owned()]
         } else {
-            self.joined_local_members(room_id).await?
+            self.joined_local_members(room_id).await?.as_ref().clone()
         };
         self.notifier.notify_users(&to_wake);
         Ok(())
@@ -218,7 +218,7 @@ impl Services {
         self.store.set_presence(user.as_str(), state, msg.as_deref(), now).await?;
         let mut to_wake = vec![user.to_owned()];
         for room in self.joined_rooms(user).await? {
-            to_wake.extend(self.joined_local_members(&room).await?);
+            to_wake.extend(self.joined_local_members(&room).await?.iter().cloned());
         }
         to_wake.sort();
         to_wake.dedup();

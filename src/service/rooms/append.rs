@@ -254,14 +254,14 @@ impl Services {
         if membership.is_some() {
             self.forget_member_cache(room_id);
         }
-        let mut to_wake = self.joined_local_members(room_id).await?;
+        self.notifier.notify_users(&self.joined_local_members(room_id).await?);
         if let Some(target) = event.state_key.as_deref().filter(|_| membership.is_some())
             && let Ok(target) = ruma::OwnedUserId::try_from(target)
             && target.server_name() == self.server_name()
         {
-            to_wake.push(target);
+            // Invited, left, kicked or banned users are no longer (or not yet) joined.
+            self.notifier.notify_users(&[target]);
         }
-        self.notifier.notify_users(&to_wake);
         Ok(Appended { event_id, room_id: room_id.to_owned(), stream_pos })
     }
 

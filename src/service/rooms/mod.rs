@@ -11,7 +11,10 @@ pub mod state;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use ruma::{OwnedRoomId, OwnedUserId, RoomId};
@@ -45,29 +48,40 @@ impl RoomLocks {
 #[derive(Default)]
 pub struct MemberCache {
     rooms: Mutex<HashMap<OwnedRoomId, Arc<Vec<OwnedUserId>>>>,
+    /// Bumped on every membership change, so that a list read from the database
+    /// before a change is not cached after it.
+    generation: AtomicU64,
 }
 
 impl Services {
     /// The local users joined to a room.
-    pub async fn joined_local_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>> {
-        if let Some(members) = self.member_cache.rooms.lock().unwrap_or_else(|e| e.into_inner()).get(room_id) {
-            return Ok(members.as_ref().clone());
-        }
+    pub async fn joined_local_members(&self, room_id: &RoomId) -> Result<Arc<Vec<OwnedUserId>>> {
+        let generation = {
+            let cache = self.member_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(members) = cache.get(room_id) {
+                return Ok(members.clone());
+            }
+            self.member_cache.generation.load(Ordering::Acquire)
+        };
         let rows = self.store.get_room_members(room_id.as_str(), Some("join")).await?;
-        let members: Vec<OwnedUserId> = rows
-            .into_iter()
-            .filter_map(|r| OwnedUserId::try_from(r.user_id).ok())
-            .filter(|u| u.server_name() == self.server_name())
-            .collect();
-        self.member_cache
-            .rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(room_id.to_owned(), Arc::new(members.clone()));
+        let members: Arc<Vec<OwnedUserId>> = Arc::new(
+            rows.into_iter()
+                .filter_map(|r| OwnedUserId::try_from(r.user_id).ok())
+                .filter(|u| u.server_name() == self.server_name())
+                .collect(),
+        );
+        let mut cache = self.member_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        // A membership change since the read may have made this list stale: keep it
+        // out of the cache then (the next call reads again).
+        if self.member_cache.generation.load(Ordering::Acquire) == generation {
+            cache.insert(room_id.to_owned(), members.clone());
+        }
         Ok(members)
     }
 
     pub(crate) fn forget_member_cache(&self, room_id: &RoomId) {
-        self.member_cache.rooms.lock().unwrap_or_else(|e| e.into_inner()).remove(room_id);
+        let mut cache = self.member_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        cache.remove(room_id);
+        self.member_cache.generation.fetch_add(1, Ordering::AcqRel);
     }
 }
