@@ -6,6 +6,7 @@ mod account_data;
 pub mod directory;
 mod ephemeral;
 mod ids;
+mod notifications;
 mod password;
 mod profile;
 mod push;
@@ -76,6 +77,8 @@ pub struct Services {
     pub typing: Typing,
     /// Room versions, which never change, by room.
     pub room_versions: std::sync::Mutex<std::collections::HashMap<ruma::OwnedRoomId, RoomVersionId>>,
+    /// Push rulesets of recent recipients of events.
+    pub ruleset_cache: notifications::RulesetCache,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -96,6 +99,7 @@ impl Services {
             member_cache: MemberCache::default(),
             typing: Typing::default(),
             room_versions: Default::default(),
+            ruleset_cache: Default::default(),
             shutting_down: tokio::sync::watch::channel(false).0,
         }))
     }

@@ -25,6 +25,7 @@ impl Services {
     async fn save_push_rules(&self, user: &UserId, rules: &Ruleset) -> Result<()> {
         let content = json!({"global": rules}).to_string();
         self.store.set_account_data(user.as_str(), "", "m.push_rules", &content).await?;
+        self.ruleset_cache.forget(user);
         self.notifier.notify_users(&[user.to_owned()]);
         Ok(())
     }

@@ -62,22 +62,6 @@ impl Store {
         })
     }
 
-    /// Messages from others after `after` in a room: the unread count.
-    pub async fn count_unread(&self, room_id: &str, user_id: &str, after: i64) -> Result<i64> {
-        on_pool!(self, read, |pool| {
-            let (n,): (i64,) = sqlx::query_as(
-                "SELECT COUNT(*) FROM events WHERE room_id = $1 AND stream_ordering > $2 AND sender <> $3
-                 AND event_type IN ('m.room.message', 'm.room.encrypted', 'm.sticker') AND redacted_by IS NULL",
-            )
-            .bind(room_id)
-            .bind(after)
-            .bind(user_id)
-            .fetch_one(pool)
-            .await?;
-            Ok(n)
-        })
-    }
-
     pub async fn set_presence(&self, user_id: &str, state: &str, status_msg: Option<&str>, now: i64) -> Result<i64> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;

@@ -12,6 +12,7 @@ mod directory;
 mod ephemeral;
 mod events;
 mod memberships;
+mod push;
 mod registration_tokens;
 mod sessions;
 mod uiaa;

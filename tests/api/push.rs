@@ -55,4 +55,60 @@ async fn push_rules_start_from_defaults_and_change(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(push_rules_start_from_defaults_and_change);
+/// Bob's unread counts in a room, from a fresh initial sync.
+async fn counts(server: &TestServer, token: &str, room_id: &str) -> (u64, u64) {
+    let sync = server.sync(token, None, "").await;
+    let unread = &sync["rooms"]["join"][room_id]["unread_notifications"];
+    (unread["notification_count"].as_u64().unwrap(), unread["highlight_count"].as_u64().unwrap())
+}
+
+async fn unread_counts_follow_push_rules(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let room_id = server.create_room(&alice, json!({"invite": ["@bob:localhost"]})).await;
+    server.join(&bob, &room_id).await;
+    let send = |txn: &str| format!("/_matrix/client/v3/rooms/{room_id}/send/m.room.message/{txn}");
+
+    // A plain message notifies; a mention of bob and an @room by the admin highlight.
+    let plain = server.send_text(&alice, &room_id, "hello all").await;
+    assert_eq!(counts(&server, &bob, &room_id).await, (1, 0));
+    let mention = json!({"msgtype": "m.text", "body": "bob: look", "m.mentions": {"user_ids": ["@bob:localhost"]}});
+    assert_eq!(server.put(&send("m1"), Some(&alice), mention).await.0, StatusCode::OK);
+    let at_room = json!({"msgtype": "m.text", "body": "@room lunch", "m.mentions": {"room": true}});
+    assert_eq!(server.put(&send("m2"), Some(&alice), at_room).await.0, StatusCode::OK);
+    assert_eq!(counts(&server, &bob, &room_id).await, (3, 2));
+    // Nothing the user sends counts for themselves.
+    assert_eq!(counts(&server, &alice, &room_id).await, (0, 0));
+    // Without power, bob's @room is a plain notification for alice.
+    let at_room = json!({"msgtype": "m.text", "body": "@room me too", "m.mentions": {"room": true}});
+    assert_eq!(server.put(&send("b1"), Some(&bob), at_room).await.0, StatusCode::OK);
+    assert_eq!(counts(&server, &alice, &room_id).await, (1, 0));
+
+    // A redacted message no longer counts.
+    let (status, _) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room_id}/redact/{plain}/r1"), Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(counts(&server, &bob, &room_id).await, (2, 2));
+
+    // Bob turns on the master rule (mutes everything): new messages do not count.
+    let (status, _) = server
+        .put(
+            "/_matrix/client/v3/pushrules/global/override/.m.rule.master/enabled",
+            Some(&bob),
+            json!({"enabled": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let last = server.send_text(&alice, &room_id, "muted for bob").await;
+    assert_eq!(counts(&server, &bob, &room_id).await, (2, 2));
+
+    // Reading up to the last event clears the counts.
+    let (status, _) =
+        server.post(&format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{last}"), Some(&bob), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(counts(&server, &bob, &room_id).await, (0, 0));
+    server.stop().await;
+}
+
+backend_tests!(push_rules_start_from_defaults_and_change, unread_counts_follow_push_rules);

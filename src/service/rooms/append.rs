@@ -254,6 +254,10 @@ impl Services {
         if membership.is_some() {
             self.forget_member_cache(room_id);
         }
+        if let Err(e) = self.record_push_actions(room_id, &event_id, stream_pos, &event.sender, &json).await {
+            // The event is stored; only its notification counts are lost.
+            tracing::warn!(%event_id, error = %e, "could not evaluate push rules");
+        }
         self.notifier.notify_users(&self.joined_local_members(room_id).await?);
         if let Some(target) = event.state_key.as_deref().filter(|_| membership.is_some())
             && let Ok(target) = ruma::OwnedUserId::try_from(target)

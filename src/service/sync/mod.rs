@@ -14,12 +14,9 @@ use std::{
 
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UInt,
-    api::client::sync::sync_events::{
-        UnreadNotificationsCount,
-        v3::{
-            Ephemeral, GlobalAccountData, InviteState, InvitedRoom, JoinedRoom, LeftRoom, Presence, Response,
-            RoomAccountData, RoomSummary, State, StateEvents, Timeline,
-        },
+    api::client::sync::sync_events::v3::{
+        Ephemeral, GlobalAccountData, InviteState, InvitedRoom, JoinedRoom, LeftRoom, Presence, Response,
+        RoomAccountData, RoomSummary, State, StateEvents, Timeline,
     },
 };
 use serde_json::{Value as JsonValue, json};
@@ -318,20 +315,6 @@ impl Services {
         summary.joined_member_count = UInt::new(joined as u64);
         summary.invited_member_count = UInt::new(invited as u64);
         Ok(summary)
-    }
-
-    /// Messages from others after the user's latest read receipt.
-    async fn unread_counts(&self, room_id: &RoomId, user: &ruma::UserId) -> Result<UnreadNotificationsCount> {
-        let after = match self.store.get_read_position(room_id.as_str(), user.as_str()).await? {
-            Some(pos) => pos,
-            // Never read: count from the user's own join.
-            None => self.membership(room_id, user).await?.map(|m| m.stream_ordering).unwrap_or(0),
-        };
-        let n = self.store.count_unread(room_id.as_str(), user.as_str(), after).await?;
-        let mut counts = UnreadNotificationsCount::new();
-        counts.notification_count = UInt::new(n as u64);
-        counts.highlight_count = Some(UInt::MIN);
-        Ok(counts)
     }
 
     /// Stripped state for an invite: a few room state events, and the invite itself.
