@@ -11,6 +11,11 @@
 # (do not give the same option in both places).
 # Environment (none of these start with CONVO_, which Convo would read as config keys):
 #   BENCH_TARGETS      "convo synapse" (default), or only one of them
+#   BENCH_CONVO_ENV    extra NAME=VALUE settings (space separated) for the Convo process
+#                      only, e.g. "MALLOC_MMAP_THRESHOLD_=131072" (glibc tunable)
+#   BENCH_CONVO_BIN    a prebuilt convo binary to measure instead of this checkout's
+#                      (e.g. an older commit built elsewhere); the load tool is still
+#                      built from this checkout
 #   BENCH_CONVO_PORT   loopback port for Convo (default 18108)
 #   BENCH_SYNAPSE_PORT loopback port for Synapse (default 18208)
 #   BENCH_OUT          output folder (default <repo>/bench/results)
@@ -64,7 +69,7 @@ stop_pid() {
 
 echo "== building Convo (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
 (cd "$ROOT" && cargo build --release --bins)
-CONVO_BIN=$CARGO_TARGET_DIR/release/convo
+CONVO_BIN=${BENCH_CONVO_BIN:-$CARGO_TARGET_DIR/release/convo}
 LOAD_BIN=$CARGO_TARGET_DIR/release/convo-load
 
 {
@@ -73,21 +78,26 @@ LOAD_BIN=$CARGO_TARGET_DIR/release/convo-load
     echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
     echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
     echo "kernel: $(uname -r)"
-    echo "convo commit: $(git -C "$ROOT" rev-parse HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock migrations 2>/dev/null || echo ' (with uncommitted changes)')"
+    if [ -n "${BENCH_CONVO_BIN:-}" ]; then echo "convo commit: not this checkout's (a prebuilt binary, below)"; fi
+    echo "$([ -n "${BENCH_CONVO_BIN:-}" ] && echo checkout || echo convo) commit: $(git -C "$ROOT" rev-parse HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock migrations ':!src/bin/convo-load.rs' 2>/dev/null || echo ' (with uncommitted server changes)')"
+    echo "load tool: $(git -C "$ROOT" diff --quiet HEAD -- src/bin/convo-load.rs 2>/dev/null && echo 'as committed' || echo 'with uncommitted changes')"
+    echo "convo binary: $CONVO_BIN"
     echo "rustc: $(rustc --version)"
     echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "load tool arguments (both): $*"
     echo "load tool arguments (convo only): ${BENCH_CONVO_ARGS:-}"
+    echo "extra environment of the Convo process: ${BENCH_CONVO_ENV:-}"
     echo "load tool arguments (synapse only): ${BENCH_SYNAPSE_ARGS:-}"
 } > "$OUT/machine.txt"
 read -r -a CONVO_EXTRA <<< "${BENCH_CONVO_ARGS:-}"
+read -r -a CONVO_ENV <<< "${BENCH_CONVO_ENV:-}"
 read -r -a SYNAPSE_EXTRA <<< "${BENCH_SYNAPSE_ARGS:-}"
 
 run_convo() {
     local data=$WORK/convo-data
     mkdir -p "$data"
     echo "== starting Convo on 127.0.0.1:$CPORT (SQLite in $data)"
-    env CONVO_LISTENERS__CLIENT=127.0.0.1:$CPORT CONVO_DATA_DIR=$data \
+    env "${CONVO_ENV[@]}" CONVO_LISTENERS__CLIENT=127.0.0.1:$CPORT CONVO_DATA_DIR=$data \
         CONVO_REGISTRATION__MODE=open CONVO_RATE_LIMITS__ENABLED=false RUST_LOG=warn \
         "$CONVO_BIN" > "$WORK/convo.log" 2>&1 &
     local pid=$!

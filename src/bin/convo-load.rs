@@ -4,13 +4,15 @@
 //! bounded scenarios against the client-server API and prints a table (and, with
 //! `--json FILE`, the same figures as JSON):
 //!
-//! - `sends`: N users in one room, C concurrent senders, a fixed number of messages;
-//!   sends per second and send latency p50/p99.
+//! - `sends`: N users in one room (or `--sends-rooms` rooms), C concurrent senders, a
+//!   fixed number of messages; sends per second and send latency p50/p99.
 //! - `fanout`: 50 users in 10 rooms of 5, every user long-polling `/sync`
 //!   (timeout 30000, small timeline limit), messages sent open-loop at fixed rates for
 //!   a fixed duration; send-to-sync delivery latency per recipient (from the start of
 //!   the send request to the return of the `/sync` that contains the event, sender
-//!   excluded) and delivered/expected.
+//!   excluded) and delivered/expected. Only acknowledged sends are expected; limited
+//!   timelines (messages a client would have to page back for), presence updates and
+//!   deliveries slower than 50 ms (with when they were sent) are counted too.
 //! - `initial-sync`: one user in R rooms of M messages; time of a full initial `/sync`
 //!   (several repetitions, median).
 //! - `messages`: pages of 50 backwards over a room with many messages; pages per second.
@@ -65,6 +67,10 @@ struct Args {
     /// sends: users in the room.
     #[arg(long, default_value_t = 8)]
     sends_users: usize,
+    /// sends: rooms the messages go to (sender i sends into room i % rooms). 1 is the
+    /// target's scenario; more rooms show how much the per-room ordering costs.
+    #[arg(long, default_value_t = 1)]
+    sends_rooms: usize,
     /// sends: concurrent senders.
     #[arg(long, default_value_t = 8)]
     sends_concurrency: usize,
@@ -521,9 +527,13 @@ fn r2(x: f64) -> f64 {
 async fn scenario_sends(api: &Api, a: &Args, run: &str, tck: f64) -> Res<Outcome> {
     let mut out = Outcome::new("sends");
     let users = api.register_many(&format!("{run}s"), a.sends_users.max(1), a.register_concurrency).await?;
-    let room = api.create_room(&users[0], "sends").await?;
-    for u in &users[1..] {
-        api.join(u, &room).await?;
+    let mut rooms = Vec::new();
+    for r in 0..a.sends_rooms.max(1) {
+        let room = api.create_room(&users[0], &format!("sends {r}")).await?;
+        for u in &users[1..] {
+            api.join(u, &room).await?;
+        }
+        rooms.push(room);
     }
     let count = a.sends_count;
     let deadline = Instant::now() + Duration::from_secs(a.sends_max_seconds);
@@ -533,7 +543,7 @@ async fn scenario_sends(api: &Api, a: &Args, run: &str, tck: f64) -> Res<Outcome
     let mut tasks = Vec::new();
     for w in 0..a.sends_concurrency.max(1) {
         let (api, next, errors, room, u) =
-            (api.clone(), next.clone(), errors.clone(), room.clone(), users[w % users.len()].clone());
+            (api.clone(), next.clone(), errors.clone(), rooms[w % rooms.len()].clone(), users[w % users.len()].clone());
         let run = run.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -561,6 +571,7 @@ async fn scenario_sends(api: &Api, a: &Args, run: &str, tck: f64) -> Res<Outcome
     let m = meter.stop();
     let lat = sorted(lat);
     out.put("users", users.len());
+    out.put("rooms", rooms.len());
     out.put("concurrency", a.sends_concurrency);
     out.put("sent_ok", lat.len());
     out.put("errors", errors.load(Ordering::Relaxed));
@@ -582,10 +593,10 @@ fn timeline_bodies(v: &Value) -> Vec<String> {
         for room in rooms.values() {
             if let Some(evs) = room["timeline"]["events"].as_array() {
                 for e in evs {
-                    if e["type"] == "m.room.message" {
-                        if let Some(b) = e["content"]["body"].as_str() {
-                            out.push(b.to_owned());
-                        }
+                    if e["type"] == "m.room.message"
+                        && let Some(b) = e["content"]["body"].as_str()
+                    {
+                        out.push(b.to_owned());
                     }
                 }
             }
@@ -618,6 +629,7 @@ async fn fanout_setup(api: &Api, a: &Args, run: &str) -> Res<Fanout> {
 async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, tck: f64) -> Res<Outcome> {
     let mut out = Outcome::new(&format!("fanout@{rate}/s"));
     let filter = json!({"room": {"timeline": {"limit": a.fanout_timeline_limit}}}).to_string();
+    // `run` is unique per rate in the list (a repeated rate must not reuse txn ids).
     let tag = format!("{run}-r{rate}:");
     // Initial sync of every user, for its next_batch.
     let mut since = Vec::new();
@@ -631,9 +643,10 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     let syncs = Arc::new(AtomicU64::new(0));
     let sync_errors = Arc::new(AtomicU64::new(0));
     let limited = Arc::new(AtomicU64::new(0));
+    let presence = Arc::new(AtomicU64::new(0));
     let mut loops = Vec::new();
     for (ui, (u, s)) in f.users.iter().cloned().zip(since).enumerate() {
-        let (api, filter, tag, received, stop, syncs, sync_errors, limited) = (
+        let (api, filter, tag, received, stop, syncs, sync_errors, limited, presence) = (
             api.clone(),
             filter.clone(),
             tag.clone(),
@@ -642,6 +655,7 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
             syncs.clone(),
             sync_errors.clone(),
             limited.clone(),
+            presence.clone(),
         );
         loops.push(tokio::spawn(async move {
             let mut since = s;
@@ -658,6 +672,8 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
                             let n = rooms.values().filter(|r| r["timeline"]["limited"] == true).count();
                             limited.fetch_add(n as u64, Ordering::Relaxed);
                         }
+                        let p = v["presence"]["events"].as_array().map_or(0, Vec::len);
+                        presence.fetch_add(p as u64, Ordering::Relaxed);
                         let mut got = Vec::new();
                         for b in timeline_bodies(&v) {
                             if let Some(seq) = b
@@ -687,25 +703,29 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     tokio::time::sleep(Duration::from_millis(1000)).await;
     syncs.store(0, Ordering::Relaxed);
     limited.store(0, Ordering::Relaxed);
+    presence.store(0, Ordering::Relaxed);
 
     let total = (rate * a.fanout_seconds as f64).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let send_errors = Arc::new(AtomicUsize::new(0));
     let send_lat: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    let acked: Arc<Mutex<HashSet<u64>>> = Arc::new(Mutex::new(HashSet::new()));
     let meter = Meter::start(a.server_pid, tck);
     let t0 = tokio::time::Instant::now();
+    let phase_start = Instant::now();
     let mut senders = Vec::new();
     for i in 0..total {
         tokio::time::sleep_until(t0 + interval * i as u32).await;
         let r = (i as usize) % f.rooms.len();
         let si = r * f.room_size + (i as usize / f.rooms.len()) % f.room_size;
-        let (api, u, room, sent_at, send_errors, send_lat) = (
+        let (api, u, room, sent_at, send_errors, send_lat, acked) = (
             api.clone(),
             f.users[si].clone(),
             f.rooms[r].clone(),
             sent_at.clone(),
             send_errors.clone(),
             send_lat.clone(),
+            acked.clone(),
         );
         let body = format!("{tag}{i} fan-out message");
         let txn = format!("{tag}{i}");
@@ -713,9 +733,11 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
             let t = Instant::now();
             sent_at.lock().unwrap().insert(i, (t, si));
             match api.send(&u, &room, &txn, &body).await {
-                Ok(_) => send_lat.lock().unwrap().push(ms(t.elapsed())),
+                Ok(_) => {
+                    send_lat.lock().unwrap().push(ms(t.elapsed()));
+                    acked.lock().unwrap().insert(i);
+                }
                 Err(e) => {
-                    sent_at.lock().unwrap().remove(&i);
                     if send_errors.fetch_add(1, Ordering::Relaxed) < 3 {
                         eprintln!("send error: {e}");
                     }
@@ -724,9 +746,18 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
         }));
     }
     let send_phase = t0.elapsed().as_secs_f64();
+    // Every send has 60 s in all after the send phase (a slow server queues them);
+    // what is still running then is abandoned and counted as unfinished.
+    let senders_deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut unfinished = 0u64;
     for s in senders {
-        let _ = tokio::time::timeout(Duration::from_secs(60), s).await;
+        if tokio::time::timeout_at(senders_deadline, s).await.is_err() {
+            unfinished += 1;
+        }
     }
+    let send_wait = t0.elapsed().as_secs_f64() - send_phase;
+    // Only acknowledged sends are expected to be delivered.
+    sent_at.lock().unwrap().retain(|i, _| acked.lock().unwrap().contains(i));
     let sent_ok = sent_at.lock().unwrap().len() as u64;
     let expected = sent_ok * (f.room_size as u64 - 1);
     // Wait (bounded) for the last deliveries.
@@ -758,6 +789,8 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     let mut seen = HashSet::new();
     let mut lat = Vec::new();
     let mut duplicates = 0u64;
+    // When (seconds into the phase) the messages were sent whose delivery took > 50 ms.
+    let mut slow: Vec<f64> = Vec::new();
     for (u, s, at) in rec {
         let Some((t, si)) = sa.get(&s) else { continue };
         if *si == u {
@@ -767,7 +800,11 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
             duplicates += 1;
             continue;
         }
-        lat.push(ms(at.saturating_duration_since(*t)));
+        let l = ms(at.saturating_duration_since(*t));
+        if l > 50.0 {
+            slow.push(t.saturating_duration_since(phase_start).as_secs_f64());
+        }
+        lat.push(l);
     }
     let lat = sorted(lat);
     let slat = sorted(send_lat.lock().unwrap().clone());
@@ -775,6 +812,8 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     out.put("send_phase_s", r2(send_phase));
     out.put("sent_ok", sent_ok);
     out.put("send_errors", send_errors.load(Ordering::Relaxed));
+    out.put("sends_unfinished", unfinished);
+    out.put("send_wait_after_phase_s", r2(send_wait));
     out.put("expected", expected);
     out.put("delivered", lat.len());
     out.put("delivered_pct", r2(100.0 * lat.len() as f64 / expected.max(1) as f64));
@@ -782,12 +821,20 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     out.put("delivery_p50_ms", r2(pct(&lat, 50.0)));
     out.put("delivery_p99_ms", r2(pct(&lat, 99.0)));
     out.put("delivery_max_ms", r2(pct(&lat, 100.0)));
+    out.put("deliveries_over_50ms", slow.len());
+    if !slow.is_empty() {
+        let slow = sorted(slow);
+        out.put("over_50ms_sent_between_s", format!("{:.2}..{:.2}", slow[0], slow[slow.len() - 1]));
+    }
     out.put("send_p50_ms", r2(pct(&slat, 50.0)));
     out.put("send_p99_ms", r2(pct(&slat, 99.0)));
     out.put("sync_returns", syncs_done);
     out.put("sync_errors", sync_errors.load(Ordering::Relaxed));
     // A limited timeline means the client would have to page back for what it missed.
     out.put("limited_timelines", limited.load(Ordering::Relaxed));
+    // Presence updates received by the long-polls during the phase (each one is a
+    // sync response that a message did not cause).
+    out.put("presence_events", presence.load(Ordering::Relaxed));
     out.measured = Some(m);
     Ok(out)
 }
@@ -1024,10 +1071,17 @@ async fn main() -> std::process::ExitCode {
                     tokio::time::timeout(Duration::from_secs(a.scenario_timeout), fanout_setup(&api, &a, &run)).await;
                 match setup {
                     Ok(Ok(f)) => {
-                        for &rate in &a.fanout_rates {
+                        for (k, &rate) in a.fanout_rates.iter().enumerate() {
                             let name = format!("fanout@{rate}/s");
-                            let secs = a.fanout_seconds + a.fanout_drain_seconds + 120;
-                            outs.push(with_deadline(&name, secs, scenario_fanout(&api, &a, &f, &run, rate, tck)).await);
+                            let secs = a.fanout_seconds + a.fanout_drain_seconds + 180;
+                            outs.push(
+                                with_deadline(
+                                    &name,
+                                    secs,
+                                    scenario_fanout(&api, &a, &f, &format!("{run}x{k}"), rate, tck),
+                                )
+                                .await,
+                            );
                         }
                     }
                     Ok(Err(e)) => outs.push(with_deadline("fanout", 1, async { Err(format!("setup: {e}")) }).await),
