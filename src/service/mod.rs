@@ -79,6 +79,8 @@ pub struct Services {
     pub room_versions: std::sync::Mutex<std::collections::HashMap<ruma::OwnedRoomId, RoomVersionId>>,
     /// Push rulesets of recent recipients of events.
     pub ruleset_cache: notifications::RulesetCache,
+    /// Joined counts and local members' display names, for evaluating push rules.
+    pub push_members_cache: notifications::PushMembersCache,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -100,6 +102,7 @@ impl Services {
             typing: Typing::default(),
             room_versions: Default::default(),
             ruleset_cache: Default::default(),
+            push_members_cache: Default::default(),
             shutting_down: tokio::sync::watch::channel(false).0,
         }))
     }

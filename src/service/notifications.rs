@@ -4,20 +4,24 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use ruma::{
-    EventId, Int, OwnedUserId, RoomId, UInt, UserId,
+    Int, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     api::client::sync::sync_events::UnreadNotificationsCount,
+    events::StateEventType,
     power_levels::NotificationPowerLevels,
     push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
-    room_version_rules::RoomPowerLevelsRules,
+    room_version_rules::{RoomPowerLevelsRules, RoomVersionRules},
     serde::Raw,
 };
 use serde_json::{Value as JsonValue, value::RawValue};
 
-use super::Services;
+use super::{Services, rooms::pdu::Pdu};
 use crate::error::{Error, Result};
 
 /// Rulesets of users who recently received events, so that every event does not
@@ -25,6 +29,27 @@ use crate::error::{Error, Result};
 #[derive(Default)]
 pub struct RulesetCache {
     users: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
+}
+
+/// Per room: the joined count and the local members' display names in the room.
+pub struct RoomPushMembers {
+    joined_count: UInt,
+    names: HashMap<OwnedUserId, String>,
+}
+
+/// `RoomPushMembers` by room; dropped, like the member cache, on membership changes.
+#[derive(Default)]
+pub struct PushMembersCache {
+    rooms: Mutex<HashMap<OwnedRoomId, Arc<RoomPushMembers>>>,
+    generation: AtomicU64,
+}
+
+impl PushMembersCache {
+    pub fn forget(&self, room_id: &RoomId) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        rooms.remove(room_id);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// Cached rulesets at most; the cache starts over beyond this (memory stays bounded).
@@ -53,77 +78,65 @@ impl Services {
         Ok(rules)
     }
 
-    /// Evaluates a new event for each local member of its room and records the
-    /// events that notify them.
-    pub(crate) async fn record_push_actions(
+    /// Evaluates a new event for each local member of its room (other than its
+    /// sender): the members it notifies, with whether it highlights for them. `state`
+    /// is the room state the event is authorized against (it holds the create and
+    /// power levels events); the caller stores the result with the event.
+    pub(crate) async fn push_actions_for(
         &self,
         room_id: &RoomId,
-        event_id: &EventId,
-        stream_pos: i64,
         sender: &UserId,
         pdu_json: &str,
-    ) -> Result<()> {
-        let members = self.joined_local_members(room_id).await?;
-        let recipients: Vec<&OwnedUserId> = members.iter().filter(|u| u.as_str() != sender.as_str()).collect();
-        if recipients.is_empty() {
-            return Ok(());
+        state: &HashMap<(StateEventType, String), Pdu>,
+        rules: &RoomVersionRules,
+    ) -> Result<Vec<(String, bool)>> {
+        let members = self.room_push_members(room_id).await?;
+        if members.names.keys().all(|u| u.as_str() == sender.as_str()) {
+            return Ok(Vec::new());
         }
         let event: Raw<JsonValue> =
             Raw::from_json(RawValue::from_string(pdu_json.to_owned()).map_err(Error::internal)?);
-        let (joined, _) = self.store.count_room_members(room_id.as_str()).await?;
-        let member_count = UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX);
-        let power_levels = self.push_power_levels(room_id).await?;
-        let names = self.display_names(room_id, &recipients).await?;
-
+        let power_levels = push_power_levels(state, rules);
         let mut notified = Vec::new();
-        for user in recipients {
+        for (user, name) in members.names.iter().filter(|(u, _)| u.as_str() != sender.as_str()) {
             let rules = self.cached_push_rules(user).await?;
-            let mut ctx = PushConditionRoomCtx::new(
-                room_id.to_owned(),
-                member_count,
-                user.clone(),
-                names.get(user.as_str()).cloned().unwrap_or_else(|| user.localpart().to_owned()),
-            );
+            let mut ctx =
+                PushConditionRoomCtx::new(room_id.to_owned(), members.joined_count, user.clone(), name.clone());
             ctx.power_levels = Some(power_levels.clone());
             let actions = rules.get_actions(&event, &ctx).await;
             if actions.iter().any(Action::should_notify) {
                 notified.push((user.to_string(), actions.iter().any(Action::is_highlight)));
             }
         }
-        if !notified.is_empty() {
-            self.store.insert_push_actions(room_id.as_str(), event_id.as_str(), stream_pos, &notified).await?;
-        }
-        Ok(())
+        Ok(notified)
     }
 
-    /// The room's power levels as the push rule conditions need them.
-    async fn push_power_levels(&self, room_id: &RoomId) -> Result<PushConditionPowerLevelsCtx> {
-        let pl: JsonValue =
-            match self.store.get_current_state_event(room_id.as_str(), "m.room.power_levels", "").await? {
-                Some(e) => serde_json::from_str::<JsonValue>(&e.json).map_err(Error::internal)?["content"].take(),
-                None => JsonValue::Null,
-            };
-        let users: BTreeMap<OwnedUserId, Int> = serde_json::from_value(pl["users"].clone()).unwrap_or_default();
-        let users_default = pl["users_default"].as_i64().and_then(|v| Int::new(v)).unwrap_or_default();
-        let notifications: NotificationPowerLevels = serde_json::from_value(pl["notifications"].clone())
-            .or_else(|_| serde_json::from_value(serde_json::json!({})))
-            .map_err(Error::internal)?;
-        let version = self.room_version(room_id).await?;
-        let rules = super::rooms::append::rules_for(&version)?;
-        let mut creators = Vec::new();
-        if let Some(create) = self.store.get_current_state_event(room_id.as_str(), "m.room.create", "").await? {
-            let json: JsonValue = serde_json::from_str(&create.json).map_err(Error::internal)?;
-            creators.extend(OwnedUserId::try_from(create.sender.as_str()).ok());
-            if let Some(more) = json["content"]["additional_creators"].as_array() {
-                creators.extend(more.iter().filter_map(|c| c.as_str()).filter_map(|c| OwnedUserId::try_from(c).ok()));
+    /// The room's joined count and its local members' display names, cached until the
+    /// room's membership changes (see `forget_member_cache`).
+    async fn room_push_members(&self, room_id: &RoomId) -> Result<Arc<RoomPushMembers>> {
+        let generation = {
+            let cache = self.push_members_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(members) = cache.get(room_id) {
+                return Ok(members.clone());
             }
+            self.push_members_cache.generation.load(Ordering::Acquire)
+        };
+        let local = self.joined_local_members(room_id).await?;
+        let (joined, _) = self.store.count_room_members(room_id.as_str()).await?;
+        let users: Vec<&OwnedUserId> = local.iter().collect();
+        let mut names = self.display_names(room_id, &users).await?;
+        let members = Arc::new(RoomPushMembers {
+            joined_count: UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX),
+            names: local
+                .iter()
+                .map(|u| (u.clone(), names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned())))
+                .collect(),
+        });
+        let mut cache = self.push_members_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        if self.push_members_cache.generation.load(Ordering::Acquire) == generation {
+            cache.insert(room_id.to_owned(), members.clone());
         }
-        Ok(PushConditionPowerLevelsCtx::new(
-            users,
-            users_default,
-            notifications,
-            RoomPowerLevelsRules::new(&rules.authorization, creators),
-        ))
+        Ok(members)
     }
 
     /// The display names that users have in a room (from their member events).
@@ -156,4 +169,37 @@ impl Services {
         counts.highlight_count = UInt::new(highlights.max(0) as u64);
         Ok(counts)
     }
+}
+
+/// The room's power levels as the push rule conditions need them, from the state the
+/// event is checked against.
+fn push_power_levels(
+    state: &HashMap<(StateEventType, String), Pdu>,
+    rules: &RoomVersionRules,
+) -> PushConditionPowerLevelsCtx {
+    let content = |kind: StateEventType| -> JsonValue {
+        state
+            .get(&(kind, String::new()))
+            .and_then(|pdu| serde_json::from_str(pdu.content.get()).ok())
+            .unwrap_or(JsonValue::Null)
+    };
+    let pl = content(StateEventType::RoomPowerLevels);
+    let users: BTreeMap<OwnedUserId, Int> = serde_json::from_value(pl["users"].clone()).unwrap_or_default();
+    let users_default = pl["users_default"].as_i64().and_then(|v| Int::new(v)).unwrap_or_default();
+    let notifications: NotificationPowerLevels = serde_json::from_value(pl["notifications"].clone())
+        .or_else(|_| serde_json::from_value(serde_json::json!({})))
+        .expect("the defaults of NotificationPowerLevels deserialize from {}");
+    let mut creators = Vec::new();
+    if let Some(create) = state.get(&(StateEventType::RoomCreate, String::new())) {
+        creators.push(create.sender.clone());
+        if let Some(more) = content(StateEventType::RoomCreate)["additional_creators"].as_array() {
+            creators.extend(more.iter().filter_map(|c| c.as_str()).filter_map(|c| OwnedUserId::try_from(c).ok()));
+        }
+    }
+    PushConditionPowerLevelsCtx::new(
+        users,
+        users_default,
+        notifications,
+        RoomPowerLevelsRules::new(&rules.authorization, creators),
+    )
 }

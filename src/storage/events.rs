@@ -52,6 +52,8 @@ pub struct NewEvent<'a> {
     /// A redaction to apply: the target event and its redacted JSON.
     pub redaction: Option<(&'a str, &'a str)>,
     pub txn: Option<(&'a str, &'a str)>,
+    /// Local users the event notifies, with whether it highlights for them.
+    pub push_actions: &'a [(String, bool)],
 }
 
 /// After this many deltas a state group is written as a full snapshot.
@@ -169,6 +171,19 @@ impl Store {
                 } else {
                     err.into()
                 });
+            }
+            for chunk in e.push_actions.chunks(500) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight) ",
+                );
+                query.push_values(chunk, |mut row, (user, highlight)| {
+                    row.push_bind(user)
+                        .push_bind(e.room_id)
+                        .push_bind(pos)
+                        .push_bind(e.event_id)
+                        .push_bind(i32::from(*highlight));
+                });
+                query.build().execute(&mut *tx).await?;
             }
             if let (Some(membership), Some(user_id)) = (e.membership, e.state_key) {
                 sqlx::query(

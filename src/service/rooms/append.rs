@@ -137,6 +137,7 @@ impl Services {
                 new_room_version: Some(version.as_str()),
                 redaction: None,
                 txn: None,
+                push_actions: &[],
             })
             .await?;
         Ok(Appended { event_id, room_id, stream_pos })
@@ -230,6 +231,14 @@ impl Services {
             Some(target) => self.redacted_json_of(target, room_id, &rules).await?,
             None => None,
         };
+        let push_actions = match self.push_actions_for(room_id, event.sender, &json, &by_key, &rules).await {
+            Ok(actions) => actions,
+            Err(e) => {
+                // The event still goes out; only its notification counts are lost.
+                tracing::warn!(%event_id, error = %e, "could not evaluate push rules");
+                Vec::new()
+            }
+        };
         let stream_pos = self
             .store
             .persist_event(NewEvent {
@@ -247,16 +256,13 @@ impl Services {
                 new_room_version: None,
                 redaction: redaction.as_ref().map(|(id, json)| (id.as_str(), json.as_str())),
                 txn: event.txn.map(|(d, t)| (d.as_str(), t)),
+                push_actions: &push_actions,
             })
             .await?;
         drop(_guard);
 
         if membership.is_some() {
             self.forget_member_cache(room_id);
-        }
-        if let Err(e) = self.record_push_actions(room_id, &event_id, stream_pos, &event.sender, &json).await {
-            // The event is stored; only its notification counts are lost.
-            tracing::warn!(%event_id, error = %e, "could not evaluate push rules");
         }
         self.notifier.notify_users(&self.joined_local_members(room_id).await?);
         if let Some(target) = event.state_key.as_deref().filter(|_| membership.is_some())

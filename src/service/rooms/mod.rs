@@ -83,5 +83,7 @@ impl Services {
         let mut cache = self.member_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
         cache.remove(room_id);
         self.member_cache.generation.fetch_add(1, Ordering::AcqRel);
+        drop(cache);
+        self.push_members_cache.forget(room_id);
     }
 }
