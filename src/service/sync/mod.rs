@@ -12,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::{StreamExt, TryStreamExt, stream};
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UInt,
     api::client::sync::sync_events::v3::{
@@ -64,6 +65,19 @@ pub struct SyncRequest {
 }
 
 /// The longest a sync waits, whatever the client asks.
+/// Joined rooms of one sync built at the same time.
+const JOINED_ROOMS_AT_ONCE: usize = 4;
+
+/// What a joined room's sync entry is made from.
+struct JoinedWork {
+    room_id: OwnedRoomId,
+    initial: bool,
+    has_events: bool,
+    typing: Option<Vec<OwnedUserId>>,
+    receipts: Vec<JsonValue>,
+    account: Vec<(String, String, String)>,
+}
+
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Event types of the stripped state shown with an invite.
@@ -142,6 +156,9 @@ impl Services {
         let room_account_data = self.store.get_account_data_since(user.as_str(), since_pos).await?;
         let mut receipts_by_room = self.receipt_events(user, since_pos).await?;
 
+        // Joined rooms are built concurrently (each is a few independent queries); the
+        // rest in order.
+        let mut joined_work = Vec::new();
         for m in memberships.iter().filter(|m| wanted(&m.room_id) && m.stream_ordering <= head) {
             let room_id = OwnedRoomId::try_from(m.room_id.as_str()).map_err(Error::internal)?;
             let membership_changed = m.stream_ordering > since_pos;
@@ -149,33 +166,14 @@ impl Services {
                 "join" => {
                     let has_events = changed_rooms.as_ref().is_none_or(|c| c.contains_key(&m.room_id));
                     let typing = self.typing.typing_since(&room_id, since.map(|s| s.typing));
-                    let receipts = receipts_by_room.remove(&m.room_id);
-                    let account: Vec<&(String, String, String)> =
-                        room_account_data.iter().filter(|(r, _, _)| *r == m.room_id).collect();
+                    let receipts = receipts_by_room.remove(&m.room_id).unwrap_or_default();
+                    let account: Vec<(String, String, String)> =
+                        room_account_data.iter().filter(|(r, _, _)| *r == m.room_id).cloned().collect();
                     let initial = since.is_none() || membership_changed || req.full_state;
-                    if !initial && !has_events && typing.is_none() && receipts.is_none() && account.is_empty() {
+                    if !initial && !has_events && typing.is_none() && receipts.is_empty() && account.is_empty() {
                         continue;
                     }
-                    let mut joined = JoinedRoom::new();
-                    if initial || has_events {
-                        let (timeline, state) =
-                            self.room_timeline(session, &room_id, since_pos, head, initial, filter).await?;
-                        joined.timeline = timeline;
-                        joined.state = State::Before(state);
-                    }
-                    let mut ephemeral = Vec::new();
-                    if let Some(users) = typing {
-                        ephemeral.push(to_raw(json!({"type": "m.typing", "content": {"user_ids": users}}))?);
-                    }
-                    for receipt in receipts.into_iter().flatten() {
-                        ephemeral.push(to_raw(receipt)?);
-                    }
-                    joined.ephemeral = Ephemeral::new();
-                    joined.ephemeral.events = ephemeral;
-                    joined.account_data = room_account_data_section(&account)?;
-                    joined.summary = self.room_summary(&room_id, user).await?;
-                    joined.unread_notifications = self.unread_counts(&room_id, user).await?;
-                    response.rooms.join.insert(room_id, joined);
+                    joined_work.push(JoinedWork { room_id, initial, has_events, typing, receipts, account });
                 }
                 "invite" if since.is_none() || membership_changed => {
                     let mut invited = InvitedRoom::new();
@@ -191,6 +189,12 @@ impl Services {
                 _ => {}
             }
         }
+        let joined: Vec<(OwnedRoomId, JoinedRoom)> = stream::iter(joined_work)
+            .map(|work| self.joined_room(session, work, since_pos, head, filter))
+            .buffered(JOINED_ROOMS_AT_ONCE)
+            .try_collect()
+            .await?;
+        response.rooms.join.extend(joined);
 
         let mut global = Vec::new();
         for (room, data_type, content) in &room_account_data {
@@ -210,6 +214,38 @@ impl Services {
         response.presence = Presence::new();
         response.presence.events = presence.into_iter().map(to_raw).collect::<Result<_>>()?;
         Ok(response)
+    }
+
+    /// One room of the `join` section.
+    async fn joined_room(
+        &self,
+        session: &Session,
+        work: JoinedWork,
+        since_pos: i64,
+        head: i64,
+        filter: &SyncFilter,
+    ) -> Result<(OwnedRoomId, JoinedRoom)> {
+        let JoinedWork { room_id, initial, has_events, typing, receipts, account } = work;
+        let user = &session.user_id;
+        let mut joined = JoinedRoom::new();
+        if initial || has_events {
+            let (timeline, state) = self.room_timeline(session, &room_id, since_pos, head, initial, filter).await?;
+            joined.timeline = timeline;
+            joined.state = State::Before(state);
+        }
+        let mut ephemeral = Vec::new();
+        if let Some(users) = typing {
+            ephemeral.push(to_raw(json!({"type": "m.typing", "content": {"user_ids": users}}))?);
+        }
+        for receipt in receipts {
+            ephemeral.push(to_raw(receipt)?);
+        }
+        joined.ephemeral = Ephemeral::new();
+        joined.ephemeral.events = ephemeral;
+        joined.account_data = room_account_data_section(&account.iter().collect::<Vec<_>>())?;
+        joined.summary = self.room_summary(&room_id, user).await?;
+        joined.unread_notifications = self.unread_counts(&room_id, user).await?;
+        Ok((room_id, joined))
     }
 
     /// The timeline of a joined room and the state before it.
