@@ -73,6 +73,8 @@ pub struct Services {
     /// Wakes waiting `/sync`s.
     pub notifier: Box<dyn Notifier>,
     pub room_locks: RoomLocks,
+    /// Each room's forward extremities and state group, kept under the room lock.
+    pub room_heads: rooms::append::RoomHeads,
     pub member_cache: MemberCache,
     pub typing: Typing,
     /// Room versions, which never change, by room.
@@ -98,6 +100,7 @@ impl Services {
             signing_key,
             notifier: Box::new(LocalNotifier::default()),
             room_locks: RoomLocks::default(),
+            room_heads: Default::default(),
             member_cache: MemberCache::default(),
             typing: Typing::default(),
             room_versions: Default::default(),

@@ -40,6 +40,38 @@ pub struct Appended {
     pub stream_pos: i64,
 }
 
+/// Where a room's next event goes: its forward extremities (event ids with depths)
+/// and its current state group.
+#[derive(Clone)]
+pub struct RoomHead {
+    extremities: Vec<(String, i64)>,
+    state_group: i64,
+}
+
+/// The heads of rooms that local events were appended to, so that appending does not
+/// read them back from the database each time. Read and written only under the room's
+/// lock (as every event of a room is stored), so an entry always equals the database;
+/// dropped when storing fails. Whatever else stores events in a room later (federation)
+/// must take the same lock and update or drop the entry.
+#[derive(Default)]
+pub struct RoomHeads {
+    rooms: std::sync::Mutex<HashMap<OwnedRoomId, RoomHead>>,
+}
+
+impl RoomHeads {
+    fn get(&self, room_id: &RoomId) -> Option<RoomHead> {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner()).get(room_id).cloned()
+    }
+
+    fn set(&self, room_id: &RoomId, head: RoomHead) {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner()).insert(room_id.to_owned(), head);
+    }
+
+    pub fn forget(&self, room_id: &RoomId) {
+        self.rooms.lock().unwrap_or_else(|e| e.into_inner()).remove(room_id);
+    }
+}
+
 /// Largest number of prev_events an event names.
 const MAX_PREV_EVENTS: usize = 10;
 
@@ -149,8 +181,15 @@ impl Services {
         let rules = rules_for(&version)?;
         let _guard = self.room_locks.lock(room_id).await;
 
-        let (mut extremities, state_group) = self.store.get_room_head(room_id.as_str()).await?;
-        let state_group = state_group.ok_or_else(|| Error::not_found("Unknown room"))?;
+        let head = match self.room_heads.get(room_id) {
+            Some(head) => head,
+            None => {
+                let (extremities, state_group) = self.store.get_room_head(room_id.as_str()).await?;
+                RoomHead { extremities, state_group: state_group.ok_or_else(|| Error::not_found("Unknown room"))? }
+            }
+        };
+        let state_group = head.state_group;
+        let mut extremities = head.extremities.clone();
         extremities.sort_by(|a, b| b.1.cmp(&a.1));
         extremities.truncate(MAX_PREV_EVENTS);
         let depth = extremities.iter().map(|e| e.1).max().unwrap_or(0) + 1;
@@ -258,7 +297,20 @@ impl Services {
                 txn: event.txn.map(|(d, t)| (d.as_str(), t)),
                 push_actions: &push_actions,
             })
-            .await?;
+            .await;
+        let stream_pos = match stream_pos {
+            Ok(pos) => pos,
+            Err(e) => {
+                // Whatever happened, the database says what the head is.
+                self.room_heads.forget(room_id);
+                return Err(e);
+            }
+        };
+        let mut extremities: Vec<(String, i64)> =
+            head.extremities.into_iter().filter(|(id, _)| !prev_events.contains(id)).collect();
+        extremities.push((event_id.to_string(), depth));
+        let state_group = if event.state_key.is_some() { stream_pos } else { state_group };
+        self.room_heads.set(room_id, RoomHead { extremities, state_group });
         drop(_guard);
 
         if membership.is_some() {
