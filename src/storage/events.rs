@@ -200,18 +200,34 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            for prev in e.prev_events {
-                sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
+            // The usual case, one prev event that was the only extremity, is one statement.
+            let replaced = match e.prev_events {
+                [only] => {
+                    sqlx::query("UPDATE forward_extremities SET event_id = $3 WHERE room_id = $1 AND event_id = $2")
+                        .bind(e.room_id)
+                        .bind(only)
+                        .bind(e.event_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1
+                }
+                _ => false,
+            };
+            if !replaced {
+                for prev in e.prev_events {
+                    sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
+                        .bind(e.room_id)
+                        .bind(prev)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("INSERT INTO forward_extremities (room_id, event_id) VALUES ($1, $2)")
                     .bind(e.room_id)
-                    .bind(prev)
+                    .bind(e.event_id)
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query("INSERT INTO forward_extremities (room_id, event_id) VALUES ($1, $2)")
-                .bind(e.room_id)
-                .bind(e.event_id)
-                .execute(&mut *tx)
-                .await?;
             if let Some((target, redacted_json)) = e.redaction {
                 sqlx::query(
                     "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",

@@ -81,9 +81,8 @@ impl Services {
         txn_id: &str,
         content: JsonValue,
     ) -> Result<OwnedEventId> {
-        if let Some(existing) = self.store.find_txn_event(sender.as_str(), device.as_str(), txn_id).await? {
-            return OwnedEventId::try_from(existing).map_err(Error::internal);
-        }
+        // A retried transaction id is caught by the unique index on (sender, device,
+        // txn id) when the event is stored, and answered below with the first event.
         // No separate membership check: the auth rules refuse events from non-members
         // (M_FORBIDDEN), from the state `append_event` reads anyway. An unknown room
         // looks the same as one the user is not in.
@@ -188,9 +187,8 @@ impl Services {
         txn_id: &str,
         reason: Option<String>,
     ) -> Result<OwnedEventId> {
-        if let Some(existing) = self.store.find_txn_event(sender.as_str(), device.as_str(), txn_id).await? {
-            return OwnedEventId::try_from(existing).map_err(Error::internal);
-        }
+        // A retried transaction id is caught by the unique index on (sender, device,
+        // txn id) when the event is stored, and answered below with the first event.
         self.require_joined(room_id, sender).await?;
         let event = self.store.get_event(target.as_str()).await?;
         let event = event
