@@ -325,7 +325,70 @@ async fn tokens_survive_a_restart(backend: Backend) {
     server.stop().await;
 }
 
+/// `full_state`, `set_presence`, threaded receipts and the `trusted_private_chat` preset.
+async fn full_state_presence_and_threaded_receipts(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let room_id = server
+        .create_room(&alice, json!({"preset": "trusted_private_chat", "invite": [bob_id], "is_direct": true}))
+        .await;
+    server.join(&bob, &room_id).await;
+    // Trusted private chat: invited users get the creator's power; in room version 12
+    // that makes them additional creators. The room is invite-only.
+    let (_, create) = server.get(&format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.create/"), Some(&bob)).await;
+    assert_eq!(create["additional_creators"], json!([bob_id]), "{create}");
+    let (_, rules) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.join_rules/"), Some(&bob)).await;
+    assert_eq!(rules["join_rule"], "invite");
+
+    let event = server.send_text(&alice, &room_id, "in a thread").await;
+    let first = server.sync(&bob, None, "").await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+
+    // full_state: every state event again, even with nothing new.
+    let full = server.sync(&bob, Some(&since), "full_state=true&timeout=0").await;
+    let state = room(&full, "join", &room_id)["state"]["events"].as_array().cloned().unwrap_or_default();
+    let timeline = room(&full, "join", &room_id)["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    let types: Vec<&str> = state.iter().chain(timeline.iter()).filter_map(|e| e["type"].as_str()).collect();
+    for kind in ["m.room.create", "m.room.power_levels", "m.room.join_rules", "m.room.member"] {
+        assert!(types.contains(&kind), "full_state lacks {kind}: {types:?}");
+    }
+    let plain = server.sync(&bob, Some(&since), "timeout=0").await;
+    assert!(room(&plain, "join", &room_id).is_null(), "without full_state nothing is new: {plain}");
+
+    // set_presence on sync: alice syncing as "unavailable" is what bob sees.
+    let since_bob = plain["next_batch"].as_str().unwrap().to_owned();
+    server.sync(&alice, None, "set_presence=unavailable").await;
+    let (_, presence) = server.get(&format!("/_matrix/client/v3/presence/{alice_id}/status"), Some(&bob)).await;
+    assert_eq!(presence["presence"], "unavailable");
+    let seen = server.sync(&bob, Some(&since_bob), "timeout=5000").await;
+    let event_of_alice =
+        seen["presence"]["events"].as_array().unwrap().iter().find(|e| e["sender"] == alice_id.as_str());
+    assert_eq!(event_of_alice.unwrap()["content"]["presence"], "unavailable", "{seen}");
+
+    // A threaded receipt and an unthreaded one on the same event both reach alice.
+    let alice_since = server.sync(&alice, None, "").await["next_batch"].as_str().unwrap().to_owned();
+    let receipt = format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{event}");
+    assert_eq!(server.post(&receipt, Some(&bob), json!({"thread_id": "main"})).await.0, StatusCode::OK);
+    assert_eq!(server.post(&receipt, Some(&bob), json!({})).await.0, StatusCode::OK);
+    let sync = server.sync(&alice, Some(&alice_since), "timeout=5000").await;
+    let receipts: Vec<Value> = room(&sync, "join", &room_id)["ephemeral"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.receipt")
+        .map(|e| e["content"][&event]["m.read"][&bob_id].clone())
+        .filter(|r| r.is_object())
+        .collect();
+    assert_eq!(receipts.len(), 2, "{sync}");
+    assert!(receipts.iter().any(|r| r["thread_id"] == "main"));
+    assert!(receipts.iter().any(|r| r.get("thread_id").is_none()));
+    server.stop().await;
+}
+
 backend_tests!(
+    full_state_presence_and_threaded_receipts,
     long_poll_wakes_on_send_and_times_out,
     sections_invite_join_leave,
     typing_receipts_and_markers,
