@@ -257,6 +257,19 @@ fn effective_state(p: &PresenceRow, now: i64) -> &str {
     }
 }
 
+fn presence_content(p: &PresenceRow, now: i64) -> JsonValue {
+    let state = effective_state(p, now);
+    let mut content = json!({
+        "presence": state,
+        "last_active_ago": (now - p.last_active_ts).max(0),
+        "currently_active": state == "online",
+    });
+    if let Some(msg) = &p.status_msg {
+        content["status_msg"] = json!(msg);
+    }
+    content
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,17 +289,4 @@ mod tests {
         assert_eq!(effective_state(&row("unavailable", now - OFFLINE_AFTER_MS - 1), now), "offline");
         assert_eq!(effective_state(&row("offline", now), now), "offline");
     }
-}
-
-fn presence_content(p: &PresenceRow, now: i64) -> JsonValue {
-    let state = effective_state(p, now);
-    let mut content = json!({
-        "presence": state,
-        "last_active_ago": (now - p.last_active_ts).max(0),
-        "currently_active": state == "online",
-    });
-    if let Some(msg) = &p.status_msg {
-        content["status_msg"] = json!(msg);
-    }
-    content
 }

@@ -185,7 +185,7 @@ fn push_power_levels(
     };
     let pl = content(StateEventType::RoomPowerLevels);
     let users: BTreeMap<OwnedUserId, Int> = serde_json::from_value(pl["users"].clone()).unwrap_or_default();
-    let users_default = pl["users_default"].as_i64().and_then(|v| Int::new(v)).unwrap_or_default();
+    let users_default = pl["users_default"].as_i64().and_then(Int::new).unwrap_or_default();
     let notifications: NotificationPowerLevels = serde_json::from_value(pl["notifications"].clone())
         .or_else(|_| serde_json::from_value(serde_json::json!({})))
         .expect("the defaults of NotificationPowerLevels deserialize from {}");

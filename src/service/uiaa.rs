@@ -61,10 +61,10 @@ impl Services {
         let Some(auth) = auth else {
             return Err(self.uiaa_error(ctx, &session, None));
         };
-        if let Some(stage) = auth.auth_type() {
-            if !ctx.flows.iter().any(|flow| flow.contains(&stage)) {
-                return Err(Error::bad_json(format!("Authentication type {stage} is not offered here")));
-            }
+        if let Some(stage) = auth.auth_type()
+            && !ctx.flows.iter().any(|flow| flow.contains(&stage))
+        {
+            return Err(Error::bad_json(format!("Authentication type {stage} is not offered here")));
         }
         if matches!(auth, AuthData::FallbackAcknowledgement(_)) {
             // The client believes a stage was done out of band; Convo has no such

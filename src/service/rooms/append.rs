@@ -190,7 +190,7 @@ impl Services {
         };
         let state_group = head.state_group;
         let mut extremities = head.extremities.clone();
-        extremities.sort_by(|a, b| b.1.cmp(&a.1));
+        extremities.sort_by_key(|e| std::cmp::Reverse(e.1));
         extremities.truncate(MAX_PREV_EVENTS);
         let depth = extremities.iter().map(|e| e.1).max().unwrap_or(0) + 1;
         let prev_events: Vec<String> = extremities.into_iter().map(|e| e.0).collect();

@@ -39,10 +39,11 @@ fn base_client_event(
     } else {
         out.remove("room_id");
     }
-    if event.event_type == "m.room.redaction" && !out.contains_key("redacts") {
-        if let Some(target) = pdu.get("content").and_then(|c| c.get("redacts")) {
-            out.insert("redacts".into(), target.clone());
-        }
+    if event.event_type == "m.room.redaction"
+        && !out.contains_key("redacts")
+        && let Some(target) = pdu.get("content").and_then(|c| c.get("redacts"))
+    {
+        out.insert("redacts".into(), target.clone());
     }
     let mut unsigned = Map::new();
     unsigned.insert("age".into(), json!((now_ms() - event.origin_server_ts).max(0)));
