@@ -86,8 +86,11 @@ impl Services {
         // No separate membership check: the auth rules refuse events from non-members
         // (M_FORBIDDEN), from the state `append_event` reads anyway. An unknown room
         // looks the same as one the user is not in.
-        if self.room_version(room_id).await.is_err() {
-            return Err(Error::forbidden("You are not in this room"));
+        match self.room_version(room_id).await {
+            Err(Error::Matrix { status: axum::http::StatusCode::NOT_FOUND, .. }) => {
+                return Err(Error::forbidden("You are not in this room"));
+            }
+            other => other.map(drop)?,
         }
         let appended = self
             .append_event(
