@@ -34,6 +34,7 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub logging: Logging,
     pub federation: Federation,
+    pub voip: Voip,
 }
 
 /// Where Convo listens and how clients find it.
@@ -132,6 +133,36 @@ pub struct Media {
     pub max_upload_size: u64,
 }
 
+/// Voice and video calls: the TURN server that relays call media between clients
+/// behind NAT. The call signalling itself travels as ordinary room events.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Voip {
+    /// TURN URIs handed to clients, e.g. `turn:turn.example.org:3478?transport=udp`.
+    /// Empty: no TURN server, and `/voip/turnServer` answers `{}`.
+    pub turn_uris: Vec<String>,
+    /// Secret shared with the TURN server (coturn's `static-auth-secret`): each user
+    /// gets credentials made from it that expire after `turn_user_lifetime_ms`.
+    pub turn_shared_secret: String,
+    /// Fixed credentials, for a TURN server without a shared secret.
+    pub turn_username: String,
+    pub turn_password: String,
+    /// Lifetime of credentials made from the shared secret, in milliseconds.
+    pub turn_user_lifetime_ms: u64,
+}
+
+impl Default for Voip {
+    fn default() -> Self {
+        Self {
+            turn_uris: Vec::new(),
+            turn_shared_secret: String::new(),
+            turn_username: String::new(),
+            turn_password: String::new(),
+            turn_user_lifetime_ms: 86_400_000,
+        }
+    }
+}
+
 /// Request limits.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -206,6 +237,7 @@ impl Default for Config {
             rate_limits: RateLimits::default(),
             logging: Logging::default(),
             federation: Federation::default(),
+            voip: Voip::default(),
         }
     }
 }

@@ -17,6 +17,7 @@ mod sessions;
 pub mod sync;
 mod uiaa;
 mod users;
+mod voip;
 
 use std::{
     sync::Arc,

@@ -111,4 +111,44 @@ async fn unread_counts_follow_push_rules(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(push_rules_start_from_defaults_and_change, unread_counts_follow_push_rules);
+async fn turn_server_credentials(backend: Backend) {
+    // Without a TURN server: `{}`, as clients expect.
+    let server = TestServer::start(backend.clone()).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (status, body) = server.get("/_matrix/client/v3/voip/turnServer", Some(&alice)).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({})));
+    assert_error(
+        &server.get("/_matrix/client/v3/voip/turnServer", None).await,
+        StatusCode::UNAUTHORIZED,
+        "M_MISSING_TOKEN",
+    );
+    server.stop().await;
+
+    // With a shared secret: per-user credentials that the TURN server can check alone.
+    let server = TestServer::start_with(backend, |c| {
+        c.voip.turn_uris = vec!["turn:turn.example.org:3478?transport=udp".into()];
+        c.voip.turn_shared_secret = "s3cret".into();
+        c.voip.turn_user_lifetime_ms = 3_600_000;
+    })
+    .await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (status, body) = server.get("/_matrix/client/v3/voip/turnServer", Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["uris"], json!(["turn:turn.example.org:3478?transport=udp"]));
+    assert_eq!(body["ttl"], 3600);
+    let username = body["username"].as_str().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, alice_id);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let expiry: u64 = expiry.parse().unwrap();
+    assert!(expiry > now + 3500 && expiry <= now + 3601, "expiry {expiry}, now {now}");
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(b"s3cret").unwrap();
+    mac.update(username.as_bytes());
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    assert_eq!(body["password"], expected.as_str());
+    server.stop().await;
+}
+
+backend_tests!(push_rules_start_from_defaults_and_change, unread_counts_follow_push_rules, turn_server_credentials);

@@ -16,6 +16,7 @@ mod rooms;
 mod session;
 mod sync;
 mod tags;
+mod voip;
 
 use axum::Router;
 
@@ -36,5 +37,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ephemeral::routes(router);
     let router = directory::routes(router);
     let router = push::routes(router);
-    tags::routes(router)
+    let router = tags::routes(router);
+    voip::routes(router)
 }
