@@ -1,6 +1,7 @@
 //! Notifications: each new room event is run through the push rules of the room's
 //! local members (other than its sender); who it notifies, and for whom it highlights,
-//! is recorded, and `/sync` counts those records after the user's read receipt.
+//! is recorded with the event, and `/sync` counts those records after the user's read
+//! receipt (`storage/push.rs`).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -12,7 +13,6 @@ use std::{
 
 use ruma::{
     Int, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
-    api::client::sync::sync_events::UnreadNotificationsCount,
     events::StateEventType,
     power_levels::NotificationPowerLevels,
     push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
@@ -153,21 +153,6 @@ impl Services {
             }
         }
         Ok(names)
-    }
-
-    /// A room's unread counts for a user: events that notify the user after their
-    /// latest read receipt (or after their join, before any receipt).
-    pub(crate) async fn unread_counts(&self, room_id: &RoomId, user: &UserId) -> Result<UnreadNotificationsCount> {
-        let after = match self.store.get_read_position(room_id.as_str(), user.as_str()).await? {
-            Some(pos) => pos,
-            None => self.membership(room_id, user).await?.map(|m| m.stream_ordering).unwrap_or(0),
-        };
-        let (notifications, highlights) =
-            self.store.count_notifications(room_id.as_str(), user.as_str(), after).await?;
-        let mut counts = UnreadNotificationsCount::new();
-        counts.notification_count = UInt::new(notifications.max(0) as u64);
-        counts.highlight_count = UInt::new(highlights.max(0) as u64);
-        Ok(counts)
     }
 }
 

@@ -48,17 +48,16 @@ impl Store {
     }
 
     /// The stream position of the event a user last read in a room (public or private receipt).
-    pub async fn get_read_position(&self, room_id: &str, user_id: &str) -> Result<Option<i64>> {
+    /// The stream position of the user's latest read receipt in each room that has one.
+    pub async fn get_read_positions(&self, user_id: &str) -> Result<Vec<(String, i64)>> {
         on_pool!(self, read, |pool| {
-            let row: Option<(Option<i64>,)> = sqlx::query_as(
-                "SELECT MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
-                 WHERE r.room_id = $1 AND r.user_id = $2",
+            Ok(sqlx::query_as(
+                "SELECT r.room_id, MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
+                 WHERE r.user_id = $1 GROUP BY r.room_id",
             )
-            .bind(room_id)
             .bind(user_id)
-            .fetch_optional(pool)
-            .await?;
-            Ok(row.and_then(|r| r.0))
+            .fetch_all(pool)
+            .await?)
         })
     }
 

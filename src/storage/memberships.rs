@@ -1,5 +1,7 @@
 //! Storage of room memberships: who is in which room, as of the latest state.
 
+use std::collections::HashMap;
+
 use super::{Store, on_pool};
 use crate::error::Result;
 
@@ -81,6 +83,35 @@ impl Store {
             let count = |m: &str| rows.iter().find(|r| r.0 == m).map_or(0, |r| r.1);
             Ok((count("join"), count("invite")))
         })
+    }
+
+    /// Joined and invited counts of several rooms in one query (rooms without either
+    /// are left out).
+    pub async fn count_members_in_rooms(&self, room_ids: &[&str]) -> Result<HashMap<String, (i64, i64)>> {
+        let mut counts: HashMap<String, (i64, i64)> = HashMap::new();
+        for chunk in room_ids.chunks(500) {
+            let rows: Vec<(String, String, i64)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT room_id, membership, COUNT(*) FROM memberships
+                     WHERE membership IN ('join', 'invite') AND room_id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(") GROUP BY room_id, membership");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            for (room, membership, n) in rows {
+                let entry = counts.entry(room).or_default();
+                if membership == "join" {
+                    entry.0 = n;
+                } else {
+                    entry.1 = n;
+                }
+            }
+        }
+        Ok(counts)
     }
 
     /// Up to `limit` members other than `user_id`, joined or invited first, for room

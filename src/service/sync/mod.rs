@@ -8,16 +8,19 @@
 pub mod notifier;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     time::{Duration, Instant},
 };
 
 use futures_util::{StreamExt, TryStreamExt, stream};
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UInt,
-    api::client::sync::sync_events::v3::{
-        Ephemeral, GlobalAccountData, InviteState, InvitedRoom, JoinedRoom, LeftRoom, Presence, Response,
-        RoomAccountData, RoomSummary, State, StateEvents, Timeline,
+    api::client::sync::sync_events::{
+        UnreadNotificationsCount,
+        v3::{
+            Ephemeral, GlobalAccountData, InviteState, InvitedRoom, JoinedRoom, LeftRoom, Presence, Response,
+            RoomAccountData, RoomSummary, State, StateEvents, Timeline,
+        },
     },
 };
 use serde_json::{Value as JsonValue, json};
@@ -71,6 +74,12 @@ const JOINED_ROOMS_AT_ONCE: usize = 4;
 /// What a joined room's sync entry is made from.
 struct JoinedWork {
     room_id: OwnedRoomId,
+    /// Stream position of the user's join (unread counts start there before a receipt).
+    joined_at: i64,
+    /// Joined and invited members.
+    members: (i64, i64),
+    /// Notifying and highlighting events since the user's read receipt.
+    unread: (i64, i64),
     initial: bool,
     has_events: bool,
     typing: Option<Vec<OwnedUserId>>,
@@ -173,7 +182,17 @@ impl Services {
                     if !initial && !has_events && typing.is_none() && receipts.is_empty() && account.is_empty() {
                         continue;
                     }
-                    joined_work.push(JoinedWork { room_id, initial, has_events, typing, receipts, account });
+                    joined_work.push(JoinedWork {
+                        room_id,
+                        joined_at: m.stream_ordering,
+                        initial,
+                        has_events,
+                        typing,
+                        receipts,
+                        account,
+                        members: (0, 0),
+                        unread: (0, 0),
+                    });
                 }
                 "invite" if since.is_none() || membership_changed => {
                     let mut invited = InvitedRoom::new();
@@ -189,6 +208,7 @@ impl Services {
                 _ => {}
             }
         }
+        self.fill_counts(user, &mut joined_work).await?;
         let joined: Vec<(OwnedRoomId, JoinedRoom)> = stream::iter(joined_work)
             .map(|work| self.joined_room(session, work, since_pos, head, filter))
             .buffered(JOINED_ROOMS_AT_ONCE)
@@ -225,7 +245,7 @@ impl Services {
         head: i64,
         filter: &SyncFilter,
     ) -> Result<(OwnedRoomId, JoinedRoom)> {
-        let JoinedWork { room_id, initial, has_events, typing, receipts, account } = work;
+        let JoinedWork { room_id, initial, has_events, typing, receipts, account, members, unread, .. } = work;
         let user = &session.user_id;
         let mut joined = JoinedRoom::new();
         if initial || has_events {
@@ -243,8 +263,11 @@ impl Services {
         joined.ephemeral = Ephemeral::new();
         joined.ephemeral.events = ephemeral;
         joined.account_data = room_account_data_section(&account.iter().collect::<Vec<_>>())?;
-        joined.summary = self.room_summary(&room_id, user).await?;
-        joined.unread_notifications = self.unread_counts(&room_id, user).await?;
+        joined.summary = self.room_summary(&room_id, user, members).await?;
+        let mut counts = UnreadNotificationsCount::new();
+        counts.notification_count = UInt::new(unread.0.max(0) as u64);
+        counts.highlight_count = UInt::new(unread.1.max(0) as u64);
+        joined.unread_notifications = counts;
         Ok((room_id, joined))
     }
 
@@ -343,8 +366,29 @@ impl Services {
         Ok(left)
     }
 
-    async fn room_summary(&self, room_id: &RoomId, user: &ruma::UserId) -> Result<RoomSummary> {
-        let (joined, invited) = self.store.count_room_members(room_id.as_str()).await?;
+    /// Member counts and unread counts of every room about to be built, a few queries
+    /// for all of them instead of several per room.
+    async fn fill_counts(&self, user: &ruma::UserId, work: &mut [JoinedWork]) -> Result<()> {
+        if work.is_empty() {
+            return Ok(());
+        }
+        let room_ids: Vec<&str> = work.iter().map(|w| w.room_id.as_str()).collect();
+        let members = self.store.count_members_in_rooms(&room_ids).await?;
+        let read: HashMap<String, i64> = self.store.get_read_positions(user.as_str()).await?.into_iter().collect();
+        let after: Vec<(&str, i64)> = work
+            .iter()
+            .map(|w| (w.room_id.as_str(), read.get(w.room_id.as_str()).copied().unwrap_or(w.joined_at)))
+            .collect();
+        let unread = self.store.count_notifications_in_rooms(user.as_str(), &after).await?;
+        for w in work.iter_mut() {
+            w.members = members.get(w.room_id.as_str()).copied().unwrap_or_default();
+            w.unread = unread.get(w.room_id.as_str()).copied().unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    async fn room_summary(&self, room_id: &RoomId, user: &ruma::UserId, members: (i64, i64)) -> Result<RoomSummary> {
+        let (joined, invited) = members;
         let heroes = self.store.get_room_heroes(room_id.as_str(), user.as_str(), 5).await?;
         let mut summary = RoomSummary::new();
         summary.heroes = heroes.into_iter().filter_map(|h| OwnedUserId::try_from(h).ok()).collect();
