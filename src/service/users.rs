@@ -110,8 +110,9 @@ impl Services {
         }
     }
 
-    /// `POST /register`: checks the name and password first (so the client learns of a
-    /// taken name before any token is spent), then UIA, then creates the account.
+    /// `POST /register`: checks the name and password first when given (so the client
+    /// learns of a taken name or a weak password before any token is spent), then UIA,
+    /// then creates the account.
     pub async fn register(&self, req: RegisterRequest, client_ip: &str) -> Result<RegisterOutcome> {
         if req.guest {
             return Err(Error::guest_access_forbidden());
@@ -122,11 +123,15 @@ impl Services {
             Some(name) => self.check_username_available(name).await?,
             None => self.check_username_available(&generate_localpart()).await?,
         };
-        let password = req.password.as_deref().ok_or_else(|| Error::missing_param("A password is required"))?;
-        check_policy(&self.config.password_policy, password, user_id.localpart())?;
+        if let Some(password) = req.password.as_deref() {
+            check_policy(&self.config.password_policy, password, user_id.localpart())?;
+        }
 
+        // A request without a password still gets the flows: Element asks for them
+        // with an empty body before it shows its registration form.
         let ctx = UiaaContext { purpose: "register", flows, user: None };
         let session = self.check_uiaa(&ctx, req.auth.as_ref()).await?;
+        let password = req.password.as_deref().ok_or_else(|| Error::missing_param("A password is required"))?;
 
         let hash = self.hash_password(password).await?;
         let issued = (!req.inhibit_login).then(|| self.new_tokens(req.device_id.clone(), req.refresh_token));

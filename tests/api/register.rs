@@ -151,6 +151,11 @@ async fn open_and_closed_modes(backend: Backend) {
     let (status, body) = server.post(REGISTER, None, json!({"username": "dan", "password": PASSWORD})).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["flows"], json!([{"stages": ["m.login.dummy"]}]));
+    // Element asks for the flows with an empty body before showing its form.
+    let (status, body) = server.post(REGISTER, None, json!({})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["flows"], json!([{"stages": ["m.login.dummy"]}]));
+    assert!(body["session"].is_string());
     let (user_id, _, _) = server.register("dan").await;
     assert_eq!(user_id, "@dan:localhost");
 
