@@ -101,8 +101,17 @@ async fn sections_invite_join_leave(backend: Backend) {
         types.contains(&"m.room.name") && types.contains(&"m.room.member") && types.contains(&"m.room.create"),
         "{types:?}"
     );
-    let me = invite.as_array().unwrap().iter().find(|e| e["type"] == "m.room.member").unwrap();
-    assert_eq!((me["state_key"].clone(), me["content"]["is_direct"].clone()), (json!("@bob:localhost"), json!(true)));
+    let member = |who: &str| {
+        invite.as_array().unwrap().iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == who).cloned()
+    };
+    let me = member("@bob:localhost").unwrap();
+    assert_eq!(me["content"]["is_direct"], json!(true));
+    // The inviter's member event, for the inviter's name in the invite.
+    let inviter = member("@alice:localhost").expect("the inviter's member event is in the stripped state");
+    assert_eq!(
+        (inviter["content"]["membership"].clone(), inviter["content"]["displayname"].clone()),
+        (json!("join"), json!("alice"))
+    );
     let since = sync["next_batch"].as_str().unwrap().to_owned();
 
     // After joining: the room under join, with full state and a summary.

@@ -405,6 +405,12 @@ impl Services {
     ) -> Result<Vec<ruma::serde::Raw<ruma::events::AnyStrippedStateEvent>>> {
         let mut events = self.store.get_current_state_events(room_id.as_str(), &STRIPPED_TYPES).await?;
         if let Some(invite) = self.store.get_event(invite_event_id).await? {
+            // The inviter's own member event too: clients show the inviter's name and
+            // avatar from it (without it Element calls the invite "Empty room").
+            let inviter = [("m.room.member".to_owned(), invite.sender.clone())];
+            if invite.state_key.as_deref() != Some(invite.sender.as_str()) {
+                events.extend(self.store.get_current_state_entries(room_id.as_str(), &inviter).await?);
+            }
             events.push(invite);
         }
         events
