@@ -4,6 +4,7 @@
 
 mod account_data;
 pub mod directory;
+mod e2e;
 mod ephemeral;
 mod ids;
 mod notifications;

@@ -9,6 +9,7 @@
 
 mod account_data;
 mod directory;
+mod e2e;
 mod ephemeral;
 mod events;
 mod memberships;
@@ -27,6 +28,7 @@ use sqlx::{
 };
 
 pub use self::{
+    e2e::NewKey,
     ephemeral::{PresenceRow, ReceiptRow},
     events::{NewEvent, StoredEvent},
     memberships::MembershipRow,

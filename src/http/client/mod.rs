@@ -7,6 +7,7 @@ mod devices;
 mod directory;
 mod discovery;
 mod ephemeral;
+mod keys;
 mod membership;
 mod message;
 mod profile;
@@ -37,6 +38,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = ephemeral::routes(router);
     let router = directory::routes(router);
     let router = push::routes(router);
+    let router = keys::routes(router);
     let router = tags::routes(router);
     voip::routes(router)
 }

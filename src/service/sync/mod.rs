@@ -230,6 +230,8 @@ impl Services {
         }
         response.account_data = GlobalAccountData::new();
         response.account_data.events = global;
+        response.device_one_time_keys_count = self.one_time_key_counts(session).await?;
+        response.device_unused_fallback_key_types = Some(self.unused_fallback_key_types(session).await?);
         let presence = self.presence_events(user, since_pos).await?;
         response.presence = Presence::new();
         response.presence.events = presence.into_iter().map(to_raw).collect::<Result<_>>()?;

@@ -1,0 +1,54 @@
+//! End-to-end encryption keys: upload, query, claim.
+
+use axum::{Router, extract::State};
+use ruma::api::client::keys::{claim_keys, get_keys, upload_keys};
+
+use crate::{
+    error::Result,
+    http::{
+        AppState, route,
+        ruma::{Ruma, RumaResponse},
+    },
+};
+
+/// # `POST /_matrix/client/v3/keys/upload`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysupload>
+async fn upload_keys(
+    State(services): State<AppState>,
+    req: Ruma<upload_keys::v3::Request>,
+) -> Result<RumaResponse<upload_keys::v3::Response>> {
+    let session = req.session()?;
+    let b = &req.body;
+    let counts = services.upload_keys(session, b.device_keys.as_ref(), &b.one_time_keys, &b.fallback_keys).await?;
+    Ok(upload_keys::v3::Response::new(counts).into())
+}
+
+/// # `POST /_matrix/client/v3/keys/query`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery>
+///
+/// Cross-signing keys are not stored yet, so none are returned.
+async fn get_keys(
+    State(services): State<AppState>,
+    req: Ruma<get_keys::v3::Request>,
+) -> Result<RumaResponse<get_keys::v3::Response>> {
+    req.session()?;
+    let mut response = get_keys::v3::Response::new();
+    response.device_keys = services.query_keys(&req.body.device_keys).await?;
+    Ok(response.into())
+}
+
+/// # `POST /_matrix/client/v3/keys/claim`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysclaim>
+async fn claim_keys(
+    State(services): State<AppState>,
+    req: Ruma<claim_keys::v3::Request>,
+) -> Result<RumaResponse<claim_keys::v3::Response>> {
+    req.session()?;
+    Ok(claim_keys::v3::Response::new(services.claim_keys(&req.body.one_time_keys).await?).into())
+}
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<upload_keys::v3::Request, _, _>(router, upload_keys);
+    let router = route::<get_keys::v3::Request, _, _>(router, get_keys);
+    route::<claim_keys::v3::Request, _, _>(router, claim_keys)
+}

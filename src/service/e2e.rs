@@ -1,0 +1,134 @@
+//! End-to-end encryption keys: what each device publishes (its identity keys, one-time
+//! keys and fallback keys) and how other devices fetch and claim them. The server
+//! checks who may publish what and hands keys out; it never sees message plaintext.
+
+use std::collections::BTreeMap;
+
+use ruma::{
+    OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, UInt,
+    encryption::{DeviceKeys, OneTimeKey},
+    serde::Raw,
+};
+use serde_json::value::RawValue;
+
+use super::{Services, Session};
+use crate::{
+    error::{Error, Result},
+    storage::NewKey,
+};
+
+/// One-time keys a single upload may carry.
+const MAX_KEYS_PER_UPLOAD: usize = 1000;
+
+/// Devices one `/keys/claim` may ask keys of.
+const MAX_CLAIMS: usize = 1000;
+
+fn new_keys(rows: &[(String, String, String)]) -> Vec<NewKey<'_>> {
+    rows.iter().map(|(id, alg, json)| NewKey { key_id: id, algorithm: alg, json }).collect()
+}
+
+fn raw_from_json<T>(json: String) -> Result<Raw<T>> {
+    Ok(Raw::from_json(RawValue::from_string(json).map_err(Error::internal)?))
+}
+
+impl Services {
+    /// `POST /keys/upload`: stores the device's keys; answers its unclaimed one-time
+    /// key counts.
+    pub async fn upload_keys(
+        &self,
+        session: &Session,
+        device_keys: Option<&Raw<DeviceKeys>>,
+        one_time: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>,
+        fallback: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>,
+    ) -> Result<BTreeMap<ruma::OneTimeKeyAlgorithm, UInt>> {
+        if let Some(raw) = device_keys {
+            let keys: DeviceKeys =
+                raw.deserialize().map_err(|e| Error::bad_json(format!("Invalid device_keys: {e}")))?;
+            if keys.user_id != session.user_id || keys.device_id != session.device_id {
+                return Err(Error::invalid_param("device_keys must be for the device making the request"));
+            }
+        }
+        if one_time.len() + fallback.len() > MAX_KEYS_PER_UPLOAD {
+            return Err(Error::too_large(format!("At most {MAX_KEYS_PER_UPLOAD} keys per upload")));
+        }
+        let as_rows = |keys: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>| -> Vec<(String, String, String)> {
+            keys.iter()
+                .map(|(id, key)| (id.to_string(), id.algorithm().to_string(), key.json().get().to_owned()))
+                .collect()
+        };
+        let (one_time, fallback) = (as_rows(one_time), as_rows(fallback));
+        self.store
+            .upload_e2e_keys(
+                session.user_id.as_str(),
+                session.device_id.as_str(),
+                device_keys.map(|k| k.json().get()),
+                &new_keys(&one_time),
+                &new_keys(&fallback),
+            )
+            .await?;
+        self.one_time_key_counts(session).await
+    }
+
+    /// Unclaimed one-time keys of the session's device, by algorithm.
+    pub async fn one_time_key_counts(&self, session: &Session) -> Result<BTreeMap<ruma::OneTimeKeyAlgorithm, UInt>> {
+        let counts = self.store.count_one_time_keys(session.user_id.as_str(), session.device_id.as_str()).await?;
+        Ok(counts
+            .into_iter()
+            .map(|(alg, n)| (alg.as_str().into(), UInt::new(n.max(0) as u64).unwrap_or_default()))
+            .collect())
+    }
+
+    /// Fallback key algorithms of the session's device not handed out yet.
+    pub async fn unused_fallback_key_types(&self, session: &Session) -> Result<Vec<ruma::OneTimeKeyAlgorithm>> {
+        let algs =
+            self.store.unused_fallback_key_algorithms(session.user_id.as_str(), session.device_id.as_str()).await?;
+        Ok(algs.iter().map(|a| a.as_str().into()).collect())
+    }
+
+    /// `POST /keys/query`: the device keys of local users (all their devices, or those
+    /// named). Users of other servers are not reachable yet (no federation): they are
+    /// left out.
+    pub async fn query_keys(
+        &self,
+        requested: &BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
+    ) -> Result<BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>>> {
+        let mut found = BTreeMap::new();
+        for (user, devices) in requested.iter().filter(|(u, _)| u.server_name() == self.server_name()) {
+            let mut keys = BTreeMap::new();
+            for (device_id, json) in self.store.get_device_keys(user.as_str()).await? {
+                let device_id = OwnedDeviceId::from(device_id);
+                if devices.is_empty() || devices.contains(&device_id) {
+                    keys.insert(device_id, raw_from_json(json)?);
+                }
+            }
+            found.insert(user.clone(), keys);
+        }
+        Ok(found)
+    }
+
+    /// `POST /keys/claim`: one key per named device, a one-time key while any is left,
+    /// else the device's fallback key.
+    pub async fn claim_keys(
+        &self,
+        wanted: &BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, ruma::OneTimeKeyAlgorithm>>,
+    ) -> Result<BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>>>> {
+        if wanted.values().map(BTreeMap::len).sum::<usize>() > MAX_CLAIMS {
+            return Err(Error::too_large(format!("At most {MAX_CLAIMS} devices per claim")));
+        }
+        let mut claimed = BTreeMap::new();
+        for (user, devices) in wanted.iter().filter(|(u, _)| u.server_name() == self.server_name()) {
+            let mut by_device = BTreeMap::new();
+            for (device, algorithm) in devices {
+                let key = self.store.claim_key(user.as_str(), device.as_str(), algorithm.as_str()).await?;
+                if let Some((key_id, json)) = key {
+                    let key_id = OwnedOneTimeKeyId::try_from(key_id).map_err(Error::internal)?;
+                    by_device.insert(device.clone(), BTreeMap::from([(key_id, raw_from_json(json)?)]));
+                }
+            }
+            if !by_device.is_empty() {
+                claimed.insert(user.clone(), by_device);
+            }
+        }
+        Ok(claimed)
+    }
+}

@@ -1,0 +1,146 @@
+//! Storage of end-to-end encryption keys: device keys, one-time keys, fallback keys.
+
+use std::collections::HashMap;
+
+use super::{Store, on_pool};
+use crate::error::Result;
+
+/// A key to store: `algorithm:id`, its algorithm, and the key object as JSON.
+pub struct NewKey<'a> {
+    pub key_id: &'a str,
+    pub algorithm: &'a str,
+    pub json: &'a str,
+}
+
+impl Store {
+    /// Stores what one `/keys/upload` carries, in one transaction. Existing one-time
+    /// keys with the same id are kept as they are; a fallback key replaces the
+    /// device's previous one of its algorithm.
+    pub async fn upload_e2e_keys(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        device_keys: Option<&str>,
+        one_time: &[NewKey<'_>],
+        fallback: &[NewKey<'_>],
+    ) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            if let Some(json) = device_keys {
+                sqlx::query(
+                    "INSERT INTO e2e_device_keys (user_id, device_id, json) VALUES ($1, $2, $3)
+                     ON CONFLICT (user_id, device_id) DO UPDATE SET json = excluded.json",
+                )
+                .bind(user_id)
+                .bind(device_id)
+                .bind(json)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for chunk in one_time.chunks(200) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO e2e_one_time_keys (user_id, device_id, algorithm, key_id, json) ",
+                );
+                query.push_values(chunk, |mut row, key| {
+                    row.push_bind(user_id)
+                        .push_bind(device_id)
+                        .push_bind(key.algorithm)
+                        .push_bind(key.key_id)
+                        .push_bind(key.json);
+                });
+                query.push(" ON CONFLICT DO NOTHING");
+                query.build().execute(&mut *tx).await?;
+            }
+            for key in fallback {
+                sqlx::query(
+                    "INSERT INTO e2e_fallback_keys (user_id, device_id, algorithm, key_id, json, used)
+                     VALUES ($1, $2, $3, $4, $5, FALSE)
+                     ON CONFLICT (user_id, device_id, algorithm) DO UPDATE
+                     SET key_id = excluded.key_id, json = excluded.json, used = FALSE",
+                )
+                .bind(user_id)
+                .bind(device_id)
+                .bind(key.algorithm)
+                .bind(key.key_id)
+                .bind(key.json)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Unclaimed one-time keys of a device, by algorithm.
+    pub async fn count_one_time_keys(&self, user_id: &str, device_id: &str) -> Result<HashMap<String, i64>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT algorithm, COUNT(*) FROM e2e_one_time_keys WHERE user_id = $1 AND device_id = $2
+                 GROUP BY algorithm",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().collect())
+        })
+    }
+
+    /// Algorithms of the device's fallback keys not handed out yet.
+    pub async fn unused_fallback_key_algorithms(&self, user_id: &str, device_id: &str) -> Result<Vec<String>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT algorithm FROM e2e_fallback_keys WHERE user_id = $1 AND device_id = $2 AND NOT used
+                 ORDER BY algorithm",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().map(|r| r.0).collect())
+        })
+    }
+
+    /// Device keys of a user: all devices, or those named. (device id, JSON) pairs.
+    pub async fn get_device_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as("SELECT device_id, json FROM e2e_device_keys WHERE user_id = $1 ORDER BY device_id")
+                .bind(user_id)
+                .fetch_all(pool)
+                .await?)
+        })
+    }
+
+    /// Hands out one key of `algorithm` for a device: a one-time key (deleted as it is
+    /// claimed), else the fallback key (marked used). Returns (key id, JSON).
+    pub async fn claim_key(&self, user_id: &str, device_id: &str, algorithm: &str) -> Result<Option<(String, String)>> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let one_time: Option<(String, String)> = sqlx::query_as(
+                "DELETE FROM e2e_one_time_keys WHERE (user_id, device_id, key_id) IN (
+                     SELECT user_id, device_id, key_id FROM e2e_one_time_keys
+                     WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1)
+                 RETURNING key_id, json",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(algorithm)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let claimed = match one_time {
+                Some(key) => Some(key),
+                None => sqlx::query_as(
+                    "UPDATE e2e_fallback_keys SET used = TRUE WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                         RETURNING key_id, json",
+                )
+                .bind(user_id)
+                .bind(device_id)
+                .bind(algorithm)
+                .fetch_optional(&mut *tx)
+                .await?,
+            };
+            tx.commit().await?;
+            Ok(claimed)
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! End-to-end encryption keys: upload, query, claim, and the counts in `/sync`.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::{
+    backend_tests,
+    common::{Backend, TestServer, assert_error},
+};
+
+fn device_keys(user: &str, device: &str) -> Value {
+    json!({
+        "user_id": user,
+        "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device}"): "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
+            format!("ed25519:{device}"): "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI",
+        },
+        "signatures": {user: {format!("ed25519:{device}"): "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}},
+    })
+}
+
+fn otk(key: &str) -> Value {
+    json!({"key": key, "signatures": {}})
+}
+
+async fn upload_query_claim(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+
+    // Upload: device keys, two one-time keys, a fallback key; the counts come back.
+    let upload = json!({
+        "device_keys": device_keys(&alice_id, &alice_dev),
+        "one_time_keys": {"signed_curve25519:AAAAAQ": otk("one"), "signed_curve25519:AAAAAg": otk("two")},
+        "fallback_keys": {"signed_curve25519:AAAAAw": {"key": "fallback", "fallback": true, "signatures": {}}},
+    });
+    let (status, body) = server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["one_time_key_counts"], json!({"signed_curve25519": 2}));
+    let sync = server.sync(&alice, None, "").await;
+    assert_eq!(sync["device_one_time_keys_count"], json!({"signed_curve25519": 2}), "{sync}");
+    assert_eq!(sync["device_unused_fallback_key_types"], json!(["signed_curve25519"]));
+
+    // Nobody publishes keys for another device or user.
+    let other = json!({"device_keys": device_keys(&alice_id, "SOMEOTHER")});
+    assert_error(
+        &server.post("/_matrix/client/v3/keys/upload", Some(&alice), other).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+    let theirs = json!({"device_keys": device_keys(&alice_id, &alice_dev)});
+    assert_error(
+        &server.post("/_matrix/client/v3/keys/upload", Some(&bob), theirs).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+    assert_error(
+        &server.post("/_matrix/client/v3/keys/upload", Some(&alice), json!({"device_keys": {"user_id": 5}})).await,
+        StatusCode::BAD_REQUEST,
+        "M_BAD_JSON",
+    );
+
+    // Query: bob gets alice's device keys as uploaded, signatures included.
+    let (status, body) =
+        server.post("/_matrix/client/v3/keys/query", Some(&bob), json!({"device_keys": {alice_id.clone(): []}})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["device_keys"][&alice_id][&alice_dev], device_keys(&alice_id, &alice_dev));
+    let (_, body) = server
+        .post("/_matrix/client/v3/keys/query", Some(&bob), json!({"device_keys": {alice_id.clone(): ["NOPE"]}}))
+        .await;
+    assert_eq!(body["device_keys"][&alice_id], json!({}));
+
+    // Claim: each one-time key once, then the fallback key (again and again).
+    let claim = json!({"one_time_keys": {alice_id.clone(): {alice_dev.clone(): "signed_curve25519"}}});
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (status, body) = server.post("/_matrix/client/v3/keys/claim", Some(&bob), claim.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let keys = body["one_time_keys"][&alice_id][&alice_dev].as_object().unwrap().clone();
+        assert_eq!(keys.len(), 1);
+        seen.push(keys.values().next().unwrap()["key"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, ["one", "two", "fallback", "fallback"]);
+    let sync = server.sync(&alice, None, "").await;
+    assert!(sync["device_one_time_keys_count"].as_object().is_none_or(|c| c.is_empty()), "{sync}");
+    assert_eq!(sync["device_unused_fallback_key_types"], json!([]));
+    // A device without keys, or an unknown one, gives nothing.
+    let (_, body) = server
+        .post(
+            "/_matrix/client/v3/keys/claim",
+            Some(&alice),
+            json!({"one_time_keys": {bob_id: {"X": "signed_curve25519"}}}),
+        )
+        .await;
+    assert_eq!(body["one_time_keys"], json!({}));
+
+    // Logging out deletes the device and its keys.
+    assert_eq!(server.post("/_matrix/client/v3/logout", Some(&alice), json!({})).await.0, StatusCode::OK);
+    let (_, body) =
+        server.post("/_matrix/client/v3/keys/query", Some(&bob), json!({"device_keys": {alice_id.clone(): []}})).await;
+    assert_eq!(body["device_keys"][&alice_id], json!({}));
+    server.stop().await;
+}
+
+backend_tests!(upload_query_claim);
