@@ -7,18 +7,23 @@ use std::collections::BTreeMap;
 use ruma::{
     OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, UInt,
     encryption::{DeviceKeys, OneTimeKey},
+    events::{AnyToDeviceEvent, AnyToDeviceEventContent},
     serde::Raw,
+    to_device::DeviceIdOrAllDevices,
 };
 use serde_json::value::RawValue;
 
 use super::{Services, Session};
 use crate::{
     error::{Error, Result},
-    storage::NewKey,
+    storage::{NewKey, NewToDevice},
 };
 
 /// One-time keys a single upload may carry.
 const MAX_KEYS_PER_UPLOAD: usize = 1000;
+
+/// Devices one sendToDevice request may reach.
+const MAX_TO_DEVICE: usize = 10_000;
 
 /// Devices one `/keys/claim` may ask keys of.
 const MAX_CLAIMS: usize = 1000;
@@ -130,5 +135,74 @@ impl Services {
             }
         }
         Ok(claimed)
+    }
+
+    /// `PUT /sendToDevice/{eventType}/{txnId}`: queues the messages for their devices
+    /// (`*`: every device of the user) and wakes their syncs. A retried transaction id
+    /// queues nothing again. Users of other servers are not reachable yet.
+    pub async fn send_to_device(
+        &self,
+        session: &Session,
+        event_type: &str,
+        txn_id: &str,
+        messages: &BTreeMap<OwnedUserId, BTreeMap<DeviceIdOrAllDevices, Raw<AnyToDeviceEventContent>>>,
+    ) -> Result<()> {
+        let mut rows: Vec<(String, String, String)> = Vec::new();
+        let mut to_wake = Vec::new();
+        for (user, devices) in messages.iter().filter(|(u, _)| u.server_name() == self.server_name()) {
+            for (target, content) in devices {
+                let content = content.json().get();
+                match target {
+                    DeviceIdOrAllDevices::DeviceId(device) => {
+                        rows.push((user.to_string(), device.to_string(), content.to_owned()));
+                    }
+                    DeviceIdOrAllDevices::AllDevices => {
+                        for device in self.store.list_devices(user.as_str()).await? {
+                            rows.push((user.to_string(), device.device_id, content.to_owned()));
+                        }
+                    }
+                }
+                if rows.len() > MAX_TO_DEVICE {
+                    return Err(Error::too_large(format!("At most {MAX_TO_DEVICE} devices per request")));
+                }
+            }
+            to_wake.push(user.clone());
+        }
+        let queued: Vec<NewToDevice<'_>> =
+            rows.iter().map(|(u, d, c)| NewToDevice { user_id: u, device_id: d, content: c }).collect();
+        let pos = self
+            .store
+            .queue_to_device(session.user_id.as_str(), session.device_id.as_str(), txn_id, event_type, &queued)
+            .await?;
+        if pos.is_some() {
+            self.notifier.notify_users(&to_wake);
+        }
+        Ok(())
+    }
+
+    /// The to-device events for the session's device in a sync answering from `since`
+    /// up to `head`. Syncing from `since` acknowledges what earlier responses carried,
+    /// which is then deleted.
+    pub async fn to_device_events(
+        &self,
+        session: &Session,
+        since: Option<i64>,
+        head: i64,
+    ) -> Result<Vec<Raw<AnyToDeviceEvent>>> {
+        let (user, device) = (session.user_id.as_str(), session.device_id.as_str());
+        let rows = self.store.get_to_device(user, device, head).await?;
+        if let Some(acked) = since
+            && rows.iter().any(|r| r.0 <= acked)
+        {
+            self.store.delete_to_device(user, device, acked).await?;
+        }
+        rows.into_iter()
+            .filter(|r| since.is_none_or(|acked| r.0 > acked))
+            .map(|(_, sender, event_type, content)| {
+                let sender = serde_json::to_string(&sender).map_err(Error::internal)?;
+                let event_type = serde_json::to_string(&event_type).map_err(Error::internal)?;
+                raw_from_json(format!(r#"{{"sender":{sender},"type":{event_type},"content":{content}}}"#))
+            })
+            .collect()
     }
 }

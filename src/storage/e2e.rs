@@ -144,3 +144,97 @@ impl Store {
         })
     }
 }
+
+/// A to-device message for one device.
+pub struct NewToDevice<'a> {
+    pub user_id: &'a str,
+    pub device_id: &'a str,
+    pub content: &'a str,
+}
+
+impl Store {
+    /// Queues one sendToDevice request's messages; `None` when the sender's device
+    /// already sent this transaction id (nothing is queued again).
+    pub async fn queue_to_device(
+        &self,
+        sender: &str,
+        sender_device: &str,
+        txn_id: &str,
+        event_type: &str,
+        messages: &[NewToDevice<'_>],
+    ) -> Result<Option<i64>> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let fresh = sqlx::query(
+                "INSERT INTO to_device_txns (sender, sender_device, txn_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            )
+            .bind(sender)
+            .bind(sender_device)
+            .bind(txn_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !fresh {
+                return Ok(None);
+            }
+            let pos = super::events::next_stream_position!(tx);
+            let rows: Vec<(i32, &NewToDevice<'_>)> = messages.iter().enumerate().map(|(i, m)| (i as i32, m)).collect();
+            for chunk in rows.chunks(200) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO to_device_messages
+                     (recipient_user, recipient_device, stream_pos, seq, sender, event_type, content) ",
+                );
+                query.push_values(chunk, |mut row, (seq, m)| {
+                    row.push_bind(m.user_id)
+                        .push_bind(m.device_id)
+                        .push_bind(pos)
+                        .push_bind(*seq)
+                        .push_bind(sender)
+                        .push_bind(event_type)
+                        .push_bind(m.content);
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(Some(pos))
+        })
+    }
+
+    /// The device's queued messages up to `head`, oldest first, as (position, sender,
+    /// type, content).
+    pub async fn get_to_device(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        head: i64,
+    ) -> Result<Vec<(i64, String, String, String)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT stream_pos, sender, event_type, content FROM to_device_messages
+                 WHERE recipient_user = $1 AND recipient_device = $2 AND stream_pos <= $3
+                 ORDER BY stream_pos, seq",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(head)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// Drops the device's messages up to `acked` (it has synced from a later token).
+    pub async fn delete_to_device(&self, user_id: &str, device_id: &str, acked: i64) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            sqlx::query(
+                "DELETE FROM to_device_messages WHERE recipient_user = $1 AND recipient_device = $2 AND stream_pos <= $3",
+            )
+            .bind(user_id)
+            .bind(device_id)
+            .bind(acked)
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+}

@@ -28,7 +28,7 @@ use sqlx::{
 };
 
 pub use self::{
-    e2e::NewKey,
+    e2e::{NewKey, NewToDevice},
     ephemeral::{PresenceRow, ReceiptRow},
     events::{NewEvent, StoredEvent},
     memberships::MembershipRow,

@@ -104,4 +104,70 @@ async fn upload_query_claim(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(upload_query_claim);
+fn to_device_events(sync: &Value) -> Vec<Value> {
+    sync["to_device"]["events"].as_array().cloned().unwrap_or_default()
+}
+
+async fn send_to_device(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (bob_id, bob, bob_dev) = server.register("bob").await;
+    let (bob2, bob_dev2) = server.login("bob", None).await;
+    let since = server.sync(&bob, None, "").await["next_batch"].as_str().unwrap().to_owned();
+    let since2 = server.sync(&bob2, None, "").await["next_batch"].as_str().unwrap().to_owned();
+
+    // A waiting sync of bob's first device wakes with the message for it.
+    let path = |txn: &str| format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/{txn}");
+    let one = json!({"messages": {bob_id.clone(): {bob_dev.clone(): {"ciphertext": "for device one"}}}});
+    let waiting = {
+        let (http, base, bob, since) = (server.http.clone(), server.base.clone(), bob.clone(), since.clone());
+        tokio::spawn(async move {
+            http.get(format!("{base}/_matrix/client/v3/sync?since={since}&timeout=10000"))
+                .bearer_auth(bob)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(server.put(&path("t1"), Some(&alice), one.clone()).await.0, StatusCode::OK);
+    let sync = waiting.await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "woken by the message");
+    let events = to_device_events(&sync);
+    assert_eq!(events.len(), 1, "{sync}");
+    assert_eq!(
+        (&events[0]["sender"], &events[0]["type"], &events[0]["content"]["ciphertext"]),
+        (&json!(alice_id), &json!("m.room.encrypted"), &json!("for device one"))
+    );
+    // Until acknowledged (by syncing from a later token), a message is delivered again.
+    let replay = server.sync(&bob, Some(&since), "").await;
+    assert_eq!(to_device_events(&replay).len(), 1);
+    // The same transaction again is not delivered twice, and acknowledged messages go.
+    assert_eq!(server.put(&path("t1"), Some(&alice), one).await.0, StatusCode::OK);
+    let next = sync["next_batch"].as_str().unwrap().to_owned();
+    let again = server.sync(&bob, Some(&next), "timeout=300").await;
+    assert!(to_device_events(&again).is_empty(), "{again}");
+    let replay = server.sync(&bob, Some(&since), "").await;
+    assert!(to_device_events(&replay).is_empty(), "deleted once acknowledged: {replay}");
+    // The other device got nothing of it.
+    let other = server.sync(&bob2, Some(&since2), "timeout=300").await;
+    assert!(to_device_events(&other).is_empty(), "{other}");
+
+    // `*` reaches every device of the user.
+    let all = json!({"messages": {bob_id.clone(): {"*": {"hello": "all"}}}});
+    assert_eq!(server.put("/_matrix/client/v3/sendToDevice/m.dummy/t2", Some(&alice), all).await.0, StatusCode::OK);
+    for (token, since) in [(&bob, &next), (&bob2, &since2)] {
+        let sync = server.sync(token, Some(since), "timeout=5000").await;
+        let events = to_device_events(&sync);
+        assert_eq!(events.len(), 1, "{sync}");
+        assert_eq!(events[0]["content"]["hello"], "all");
+    }
+    let _ = bob_dev2;
+    server.stop().await;
+}
+
+backend_tests!(upload_query_claim, send_to_device);

@@ -1,7 +1,10 @@
-//! End-to-end encryption keys: upload, query, claim.
+//! End-to-end encryption: keys (upload, query, claim) and send-to-device messages.
 
 use axum::{Router, extract::State};
-use ruma::api::client::keys::{claim_keys, get_keys, upload_keys};
+use ruma::api::client::{
+    keys::{claim_keys, get_keys, upload_keys},
+    to_device::send_event_to_device,
+};
 
 use crate::{
     error::Result,
@@ -47,7 +50,20 @@ async fn claim_keys(
     Ok(claim_keys::v3::Response::new(services.claim_keys(&req.body.one_time_keys).await?).into())
 }
 
+/// # `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`
+/// <https://spec.matrix.org/v1.19/client-server-api/#put_matrixclientv3sendtodeviceeventtypetxnid>
+async fn send_to_device(
+    State(services): State<AppState>,
+    req: Ruma<send_event_to_device::v3::Request>,
+) -> Result<RumaResponse<send_event_to_device::v3::Response>> {
+    let session = req.session()?;
+    let b = &req.body;
+    services.send_to_device(session, &b.event_type.to_string(), b.txn_id.as_str(), &b.messages).await?;
+    Ok(send_event_to_device::v3::Response::new().into())
+}
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<send_event_to_device::v3::Request, _, _>(router, send_to_device);
     let router = route::<upload_keys::v3::Request, _, _>(router, upload_keys);
     let router = route::<get_keys::v3::Request, _, _>(router, get_keys);
     route::<claim_keys::v3::Request, _, _>(router, claim_keys)
