@@ -31,3 +31,12 @@ CREATE TABLE e2e_fallback_keys (
     used      BOOLEAN NOT NULL,
     PRIMARY KEY (user_id, device_id, algorithm)
 );
+
+-- Users whose device list (a device, or a device's keys) changed, by stream position:
+-- the source of /sync's `device_lists.changed` and of /keys/changes.
+CREATE TABLE device_list_changes (
+    user_id    TEXT NOT NULL,
+    stream_pos BIGINT NOT NULL,
+    PRIMARY KEY (user_id, stream_pos)
+);
+CREATE INDEX device_list_changes_by_pos ON device_list_changes (stream_pos);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use ruma::{
-    OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, UInt,
+    OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, UInt, UserId,
     encryption::{DeviceKeys, OneTimeKey},
     events::{AnyToDeviceEvent, AnyToDeviceEventContent},
     serde::Raw,
@@ -71,6 +71,9 @@ impl Services {
                 &new_keys(&fallback),
             )
             .await?;
+        if device_keys.is_some() {
+            self.wake_device_list_watchers(&session.user_id).await?;
+        }
         self.one_time_key_counts(session).await
     }
 
@@ -204,5 +207,25 @@ impl Services {
                 raw_from_json(format!(r#"{{"sender":{sender},"type":{event_type},"content":{content}}}"#))
             })
             .collect()
+    }
+
+    /// Users whose devices changed between two stream positions, as `user` should hear
+    /// of them (see `Store::get_device_list_changes`).
+    pub async fn device_list_changes(&self, user: &UserId, from: i64, to: i64) -> Result<Vec<OwnedUserId>> {
+        let users = self.store.get_device_list_changes(user.as_str(), from, to).await?;
+        Ok(users.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect())
+    }
+
+    /// Wakes the syncs of everyone who shares a room with `user` (and `user`'s own), so
+    /// that their clients hear of a change to `user`'s devices.
+    async fn wake_device_list_watchers(&self, user: &UserId) -> Result<()> {
+        let mut to_wake = vec![user.to_owned()];
+        for room in self.joined_rooms(user).await? {
+            to_wake.extend(self.joined_local_members(&room).await?.iter().cloned());
+        }
+        to_wake.sort();
+        to_wake.dedup();
+        self.notifier.notify_users(&to_wake);
+        Ok(())
     }
 }

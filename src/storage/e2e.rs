@@ -36,6 +36,12 @@ impl Store {
                 .bind(json)
                 .execute(&mut *tx)
                 .await?;
+                let pos = super::events::next_stream_position!(tx);
+                sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+                    .bind(user_id)
+                    .bind(pos)
+                    .execute(&mut *tx)
+                    .await?;
             }
             for chunk in one_time.chunks(200) {
                 let mut query = sqlx::QueryBuilder::new(
@@ -235,6 +241,31 @@ impl Store {
             .execute(pool)
             .await?;
             Ok(())
+        })
+    }
+
+    /// Users whose device list changed after `from` (up to `to`) and who are `user_id`
+    /// or share a joined room with them, and users who joined one of `user_id`'s rooms
+    /// in that span (their devices are new to `user_id`'s clients).
+    pub async fn get_device_list_changes(&self, user_id: &str, from: i64, to: i64) -> Result<Vec<String>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT c.user_id FROM device_list_changes c
+                 WHERE c.stream_pos > $2 AND c.stream_pos <= $3 AND (c.user_id = $1 OR EXISTS (
+                     SELECT 1 FROM memberships mine JOIN memberships theirs ON theirs.room_id = mine.room_id
+                     WHERE mine.user_id = $1 AND mine.membership = 'join'
+                       AND theirs.user_id = c.user_id AND theirs.membership = 'join'))
+                 UNION
+                 SELECT theirs.user_id FROM memberships mine JOIN memberships theirs ON theirs.room_id = mine.room_id
+                 WHERE mine.user_id = $1 AND mine.membership = 'join' AND theirs.membership = 'join'
+                   AND theirs.user_id <> $1 AND theirs.stream_ordering > $2 AND theirs.stream_ordering <= $3",
+            )
+            .bind(user_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().map(|r| r.0).collect())
         })
     }
 }

@@ -170,4 +170,51 @@ async fn send_to_device(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(upload_query_claim, send_to_device);
+fn changed(sync: &Value) -> Vec<String> {
+    let list = sync["device_lists"]["changed"].as_array().cloned().unwrap_or_default();
+    list.iter().map(|u| u.as_str().unwrap().to_owned()).collect()
+}
+
+async fn device_lists(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let (carol_id, carol, carol_dev) = server.register("carol").await;
+    let room_id = server.create_room(&alice, json!({"invite": [bob_id.clone()]})).await;
+    server.join(&bob, &room_id).await;
+    let since = server.sync(&bob, None, "").await["next_batch"].as_str().unwrap().to_owned();
+
+    // Alice publishes her device keys: bob's waiting sync wakes and names her.
+    let waiting = {
+        let (http, base, bob, since) = (server.http.clone(), server.base.clone(), bob.clone(), since.clone());
+        tokio::spawn(async move {
+            let url = format!("{base}/_matrix/client/v3/sync?since={since}&timeout=10000");
+            http.get(url).bearer_auth(bob).send().await.unwrap().json::<Value>().await.unwrap()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let upload = json!({"device_keys": device_keys(&alice_id, &alice_dev)});
+    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
+    // Carol shares no room with bob: her keys are none of his business.
+    let upload = json!({"device_keys": device_keys(&carol_id, &carol_dev)});
+    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&carol), upload).await.0, StatusCode::OK);
+    let sync = waiting.await.unwrap();
+    assert_eq!(changed(&sync), vec![alice_id.clone()], "{sync}");
+    let next = sync["next_batch"].as_str().unwrap().to_owned();
+
+    // A device going away is a change too; /keys/changes tells the same for a span.
+    let (token2, _) = server.login("alice", None).await;
+    assert_eq!(server.post("/_matrix/client/v3/logout", Some(&token2), json!({})).await.0, StatusCode::OK);
+    let sync = server.sync(&bob, Some(&next), "timeout=5000").await;
+    assert_eq!(changed(&sync), vec![alice_id.clone()], "{sync}");
+    let to = sync["next_batch"].as_str().unwrap();
+    let (status, body) = server.get(&format!("/_matrix/client/v3/keys/changes?from={since}&to={to}"), Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["changed"], json!([alice_id]));
+    // Nothing new: no device_lists at all.
+    let quiet = server.sync(&bob, Some(to), "timeout=300").await;
+    assert!(changed(&quiet).is_empty(), "{quiet}");
+    server.stop().await;
+}
+
+backend_tests!(upload_query_claim, send_to_device, device_lists);

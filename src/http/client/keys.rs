@@ -2,7 +2,7 @@
 
 use axum::{Router, extract::State};
 use ruma::api::client::{
-    keys::{claim_keys, get_keys, upload_keys},
+    keys::{claim_keys, get_key_changes, get_keys, upload_keys},
     to_device::send_event_to_device,
 };
 
@@ -12,6 +12,7 @@ use crate::{
         AppState, route,
         ruma::{Ruma, RumaResponse},
     },
+    service::rooms::messages::parse_position,
 };
 
 /// # `POST /_matrix/client/v3/keys/upload`
@@ -62,7 +63,21 @@ async fn send_to_device(
     Ok(send_event_to_device::v3::Response::new().into())
 }
 
+/// # `GET /_matrix/client/v3/keys/changes`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3keyschanges>
+async fn get_key_changes(
+    State(services): State<AppState>,
+    req: Ruma<get_key_changes::v3::Request>,
+) -> Result<RumaResponse<get_key_changes::v3::Response>> {
+    let session = req.session()?;
+    let from = parse_position(&req.body.from)?;
+    let to = parse_position(&req.body.to)?;
+    let changed = services.device_list_changes(&session.user_id, from, to).await?;
+    Ok(get_key_changes::v3::Response::new(changed, Vec::new()).into())
+}
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<get_key_changes::v3::Request, _, _>(router, get_key_changes);
     let router = route::<send_event_to_device::v3::Request, _, _>(router, send_to_device);
     let router = route::<upload_keys::v3::Request, _, _>(router, upload_keys);
     let router = route::<get_keys::v3::Request, _, _>(router, get_keys);

@@ -118,6 +118,7 @@ fn is_empty(r: &Response) -> bool {
         && r.account_data.events.is_empty()
         && r.presence.events.is_empty()
         && r.to_device.events.is_empty()
+        && r.device_lists.changed.is_empty()
 }
 
 impl Services {
@@ -232,6 +233,9 @@ impl Services {
         response.account_data = GlobalAccountData::new();
         response.account_data.events = global;
         response.to_device.events = self.to_device_events(session, since.map(|s| s.pos), head).await?;
+        if let Some(since) = since {
+            response.device_lists.changed = self.device_list_changes(user, since.pos, head).await?;
+        }
         response.device_one_time_keys_count = self.one_time_key_counts(session).await?;
         response.device_unused_fallback_key_types = Some(self.unused_fallback_key_types(session).await?);
         let presence = self.presence_events(user, since_pos).await?;
