@@ -266,9 +266,14 @@ class Harness {
   }
 
   /** A started, PREPARED client (initial /sync done). */
-  async start(creds, { initialSyncLimit = 20 } = {}) {
+  async start(creds, { initialSyncLimit = 20, crypto = false } = {}) {
     const client = this.newClient({ userId: creds.user_id, accessToken: creds.access_token, deviceId: creds.device_id });
     this.clients.push(client);
+    if (crypto) {
+      // The SDK's own end-to-end encryption (matrix-sdk-crypto, as WebAssembly), with
+      // an in-memory store.
+      await client.initRustCrypto({ useIndexedDB: false });
+    }
     let lastError = null;
     const onSync = (state, _prev, data) => {
       if (state === "ERROR") lastError = data?.error;
@@ -292,8 +297,8 @@ class Harness {
     return client;
   }
 
-  async registerAndStart(username) {
-    return this.start(await this.register(username));
+  async registerAndStart(username, opts = {}) {
+    return this.start(await this.register(username), opts);
   }
 
   async close() {
@@ -700,5 +705,49 @@ test("matrix-js-sdk: group chat", { timeout: 180_000 }, async (t) => {
     }
 
     await history(h, carolId, roomId, expected);
+  });
+});
+
+// End-to-end encryption with the SDK's real crypto: both devices publish their keys,
+// the sender claims one-time keys and shares the room key by to-device messages, the
+// receiver decrypts. The server only ever holds ciphertext.
+test("matrix-js-sdk: encrypted DM with the SDK's rust crypto", { timeout: 180_000 }, async (t) => {
+  await withServer(t, async (h) => {
+    const alice = await h.registerAndStart("alice", { crypto: true });
+    const bob = await h.registerAndStart("bob", { crypto: true });
+    const { room_id: roomId } = await alice.createRoom({
+      is_direct: true,
+      invite: [bob.getUserId()],
+      preset: Preset.TrustedPrivateChat,
+      initial_state: [{ type: "m.room.encryption", state_key: "", content: { algorithm: "m.megolm.v1.aes-sha2" } }],
+    });
+    await inviteAndJoin(alice, [bob], roomId);
+    for (const c of [alice, bob]) {
+      await waitUntil(() => c.getRoom(roomId)?.hasEncryptionStateEvent(), `${c.getUserId()} sees the room encrypted`);
+    }
+
+    const decrypted = (client, body) => () =>
+      client
+        .getRoom(roomId)
+        ?.getLiveTimeline()
+        .getEvents()
+        .find((e) => e.isEncrypted() && !e.isDecryptionFailure() && e.getContent().body === body);
+    for (const [sender, receiver, body] of [
+      [alice, bob, "secret from alice"],
+      [bob, alice, "secret from bob"],
+      [alice, bob, "another secret"],
+    ]) {
+      const { event_id: eventId } = await sender.sendTextMessage(roomId, body);
+      const ev = await waitUntil(decrypted(receiver, body), `${receiver.getUserId()} decrypts "${body}"`, 30_000);
+      assert.equal(ev.getId(), eventId);
+      assert.equal(ev.getWireType(), "m.room.encrypted");
+      assert.equal(ev.getSender(), sender.getUserId());
+
+      // What the server stores and serves is ciphertext only.
+      const raw = await sender.http.authedRequest("GET", `/rooms/${encodeURIComponent(roomId)}/event/${encodeURIComponent(eventId)}`);
+      assert.equal(raw.type, "m.room.encrypted");
+      assert.equal(raw.content.algorithm, "m.megolm.v1.aes-sha2");
+      assert.ok(raw.content.ciphertext && !JSON.stringify(raw).includes(body), "no plaintext on the server");
+    }
   });
 });
