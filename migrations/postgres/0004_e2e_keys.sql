@@ -40,3 +40,11 @@ CREATE TABLE device_list_changes (
     PRIMARY KEY (user_id, stream_pos)
 );
 CREATE INDEX device_list_changes_by_pos ON device_list_changes (stream_pos);
+
+-- Cross-signing keys: each user's master, self-signing and user-signing key (signed JSON).
+CREATE TABLE e2e_cross_signing_keys (
+    user_id  TEXT NOT NULL,
+    key_type TEXT NOT NULL,                  -- master, self_signing or user_signing
+    json     TEXT NOT NULL,
+    PRIMARY KEY (user_id, key_type)
+);

@@ -218,7 +218,7 @@ impl Services {
 
     /// Wakes the syncs of everyone who shares a room with `user` (and `user`'s own), so
     /// that their clients hear of a change to `user`'s devices.
-    async fn wake_device_list_watchers(&self, user: &UserId) -> Result<()> {
+    pub(super) async fn wake_device_list_watchers(&self, user: &UserId) -> Result<()> {
         let mut to_wake = vec![user.to_owned()];
         for room in self.joined_rooms(user).await? {
             to_wake.extend(self.joined_local_members(&room).await?.iter().cloned());

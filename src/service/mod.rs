@@ -3,6 +3,7 @@
 //! file adds the methods of one area (users, sessions, UIA, profile, account data).
 
 mod account_data;
+mod cross_signing;
 pub mod directory;
 mod e2e;
 mod ephemeral;

@@ -268,4 +268,54 @@ impl Store {
             Ok(rows.into_iter().map(|r| r.0).collect())
         })
     }
+
+    /// A user's cross-signing keys, as (key type, JSON).
+    pub async fn get_cross_signing_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as("SELECT key_type, json FROM e2e_cross_signing_keys WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_all(pool)
+                .await?)
+        })
+    }
+
+    /// Stores (or replaces) signed keys of a user: cross-signing keys by type and device
+    /// keys by device, and records the change on the stream, in one transaction.
+    pub async fn store_signed_keys(
+        &self,
+        user_id: &str,
+        cross_signing: &[(&str, &str)],
+        devices: &[(&str, &str)],
+    ) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            for (key_type, json) in cross_signing {
+                sqlx::query(
+                    "INSERT INTO e2e_cross_signing_keys (user_id, key_type, json) VALUES ($1, $2, $3)
+                     ON CONFLICT (user_id, key_type) DO UPDATE SET json = excluded.json",
+                )
+                .bind(user_id)
+                .bind(*key_type)
+                .bind(*json)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for (device_id, json) in devices {
+                sqlx::query("UPDATE e2e_device_keys SET json = $3 WHERE user_id = $1 AND device_id = $2")
+                    .bind(user_id)
+                    .bind(*device_id)
+                    .bind(*json)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let pos = super::events::next_stream_position!(tx);
+            sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+                .bind(user_id)
+                .bind(pos)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
 }

@@ -217,4 +217,69 @@ async fn device_lists(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(upload_query_claim, send_to_device, device_lists);
+fn cross_key(user: &str, usage: &str, public: &str) -> Value {
+    json!({"user_id": user, "usage": [usage], "keys": {format!("ed25519:{public}"): public}})
+}
+
+async fn cross_signing(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let upload = json!({"device_keys": device_keys(&alice_id, &alice_dev)});
+    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
+
+    // The first master key needs no password; the keys must be alice's own.
+    let path = "/_matrix/client/v3/keys/device_signing/upload";
+    let keys = json!({
+        "master_key": cross_key(&alice_id, "master", "MASTERpub"),
+        "self_signing_key": cross_key(&alice_id, "self_signing", "SELFpub"),
+        "user_signing_key": cross_key(&alice_id, "user_signing", "USERpub"),
+    });
+    let wrong = json!({"master_key": cross_key(&bob_id, "master", "X")});
+    assert_error(&server.post(path, Some(&alice), wrong).await, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    assert_eq!(server.post(path, Some(&alice), keys.clone()).await.0, StatusCode::OK);
+    // Replacing them takes the password.
+    let (status, body) = server.post(path, Some(&alice), keys.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let mut with_auth = keys.clone();
+    with_auth["auth"] = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
+        "password": crate::common::PASSWORD, "session": body["session"]});
+    assert_eq!(server.post(path, Some(&alice), with_auth).await.0, StatusCode::OK);
+
+    // Bob sees alice's master and self-signing keys, not her user-signing key.
+    let query = json!({"device_keys": {alice_id.clone(): []}});
+    let (_, seen) = server.post("/_matrix/client/v3/keys/query", Some(&bob), query.clone()).await;
+    assert_eq!(seen["master_keys"][&alice_id]["usage"], json!(["master"]));
+    assert_eq!(seen["self_signing_keys"][&alice_id]["usage"], json!(["self_signing"]));
+    assert!(seen["user_signing_keys"].get(&alice_id).is_none(), "{seen}");
+    let (_, own) = server.post("/_matrix/client/v3/keys/query", Some(&alice), query.clone()).await;
+    assert_eq!(own["user_signing_keys"][&alice_id]["usage"], json!(["user_signing"]));
+
+    // Alice signs her device with her self-signing key; an unknown key fails.
+    let mut signed_device = device_keys(&alice_id, &alice_dev);
+    signed_device["signatures"][&alice_id]["ed25519:SELFpub"] = json!("sig-by-self-signing");
+    let signatures = json!({alice_id.clone(): {alice_dev.clone(): signed_device, "NOPE": {"signatures": {alice_id.clone(): {"ed25519:SELFpub": "x"}}}}});
+    let (status, body) = server.post("/_matrix/client/v3/keys/signatures/upload", Some(&alice), signatures).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["failures"][&alice_id]["NOPE"]["errcode"], "M_INVALID_SIGNATURE");
+    assert!(body["failures"][&alice_id].get(&alice_dev).is_none(), "{body}");
+    let (_, seen) = server.post("/_matrix/client/v3/keys/query", Some(&bob), query.clone()).await;
+    let sigs = &seen["device_keys"][&alice_id][&alice_dev]["signatures"][&alice_id];
+    assert_eq!(sigs["ed25519:SELFpub"], "sig-by-self-signing", "{seen}");
+    assert!(sigs[format!("ed25519:{alice_dev}")].is_string(), "the device's own signature stays");
+
+    // Bob may sign alice's master key (with his user-signing key), not her devices.
+    let mut master = cross_key(&alice_id, "master", "MASTERpub");
+    master["signatures"] = json!({bob_id.clone(): {"ed25519:BOBUSERpub": "bob-trusts-alice"}});
+    let mut device = device_keys(&alice_id, &alice_dev);
+    device["signatures"] = json!({bob_id.clone(): {"ed25519:BOBUSERpub": "nope"}});
+    let signatures = json!({alice_id.clone(): {"MASTERpub": master, alice_dev.clone(): device}});
+    let (_, body) = server.post("/_matrix/client/v3/keys/signatures/upload", Some(&bob), signatures).await;
+    assert!(body["failures"][&alice_id].get("MASTERpub").is_none(), "{body}");
+    assert_eq!(body["failures"][&alice_id][&alice_dev]["errcode"], "M_INVALID_SIGNATURE");
+    let (_, seen) = server.post("/_matrix/client/v3/keys/query", Some(&alice), query).await;
+    assert_eq!(seen["master_keys"][&alice_id]["signatures"][&bob_id]["ed25519:BOBUSERpub"], "bob-trusts-alice");
+    server.stop().await;
+}
+
+backend_tests!(upload_query_claim, send_to_device, device_lists, cross_signing);

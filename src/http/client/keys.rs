@@ -1,10 +1,15 @@
 //! End-to-end encryption: keys (upload, query, claim) and send-to-device messages.
 
-use axum::{Router, extract::State};
+use axum::{
+    Json, Router,
+    extract::State,
+    response::{IntoResponse, Response},
+};
 use ruma::api::client::{
-    keys::{claim_keys, get_key_changes, get_keys, upload_keys},
+    keys::{claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys},
     to_device::send_event_to_device,
 };
+use serde_json::json;
 
 use crate::{
     error::Result,
@@ -30,14 +35,24 @@ async fn upload_keys(
 /// # `POST /_matrix/client/v3/keys/query`
 /// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysquery>
 ///
-/// Cross-signing keys are not stored yet, so none are returned.
+/// With the users' cross-signing keys (user-signing keys only for the requester).
 async fn get_keys(
     State(services): State<AppState>,
     req: Ruma<get_keys::v3::Request>,
 ) -> Result<RumaResponse<get_keys::v3::Response>> {
-    req.session()?;
+    let session = req.session()?;
     let mut response = get_keys::v3::Response::new();
     response.device_keys = services.query_keys(&req.body.device_keys).await?;
+    for user in response.device_keys.keys() {
+        for (key_type, key) in services.cross_signing_keys_for(&session.user_id, user).await? {
+            let map = match key_type.as_str() {
+                "master" => &mut response.master_keys,
+                "self_signing" => &mut response.self_signing_keys,
+                _ => &mut response.user_signing_keys,
+            };
+            map.insert(user.clone(), key);
+        }
+    }
     Ok(response.into())
 }
 
@@ -76,7 +91,42 @@ async fn get_key_changes(
     Ok(get_key_changes::v3::Response::new(changed, Vec::new()).into())
 }
 
+/// # `POST /_matrix/client/v3/keys/device_signing/upload`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keysdevice_signingupload>
+async fn upload_signing_keys(
+    State(services): State<AppState>,
+    req: Ruma<upload_signing_keys::v3::Request>,
+) -> Result<RumaResponse<upload_signing_keys::v3::Response>> {
+    let session = req.session()?;
+    let b = &req.body;
+    let keys = [b.master_key.as_ref(), b.self_signing_key.as_ref(), b.user_signing_key.as_ref()];
+    services.upload_signing_keys(session, b.auth.as_ref(), keys).await?;
+    Ok(upload_signing_keys::v3::Response::new().into())
+}
+
+/// # `POST /_matrix/client/v3/keys/signatures/upload`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3keyssignaturesupload>
+async fn upload_signatures(
+    State(services): State<AppState>,
+    req: Ruma<upload_signatures::v3::Request>,
+) -> Result<Response> {
+    let session = req.session()?;
+    let signed = req
+        .body
+        .signed_keys
+        .iter()
+        .map(|(user, keys)| {
+            let objects = keys.iter().map(|(id, json)| (id.to_owned(), json.to_owned())).collect();
+            (user.clone(), objects)
+        })
+        .collect();
+    let failures = services.upload_signatures(session, &signed).await?;
+    Ok(Json(json!({"failures": failures})).into_response())
+}
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<upload_signing_keys::v3::Request, _, _>(router, upload_signing_keys);
+    let router = route::<upload_signatures::v3::Request, _, _>(router, upload_signatures);
     let router = route::<get_key_changes::v3::Request, _, _>(router, get_key_changes);
     let router = route::<send_event_to_device::v3::Request, _, _>(router, send_to_device);
     let router = route::<upload_keys::v3::Request, _, _>(router, upload_keys);

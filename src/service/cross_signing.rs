@@ -1,0 +1,148 @@
+//! Cross-signing: each user's master, self-signing and user-signing keys, and the
+//! signatures devices and users make over each other's keys. Clients do the
+//! cryptography; the server stores what the user uploads and serves it to others.
+
+use std::collections::BTreeMap;
+
+use ruma::{OwnedUserId, UserId, api::client::uiaa::AuthData, encryption::CrossSigningKey, serde::Raw};
+use serde_json::{Value as JsonValue, value::RawValue};
+
+use super::{Services, Session};
+use crate::error::{Error, Result};
+
+/// Key types as stored, with the usage each key must declare.
+const KEY_TYPES: [(&str, &str); 3] =
+    [("master", "master"), ("self_signing", "self_signing"), ("user_signing", "user_signing")];
+
+impl Services {
+    /// `POST /keys/device_signing/upload`. Replacing an existing master key needs the
+    /// user's password (UIA); publishing the first one does not (as the spec allows,
+    /// so that clients can set up cross-signing right after registering).
+    pub async fn upload_signing_keys(
+        &self,
+        session: &Session,
+        auth: Option<&AuthData>,
+        keys: [Option<&Raw<CrossSigningKey>>; 3],
+    ) -> Result<()> {
+        let user = &session.user_id;
+        let existing = self.store.get_cross_signing_keys(user.as_str()).await?;
+        if existing.iter().any(|(t, _)| t == "master") {
+            self.require_password_uiaa("device_signing", user, auth).await?;
+        }
+        let mut to_store = Vec::new();
+        for ((key_type, usage), raw) in KEY_TYPES.iter().zip(keys) {
+            let Some(raw) = raw else { continue };
+            let key: CrossSigningKey =
+                raw.deserialize().map_err(|e| Error::bad_json(format!("Invalid {key_type} key: {e}")))?;
+            if key.user_id != *user {
+                return Err(Error::invalid_param(format!("The {key_type} key must be your own")));
+            }
+            if !key.usage.iter().any(|u| u.as_str() == *usage) {
+                return Err(Error::invalid_param(format!("The {key_type} key must have usage {usage}")));
+            }
+            to_store.push((*key_type, raw.json().get()));
+        }
+        if to_store.is_empty() {
+            return Ok(());
+        }
+        if !existing.iter().any(|(t, _)| t == "master") && !to_store.iter().any(|(t, _)| *t == "master") {
+            return Err(Error::invalid_param("Upload a master key first"));
+        }
+        self.store.store_signed_keys(user.as_str(), &to_store, &[]).await?;
+        self.wake_device_list_watchers(user).await
+    }
+
+    /// The cross-signing keys of `user` that `requester` may see: master and
+    /// self-signing keys of anyone, the user-signing key only of themselves.
+    pub async fn cross_signing_keys_for(
+        &self,
+        requester: &UserId,
+        user: &UserId,
+    ) -> Result<BTreeMap<String, Raw<CrossSigningKey>>> {
+        let mut keys = BTreeMap::new();
+        for (key_type, json) in self.store.get_cross_signing_keys(user.as_str()).await? {
+            if key_type == "user_signing" && requester != user {
+                continue;
+            }
+            keys.insert(key_type, Raw::from_json(RawValue::from_string(json).map_err(Error::internal)?));
+        }
+        Ok(keys)
+    }
+
+    /// `POST /keys/signatures/upload`: merges the signatures the user made into the
+    /// stored keys they sign: their own devices and cross-signing keys, or another
+    /// user's master key (signed with the user-signing key). Returns failures by user
+    /// and key id.
+    pub async fn upload_signatures(
+        &self,
+        session: &Session,
+        signed: &BTreeMap<OwnedUserId, Vec<(String, Box<RawValue>)>>,
+    ) -> Result<BTreeMap<OwnedUserId, BTreeMap<String, JsonValue>>> {
+        let signer = session.user_id.as_str();
+        let mut failures: BTreeMap<OwnedUserId, BTreeMap<String, JsonValue>> = BTreeMap::new();
+        for (user, objects) in signed {
+            let own = user == &session.user_id;
+            let devices: BTreeMap<String, String> =
+                self.store.get_device_keys(user.as_str()).await?.into_iter().collect();
+            let cross: BTreeMap<String, String> =
+                self.store.get_cross_signing_keys(user.as_str()).await?.into_iter().collect();
+            let mut new_devices: Vec<(String, String)> = Vec::new();
+            let mut new_cross: Vec<(String, String)> = Vec::new();
+            for (key_id, object) in objects {
+                let mut fail = |message: &str| {
+                    failures.entry(user.clone()).or_default().insert(
+                        key_id.clone(),
+                        serde_json::json!({"errcode": "M_INVALID_SIGNATURE", "error": message}),
+                    );
+                };
+                let Ok(uploaded) = serde_json::from_str::<JsonValue>(object.get()) else {
+                    fail("Not a JSON object");
+                    continue;
+                };
+                let Some(new_sigs) = uploaded["signatures"][signer].as_object() else {
+                    fail("No signature of yours on it");
+                    continue;
+                };
+                // The stored object this signs: a device of the user, or one of their
+                // cross-signing keys, named by its public key.
+                let target = match devices.get(key_id.as_str()) {
+                    Some(json) if own => Some((false, key_id.clone(), json.clone())),
+                    _ => cross
+                        .iter()
+                        .filter(|(t, _)| own || t.as_str() == "master")
+                        .find(|(_, json)| {
+                            serde_json::from_str::<JsonValue>(json).is_ok_and(|k| {
+                                k["keys"]
+                                    .as_object()
+                                    .is_some_and(|keys| keys.contains_key(&format!("ed25519:{key_id}")))
+                            })
+                        })
+                        .map(|(t, json)| (true, t.clone(), json.clone())),
+                };
+                let Some((is_cross, name, json)) = target else {
+                    fail("No such key of that user, or not one you may sign");
+                    continue;
+                };
+                let mut stored: JsonValue = serde_json::from_str(&json).map_err(Error::internal)?;
+                if !stored["signatures"].is_object() {
+                    stored["signatures"] = serde_json::json!({});
+                }
+                if !stored["signatures"][signer].is_object() {
+                    stored["signatures"][signer] = serde_json::json!({});
+                }
+                for (sig_key, sig) in new_sigs {
+                    stored["signatures"][signer][sig_key] = sig.clone();
+                }
+                let json = serde_json::to_string(&stored).map_err(Error::internal)?;
+                if is_cross { new_cross.push((name, json)) } else { new_devices.push((name, json)) }
+            }
+            if !new_cross.is_empty() || !new_devices.is_empty() {
+                let cross: Vec<(&str, &str)> = new_cross.iter().map(|(t, j)| (t.as_str(), j.as_str())).collect();
+                let devices: Vec<(&str, &str)> = new_devices.iter().map(|(d, j)| (d.as_str(), j.as_str())).collect();
+                self.store.store_signed_keys(user.as_str(), &cross, &devices).await?;
+                self.wake_device_list_watchers(user).await?;
+            }
+        }
+        Ok(failures)
+    }
+}
