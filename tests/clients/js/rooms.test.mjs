@@ -726,6 +726,33 @@ test("matrix-js-sdk: encrypted DM with the SDK's rust crypto", { timeout: 180_00
       await waitUntil(() => c.getRoom(roomId)?.hasEncryptionStateEvent(), `${c.getUserId()} sees the room encrypted`);
     }
 
+    // Alice sets up cross-signing (the SDK signs her device with it); bob sees her
+    // cross-signing identity through /keys/query.
+    await alice.getCrypto().bootstrapCrossSigning({
+      authUploadDeviceSigningKeys: (makeRequest) =>
+        makeRequest({
+          type: "m.login.password",
+          identifier: { type: "m.id.user", user: alice.getUserId() },
+          password: PASSWORD,
+        }),
+    });
+    assert.ok(await alice.getCrypto().isCrossSigningReady(), "alice's cross-signing is ready");
+    const aliceKeys = await bob.getCrypto().getUserDeviceInfo([alice.getUserId()], true);
+    assert.equal(aliceKeys.get(alice.getUserId()).size, 1, "bob sees alice's one device");
+    const queried = await bob.http.authedRequest("POST", "/keys/query", undefined, {
+      device_keys: { [alice.getUserId()]: [] },
+    });
+    const master = queried.master_keys?.[alice.getUserId()];
+    const selfSigning = queried.self_signing_keys?.[alice.getUserId()];
+    assert.deepEqual(master?.usage, ["master"], "bob gets alice's master key from the server");
+    assert.deepEqual(selfSigning?.usage, ["self_signing"]);
+    assert.equal(queried.user_signing_keys?.[alice.getUserId()], undefined, "not her user-signing key");
+    const selfSigningKeyId = Object.keys(selfSigning.keys)[0];
+    const deviceSigs = queried.device_keys[alice.getUserId()][alice.getDeviceId()].signatures[alice.getUserId()];
+    assert.ok(deviceSigs[selfSigningKeyId], "alice's device keys carry her self-signing signature");
+    const status = await alice.getCrypto().getDeviceVerificationStatus(alice.getUserId(), alice.getDeviceId());
+    assert.ok(status?.crossSigningVerified, "alice's device is signed by her self-signing key");
+
     const decrypted = (client, body) => () =>
       client
         .getRoom(roomId)
