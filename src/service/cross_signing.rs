@@ -49,7 +49,7 @@ impl Services {
             return Err(Error::invalid_param("Upload a master key first"));
         }
         self.store.store_signed_keys(user.as_str(), &to_store, &[]).await?;
-        self.wake_device_list_watchers(user).await
+        self.wake_room_peers(user).await
     }
 
     /// The cross-signing keys of `user` that `requester` may see: master and
@@ -140,7 +140,7 @@ impl Services {
                 let cross: Vec<(&str, &str)> = new_cross.iter().map(|(t, j)| (t.as_str(), j.as_str())).collect();
                 let devices: Vec<(&str, &str)> = new_devices.iter().map(|(d, j)| (d.as_str(), j.as_str())).collect();
                 self.store.store_signed_keys(user.as_str(), &cross, &devices).await?;
-                self.wake_device_list_watchers(user).await?;
+                self.wake_room_peers(user).await?;
             }
         }
         Ok(failures)

@@ -72,7 +72,7 @@ impl Services {
             )
             .await?;
         if device_keys.is_some() {
-            self.wake_device_list_watchers(&session.user_id).await?;
+            self.wake_room_peers(&session.user_id).await?;
         }
         self.one_time_key_counts(session).await
     }
@@ -214,18 +214,5 @@ impl Services {
     pub async fn device_list_changes(&self, user: &UserId, from: i64, to: i64) -> Result<Vec<OwnedUserId>> {
         let users = self.store.get_device_list_changes(user.as_str(), from, to).await?;
         Ok(users.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect())
-    }
-
-    /// Wakes the syncs of everyone who shares a room with `user` (and `user`'s own), so
-    /// that their clients hear of a change to `user`'s devices.
-    pub(super) async fn wake_device_list_watchers(&self, user: &UserId) -> Result<()> {
-        let mut to_wake = vec![user.to_owned()];
-        for room in self.joined_rooms(user).await? {
-            to_wake.extend(self.joined_local_members(&room).await?.iter().cloned());
-        }
-        to_wake.sort();
-        to_wake.dedup();
-        self.notifier.notify_users(&to_wake);
-        Ok(())
     }
 }

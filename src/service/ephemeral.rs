@@ -216,14 +216,7 @@ impl Services {
             return Ok(());
         }
         self.store.set_presence(user.as_str(), state, msg.as_deref(), now).await?;
-        let mut to_wake = vec![user.to_owned()];
-        for room in self.joined_rooms(user).await? {
-            to_wake.extend(self.joined_local_members(&room).await?.iter().cloned());
-        }
-        to_wake.sort();
-        to_wake.dedup();
-        self.notifier.notify_users(&to_wake);
-        Ok(())
+        self.wake_room_peers(user).await
     }
 
     /// `GET /presence/{userId}/status`.

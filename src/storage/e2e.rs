@@ -5,6 +5,22 @@ use std::collections::HashMap;
 use super::{Store, on_pool};
 use crate::error::Result;
 
+/// Records on the stream that `user`'s device list changed, inside the caller's
+/// transaction (`$conn` is a `&mut` connection of it). Other users' syncs report it.
+macro_rules! record_device_list_change {
+    ($conn:expr, $user:expr) => {{
+        let (pos,): (i64,) = sqlx::query_as("UPDATE stream_position SET pos = pos + 1 WHERE id = 1 RETURNING pos")
+            .fetch_one($conn)
+            .await?;
+        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+            .bind($user)
+            .bind(pos)
+            .execute($conn)
+            .await?;
+    }};
+}
+pub(crate) use record_device_list_change;
+
 /// A key to store: `algorithm:id`, its algorithm, and the key object as JSON.
 pub struct NewKey<'a> {
     pub key_id: &'a str,
@@ -36,12 +52,7 @@ impl Store {
                 .bind(json)
                 .execute(&mut *tx)
                 .await?;
-                let pos = super::events::next_stream_position!(tx);
-                sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
-                    .bind(user_id)
-                    .bind(pos)
-                    .execute(&mut *tx)
-                    .await?;
+                record_device_list_change!(&mut *tx, user_id);
             }
             for chunk in one_time.chunks(200) {
                 let mut query = sqlx::QueryBuilder::new(
@@ -107,7 +118,7 @@ impl Store {
         })
     }
 
-    /// Device keys of a user: all devices, or those named. (device id, JSON) pairs.
+    /// Device keys of all of a user's devices, as (device id, JSON) pairs.
     pub async fn get_device_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as("SELECT device_id, json FROM e2e_device_keys WHERE user_id = $1 ORDER BY device_id")
@@ -308,12 +319,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            let pos = super::events::next_stream_position!(tx);
-            sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
-                .bind(user_id)
-                .bind(pos)
-                .execute(&mut *tx)
-                .await?;
+            record_device_list_change!(&mut *tx, user_id);
             tx.commit().await?;
             Ok(())
         })

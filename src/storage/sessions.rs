@@ -98,14 +98,7 @@ macro_rules! delete_devices_tx {
             sqlx::query(sql).bind(user_id).bind(only).bind(except).execute(&mut **$tx).await?;
         }
         // Other users' clients must learn that this user's devices changed.
-        let (pos,): (i64,) = sqlx::query_as("UPDATE stream_position SET pos = pos + 1 WHERE id = 1 RETURNING pos")
-            .fetch_one(&mut **$tx)
-            .await?;
-        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
-            .bind(user_id)
-            .bind(pos)
-            .execute(&mut **$tx)
-            .await?;
+        super::e2e::record_device_list_change!(&mut **$tx, user_id);
     }};
 }
 

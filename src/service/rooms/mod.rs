@@ -17,7 +17,7 @@ use std::{
     },
 };
 
-use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 
 use super::Services;
@@ -77,6 +77,19 @@ impl Services {
             cache.insert(room_id.to_owned(), members.clone());
         }
         Ok(members)
+    }
+
+    /// Wakes the syncs of `user` and of every local user who shares a joined room with
+    /// them (for presence and device list changes).
+    pub(crate) async fn wake_room_peers(&self, user: &UserId) -> Result<()> {
+        let mut to_wake = vec![user.to_owned()];
+        for room in self.joined_rooms(user).await? {
+            to_wake.extend(self.joined_local_members(&room).await?.iter().cloned());
+        }
+        to_wake.sort();
+        to_wake.dedup();
+        self.notifier.notify_users(&to_wake);
+        Ok(())
     }
 
     pub(crate) fn forget_member_cache(&self, room_id: &RoomId) {
