@@ -74,23 +74,22 @@ impl Services {
         if device_keys.is_some() {
             self.wake_room_peers(&session.user_id).await?;
         }
-        self.one_time_key_counts(session).await
+        Ok(self.key_status(session).await?.0)
     }
 
-    /// Unclaimed one-time keys of the session's device, by algorithm.
-    pub async fn one_time_key_counts(&self, session: &Session) -> Result<BTreeMap<ruma::OneTimeKeyAlgorithm, UInt>> {
-        let counts = self.store.count_one_time_keys(session.user_id.as_str(), session.device_id.as_str()).await?;
-        Ok(counts
+    /// The session's device's unclaimed one-time keys by algorithm, and the
+    /// algorithms of its fallback keys not handed out yet.
+    pub async fn key_status(
+        &self,
+        session: &Session,
+    ) -> Result<(BTreeMap<ruma::OneTimeKeyAlgorithm, UInt>, Vec<ruma::OneTimeKeyAlgorithm>)> {
+        let (counts, fallback) =
+            self.store.get_key_status(session.user_id.as_str(), session.device_id.as_str()).await?;
+        let counts = counts
             .into_iter()
             .map(|(alg, n)| (alg.as_str().into(), UInt::new(n.max(0) as u64).unwrap_or_default()))
-            .collect())
-    }
-
-    /// Fallback key algorithms of the session's device not handed out yet.
-    pub async fn unused_fallback_key_types(&self, session: &Session) -> Result<Vec<ruma::OneTimeKeyAlgorithm>> {
-        let algs =
-            self.store.unused_fallback_key_algorithms(session.user_id.as_str(), session.device_id.as_str()).await?;
-        Ok(algs.iter().map(|a| a.as_str().into()).collect())
+            .collect();
+        Ok((counts, fallback.iter().map(|a| a.as_str().into()).collect()))
     }
 
     /// `POST /keys/query`: the device keys of local users (all their devices, or those

@@ -103,19 +103,32 @@ impl Store {
         })
     }
 
-    /// Algorithms of the device's fallback keys not handed out yet.
-    pub async fn unused_fallback_key_algorithms(&self, user_id: &str, device_id: &str) -> Result<Vec<String>> {
-        on_pool!(self, read, |pool| {
-            let rows: Vec<(String,)> = sqlx::query_as(
-                "SELECT algorithm FROM e2e_fallback_keys WHERE user_id = $1 AND device_id = $2 AND NOT used
-                 ORDER BY algorithm",
+    /// What a device's `/sync` reports of its keys, in one query: its unclaimed one-time
+    /// keys by algorithm, and the algorithms of its fallback keys not handed out yet.
+    pub async fn get_key_status(&self, user_id: &str, device_id: &str) -> Result<(HashMap<String, i64>, Vec<String>)> {
+        let rows: Vec<(String, String, i64)> = on_pool!(self, read, |pool| {
+            sqlx::query_as(
+                "SELECT 'one_time', algorithm, COUNT(*) FROM e2e_one_time_keys WHERE user_id = $1 AND device_id = $2
+                 GROUP BY algorithm
+                 UNION ALL
+                 SELECT 'fallback', algorithm, 0 FROM e2e_fallback_keys WHERE user_id = $1 AND device_id = $2 AND NOT used",
             )
             .bind(user_id)
             .bind(device_id)
             .fetch_all(pool)
-            .await?;
-            Ok(rows.into_iter().map(|r| r.0).collect())
-        })
+            .await?
+        });
+        let mut counts = HashMap::new();
+        let mut fallback = Vec::new();
+        for (kind, algorithm, n) in rows {
+            if kind == "one_time" {
+                counts.insert(algorithm, n);
+            } else {
+                fallback.push(algorithm);
+            }
+        }
+        fallback.sort();
+        Ok((counts, fallback))
     }
 
     /// Device keys of all of a user's devices, as (device id, JSON) pairs.

@@ -48,17 +48,28 @@ impl Store {
     }
 
     /// The stream position of the event a user last read in a room (public or private receipt).
-    /// The stream position of the user's latest read receipt in each room that has one.
-    pub async fn get_read_positions(&self, user_id: &str) -> Result<Vec<(String, i64)>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
-                "SELECT r.room_id, MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
-                 WHERE r.user_id = $1 GROUP BY r.room_id",
-            )
-            .bind(user_id)
-            .fetch_all(pool)
-            .await?)
-        })
+    /// The stream position of the user's latest read receipt in each of `room_ids`
+    /// that has one.
+    pub async fn get_read_positions(&self, user_id: &str, room_ids: &[&str]) -> Result<Vec<(String, i64)>> {
+        let mut positions = Vec::new();
+        for chunk in room_ids.chunks(500) {
+            let rows: Vec<(String, i64)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT r.room_id, MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
+                     WHERE r.user_id = ",
+                );
+                query.push_bind(user_id);
+                query.push(" AND r.room_id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(") GROUP BY r.room_id");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            positions.extend(rows);
+        }
+        Ok(positions)
     }
 
     pub async fn set_presence(&self, user_id: &str, state: &str, status_msg: Option<&str>, now: i64) -> Result<i64> {

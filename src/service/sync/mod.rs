@@ -236,8 +236,9 @@ impl Services {
         if let Some(since) = since {
             response.device_lists.changed = self.device_list_changes(user, since.pos, head).await?;
         }
-        response.device_one_time_keys_count = self.one_time_key_counts(session).await?;
-        response.device_unused_fallback_key_types = Some(self.unused_fallback_key_types(session).await?);
+        let (one_time_keys, fallback_keys) = self.key_status(session).await?;
+        response.device_one_time_keys_count = one_time_keys;
+        response.device_unused_fallback_key_types = Some(fallback_keys);
         let presence = self.presence_events(user, since_pos).await?;
         response.presence = Presence::new();
         response.presence.events = presence.into_iter().map(to_raw).collect::<Result<_>>()?;
@@ -382,7 +383,8 @@ impl Services {
         }
         let room_ids: Vec<&str> = work.iter().map(|w| w.room_id.as_str()).collect();
         let members = self.store.count_members_in_rooms(&room_ids).await?;
-        let read: HashMap<String, i64> = self.store.get_read_positions(user.as_str()).await?.into_iter().collect();
+        let read: HashMap<String, i64> =
+            self.store.get_read_positions(user.as_str(), &room_ids).await?.into_iter().collect();
         let after: Vec<(&str, i64)> = work
             .iter()
             .map(|w| (w.room_id.as_str(), read.get(w.room_id.as_str()).copied().unwrap_or(w.joined_at)))
