@@ -88,21 +88,6 @@ impl Store {
         })
     }
 
-    /// Unclaimed one-time keys of a device, by algorithm.
-    pub async fn count_one_time_keys(&self, user_id: &str, device_id: &str) -> Result<HashMap<String, i64>> {
-        on_pool!(self, read, |pool| {
-            let rows: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT algorithm, COUNT(*) FROM e2e_one_time_keys WHERE user_id = $1 AND device_id = $2
-                 GROUP BY algorithm",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .fetch_all(pool)
-            .await?;
-            Ok(rows.into_iter().collect())
-        })
-    }
-
     /// What a device's `/sync` reports of its keys, in one query: its unclaimed one-time
     /// keys by algorithm, and the algorithms of its fallback keys not handed out yet.
     pub async fn get_key_status(&self, user_id: &str, device_id: &str) -> Result<(HashMap<String, i64>, Vec<String>)> {
