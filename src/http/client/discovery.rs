@@ -25,13 +25,21 @@ use crate::{
 const SPEC_VERSIONS: &[&str] =
     &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10"];
 
+/// Unstable features Convo implements, as clients look them up in `/versions`. Only
+/// what works belongs here: Element Web sets up cross-signing (and so stops marking
+/// every message of an encrypted DM as unverified) only when the first is advertised.
+const UNSTABLE_FEATURES: &[&str] = &[
+    // MSC1756: cross-signing keys and signatures (`service/cross_signing.rs`).
+    "org.matrix.e2e_cross_signing",
+];
+
 /// # `GET /_matrix/client/versions`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientversions>
 async fn get_supported_versions(
     _: Ruma<get_supported_versions::Request>,
 ) -> Result<RumaResponse<get_supported_versions::Response>> {
     let mut response = get_supported_versions::Response::new(SPEC_VERSIONS.iter().map(|v| (*v).to_owned()).collect());
-    response.unstable_features = BTreeMap::new();
+    response.unstable_features = UNSTABLE_FEATURES.iter().map(|f| ((*f).to_owned(), true)).collect::<BTreeMap<_, _>>();
     Ok(response.into())
 }
 
