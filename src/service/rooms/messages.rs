@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use ruma::{DeviceId, EventId, OwnedEventId, RoomId, UserId, events::TimelineEventType};
 use serde_json::{Value as JsonValue, json};
 
-use super::append::LocalEvent;
+use super::append::{ClientTxn, LocalEvent};
 use crate::{
     error::{Error, Result},
     service::Services,
@@ -81,8 +81,13 @@ impl Services {
         txn_id: &str,
         content: JsonValue,
     ) -> Result<OwnedEventId> {
-        // A retried transaction id is caught by the unique index on (sender, device,
-        // txn id) when the event is stored, and answered below with the first event.
+        // Transaction ids are scoped to the device and the endpoint's path. A retry is
+        // answered with the first event; a retry racing the first send is caught by the
+        // unique index when the event is stored (`append_event` answers it the same way).
+        let scope = format!("send/{room_id}/{event_type}");
+        if let Some(existing) = self.store.find_txn_event(sender.as_str(), device.as_str(), &scope, txn_id).await? {
+            return OwnedEventId::try_from(existing).map_err(Error::internal);
+        }
         // No separate membership check: the auth rules refuse events from non-members
         // (M_FORBIDDEN), from the state `append_event` reads anyway. An unknown room
         // looks the same as one the user is not in.
@@ -100,19 +105,12 @@ impl Services {
                     kind: TimelineEventType::from(event_type),
                     state_key: None,
                     content,
-                    txn: Some((device, txn_id)),
+                    txn: Some(ClientTxn { device_id: device, scope, txn_id }),
                     redacts: None,
                 },
             )
-            .await;
-        match appended {
-            Ok(a) => Ok(a.event_id),
-            Err(e) => match self.store.find_txn_event(sender.as_str(), device.as_str(), txn_id).await? {
-                // A concurrent retry with the same transaction id won the race.
-                Some(existing) => OwnedEventId::try_from(existing).map_err(Error::internal),
-                None => Err(e),
-            },
-        }
+            .await?;
+        Ok(appended.event_id)
     }
 
     /// `PUT /rooms/{roomId}/state/{eventType}/{stateKey}`. Setting the same content
@@ -190,8 +188,10 @@ impl Services {
         txn_id: &str,
         reason: Option<String>,
     ) -> Result<OwnedEventId> {
-        // A retried transaction id is caught by the unique index on (sender, device,
-        // txn id) when the event is stored, and answered below with the first event.
+        let scope = format!("redact/{room_id}/{target}");
+        if let Some(existing) = self.store.find_txn_event(sender.as_str(), device.as_str(), &scope, txn_id).await? {
+            return OwnedEventId::try_from(existing).map_err(Error::internal);
+        }
         self.require_joined(room_id, sender).await?;
         let event = self.store.get_event(target.as_str()).await?;
         let event = event
@@ -216,7 +216,7 @@ impl Services {
                     kind: TimelineEventType::RoomRedaction,
                     state_key: None,
                     content: JsonValue::Object(content),
-                    txn: Some((device, txn_id)),
+                    txn: Some(ClientTxn { device_id: device, scope, txn_id }),
                     redacts: Some(target.to_owned()),
                 },
             )
