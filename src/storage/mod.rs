@@ -29,6 +29,7 @@ use sqlx::{
 };
 
 pub use self::{
+    directory::PublishedRoom,
     e2e::{NewKey, NewToDevice},
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,

@@ -11,6 +11,7 @@ pub mod messages;
 pub mod pdu;
 pub mod state;
 pub mod validate;
+pub mod visibility;
 
 use std::{
     collections::HashMap,
