@@ -71,7 +71,7 @@ build_element() {
   local tarball src
   tarball="$(find_tarball)"
   src="$BUILD/src"
-  echo "== building Element Web $ELEMENT_VERSION from $tarball into $WEBAPP_BUILT (about 3 to 6 minutes)"
+  echo "== building Element Web $ELEMENT_VERSION from $tarball into $WEBAPP_BUILT (about 5 to 8 minutes)"
   rm -rf "$src" "$WEBAPP_BUILT"
   mkdir -p "$src"
   # The tarball holds one top folder (element-web/).
@@ -88,7 +88,7 @@ build_element() {
   )
   [ -f "$src/webapp/index.html" ] || die "the Element build finished without webapp/index.html"
   mv "$src/webapp" "$WEBAPP_BUILT"
-  # The source tree with its node_modules is over a gigabyte; the webapp is all we keep.
+  # The source tree with its node_modules is large; the webapp is all we keep.
   rm -rf "$src"
 }
 
