@@ -75,6 +75,9 @@ impl Error {
     pub fn user_in_use(message: impl Into<String>) -> Self {
         Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::UserInUse, message)
     }
+    pub fn room_in_use(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::RoomInUse, message)
+    }
     pub fn invalid_username(message: impl Into<String>) -> Self {
         Self::matrix(StatusCode::BAD_REQUEST, ErrorKind::InvalidUsername, message)
     }

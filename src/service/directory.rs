@@ -6,6 +6,9 @@ use serde_json::{Value as JsonValue, json};
 use super::Services;
 use crate::error::{Error, Result};
 
+/// The longest search term of the room and user directories, in characters.
+pub const MAX_SEARCH_TERM: usize = 256;
+
 /// One entry of `publicRooms`.
 pub struct PublicRoom {
     pub room_id: OwnedRoomId,
@@ -82,31 +85,18 @@ impl Services {
         self.store.is_room_published(room_id.as_str()).await?.ok_or_else(|| Error::not_found("Unknown room"))
     }
 
-    /// `publicRooms`: published rooms, filtered by a search term, paged by offset.
+    /// `publicRooms`: published rooms, filtered by a search term, paged by offset in
+    /// the database.
     pub async fn public_rooms(
         &self,
         search: Option<&str>,
         since: Option<&str>,
         limit: Option<usize>,
     ) -> Result<(Vec<PublicRoom>, Option<String>, Option<String>, usize)> {
-        let rooms = self.store.list_published_rooms().await?;
         let needle = search.map(str::to_lowercase).filter(|s| !s.is_empty());
-        let mut matching = Vec::new();
-        for (room_id, joined) in rooms {
-            let room_id = OwnedRoomId::try_from(room_id).map_err(Error::internal)?;
-            let entry = self.public_room_entry(&room_id, joined).await?;
-            let text = format!(
-                "{} {} {}",
-                entry.name.as_deref().unwrap_or_default(),
-                entry.topic.as_deref().unwrap_or_default(),
-                entry.canonical_alias.as_deref().unwrap_or_default()
-            )
-            .to_lowercase();
-            if needle.as_ref().is_none_or(|n| text.contains(n.as_str())) {
-                matching.push(entry);
-            }
+        if needle.as_ref().is_some_and(|n| n.chars().count() > MAX_SEARCH_TERM) {
+            return Err(Error::invalid_param(format!("Search terms are at most {MAX_SEARCH_TERM} characters")));
         }
-        let total = matching.len();
         let offset: usize = match since {
             Some(token) => {
                 token.trim_start_matches('o').parse().map_err(|_| Error::invalid_param("Invalid since token"))?
@@ -114,50 +104,36 @@ impl Services {
             None => 0,
         };
         let limit = limit.unwrap_or(100).clamp(1, 500);
-        let page: Vec<PublicRoom> = matching.into_iter().skip(offset).take(limit).collect();
+        let (rows, total) = self.store.get_published_rooms(needle.as_deref(), offset as i64, limit as i64).await?;
+        let total = total.max(0) as usize;
+        let page = rows
+            .into_iter()
+            .map(|r| {
+                Ok(PublicRoom {
+                    room_id: OwnedRoomId::try_from(r.room_id).map_err(Error::internal)?,
+                    joined: r.joined,
+                    name: r.name,
+                    topic: r.topic,
+                    canonical_alias: r.canonical_alias,
+                    avatar_url: r.avatar_url,
+                    world_readable: r.history_visibility.as_deref() == Some("world_readable"),
+                    guest_can_join: r.guest_access.as_deref() == Some("can_join"),
+                    join_rule: r.join_rule,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let next = (offset + page.len() < total).then(|| format!("o{}", offset + page.len()));
         let prev = (offset > 0).then(|| format!("o{}", offset.saturating_sub(limit)));
         Ok((page, next, prev, total))
-    }
-
-    async fn public_room_entry(&self, room_id: &RoomId, joined: i64) -> Result<PublicRoom> {
-        let state = self
-            .store
-            .get_current_state_events(
-                room_id.as_str(),
-                &[
-                    "m.room.name",
-                    "m.room.topic",
-                    "m.room.canonical_alias",
-                    "m.room.avatar",
-                    "m.room.history_visibility",
-                    "m.room.guest_access",
-                    "m.room.join_rules",
-                ],
-            )
-            .await?;
-        let get = |t: &str, field: &str| -> Option<String> {
-            state.iter().find(|e| e.event_type == t).and_then(|e| {
-                serde_json::from_str::<JsonValue>(&e.json).ok()?["content"][field].as_str().map(str::to_owned)
-            })
-        };
-        Ok(PublicRoom {
-            room_id: room_id.to_owned(),
-            joined,
-            name: get("m.room.name", "name"),
-            topic: get("m.room.topic", "topic"),
-            canonical_alias: get("m.room.canonical_alias", "alias"),
-            avatar_url: get("m.room.avatar", "url"),
-            world_readable: get("m.room.history_visibility", "history_visibility").as_deref() == Some("world_readable"),
-            guest_can_join: get("m.room.guest_access", "guest_access").as_deref() == Some("can_join"),
-            join_rule: get("m.room.join_rules", "join_rule"),
-        })
     }
 
     /// `user_directory/search`: users who share a room with the searcher or sit in a
     /// published room, whose id or display name contains the term.
     pub async fn search_users(&self, user: &UserId, term: &str, limit: usize) -> Result<(Vec<JsonValue>, bool)> {
         let limit = limit.clamp(1, 100);
+        if term.chars().count() > MAX_SEARCH_TERM {
+            return Err(Error::invalid_param(format!("Search terms are at most {MAX_SEARCH_TERM} characters")));
+        }
         let rows = self.store.search_user_directory(user.as_str(), &term.to_lowercase(), (limit + 1) as i64).await?;
         let limited = rows.len() > limit;
         let results = rows

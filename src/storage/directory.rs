@@ -1,6 +1,6 @@
 //! Storage of room aliases and the public room directory.
 
-use super::{Store, is_unique_violation, on_pool};
+use super::{Dialect, Store, is_unique_violation, on_pool};
 use crate::error::{Error, Result};
 
 impl Store {
@@ -77,17 +77,80 @@ impl Store {
         })
     }
 
-    /// Published rooms, largest first: (room id, joined members).
-    pub async fn list_published_rooms(&self) -> Result<Vec<(String, i64)>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
-                "SELECT r.room_id, (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.room_id AND m.membership = 'join') AS n
-                 FROM rooms r WHERE r.published ORDER BY n DESC, r.room_id",
+    /// One page of the published rooms, largest first, whose name, topic or canonical
+    /// alias contains `term` (lower case), and how many match in all: one query.
+    pub async fn get_published_rooms(
+        &self,
+        term: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<(Vec<PublishedRoom>, i64)> {
+        // The one place where the dialects differ: reading a field of the JSON content.
+        let field = |event_type: &str, field: &str| {
+            let value = match self.dialect() {
+                Dialect::Sqlite => format!("CAST(json_extract(e.json, '$.content.{field}') AS TEXT)"),
+                Dialect::Postgres => format!("(CAST(e.json AS jsonb) -> 'content' ->> '{field}')"),
+            };
+            format!(
+                "(SELECT {value} FROM current_state c JOIN events e ON e.event_id = c.event_id
+                  WHERE c.room_id = r.room_id AND c.event_type = '{event_type}' AND c.state_key = '')"
             )
-            .fetch_all(pool)
-            .await?)
-        })
+        };
+        let sql = format!(
+            "WITH published AS (
+                 SELECT r.room_id,
+                        (SELECT COUNT(*) FROM memberships m WHERE m.room_id = r.room_id AND m.membership = 'join') AS joined,
+                        {name} AS name, {topic} AS topic, {alias} AS canonical_alias, {avatar} AS avatar_url,
+                        {history} AS history_visibility, {guests} AS guest_access, {join_rule} AS join_rule
+                 FROM rooms r WHERE r.published
+             )
+             SELECT room_id, joined, name, topic, canonical_alias, avatar_url, history_visibility, guest_access,
+                    join_rule, COUNT(*) OVER () AS total
+             FROM published
+             WHERE $1 IS NULL OR LOWER(COALESCE(name, '') || ' ' || COALESCE(topic, '') || ' ' || COALESCE(canonical_alias, ''))
+                   LIKE $1 ESCAPE '\\'
+             ORDER BY joined DESC, room_id LIMIT $2 OFFSET $3",
+            name = field("m.room.name", "name"),
+            topic = field("m.room.topic", "topic"),
+            alias = field("m.room.canonical_alias", "alias"),
+            avatar = field("m.room.avatar", "url"),
+            history = field("m.room.history_visibility", "history_visibility"),
+            guests = field("m.room.guest_access", "guest_access"),
+            join_rule = field("m.room.join_rules", "join_rule"),
+        );
+        let pattern = term.map(like_pattern);
+        let rows: Vec<PublishedRoom> = on_pool!(self, read, |pool| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(pattern.as_deref())
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(pool)
+                .await?
+        });
+        let total = rows.first().map_or(0, |r| r.total);
+        Ok((rows, total))
     }
+}
+
+/// A `LIKE` pattern matching any text that contains `term`, with `\` as the escape.
+fn like_pattern(term: &str) -> String {
+    format!("%{}%", term.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"))
+}
+
+/// A published room as the room directory shows it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct PublishedRoom {
+    pub room_id: String,
+    pub joined: i64,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub canonical_alias: Option<String>,
+    pub avatar_url: Option<String>,
+    pub history_visibility: Option<String>,
+    pub guest_access: Option<String>,
+    pub join_rule: Option<String>,
+    /// How many rooms match in all.
+    pub total: i64,
 }
 
 impl Store {
@@ -99,7 +162,7 @@ impl Store {
         term: &str,
         limit: i64,
     ) -> Result<Vec<(String, Option<String>, Option<String>)>> {
-        let pattern = format!("%{}%", term.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let pattern = like_pattern(term);
         let rows: Vec<(String, Option<String>, Option<String>)> = on_pool!(self, read, |pool| {
             sqlx::query_as(
                 "SELECT u.user_id,

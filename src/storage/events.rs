@@ -1,8 +1,8 @@
-//! Storage of rooms, events, state groups, current state, memberships and forward
-//! extremities. `persist_event` is the one transaction by which any event is stored.
+//! Reading rooms, events, state groups and current state. Events are written only by
+//! `persist.rs`.
 
 use super::{Store, on_pool};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// An event as stored.
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -20,44 +20,27 @@ pub struct StoredEvent {
     pub redacted_by: Option<String>,
     pub txn_device_id: Option<String>,
     pub txn_id: Option<String>,
+    /// For a state event: the state event it replaced (`unsigned.replaces_state`).
+    pub replaces_state: Option<String>,
 }
 
 macro_rules! select_events {
     ($tail:literal) => {
         concat!(
             "SELECT stream_ordering, event_id, room_id, sender, event_type, state_key, depth, \
-             origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_id FROM events ",
+             origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_id, replaces_state FROM events ",
             $tail
         )
     };
 }
 
-/// Everything needed to store one new event.
-pub struct NewEvent<'a> {
-    pub event_id: &'a str,
-    pub room_id: &'a str,
-    pub sender: &'a str,
-    pub event_type: &'a str,
-    pub state_key: Option<&'a str>,
-    pub depth: i64,
-    pub origin_server_ts: i64,
-    pub json: &'a str,
-    pub prev_events: &'a [String],
-    /// The room's state group before this event (`None` for the create event).
-    pub prev_state_group: Option<i64>,
-    /// For `m.room.member` events: the membership it sets.
-    pub membership: Option<&'a str>,
-    /// For the create event: the room's version.
-    pub new_room_version: Option<&'a str>,
-    /// A redaction to apply: the target event and its redacted JSON.
-    pub redaction: Option<(&'a str, &'a str)>,
-    pub txn: Option<(&'a str, &'a str)>,
-    /// Local users the event notifies, with whether it highlights for them.
-    pub push_actions: &'a [(String, bool)],
+/// The columns of `StoredEvent`, from `events e`.
+macro_rules! event_columns {
+    () => {
+        "e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth, \
+         e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state"
+    };
 }
-
-/// After this many deltas a state group is written as a full snapshot.
-const MAX_STATE_CHAIN: i64 = 64;
 
 /// Positions in the stream are taken under a row lock, so they commit in order.
 macro_rules! next_stream_position {
@@ -71,178 +54,6 @@ macro_rules! next_stream_position {
 pub(crate) use next_stream_position;
 
 impl Store {
-    /// Stores an event that passed the auth checks; returns its stream position.
-    pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<i64> {
-        on_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
-            let pos = next_stream_position!(tx);
-            if let Some(version) = e.new_room_version {
-                sqlx::query("INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)")
-                    .bind(e.room_id)
-                    .bind(version)
-                    .bind(e.sender)
-                    .bind(e.origin_server_ts)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            let state_group = match (e.state_key, e.prev_state_group) {
-                (Some(state_key), prev) => {
-                    let chain: Option<(i64,)> = match prev {
-                        Some(p) => {
-                            sqlx::query_as("SELECT chain_length FROM state_groups WHERE group_id = $1")
-                                .bind(p)
-                                .fetch_optional(&mut *tx)
-                                .await?
-                        }
-                        None => None,
-                    };
-                    let snapshot = chain.is_none_or(|(n,)| n + 1 >= MAX_STATE_CHAIN);
-                    let length = if snapshot { 0 } else { chain.map_or(0, |c| c.0) + 1 };
-                    sqlx::query(
-                        "INSERT INTO state_groups (group_id, room_id, prev_group, is_snapshot, chain_length)
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(pos)
-                    .bind(e.room_id)
-                    .bind(prev)
-                    .bind(snapshot)
-                    .bind(length)
-                    .execute(&mut *tx)
-                    .await?;
-                    if snapshot {
-                        sqlx::query(
-                            "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id)
-                             SELECT $1, event_type, state_key, event_id FROM current_state
-                             WHERE room_id = $2 AND NOT (event_type = $3 AND state_key = $4)",
-                        )
-                        .bind(pos)
-                        .bind(e.room_id)
-                        .bind(e.event_type)
-                        .bind(state_key)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    sqlx::query(
-                        "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(pos)
-                    .bind(e.event_type)
-                    .bind(state_key)
-                    .bind(e.event_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
-                    )
-                    .bind(e.room_id)
-                    .bind(e.event_type)
-                    .bind(state_key)
-                    .bind(e.event_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    pos
-                }
-                (None, Some(prev)) => prev,
-                (None, None) => return Err(Error::internal("a non-state event needs room state")),
-            };
-            let inserted = sqlx::query(
-                "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
-                     origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_id)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12)",
-            )
-            .bind(pos)
-            .bind(e.event_id)
-            .bind(e.room_id)
-            .bind(e.sender)
-            .bind(e.event_type)
-            .bind(e.state_key)
-            .bind(e.depth)
-            .bind(e.origin_server_ts)
-            .bind(state_group)
-            .bind(e.json)
-            .bind(e.txn.map(|t| t.0))
-            .bind(e.txn.map(|t| t.1))
-            .execute(&mut *tx)
-            .await;
-            if let Err(err) = inserted {
-                return Err(if super::is_unique_violation(&err) {
-                    Error::internal(format!("event {} is already stored", e.event_id))
-                } else {
-                    err.into()
-                });
-            }
-            for chunk in e.push_actions.chunks(500) {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight) ",
-                );
-                query.push_values(chunk, |mut row, (user, highlight)| {
-                    row.push_bind(user)
-                        .push_bind(e.room_id)
-                        .push_bind(pos)
-                        .push_bind(e.event_id)
-                        .push_bind(i32::from(*highlight));
-                });
-                query.build().execute(&mut *tx).await?;
-            }
-            if let (Some(membership), Some(user_id)) = (e.membership, e.state_key) {
-                sqlx::query(
-                    "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
-                     VALUES ($1, $2, $3, $4, $5, FALSE)
-                     ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
-                        event_id = excluded.event_id, stream_ordering = excluded.stream_ordering, forgotten = FALSE",
-                )
-                .bind(e.room_id)
-                .bind(user_id)
-                .bind(membership)
-                .bind(e.event_id)
-                .bind(pos)
-                .execute(&mut *tx)
-                .await?;
-            }
-            // The usual case, one prev event that was the only extremity, is one statement.
-            let replaced = match e.prev_events {
-                [only] => {
-                    sqlx::query("UPDATE forward_extremities SET event_id = $3 WHERE room_id = $1 AND event_id = $2")
-                        .bind(e.room_id)
-                        .bind(only)
-                        .bind(e.event_id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
-                        == 1
-                }
-                _ => false,
-            };
-            if !replaced {
-                for prev in e.prev_events {
-                    sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
-                        .bind(e.room_id)
-                        .bind(prev)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                sqlx::query("INSERT INTO forward_extremities (room_id, event_id) VALUES ($1, $2)")
-                    .bind(e.room_id)
-                    .bind(e.event_id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            if let Some((target, redacted_json)) = e.redaction {
-                sqlx::query(
-                    "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",
-                )
-                .bind(target)
-                .bind(redacted_json)
-                .bind(e.event_id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(pos)
-        })
-    }
-
     pub async fn get_room_version(&self, room_id: &str) -> Result<Option<String>> {
         on_pool!(self, read, |pool| {
             let row: Option<(String,)> = sqlx::query_as("SELECT room_version FROM rooms WHERE room_id = $1")
@@ -282,11 +93,11 @@ impl Store {
     /// The current state events of a room whose type is one of `types` (all if empty).
     pub async fn get_current_state_events(&self, room_id: &str, types: &[&str]) -> Result<Vec<StoredEvent>> {
         on_pool!(self, read, |pool| {
-            let rows: Vec<StoredEvent> = sqlx::query_as(
-                "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth,
-                        e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id
-                 FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = $1",
-            )
+            let rows: Vec<StoredEvent> = sqlx::query_as(concat!(
+                "SELECT ",
+                event_columns!(),
+                " FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = $1"
+            ))
             .bind(room_id)
             .fetch_all(pool)
             .await?;
@@ -304,11 +115,11 @@ impl Store {
             return Ok(Vec::new());
         }
         on_pool!(self, read, |pool| {
-            let mut query = sqlx::QueryBuilder::new(
-                "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth,
-                        e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id
-                 FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = ",
-            );
+            let mut query = sqlx::QueryBuilder::new(concat!(
+                "SELECT ",
+                event_columns!(),
+                " FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = "
+            ));
             query.push_bind(room_id);
             query.push(" AND (");
             for (i, (event_type, state_key)) in keys.iter().enumerate() {
@@ -333,12 +144,12 @@ impl Store {
         state_key: &str,
     ) -> Result<Option<StoredEvent>> {
         on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
-                "SELECT e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth,
-                        e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id
-                 FROM current_state c JOIN events e ON e.event_id = c.event_id
-                 WHERE c.room_id = $1 AND c.event_type = $2 AND c.state_key = $3",
-            )
+            Ok(sqlx::query_as(concat!(
+                "SELECT ",
+                event_columns!(),
+                " FROM current_state c JOIN events e ON e.event_id = c.event_id
+                 WHERE c.room_id = $1 AND c.event_type = $2 AND c.state_key = $3"
+            ))
             .bind(room_id)
             .bind(event_type)
             .bind(state_key)
@@ -412,16 +223,25 @@ impl Store {
         Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
     }
 
-    /// The event a device sent with a transaction id, if any.
-    pub async fn find_txn_event(&self, sender: &str, device_id: &str, txn_id: &str) -> Result<Option<String>> {
+    /// The event a device sent with a transaction id on an endpoint (`scope`), if any.
+    pub async fn find_txn_event(
+        &self,
+        sender: &str,
+        device_id: &str,
+        scope: &str,
+        txn_id: &str,
+    ) -> Result<Option<String>> {
         on_pool!(self, read, |pool| {
-            let row: Option<(String,)> =
-                sqlx::query_as("SELECT event_id FROM events WHERE sender = $1 AND txn_device_id = $2 AND txn_id = $3")
-                    .bind(sender)
-                    .bind(device_id)
-                    .bind(txn_id)
-                    .fetch_optional(pool)
-                    .await?;
+            let row: Option<(String,)> = sqlx::query_as(
+                "SELECT event_id FROM events
+                 WHERE sender = $1 AND txn_device_id = $2 AND txn_scope = $3 AND txn_id = $4",
+            )
+            .bind(sender)
+            .bind(device_id)
+            .bind(scope)
+            .bind(txn_id)
+            .fetch_optional(pool)
+            .await?;
             Ok(row.map(|r| r.0))
         })
     }
@@ -482,13 +302,25 @@ impl Store {
 impl Store {
     /// The `m.room.member` events of one user in a room, oldest first: (stream position, JSON).
     pub async fn get_member_events_of(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>> {
+        self.get_state_changes_of(room_id, "m.room.member", user_id).await
+    }
+
+    /// Every state event of one type and state key in a room, oldest first:
+    /// (stream position, JSON).
+    pub async fn get_state_changes_of(
+        &self,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Vec<(i64, String)>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(
                 "SELECT stream_ordering, json FROM events
-                 WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member' ORDER BY stream_ordering",
+                 WHERE room_id = $1 AND state_key = $2 AND event_type = $3 ORDER BY stream_ordering",
             )
             .bind(room_id)
-            .bind(user_id)
+            .bind(state_key)
+            .bind(event_type)
             .fetch_all(pool)
             .await?)
         })

@@ -13,6 +13,7 @@ mod e2e;
 mod ephemeral;
 mod events;
 mod memberships;
+mod persist;
 mod push;
 mod registration_tokens;
 mod sessions;
@@ -28,10 +29,12 @@ use sqlx::{
 };
 
 pub use self::{
+    directory::PublishedRoom,
     e2e::{NewKey, NewToDevice},
     ephemeral::{PresenceRow, ReceiptRow},
-    events::{NewEvent, StoredEvent},
+    events::StoredEvent,
     memberships::MembershipRow,
+    persist::{EventTxn, NewEvent, NewRoom, Persisted, RoomCreated},
     registration_tokens::RegistrationTokenInfo,
     sessions::{DeviceInfo, NewSession, TokenInfo},
     uiaa::UiaaSession,

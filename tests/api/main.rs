@@ -12,5 +12,6 @@ mod login;
 mod profile;
 mod push;
 mod register;
+mod room_events;
 mod rooms;
 mod sync;

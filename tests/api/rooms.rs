@@ -236,7 +236,8 @@ async fn send_is_idempotent_and_redaction_erases(backend: Backend) {
     // Another device's same txn id is another event.
     let (other_device, _) = server.login("alice", None).await;
     let third = server.put(&send, Some(&other_device), json!({"msgtype": "m.text", "body": "secret plans"})).await;
-    assert_ne!(third.1["event_id"], first.1["event_id"]);
+    assert_eq!(third.0, StatusCode::OK, "{}", third.1);
+    assert!(third.1["event_id"].is_string() && third.1["event_id"] != first.1["event_id"], "{}", third.1);
 
     // Bob may not redact alice's message (redact level 50); alice may.
     let redact = |txn: &str| format!("/_matrix/client/v3/rooms/{room}/redact/{event_id}/{txn}");
@@ -432,6 +433,55 @@ async fn public_rooms_paginate(backend: Backend) {
     }
     names.sort();
     assert_eq!(names, vec!["Room 0", "Room 1", "Room 2", "Room 3", "Room 4"]);
+
+    // Search by name, topic or alias, in the database: `%` and `_` are plain characters.
+    server
+        .create_room(
+            &alice,
+            json!({"visibility": "public", "preset": "public_chat", "name": "100% Rust_club",
+                   "topic": "Ferris", "room_alias_name": "rustaceans"}),
+        )
+        .await;
+    let search = |term: &str| json!({"filter": {"generic_search_term": term}, "limit": 10});
+    let found = |page: &serde_json::Value| -> Vec<String> {
+        page["chunk"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap().to_owned()).collect()
+    };
+    for term in ["100%", "rust_", "ferris", "RUSTACEANS"] {
+        let (status, page) = server.post("/_matrix/client/v3/publicRooms", Some(&alice), search(term)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(found(&page), vec!["100% Rust_club"], "{term}: {page}");
+        assert_eq!(page["total_room_count_estimate"], 1);
+        let room = &page["chunk"][0];
+        assert_eq!(room["topic"], "Ferris");
+        assert_eq!(room["canonical_alias"], "#rustaceans:localhost");
+        // `join_rule` defaults to public when absent (ruma leaves the default out).
+        assert!(room.get("join_rule").is_none_or(|j| j == "public"), "{room}");
+        assert_eq!(room["world_readable"], false);
+        assert_eq!(room["num_joined_members"], 1);
+    }
+    for term in ["1%rust", "m_0", "nothing"] {
+        let (_, page) = server.post("/_matrix/client/v3/publicRooms", Some(&alice), search(term)).await;
+        assert_eq!(found(&page), Vec::<String>::new(), "{term}: {page}");
+    }
+    let (_, page) = server.post("/_matrix/client/v3/publicRooms", Some(&alice), search("room")).await;
+    assert_eq!(page["total_room_count_estimate"], 5, "{page}");
+    // Search terms are bounded, in both directories; never a 500.
+    let long = "a".repeat(100_000);
+    assert_error(
+        &server.post("/_matrix/client/v3/publicRooms", Some(&alice), search(&long)).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+    let user_search = json!({"search_term": long, "limit": 5});
+    assert_error(
+        &server.post("/_matrix/client/v3/user_directory/search", Some(&alice), user_search).await,
+        StatusCode::BAD_REQUEST,
+        "M_INVALID_PARAM",
+    );
+    let (status, users) =
+        server.post("/_matrix/client/v3/user_directory/search", Some(&alice), json!({"search_term": "%"})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(users["results"], json!([]), "`%` is not a wildcard: {users}");
     server.stop().await;
 }
 

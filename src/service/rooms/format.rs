@@ -1,7 +1,10 @@
 //! Turning stored PDUs into the client format: the client sees `event_id`, `type`,
 //! `content`, `sender`, `origin_server_ts`, `state_key` and `unsigned` (with its own
-//! `transaction_id`, and `redacted_because` on redacted events), never hashes,
-//! signatures or the DAG fields.
+//! `transaction_id`, `redacted_because` on redacted events, and `replaces_state`,
+//! `prev_content` and `prev_sender` on state events), never hashes, signatures or the
+//! DAG fields.
+
+use std::collections::HashMap;
 
 use ruma::{DeviceId, UserId, serde::Raw};
 use serde_json::{Map, Value as JsonValue, json, value::to_raw_value};
@@ -62,22 +65,42 @@ pub fn to_raw<T>(value: JsonValue) -> Result<Raw<T>> {
 }
 
 impl Services {
-    /// Client-format events, with `redacted_because` filled in for redacted ones.
+    /// Client-format events, with what the server adds to `unsigned`:
+    /// `redacted_because` on redacted events, and `replaces_state`, `prev_content` and
+    /// `prev_sender` on state events that replaced another (clients read the DM's
+    /// inviter, and membership and profile changes, from them). One read for all of
+    /// the related events.
     pub async fn client_events(
         &self,
         events: &[StoredEvent],
         viewer: Option<Viewer<'_>>,
         with_room_id: bool,
     ) -> Result<Vec<JsonValue>> {
+        let mut related_ids: Vec<String> =
+            events.iter().flat_map(|e| e.redacted_by.iter().chain(&e.replaces_state)).cloned().collect();
+        related_ids.sort_unstable();
+        related_ids.dedup();
+        let related: HashMap<String, StoredEvent> = if related_ids.is_empty() {
+            HashMap::new()
+        } else {
+            self.store.get_events_by_ids(&related_ids).await?.into_iter().map(|e| (e.event_id.clone(), e)).collect()
+        };
         let mut out = Vec::with_capacity(events.len());
         for event in events {
             let mut value = base_client_event(event, viewer, with_room_id)?;
-            if let Some(redaction_id) = &event.redacted_by
-                && let Some(redaction) = self.store.get_event(redaction_id).await?
-            {
-                let because = base_client_event(&redaction, None, with_room_id)?;
-                if let Some(JsonValue::Object(unsigned)) = value.get_mut("unsigned") {
-                    unsigned.insert("redacted_because".into(), JsonValue::Object(because));
+            let Some(JsonValue::Object(unsigned)) = value.get_mut("unsigned") else {
+                return Err(Error::internal("client event without unsigned"));
+            };
+            if let Some(redaction) = event.redacted_by.as_ref().and_then(|id| related.get(id)) {
+                let because = base_client_event(redaction, None, with_room_id)?;
+                unsigned.insert("redacted_because".into(), JsonValue::Object(because));
+            }
+            if let Some(replaced_id) = event.replaces_state.as_ref().filter(|_| event.state_key.is_some()) {
+                unsigned.insert("replaces_state".into(), json!(replaced_id));
+                if let Some(replaced) = related.get(replaced_id) {
+                    let pdu: JsonValue = serde_json::from_str(&replaced.json).map_err(Error::internal)?;
+                    unsigned.insert("prev_content".into(), pdu.get("content").cloned().unwrap_or_else(|| json!({})));
+                    unsigned.insert("prev_sender".into(), json!(replaced.sender));
                 }
             }
             out.push(JsonValue::Object(value));

@@ -2,25 +2,15 @@
 //! state, redaction (with the room's power levels), single events, `/messages` and
 //! `/context`, each filtered by history visibility.
 
-use std::collections::HashMap;
-
 use ruma::{DeviceId, EventId, OwnedEventId, RoomId, UserId, events::TimelineEventType};
 use serde_json::{Value as JsonValue, json};
 
-use super::append::LocalEvent;
+use super::append::{ClientTxn, LocalEvent};
 use crate::{
     error::{Error, Result},
     service::Services,
     storage::StoredEvent,
 };
-
-/// What a user's membership history says about which events they may see.
-pub struct Visibility {
-    /// (stream position, membership) of the user's member events in the room.
-    memberships: Vec<(i64, String)>,
-    /// History visibility per state group.
-    by_group: HashMap<i64, String>,
-}
 
 /// A page of `/messages`.
 pub struct MessagesPage {
@@ -29,6 +19,9 @@ pub struct MessagesPage {
     pub end: Option<String>,
     pub state: Vec<StoredEvent>,
 }
+
+/// Most events one `/messages` request reads, whatever its filter matches.
+const MAX_SCANNED: usize = 5_000;
 
 /// Simple event filter fields honoured by `/messages`.
 #[derive(Default, Clone)]
@@ -63,13 +56,6 @@ pub fn parse_position(token: &str) -> Result<i64> {
         .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
 }
 
-fn membership_of(json: &str) -> String {
-    serde_json::from_str::<JsonValue>(json)
-        .ok()
-        .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 impl Services {
     /// `PUT /rooms/{roomId}/send/{eventType}/{txnId}`.
     pub async fn send_message(
@@ -81,8 +67,13 @@ impl Services {
         txn_id: &str,
         content: JsonValue,
     ) -> Result<OwnedEventId> {
-        // A retried transaction id is caught by the unique index on (sender, device,
-        // txn id) when the event is stored, and answered below with the first event.
+        // Transaction ids are scoped to the device and the endpoint's path. A retry is
+        // answered with the first event; a retry racing the first send is caught by the
+        // unique index when the event is stored (`append_event` answers it the same way).
+        let scope = format!("send/{room_id}/{event_type}");
+        if let Some(existing) = self.store.find_txn_event(sender.as_str(), device.as_str(), &scope, txn_id).await? {
+            return OwnedEventId::try_from(existing).map_err(Error::internal);
+        }
         // No separate membership check: the auth rules refuse events from non-members
         // (M_FORBIDDEN), from the state `append_event` reads anyway. An unknown room
         // looks the same as one the user is not in.
@@ -100,19 +91,12 @@ impl Services {
                     kind: TimelineEventType::from(event_type),
                     state_key: None,
                     content,
-                    txn: Some((device, txn_id)),
+                    txn: Some(ClientTxn { device_id: device, scope, txn_id }),
                     redacts: None,
                 },
             )
-            .await;
-        match appended {
-            Ok(a) => Ok(a.event_id),
-            Err(e) => match self.store.find_txn_event(sender.as_str(), device.as_str(), txn_id).await? {
-                // A concurrent retry with the same transaction id won the race.
-                Some(existing) => OwnedEventId::try_from(existing).map_err(Error::internal),
-                None => Err(e),
-            },
-        }
+            .await?;
+        Ok(appended.event_id)
     }
 
     /// `PUT /rooms/{roomId}/state/{eventType}/{stateKey}`. Setting the same content
@@ -190,8 +174,10 @@ impl Services {
         txn_id: &str,
         reason: Option<String>,
     ) -> Result<OwnedEventId> {
-        // A retried transaction id is caught by the unique index on (sender, device,
-        // txn id) when the event is stored, and answered below with the first event.
+        let scope = format!("redact/{room_id}/{target}");
+        if let Some(existing) = self.store.find_txn_event(sender.as_str(), device.as_str(), &scope, txn_id).await? {
+            return OwnedEventId::try_from(existing).map_err(Error::internal);
+        }
         self.require_joined(room_id, sender).await?;
         let event = self.store.get_event(target.as_str()).await?;
         let event = event
@@ -216,7 +202,7 @@ impl Services {
                     kind: TimelineEventType::RoomRedaction,
                     state_key: None,
                     content: JsonValue::Object(content),
-                    txn: Some((device, txn_id)),
+                    txn: Some(ClientTxn { device_id: device, scope, txn_id }),
                     redacts: Some(target.to_owned()),
                 },
             )
@@ -224,70 +210,21 @@ impl Services {
         Ok(appended.event_id)
     }
 
-    /// Loads what decides which events of a room `user` may see.
-    pub async fn visibility_for(&self, room_id: &RoomId, user: &UserId) -> Result<Visibility> {
-        let memberships = self
-            .store
-            .get_member_events_of(room_id.as_str(), user.as_str())
-            .await?
-            .into_iter()
-            .map(|(pos, json)| (pos, membership_of(&json)))
-            .collect();
-        Ok(Visibility { memberships, by_group: HashMap::new() })
-    }
-
-    /// Whether `user` may see `event`, by the room's history visibility at the event.
-    pub async fn may_see(&self, vis: &mut Visibility, user: &UserId, event: &StoredEvent) -> Result<bool> {
-        // One's own membership events are always visible.
-        if event.event_type == "m.room.member" && event.state_key.as_deref() == Some(user.as_str()) {
-            return Ok(true);
-        }
-        let membership_at = vis
-            .memberships
-            .iter()
-            .rev()
-            .find(|(pos, _)| *pos < event.stream_ordering)
-            .map(|(_, m)| m.as_str())
-            .unwrap_or("leave");
-        if membership_at == "join" {
-            return Ok(true);
-        }
-        let group = self.state_group_before(event).await?.unwrap_or(event.state_group);
-        let history = match vis.by_group.get(&group) {
-            Some(h) => h.clone(),
-            None => {
-                let h = match self.state_event_at(group, "m.room.history_visibility", "").await? {
-                    Some(e) => serde_json::from_str::<JsonValue>(&e.json).map_err(Error::internal)?["content"]["history_visibility"]
-                        .as_str()
-                        .unwrap_or("shared")
-                        .to_owned(),
-                    None => "shared".to_owned(),
-                };
-                vis.by_group.insert(group, h.clone());
-                h
-            }
-        };
-        Ok(match history.as_str() {
-            "world_readable" => true,
-            "invited" => membership_at == "invite",
-            "joined" => false,
-            // `shared` and anything unknown: visible if the user joined at any point after.
-            _ => vis.memberships.iter().any(|(pos, m)| *pos >= event.stream_ordering && m == "join"),
-        })
-    }
-
     /// `GET /rooms/{roomId}/event/{eventId}`.
     pub async fn get_event_for(&self, room_id: &RoomId, user: &UserId, event_id: &EventId) -> Result<StoredEvent> {
         let event = self.store.get_event(event_id.as_str()).await?;
         let event = event.filter(|e| e.room_id == room_id.as_str()).ok_or_else(|| Error::not_found("No such event"))?;
-        let mut vis = self.visibility_for(room_id, user).await?;
-        if vis.memberships.is_empty() || !self.may_see(&mut vis, user, &event).await? {
+        let vis = self.visibility_for(room_id, user).await?;
+        if vis.memberships.is_empty() || !vis.may_see(user, &event) {
             return Err(Error::not_found("No such event, or you may not see it"));
         }
         Ok(event)
     }
 
-    /// `GET /rooms/{roomId}/messages`.
+    /// `GET /rooms/{roomId}/messages`. Reads only the stretches of history the user may
+    /// see, and at most `MAX_SCANNED` events per request: a page that stops short of
+    /// `limit` for that reason still carries an `end` token to go on from.
+    #[allow(clippy::too_many_arguments)]
     pub async fn messages(
         &self,
         room_id: &RoomId,
@@ -298,7 +235,7 @@ impl Services {
         limit: usize,
         filter: &EventFilter,
     ) -> Result<MessagesPage> {
-        let mut vis = self.visibility_for(room_id, user).await?;
+        let vis = self.visibility_for(room_id, user).await?;
         if vis.memberships.is_empty() {
             return Err(Error::forbidden("You are not a member of this room"));
         }
@@ -310,30 +247,56 @@ impl Services {
             None => 0,
         };
         let to_pos = to.map(parse_position).transpose()?;
+        // The stretches (after, up_to] to read, in the order of reading.
+        let (floor, ceiling) =
+            if backwards { (to_pos.unwrap_or(0), from_pos) } else { (from_pos, to_pos.unwrap_or(head)) };
+        let mut ranges: Vec<(i64, i64)> = vis
+            .visible_ranges()
+            .into_iter()
+            .map(|(after, up_to)| (after.max(floor), up_to.min(ceiling)))
+            .filter(|(after, up_to)| after < up_to)
+            .collect();
+        if backwards {
+            ranges.reverse();
+        }
         let mut chunk = Vec::new();
         let mut cursor = from_pos;
-        let mut exhausted = false;
-        while chunk.len() < limit && !exhausted {
-            let batch = if backwards {
-                let floor = to_pos.unwrap_or(0);
-                self.store.get_room_events(room_id.as_str(), floor, cursor, (limit * 2) as i64, true).await?
-            } else {
-                let ceiling = to_pos.unwrap_or(head);
-                self.store.get_room_events(room_id.as_str(), cursor, ceiling, (limit * 2) as i64, false).await?
-            };
-            exhausted = batch.len() < limit * 2;
-            for event in batch {
-                cursor = if backwards { event.stream_ordering - 1 } else { event.stream_ordering };
-                if filter.matches(&event) && self.may_see(&mut vis, user, &event).await? {
-                    chunk.push(event);
-                    if chunk.len() == limit {
-                        break;
+        let mut scanned = 0;
+        let mut cut_short = false;
+        'ranges: for (after, up_to) in ranges {
+            let (mut low, mut high) = (after, up_to);
+            loop {
+                if scanned >= MAX_SCANNED {
+                    cut_short = true;
+                    break 'ranges;
+                }
+                let batch_size = (limit * 2).min(MAX_SCANNED - scanned) as i64;
+                let batch = self.store.get_room_events(room_id.as_str(), low, high, batch_size, backwards).await?;
+                scanned += batch.len();
+                let done = (batch.len() as i64) < batch_size;
+                for event in batch {
+                    cursor = if backwards { event.stream_ordering - 1 } else { event.stream_ordering };
+                    if backwards {
+                        high = cursor
+                    } else {
+                        low = cursor
                     }
+                    if filter.matches(&event) && vis.may_see(user, &event) {
+                        chunk.push(event);
+                        if chunk.len() == limit {
+                            break 'ranges;
+                        }
+                    }
+                }
+                if done {
+                    cursor = if backwards { after } else { up_to };
+                    break;
                 }
             }
         }
-        // A full page may have more behind it; a short one means the range is exhausted.
-        let end = (chunk.len() == limit).then(|| format!("t{cursor}"));
+        // A full page may have more behind it; a short one means the range is exhausted,
+        // unless the scan stopped at its bound.
+        let end = (chunk.len() == limit || cut_short).then(|| format!("t{cursor}"));
         let state = if filter.lazy_load_members { self.member_events_for(room_id, &chunk).await? } else { Vec::new() };
         Ok(MessagesPage { chunk, start: format!("t{from_pos}"), end, state })
     }

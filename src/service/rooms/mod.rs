@@ -1,13 +1,17 @@
 //! Rooms: creating them, membership, sending events, reading state and history.
-//! `append.rs` is the one path by which local events are made and stored.
+//! `build.rs` makes and checks every local event; `append.rs` stores one on top of a
+//! room's state, `create.rs` a new room's first events at once.
 
 pub mod append;
+pub mod build;
 pub mod create;
 pub mod format;
 pub mod membership;
 pub mod messages;
 pub mod pdu;
 pub mod state;
+pub mod validate;
+pub mod visibility;
 
 use std::{
     collections::HashMap,

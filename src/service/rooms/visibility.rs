@@ -1,0 +1,149 @@
+//! History visibility: which events of a room a user may see, from the user's own
+//! membership events and the room's `m.room.history_visibility` changes, both read
+//! once per request. `visible_ranges` turns them into the stretches of the stream the
+//! user may read, so that paging skips what they may not see without reading it.
+
+use ruma::{RoomId, UserId};
+use serde_json::Value as JsonValue;
+
+use crate::{error::Result, service::Services, storage::StoredEvent};
+
+/// What decides which events of a room a user may see.
+pub struct Visibility {
+    /// (stream position, membership) of the user's member events in the room, in order.
+    pub memberships: Vec<(i64, String)>,
+    /// (stream position, history visibility) of the room's visibility changes, in order.
+    changes: Vec<(i64, String)>,
+}
+
+fn content_field(json: &str, field: &str) -> String {
+    serde_json::from_str::<JsonValue>(json)
+        .ok()
+        .and_then(|v| v["content"][field].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+impl Visibility {
+    /// The user's membership just before stream position `pos`.
+    fn membership_before(&self, pos: i64) -> &str {
+        self.memberships.iter().rev().find(|(p, _)| *p < pos).map_or("leave", |(_, m)| m.as_str())
+    }
+
+    /// The room's history visibility just before `pos` (`shared` when never set).
+    fn history_before(&self, pos: i64) -> &str {
+        self.changes.iter().rev().find(|(p, _)| *p < pos).map_or("shared", |(_, h)| h.as_str())
+    }
+
+    /// Whether an event at stream position `pos` (not the user's own member event) is
+    /// visible: the spec's rules, with the room's state just before the event.
+    fn visible_at(&self, pos: i64) -> bool {
+        let membership = self.membership_before(pos);
+        if membership == "join" {
+            return true;
+        }
+        match self.history_before(pos) {
+            "world_readable" => true,
+            "invited" => membership == "invite",
+            "joined" => false,
+            // `shared` and anything unknown: visible if the user joined at any point after.
+            _ => self.memberships.iter().any(|(p, m)| *p >= pos && m == "join"),
+        }
+    }
+
+    /// Whether `user` may see `event`.
+    pub fn may_see(&self, user: &UserId, event: &StoredEvent) -> bool {
+        // One's own membership events are always visible.
+        (event.event_type == "m.room.member" && event.state_key.as_deref() == Some(user.as_str()))
+            || self.visible_at(event.stream_ordering)
+    }
+
+    /// The stretches `(after, up_to]` of the stream in which the user may see events,
+    /// oldest first. Visibility only changes at the user's member events and at the
+    /// room's visibility changes, so between two of those it is constant; the user's
+    /// own member events are visible whatever the rest.
+    pub fn visible_ranges(&self) -> Vec<(i64, i64)> {
+        let mut breaks: Vec<i64> = self.memberships.iter().chain(&self.changes).map(|(p, _)| *p).collect();
+        breaks.sort_unstable();
+        breaks.dedup();
+        let mut ranges: Vec<(i64, i64)> = Vec::new();
+        let mut push = |after: i64, up_to: i64| match ranges.last_mut() {
+            Some(last) if last.1 >= after => last.1 = last.1.max(up_to),
+            _ => ranges.push((after, up_to)),
+        };
+        let mut after = i64::MIN;
+        for &point in breaks.iter().chain(std::iter::once(&i64::MAX)) {
+            // Every position in (after, point] sees the same memberships and changes.
+            if self.visible_at(point) {
+                push(after, point);
+            } else if self.memberships.iter().any(|(p, _)| *p == point) {
+                push(point - 1, point);
+            }
+            after = point;
+        }
+        ranges
+    }
+}
+
+impl Services {
+    /// Loads what decides which events of a room `user` may see: two queries.
+    pub async fn visibility_for(&self, room_id: &RoomId, user: &UserId) -> Result<Visibility> {
+        let memberships = self
+            .store
+            .get_member_events_of(room_id.as_str(), user.as_str())
+            .await?
+            .into_iter()
+            .map(|(pos, json)| (pos, content_field(&json, "membership")))
+            .collect();
+        let changes = self
+            .store
+            .get_state_changes_of(room_id.as_str(), "m.room.history_visibility", "")
+            .await?
+            .into_iter()
+            .map(|(pos, json)| (pos, content_field(&json, "history_visibility")))
+            .collect();
+        Ok(Visibility { memberships, changes })
+    }
+
+    /// Whether `user` may see `event`, by the room's history visibility at the event.
+    pub async fn may_see(&self, vis: &mut Visibility, user: &UserId, event: &StoredEvent) -> Result<bool> {
+        Ok(vis.may_see(user, event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vis(memberships: &[(i64, &str)], changes: &[(i64, &str)]) -> Visibility {
+        let own = |list: &[(i64, &str)]| list.iter().map(|(p, s)| (*p, (*s).to_owned())).collect();
+        Visibility { memberships: own(memberships), changes: own(changes) }
+    }
+
+    #[test]
+    fn shared_history_is_visible_to_later_joiners() {
+        let v = vis(&[(50, "join")], &[(3, "shared")]);
+        assert_eq!(v.visible_ranges(), vec![(i64::MIN, i64::MAX)]);
+    }
+
+    #[test]
+    fn joined_history_starts_at_the_join() {
+        let v = vis(&[(40, "invite"), (50, "join")], &[(3, "joined")]);
+        // Before the visibility is first set it is `shared`.
+        assert_eq!(v.visible_ranges(), vec![(i64::MIN, 3), (39, 40), (49, i64::MAX)]);
+        assert!(!v.visible_at(45) && !v.visible_at(50) && v.visible_at(51));
+    }
+
+    #[test]
+    fn invited_visibility_and_leaving() {
+        let v = vis(&[(40, "invite"), (50, "join"), (70, "leave")], &[(3, "invited")]);
+        assert_eq!(v.visible_ranges(), vec![(i64::MIN, 3), (39, 70)]);
+        assert!(v.visible_at(41) && v.visible_at(70) && !v.visible_at(71));
+    }
+
+    #[test]
+    fn visibility_changes_midway() {
+        // World readable until 20, joined-only after; the user joined at 30 and left at 60.
+        let v = vis(&[(30, "join"), (60, "leave")], &[(5, "world_readable"), (20, "joined")]);
+        assert_eq!(v.visible_ranges(), vec![(i64::MIN, 20), (29, 60)]);
+    }
+}
