@@ -12,7 +12,10 @@ repository); without it the run prints SKIP and succeeds, unless REQUIRE_SCHEMAT
 
     python3 tests/schemathesis/run.py        (makes tests/schemathesis/.venv on first use)
 
-Extra arguments go to `st run` (e.g. `--max-examples 5` for a quick look).
+Extra arguments go to `st run` (e.g. `--max-examples 5` for a quick look, `--seed N`
+to explore, `--output-sanitize false` to see tokens and passwords in reproductions).
+`CONVO_*` variables reach the server: `CONVO_DATABASE__URL=postgres://...` (an empty
+database) runs it against PostgreSQL.
 """
 
 import http.client
