@@ -2,7 +2,7 @@
 //! keys and fallback keys) and how other devices fetch and claim them. The server
 //! checks who may publish what and hands keys out; it never sees message plaintext.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ruma::{
     OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, UInt, UserId,
@@ -13,7 +13,7 @@ use ruma::{
 };
 use serde_json::value::RawValue;
 
-use super::{Services, Session};
+use super::{Services, Session, rooms::messages::membership_of};
 use crate::{
     error::{Error, Result},
     storage::{NewKey, NewToDevice},
@@ -208,10 +208,34 @@ impl Services {
             .collect()
     }
 
-    /// Users whose devices changed between two stream positions, as `user` should hear
-    /// of them (see `Store::get_device_list_changes`).
-    pub async fn device_list_changes(&self, user: &UserId, from: i64, to: i64) -> Result<Vec<OwnedUserId>> {
-        let users = self.store.get_device_list_changes(user.as_str(), from, to).await?;
-        Ok(users.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect())
+    /// What `user`'s clients should learn of other users' devices between two stream
+    /// positions: `changed`, users whose devices changed (see
+    /// `Store::get_device_list_changes`) or who newly share an encrypted room with
+    /// `user`, and `left`, users with whom `user` no longer shares any encrypted room.
+    pub async fn device_list_changes(
+        &self,
+        user: &UserId,
+        from: i64,
+        to: i64,
+    ) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+        let mut changed: BTreeSet<String> =
+            self.store.get_device_list_changes(user.as_str(), from, to).await?.into_iter().collect();
+        // Joins in the span (a member event that only changed a profile is not one): a
+        // user who joined is new to track, and so is everyone in a room the user joined.
+        for (room, member, before) in self.store.get_encrypted_member_changes(user.as_str(), from, to).await? {
+            if before.is_some_and(|json| membership_of(&json) == "join") {
+                continue;
+            }
+            if member == user.as_str() {
+                let members = self.store.get_room_members(&room, Some("join")).await?;
+                changed.extend(members.into_iter().map(|m| m.user_id).filter(|u| u != user.as_str()));
+            } else {
+                changed.insert(member);
+            }
+        }
+        let left: BTreeSet<String> =
+            self.store.get_device_list_left(user.as_str(), from, to).await?.into_iter().collect();
+        let ids = |users: BTreeSet<String>| users.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect();
+        Ok((ids(changed.difference(&left).cloned().collect()), ids(left)))
     }
 }

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use self::{
     ephemeral::Typing,
     rooms::{MemberCache, RoomLocks},
-    sync::notifier::{LocalNotifier, Notifier},
+    sync::notifier::{LocalNotifier, Notifier, WaitingSyncs},
 };
 pub use self::{
     ids::{generate_registration_token, hash_token},
@@ -75,6 +75,8 @@ pub struct Services {
     pub signing_key: ruma::signatures::Ed25519KeyPair,
     /// Wakes waiting `/sync`s.
     pub notifier: Box<dyn Notifier>,
+    /// `/sync` requests waiting on the notifier (tests wait on it).
+    pub waiting_syncs: WaitingSyncs,
     pub room_locks: RoomLocks,
     /// Each room's forward extremities and state group, kept under the room lock.
     pub room_heads: rooms::append::RoomHeads,
@@ -102,6 +104,7 @@ impl Services {
             hashing,
             signing_key,
             notifier: Box::new(LocalNotifier::default()),
+            waiting_syncs: Default::default(),
             room_locks: RoomLocks::default(),
             room_heads: Default::default(),
             member_cache: MemberCache::default(),

@@ -254,8 +254,8 @@ impl Store {
     }
 
     /// Users whose device list changed after `from` (up to `to`) and who are `user_id`
-    /// or share a joined room with them, and users who joined one of `user_id`'s rooms
-    /// in that span (their devices are new to `user_id`'s clients).
+    /// or share a joined room with them, and the members of `user_id`'s rooms that
+    /// turned encrypted in that span.
     pub async fn get_device_list_changes(&self, user_id: &str, from: i64, to: i64) -> Result<Vec<String>> {
         on_pool!(self, read, |pool| {
             let rows: Vec<(String,)> = sqlx::query_as(
@@ -265,9 +265,85 @@ impl Store {
                      WHERE mine.user_id = $1 AND mine.membership = 'join'
                        AND theirs.user_id = c.user_id AND theirs.membership = 'join'))
                  UNION
-                 SELECT theirs.user_id FROM memberships mine JOIN memberships theirs ON theirs.room_id = mine.room_id
+                 SELECT theirs.user_id FROM memberships mine
+                 JOIN current_state enc ON enc.room_id = mine.room_id
+                   AND enc.event_type = 'm.room.encryption' AND enc.state_key = ''
+                 JOIN events e ON e.event_id = enc.event_id
+                 JOIN memberships theirs ON theirs.room_id = mine.room_id
                  WHERE mine.user_id = $1 AND mine.membership = 'join' AND theirs.membership = 'join'
-                   AND theirs.user_id <> $1 AND theirs.stream_ordering > $2 AND theirs.stream_ordering <= $3",
+                   AND theirs.user_id <> $1 AND e.stream_ordering > $2 AND e.stream_ordering <= $3",
+            )
+            .bind(user_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().map(|r| r.0).collect())
+        })
+    }
+
+    /// The joined members (`user_id` too) of `user_id`'s encrypted rooms whose
+    /// membership row changed after `from` (up to `to`), as (room, user, JSON of their
+    /// latest member event at `from`, `None` if they had none): whether they were in
+    /// the room already, or only changed their profile.
+    pub async fn get_encrypted_member_changes(
+        &self,
+        user_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String, Option<String>)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT theirs.room_id, theirs.user_id, (
+                     SELECT e.json FROM events e
+                     WHERE e.room_id = theirs.room_id AND e.state_key = theirs.user_id
+                       AND e.event_type = 'm.room.member' AND e.stream_ordering <= $2
+                     ORDER BY e.stream_ordering DESC LIMIT 1)
+                 FROM memberships mine
+                 JOIN current_state enc ON enc.room_id = mine.room_id
+                   AND enc.event_type = 'm.room.encryption' AND enc.state_key = ''
+                 JOIN memberships theirs ON theirs.room_id = mine.room_id
+                 WHERE mine.user_id = $1 AND mine.membership = 'join' AND theirs.membership = 'join'
+                   AND theirs.stream_ordering > $2 AND theirs.stream_ordering <= $3",
+            )
+            .bind(user_id)
+            .bind(from)
+            .bind(to)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
+    /// Users with whom `user_id` shares no joined encrypted room any more, among those
+    /// whose membership ended in the span after `from` (up to `to`): members of the
+    /// encrypted rooms `user_id` left or was removed from, and users who left or were
+    /// removed from encrypted rooms `user_id` is in.
+    pub async fn get_device_list_left(&self, user_id: &str, from: i64, to: i64) -> Result<Vec<String>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT c.user_id FROM (
+                     SELECT theirs.user_id FROM memberships mine
+                     JOIN current_state enc ON enc.room_id = mine.room_id
+                       AND enc.event_type = 'm.room.encryption' AND enc.state_key = ''
+                     JOIN memberships theirs ON theirs.room_id = mine.room_id
+                     WHERE mine.user_id = $1 AND mine.membership IN ('leave', 'ban')
+                       AND mine.stream_ordering > $2 AND mine.stream_ordering <= $3
+                       AND (theirs.membership = 'join' OR theirs.stream_ordering > $2)
+                     UNION
+                     SELECT theirs.user_id FROM memberships mine
+                     JOIN current_state enc ON enc.room_id = mine.room_id
+                       AND enc.event_type = 'm.room.encryption' AND enc.state_key = ''
+                     JOIN memberships theirs ON theirs.room_id = mine.room_id
+                     WHERE mine.user_id = $1 AND mine.membership = 'join' AND theirs.membership IN ('leave', 'ban')
+                       AND theirs.stream_ordering > $2 AND theirs.stream_ordering <= $3
+                 ) c
+                 WHERE c.user_id <> $1 AND NOT EXISTS (
+                     SELECT 1 FROM memberships m2
+                     JOIN current_state e2 ON e2.room_id = m2.room_id
+                       AND e2.event_type = 'm.room.encryption' AND e2.state_key = ''
+                     JOIN memberships t2 ON t2.room_id = m2.room_id
+                     WHERE m2.user_id = $1 AND m2.membership = 'join'
+                       AND t2.user_id = c.user_id AND t2.membership = 'join')",
             )
             .bind(user_id)
             .bind(from)

@@ -144,3 +144,30 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// The rooms `user_id` is joined to whose membership row changed after `since`, each
+    /// with the JSON of the user's latest member event at `since` (`None` if they had
+    /// none then): a join, or only a profile change of someone already in.
+    pub async fn get_joined_rooms_changed_since(
+        &self,
+        user_id: &str,
+        since: i64,
+    ) -> Result<Vec<(String, Option<String>)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT m.room_id, (
+                     SELECT e.json FROM events e
+                     WHERE e.room_id = m.room_id AND e.state_key = $1 AND e.event_type = 'm.room.member'
+                       AND e.stream_ordering <= $2
+                     ORDER BY e.stream_ordering DESC LIMIT 1)
+                 FROM memberships m
+                 WHERE m.user_id = $1 AND m.membership = 'join' AND m.stream_ordering > $2",
+            )
+            .bind(user_id)
+            .bind(since)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+}

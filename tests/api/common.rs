@@ -260,6 +260,11 @@ impl TestServer {
         assert_eq!(status, StatusCode::OK, "join: {body}");
     }
 
+    pub async fn leave(&self, token: &str, room: &str) {
+        let (status, body) = self.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "leave: {body}");
+    }
+
     /// `/sync` with optional `since` and query extras.
     pub async fn sync(&self, token: &str, since: Option<&str>, extra: &str) -> Value {
         let mut path = String::from("/_matrix/client/v3/sync?");
@@ -270,6 +275,18 @@ impl TestServer {
         let (status, body) = self.get(&path, Some(token)).await;
         assert_eq!(status, StatusCode::OK, "sync: {body}");
         body
+    }
+}
+
+impl TestServer {
+    /// Waits (at most 10 s) until `n` `/sync` requests of `user_id` are parked waiting
+    /// for news, so that what the test does next is what wakes them.
+    pub async fn wait_for_waiting_syncs(&self, user_id: &str, n: usize) {
+        let services = &self.running.as_ref().expect("the server is running").services;
+        let user = ruma::OwnedUserId::try_from(user_id).expect("a user id");
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_secs(10), services.waiting_syncs.wait_for(&user, n));
+        waited.await.unwrap_or_else(|_| panic!("{n} syncs of {user_id} did not start waiting within 10 s"));
     }
 }
 

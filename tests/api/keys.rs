@@ -132,11 +132,11 @@ async fn send_to_device(backend: Backend) {
                 .unwrap()
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    server.wait_for_waiting_syncs(&bob_id, 1).await;
     let started = std::time::Instant::now();
     assert_eq!(server.put(&path("t1"), Some(&alice), one.clone()).await.0, StatusCode::OK);
     let sync = waiting.await.unwrap();
-    assert!(started.elapsed() < std::time::Duration::from_secs(2), "woken by the message");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "woken by the message, not by its timeout");
     let events = to_device_events(&sync);
     assert_eq!(events.len(), 1, "{sync}");
     assert_eq!(
@@ -192,13 +192,15 @@ async fn device_lists(backend: Backend) {
             http.get(url).bearer_auth(bob).send().await.unwrap().json::<Value>().await.unwrap()
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    server.wait_for_waiting_syncs(&bob_id, 1).await;
+    let started = std::time::Instant::now();
     let upload = json!({"device_keys": device_keys(&alice_id, &alice_dev)});
     assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
     // Carol shares no room with bob: her keys are none of his business.
     let upload = json!({"device_keys": device_keys(&carol_id, &carol_dev)});
     assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&carol), upload).await.0, StatusCode::OK);
     let sync = waiting.await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "woken by the upload, not by its timeout");
     assert_eq!(changed(&sync), vec![alice_id.clone()], "{sync}");
     let next = sync["next_batch"].as_str().unwrap().to_owned();
 
@@ -282,4 +284,115 @@ async fn cross_signing(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(upload_query_claim, send_to_device, device_lists, cross_signing);
+fn room<'a>(sync: &'a Value, room_id: &str) -> &'a Value {
+    &sync["rooms"]["join"][room_id]
+}
+
+fn left(sync: &Value) -> Vec<String> {
+    let list = sync["device_lists"]["left"].as_array().cloned().unwrap_or_default();
+    list.iter().map(|u| u.as_str().unwrap().to_owned()).collect()
+}
+
+fn encrypted(invite: &[&str]) -> Value {
+    json!({
+        "invite": invite,
+        "initial_state": [{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}],
+    })
+}
+
+/// `device_lists.left` names users with whom no encrypted room is shared any more
+/// (they leave, or the user leaves); `/keys/changes` tells the same.
+async fn device_lists_left(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let (carol_id, carol, _) = server.register("carol").await;
+    let first = server.create_room(&alice, encrypted(&[&bob_id])).await;
+    let second = server.create_room(&alice, encrypted(&[&bob_id])).await;
+    let plain = server.create_room(&alice, json!({"invite": [bob_id.clone()]})).await;
+    let carols = server.create_room(&carol, encrypted(&[&bob_id])).await;
+    for room in [&first, &second, &plain, &carols] {
+        server.join(&bob, room).await;
+    }
+    let start = server.sync(&bob, None, "").await["next_batch"].as_str().unwrap().to_owned();
+
+    // Alice leaves one encrypted room: they still share the other.
+    server.leave(&alice, &first).await;
+    let sync = server.sync(&bob, Some(&start), "timeout=10000").await;
+    assert!(left(&sync).is_empty(), "{sync}");
+    // She leaves the other: only an unencrypted room is left in common.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    server.leave(&alice, &second).await;
+    let sync = server.sync(&bob, Some(&since), "timeout=10000").await;
+    assert_eq!(left(&sync), vec![alice_id.clone()], "{sync}");
+    assert!(changed(&sync).is_empty(), "{sync}");
+    let to = sync["next_batch"].as_str().unwrap().to_owned();
+    let (status, body) = server.get(&format!("/_matrix/client/v3/keys/changes?from={start}&to={to}"), Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["left"], json!([alice_id]));
+    // Alice's side: she left bob behind.
+    let alice_sync = server.sync(&alice, Some(&start), "").await;
+    assert_eq!(left(&alice_sync), vec![bob_id.clone()], "{alice_sync}");
+
+    // Bob leaves carol's room, the only one they shared: she is left.
+    server.leave(&bob, &carols).await;
+    let sync = server.sync(&bob, Some(&to), "timeout=10000").await;
+    assert_eq!(left(&sync), vec![carol_id.clone()], "{sync}");
+    // Nothing more: no device_lists at all.
+    let next = sync["next_batch"].as_str().unwrap().to_owned();
+    let quiet = server.sync(&bob, Some(&next), "").await;
+    assert!(quiet.get("device_lists").is_none_or(|d| d["left"].as_array().is_none_or(Vec::is_empty)), "{quiet}");
+    server.stop().await;
+}
+
+/// `device_lists.changed` names users who newly share an encrypted room: the user
+/// joins a room they are in, or a shared room turns encrypted.
+async fn device_lists_new_encrypted_peers(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let (carol_id, carol, _) = server.register("carol").await;
+    let plain = server.create_room(&alice, json!({"invite": [bob_id.clone()]})).await;
+    server.join(&bob, &plain).await;
+    let (dave_id, dave, _) = server.register("dave").await;
+    let carols = server.create_room(&carol, encrypted(&[&bob_id, &dave_id])).await;
+    let since = server.sync(&bob, None, "").await["next_batch"].as_str().unwrap().to_owned();
+
+    // Bob joins carol's encrypted room: her devices are new to him.
+    server.join(&bob, &carols).await;
+    let sync = server.sync(&bob, Some(&since), "timeout=10000").await;
+    assert_eq!(changed(&sync), vec![carol_id.clone()], "{sync}");
+    assert!(left(&sync).is_empty(), "{sync}");
+    // Dave joins it after bob: he is new to track.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    server.join(&dave, &carols).await;
+    let sync = server.sync(&bob, Some(&since), "timeout=10000").await;
+    assert_eq!(changed(&sync), vec![dave_id.clone()], "{sync}");
+    // A profile change, bob's own or another's, is not a new join.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    for (user, token) in [(&bob_id, &bob), (&carol_id, &carol)] {
+        let displayname = format!("/_matrix/client/v3/profile/{user}/displayname");
+        assert_eq!(server.put(&displayname, Some(token), json!({"displayname": "New name"})).await.0, StatusCode::OK);
+    }
+    let sync = server.sync(&bob, Some(&since), "timeout=10000").await;
+    assert!(room(&sync, &carols).is_object(), "the profile changes are in the sync: {sync}");
+    assert!(changed(&sync).is_empty(), "{sync}");
+
+    // The unencrypted room shared with alice turns encrypted: she is new to track.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    let encryption = format!("/_matrix/client/v3/rooms/{plain}/state/m.room.encryption/");
+    let (status, body) = server.put(&encryption, Some(&alice), json!({"algorithm": "m.megolm.v1.aes-sha2"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let sync = server.sync(&bob, Some(&since), "timeout=10000").await;
+    assert_eq!(changed(&sync), vec![alice_id.clone()], "{sync}");
+    server.stop().await;
+}
+
+backend_tests!(
+    upload_query_claim,
+    send_to_device,
+    device_lists,
+    cross_signing,
+    device_lists_left,
+    device_lists_new_encrypted_peers
+);

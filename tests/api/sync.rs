@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::{
     backend_tests,
-    common::{Backend, TestServer, bodies},
+    common::{Backend, TestServer, assert_error, bodies},
 };
 
 fn room<'a>(sync: &'a Value, section: &str, room_id: &str) -> &'a Value {
@@ -18,36 +18,33 @@ fn ephemeral<'a>(sync: &'a Value, room_id: &str, kind: &str) -> Option<&'a Value
     room(sync, "join", room_id)["ephemeral"]["events"].as_array()?.iter().find(|e| e["type"] == kind)
 }
 
+/// A `/sync` as a task, so that the test can act while it waits.
+fn spawn_sync(server: &TestServer, token: &str, since: &str, timeout_ms: u64) -> tokio::task::JoinHandle<Value> {
+    let (http, base, token) = (server.http.clone(), server.base.clone(), token.to_owned());
+    let url = format!("{base}/_matrix/client/v3/sync?since={since}&timeout={timeout_ms}");
+    tokio::spawn(async move {
+        let resp = http.get(url).bearer_auth(token).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json::<Value>().await.unwrap()
+    })
+}
+
 async fn long_poll_wakes_on_send_and_times_out(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (_, alice, _) = server.register("alice").await;
-    let (_, bob, _) = server.register("bob").await;
+    let (bob_id, bob, _) = server.register("bob").await;
     let room_id = server.create_room(&alice, json!({"invite": ["@bob:localhost"]})).await;
     server.join(&bob, &room_id).await;
     let initial = server.sync(&bob, None, "").await;
     let since = initial["next_batch"].as_str().unwrap().to_owned();
 
     // A sync waiting with timeout=10000 returns as soon as alice sends.
-    let sender = {
-        let (http, base, alice, room_id) = (server.http.clone(), server.base.clone(), alice.clone(), room_id.clone());
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let sent_at = Instant::now();
-            let resp = http
-                .put(format!("{base}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/lp1"))
-                .bearer_auth(alice)
-                .json(&json!({"msgtype": "m.text", "body": "wake up"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            sent_at
-        })
-    };
-    let sync = server.sync(&bob, Some(&since), "timeout=10000").await;
-    let returned_at = Instant::now();
-    let sent_at = sender.await.unwrap();
-    assert!(returned_at.duration_since(sent_at) < Duration::from_secs(1), "woken within a second of the send");
+    let waiting = spawn_sync(&server, &bob, &since, 10_000);
+    server.wait_for_waiting_syncs(&bob_id, 1).await;
+    let sent_at = Instant::now();
+    server.send_text(&alice, &room_id, "wake up").await;
+    let sync = waiting.await.unwrap();
+    assert!(sent_at.elapsed() < Duration::from_secs(5), "woken by the send, not by its timeout");
     assert_eq!(bodies(&room(&sync, "join", &room_id)["timeline"]["events"]), vec!["wake up"]);
     let next = sync["next_batch"].as_str().unwrap().to_owned();
 
@@ -57,6 +54,10 @@ async fn long_poll_wakes_on_send_and_times_out(backend: Backend) {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "waited {waited:?}");
     assert!(quiet["rooms"]["join"].as_object().is_none_or(|j| j.is_empty()), "{quiet}");
+    assert_eq!(
+        server.running.as_ref().unwrap().services.waiting_syncs.count(&ruma::UserId::parse(&bob_id).unwrap()),
+        0
+    );
     let again = quiet["next_batch"].as_str().unwrap();
     server.send_text(&alice, &room_id, "after the quiet").await;
     let sync = server.sync(&bob, Some(again), "timeout=5000").await;
@@ -64,24 +65,13 @@ async fn long_poll_wakes_on_send_and_times_out(backend: Backend) {
 
     // Shutting down answers a waiting long-poll at once instead of waiting out its timeout.
     let next = sync["next_batch"].as_str().unwrap().to_owned();
-    let waiting = {
-        let (http, base, bob) = (server.http.clone(), server.base.clone(), bob.clone());
-        tokio::spawn(async move {
-            let resp = http
-                .get(format!("{base}/_matrix/client/v3/sync?since={next}&timeout=30000"))
-                .bearer_auth(bob)
-                .send()
-                .await
-                .unwrap();
-            (resp.status(), Instant::now())
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = spawn_sync(&server, &bob, &next, 30_000);
+    server.wait_for_waiting_syncs(&bob_id, 1).await;
     let stopping = Instant::now();
     server.stop().await;
-    let (status, answered) = waiting.await.unwrap();
-    assert_eq!(status, StatusCode::OK);
-    assert!(answered.duration_since(stopping) < Duration::from_secs(3), "the long-poll ended with the server");
+    let answered = waiting.await.unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(10), "the long-poll ended with the server");
+    assert!(answered["next_batch"].is_string(), "{answered}");
 }
 
 async fn sections_invite_join_leave(backend: Backend) {
@@ -178,17 +168,10 @@ async fn typing_receipts_and_markers(backend: Backend) {
     let sync = server.sync(&bob, Some(&since), "timeout=5000").await;
     assert_eq!(ephemeral(&sync, &room_id, "m.typing").unwrap()["content"]["user_ids"], json!([]));
     let since = sync["next_batch"].as_str().unwrap().to_owned();
-    assert!(
-        server
-            .put(
-                &format!("/_matrix/client/v3/rooms/{room_id}/typing/@bob:localhost"),
-                Some(&alice),
-                json!({"typing": true, "timeout": 1000})
-            )
-            .await
-            .0
-            == StatusCode::FORBIDDEN
-    );
+    // Nobody types for someone else.
+    let for_bob = format!("/_matrix/client/v3/rooms/{room_id}/typing/@bob:localhost");
+    let refused = server.put(&for_bob, Some(&alice), json!({"typing": true, "timeout": 1000})).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
 
     // A public receipt reaches alice; a private one only bob.
     let receipt = |kind: &str| format!("/_matrix/client/v3/rooms/{room_id}/receipt/{kind}/{event}");
@@ -199,6 +182,7 @@ async fn typing_receipts_and_markers(backend: Backend) {
     let alice_since = sync["next_batch"].as_str().unwrap().to_owned();
     let bob_sync = server.sync(&bob, Some(&since), "timeout=5000").await;
     assert_eq!(room(&bob_sync, "join", &room_id)["unread_notifications"]["notification_count"], 0);
+    assert!(ephemeral(&bob_sync, &room_id, "m.typing").is_none(), "the refused typing notice: {bob_sync}");
     assert_eq!(server.post(&receipt("m.read.private"), Some(&bob), json!({})).await.0, StatusCode::OK);
     let sync = server.sync(&alice, Some(&alice_since), "timeout=300").await;
     assert!(ephemeral(&sync, &room_id, "m.receipt").is_none(), "private receipts stay private: {sync}");
@@ -227,7 +211,7 @@ async fn typing_receipts_and_markers(backend: Backend) {
 async fn filters_lazy_loading_and_account_data(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (alice_id, alice, _) = server.register("alice").await;
-    let (_, bob, _) = server.register("bob").await;
+    let (bob_id, bob, _) = server.register("bob").await;
     let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
     server.join(&bob, &room_id).await;
     for i in 0..5 {
@@ -244,8 +228,13 @@ async fn filters_lazy_loading_and_account_data(backend: Backend) {
     let filter_id = created["filter_id"].as_str().unwrap().to_owned();
     let (_, stored) = server.get(&format!("/_matrix/client/v3/user/{alice_id}/filter/{filter_id}"), Some(&alice)).await;
     assert_eq!(stored["room"]["timeline"]["limit"], 2);
-    let (status, _) = server.get(&format!("/_matrix/client/v3/user/{alice_id}/filter/99"), Some(&alice)).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    let unknown = server.get(&format!("/_matrix/client/v3/user/{alice_id}/filter/99"), Some(&alice)).await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    // Filters are per user: another's is forbidden, and ids are not shared.
+    let others = server.get(&format!("/_matrix/client/v3/user/{alice_id}/filter/{filter_id}"), Some(&bob)).await;
+    assert_error(&others, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let own = server.get(&format!("/_matrix/client/v3/user/{bob_id}/filter/{filter_id}"), Some(&bob)).await;
+    assert_error(&own, StatusCode::NOT_FOUND, "M_NOT_FOUND");
 
     let sync = server.sync(&alice, None, &format!("filter={filter_id}")).await;
     let joined = room(&sync, "join", &room_id);
@@ -308,7 +297,8 @@ async fn presence_and_user_directory(backend: Backend) {
         .unwrap()
         .clone();
     assert_eq!(event["content"]["status_msg"], "lunch");
-    assert_eq!(server.put(&status_path, Some(&bob), json!({"presence": "online"})).await.0, StatusCode::FORBIDDEN);
+    let refused = server.put(&status_path, Some(&bob), json!({"presence": "online"})).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
 
     // The user directory shows people who share a room, not strangers.
     let search = |who: &str| json!({"search_term": who, "limit": 10});
@@ -355,14 +345,13 @@ async fn full_state_presence_and_threaded_receipts(backend: Backend) {
     let first = server.sync(&bob, None, "").await;
     let since = first["next_batch"].as_str().unwrap().to_owned();
 
-    // full_state: every state event again, even with nothing new.
+    // full_state: every state event again, even with nothing new (and no timeline).
     let full = server.sync(&bob, Some(&since), "full_state=true&timeout=0").await;
-    let state = room(&full, "join", &room_id)["state"]["events"].as_array().cloned().unwrap_or_default();
-    let timeline = room(&full, "join", &room_id)["timeline"]["events"].as_array().cloned().unwrap_or_default();
-    let types: Vec<&str> = state.iter().chain(timeline.iter()).filter_map(|e| e["type"].as_str()).collect();
+    let types = types_of(&room(&full, "join", &room_id)["state"]);
     for kind in ["m.room.create", "m.room.power_levels", "m.room.join_rules", "m.room.member"] {
-        assert!(types.contains(&kind), "full_state lacks {kind}: {types:?}");
+        assert!(types.contains(&kind.to_owned()), "full_state lacks {kind}: {types:?}");
     }
+    assert!(events_of(&room(&full, "join", &room_id)["timeline"]).is_empty(), "{full}");
     let plain = server.sync(&bob, Some(&since), "timeout=0").await;
     assert!(room(&plain, "join", &room_id).is_null(), "without full_state nothing is new: {plain}");
 
@@ -396,6 +385,275 @@ async fn full_state_presence_and_threaded_receipts(backend: Backend) {
     server.stop().await;
 }
 
+/// `filter=` with an inline filter, percent-encoded.
+fn filter_param(filter: &Value) -> String {
+    let mut out = String::from("filter=");
+    for b in filter.to_string().bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn events_of<'a>(section: &'a Value) -> Vec<&'a Value> {
+    section["events"].as_array().map(|a| a.iter().collect()).unwrap_or_default()
+}
+
+fn types_of(section: &Value) -> Vec<String> {
+    events_of(section).iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect()
+}
+
+fn state_keys_of(section: &Value, kind: &str) -> Vec<String> {
+    let mut keys: Vec<String> = events_of(section)
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .map(|e| e["state_key"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// `full_state=true` on an incremental sync: every joined room with its full state,
+/// rooms without news too, while the timeline still starts at `since`.
+async fn full_state_sends_every_rooms_state(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let quiet = server.create_room(&alice, json!({"name": "Quiet", "invite": [bob_id]})).await;
+    let busy = server.create_room(&alice, json!({"name": "Busy", "invite": [bob_id]})).await;
+    server.join(&bob, &quiet).await;
+    server.join(&bob, &busy).await;
+    server.send_text(&alice, &quiet, "old news").await;
+    server.send_text(&alice, &busy, "old news").await;
+    let since = server.sync(&bob, None, "").await["next_batch"].as_str().unwrap().to_owned();
+    server.send_text(&alice, &busy, "fresh").await;
+
+    let full = server.sync(&bob, Some(&since), "full_state=true&timeout=10000").await;
+    for (room_id, name) in [(&quiet, "Quiet"), (&busy, "Busy")] {
+        let joined = room(&full, "join", room_id);
+        let state = &joined["state"];
+        let types = types_of(state);
+        for kind in ["m.room.create", "m.room.power_levels", "m.room.join_rules", "m.room.name"] {
+            assert!(types.contains(&kind.to_owned()), "{name}: full_state lacks {kind}: {joined}");
+        }
+        assert_eq!(state_keys_of(state, "m.room.member"), vec!["@alice:localhost", "@bob:localhost"], "{joined}");
+        let name_event = events_of(state).into_iter().find(|e| e["type"] == "m.room.name").unwrap();
+        assert_eq!(name_event["content"]["name"], name);
+    }
+    // The timeline follows `since`: nothing for the quiet room, only the new message
+    // for the other.
+    let quiet_timeline = &room(&full, "join", &quiet)["timeline"];
+    assert!(events_of(quiet_timeline).is_empty(), "{quiet_timeline}");
+    assert_ne!(quiet_timeline["limited"], true);
+    let busy_timeline = &room(&full, "join", &busy)["timeline"];
+    assert_eq!(events_of(busy_timeline).len(), 1, "{busy_timeline}");
+    assert_eq!(bodies(&busy_timeline["events"]), vec!["fresh"]);
+    assert_ne!(busy_timeline["limited"], true);
+
+    // Lazy-loaded members: full state, but members only for the timeline's senders and
+    // the user.
+    let lazy = filter_param(&json!({"room": {"state": {"lazy_load_members": true}}}));
+    let full = server.sync(&alice, Some(&since), &format!("full_state=true&{lazy}")).await;
+    let quiet_state = &room(&full, "join", &quiet)["state"];
+    assert!(types_of(quiet_state).contains(&"m.room.create".to_owned()), "{full}");
+    assert_eq!(state_keys_of(quiet_state, "m.room.member"), vec!["@alice:localhost"]);
+    server.stop().await;
+}
+
+/// The timeline filter's types, not_types, senders and not_senders; `limited` and
+/// `prev_batch` count only the events that pass; state changes the filter hides still
+/// reach the state section; the other sections' type filters.
+async fn timeline_filters_apply(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room_id).await;
+    let ping = |token: &str, n: u32| {
+        let path = format!("/_matrix/client/v3/rooms/{room_id}/send/org.example.ping/p{n}");
+        let token = token.to_owned();
+        let server = &server;
+        async move {
+            let (status, body) = server.put(&path, Some(&token), json!({"n": n})).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+    };
+    ping(&alice, 0).await;
+    for i in 0..12 {
+        server.send_text(&alice, &room_id, &format!("m{i}")).await;
+    }
+    ping(&bob, 1).await;
+    ping(&alice, 2).await;
+    let pings = |timeline: &Value| -> Vec<u64> {
+        events_of(timeline)
+            .iter()
+            .map(|e| {
+                assert_eq!(e["type"], "org.example.ping", "only pings pass: {timeline}");
+                e["content"]["n"].as_u64().unwrap()
+            })
+            .collect()
+    };
+
+    // Two of three pings: limited, and prev_batch continues in /messages to the first.
+    let only_pings = json!({"room": {"timeline": {"types": ["org.example.ping"], "limit": 2}}});
+    let sync = server.sync(&alice, None, &filter_param(&only_pings)).await;
+    let timeline = &room(&sync, "join", &room_id)["timeline"];
+    assert_eq!(pings(timeline), vec![1, 2]);
+    assert_eq!(timeline["limited"], true);
+    let prev_batch = timeline["prev_batch"].as_str().unwrap();
+    let messages_filter = filter_param(&json!({"types": ["org.example.ping"]}));
+    let (status, page) = server
+        .get(
+            &format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=b&from={prev_batch}&{messages_filter}"),
+            Some(&alice),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(pings(&json!({"events": page["chunk"]})), vec![0]);
+
+    // Everything that passes fits: not limited, though the room has more events than
+    // the limit. A `*` matches any run of characters.
+    let wildcard = json!({"room": {"timeline": {"types": ["org.*.ping"], "limit": 5}}});
+    let sync = server.sync(&alice, None, &filter_param(&wildcard)).await;
+    let timeline = &room(&sync, "join", &room_id)["timeline"];
+    assert_eq!(pings(timeline), vec![0, 1, 2]);
+    assert_ne!(timeline["limited"], true, "{timeline}");
+
+    // not_types, senders, not_senders.
+    let no_messages = json!({"room": {"timeline": {"not_types": ["m.room.message"], "limit": 50}}});
+    let sync = server.sync(&alice, None, &filter_param(&no_messages)).await;
+    let types = types_of(&room(&sync, "join", &room_id)["timeline"]);
+    assert!(!types.contains(&"m.room.message".to_owned()) && types.contains(&"m.room.create".to_owned()), "{types:?}");
+    assert_eq!(types.iter().filter(|t| *t == "org.example.ping").count(), 3);
+    for filter in [
+        json!({"room": {"timeline": {"senders": ["@bob:localhost"]}}}),
+        json!({"room": {"timeline": {"not_senders": [alice_id.clone()]}}}),
+    ] {
+        let sync = server.sync(&alice, None, &filter_param(&filter)).await;
+        let timeline = &room(&sync, "join", &room_id)["timeline"];
+        let seen: Vec<(String, String)> = events_of(timeline)
+            .iter()
+            .map(|e| (e["sender"].as_str().unwrap().to_owned(), e["type"].as_str().unwrap().to_owned()))
+            .collect();
+        let bob = "@bob:localhost".to_owned();
+        assert_eq!(seen, vec![(bob.clone(), "m.room.member".to_owned()), (bob, "org.example.ping".to_owned())]);
+        assert_ne!(timeline["limited"], true);
+    }
+
+    // A stored filter works the same; a state change the filter hides from the
+    // timeline arrives in the state section.
+    let (status, created) = server
+        .post(
+            &format!("/_matrix/client/v3/user/{alice_id}/filter"),
+            Some(&alice),
+            json!({"room": {"timeline": {"types": ["org.example.ping"]}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    let stored = format!("filter={}", created["filter_id"].as_str().unwrap());
+    let since = server.sync(&alice, None, &stored).await["next_batch"].as_str().unwrap().to_owned();
+    let name_path = format!("/_matrix/client/v3/rooms/{room_id}/state/m.room.name/");
+    assert_eq!(server.put(&name_path, Some(&alice), json!({"name": "Renamed"})).await.0, StatusCode::OK);
+    server.send_text(&alice, &room_id, "not a ping").await;
+    ping(&alice, 3).await;
+    let sync = server.sync(&alice, Some(&since), &format!("{stored}&timeout=10000")).await;
+    let joined = room(&sync, "join", &room_id);
+    assert_eq!(pings(&joined["timeline"]), vec![3]);
+    assert_ne!(joined["timeline"]["limited"], true);
+    let names: Vec<&Value> = events_of(&joined["state"]).into_iter().filter(|e| e["type"] == "m.room.name").collect();
+    assert_eq!(names.len(), 1, "the hidden rename is in the state section: {joined}");
+    assert_eq!(names[0]["content"]["name"], "Renamed");
+
+    // The state filter's types; the ephemeral, account data and presence type filters.
+    let typing = format!("/_matrix/client/v3/rooms/{room_id}/typing/{alice_id}");
+    assert_eq!(server.put(&typing, Some(&alice), json!({"typing": true, "timeout": 30000})).await.0, StatusCode::OK);
+    server.sync(&bob, None, "").await;
+    let unfiltered = server.sync(&alice, None, "").await;
+    assert!(ephemeral(&unfiltered, &room_id, "m.typing").is_some(), "{unfiltered}");
+    assert!(types_of(&unfiltered["account_data"]).contains(&"m.push_rules".to_owned()));
+    assert!(!events_of(&unfiltered["presence"]).is_empty(), "{unfiltered}");
+    let narrow = json!({
+        "room": {
+            "timeline": {"limit": 1},
+            "state": {"types": ["m.room.name", "m.room.create"]},
+            "ephemeral": {"not_types": ["m.typing"]},
+        },
+        "account_data": {"not_types": ["m.push_rules"]},
+        "presence": {"types": ["m.nothing"]},
+    });
+    let sync = server.sync(&alice, None, &filter_param(&narrow)).await;
+    let mut state_types = types_of(&room(&sync, "join", &room_id)["state"]);
+    state_types.sort();
+    assert_eq!(state_types, vec!["m.room.create", "m.room.name"], "{sync}");
+    assert!(ephemeral(&sync, &room_id, "m.typing").is_none(), "{sync}");
+    assert!(!types_of(&sync["account_data"]).contains(&"m.push_rules".to_owned()), "{sync}");
+    assert!(events_of(&sync["presence"]).is_empty(), "{sync}");
+    server.stop().await;
+}
+
+/// Lazy-loaded members: an incremental sync carries the member event of a sender the
+/// client has not seen, although the timeline is not limited.
+async fn lazy_loading_sends_new_speakers(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let (_, carol, _) = server.register("carol").await;
+    let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room_id).await;
+    server.join(&carol, &room_id).await;
+    let displayname = "/_matrix/client/v3/profile/@carol:localhost/displayname";
+    assert_eq!(server.put(displayname, Some(&carol), json!({"displayname": "Carol C."})).await.0, StatusCode::OK);
+    server.send_text(&alice, &room_id, "hello").await;
+    let lazy = filter_param(&json!({"room": {"timeline": {"limit": 1}, "state": {"lazy_load_members": true}}}));
+    let sync = server.sync(&alice, None, &lazy).await;
+    let state = &room(&sync, "join", &room_id)["state"];
+    assert!(!state_keys_of(state, "m.room.member").contains(&"@carol:localhost".to_owned()), "{state}");
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+
+    server.send_text(&carol, &room_id, "first words").await;
+    let sync = server.sync(&alice, Some(&since), &format!("{lazy}&timeout=10000")).await;
+    let joined = room(&sync, "join", &room_id);
+    assert_eq!(bodies(&joined["timeline"]["events"]), vec!["first words"]);
+    assert_ne!(joined["timeline"]["limited"], true);
+    let member = events_of(&joined["state"])
+        .into_iter()
+        .find(|e| e["type"] == "m.room.member" && e["state_key"] == "@carol:localhost")
+        .unwrap_or_else(|| panic!("carol's member event is sent: {joined}"));
+    assert_eq!(member["content"]["displayname"], "Carol C.");
+    assert_eq!(state_keys_of(&joined["state"], "m.room.member"), vec!["@carol:localhost"], "only the speaker's");
+    server.stop().await;
+}
+
+/// A profile change is a new member event of one's own, not a new join: the next sync
+/// carries just that event, not the room's history and state again.
+async fn own_profile_change_is_not_a_rejoin(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let room_id = server.create_room(&alice, json!({"invite": [bob_id]})).await;
+    server.join(&bob, &room_id).await;
+    for i in 0..12 {
+        server.send_text(&alice, &room_id, &format!("m{i}")).await;
+    }
+    let since = server.sync(&bob, None, "").await["next_batch"].as_str().unwrap().to_owned();
+    let displayname = format!("/_matrix/client/v3/profile/{bob_id}/displayname");
+    assert_eq!(server.put(&displayname, Some(&bob), json!({"displayname": "Bobby"})).await.0, StatusCode::OK);
+    let sync = server.sync(&bob, Some(&since), "timeout=10000").await;
+    let joined = room(&sync, "join", &room_id);
+    let timeline = events_of(&joined["timeline"]);
+    assert_eq!(timeline.len(), 1, "{joined}");
+    assert_eq!(
+        (timeline[0]["type"].clone(), timeline[0]["content"]["displayname"].clone()),
+        (json!("m.room.member"), json!("Bobby"))
+    );
+    assert_ne!(joined["timeline"]["limited"], true);
+    assert!(events_of(&joined["state"]).is_empty(), "{joined}");
+    server.stop().await;
+}
+
 backend_tests!(
     full_state_presence_and_threaded_receipts,
     long_poll_wakes_on_send_and_times_out,
@@ -404,4 +662,8 @@ backend_tests!(
     filters_lazy_loading_and_account_data,
     presence_and_user_directory,
     tokens_survive_a_restart,
+    full_state_sends_every_rooms_state,
+    timeline_filters_apply,
+    lazy_loading_sends_new_speakers,
+    own_profile_change_is_not_a_rejoin,
 );

@@ -87,8 +87,8 @@ async fn get_key_changes(
     let session = req.session()?;
     let from = parse_position(&req.body.from)?;
     let to = parse_position(&req.body.to)?;
-    let changed = services.device_list_changes(&session.user_id, from, to).await?;
-    Ok(get_key_changes::v3::Response::new(changed, Vec::new()).into())
+    let (changed, left) = services.device_list_changes(&session.user_id, from, to).await?;
+    Ok(get_key_changes::v3::Response::new(changed, left).into())
 }
 
 /// # `POST /_matrix/client/v3/keys/device_signing/upload`

@@ -11,7 +11,7 @@ use axum::{
 use ruma::api::{
     OutgoingResponseExt,
     client::{
-        filter::{FilterDefinition, LazyLoadOptions, create_filter, get_filter},
+        filter::{Filter as TypeFilter, FilterDefinition, LazyLoadOptions, create_filter, get_filter},
         sync::sync_events::{self, v3::Filter},
     },
 };
@@ -23,8 +23,13 @@ use crate::{
         AppState, route,
         ruma::{Ruma, RumaResponse},
     },
-    service::sync::{SyncFilter, SyncRequest},
+    service::{
+        rooms::messages::EventFilter,
+        sync::{SyncFilter, SyncRequest},
+    },
 };
+
+use super::rooms::event_filter;
 
 fn sync_filter(def: &FilterDefinition) -> SyncFilter {
     let room = &def.room;
@@ -34,6 +39,23 @@ fn sync_filter(def: &FilterDefinition) -> SyncFilter {
         include_leave: room.include_leave,
         rooms: room.rooms.as_ref().map(|r| r.iter().map(ToString::to_string).collect()),
         not_rooms: room.not_rooms.iter().map(ToString::to_string).collect(),
+        timeline: event_filter(&room.timeline),
+        state: event_filter(&room.state),
+        ephemeral: event_filter(&room.ephemeral),
+        room_account_data: event_filter(&room.account_data),
+        account_data: type_filter(&def.account_data),
+        presence: type_filter(&def.presence),
+    }
+}
+
+/// The type and sender fields of a filter for events outside rooms.
+fn type_filter(f: &TypeFilter) -> EventFilter {
+    EventFilter {
+        types: f.types.clone(),
+        not_types: f.not_types.clone(),
+        senders: f.senders.as_ref().map(|s| s.iter().map(ToString::to_string).collect()),
+        not_senders: f.not_senders.iter().map(ToString::to_string).collect(),
+        lazy_load_members: false,
     }
 }
 

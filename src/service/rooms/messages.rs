@@ -23,8 +23,8 @@ pub struct MessagesPage {
 /// Most events one `/messages` request reads, whatever its filter matches.
 const MAX_SCANNED: usize = 5_000;
 
-/// Simple event filter fields honoured by `/messages`.
-#[derive(Default, Clone)]
+/// Simple event filter fields honoured by `/messages` and `/sync`.
+#[derive(Default, Clone, Debug)]
 pub struct EventFilter {
     pub types: Option<Vec<String>>,
     pub not_types: Vec<String>,
@@ -35,15 +35,49 @@ pub struct EventFilter {
 
 impl EventFilter {
     pub fn matches(&self, e: &StoredEvent) -> bool {
-        let type_ok = |pattern: &String| match pattern.strip_suffix('*') {
-            Some(prefix) => e.event_type.starts_with(prefix),
-            None => *pattern == e.event_type,
-        };
-        self.types.as_ref().is_none_or(|t| t.iter().any(type_ok))
-            && !self.not_types.iter().any(type_ok)
-            && self.senders.as_ref().is_none_or(|s| s.contains(&e.sender))
-            && !self.not_senders.contains(&e.sender)
+        self.matches_type(&e.event_type) && self.matches_sender(&e.sender)
     }
+
+    /// Whether an event type passes `types` and `not_types`.
+    pub fn matches_type(&self, event_type: &str) -> bool {
+        self.types.as_ref().is_none_or(|t| t.iter().any(|p| wildcard_match(p, event_type)))
+            && !self.not_types.iter().any(|p| wildcard_match(p, event_type))
+    }
+
+    /// Whether a sender passes `senders` and `not_senders`.
+    pub fn matches_sender(&self, sender: &str) -> bool {
+        self.senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
+            && !self.not_senders.iter().any(|x| x == sender)
+    }
+
+    /// Whether the filter can leave any event out.
+    pub fn is_restrictive(&self) -> bool {
+        self.types.is_some() || !self.not_types.is_empty() || self.senders.is_some() || !self.not_senders.is_empty()
+    }
+}
+
+/// Matches a filter's type pattern, in which `*` stands for any run of characters.
+fn wildcard_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    // The position after the last `*` seen, and where in the text it began to match.
+    let (mut pi, mut ti, mut star) = (0, 0, None);
+    while ti < t.len() {
+        if p.get(pi) == Some(&b'*') {
+            star = Some((pi + 1, ti));
+            pi += 1;
+        } else if p.get(pi) == Some(&t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if let Some((after, from)) = star {
+            // Let the last `*` swallow one more character and try again.
+            pi = after;
+            ti = from + 1;
+            star = Some((after, from + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 /// Reads the stream position out of a pagination or sync token (`s12_3`, `t12`, `12`).
@@ -54,6 +88,14 @@ pub fn parse_position(token: &str) -> Result<i64> {
         .next()
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
+}
+
+/// The membership a stored member event sets (empty if none).
+pub(crate) fn membership_of(json: &str) -> String {
+    serde_json::from_str::<JsonValue>(json)
+        .ok()
+        .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 impl Services {
@@ -363,5 +405,30 @@ impl Services {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wildcard_match;
+
+    #[test]
+    fn wildcards_match_any_run_of_characters() {
+        for (pattern, text, expected) in [
+            ("m.room.message", "m.room.message", true),
+            ("m.room.message", "m.room.messages", false),
+            ("m.room.*", "m.room.name", true),
+            ("m.room.*", "m.room.", true),
+            ("m.*.name", "m.room.name", true),
+            ("m.*.name", "m.room.topic", false),
+            ("*", "anything", true),
+            ("*a*b", "xxaxxbyb", true),
+            ("*a*b", "xxaxxbyc", false),
+            ("org.example.ping", "org.example.pin", false),
+            ("", "", true),
+            ("", "x", false),
+        ] {
+            assert_eq!(wildcard_match(pattern, text), expected, "{pattern} ~ {text}");
+        }
     }
 }

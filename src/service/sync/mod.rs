@@ -8,7 +8,7 @@
 pub mod notifier;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     time::{Duration, Instant},
 };
 
@@ -29,7 +29,7 @@ use super::{
     Services, Session,
     rooms::{
         format::{Viewer, to_raw},
-        messages::parse_position,
+        messages::{EventFilter, membership_of, parse_position},
     },
 };
 use crate::{
@@ -45,6 +45,18 @@ pub struct SyncFilter {
     pub include_leave: bool,
     pub rooms: Option<Vec<String>>,
     pub not_rooms: Vec<String>,
+    /// `room.timeline`: the events a timeline shows (and counts towards its limit).
+    pub timeline: EventFilter,
+    /// `room.state`: the events of the state section.
+    pub state: EventFilter,
+    /// `room.ephemeral`: typing and receipts, by type.
+    pub ephemeral: EventFilter,
+    /// `room.account_data`, by type.
+    pub room_account_data: EventFilter,
+    /// `account_data` (global), by type.
+    pub account_data: EventFilter,
+    /// `presence`, by type and sender.
+    pub presence: EventFilter,
 }
 
 impl Default for SyncFilter {
@@ -55,6 +67,12 @@ impl Default for SyncFilter {
             include_leave: false,
             rooms: None,
             not_rooms: Vec::new(),
+            timeline: EventFilter::default(),
+            state: EventFilter::default(),
+            ephemeral: EventFilter::default(),
+            room_account_data: EventFilter::default(),
+            account_data: EventFilter::default(),
+            presence: EventFilter::default(),
         }
     }
 }
@@ -76,6 +94,8 @@ struct JoinedWork {
     room_id: OwnedRoomId,
     /// Stream position of the user's join (unread counts start there before a receipt).
     joined_at: i64,
+    /// `full_state` was asked for: the room's whole state, whatever `since` says.
+    full_state: bool,
     /// Joined and invited members.
     members: (i64, i64),
     /// Notifying and highlighting events since the user's read receipt.
@@ -88,6 +108,25 @@ struct JoinedWork {
 }
 
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Events of a room one sync reads at most to fill a timeline its filter thins out;
+/// when they run out, the timeline is `limited` and `prev_batch` continues from there.
+const MAX_FILTERED_SCAN: usize = 1000;
+
+/// Events read per query when the timeline filter may leave some out.
+const FILTERED_PAGE: usize = 100;
+
+/// The timeline's events as a room's history yields them under the filter.
+struct TimelineScan {
+    /// The events that pass the filter, oldest first.
+    events: Vec<StoredEvent>,
+    /// State events after `start` that the filter left out, oldest first.
+    hidden_state: Vec<StoredEvent>,
+    limited: bool,
+    /// When `limited`: the position the timeline continues after (what lies between
+    /// `since` and it is a gap).
+    start: i64,
+}
 
 /// Event types of the stripped state shown with an invite.
 const STRIPPED_TYPES: [&str; 7] = [
@@ -119,6 +158,7 @@ fn is_empty(r: &Response) -> bool {
         && r.presence.events.is_empty()
         && r.to_device.events.is_empty()
         && r.device_lists.changed.is_empty()
+        && r.device_lists.left.is_empty()
 }
 
 impl Services {
@@ -136,6 +176,7 @@ impl Services {
             if since.is_none() || req.full_state || !is_empty(&response) || Instant::now() >= deadline {
                 return Ok(response);
             }
+            let _waiting = self.waiting_syncs.enter(&session.user_id);
             tokio::select! {
                 woken = tokio::time::timeout_at(deadline.into(), wake.changed()) => {
                     if woken.is_err() {
@@ -166,6 +207,16 @@ impl Services {
         let memberships: Vec<MembershipRow> = self.store.get_user_memberships(user.as_str()).await?;
         let room_account_data = self.store.get_account_data_since(user.as_str(), since_pos).await?;
         let mut receipts_by_room = self.receipt_events(user, since_pos).await?;
+        // Rooms whose join row changed only because the user changed their profile
+        // there: not new to the client.
+        let mut already_joined = HashSet::new();
+        if since.is_some() {
+            for (room, before) in self.store.get_joined_rooms_changed_since(user.as_str(), since_pos).await? {
+                if before.is_some_and(|json| membership_of(&json) == "join") {
+                    already_joined.insert(room);
+                }
+            }
+        }
 
         // Joined rooms are built concurrently (each is a few independent queries); the
         // rest in order.
@@ -180,13 +231,15 @@ impl Services {
                     let receipts = receipts_by_room.remove(&m.room_id).unwrap_or_default();
                     let account: Vec<(String, String, String)> =
                         room_account_data.iter().filter(|(r, _, _)| *r == m.room_id).cloned().collect();
-                    let initial = since.is_none() || membership_changed || req.full_state;
-                    if !initial && !has_events && typing.is_none() && receipts.is_empty() && account.is_empty() {
+                    let initial = since.is_none() || (membership_changed && !already_joined.contains(&m.room_id));
+                    let quiet = !has_events && typing.is_none() && receipts.is_empty() && account.is_empty();
+                    if !initial && !req.full_state && quiet {
                         continue;
                     }
                     joined_work.push(JoinedWork {
                         room_id,
                         joined_at: m.stream_ordering,
+                        full_state: req.full_state,
                         initial,
                         has_events,
                         typing,
@@ -220,12 +273,15 @@ impl Services {
 
         let mut global = Vec::new();
         for (room, data_type, content) in &room_account_data {
-            if room.is_empty() {
+            if room.is_empty() && filter.account_data.matches_type(data_type) {
                 let content: JsonValue = serde_json::from_str(content).map_err(Error::internal)?;
                 global.push(to_raw(json!({"type": data_type, "content": content}))?);
             }
         }
-        if since.is_none() && !room_account_data.iter().any(|(r, t, _)| r.is_empty() && t == "m.push_rules") {
+        if since.is_none()
+            && filter.account_data.matches_type("m.push_rules")
+            && !room_account_data.iter().any(|(r, t, _)| r.is_empty() && t == "m.push_rules")
+        {
             // Clients read their push rules from the initial sync.
             let rules = self.push_rules(user).await?;
             global.push(to_raw(json!({"type": "m.push_rules", "content": {"global": rules}}))?);
@@ -234,12 +290,18 @@ impl Services {
         response.account_data.events = global;
         response.to_device.events = self.to_device_events(session, since.map(|s| s.pos), head).await?;
         if let Some(since) = since {
-            response.device_lists.changed = self.device_list_changes(user, since.pos, head).await?;
+            let (changed, left) = self.device_list_changes(user, since.pos, head).await?;
+            response.device_lists.changed = changed;
+            response.device_lists.left = left;
         }
         let (one_time_keys, fallback_keys) = self.key_status(session).await?;
         response.device_one_time_keys_count = one_time_keys;
         response.device_unused_fallback_key_types = Some(fallback_keys);
-        let presence = self.presence_events(user, since_pos).await?;
+        let mut presence = Vec::new();
+        if filter.presence.matches_type("m.presence") {
+            presence = self.presence_events(user, since_pos).await?;
+            presence.retain(|p| p["sender"].as_str().is_some_and(|s| filter.presence.matches_sender(s)));
+        }
         response.presence = Presence::new();
         response.presence.events = presence.into_iter().map(to_raw).collect::<Result<_>>()?;
         Ok(response)
@@ -254,24 +316,29 @@ impl Services {
         head: i64,
         filter: &SyncFilter,
     ) -> Result<(OwnedRoomId, JoinedRoom)> {
-        let JoinedWork { room_id, initial, has_events, typing, receipts, account, members, unread, .. } = work;
+        let JoinedWork { room_id, initial, full_state, has_events, typing, receipts, account, members, unread, .. } =
+            work;
         let user = &session.user_id;
         let mut joined = JoinedRoom::new();
-        if initial || has_events {
-            let (timeline, state) = self.room_timeline(session, &room_id, since_pos, head, initial, filter).await?;
+        if initial || full_state || has_events {
+            let (timeline, state) =
+                self.room_timeline(session, &room_id, since_pos, head, initial, full_state, filter).await?;
             joined.timeline = timeline;
             joined.state = State::Before(state);
         }
         let mut ephemeral = Vec::new();
-        if let Some(users) = typing {
+        if let Some(users) = typing.filter(|_| filter.ephemeral.matches_type("m.typing")) {
             ephemeral.push(to_raw(json!({"type": "m.typing", "content": {"user_ids": users}}))?);
         }
-        for receipt in receipts {
-            ephemeral.push(to_raw(receipt)?);
+        if filter.ephemeral.matches_type("m.receipt") {
+            for receipt in receipts {
+                ephemeral.push(to_raw(receipt)?);
+            }
         }
         joined.ephemeral = Ephemeral::new();
         joined.ephemeral.events = ephemeral;
-        joined.account_data = room_account_data_section(&account.iter().collect::<Vec<_>>())?;
+        let account: Vec<_> = account.iter().filter(|(_, t, _)| filter.room_account_data.matches_type(t)).collect();
+        joined.account_data = room_account_data_section(&account)?;
         joined.summary = self.room_summary(&room_id, user, members).await?;
         let mut counts = UnreadNotificationsCount::new();
         counts.notification_count = UInt::new(unread.0.max(0) as u64);
@@ -280,82 +347,166 @@ impl Services {
         Ok((room_id, joined))
     }
 
-    /// The timeline of a joined room and the state before it.
+    /// The timeline of a room up to `end` (from `since`, or from the start when the
+    /// room is new to the client) and the state before it: all of it when `initial` or
+    /// `full_state`, else what changed in a gap. State changes the timeline filter leaves
+    /// out are added, so that the client's idea of the state stays right.
+    #[allow(clippy::too_many_arguments)]
     async fn room_timeline(
         &self,
         session: &Session,
         room_id: &RoomId,
         since: i64,
-        head: i64,
+        end: i64,
         initial: bool,
+        full_state: bool,
         filter: &SyncFilter,
     ) -> Result<(Timeline, StateEvents)> {
         let user = &session.user_id;
         let limit = filter.timeline_limit.clamp(1, 500);
         let floor = if initial { 0 } else { since };
-        let mut events = self.store.get_room_events(room_id.as_str(), floor, head, (limit + 1) as i64, true).await?;
-        let limited = events.len() > limit;
-        events.truncate(limit);
-        events.reverse();
+        let scan = self.scan_timeline(room_id, floor, end, limit, &filter.timeline).await?;
         let mut vis = self.visibility_for(room_id, user).await?;
-        let mut visible = Vec::with_capacity(events.len());
-        for e in events {
+        let mut visible = Vec::with_capacity(scan.events.len());
+        for e in scan.events {
             if self.may_see(&mut vis, user, &e).await? {
                 visible.push(e);
             }
         }
-        let start = visible.first().map(|e| e.stream_ordering - 1).unwrap_or(head);
+        let start = match visible.first() {
+            Some(first) => first.stream_ordering - 1,
+            None if scan.limited => scan.start,
+            None => end,
+        };
         let viewer = Viewer { user_id: user, device_id: Some(&session.device_id) };
 
-        // State up to the start of the timeline.
-        let mut state: Vec<StoredEvent> = if initial {
+        // The state before the timeline, and the position after which the state events
+        // the filter hid still count.
+        let key = |e: &StoredEvent| (e.event_type.clone(), e.state_key.clone().unwrap_or_default());
+        let (base, hidden_after): (Vec<StoredEvent>, i64) = if initial || full_state {
             match visible.first() {
-                Some(first) => match self.state_group_before(first).await? {
-                    Some(group) => self.state_events_at(group).await?,
-                    None => Vec::new(),
-                },
-                None => self.store.get_current_state_events(room_id.as_str(), &[]).await?,
+                Some(first) => {
+                    let before = match self.state_group_before(first).await? {
+                        Some(group) => self.state_events_at(group).await?,
+                        None => Vec::new(),
+                    };
+                    (before, first.stream_ordering - 1)
+                }
+                // Nothing to show: the state at the end, which holds everything.
+                None => (self.state_at(room_id, end).await?, end),
             }
-        } else if limited {
-            // The state events that happened in the gap, the last of each key.
-            let gap = self.store.get_room_state_events_between(room_id.as_str(), since, start).await?;
-            let mut latest: BTreeMap<(String, String), StoredEvent> = BTreeMap::new();
-            for e in gap {
-                latest.insert((e.event_type.clone(), e.state_key.clone().unwrap_or_default()), e);
-            }
-            latest.into_values().collect()
+        } else if scan.limited {
+            // The state events of the gap, the last of each key.
+            (self.store.get_room_state_events_between(room_id.as_str(), since, scan.start).await?, scan.start)
         } else {
-            Vec::new()
+            (Vec::new(), since)
         };
+        let mut state: BTreeMap<(String, String), StoredEvent> = base.into_iter().map(|e| (key(&e), e)).collect();
+
+        // A state event the filter hid, if it is the latest of its key (not followed by
+        // one in the timeline), joins the state section.
+        let mut latest: BTreeMap<(String, String), (bool, &StoredEvent)> = BTreeMap::new();
+        let shown = visible.iter().filter(|e| e.state_key.is_some()).map(|e| (false, e));
+        let hidden = scan.hidden_state.iter().map(|e| (true, e));
+        let mut after: Vec<(bool, &StoredEvent)> =
+            shown.chain(hidden).filter(|(_, e)| e.stream_ordering > hidden_after).collect();
+        after.sort_by_key(|(_, e)| e.stream_ordering);
+        for (is_hidden, e) in after {
+            latest.insert(key(e), (is_hidden, e));
+        }
+        for (k, (is_hidden, e)) in latest {
+            if is_hidden && self.may_see(&mut vis, user, e).await? {
+                state.insert(k, e.clone());
+            }
+        }
+
         if filter.lazy_load_members {
             let mut wanted: Vec<&str> = visible.iter().map(|e| e.sender.as_str()).collect();
             wanted.push(user.as_str());
-            state.retain(|e| {
-                e.event_type != "m.room.member" || e.state_key.as_deref().is_some_and(|k| wanted.contains(&k))
-            });
-            if !initial {
-                // Members who speak in the timeline and whose member event the client may not have.
-                let have: Vec<String> = state.iter().filter_map(|e| e.state_key.clone()).collect();
-                let missing: Vec<StoredEvent> = self
-                    .member_events_for(room_id, &visible)
-                    .await?
-                    .into_iter()
-                    .filter(|e| e.state_key.as_ref().is_some_and(|k| !have.contains(k)) && e.stream_ordering <= start)
-                    .collect();
-                if limited {
-                    state.extend(missing);
+            state.retain(|(kind, state_key), _| kind != "m.room.member" || wanted.contains(&state_key.as_str()));
+            if !initial && !full_state {
+                // The member events of the timeline's senders, unless the timeline itself
+                // carries them: the client may never have had them.
+                let in_timeline: Vec<&str> = visible.iter().map(|e| e.event_id.as_str()).collect();
+                for e in self.member_events_for(room_id, &visible).await? {
+                    let k = key(&e);
+                    if e.stream_ordering <= end
+                        && !in_timeline.contains(&e.event_id.as_str())
+                        && !state.contains_key(&k)
+                    {
+                        state.insert(k, e);
+                    }
                 }
             }
         }
+        let mut state: Vec<StoredEvent> = state.into_values().filter(|e| filter.state.matches(e)).collect();
+        state.sort_by_key(|e| e.stream_ordering);
+
         let timeline_events = self.client_events(&visible, Some(viewer), false).await?;
         let state_events = self.client_events(&state, Some(viewer), false).await?;
         let mut timeline = Timeline::new();
-        timeline.limited = limited;
+        timeline.limited = scan.limited;
         timeline.prev_batch = Some(format!("t{start}"));
         timeline.events = timeline_events.into_iter().map(to_raw).collect::<Result<_>>()?;
         let mut state = StateEvents::new();
         state.events = state_events.into_iter().map(to_raw).collect::<Result<_>>()?;
         Ok((timeline, state))
+    }
+
+    /// Reads a room's history backwards from `end` down to `floor` for the newest
+    /// `limit` events that pass `filter`. Without a restrictive filter this is one query
+    /// of `limit + 1` events; with one, pages of events until `limit + 1` pass, the
+    /// history runs out, or `MAX_FILTERED_SCAN` events were read.
+    async fn scan_timeline(
+        &self,
+        room_id: &RoomId,
+        floor: i64,
+        end: i64,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<TimelineScan> {
+        let page = if filter.is_restrictive() { (limit + 1).max(FILTERED_PAGE) } else { limit + 1 };
+        let (mut events, mut hidden_state) = (Vec::new(), Vec::new());
+        let (mut cursor, mut read) = (end, 0);
+        let limited = 'scan: loop {
+            let batch = self.store.get_room_events(room_id.as_str(), floor, cursor, page as i64, true).await?;
+            let exhausted = batch.len() < page;
+            for e in batch {
+                read += 1;
+                if filter.matches(&e) {
+                    if events.len() == limit {
+                        break 'scan true;
+                    }
+                    cursor = e.stream_ordering - 1;
+                    events.push(e);
+                } else {
+                    cursor = e.stream_ordering - 1;
+                    if e.state_key.is_some() {
+                        hidden_state.push(e);
+                    }
+                }
+            }
+            if exhausted {
+                break false;
+            }
+            if read >= MAX_FILTERED_SCAN {
+                break true;
+            }
+        };
+        events.reverse();
+        hidden_state.reverse();
+        let start = if limited { events.first().map_or(cursor, |e| e.stream_ordering - 1) } else { floor };
+        // What lies before `start` is the gap's (its state is read separately).
+        hidden_state.retain(|e| e.stream_ordering > start);
+        Ok(TimelineScan { events, hidden_state, limited, start })
+    }
+
+    /// The room's state as of stream position `end`: after its last event up to there.
+    async fn state_at(&self, room_id: &RoomId, end: i64) -> Result<Vec<StoredEvent>> {
+        match self.store.get_room_events(room_id.as_str(), 0, end, 1, true).await?.pop() {
+            Some(last) => self.state_events_at(last.state_group).await,
+            None => Ok(Vec::new()),
+        }
     }
 
     async fn left_room(
@@ -368,7 +519,7 @@ impl Services {
     ) -> Result<LeftRoom> {
         // The timeline runs up to the leave (or ban) event, not past it.
         let (timeline, state) =
-            self.room_timeline(session, room_id, since, m.stream_ordering, since == 0, filter).await?;
+            self.room_timeline(session, room_id, since, m.stream_ordering, since == 0, false, filter).await?;
         let mut left = LeftRoom::new();
         left.timeline = timeline;
         left.state = State::Before(state);

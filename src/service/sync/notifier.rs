@@ -2,6 +2,9 @@
 //! happens. It is keyed by user: a room event wakes the room's local members. It sits
 //! behind a small trait so that a later backend (PostgreSQL LISTEN/NOTIFY) can carry
 //! the same wake-ups between several Convo processes.
+//!
+//! `WaitingSyncs` counts the requests parked here, so that a test can wait until a
+//! long-poll is waiting instead of sleeping and hoping.
 
 use std::{collections::HashMap, sync::Mutex};
 
@@ -41,6 +44,55 @@ impl Notifier for LocalNotifier {
     }
 }
 
+/// The `/sync` requests waiting for news, counted by user.
+pub struct WaitingSyncs {
+    counts: watch::Sender<HashMap<OwnedUserId, usize>>,
+}
+
+impl Default for WaitingSyncs {
+    fn default() -> Self {
+        WaitingSyncs { counts: watch::channel(HashMap::new()).0 }
+    }
+}
+
+impl WaitingSyncs {
+    /// Counts a request of `user` as waiting until the guard is dropped.
+    pub fn enter(&self, user: &UserId) -> WaitingGuard<'_> {
+        self.counts.send_modify(|c| *c.entry(user.to_owned()).or_default() += 1);
+        WaitingGuard { syncs: self, user: user.to_owned() }
+    }
+
+    /// How many requests of `user` are waiting now.
+    pub fn count(&self, user: &UserId) -> usize {
+        self.counts.borrow().get(user).copied().unwrap_or(0)
+    }
+
+    /// Resolves once at least `n` requests of `user` are waiting.
+    pub async fn wait_for(&self, user: &UserId, n: usize) {
+        let mut rx = self.counts.subscribe();
+        let _ = rx.wait_for(|c| c.get(user).copied().unwrap_or(0) >= n).await;
+    }
+}
+
+/// A waiting request; it stops counting when dropped.
+pub struct WaitingGuard<'a> {
+    syncs: &'a WaitingSyncs,
+    user: OwnedUserId,
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.syncs.counts.send_modify(|c| {
+            if let Some(n) = c.get_mut(&self.user) {
+                *n -= 1;
+                if *n == 0 {
+                    c.remove(&self.user);
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,5 +110,21 @@ mod tests {
         a.changed().await.unwrap();
         let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), b.changed()).await;
         assert!(waiting.is_err(), "bob is not woken");
+    }
+
+    #[tokio::test]
+    async fn counts_waiting_requests() {
+        let syncs = WaitingSyncs::default();
+        let alice: OwnedUserId = "@alice:x".try_into().unwrap();
+        let first = syncs.enter(&alice);
+        let second = syncs.enter(&alice);
+        assert_eq!(syncs.count(&alice), 2);
+        tokio::time::timeout(std::time::Duration::from_secs(1), syncs.wait_for(&alice, 2)).await.unwrap();
+        drop(first);
+        assert_eq!(syncs.count(&alice), 1);
+        let more = tokio::time::timeout(std::time::Duration::from_millis(50), syncs.wait_for(&alice, 2)).await;
+        assert!(more.is_err(), "only one is waiting now");
+        drop(second);
+        assert_eq!(syncs.count(&alice), 0);
     }
 }
