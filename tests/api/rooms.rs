@@ -210,6 +210,9 @@ async fn membership_and_power(backend: Backend) {
     assert_eq!(members["chunk"].as_array().unwrap().len(), 3);
     let (_, not_joined) = server.get(&path("members?not_membership=join"), Some(&alice)).await;
     assert_eq!(not_joined["chunk"], json!([]));
+    for bogus in ["members?membership=bogus", "members?not_membership=", "members?membership="] {
+        assert_error(&server.get(&path(bogus), Some(&alice)).await, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+    }
 
     // Leave and forget.
     assert_error(&server.post(&path("forget"), Some(&carol), json!({})).await, StatusCode::BAD_REQUEST, "M_UNKNOWN");

@@ -135,6 +135,11 @@ async fn get_member_events(
 ) -> Result<RumaResponse<get_member_events::v3::Response>> {
     let session = req.session()?;
     let b = &req.body;
+    for filter in [&b.membership, &b.not_membership].into_iter().flatten() {
+        if !matches!(filter.as_str(), "join" | "invite" | "knock" | "leave" | "ban") {
+            return Err(Error::invalid_param(format!("Unknown membership {:?}", filter.as_str())));
+        }
+    }
     let events = services.room_members(&b.room_id, &session.user_id, b.at.as_deref()).await?;
     let viewer = Some(Viewer { user_id: &session.user_id, device_id: Some(&session.device_id) });
     let mut chunk = Vec::new();
