@@ -21,6 +21,9 @@ macro_rules! record_device_list_change {
 }
 pub(crate) use record_device_list_change;
 
+/// Ids bound in one `IN (...)` list, well under both backends' limits on parameters.
+const IN_LIST_CHUNK: usize = 1000;
+
 /// A key to store: `algorithm:id`, its algorithm, and the key object as JSON.
 pub struct NewKey<'a> {
     pub key_id: &'a str,
@@ -126,34 +129,98 @@ impl Store {
         })
     }
 
-    /// Hands out one key of `algorithm` for a device: a one-time key (deleted as it is
-    /// claimed), else the fallback key (marked used). Returns (key id, JSON).
-    pub async fn claim_key(&self, user_id: &str, device_id: &str, algorithm: &str) -> Result<Option<(String, String)>> {
-        on_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
-            let one_time: Option<(String, String)> = sqlx::query_as(
+    /// Device keys of the devices of several users, as (user id, device id, JSON), in
+    /// one query per 1,000 users.
+    pub async fn get_device_keys_of_users(&self, user_ids: &[&str]) -> Result<Vec<(String, String, String)>> {
+        let mut keys = Vec::new();
+        for chunk in user_ids.chunks(IN_LIST_CHUNK) {
+            let rows: Vec<(String, String, String)> = on_pool!(self, read, |pool| {
+                let mut query =
+                    sqlx::QueryBuilder::new("SELECT user_id, device_id, json FROM e2e_device_keys WHERE user_id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(") ORDER BY user_id, device_id");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            keys.extend(rows);
+        }
+        Ok(keys)
+    }
+
+    /// Cross-signing keys of several users, as (user id, key type, JSON), in one query
+    /// per 1,000 users.
+    pub async fn get_cross_signing_keys_of_users(&self, user_ids: &[&str]) -> Result<Vec<(String, String, String)>> {
+        let mut keys = Vec::new();
+        for chunk in user_ids.chunks(IN_LIST_CHUNK) {
+            let rows: Vec<(String, String, String)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT user_id, key_type, json FROM e2e_cross_signing_keys WHERE user_id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(")");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            keys.extend(rows);
+        }
+        Ok(keys)
+    }
+
+    /// Hands out one key of the given algorithm for each (user, device, algorithm), in
+    /// one transaction: a one-time key (deleted as it is claimed), else the fallback
+    /// key (marked used). Answers (key id, JSON) or `None` for each, in order.
+    /// Devices are claimed from in sorted order, so concurrent claims lock rows in the
+    /// same order (no deadlock); on PostgreSQL a one-time key another claim holds is
+    /// skipped rather than waited for, so that claim does not fall back needlessly.
+    pub async fn claim_keys(&self, wanted: &[(&str, &str, &str)]) -> Result<Vec<Option<(String, String)>>> {
+        let claim_one_time = match self.dialect() {
+            super::Dialect::Sqlite => {
                 "DELETE FROM e2e_one_time_keys WHERE (user_id, device_id, key_id) IN (
                      SELECT user_id, device_id, key_id FROM e2e_one_time_keys
                      WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1)
-                 RETURNING key_id, json",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(algorithm)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let claimed = match one_time {
-                Some(key) => Some(key),
-                None => sqlx::query_as(
-                    "UPDATE e2e_fallback_keys SET used = TRUE WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                 RETURNING key_id, json"
+            }
+            super::Dialect::Postgres => {
+                "DELETE FROM e2e_one_time_keys WHERE (user_id, device_id, key_id) IN (
+                     SELECT user_id, device_id, key_id FROM e2e_one_time_keys
+                     WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING key_id, json"
+            }
+        };
+        let mut order: Vec<usize> = (0..wanted.len()).collect();
+        order.sort_by_key(|&i| wanted[i]);
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let mut claimed = vec![None; wanted.len()];
+            for i in order {
+                let (user_id, device_id, algorithm) = wanted[i];
+                let one_time: Option<(String, String)> = sqlx::query_as(claim_one_time)
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(algorithm)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                claimed[i] = match one_time {
+                    Some(key) => Some(key),
+                    None => {
+                        sqlx::query_as(
+                            "UPDATE e2e_fallback_keys SET used = TRUE
+                         WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
                          RETURNING key_id, json",
-                )
-                .bind(user_id)
-                .bind(device_id)
-                .bind(algorithm)
-                .fetch_optional(&mut *tx)
-                .await?,
-            };
+                        )
+                        .bind(user_id)
+                        .bind(device_id)
+                        .bind(algorithm)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    }
+                };
+            }
             tx.commit().await?;
             Ok(claimed)
         })
@@ -285,6 +352,54 @@ impl Store {
                 .bind(user_id)
                 .fetch_all(pool)
                 .await?)
+        })
+    }
+
+    /// Replaces signed keys of a user, each only if its JSON is still what the caller
+    /// read (`(name, before, after)`: cross-signing keys by type, device keys by
+    /// device), and records the change on the stream, in one transaction. `false`,
+    /// with nothing changed, when any of them changed meanwhile.
+    pub async fn replace_signed_keys(
+        &self,
+        user_id: &str,
+        cross_signing: &[(&str, &str, &str)],
+        devices: &[(&str, &str, &str)],
+    ) -> Result<bool> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            for (key_type, before, after) in cross_signing {
+                let n = sqlx::query(
+                    "UPDATE e2e_cross_signing_keys SET json = $4 WHERE user_id = $1 AND key_type = $2 AND json = $3",
+                )
+                .bind(user_id)
+                .bind(*key_type)
+                .bind(*before)
+                .bind(*after)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+            }
+            for (device_id, before, after) in devices {
+                let n = sqlx::query(
+                    "UPDATE e2e_device_keys SET json = $4 WHERE user_id = $1 AND device_id = $2 AND json = $3",
+                )
+                .bind(user_id)
+                .bind(*device_id)
+                .bind(*before)
+                .bind(*after)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Ok(false);
+                }
+            }
+            record_device_list_change!(&mut *tx, user_id);
+            tx.commit().await?;
+            Ok(true)
         })
     }
 

@@ -184,8 +184,13 @@ impl Store {
     }
 
     /// Swaps a refresh token for a new access token and refresh token. The old refresh
-    /// token stays valid until one of the new tokens is used. Returns the user and
-    /// device, or `None` if the refresh token is unknown.
+    /// token stays valid until one of the new tokens is used (so a client whose
+    /// response was lost can retry, as the spec requires), but it has one live
+    /// successor at most: refreshing with it again revokes the tokens its previous
+    /// refresh issued. The refresh token's row is locked first (PostgreSQL: a row
+    /// lock; SQLite: the single writer), so concurrent refreshes with one token queue
+    /// and leave exactly one valid session. Returns the user and device, or `None` if
+    /// the refresh token is unknown.
     pub async fn refresh_session(
         &self,
         refresh_hash: &str,
@@ -196,14 +201,23 @@ impl Store {
     ) -> Result<Option<(String, String)>> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let row: Option<(String, String, Option<String>)> =
-                sqlx::query_as("SELECT user_id, device_id, prev_token_hash FROM refresh_tokens WHERE token_hash = $1")
-                    .bind(refresh_hash)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let row: Option<(String, String, Option<String>)> = sqlx::query_as(
+                "UPDATE refresh_tokens SET created_ts = created_ts WHERE token_hash = $1
+                 RETURNING user_id, device_id, prev_token_hash",
+            )
+            .bind(refresh_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
             let Some((user_id, device_id, prev)) = row else {
                 return Ok(None);
             };
+            // The unused tokens of an earlier refresh with this token go.
+            for sql in [
+                "DELETE FROM access_tokens WHERE prev_refresh_hash = $1",
+                "DELETE FROM refresh_tokens WHERE prev_token_hash = $1",
+            ] {
+                sqlx::query(sql).bind(refresh_hash).execute(&mut *tx).await?;
+            }
             if let Some(prev) = prev {
                 // Using this refresh token retires the one it replaced.
                 for sql in [
