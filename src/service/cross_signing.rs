@@ -8,7 +8,10 @@ use ruma::{OwnedUserId, api::client::uiaa::AuthData, encryption::CrossSigningKey
 use serde_json::{Value as JsonValue, value::RawValue};
 
 use super::{Services, Session};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    storage::SignedKeyChanges,
+};
 
 /// Key types as stored, with the usage each key must declare.
 const KEY_TYPES: [(&str, &str); 3] =
@@ -27,7 +30,8 @@ impl Services {
     ) -> Result<()> {
         let user = &session.user_id;
         let existing = self.store.get_cross_signing_keys(user.as_str()).await?;
-        if existing.iter().any(|(t, _)| t == "master") {
+        let has_master = existing.iter().any(|(t, _)| t == "master");
+        if has_master {
             self.require_password_uiaa("device_signing", user, auth, client_ip).await?;
         }
         let mut to_store = Vec::new();
@@ -46,18 +50,23 @@ impl Services {
         if to_store.is_empty() {
             return Ok(());
         }
-        if !existing.iter().any(|(t, _)| t == "master") && !to_store.iter().any(|(t, _)| *t == "master") {
+        if !has_master && !to_store.iter().any(|(t, _)| *t == "master") {
             return Err(Error::invalid_param("Upload a master key first"));
         }
-        self.store.store_signed_keys(user.as_str(), &to_store, &[]).await?;
+        // Without the password, only if there is still no master key when storing:
+        // a concurrent first upload does not let a second one replace it unchecked.
+        if !self.store.store_cross_signing_keys(user.as_str(), &to_store, !has_master).await? {
+            self.require_password_uiaa("device_signing", user, auth, client_ip).await?;
+            self.store.store_cross_signing_keys(user.as_str(), &to_store, false).await?;
+        }
         self.wake_room_peers(user).await
     }
 
     /// `POST /keys/signatures/upload`: merges the signatures the user made into the
     /// stored keys they sign: their own devices and cross-signing keys, or another
     /// user's master key (signed with the user-signing key). Returns failures by user
-    /// and key id. Each user's keys are read, merged and written back only if they did
-    /// not change meanwhile (else read again), so concurrent uploads lose nothing.
+    /// and key id. Each user's keys are read, merged and written in one transaction,
+    /// so concurrent uploads lose nothing.
     pub async fn upload_signatures(
         &self,
         session: &Session,
@@ -65,51 +74,26 @@ impl Services {
     ) -> Result<BTreeMap<OwnedUserId, BTreeMap<String, JsonValue>>> {
         let mut failures: BTreeMap<OwnedUserId, BTreeMap<String, JsonValue>> = BTreeMap::new();
         for (user, objects) in signed {
-            let mut attempts = 0;
-            loop {
-                attempts += 1;
-                let devices: BTreeMap<String, String> =
-                    self.store.get_device_keys(user.as_str()).await?.into_iter().collect();
-                let cross: BTreeMap<String, String> =
-                    self.store.get_cross_signing_keys(user.as_str()).await?.into_iter().collect();
-                let (merged, user_failures) = merge_signatures(session, user, objects, &devices, &cross)?;
-                if !user_failures.is_empty() {
-                    failures.insert(user.clone(), user_failures);
-                }
-                if merged.cross.is_empty() && merged.devices.is_empty() {
-                    break;
-                }
-                let stored = self
-                    .store
-                    .replace_signed_keys(user.as_str(), &as_refs(&merged.cross), &as_refs(&merged.devices))
-                    .await?;
-                if stored {
-                    self.wake_room_peers(user).await?;
-                    break;
-                }
-                if attempts >= MAX_MERGE_ATTEMPTS {
-                    return Err(Error::unknown(
-                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                        "The keys keep changing; try again",
-                    ));
-                }
+            let mut user_failures = BTreeMap::new();
+            let changed = self
+                .store
+                .update_signed_keys(user.as_str(), |devices, cross| {
+                    let devices: BTreeMap<String, String> = devices.iter().cloned().collect();
+                    let cross: BTreeMap<String, String> = cross.iter().cloned().collect();
+                    let (merged, fails) = merge_signatures(session, user, objects, &devices, &cross)?;
+                    user_failures = fails;
+                    Ok(merged)
+                })
+                .await?;
+            if !user_failures.is_empty() {
+                failures.insert(user.clone(), user_failures);
+            }
+            if changed {
+                self.wake_room_peers(user).await?;
             }
         }
         Ok(failures)
     }
-}
-
-fn as_refs(v: &[(String, String, String)]) -> Vec<(&str, &str, &str)> {
-    v.iter().map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())).collect()
-}
-
-/// Times a signature upload reads and merges again when the keys changed meanwhile.
-const MAX_MERGE_ATTEMPTS: usize = 5;
-
-/// Stored keys with signatures merged in, as (name, JSON before, JSON after).
-struct Merged {
-    cross: Vec<(String, String, String)>,
-    devices: Vec<(String, String, String)>,
 }
 
 /// Merges the signer's signatures in `objects` into `user`'s stored keys; answers the
@@ -120,12 +104,12 @@ fn merge_signatures(
     objects: &[(String, Box<RawValue>)],
     devices: &BTreeMap<String, String>,
     cross: &BTreeMap<String, String>,
-) -> Result<(Merged, BTreeMap<String, JsonValue>)> {
+) -> Result<(SignedKeyChanges, BTreeMap<String, JsonValue>)> {
     let signer = session.user_id.as_str();
     let own = user == &session.user_id;
     let mut failures = BTreeMap::new();
-    // Keys being changed, by (is_cross, name): the JSON as read, and as merged so far.
-    let mut changed: BTreeMap<(bool, String), (String, JsonValue)> = BTreeMap::new();
+    // Keys being changed, by (is_cross, name), as merged so far.
+    let mut changed: BTreeMap<(bool, String), JsonValue> = BTreeMap::new();
     for (key_id, object) in objects {
         let mut fail = |message: &str| {
             failures.insert(key_id.clone(), serde_json::json!({"errcode": "M_INVALID_SIGNATURE", "error": message}));
@@ -156,14 +140,12 @@ fn merge_signatures(
             fail("No such key of that user, or not one you may sign");
             continue;
         };
-        let entry = match changed.entry((is_cross, name)) {
+        let stored = match changed.entry((is_cross, name)) {
             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::btree_map::Entry::Vacant(e) => {
-                let parsed = serde_json::from_str(&json).map_err(Error::internal)?;
-                e.insert((json, parsed))
+                e.insert(serde_json::from_str(&json).map_err(Error::internal)?)
             }
         };
-        let stored = &mut entry.1;
         if !stored["signatures"].is_object() {
             stored["signatures"] = serde_json::json!({});
         }
@@ -174,10 +156,10 @@ fn merge_signatures(
             stored["signatures"][signer][sig_key] = sig.clone();
         }
     }
-    let mut merged = Merged { cross: Vec::new(), devices: Vec::new() };
-    for ((is_cross, name), (before, after)) in changed {
-        let after = serde_json::to_string(&after).map_err(Error::internal)?;
-        if is_cross { merged.cross.push((name, before, after)) } else { merged.devices.push((name, before, after)) }
+    let mut merged = SignedKeyChanges::default();
+    for ((is_cross, name), value) in changed {
+        let json = serde_json::to_string(&value).map_err(Error::internal)?;
+        if is_cross { merged.cross_signing.push((name, json)) } else { merged.devices.push((name, json)) }
     }
     Ok((merged, failures))
 }

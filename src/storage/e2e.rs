@@ -24,6 +24,14 @@ pub(crate) use record_device_list_change;
 /// Ids bound in one `IN (...)` list, well under both backends' limits on parameters.
 const IN_LIST_CHUNK: usize = 1000;
 
+/// What a signature upload replaces: cross-signing keys by type and device keys by
+/// device, as (name, new JSON).
+#[derive(Default)]
+pub struct SignedKeyChanges {
+    pub cross_signing: Vec<(String, String)>,
+    pub devices: Vec<(String, String)>,
+}
+
 /// A key to store: `algorithm:id`, its algorithm, and the key object as JSON.
 pub struct NewKey<'a> {
     pub key_id: &'a str,
@@ -46,6 +54,9 @@ impl Store {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             if let Some(json) = device_keys {
+                // The stream position first, as every writer of device keys does
+                // (one lock order, no deadlock).
+                record_device_list_change!(&mut *tx, user_id);
                 sqlx::query(
                     "INSERT INTO e2e_device_keys (user_id, device_id, json) VALUES ($1, $2, $3)
                      ON CONFLICT (user_id, device_id) DO UPDATE SET json = excluded.json",
@@ -55,7 +66,6 @@ impl Store {
                 .bind(json)
                 .execute(&mut *tx)
                 .await?;
-                record_device_list_change!(&mut *tx, user_id);
             }
             for chunk in one_time.chunks(200) {
                 let mut query = sqlx::QueryBuilder::new(
@@ -355,65 +365,78 @@ impl Store {
         })
     }
 
-    /// Replaces signed keys of a user, each only if its JSON is still what the caller
-    /// read (`(name, before, after)`: cross-signing keys by type, device keys by
-    /// device), and records the change on the stream, in one transaction. `false`,
-    /// with nothing changed, when any of them changed meanwhile.
-    pub async fn replace_signed_keys(
-        &self,
-        user_id: &str,
-        cross_signing: &[(&str, &str, &str)],
-        devices: &[(&str, &str, &str)],
-    ) -> Result<bool> {
+    /// Reads a user's device keys and cross-signing keys (as (device id or key type,
+    /// JSON)), lets `change` answer which to replace, and writes those, in one
+    /// transaction that takes the stream position first: concurrent changes of a
+    /// user's keys (signature uploads, key uploads, device deletions, which take the
+    /// position first too) run one after the other, and none is lost. `false` when
+    /// `change` replaced nothing.
+    pub async fn update_signed_keys<F>(&self, user_id: &str, change: F) -> Result<bool>
+    where
+        F: FnOnce(&[(String, String)], &[(String, String)]) -> Result<SignedKeyChanges>,
+    {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            for (key_type, before, after) in cross_signing {
-                let n = sqlx::query(
-                    "UPDATE e2e_cross_signing_keys SET json = $4 WHERE user_id = $1 AND key_type = $2 AND json = $3",
-                )
-                .bind(user_id)
-                .bind(*key_type)
-                .bind(*before)
-                .bind(*after)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if n == 0 {
-                    return Ok(false);
-                }
-            }
-            for (device_id, before, after) in devices {
-                let n = sqlx::query(
-                    "UPDATE e2e_device_keys SET json = $4 WHERE user_id = $1 AND device_id = $2 AND json = $3",
-                )
-                .bind(user_id)
-                .bind(*device_id)
-                .bind(*before)
-                .bind(*after)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if n == 0 {
-                    return Ok(false);
-                }
-            }
             record_device_list_change!(&mut *tx, user_id);
+            let devices: Vec<(String, String)> =
+                sqlx::query_as("SELECT device_id, json FROM e2e_device_keys WHERE user_id = $1 ORDER BY device_id")
+                    .bind(user_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let cross: Vec<(String, String)> =
+                sqlx::query_as("SELECT key_type, json FROM e2e_cross_signing_keys WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let changes = change(&devices, &cross)?;
+            if changes.cross_signing.is_empty() && changes.devices.is_empty() {
+                return Ok(false);
+            }
+            for (key_type, json) in &changes.cross_signing {
+                sqlx::query("UPDATE e2e_cross_signing_keys SET json = $3 WHERE user_id = $1 AND key_type = $2")
+                    .bind(user_id)
+                    .bind(key_type)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (device_id, json) in &changes.devices {
+                sqlx::query("UPDATE e2e_device_keys SET json = $3 WHERE user_id = $1 AND device_id = $2")
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             Ok(true)
         })
     }
 
-    /// Stores (or replaces) signed keys of a user: cross-signing keys by type and device
-    /// keys by device, and records the change on the stream, in one transaction.
-    pub async fn store_signed_keys(
+    /// Stores (or replaces) a user's cross-signing keys by type, and records the
+    /// change on the stream, in one transaction. With `only_if_no_master`, nothing is
+    /// stored (`false`) if the user has a master key by then: the caller checked that
+    /// none existed, and replacing one takes the password.
+    pub async fn store_cross_signing_keys(
         &self,
         user_id: &str,
-        cross_signing: &[(&str, &str)],
-        devices: &[(&str, &str)],
-    ) -> Result<()> {
+        keys: &[(&str, &str)],
+        only_if_no_master: bool,
+    ) -> Result<bool> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            for (key_type, json) in cross_signing {
+            record_device_list_change!(&mut *tx, user_id);
+            if only_if_no_master {
+                let master: Option<(i32,)> =
+                    sqlx::query_as("SELECT 1 FROM e2e_cross_signing_keys WHERE user_id = $1 AND key_type = 'master'")
+                        .bind(user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if master.is_some() {
+                    return Ok(false);
+                }
+            }
+            for (key_type, json) in keys {
                 sqlx::query(
                     "INSERT INTO e2e_cross_signing_keys (user_id, key_type, json) VALUES ($1, $2, $3)
                      ON CONFLICT (user_id, key_type) DO UPDATE SET json = excluded.json",
@@ -424,17 +447,8 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            for (device_id, json) in devices {
-                sqlx::query("UPDATE e2e_device_keys SET json = $3 WHERE user_id = $1 AND device_id = $2")
-                    .bind(user_id)
-                    .bind(*device_id)
-                    .bind(*json)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            record_device_list_change!(&mut *tx, user_id);
             tx.commit().await?;
-            Ok(())
+            Ok(true)
         })
     }
 }

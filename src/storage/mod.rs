@@ -28,7 +28,7 @@ use sqlx::{
 };
 
 pub use self::{
-    e2e::{NewKey, NewToDevice},
+    e2e::{NewKey, NewToDevice, SignedKeyChanges},
     ephemeral::{PresenceRow, ReceiptRow},
     events::{NewEvent, StoredEvent},
     memberships::MembershipRow,

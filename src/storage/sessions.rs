@@ -85,6 +85,9 @@ macro_rules! insert_session_tx {
 macro_rules! delete_devices_tx {
     ($tx:expr, $user_id:expr, $only:expr, $except:expr) => {{
         let (user_id, only, except): (&str, Option<&str>, Option<&str>) = ($user_id, $only, $except);
+        // Other users' clients must learn that this user's devices changed. The stream
+        // position is taken first, as by every writer of device keys (one lock order).
+        super::e2e::record_device_list_change!(&mut **$tx, user_id);
         for sql in [
             "DELETE FROM access_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
             "DELETE FROM refresh_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
@@ -97,8 +100,6 @@ macro_rules! delete_devices_tx {
         ] {
             sqlx::query(sql).bind(user_id).bind(only).bind(except).execute(&mut **$tx).await?;
         }
-        // Other users' clients must learn that this user's devices changed.
-        super::e2e::record_device_list_change!(&mut **$tx, user_id);
     }};
 }
 

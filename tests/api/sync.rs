@@ -178,16 +178,16 @@ async fn typing_receipts_and_markers(backend: Backend) {
     let sync = server.sync(&bob, Some(&since), "timeout=5000").await;
     assert_eq!(ephemeral(&sync, &room_id, "m.typing").unwrap()["content"]["user_ids"], json!([]));
     let since = sync["next_batch"].as_str().unwrap().to_owned();
-    assert!(
-        server
+    crate::common::assert_error(
+        &server
             .put(
                 &format!("/_matrix/client/v3/rooms/{room_id}/typing/@bob:localhost"),
                 Some(&alice),
-                json!({"typing": true, "timeout": 1000})
+                json!({"typing": true, "timeout": 1000}),
             )
-            .await
-            .0
-            == StatusCode::FORBIDDEN
+            .await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
     );
 
     // A public receipt reaches alice; a private one only bob.
@@ -308,7 +308,11 @@ async fn presence_and_user_directory(backend: Backend) {
         .unwrap()
         .clone();
     assert_eq!(event["content"]["status_msg"], "lunch");
-    assert_eq!(server.put(&status_path, Some(&bob), json!({"presence": "online"})).await.0, StatusCode::FORBIDDEN);
+    crate::common::assert_error(
+        &server.put(&status_path, Some(&bob), json!({"presence": "online"})).await,
+        StatusCode::FORBIDDEN,
+        "M_FORBIDDEN",
+    );
 
     // The user directory shows people who share a room, not strangers.
     let search = |who: &str| json!({"search_term": who, "limit": 10});
