@@ -69,7 +69,7 @@ async fn delete_needs_password(backend: Backend) {
                                 "identifier": {"type": "m.id.user", "user": "mallory"}}});
     let (status, body) = server.request(Method::DELETE, &path, Some(&token), Some(other)).await;
     assert_eq!((status, body["errcode"].clone()), (StatusCode::UNAUTHORIZED, json!("M_FORBIDDEN")), "{body}");
-    assert_eq!(body["completed"], json!([]), "{body}");
+    assert!(body.get("completed").is_none_or(|c| c == &json!([])), "{body}");
     assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&phone_token)).await.0, StatusCode::OK);
 
     let right = json!({"auth": {"type": "m.login.password", "session": session, "password": PASSWORD,
