@@ -338,7 +338,7 @@ async fn one_uia_session_makes_one_account(backend: Backend) {
         .await;
     assert_eq!(body["completed"], json!(["m.login.registration_token"]), "{body}");
     // Five requests finish the same session at once, each with another name.
-    let finish = (0..5).map(|i| {
+    let finish = (0..10).map(|i| {
         server.post(
             REGISTER,
             None,
