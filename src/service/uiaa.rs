@@ -103,7 +103,7 @@ impl Services {
             AuthData::Dummy(_) => Ok(AuthType::Dummy),
             AuthData::RegistrationToken(t) => {
                 let retried = session.registration_token.as_deref() == Some(t.token.as_str());
-                let is_static = self.config.registration.tokens.iter().any(|s| *s == t.token);
+                let is_static = self.config.registration.tokens.contains(&t.token);
                 // A stored token's use is reserved for this session atomically, so
                 // that concurrent registrations cannot all pass with the last use.
                 if !retried
