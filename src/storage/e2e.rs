@@ -129,16 +129,6 @@ impl Store {
         Ok((counts, fallback))
     }
 
-    /// Device keys of all of a user's devices, as (device id, JSON) pairs.
-    pub async fn get_device_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as("SELECT device_id, json FROM e2e_device_keys WHERE user_id = $1 ORDER BY device_id")
-                .bind(user_id)
-                .fetch_all(pool)
-                .await?)
-        })
-    }
-
     /// Device keys of the devices of several users, as (user id, device id, JSON), in
     /// one query per 1,000 users.
     pub async fn get_device_keys_of_users(&self, user_ids: &[&str]) -> Result<Vec<(String, String, String)>> {
