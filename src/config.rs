@@ -35,6 +35,7 @@ pub struct Config {
     pub logging: Logging,
     pub federation: Federation,
     pub voip: Voip,
+    pub presence: Presence,
 }
 
 /// Where Convo listens and how clients find it.
@@ -44,6 +45,15 @@ pub struct Listeners {
     /// Address of the client-server API (plain HTTP; put a TLS proxy in front for the
     /// internet). Port 0 picks a free port.
     pub client: SocketAddr,
+    /// Reverse proxies whose forwarding header is believed: addresses or CIDR ranges
+    /// (`"127.0.0.1"`, `"10.0.0.0/8"`, `"::1"`). The client's address is then the
+    /// right-most address in that header that is not a trusted proxy. Empty: every
+    /// forwarding header is ignored and the connection's address is the client's
+    /// (rate limits and "last seen" use it).
+    pub trusted_proxies: Vec<crate::http::client_ip::IpNet>,
+    /// The header the trusted proxies write: `x-forwarded-for` or `forwarded` (RFC 7239).
+    /// The other one is ignored, so a client cannot forge its address through it.
+    pub forwarded_header: ForwardedHeader,
     /// Address of the server-server (federation) API, served over TLS.
     pub federation: SocketAddr,
     /// PEM certificate chain for the federation listener. Empty: federation is off.
@@ -53,6 +63,14 @@ pub struct Listeners {
     /// The URL clients use to reach the client API, advertised in
     /// `/.well-known/matrix/client`. Empty: `http://` plus the client address.
     pub public_baseurl: String,
+}
+
+/// Which forwarding header the trusted proxies set.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedHeader {
+    XForwardedFor,
+    Forwarded,
 }
 
 /// The database. `sqlite://PATH` (the embedded default) or `postgres://USER:PASS@HOST/DB`.
@@ -163,6 +181,16 @@ impl Default for Voip {
     }
 }
 
+/// Who may see whose presence.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Presence {
+    /// Whether any signed-in user may read anyone's presence (`GET
+    /// /presence/{userId}/status`). Off: only users who share a joined room with them
+    /// (others get `403 M_FORBIDDEN`); one's own presence is always readable.
+    pub visible_without_shared_room: bool,
+}
+
 /// Request limits.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -172,14 +200,20 @@ pub struct Limits {
     pub max_request_body: usize,
 }
 
-/// Rate limits per client address, as token buckets.
+/// Rate limits, as token buckets.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimits {
     /// Off turns every limit off (tests and benchmarks).
     pub enabled: bool,
+    /// Every `/login` attempt, per client address.
     pub login: Bucket,
+    /// Each registration (counted once, when its UIA session starts), username check
+    /// and registration token check, per client address.
     pub registration: Bucket,
+    /// Wrong passwords (at `/login` and in user-interactive auth), per user and per
+    /// client address: past it, password checks answer `429 M_LIMIT_EXCEEDED`.
+    pub failed_password: Bucket,
 }
 
 /// A token bucket: `burst` requests at once, refilled at `per_second`.
@@ -238,6 +272,7 @@ impl Default for Config {
             logging: Logging::default(),
             federation: Federation::default(),
             voip: Voip::default(),
+            presence: Presence::default(),
         }
     }
 }
@@ -246,6 +281,8 @@ impl Default for Listeners {
     fn default() -> Self {
         Self {
             client: "127.0.0.1:8008".parse().expect("valid address"),
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
             federation: "127.0.0.1:8448".parse().expect("valid address"),
             federation_tls_certificate: PathBuf::new(),
             federation_tls_key: PathBuf::new(),
@@ -314,6 +351,7 @@ impl Default for RateLimits {
             enabled: true,
             login: Bucket { per_second: 0.2, burst: 5 },
             registration: Bucket { per_second: 0.1, burst: 3 },
+            failed_password: Bucket { per_second: 0.1, burst: 5 },
         }
     }
 }
@@ -399,7 +437,11 @@ impl Config {
                 "config keys `listeners.federation_tls_certificate` and `listeners.federation_tls_key` must be set together".into(),
             ));
         }
-        for (name, bucket) in [("login", &self.rate_limits.login), ("registration", &self.rate_limits.registration)] {
+        for (name, bucket) in [
+            ("login", &self.rate_limits.login),
+            ("registration", &self.rate_limits.registration),
+            ("failed_password", &self.rate_limits.failed_password),
+        ] {
             if !(bucket.per_second > 0.0) || bucket.burst == 0 {
                 return Err(ConfigError(format!(
                     "config key `rate_limits.{name}`: per_second must be above 0 and burst at least 1"

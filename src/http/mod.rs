@@ -2,6 +2,7 @@
 //! and return the ruma response. Routes come from ruma's endpoint metadata.
 
 pub mod client;
+pub mod client_ip;
 pub mod ruma;
 
 use std::sync::Arc;

@@ -2,11 +2,9 @@
 //! query, body) and authenticates its sender as the endpoint's metadata says;
 //! `RumaResponse<T>` writes any ruma response.
 
-use std::net::SocketAddr;
-
 use axum::{
     body::Body,
-    extract::{ConnectInfo, FromRequest, FromRequestParts, RawPathParams, Request},
+    extract::{FromRequest, FromRequestParts, RawPathParams, Request},
     http::{StatusCode, header::AUTHORIZATION},
     response::{IntoResponse, Response},
 };
@@ -146,11 +144,7 @@ where
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let client_ip = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(addr)| addr.ip().to_string())
-            .unwrap_or_default();
+        let client_ip = super::client_ip::client_ip(&parts, &state.config.listeners);
         let params = RawPathParams::from_request_parts(&mut parts, state)
             .await
             .map_err(|e| Error::invalid_param(format!("Invalid path: {e}")))?;

@@ -10,6 +10,24 @@ use crate::error::{Error, Result};
 /// Types that clients may not set through the account data API: the server owns them.
 const SERVER_MANAGED: [&str; 2] = ["m.fully_read", "m.push_rules"];
 
+/// Longest account data type, in bytes (the spec's limit for event types).
+const MAX_TYPE_BYTES: usize = 255;
+/// Longest tag name, in bytes.
+const MAX_TAG_BYTES: usize = 255;
+/// Largest account data content (and a room's `m.tag`), in bytes.
+const MAX_ACCOUNT_DATA_BYTES: usize = 65_536;
+
+/// Refuses an empty name or one longer than `max` bytes (`M_INVALID_PARAM`).
+fn check_name(what: &str, name: &str, max: usize) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_param(format!("{what} must not be empty")));
+    }
+    if name.len() > max {
+        return Err(Error::invalid_param(format!("{what} are {max} bytes at most")));
+    }
+    Ok(())
+}
+
 impl Services {
     pub async fn get_account_data<T>(
         &self,
@@ -21,6 +39,7 @@ impl Services {
         if user_id != session.user_id {
             return Err(Error::forbidden("You can only read your own account data"));
         }
+        check_name("Account data types", data_type, MAX_TYPE_BYTES)?;
         let content = self
             .store
             .get_account_data(user_id.as_str(), room_id, data_type)
@@ -41,6 +60,7 @@ impl Services {
         if user_id != session.user_id {
             return Err(Error::forbidden("You can only set your own account data"));
         }
+        check_name("Account data types", data_type, MAX_TYPE_BYTES)?;
         if SERVER_MANAGED.contains(&data_type) {
             return Err(Error::matrix(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -51,7 +71,7 @@ impl Services {
         if !content.get().trim_start().starts_with('{') {
             return Err(Error::bad_json("Account data content must be a JSON object"));
         }
-        if content.get().len() > 65_536 {
+        if content.get().len() > MAX_ACCOUNT_DATA_BYTES {
             return Err(Error::too_large("Account data is 64 KiB at most"));
         }
         self.store.set_account_data(user_id.as_str(), room_id, data_type, content.get()).await?;
@@ -79,7 +99,8 @@ impl Services {
         Ok(content.get("tags").cloned().unwrap_or_else(|| serde_json::json!({})))
     }
 
-    /// Adds (with `info`) or removes a tag.
+    /// Adds (with `info`) or removes a tag: the room's `m.tag` is read, changed and
+    /// written in one transaction, so concurrent changes do not undo each other.
     pub async fn set_tag(
         &self,
         session: &Session,
@@ -88,18 +109,37 @@ impl Services {
         tag: &str,
         info: Option<serde_json::Value>,
     ) -> Result<()> {
-        let mut tags = self.get_tags(session, user_id, room_id).await?;
-        let map = tags.as_object_mut().ok_or_else(|| Error::internal("m.tag is not an object"))?;
-        match info {
-            Some(info) => {
-                map.insert(tag.to_owned(), info);
-            }
-            None => {
-                map.remove(tag);
-            }
+        if user_id != session.user_id {
+            return Err(Error::forbidden("You can only change your own tags"));
         }
-        let content = serde_json::json!({"tags": tags}).to_string();
-        self.store.set_account_data(user_id.as_str(), room_id.as_str(), "m.tag", &content).await?;
+        check_name("Tag names", tag, MAX_TAG_BYTES)?;
+        let change = |current: Option<&str>| -> Result<Option<String>> {
+            let mut content: serde_json::Value = match current {
+                Some(c) => serde_json::from_str(c).map_err(Error::internal)?,
+                None => serde_json::json!({}),
+            };
+            if !content.is_object() {
+                content = serde_json::json!({});
+            }
+            if !content["tags"].is_object() {
+                content["tags"] = serde_json::json!({});
+            }
+            let tags = content["tags"].as_object_mut().expect("made an object above");
+            match info {
+                Some(info) => {
+                    tags.insert(tag.to_owned(), info);
+                }
+                None => {
+                    tags.remove(tag);
+                }
+            }
+            let content = content.to_string();
+            if content.len() > MAX_ACCOUNT_DATA_BYTES {
+                return Err(Error::too_large("A room's tags are 64 KiB at most"));
+            }
+            Ok(Some(content))
+        };
+        self.store.update_account_data(user_id.as_str(), room_id.as_str(), "m.tag", change).await?;
         self.notifier.notify_users(std::slice::from_ref(&session.user_id));
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ruma::{
     OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId, UInt, UserId,
-    encryption::{DeviceKeys, OneTimeKey},
+    encryption::{CrossSigningKey, DeviceKeys, OneTimeKey},
     events::{AnyToDeviceEvent, AnyToDeviceEventContent},
     serde::Raw,
     to_device::DeviceIdOrAllDevices,
@@ -27,6 +27,21 @@ const MAX_TO_DEVICE: usize = 10_000;
 
 /// Devices one `/keys/claim` may ask keys of.
 const MAX_CLAIMS: usize = 1000;
+
+/// Users one `/keys/query` may ask about.
+const MAX_QUERY_USERS: usize = 1000;
+
+/// Devices one `/keys/query` may name (an empty list, "all devices", counts as none).
+const MAX_QUERY_DEVICES: usize = 1000;
+
+/// What `/keys/query` answers: device keys and cross-signing keys by user.
+#[derive(Default)]
+pub struct QueriedKeys {
+    pub device_keys: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>>,
+    pub master_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
+    pub self_signing_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
+    pub user_signing_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
+}
 
 fn new_keys(rows: &[(String, String, String)]) -> Vec<NewKey<'_>> {
     rows.iter().map(|(id, alg, json)| NewKey { key_id: id, algorithm: alg, json }).collect()
@@ -93,28 +108,51 @@ impl Services {
     }
 
     /// `POST /keys/query`: the device keys of local users (all their devices, or those
-    /// named). Users of other servers are not reachable yet (no federation): they are
-    /// left out.
+    /// named) and their cross-signing keys (user-signing keys only the requester's
+    /// own), in two queries. Users of other servers are not reachable yet (no
+    /// federation): they are left out. More than `MAX_QUERY_USERS` users, or more than
+    /// `MAX_QUERY_DEVICES` named devices, is `M_TOO_LARGE`: clients split such
+    /// queries.
     pub async fn query_keys(
         &self,
+        requester: &UserId,
         requested: &BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
-    ) -> Result<BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Raw<DeviceKeys>>>> {
-        let mut found = BTreeMap::new();
-        for (user, devices) in requested.iter().filter(|(u, _)| u.server_name() == self.server_name()) {
-            let mut keys = BTreeMap::new();
-            for (device_id, json) in self.store.get_device_keys(user.as_str()).await? {
-                let device_id = OwnedDeviceId::from(device_id);
-                if devices.is_empty() || devices.contains(&device_id) {
-                    keys.insert(device_id, raw_from_json(json)?);
-                }
+    ) -> Result<QueriedKeys> {
+        if requested.len() > MAX_QUERY_USERS {
+            return Err(Error::too_large(format!("At most {MAX_QUERY_USERS} users per key query")));
+        }
+        if requested.values().map(Vec::len).sum::<usize>() > MAX_QUERY_DEVICES {
+            return Err(Error::too_large(format!("At most {MAX_QUERY_DEVICES} named devices per key query")));
+        }
+        let local: Vec<&str> =
+            requested.keys().filter(|u| u.server_name() == self.server_name()).map(|u| u.as_str()).collect();
+        let mut found = QueriedKeys::default();
+        for user in requested.keys().filter(|u| u.server_name() == self.server_name()) {
+            found.device_keys.insert(user.clone(), BTreeMap::new());
+        }
+        for (user, device_id, json) in self.store.get_device_keys_of_users(&local).await? {
+            let user = OwnedUserId::try_from(user).map_err(Error::internal)?;
+            let device_id = OwnedDeviceId::from(device_id);
+            let named = &requested[&user];
+            if named.is_empty() || named.contains(&device_id) {
+                found.device_keys.entry(user).or_default().insert(device_id, raw_from_json(json)?);
             }
-            found.insert(user.clone(), keys);
+        }
+        for (user, key_type, json) in self.store.get_cross_signing_keys_of_users(&local).await? {
+            let user = OwnedUserId::try_from(user).map_err(Error::internal)?;
+            let map = match key_type.as_str() {
+                "master" => &mut found.master_keys,
+                "self_signing" => &mut found.self_signing_keys,
+                "user_signing" if user == requester => &mut found.user_signing_keys,
+                _ => continue,
+            };
+            map.insert(user, raw_from_json(json)?);
         }
         Ok(found)
     }
 
     /// `POST /keys/claim`: one key per named device, a one-time key while any is left,
-    /// else the device's fallback key.
+    /// else the device's fallback key; all in one transaction.
     pub async fn claim_keys(
         &self,
         wanted: &BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, ruma::OneTimeKeyAlgorithm>>,
@@ -122,18 +160,22 @@ impl Services {
         if wanted.values().map(BTreeMap::len).sum::<usize>() > MAX_CLAIMS {
             return Err(Error::too_large(format!("At most {MAX_CLAIMS} devices per claim")));
         }
-        let mut claimed = BTreeMap::new();
-        for (user, devices) in wanted.iter().filter(|(u, _)| u.server_name() == self.server_name()) {
-            let mut by_device = BTreeMap::new();
-            for (device, algorithm) in devices {
-                let key = self.store.claim_key(user.as_str(), device.as_str(), algorithm.as_str()).await?;
-                if let Some((key_id, json)) = key {
-                    let key_id = OwnedOneTimeKeyId::try_from(key_id).map_err(Error::internal)?;
-                    by_device.insert(device.clone(), BTreeMap::from([(key_id, raw_from_json(json)?)]));
-                }
-            }
-            if !by_device.is_empty() {
-                claimed.insert(user.clone(), by_device);
+        let targets: Vec<(&OwnedUserId, &OwnedDeviceId, &ruma::OneTimeKeyAlgorithm)> = wanted
+            .iter()
+            .filter(|(u, _)| u.server_name() == self.server_name())
+            .flat_map(|(user, devices)| devices.iter().map(move |(device, algorithm)| (user, device, algorithm)))
+            .collect();
+        let rows: Vec<(&str, &str, &str)> =
+            targets.iter().map(|(u, d, a)| (u.as_str(), d.as_str(), a.as_str())).collect();
+        let keys = self.store.claim_keys(&rows).await?;
+        let mut claimed: BTreeMap<OwnedUserId, BTreeMap<_, _>> = BTreeMap::new();
+        for ((user, device, _), key) in targets.into_iter().zip(keys) {
+            if let Some((key_id, json)) = key {
+                let key_id = OwnedOneTimeKeyId::try_from(key_id).map_err(Error::internal)?;
+                claimed
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(device.clone(), BTreeMap::from([(key_id, raw_from_json(json)?)]));
             }
         }
         Ok(claimed)

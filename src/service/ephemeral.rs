@@ -4,8 +4,8 @@
 use std::{
     collections::HashMap,
     sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -20,13 +20,20 @@ use crate::{
 };
 
 /// Who is typing where, until when. `serial` grows with every change, so a sync token
-/// can say which changes a client has seen.
+/// can say which changes a client has seen. Notices run out by themselves: one expiry
+/// worker per server (started with the first notice) sleeps until the earliest end,
+/// drops what has ended and wakes those rooms' syncs. No task per request.
 #[derive(Default)]
 pub struct Typing {
     rooms: Mutex<HashMap<OwnedRoomId, (u64, HashMap<OwnedUserId, Instant>)>>,
     serial: AtomicU64,
+    /// Tells the worker that a notice was set, which may end before what it waits for.
+    wake_worker: std::sync::Arc<tokio::sync::Notify>,
+    worker_started: AtomicBool,
 }
 
+/// Longest presence `status_msg`, in bytes.
+const MAX_STATUS_MSG_BYTES: usize = 1024;
 /// Longest typing timeout honoured.
 const MAX_TYPING: Duration = Duration::from_secs(120);
 /// After this long without activity, "online" reads as "unavailable"...
@@ -73,18 +80,32 @@ impl Typing {
         }
     }
 
-    /// Drops a user's typing if it has expired; returns whether it was there.
-    fn expire(&self, room_id: &RoomId, user: &UserId) -> bool {
+    /// When the first notice still running ends.
+    fn next_expiry(&self) -> Option<Instant> {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        rooms.values().flat_map(|(_, users)| users.values()).min().copied()
+    }
+
+    /// Drops the notices that have ended by `now`; returns the rooms where one did.
+    fn expire_due(&self, now: Instant) -> Vec<OwnedRoomId> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(entry) = rooms.get_mut(room_id) else { return false };
-        let now = Instant::now();
-        if entry.1.get(user).is_some_and(|u| *u <= now) {
-            entry.1.remove(user);
-            entry.0 = self.serial.fetch_add(1, Ordering::SeqCst) + 1;
-            true
-        } else {
-            false
+        let mut changed = Vec::new();
+        for (room_id, (serial, users)) in rooms.iter_mut() {
+            let before = users.len();
+            users.retain(|_, until| *until > now);
+            if users.len() != before {
+                *serial = self.serial.fetch_add(1, Ordering::SeqCst) + 1;
+                changed.push(room_id.clone());
+            }
         }
+        changed
+    }
+
+    /// Notices under way, across all rooms (for tests and metrics).
+    pub fn active(&self) -> usize {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        rooms.values().map(|(_, users)| users.values().filter(|u| **u > now).count()).sum()
     }
 }
 
@@ -101,20 +122,46 @@ impl Services {
         if self.typing.set(room_id, user, until) {
             self.notifier.notify_users(&self.joined_local_members(room_id).await?);
         }
-        if let Some(t) = timeout {
-            // Wake the room when the notice runs out.
-            let services = std::sync::Arc::clone(self);
-            let (room_id, user) = (room_id.to_owned(), user.to_owned());
-            tokio::spawn(async move {
-                tokio::time::sleep(t.min(MAX_TYPING) + Duration::from_millis(10)).await;
-                if services.typing.expire(&room_id, &user)
-                    && let Ok(members) = services.joined_local_members(&room_id).await
-                {
-                    services.notifier.notify_users(&members);
-                }
-            });
+        if until.is_some() {
+            self.start_typing_worker();
+            self.typing.wake_worker.notify_one();
         }
         Ok(())
+    }
+
+    /// Starts the typing expiry worker once. It holds no strong reference to the
+    /// services between rounds, and ends when the server shuts down.
+    fn start_typing_worker(self: &Arc<Self>) {
+        if self.typing.worker_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let services = Arc::downgrade(self);
+        let wake = Arc::clone(&self.typing.wake_worker);
+        let mut shutdown = self.shutting_down.subscribe();
+        tokio::spawn(async move {
+            tracing::debug!("typing expiry worker started");
+            loop {
+                let Some(next) = services.upgrade().map(|s| s.typing.next_expiry()) else { return };
+                let sleep = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = shutdown.wait_for(|down| *down) => return,
+                    _ = wake.notified() => continue,
+                    _ = sleep => {}
+                }
+                let Some(services) = services.upgrade() else { return };
+                for room_id in services.typing.expire_due(Instant::now()) {
+                    match services.joined_local_members(&room_id).await {
+                        Ok(members) => services.notifier.notify_users(&members),
+                        Err(e) => tracing::warn!(room_id = %room_id, error = %e, "could not wake a room's syncs"),
+                    }
+                }
+            }
+        });
     }
 
     /// `POST /rooms/{roomId}/receipt/{type}/{eventId}`.
@@ -202,6 +249,9 @@ impl Services {
         if !matches!(state, "online" | "unavailable" | "offline") {
             return Err(Error::invalid_param(format!("Unknown presence {state}")));
         }
+        if status_msg.flatten().is_some_and(|m| m.len() > MAX_STATUS_MSG_BYTES) {
+            return Err(Error::invalid_param(format!("status_msg is {MAX_STATUS_MSG_BYTES} bytes at most")));
+        }
         let now = now_ms();
         let current = self.store.get_presence(user.as_str()).await?;
         let msg = match (status_msg, &current) {
@@ -215,12 +265,25 @@ impl Services {
         if unchanged {
             return Ok(());
         }
-        self.store.set_presence(user.as_str(), state, msg.as_deref(), now).await?;
+        // A sync's refresh (`status_msg` not given) keeps whatever message is stored
+        // when it writes, not the one read above, so it cannot undo a concurrent change.
+        self.store.set_presence(user.as_str(), state, status_msg.map(|_| msg.as_deref()), now).await?;
         self.wake_room_peers(user).await
     }
 
-    /// `GET /presence/{userId}/status`.
-    pub async fn get_presence(&self, user: &UserId) -> Result<JsonValue> {
+    /// `GET /presence/{userId}/status`: one's own, or that of a user who shares a
+    /// joined room with `requester` (anyone's with `presence.visible_without_shared_room`);
+    /// otherwise `M_FORBIDDEN`, as the spec allows.
+    pub async fn get_presence(&self, requester: &UserId, user: &UserId) -> Result<JsonValue> {
+        if requester != user
+            && !self.config.presence.visible_without_shared_room
+            && !self.store.users_share_room(requester.as_str(), user.as_str()).await?
+        {
+            return Err(Error::forbidden("You do not share a room with that user"));
+        }
+        if !self.store.user_exists(user.as_str()).await? {
+            return Err(Error::not_found("No such user"));
+        }
         let row = self.store.get_presence(user.as_str()).await?;
         Ok(match row {
             Some(p) => presence_content(&p, now_ms()),

@@ -1,13 +1,51 @@
 //! Profiles: display name, avatar and the extended profile fields (spec 1.16).
 
-use ruma::{UserId, profile::UserProfile};
+use axum::http::StatusCode;
+use ruma::{UserId, api::error::ErrorKind, profile::UserProfile};
 use serde_json::Value as JsonValue;
 
 use super::{Services, Session};
 use crate::error::{Error, Result};
 
-/// Largest serialized profile, as the spec suggests (64 KiB).
+/// Largest serialized profile, as the spec says (64 KiB): `M_PROFILE_TOO_LARGE`.
 const MAX_PROFILE_BYTES: usize = 65_536;
+/// Longest profile field name, as the spec says (255 bytes): `M_KEY_TOO_LARGE`.
+const MAX_FIELD_NAME_BYTES: usize = 255;
+/// Longest display name, in characters.
+const MAX_DISPLAYNAME_CHARS: usize = 256;
+/// Longest avatar URL, in bytes.
+const MAX_AVATAR_URL_BYTES: usize = 1024;
+
+/// The rules for one field's name and value, before anything is stored.
+fn check_profile_field(field: &str, value: &JsonValue) -> Result<()> {
+    if field.is_empty() {
+        return Err(Error::invalid_param("Profile field names must not be empty"));
+    }
+    if field.len() > MAX_FIELD_NAME_BYTES {
+        return Err(Error::matrix(
+            StatusCode::BAD_REQUEST,
+            ErrorKind::KeyTooLarge,
+            format!("Profile field names are {MAX_FIELD_NAME_BYTES} bytes at most"),
+        ));
+    }
+    match (field, value) {
+        (_, JsonValue::Null) => {}
+        ("displayname", JsonValue::String(name)) if name.chars().count() > MAX_DISPLAYNAME_CHARS => {
+            return Err(Error::invalid_param(format!("Display names are {MAX_DISPLAYNAME_CHARS} characters at most")));
+        }
+        ("avatar_url", JsonValue::String(url)) if url.len() > MAX_AVATAR_URL_BYTES => {
+            return Err(Error::invalid_param(format!("avatar_url is {MAX_AVATAR_URL_BYTES} bytes at most")));
+        }
+        ("avatar_url", JsonValue::String(url)) if !url.is_empty() && !url.starts_with("mxc://") => {
+            return Err(Error::invalid_param("avatar_url must be an mxc:// URI"));
+        }
+        ("displayname" | "avatar_url", v) if !v.is_string() => {
+            return Err(Error::bad_json(format!("{field} must be a string")));
+        }
+        _ => {}
+    }
+    Ok(())
+}
 
 impl Services {
     /// A local user's whole profile; `M_NOT_FOUND` if there is no such user.
@@ -35,28 +73,20 @@ impl Services {
         if user_id != session.user_id {
             return Err(Error::forbidden("You can only change your own profile"));
         }
-        match (field, &value) {
-            ("displayname", JsonValue::String(name)) if name.chars().count() > 256 => {
-                return Err(Error::invalid_param("Display names are 256 characters at most"));
-            }
-            ("avatar_url", JsonValue::String(url)) if !url.is_empty() && !url.starts_with("mxc://") => {
-                return Err(Error::invalid_param("avatar_url must be an mxc:// URI"));
-            }
-            _ => {}
-        }
-        if field.len() > 255 {
-            return Err(Error::invalid_param("Profile field names are 255 bytes at most"));
-        }
-        let mut profile = self.store.get_profile(user_id.as_str()).await?.unwrap_or_default();
-        profile.insert(field.to_owned(), value.clone());
-        if serde_json::to_vec(&profile).map_err(Error::internal)?.len() > MAX_PROFILE_BYTES {
-            return Err(Error::too_large("The profile would be larger than 64 KiB"));
-        }
-        if value.is_null() {
-            self.store.delete_profile_field(user_id.as_str(), field).await?;
-        } else {
-            self.store.set_profile_field(user_id.as_str(), field, &value).await?;
-        }
+        check_profile_field(field, &value)?;
+        let value = (!value.is_null()).then_some(value);
+        self.store
+            .update_profile_field(user_id.as_str(), field, value.as_ref(), |profile| {
+                if serde_json::to_vec(profile).map_err(Error::internal)?.len() > MAX_PROFILE_BYTES {
+                    return Err(Error::matrix(
+                        StatusCode::BAD_REQUEST,
+                        ErrorKind::ProfileTooLarge,
+                        "The profile would be larger than 64 KiB",
+                    ));
+                }
+                Ok(())
+            })
+            .await?;
         if matches!(field, "displayname" | "avatar_url") {
             self.propagate_profile(user_id).await?;
         }

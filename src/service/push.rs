@@ -10,21 +10,34 @@ use serde_json::json;
 use super::Services;
 use crate::error::{Error, Result};
 
+/// A stored `m.push_rules` content's ruleset.
+fn parse_ruleset(content: &str) -> Result<Ruleset> {
+    let value: serde_json::Value = serde_json::from_str(content).map_err(Error::internal)?;
+    serde_json::from_value(value["global"].clone()).map_err(Error::internal)
+}
+
 impl Services {
     /// The user's ruleset (the server defaults until they change something).
     pub async fn push_rules(&self, user: &UserId) -> Result<Ruleset> {
         match self.store.get_account_data(user.as_str(), "", "m.push_rules").await? {
-            Some(content) => {
-                let value: serde_json::Value = serde_json::from_str(&content).map_err(Error::internal)?;
-                serde_json::from_value(value["global"].clone()).map_err(Error::internal)
-            }
+            Some(content) => parse_ruleset(&content),
             None => Ok(Ruleset::server_default(user)),
         }
     }
 
-    async fn save_push_rules(&self, user: &UserId, rules: &Ruleset) -> Result<()> {
-        let content = json!({"global": rules}).to_string();
-        self.store.set_account_data(user.as_str(), "", "m.push_rules", &content).await?;
+    /// Reads, changes and writes the user's ruleset in one transaction, so that
+    /// concurrent changes do not undo each other.
+    async fn update_push_rules(&self, user: &UserId, change: impl FnOnce(&mut Ruleset) -> Result<()>) -> Result<()> {
+        self.store
+            .update_account_data(user.as_str(), "", "m.push_rules", |current| {
+                let mut rules = match current {
+                    Some(content) => parse_ruleset(content)?,
+                    None => Ruleset::server_default(user),
+                };
+                change(&mut rules)?;
+                Ok(Some(json!({"global": rules}).to_string()))
+            })
+            .await?;
         self.ruleset_cache.forget(user);
         self.notifier.notify_users(&[user.to_owned()]);
         Ok(())
@@ -42,18 +55,20 @@ impl Services {
         after: Option<&str>,
         before: Option<&str>,
     ) -> Result<()> {
-        let mut rules = self.push_rules(user).await?;
-        rules.insert(rule, after, before).map_err(|e| Error::bad_json(format!("Cannot add the rule: {e}")))?;
-        self.save_push_rules(user, &rules).await
+        self.update_push_rules(user, |rules| {
+            rules.insert(rule, after, before).map_err(|e| Error::bad_json(format!("Cannot add the rule: {e}")))
+        })
+        .await
     }
 
     pub async fn delete_push_rule(&self, user: &UserId, kind: RuleKind, rule_id: &str) -> Result<()> {
-        let mut rules = self.push_rules(user).await?;
-        rules.remove(kind, rule_id).map_err(|e| match e {
-            ruma::push::RemovePushRuleError::NotFound => Error::not_found("No such push rule"),
-            other => Error::bad_json(other.to_string()),
-        })?;
-        self.save_push_rules(user, &rules).await
+        self.update_push_rules(user, |rules| {
+            rules.remove(kind, rule_id).map_err(|e| match e {
+                ruma::push::RemovePushRuleError::NotFound => Error::not_found("No such push rule"),
+                other => Error::bad_json(other.to_string()),
+            })
+        })
+        .await
     }
 
     pub async fn set_push_rule_enabled(
@@ -63,9 +78,10 @@ impl Services {
         rule_id: &str,
         enabled: bool,
     ) -> Result<()> {
-        let mut rules = self.push_rules(user).await?;
-        rules.set_enabled(kind, rule_id, enabled).map_err(|_| Error::not_found("No such push rule"))?;
-        self.save_push_rules(user, &rules).await
+        self.update_push_rules(user, |rules| {
+            rules.set_enabled(kind, rule_id, enabled).map_err(|_| Error::not_found("No such push rule"))
+        })
+        .await
     }
 
     pub async fn set_push_rule_actions(
@@ -75,8 +91,9 @@ impl Services {
         rule_id: &str,
         actions: Vec<Action>,
     ) -> Result<()> {
-        let mut rules = self.push_rules(user).await?;
-        rules.set_actions(kind, rule_id, actions).map_err(|_| Error::not_found("No such push rule"))?;
-        self.save_push_rules(user, &rules).await
+        self.update_push_rules(user, |rules| {
+            rules.set_actions(kind, rule_id, actions).map_err(|_| Error::not_found("No such push rule"))
+        })
+        .await
     }
 }

@@ -34,6 +34,25 @@ pub struct IssuedSession {
 /// How often a device's "last seen" is written at most.
 const LAST_SEEN_GRANULARITY_MS: i64 = 60_000;
 
+/// Longest device display name, in characters.
+const MAX_DEVICE_NAME_CHARS: usize = 100;
+/// Longest device id a client may choose, in bytes.
+const MAX_DEVICE_ID_BYTES: usize = 255;
+
+/// The rules for a device id a client chose and a device display name
+/// (`M_INVALID_PARAM`).
+pub(super) fn check_device_fields(device_id: Option<&str>, display_name: Option<&str>) -> Result<()> {
+    if let Some(id) = device_id
+        && (id.is_empty() || id.len() > MAX_DEVICE_ID_BYTES)
+    {
+        return Err(Error::invalid_param(format!("Device ids are 1 to {MAX_DEVICE_ID_BYTES} bytes")));
+    }
+    if display_name.is_some_and(|n| n.chars().count() > MAX_DEVICE_NAME_CHARS) {
+        return Err(Error::invalid_param(format!("Device names are {MAX_DEVICE_NAME_CHARS} characters at most")));
+    }
+    Ok(())
+}
+
 impl Services {
     /// Resolves an access token. Unknown or revoked: `M_UNKNOWN_TOKEN`; expired:
     /// `M_UNKNOWN_TOKEN` with `soft_logout`.
@@ -101,6 +120,7 @@ impl Services {
         refresh: bool,
         ip: &str,
     ) -> Result<IssuedSession> {
+        check_device_fields(device_id.as_deref().map(|d| d.as_str()), display_name)?;
         let issued = self.new_tokens(device_id, refresh);
         let hashes = (hash_token(&issued.access_token), issued.refresh_token.as_deref().map(hash_token));
         self.store.create_session(self.session_row(user_id, &issued, &hashes, display_name, ip)).await?;
@@ -155,9 +175,7 @@ impl Services {
     }
 
     pub async fn rename_device(&self, user_id: &str, device_id: &str, name: Option<&str>) -> Result<()> {
-        if name.is_some_and(|n| n.chars().count() > 100) {
-            return Err(Error::invalid_param("Device names are 100 characters at most"));
-        }
+        check_device_fields(None, name)?;
         if !self.store.rename_device(user_id, device_id, name).await? {
             return Err(Error::not_found("No such device"));
         }

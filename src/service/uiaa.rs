@@ -5,7 +5,7 @@ use ruma::{
     UserId,
     api::{
         client::uiaa::{AuthData, AuthFlow, AuthType, UiaaInfo, UserIdentifier},
-        error::StandardErrorBody,
+        error::{ErrorKind, StandardErrorBody},
     },
 };
 use serde_json::value::to_raw_value;
@@ -24,6 +24,8 @@ pub struct UiaaContext<'a> {
     pub purpose: &'static str,
     pub flows: Vec<Vec<AuthType>>,
     pub user: Option<&'a UserId>,
+    /// The client's address: wrong passwords are limited per user and per address.
+    pub client_ip: &'a str,
 }
 
 impl Services {
@@ -85,6 +87,8 @@ impl Services {
                 }
                 self.store.update_uiaa_session(session).await?;
             }
+            // A rate limit is the answer itself (429), not a failed stage.
+            Err(e @ Error::Matrix { kind: ErrorKind::LimitExceeded(_), .. }) => return Err(e),
             Err(Error::Matrix { kind, message, .. }) => {
                 return Err(self.uiaa_error(ctx, session, Some(StandardErrorBody::new(kind, message))));
             }
@@ -99,7 +103,13 @@ impl Services {
             AuthData::Dummy(_) => Ok(AuthType::Dummy),
             AuthData::RegistrationToken(t) => {
                 let retried = session.registration_token.as_deref() == Some(t.token.as_str());
-                if !retried && !self.registration_token_valid(&t.token).await? {
+                let is_static = self.config.registration.tokens.contains(&t.token);
+                // A stored token's use is reserved for this session atomically, so
+                // that concurrent registrations cannot all pass with the last use.
+                if !retried
+                    && !is_static
+                    && !self.store.reserve_registration_token(&session.session_id, &t.token, now_ms()).await?
+                {
                     return Err(Error::forbidden("Invalid registration token"));
                 }
                 session.registration_token = Some(t.token.clone());
@@ -116,7 +126,7 @@ impl Services {
                     return Err(Error::forbidden("Invalid username or password"));
                 }
                 let hash = self.store.get_user_auth(user.as_str()).await?.and_then(|u| u.password_hash);
-                if !self.verify_password(hash.as_deref(), &p.password).await? {
+                if !self.check_password_limited(user, hash.as_deref(), &p.password, ctx.client_ip).await? {
                     return Err(Error::forbidden("Invalid username or password"));
                 }
                 Ok(AuthType::Password)
@@ -138,7 +148,8 @@ impl Services {
     }
 
     /// Whether a registration token may be used now: configured statically, or stored,
-    /// not expired and not used up (counting registrations in progress).
+    /// not expired and not used up (counting registrations in progress). Informative
+    /// only: the use itself is reserved atomically at the token stage.
     pub async fn registration_token_valid(&self, token: &str) -> Result<bool> {
         if self.config.registration.tokens.iter().any(|t| t == token) {
             return Ok(true);

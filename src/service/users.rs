@@ -11,6 +11,8 @@ use super::{
     ids::{generate_localpart, hash_token},
     now_ms,
     password::check_policy,
+    ratelimit::{ip_key, user_key},
+    sessions::check_device_fields,
     uiaa::UiaaContext,
 };
 use crate::{
@@ -118,7 +120,15 @@ impl Services {
             return Err(Error::guest_access_forbidden());
         }
         let flows = self.registration_flows()?;
-        self.rate_limiter.check(RateLimitKind::Registration, client_ip)?;
+        // A registration counts once against the limit: when its UIA session starts.
+        // Later requests of a known session are not counted again.
+        let known_session = match req.auth.as_ref().and_then(AuthData::session) {
+            Some(id) => self.store.get_uiaa_session(id).await?.is_some_and(|s| s.purpose == "register"),
+            None => false,
+        };
+        if !known_session {
+            self.rate_limiter.check(RateLimitKind::Registration, client_ip)?;
+        }
         let user_id = match &req.username {
             Some(name) => self.check_username_available(name).await?,
             None => self.check_username_available(&generate_localpart()).await?,
@@ -126,11 +136,15 @@ impl Services {
         if let Some(password) = req.password.as_deref() {
             check_policy(&self.config.password_policy, password, user_id.localpart())?;
         }
+        check_device_fields(req.device_id.as_deref().map(|d| d.as_str()), req.initial_device_display_name.as_deref())?;
 
         // A request without a password still gets the flows: Element asks for them
         // with an empty body before it shows its registration form.
-        let ctx = UiaaContext { purpose: "register", flows, user: None };
+        let ctx = UiaaContext { purpose: "register", flows, user: None, client_ip };
         let session = self.check_uiaa(&ctx, req.auth.as_ref()).await?;
+        // Tokens from the configuration have no use count.
+        let counted_token =
+            session.registration_token.as_deref().filter(|t| !self.config.registration.tokens.iter().any(|s| s == t));
         let password = req.password.as_deref().ok_or_else(|| Error::missing_param("A password is required"))?;
 
         let hash = self.hash_password(password).await?;
@@ -150,7 +164,7 @@ impl Services {
                 displayname: Some(user_id.localpart()),
                 created_ts: now_ms(),
                 session: session_row,
-                registration_token: session.registration_token.as_deref(),
+                registration_token: counted_token,
                 uiaa_session: Some(&session.session_id),
             })
             .await?;
@@ -164,7 +178,7 @@ impl Services {
         let user_id = self.resolve_user(&req.user)?;
         let user = self.store.get_user_auth(user_id.as_str()).await?;
         let hash = user.as_ref().and_then(|u| u.password_hash.as_deref());
-        let ok = self.verify_password(hash, &req.password).await?;
+        let ok = self.check_password_limited(&user_id, hash, &req.password, client_ip).await?;
         if user.as_ref().is_some_and(|u| u.deactivated) {
             return Err(Error::user_deactivated());
         }
@@ -188,14 +202,38 @@ impl Services {
         vec![vec![AuthType::Password]]
     }
 
+    /// Checks a password against a user's hash (`None`: no such user or no password,
+    /// which still spends one hash). Checks are limited per user and per client
+    /// address: each takes a token of both buckets before hashing, and a right
+    /// password gives them back, so only failures count and parallel guesses are
+    /// bounded too.
+    pub(super) async fn check_password_limited(
+        &self,
+        user: &UserId,
+        hash: Option<&str>,
+        password: &str,
+        client_ip: &str,
+    ) -> Result<bool> {
+        let keys = [user_key(user.as_str()), ip_key(client_ip)];
+        let keys = [keys[0].as_str(), keys[1].as_str()];
+        self.rate_limiter.acquire(RateLimitKind::FailedPassword, &keys)?;
+        let ok = self.verify_password(hash, password).await;
+        match ok {
+            Ok(false) => tracing::info!(user_id = %user, client_ip, "wrong password"),
+            _ => self.rate_limiter.refund(RateLimitKind::FailedPassword, &keys),
+        }
+        ok
+    }
+
     /// UIA with the user's password, for endpoints that change the account.
     pub async fn require_password_uiaa(
         &self,
         purpose: &'static str,
         user: &UserId,
         auth: Option<&AuthData>,
+        client_ip: &str,
     ) -> Result<()> {
-        let ctx = UiaaContext { purpose, flows: Self::password_flows(), user: Some(user) };
+        let ctx = UiaaContext { purpose, flows: Self::password_flows(), user: Some(user), client_ip };
         let session = self.check_uiaa(&ctx, auth).await?;
         self.store.delete_uiaa_session(&session.session_id).await
     }
@@ -207,8 +245,9 @@ impl Services {
         new_password: &str,
         logout_devices: bool,
         auth: Option<&AuthData>,
+        client_ip: &str,
     ) -> Result<()> {
-        self.require_password_uiaa("change_password", &session.user_id, auth).await?;
+        self.require_password_uiaa("change_password", &session.user_id, auth, client_ip).await?;
         check_policy(&self.config.password_policy, new_password, session.user_id.localpart())?;
         let hash = self.hash_password(new_password).await?;
         self.store
@@ -218,8 +257,8 @@ impl Services {
     }
 
     /// `POST /account/deactivate`.
-    pub async fn deactivate(&self, user: &UserId, erase: bool, auth: Option<&AuthData>) -> Result<()> {
-        self.require_password_uiaa("deactivate", user, auth).await?;
+    pub async fn deactivate(&self, user: &UserId, erase: bool, auth: Option<&AuthData>, client_ip: &str) -> Result<()> {
+        self.require_password_uiaa("deactivate", user, auth, client_ip).await?;
         self.store.deactivate_user(user.as_str(), erase).await?;
         tracing::info!(user_id = %user, erase, "deactivated a user");
         Ok(())

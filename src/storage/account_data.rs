@@ -42,6 +42,52 @@ impl Store {
         })
     }
 
+    /// Reads, changes and writes one entry in one transaction: `change` gets the
+    /// current JSON content (if any) and answers the new one, or `None` to leave it.
+    /// The stream position is taken first, and taking it locks its row (PostgreSQL)
+    /// or holds the single writer (SQLite), so concurrent changes of the same entry
+    /// run one after the other and none is lost. Returns the new stream position.
+    pub async fn update_account_data<F>(
+        &self,
+        user_id: &str,
+        room_id: &str,
+        data_type: &str,
+        change: F,
+    ) -> Result<Option<i64>>
+    where
+        F: FnOnce(Option<&str>) -> Result<Option<String>>,
+    {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let pos = next_stream_position!(tx);
+            let current: Option<(String,)> = sqlx::query_as(
+                "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
+            )
+            .bind(user_id)
+            .bind(room_id)
+            .bind(data_type)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(content) = change(current.as_ref().map(|c| c.0.as_str()))? else {
+                return Ok(None);
+            };
+            sqlx::query(
+                "INSERT INTO account_data (user_id, room_id, data_type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (user_id, room_id, data_type) DO UPDATE
+                 SET content = excluded.content, stream_pos = excluded.stream_pos",
+            )
+            .bind(user_id)
+            .bind(room_id)
+            .bind(data_type)
+            .bind(&content)
+            .bind(pos)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Some(pos))
+        })
+    }
+
     /// Entries changed after `since`: (room id or '', type, JSON content).
     pub async fn get_account_data_since(&self, user_id: &str, since: i64) -> Result<Vec<(String, String, String)>> {
         on_pool!(self, read, |pool| {

@@ -21,6 +21,17 @@ macro_rules! record_device_list_change {
 }
 pub(crate) use record_device_list_change;
 
+/// Ids bound in one `IN (...)` list, well under both backends' limits on parameters.
+const IN_LIST_CHUNK: usize = 1000;
+
+/// What a signature upload replaces: cross-signing keys by type and device keys by
+/// device, as (name, new JSON).
+#[derive(Default)]
+pub struct SignedKeyChanges {
+    pub cross_signing: Vec<(String, String)>,
+    pub devices: Vec<(String, String)>,
+}
+
 /// A key to store: `algorithm:id`, its algorithm, and the key object as JSON.
 pub struct NewKey<'a> {
     pub key_id: &'a str,
@@ -43,6 +54,9 @@ impl Store {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             if let Some(json) = device_keys {
+                // The stream position first, as every writer of device keys does
+                // (one lock order, no deadlock).
+                record_device_list_change!(&mut *tx, user_id);
                 sqlx::query(
                     "INSERT INTO e2e_device_keys (user_id, device_id, json) VALUES ($1, $2, $3)
                      ON CONFLICT (user_id, device_id) DO UPDATE SET json = excluded.json",
@@ -52,7 +66,6 @@ impl Store {
                 .bind(json)
                 .execute(&mut *tx)
                 .await?;
-                record_device_list_change!(&mut *tx, user_id);
             }
             for chunk in one_time.chunks(200) {
                 let mut query = sqlx::QueryBuilder::new(
@@ -116,44 +129,98 @@ impl Store {
         Ok((counts, fallback))
     }
 
-    /// Device keys of all of a user's devices, as (device id, JSON) pairs.
-    pub async fn get_device_keys(&self, user_id: &str) -> Result<Vec<(String, String)>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as("SELECT device_id, json FROM e2e_device_keys WHERE user_id = $1 ORDER BY device_id")
-                .bind(user_id)
-                .fetch_all(pool)
-                .await?)
-        })
+    /// Device keys of the devices of several users, as (user id, device id, JSON), in
+    /// one query per 1,000 users.
+    pub async fn get_device_keys_of_users(&self, user_ids: &[&str]) -> Result<Vec<(String, String, String)>> {
+        let mut keys = Vec::new();
+        for chunk in user_ids.chunks(IN_LIST_CHUNK) {
+            let rows: Vec<(String, String, String)> = on_pool!(self, read, |pool| {
+                let mut query =
+                    sqlx::QueryBuilder::new("SELECT user_id, device_id, json FROM e2e_device_keys WHERE user_id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(") ORDER BY user_id, device_id");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            keys.extend(rows);
+        }
+        Ok(keys)
     }
 
-    /// Hands out one key of `algorithm` for a device: a one-time key (deleted as it is
-    /// claimed), else the fallback key (marked used). Returns (key id, JSON).
-    pub async fn claim_key(&self, user_id: &str, device_id: &str, algorithm: &str) -> Result<Option<(String, String)>> {
-        on_pool!(self, write, |pool| {
-            let mut tx = pool.begin().await?;
-            let one_time: Option<(String, String)> = sqlx::query_as(
+    /// Cross-signing keys of several users, as (user id, key type, JSON), in one query
+    /// per 1,000 users.
+    pub async fn get_cross_signing_keys_of_users(&self, user_ids: &[&str]) -> Result<Vec<(String, String, String)>> {
+        let mut keys = Vec::new();
+        for chunk in user_ids.chunks(IN_LIST_CHUNK) {
+            let rows: Vec<(String, String, String)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT user_id, key_type, json FROM e2e_cross_signing_keys WHERE user_id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(")");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            keys.extend(rows);
+        }
+        Ok(keys)
+    }
+
+    /// Hands out one key of the given algorithm for each (user, device, algorithm), in
+    /// one transaction: a one-time key (deleted as it is claimed), else the fallback
+    /// key (marked used). Answers (key id, JSON) or `None` for each, in order.
+    /// Devices are claimed from in sorted order, so concurrent claims lock rows in the
+    /// same order (no deadlock); on PostgreSQL a one-time key another claim holds is
+    /// skipped rather than waited for, so that claim does not fall back needlessly.
+    pub async fn claim_keys(&self, wanted: &[(&str, &str, &str)]) -> Result<Vec<Option<(String, String)>>> {
+        let claim_one_time = match self.dialect() {
+            super::Dialect::Sqlite => {
                 "DELETE FROM e2e_one_time_keys WHERE (user_id, device_id, key_id) IN (
                      SELECT user_id, device_id, key_id FROM e2e_one_time_keys
                      WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1)
-                 RETURNING key_id, json",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(algorithm)
-            .fetch_optional(&mut *tx)
-            .await?;
-            let claimed = match one_time {
-                Some(key) => Some(key),
-                None => sqlx::query_as(
-                    "UPDATE e2e_fallback_keys SET used = TRUE WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                 RETURNING key_id, json"
+            }
+            super::Dialect::Postgres => {
+                "DELETE FROM e2e_one_time_keys WHERE (user_id, device_id, key_id) IN (
+                     SELECT user_id, device_id, key_id FROM e2e_one_time_keys
+                     WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING key_id, json"
+            }
+        };
+        let mut order: Vec<usize> = (0..wanted.len()).collect();
+        order.sort_by_key(|&i| wanted[i]);
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let mut claimed = vec![None; wanted.len()];
+            for i in order {
+                let (user_id, device_id, algorithm) = wanted[i];
+                let one_time: Option<(String, String)> = sqlx::query_as(claim_one_time)
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(algorithm)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                claimed[i] = match one_time {
+                    Some(key) => Some(key),
+                    None => {
+                        sqlx::query_as(
+                            "UPDATE e2e_fallback_keys SET used = TRUE
+                         WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
                          RETURNING key_id, json",
-                )
-                .bind(user_id)
-                .bind(device_id)
-                .bind(algorithm)
-                .fetch_optional(&mut *tx)
-                .await?,
-            };
+                        )
+                        .bind(user_id)
+                        .bind(device_id)
+                        .bind(algorithm)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                    }
+                };
+            }
             tx.commit().await?;
             Ok(claimed)
         })
@@ -364,17 +431,78 @@ impl Store {
         })
     }
 
-    /// Stores (or replaces) signed keys of a user: cross-signing keys by type and device
-    /// keys by device, and records the change on the stream, in one transaction.
-    pub async fn store_signed_keys(
-        &self,
-        user_id: &str,
-        cross_signing: &[(&str, &str)],
-        devices: &[(&str, &str)],
-    ) -> Result<()> {
+    /// Reads a user's device keys and cross-signing keys (as (device id or key type,
+    /// JSON)), lets `change` answer which to replace, and writes those, in one
+    /// transaction that takes the stream position first: concurrent changes of a
+    /// user's keys (signature uploads, key uploads, device deletions, which take the
+    /// position first too) run one after the other, and none is lost. `false` when
+    /// `change` replaced nothing.
+    pub async fn update_signed_keys<F>(&self, user_id: &str, change: F) -> Result<bool>
+    where
+        F: FnOnce(&[(String, String)], &[(String, String)]) -> Result<SignedKeyChanges>,
+    {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            for (key_type, json) in cross_signing {
+            record_device_list_change!(&mut *tx, user_id);
+            let devices: Vec<(String, String)> =
+                sqlx::query_as("SELECT device_id, json FROM e2e_device_keys WHERE user_id = $1 ORDER BY device_id")
+                    .bind(user_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let cross: Vec<(String, String)> =
+                sqlx::query_as("SELECT key_type, json FROM e2e_cross_signing_keys WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let changes = change(&devices, &cross)?;
+            if changes.cross_signing.is_empty() && changes.devices.is_empty() {
+                return Ok(false);
+            }
+            for (key_type, json) in &changes.cross_signing {
+                sqlx::query("UPDATE e2e_cross_signing_keys SET json = $3 WHERE user_id = $1 AND key_type = $2")
+                    .bind(user_id)
+                    .bind(key_type)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for (device_id, json) in &changes.devices {
+                sqlx::query("UPDATE e2e_device_keys SET json = $3 WHERE user_id = $1 AND device_id = $2")
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Stores (or replaces) a user's cross-signing keys by type, and records the
+    /// change on the stream, in one transaction. With `only_if_no_master`, nothing is
+    /// stored (`false`) if the user has a master key by then: the caller checked that
+    /// none existed, and replacing one takes the password.
+    pub async fn store_cross_signing_keys(
+        &self,
+        user_id: &str,
+        keys: &[(&str, &str)],
+        only_if_no_master: bool,
+    ) -> Result<bool> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            record_device_list_change!(&mut *tx, user_id);
+            if only_if_no_master {
+                let master: Option<(i32,)> =
+                    sqlx::query_as("SELECT 1 FROM e2e_cross_signing_keys WHERE user_id = $1 AND key_type = 'master'")
+                        .bind(user_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if master.is_some() {
+                    return Ok(false);
+                }
+            }
+            for (key_type, json) in keys {
                 sqlx::query(
                     "INSERT INTO e2e_cross_signing_keys (user_id, key_type, json) VALUES ($1, $2, $3)
                      ON CONFLICT (user_id, key_type) DO UPDATE SET json = excluded.json",
@@ -385,17 +513,8 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            for (device_id, json) in devices {
-                sqlx::query("UPDATE e2e_device_keys SET json = $3 WHERE user_id = $1 AND device_id = $2")
-                    .bind(user_id)
-                    .bind(*device_id)
-                    .bind(*json)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            record_device_list_change!(&mut *tx, user_id);
             tx.commit().await?;
-            Ok(())
+            Ok(true)
         })
     }
 }

@@ -72,20 +72,30 @@ impl Store {
         Ok(positions)
     }
 
-    pub async fn set_presence(&self, user_id: &str, state: &str, status_msg: Option<&str>, now: i64) -> Result<i64> {
+    /// Sets a user's presence; `status_msg` `None` keeps the stored message (in the
+    /// same statement, so a concurrent change of it is not undone).
+    pub async fn set_presence(
+        &self,
+        user_id: &str,
+        state: &str,
+        status_msg: Option<Option<&str>>,
+        now: i64,
+    ) -> Result<i64> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let pos = next_stream_position!(tx);
             sqlx::query(
                 "INSERT INTO presence (user_id, state, status_msg, last_active_ts, stream_pos) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (user_id) DO UPDATE SET state = excluded.state, status_msg = excluded.status_msg,
+                 ON CONFLICT (user_id) DO UPDATE SET state = excluded.state,
+                    status_msg = CASE WHEN $6 THEN excluded.status_msg ELSE presence.status_msg END,
                     last_active_ts = excluded.last_active_ts, stream_pos = excluded.stream_pos",
             )
             .bind(user_id)
             .bind(state)
-            .bind(status_msg)
+            .bind(status_msg.flatten())
             .bind(now)
             .bind(pos)
+            .bind(status_msg.is_some())
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -99,6 +109,22 @@ impl Store {
                 .bind(user_id)
                 .fetch_optional(pool)
                 .await?)
+        })
+    }
+
+    /// Whether two users are both joined to some room.
+    pub async fn users_share_room(&self, a: &str, b: &str) -> Result<bool> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(i32,)> = sqlx::query_as(
+                "SELECT 1 FROM memberships x JOIN memberships y ON y.room_id = x.room_id
+                 WHERE x.user_id = $1 AND x.membership = 'join' AND y.user_id = $2 AND y.membership = 'join'
+                 LIMIT 1",
+            )
+            .bind(a)
+            .bind(b)
+            .fetch_optional(pool)
+            .await?;
+            Ok(row.is_some())
         })
     }
 

@@ -30,7 +30,7 @@ use sqlx::{
 
 pub use self::{
     directory::PublishedRoom,
-    e2e::{NewKey, NewToDevice},
+    e2e::{NewKey, NewToDevice, SignedKeyChanges},
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,
     memberships::MembershipRow,

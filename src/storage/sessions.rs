@@ -85,6 +85,9 @@ macro_rules! insert_session_tx {
 macro_rules! delete_devices_tx {
     ($tx:expr, $user_id:expr, $only:expr, $except:expr) => {{
         let (user_id, only, except): (&str, Option<&str>, Option<&str>) = ($user_id, $only, $except);
+        // Other users' clients must learn that this user's devices changed. The stream
+        // position is taken first, as by every writer of device keys (one lock order).
+        super::e2e::record_device_list_change!(&mut **$tx, user_id);
         for sql in [
             "DELETE FROM access_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
             "DELETE FROM refresh_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
@@ -97,8 +100,6 @@ macro_rules! delete_devices_tx {
         ] {
             sqlx::query(sql).bind(user_id).bind(only).bind(except).execute(&mut **$tx).await?;
         }
-        // Other users' clients must learn that this user's devices changed.
-        super::e2e::record_device_list_change!(&mut **$tx, user_id);
     }};
 }
 
@@ -184,8 +185,13 @@ impl Store {
     }
 
     /// Swaps a refresh token for a new access token and refresh token. The old refresh
-    /// token stays valid until one of the new tokens is used. Returns the user and
-    /// device, or `None` if the refresh token is unknown.
+    /// token stays valid until one of the new tokens is used (so a client whose
+    /// response was lost can retry, as the spec requires), but it has one live
+    /// successor at most: refreshing with it again revokes the tokens its previous
+    /// refresh issued. The refresh token's row is locked first (PostgreSQL: a row
+    /// lock; SQLite: the single writer), so concurrent refreshes with one token queue
+    /// and leave exactly one valid session. Returns the user and device, or `None` if
+    /// the refresh token is unknown.
     pub async fn refresh_session(
         &self,
         refresh_hash: &str,
@@ -196,14 +202,23 @@ impl Store {
     ) -> Result<Option<(String, String)>> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let row: Option<(String, String, Option<String>)> =
-                sqlx::query_as("SELECT user_id, device_id, prev_token_hash FROM refresh_tokens WHERE token_hash = $1")
-                    .bind(refresh_hash)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let row: Option<(String, String, Option<String>)> = sqlx::query_as(
+                "UPDATE refresh_tokens SET created_ts = created_ts WHERE token_hash = $1
+                 RETURNING user_id, device_id, prev_token_hash",
+            )
+            .bind(refresh_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
             let Some((user_id, device_id, prev)) = row else {
                 return Ok(None);
             };
+            // The unused tokens of an earlier refresh with this token go.
+            for sql in [
+                "DELETE FROM access_tokens WHERE prev_refresh_hash = $1",
+                "DELETE FROM refresh_tokens WHERE prev_token_hash = $1",
+            ] {
+                sqlx::query(sql).bind(refresh_hash).execute(&mut *tx).await?;
+            }
             if let Some(prev) = prev {
                 // Using this refresh token retires the one it replaced.
                 for sql in [

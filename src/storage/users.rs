@@ -64,16 +64,34 @@ impl Store {
                 tx.insert_session(session).await?;
             }
             if let Some(token) = new.registration_token {
-                sqlx::query("UPDATE registration_tokens SET completed = completed + 1 WHERE token = $1")
-                    .bind(token)
-                    .execute(&mut *tx)
-                    .await?;
+                // The use is taken here, conditionally, whatever the UIA stage saw: a
+                // token with N uses makes N accounts at most.
+                let used = sqlx::query(
+                    "UPDATE registration_tokens SET completed = completed + 1
+                     WHERE token = $1 AND (uses_allowed IS NULL OR completed < uses_allowed)",
+                )
+                .bind(token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if used == 0 {
+                    return Err(Error::forbidden("The registration token is used up or was revoked"));
+                }
             }
             if let Some(session_id) = new.uiaa_session {
-                sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1")
+                // One UIA session makes one account: a second request finishing the
+                // same session finds it gone.
+                let closed = sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1")
                     .bind(session_id)
                     .execute(&mut *tx)
-                    .await?;
+                    .await?
+                    .rows_affected();
+                if closed == 0 {
+                    return Err(Error::unknown(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "Unknown or expired UIA session (it may have been used already)",
+                    ));
+                }
             }
             tx.commit().await?;
             Ok(())
@@ -172,17 +190,65 @@ impl Store {
         })
     }
 
-    pub async fn set_profile_field(&self, user_id: &str, field: &str, value: &JsonValue) -> Result<()> {
+    /// Sets (or with `None`, removes) one profile field, after `check` has accepted the
+    /// whole profile as it would then be, in one transaction. The user's row is locked
+    /// first (PostgreSQL: a row lock; SQLite: the single writer), so concurrent
+    /// changes are checked one after the other. `M_NOT_FOUND` for no active user.
+    pub async fn update_profile_field<F>(
+        &self,
+        user_id: &str,
+        field: &str,
+        value: Option<&JsonValue>,
+        check: F,
+    ) -> Result<()>
+    where
+        F: FnOnce(&BTreeMap<String, JsonValue>) -> Result<()>,
+    {
         on_pool!(self, write, |pool| {
-            sqlx::query(
-                "INSERT INTO profile_fields (user_id, field, value) VALUES ($1, $2, $3)
-                 ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
-            )
-            .bind(user_id)
-            .bind(field)
-            .bind(value.to_string())
-            .execute(pool)
-            .await?;
+            let mut tx = pool.begin().await?;
+            let locked = sqlx::query("UPDATE users SET created_ts = created_ts WHERE user_id = $1 AND NOT deactivated")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if locked == 0 {
+                return Err(Error::not_found("No such user"));
+            }
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT field, value FROM profile_fields WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let mut profile = BTreeMap::new();
+            for (name, value) in rows {
+                profile.insert(name, serde_json::from_str(&value).map_err(Error::internal)?);
+            }
+            match value {
+                Some(value) => profile.insert(field.to_owned(), value.clone()),
+                None => profile.remove(field),
+            };
+            check(&profile)?;
+            match value {
+                Some(value) => {
+                    sqlx::query(
+                        "INSERT INTO profile_fields (user_id, field, value) VALUES ($1, $2, $3)
+                         ON CONFLICT (user_id, field) DO UPDATE SET value = excluded.value",
+                    )
+                    .bind(user_id)
+                    .bind(field)
+                    .bind(value.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query("DELETE FROM profile_fields WHERE user_id = $1 AND field = $2")
+                        .bind(user_id)
+                        .bind(field)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
             Ok(())
         })
     }

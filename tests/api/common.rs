@@ -225,6 +225,34 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// `request` with extra headers (such as `X-Forwarded-For`).
+    pub async fn request_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let bytes = resp.bytes().await.unwrap();
+        let value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).expect("JSON response") };
+        (status, value)
+    }
+}
+
 /// Asserts a Matrix error: status and errcode.
 #[track_caller]
 pub fn assert_error(result: &(StatusCode, Value), status: StatusCode, errcode: &str) {

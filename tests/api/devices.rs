@@ -67,7 +67,10 @@ async fn delete_needs_password(backend: Backend) {
     server.register("mallory").await;
     let other = json!({"auth": {"type": "m.login.password", "session": session, "password": PASSWORD,
                                 "identifier": {"type": "m.id.user", "user": "mallory"}}});
-    assert_eq!(server.request(Method::DELETE, &path, Some(&token), Some(other)).await.0, StatusCode::UNAUTHORIZED);
+    let (status, body) = server.request(Method::DELETE, &path, Some(&token), Some(other)).await;
+    assert_eq!((status, body["errcode"].clone()), (StatusCode::UNAUTHORIZED, json!("M_FORBIDDEN")), "{body}");
+    assert!(body.get("completed").is_none_or(|c| c == &json!([])), "{body}");
+    assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&phone_token)).await.0, StatusCode::OK);
 
     let right = json!({"auth": {"type": "m.login.password", "session": session, "password": PASSWORD,
                                 "identifier": {"type": "m.id.user", "user": "@carol:localhost"}}});
@@ -93,7 +96,11 @@ async fn delete_needs_password(backend: Backend) {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&t1)).await.0, StatusCode::UNAUTHORIZED);
+    assert_error(
+        &server.get("/_matrix/client/v3/account/whoami", Some(&t1)).await,
+        StatusCode::UNAUTHORIZED,
+        "M_UNKNOWN_TOKEN",
+    );
     let (_, devices) = server.get("/_matrix/client/v3/devices", Some(&token)).await;
     assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
     server.stop().await;

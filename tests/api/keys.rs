@@ -388,11 +388,146 @@ async fn device_lists_new_encrypted_peers(backend: Backend) {
     server.stop().await;
 }
 
+async fn key_queries_and_claims_are_bounded(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let upload = json!({"device_keys": device_keys(&alice_id, &alice_dev)});
+    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
+
+    // Up to 1000 users in one query; alice's keys come back among them.
+    let mut users: serde_json::Map<String, Value> = (0..999).map(|i| (format!("@u{i}:localhost"), json!([]))).collect();
+    users.insert(alice_id.clone(), json!([]));
+    let (status, body) = server.post("/_matrix/client/v3/keys/query", Some(&bob), json!({"device_keys": users})).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["device_keys"][&alice_id][&alice_dev], device_keys(&alice_id, &alice_dev));
+    assert_eq!(body["device_keys"].as_object().unwrap().len(), 1000);
+    // One more is too many.
+    users.insert("@one-more:localhost".into(), json!([]));
+    assert_error(
+        &server.post("/_matrix/client/v3/keys/query", Some(&bob), json!({"device_keys": users})).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "M_TOO_LARGE",
+    );
+    // So are more than 1000 named devices.
+    let devices: Vec<String> = (0..1001).map(|i| format!("D{i}")).collect();
+    assert_error(
+        &server
+            .post("/_matrix/client/v3/keys/query", Some(&bob), json!({"device_keys": {alice_id.clone(): devices}}))
+            .await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "M_TOO_LARGE",
+    );
+    // And more than 1000 devices in one claim.
+    let claims: serde_json::Map<String, Value> =
+        (0..1001).map(|i| (format!("D{i}"), json!("signed_curve25519"))).collect();
+    assert_error(
+        &server
+            .post("/_matrix/client/v3/keys/claim", Some(&bob), json!({"one_time_keys": {alice_id.clone(): claims}}))
+            .await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "M_TOO_LARGE",
+    );
+    server.stop().await;
+}
+
+async fn parallel_claims_get_distinct_keys(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let (_, phone, phone_dev) = {
+        let (token, device) = server.login("alice", None).await;
+        (alice_id.clone(), token, device)
+    };
+    let (_, bob, _) = server.register("bob").await;
+    for (token, device, prefix) in [(&alice, &alice_dev, "a"), (&phone, &phone_dev, "p")] {
+        let one_time: serde_json::Map<String, Value> =
+            (0..8).map(|i| (format!("signed_curve25519:{prefix}{i}"), otk(&format!("{prefix}{i}")))).collect();
+        let upload = json!({
+            "device_keys": device_keys(&alice_id, device),
+            "one_time_keys": one_time,
+            "fallback_keys": {format!("signed_curve25519:{prefix}F"): {"key": "fallback", "fallback": true, "signatures": {}}},
+        });
+        let (status, body) = server.post("/_matrix/client/v3/keys/upload", Some(token), upload).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // Eight claims at once, each for both devices: sixteen distinct one-time keys,
+    // no fallback key while one-time keys are left.
+    let claim = json!({"one_time_keys": {alice_id.clone(): {alice_dev.clone(): "signed_curve25519", phone_dev.clone(): "signed_curve25519"}}});
+    let claims = (0..8).map(|_| server.post("/_matrix/client/v3/keys/claim", Some(&bob), claim.clone()));
+    let mut keys = Vec::new();
+    for (status, body) in futures_util::future::join_all(claims).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for device in [&alice_dev, &phone_dev] {
+            let got = body["one_time_keys"][&alice_id][device].as_object().unwrap();
+            assert_eq!(got.len(), 1, "{body}");
+            keys.push(got.values().next().unwrap()["key"].as_str().unwrap().to_owned());
+        }
+    }
+    keys.sort();
+    let mut expected: Vec<String> = (0..8).flat_map(|i| [format!("a{i}"), format!("p{i}")]).collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    // Then the fallback keys.
+    let (_, body) = server.post("/_matrix/client/v3/keys/claim", Some(&bob), claim).await;
+    let fallback = body["one_time_keys"][&alice_id][&alice_dev].as_object().unwrap();
+    assert_eq!(fallback.values().next().unwrap()["key"], "fallback", "{body}");
+    server.stop().await;
+}
+
+async fn parallel_signature_uploads_all_survive(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let upload = json!({"device_keys": device_keys(&alice_id, &alice_dev)});
+    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
+    // Ten signatures of alice's device by her own keys, uploaded at once.
+    let uploads = (0..10).map(|i| {
+        let mut signed = device_keys(&alice_id, &alice_dev);
+        signed["signatures"][&alice_id] = json!({format!("ed25519:KEY{i}"): format!("sig{i}")});
+        let body = json!({alice_id.clone(): {alice_dev.clone(): signed}});
+        server.post("/_matrix/client/v3/keys/signatures/upload", Some(&alice), body)
+    });
+    for (status, body) in futures_util::future::join_all(uploads).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["failures"], json!({}), "{body}");
+    }
+    let (_, seen) = server
+        .post("/_matrix/client/v3/keys/query", Some(&alice), json!({"device_keys": {alice_id.clone(): []}}))
+        .await;
+    let sigs = seen["device_keys"][&alice_id][&alice_dev]["signatures"][&alice_id].as_object().unwrap().clone();
+    for i in 0..10 {
+        assert_eq!(sigs[&format!("ed25519:KEY{i}")], format!("sig{i}"), "{seen}");
+    }
+    assert!(sigs.contains_key(&format!("ed25519:{alice_dev}")), "the device's own signature stays");
+    server.stop().await;
+}
+
+async fn first_master_key_is_set_once(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    // Five first uploads at once, no password: one master key is set, the others are
+    // asked for the password (they would replace it).
+    let uploads = (0..5).map(|i| {
+        let key = json!({"user_id": alice_id, "usage": ["master"], "keys": {format!("ed25519:M{i}"): format!("M{i}")}});
+        server.post("/_matrix/client/v3/keys/device_signing/upload", Some(&alice), json!({"master_key": key}))
+    });
+    let results = futures_util::future::join_all(uploads).await;
+    assert_eq!(results.iter().filter(|r| r.0 == StatusCode::OK).count(), 1, "{results:?}");
+    for (status, body) in results.iter().filter(|r| r.0 != StatusCode::OK) {
+        assert_eq!(*status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["flows"], json!([{"stages": ["m.login.password"]}]), "{body}");
+    }
+    server.stop().await;
+}
+
 backend_tests!(
+    first_master_key_is_set_once,
     upload_query_claim,
     send_to_device,
     device_lists,
     cross_signing,
     device_lists_left,
-    device_lists_new_encrypted_peers
+    device_lists_new_encrypted_peers,
+    key_queries_and_claims_are_bounded,
+    parallel_claims_get_distinct_keys,
+    parallel_signature_uploads_all_survive,
 );

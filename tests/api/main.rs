@@ -7,6 +7,7 @@ mod account;
 mod cli;
 mod devices;
 mod discovery;
+mod ephemeral;
 mod keys;
 mod login;
 mod profile;

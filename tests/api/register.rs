@@ -149,7 +149,7 @@ async fn token_registration_flow(backend: Backend) {
 async fn open_and_closed_modes(backend: Backend) {
     let server = TestServer::start(backend.clone()).await;
     let (status, body) = server.post(REGISTER, None, json!({"username": "dan", "password": PASSWORD})).await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["flows"], json!([{"stages": ["m.login.dummy"]}]));
     // Element asks for the flows with an empty body before showing its form.
     let (status, body) = server.post(REGISTER, None, json!({})).await;
@@ -256,9 +256,135 @@ async fn registration_is_rate_limited(backend: Backend) {
     server.stop().await;
 }
 
+/// One whole registration with a token, as Element does it: the flows, the token
+/// stage, the dummy stage. Answers the final status and body.
+async fn register_with_token(server: &TestServer, name: &str, token: &str) -> (StatusCode, Value) {
+    let (status, body) = server.post(REGISTER, None, json!({"username": name, "password": PASSWORD})).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let session = body["session"].as_str().unwrap().to_owned();
+    let (status, body) = server
+        .post(
+            REGISTER,
+            None,
+            json!({"username": name, "password": PASSWORD,
+                   "auth": {"type": "m.login.registration_token", "token": token, "session": session}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    if body["completed"] != json!(["m.login.registration_token"]) {
+        // Refused at the token stage.
+        assert_eq!(body["errcode"], "M_FORBIDDEN", "{body}");
+        return (status, body);
+    }
+    server
+        .post(
+            REGISTER,
+            None,
+            json!({"username": name, "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": session}}),
+        )
+        .await
+}
+
+/// Ten registrations at once with `token`: answers how many made an account.
+async fn parallel_registrations(server: &TestServer, prefix: &str, token: &str) -> usize {
+    let names: Vec<String> = (0..10).map(|i| format!("{prefix}{i}")).collect();
+    let attempts = names.iter().map(|name| register_with_token(server, name, token));
+    let results = futures_util::future::join_all(attempts).await;
+    let made = results.iter().filter(|(status, _)| *status == StatusCode::OK).count();
+    for (status, body) in results.iter().filter(|(status, _)| *status != StatusCode::OK) {
+        // Refused, never a server error.
+        assert!(status.is_client_error(), "{status} {body}");
+        assert_eq!(body["errcode"], "M_FORBIDDEN", "{body}");
+    }
+    made
+}
+
+async fn token_uses_hold_under_concurrency(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.registration.mode = RegistrationMode::Token).await;
+    let running = server.running.as_ref().unwrap();
+    let store = &running.services.store;
+    // The one-use token made at first start.
+    let first = running.first_registration_token.clone().expect("a first token in token mode");
+    assert_eq!(parallel_registrations(&server, "first", &first).await, 1);
+    let info = store.get_registration_token(&first).await.unwrap().unwrap();
+    assert_eq!((info.completed, info.pending), (1, 0));
+
+    store.create_registration_token("one-use", Some(1), None, 0).await.unwrap();
+    store.create_registration_token("three-uses", Some(3), None, 0).await.unwrap();
+    assert_eq!(parallel_registrations(&server, "one", "one-use").await, 1);
+    assert_eq!(parallel_registrations(&server, "three", "three-uses").await, 3);
+    for (token, uses) in [("one-use", 1), ("three-uses", 3)] {
+        let info = store.get_registration_token(token).await.unwrap().unwrap();
+        assert_eq!((info.completed, info.pending), (uses, 0), "{token}");
+    }
+    // Spent: nobody else gets in.
+    assert_eq!(register_with_token(&server, "late", "three-uses").await.1["errcode"], "M_FORBIDDEN");
+    server.stop().await;
+}
+
+async fn one_uia_session_makes_one_account(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.registration.mode = RegistrationMode::Token).await;
+    let store = &server.running.as_ref().unwrap().services.store;
+    store.create_registration_token("three-uses", Some(3), None, 0).await.unwrap();
+    let (_, body) = server.post(REGISTER, None, json!({"username": "first", "password": PASSWORD})).await;
+    let session = body["session"].as_str().unwrap().to_owned();
+    let (_, body) = server
+        .post(
+            REGISTER,
+            None,
+            json!({"username": "first", "password": PASSWORD,
+                   "auth": {"type": "m.login.registration_token", "token": "three-uses", "session": session}}),
+        )
+        .await;
+    assert_eq!(body["completed"], json!(["m.login.registration_token"]), "{body}");
+    // Five requests finish the same session at once, each with another name.
+    let finish = (0..10).map(|i| {
+        server.post(
+            REGISTER,
+            None,
+            json!({"username": format!("name{i}"), "password": PASSWORD,
+                   "auth": {"type": "m.login.dummy", "session": session}}),
+        )
+    });
+    let results = futures_util::future::join_all(finish).await;
+    assert_eq!(results.iter().filter(|(status, _)| *status == StatusCode::OK).count(), 1, "{results:?}");
+    for result in results.iter().filter(|(status, _)| *status != StatusCode::OK) {
+        assert_error(result, StatusCode::BAD_REQUEST, "M_UNKNOWN");
+    }
+    let info = store.get_registration_token("three-uses").await.unwrap().unwrap();
+    assert_eq!((info.completed, info.pending), (1, 0));
+    server.stop().await;
+}
+
+async fn a_registration_counts_once_against_the_limit(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| {
+        c.registration.mode = RegistrationMode::Token;
+        c.registration.tokens = vec!["static-token".into()];
+        c.rate_limits.enabled = true;
+        c.rate_limits.registration.burst = 2;
+        c.rate_limits.registration.per_second = 0.001;
+    })
+    .await;
+    // Two registrations of three requests each fit in a burst of two.
+    for name in ["ann", "ben"] {
+        let (status, body) = register_with_token(&server, name, "static-token").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // A third one is refused when it starts...
+    let limited = server.post(REGISTER, None, json!({"username": "cat", "password": PASSWORD})).await;
+    assert_error(&limited, StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED");
+    // ...also when it names a session that does not exist.
+    let bogus = json!({"username": "cat", "password": PASSWORD, "auth": {"type": "m.login.dummy", "session": "nope"}});
+    assert_error(&server.post(REGISTER, None, bogus).await, StatusCode::TOO_MANY_REQUESTS, "M_LIMIT_EXCEEDED");
+    server.stop().await;
+}
+
 backend_tests!(
     token_registration_flow,
     open_and_closed_modes,
     username_and_password_rules,
-    registration_is_rate_limited
+    registration_is_rate_limited,
+    token_uses_hold_under_concurrency,
+    one_uia_session_makes_one_account,
+    a_registration_counts_once_against_the_limit
 );

@@ -28,7 +28,9 @@ async fn change_password(
 ) -> Result<RumaResponse<change_password::v3::Response>> {
     let session = req.session()?;
     let body = &req.body;
-    services.change_password(session, &body.new_password, body.logout_devices, body.auth.as_ref()).await?;
+    services
+        .change_password(session, &body.new_password, body.logout_devices, body.auth.as_ref(), &req.client_ip)
+        .await?;
     Ok(change_password::v3::Response::new().into())
 }
 
@@ -39,7 +41,7 @@ async fn deactivate(
     req: Ruma<deactivate::v3::Request>,
 ) -> Result<RumaResponse<deactivate::v3::Response>> {
     let session = req.session()?;
-    services.deactivate(&session.user_id, req.body.erase, req.body.auth.as_ref()).await?;
+    services.deactivate(&session.user_id, req.body.erase, req.body.auth.as_ref(), &req.client_ip).await?;
     Ok(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport).into())
 }
 

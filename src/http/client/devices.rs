@@ -52,7 +52,7 @@ async fn delete_device(
 ) -> Result<RumaResponse<delete_device::v3::Response>> {
     let session = req.session()?;
     services.get_device(session.user_id.as_str(), req.body.device_id.as_str()).await?;
-    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref()).await?;
+    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref(), &req.client_ip).await?;
     services.delete_devices(session.user_id.as_str(), &[req.body.device_id.as_str()]).await?;
     Ok(delete_device::v3::Response::new().into())
 }
@@ -64,7 +64,7 @@ async fn delete_devices(
     req: Ruma<delete_devices::v3::Request>,
 ) -> Result<RumaResponse<delete_devices::v3::Response>> {
     let session = req.session()?;
-    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref()).await?;
+    services.require_password_uiaa("delete_devices", &session.user_id, req.body.auth.as_ref(), &req.client_ip).await?;
     let ids: Vec<&str> = req.body.devices.iter().map(|d| d.as_str()).collect();
     services.delete_devices(session.user_id.as_str(), &ids).await?;
     Ok(delete_devices::v3::Response::new().into())

@@ -100,11 +100,8 @@ async fn get_presence(
     State(services): State<AppState>,
     req: Ruma<get_presence::v3::Request>,
 ) -> Result<RumaResponse<get_presence::v3::Response>> {
-    req.session()?;
-    if !services.store.user_exists(req.body.user_id.as_str()).await? {
-        return Err(Error::not_found("No such user"));
-    }
-    let content = services.get_presence(&req.body.user_id).await?;
+    let session = req.session()?;
+    let content = services.get_presence(&session.user_id, &req.body.user_id).await?;
     let state = match content["presence"].as_str().unwrap_or("offline") {
         "online" => PresenceState::Online,
         "unavailable" => PresenceState::Unavailable,

@@ -41,18 +41,12 @@ async fn get_keys(
     req: Ruma<get_keys::v3::Request>,
 ) -> Result<RumaResponse<get_keys::v3::Response>> {
     let session = req.session()?;
+    let found = services.query_keys(&session.user_id, &req.body.device_keys).await?;
     let mut response = get_keys::v3::Response::new();
-    response.device_keys = services.query_keys(&req.body.device_keys).await?;
-    for user in response.device_keys.keys() {
-        for (key_type, key) in services.cross_signing_keys_for(&session.user_id, user).await? {
-            let map = match key_type.as_str() {
-                "master" => &mut response.master_keys,
-                "self_signing" => &mut response.self_signing_keys,
-                _ => &mut response.user_signing_keys,
-            };
-            map.insert(user.clone(), key);
-        }
-    }
+    response.device_keys = found.device_keys;
+    response.master_keys = found.master_keys;
+    response.self_signing_keys = found.self_signing_keys;
+    response.user_signing_keys = found.user_signing_keys;
     Ok(response.into())
 }
 
@@ -100,7 +94,7 @@ async fn upload_signing_keys(
     let session = req.session()?;
     let b = &req.body;
     let keys = [b.master_key.as_ref(), b.self_signing_key.as_ref(), b.user_signing_key.as_ref()];
-    services.upload_signing_keys(session, b.auth.as_ref(), keys).await?;
+    services.upload_signing_keys(session, b.auth.as_ref(), keys, &req.client_ip).await?;
     Ok(upload_signing_keys::v3::Response::new().into())
 }
 
