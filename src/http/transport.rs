@@ -16,7 +16,10 @@ use std::{
     fmt, io,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, Waker, ready},
     time::Duration,
 };
@@ -64,17 +67,32 @@ impl From<&Limits> for TransportLimits {
     }
 }
 
-/// The connections of a running listener, as the tests and `/health` may look at them.
-#[derive(Clone)]
+/// The connections of a running listener, for tests and monitoring.
+#[derive(Clone, Default)]
 pub struct Connections {
-    slots: Arc<Semaphore>,
-    max: usize,
+    open: Arc<AtomicUsize>,
 }
 
 impl Connections {
-    /// How many connections are open now.
+    /// How many client connections are open now.
     pub fn open(&self) -> usize {
-        self.max - self.slots.available_permits()
+        self.open.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -93,9 +111,9 @@ pub fn serve(
     limits: TransportLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> (Connections, impl Future<Output = io::Result<()>> + Send + 'static) {
-    let connections =
-        Connections { slots: Arc::new(Semaphore::new(limits.max_connections)), max: limits.max_connections };
-    let slots = connections.slots.clone();
+    let connections = Connections::default();
+    let open = connections.open.clone();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let task = async move {
         let (closing_tx, closing_rx) = watch::channel(false);
         tokio::pin!(shutdown);
@@ -141,9 +159,10 @@ pub fn serve(
             let _ = stream.set_nodelay(true);
             let router = router.clone();
             let closing = closing_rx.clone();
+            let counted = OpenConnection::new(&open);
             tokio::spawn(async move {
                 serve_connection(stream, remote, router, limits, closing).await;
-                drop(slot);
+                drop((counted, slot));
             });
         }
         drop(listener);

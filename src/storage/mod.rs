@@ -93,7 +93,13 @@ impl From<sqlx::Error> for Error {
     /// `Unavailable` (503), anything else `Internal` (500).
     fn from(e: sqlx::Error) -> Self {
         let unavailable = match &e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => true,
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            // What a connection cut while it starts looks like to sqlx.
+            | sqlx::Error::Protocol(_) => true,
             // SQLSTATE class 08 (connection exception), 57P01-57P03 (shutting down,
             // cannot connect now), 53300 (too many connections).
             sqlx::Error::Database(db) => {

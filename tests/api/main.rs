@@ -4,13 +4,16 @@
 mod common;
 
 mod account;
+mod bad_input;
 mod cli;
 mod devices;
 mod discovery;
 mod keys;
 mod login;
+mod operations;
 mod profile;
 mod push;
 mod register;
 mod rooms;
 mod sync;
+mod transport;
