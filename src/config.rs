@@ -182,7 +182,8 @@ pub struct Limits {
     /// milliseconds. Past it the request gets `408` and the connection is closed.
     pub body_read_timeout_ms: u64,
     /// How long a connection may stay open with no request under way (HTTP keep-alive),
-    /// in milliseconds. A long-polling `/sync` is a request under way: never cut.
+    /// or with a response its client does not read, in milliseconds. A long-polling
+    /// `/sync` is a request under way: never cut.
     pub idle_timeout_ms: u64,
     /// Most client connections open at once. Past it, new connections wait (in the
     /// system's listen queue) until one closes.

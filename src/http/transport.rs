@@ -1,7 +1,8 @@
 //! The client API's HTTP/1.1 connections: Convo's own accept loop around hyper, so that
 //! no client can hold the server's connections. It caps the connections open at once,
-//! closes a connection that does not send its request headers in time or sits idle
-//! between requests, fails a request body that does not arrive in time (`408`), answers
+//! closes a connection that does not send its request headers in time, sits idle
+//! between requests or stops reading its responses, fails a request body that does not
+//! arrive in time (`408`), answers
 //! a too-long request line or too-large header block with a Matrix error, and logs what
 //! it cuts (at most a line per kind every 10 s). A request under way, such as a
 //! long-polling `/sync`, is never cut however long it waits.
@@ -101,6 +102,7 @@ static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 static HEADER_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 static BODY_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 static REJECT_LOG: Throttle = Throttle::new(Duration::from_secs(10));
+static WRITE_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets
 /// each connection finish the request under way (idle ones close at once) and returns
@@ -344,12 +346,14 @@ pub fn body_timeout<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a BodyT
 struct DeadlineBody {
     body: Incoming,
     timeout: Duration,
-    deadline: Pin<Box<Sleep>>,
+    deadline: Instant,
+    /// Made the first time the body has to be waited for (most never are).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl DeadlineBody {
     fn new(body: Incoming, timeout: Duration) -> Self {
-        Self { body, timeout, deadline: Box::pin(tokio::time::sleep(timeout)) }
+        Self { body, timeout, deadline: Instant::now() + timeout, timer: None }
     }
 }
 
@@ -361,7 +365,10 @@ impl http_body::Body for DeadlineBody {
         match Pin::new(&mut self.body).poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
             Poll::Pending => {
-                ready!(self.deadline.as_mut().poll(cx));
+                let deadline = self.deadline;
+                ready!(
+                    self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline))).as_mut().poll(cx)
+                );
                 if let Some(count) = BODY_LOG.hit() {
                     tracing::warn!(
                         timeout_ms = self.timeout.as_millis() as u64,
@@ -467,6 +474,9 @@ struct GuardedIo {
     flushed: bool,
     flush_waker: Option<Waker>,
     refusal: Option<Refusal>,
+    /// Cuts a client that stops reading: a write that cannot go out for
+    /// `idle_timeout` (the client's receive window stays full) ends the connection.
+    write_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl GuardedIo {
@@ -483,7 +493,31 @@ impl GuardedIo {
             flushed: true,
             flush_waker: None,
             refusal: None,
+            write_timer: None,
         }
+    }
+
+    /// Watches a write that could not go out: the client has not read for
+    /// `idle_timeout` when it fires. Any progress ends the watch.
+    fn poll_write_stall<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if result.is_ready() {
+            self.write_timer = None;
+            return result;
+        }
+        let idle = self.limits.idle_timeout;
+        let timer = self.write_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if timer.as_mut().poll(cx).is_ready() {
+            if let Some(count) = WRITE_LOG.hit() {
+                tracing::warn!(
+                    timeout_ms = idle.as_millis() as u64,
+                    count,
+                    "closed a connection whose client stopped reading its responses \
+                     (limits.idle_timeout_ms; count: since the last line)"
+                );
+            }
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")));
+        }
+        Poll::Pending
     }
 
     /// When the connection is cut if nothing more arrives, and why; `None` while a
@@ -614,7 +648,8 @@ impl AsyncRead for GuardedIo {
 impl AsyncWrite for GuardedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.flushed = false;
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let result = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.poll_write_stall(cx, result)
     }
 
     fn poll_write_vectored(
@@ -623,7 +658,8 @@ impl AsyncWrite for GuardedIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.flushed = false;
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let result = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.poll_write_stall(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
