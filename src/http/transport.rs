@@ -391,6 +391,16 @@ impl http_body::Body for DeadlineBody {
     }
 }
 
+// Why Convo reads each request head itself before hyper does, rather than rewriting
+// hyper's automatic `414`/`431` (a bare status line, no body): hyper writes that answer
+// into the same byte stream as the responses before it, with nothing to mark where it
+// starts (a write may hold the tail of a previous response, or half of one), so
+// rewriting it would mean parsing Convo's own output. Reading the head as it arrives,
+// with limits below hyper's, lets Convo refuse first, withhold the head from hyper,
+// and write its own Matrix error once hyper has flushed all it had (`flushed`). What
+// this does not see: the head of a pipelined request that hyper read ahead while the
+// previous one was being answered; such a head still meets hyper's own limits.
+
 /// Where a request head stands, as read so far (before hyper parses it).
 #[derive(Default)]
 struct HeadScan {
