@@ -81,6 +81,10 @@ pub struct Database {
     pub url: String,
     /// Most connections the pool opens (readers, for SQLite; writes go through one).
     pub pool_size: u32,
+    /// PostgreSQL: how long a request waits for a database connection, in milliseconds.
+    /// Past it (the database is down or overloaded) the request gets `503` with
+    /// `Retry-After`, instead of hanging.
+    pub acquire_timeout_ms: u64,
 }
 
 /// Who may create an account.
@@ -198,6 +202,20 @@ pub struct Limits {
     /// Largest JSON request body, in bytes (`M_TOO_LARGE` past it). Media uploads use
     /// `media.max_upload_size`.
     pub max_request_body: usize,
+    /// Longest wait for a request's headers, in milliseconds: from the connection's
+    /// opening for its first request, else from the request's first byte. Past it the
+    /// connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest wait for a request's whole body once its headers have arrived, in
+    /// milliseconds. Past it the request gets `408` and the connection is closed.
+    pub body_read_timeout_ms: u64,
+    /// How long a connection may stay open with no request under way (HTTP keep-alive),
+    /// or with a response its client does not read, in milliseconds. A long-polling
+    /// `/sync` is a request under way: never cut.
+    pub idle_timeout_ms: u64,
+    /// Most client connections open at once. Past it, new connections wait (in the
+    /// system's listen queue) until one closes.
+    pub max_connections: u32,
 }
 
 /// Rate limits, as token buckets.
@@ -293,7 +311,7 @@ impl Default for Listeners {
 
 impl Default for Database {
     fn default() -> Self {
-        Self { url: String::new(), pool_size: 8 }
+        Self { url: String::new(), pool_size: 8, acquire_timeout_ms: 3_000 }
     }
 }
 
@@ -341,7 +359,13 @@ impl Default for Media {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_request_body: 1024 * 1024 }
+        Self {
+            max_request_body: 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 60_000,
+            idle_timeout_ms: 30_000,
+            max_connections: 4096,
+        }
     }
 }
 
@@ -387,13 +411,20 @@ impl Config {
             }
             None => toml::Table::new(),
         };
+        let defaults = toml::Value::try_from(Config::default()).ok();
         for (name, raw) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
-            set_path(&mut table, &path, parse_env_value(&raw))
+            let default = defaults.as_ref().and_then(|d| path.iter().try_fold(d, |v, key| v.get(key)));
+            set_path(&mut table, &path, parse_env_value(&raw, default))
                 .map_err(|e| ConfigError(format!("environment variable {name}: {e}")))?;
+        }
+        // A section given in part (`CONVO_RATE_LIMITS__LOGIN__BURST=9` alone) keeps the
+        // defaults of its other keys.
+        if let Some(toml::Value::Table(defaults)) = &defaults {
+            fill_from_defaults(&mut table, defaults);
         }
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
             let key = e.path().to_string();
@@ -421,9 +452,8 @@ impl Config {
         {
             return Err(ConfigError("config key `database.url`: must start with sqlite:// or postgres://".into()));
         }
-        if self.database.pool_size == 0 {
-            return Err(ConfigError("config key `database.pool_size`: must be at least 1".into()));
-        }
+        check_numeric_ranges(self)?;
+        check_log_filter(&self.logging.level).map_err(|e| ConfigError(format!("config key `logging.level`: {e}")))?;
         if self.rooms.default_room_version.rules().is_none()
             || !crate::service::rooms_supported(&self.rooms.default_room_version)
         {
@@ -437,22 +467,10 @@ impl Config {
                 "config keys `listeners.federation_tls_certificate` and `listeners.federation_tls_key` must be set together".into(),
             ));
         }
-        for (name, bucket) in [
-            ("login", &self.rate_limits.login),
-            ("registration", &self.rate_limits.registration),
-            ("failed_password", &self.rate_limits.failed_password),
-        ] {
-            if !(bucket.per_second > 0.0) || bucket.burst == 0 {
-                return Err(ConfigError(format!(
-                    "config key `rate_limits.{name}`: per_second must be above 0 and burst at least 1"
-                )));
-            }
-        }
-        if self.password_hashing.memory_kib < 8 * self.password_hashing.parallelism.max(1)
-            || self.password_hashing.iterations == 0
-        {
+        if u64::from(self.password_hashing.memory_kib) < 8 * u64::from(self.password_hashing.parallelism) {
             return Err(ConfigError(
-                "config key `password_hashing`: memory_kib or iterations too small for argon2".into(),
+                "config key `password_hashing.memory_kib`: argon2 needs at least 8 KiB per lane (8 × parallelism)"
+                    .into(),
             ));
         }
         Ok(())
@@ -468,13 +486,122 @@ impl Config {
     }
 }
 
-/// An environment value is read as a TOML value when it is one (`8`, `true`,
-/// `["a", "b"]`), else as a plain string (`127.0.0.1:8008`, `localhost`).
-fn parse_env_value(raw: &str) -> toml::Value {
-    toml::from_str::<BTreeMap<String, toml::Value>>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut m| m.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+/// Reads an environment value by the type of the key's default (`default`): a key whose
+/// default is a string stays a string, even if it looks like a number
+/// (`CONVO_SERVER_NAME=123`, `CONVO_ROOMS__DEFAULT_ROOM_VERSION=11`); numbers, booleans
+/// and arrays are parsed as TOML (`8`, `true`, `["a", "b"]`). A key with no default
+/// (unknown, or optional) is read as TOML when it parses, else as a string; an
+/// unparsable value stays a string, so that the error names the key and the type.
+fn parse_env_value(raw: &str, default: Option<&toml::Value>) -> toml::Value {
+    let as_string = || toml::Value::String(raw.to_owned());
+    let as_toml =
+        || toml::from_str::<BTreeMap<String, toml::Value>>(&format!("v = {raw}")).ok().and_then(|mut m| m.remove("v"));
+    match default {
+        Some(toml::Value::String(_)) => as_string(),
+        // `per_second = 1` is a float key given an integer.
+        Some(toml::Value::Float(_)) => match as_toml() {
+            Some(toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+            other => other.unwrap_or_else(as_string),
+        },
+        _ => as_toml().unwrap_or_else(as_string),
+    }
+}
+
+/// The allowed range of every numeric key, inclusive. `*` stands for any one section
+/// (the buckets of `[rate_limits]`). Every numeric key needs an entry: a unit test
+/// walks the defaults and fails on a key that has none, so add one with a new key.
+const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
+    ("database.pool_size", 1.0, 10_000.0),
+    ("database.acquire_timeout_ms", 100.0, 600_000.0),
+    ("password_policy.min_length", 0.0, 1024.0),
+    // argon2id: at most 4 GiB per hash; lanes run one after the other on one thread.
+    ("password_hashing.memory_kib", 8.0, 4_194_304.0),
+    ("password_hashing.iterations", 1.0, 64.0),
+    ("password_hashing.parallelism", 1.0, 64.0),
+    ("sessions.access_token_lifetime_ms", 1_000.0, TEN_YEARS_MS),
+    ("media.max_upload_size", 1.0, 1_099_511_627_776.0),
+    ("limits.max_request_body", 256.0, 1_073_741_824.0),
+    ("limits.header_read_timeout_ms", 100.0, 3_600_000.0),
+    ("limits.body_read_timeout_ms", 100.0, 3_600_000.0),
+    ("limits.idle_timeout_ms", 100.0, 3_600_000.0),
+    ("limits.max_connections", 1.0, 1_000_000.0),
+    // Below one per 11 days the wait for a token no longer fits a timer.
+    ("rate_limits.*.per_second", 0.000_001, 1_000_000.0),
+    ("rate_limits.*.burst", 1.0, 1_000_000.0),
+    ("voip.turn_user_lifetime_ms", 1_000.0, TEN_YEARS_MS),
+];
+const TEN_YEARS_MS: f64 = 10.0 * 365.0 * 86_400_000.0;
+
+/// The range that applies to the numeric key at `path` (`a.b.c`).
+fn numeric_range(path: &str) -> Option<(f64, f64)> {
+    NUMERIC_RANGES.iter().find_map(|&(pattern, min, max)| {
+        let mut keys = path.split('.');
+        let matches = pattern.split('.').all(|p| keys.next().is_some_and(|k| p == "*" || p == k));
+        (matches && keys.next().is_none()).then_some((min, max))
+    })
+}
+
+/// Every numeric leaf of `value` with its path.
+fn numeric_leaves(value: &toml::Value, path: &str, out: &mut Vec<(String, f64)>) {
+    match value {
+        toml::Value::Integer(i) => out.push((path.to_owned(), *i as f64)),
+        toml::Value::Float(f) => out.push((path.to_owned(), *f)),
+        toml::Value::Table(table) => {
+            for (key, value) in table {
+                let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                numeric_leaves(value, &path, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Checks every numeric key against `NUMERIC_RANGES` (NaN and infinities are out of
+/// every range).
+fn check_numeric_ranges(config: &Config) -> Result<(), ConfigError> {
+    let value = toml::Value::try_from(config).map_err(|e| ConfigError(format!("configuration: {e}")))?;
+    let mut leaves = Vec::new();
+    numeric_leaves(&value, "", &mut leaves);
+    for (path, v) in leaves {
+        if let Some((min, max)) = numeric_range(&path)
+            && !(min <= v && v <= max)
+        {
+            return Err(ConfigError(format!("config key `{path}`: {v} is out of range ({min} to {max})")));
+        }
+    }
+    Ok(())
+}
+
+/// A `tracing` filter that logs what it seems to say: it must parse, and each directive
+/// without `=` must be a level (`EnvFilter` would read a bare `verbose` as a target
+/// name, and log nothing else at all).
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    const HINT: &str = "use a level (trace, debug, info, warn, error, off) or target=level, e.g. `convo=debug,info`";
+    if filter.trim().is_empty() {
+        return Err(format!("empty filter: {HINT}"));
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| format!("`{filter}` is not a filter ({e}): {HINT}"))?;
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains(['=', '[']) && directive.parse::<tracing_subscriber::filter::LevelFilter>().is_err() {
+            return Err(format!("`{directive}` is not a level: {HINT}"));
+        }
+    }
+    Ok(())
+}
+
+/// Adds to `table` every key of `defaults` it lacks, section by section.
+fn fill_from_defaults(table: &mut toml::Table, defaults: &toml::Table) {
+    for (key, default) in defaults {
+        match (table.get_mut(key), default) {
+            (None, _) => {
+                table.insert(key.clone(), default.clone());
+            }
+            (Some(toml::Value::Table(section)), toml::Value::Table(default)) => fill_from_defaults(section, default),
+            _ => {}
+        }
+    }
 }
 
 fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
@@ -504,6 +631,12 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
         let loaded = Config::load(Some(&path), Vec::new()).expect("example parses");
         assert_eq!(loaded, Config::default().resolved());
+        // Every key is in the example (the loader fills in missing keys from the defaults).
+        let example: toml::Table = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut filled = example.clone();
+        let toml::Value::Table(defaults) = toml::Value::try_from(Config::default()).unwrap() else { unreachable!() };
+        fill_from_defaults(&mut filled, &defaults);
+        assert_eq!(filled, example, "config.example.toml lacks keys");
     }
 
     #[test]
@@ -525,5 +658,118 @@ mod tests {
         assert!(err.0.contains("listeners.client"), "{err}");
         let err = Config::load(None, vec![("CONVO_REGISTRATION__MODE".into(), "maybe".into())]).unwrap_err();
         assert!(err.0.contains("registration.mode"), "{err}");
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn env_values_are_read_by_the_type_of_their_key() {
+        // String keys stay strings even when they look like numbers or booleans.
+        let c = Config::load(
+            None,
+            env(&[
+                ("CONVO_ROOMS__DEFAULT_ROOM_VERSION", "11"),
+                ("CONVO_SERVER_NAME", "123"),
+                ("CONVO_LOGGING__LEVEL", "info"),
+                ("CONVO_VOIP__TURN_PASSWORD", "true"),
+                ("CONVO_VOIP__TURN_USERNAME", "1.5"),
+                ("CONVO_LISTENERS__PUBLIC_BASEURL", "[x]"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.rooms.default_room_version, RoomVersionId::V11);
+        assert_eq!(c.server_name.as_str(), "123");
+        assert_eq!(c.voip.turn_password, "true");
+        assert_eq!(c.voip.turn_username, "1.5");
+        assert_eq!(c.listeners.public_baseurl, "[x]");
+
+        // Numbers, booleans and arrays are parsed; a float key takes an integer.
+        let c = Config::load(
+            None,
+            env(&[
+                ("CONVO_LIMITS__MAX_CONNECTIONS", "12"),
+                ("CONVO_RATE_LIMITS__ENABLED", "false"),
+                ("CONVO_RATE_LIMITS__LOGIN__PER_SECOND", "2"),
+                ("CONVO_RATE_LIMITS__REGISTRATION__PER_SECOND", "0.5"),
+                ("CONVO_VOIP__TURN_URIS", r#"["turn:a", "turn:b"]"#),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_connections, 12);
+        assert!(!c.rate_limits.enabled);
+        assert_eq!(c.rate_limits.login.per_second, 2.0);
+        assert_eq!(c.rate_limits.registration.per_second, 0.5);
+        assert_eq!(c.voip.turn_uris, vec!["turn:a", "turn:b"]);
+
+        // A number key given words names the key and the expected type.
+        let err = Config::load(None, env(&[("CONVO_DATABASE__POOL_SIZE", "eight")])).unwrap_err();
+        assert!(err.0.contains("database.pool_size") && err.0.contains("expected"), "{err}");
+    }
+
+    #[test]
+    fn every_numeric_key_has_a_range() {
+        let mut leaves = Vec::new();
+        numeric_leaves(&toml::Value::try_from(Config::default()).unwrap(), "", &mut leaves);
+        assert!(leaves.len() >= 15, "{leaves:?}");
+        for (path, value) in leaves {
+            let (min, max) =
+                numeric_range(&path).unwrap_or_else(|| panic!("add a range for `{path}` to NUMERIC_RANGES"));
+            assert!(min <= value && value <= max, "the default of `{path}` ({value}) is outside {min}..={max}");
+        }
+    }
+
+    #[test]
+    fn numeric_keys_out_of_range_are_refused() {
+        for (key, value) in [
+            ("CONVO_PASSWORD_HASHING__PARALLELISM", "0"),
+            ("CONVO_PASSWORD_HASHING__ITERATIONS", "0"),
+            ("CONVO_PASSWORD_HASHING__MEMORY_KIB", "4"),
+            ("CONVO_RATE_LIMITS__LOGIN__PER_SECOND", "1e-30"),
+            ("CONVO_RATE_LIMITS__LOGIN__PER_SECOND", "nan"),
+            ("CONVO_RATE_LIMITS__REGISTRATION__PER_SECOND", "inf"),
+            ("CONVO_RATE_LIMITS__REGISTRATION__BURST", "0"),
+            ("CONVO_DATABASE__POOL_SIZE", "0"),
+            ("CONVO_DATABASE__ACQUIRE_TIMEOUT_MS", "0"),
+            ("CONVO_SESSIONS__ACCESS_TOKEN_LIFETIME_MS", "0"),
+            ("CONVO_LIMITS__MAX_REQUEST_BODY", "0"),
+            ("CONVO_LIMITS__HEADER_READ_TIMEOUT_MS", "0"),
+            ("CONVO_LIMITS__BODY_READ_TIMEOUT_MS", "0"),
+            ("CONVO_LIMITS__IDLE_TIMEOUT_MS", "0"),
+            ("CONVO_LIMITS__MAX_CONNECTIONS", "0"),
+            ("CONVO_MEDIA__MAX_UPLOAD_SIZE", "0"),
+            ("CONVO_VOIP__TURN_USER_LIFETIME_MS", "0"),
+        ] {
+            let err = Config::load(None, env(&[(key, value)])).expect_err(key);
+            let path = key.trim_start_matches("CONVO_").to_lowercase().replace("__", ".");
+            assert!(err.0.contains(&format!("`{path}`")), "{key}={value}: {err}");
+        }
+        // memory_kib must cover 8 KiB per lane.
+        let err = Config::load(
+            None,
+            env(&[("CONVO_PASSWORD_HASHING__MEMORY_KIB", "16"), ("CONVO_PASSWORD_HASHING__PARALLELISM", "4")]),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("password_hashing.memory_kib"), "{err}");
+        // The edges of a range are allowed.
+        Config::load(
+            None,
+            env(&[("CONVO_PASSWORD_HASHING__PARALLELISM", "1"), ("CONVO_RATE_LIMITS__LOGIN__PER_SECOND", "0.000001")]),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn log_filters_must_say_what_they_mean() {
+        for ok in
+            ["info", "WARN", "convo=debug,info", "convo=debug", "off", "info,ruma_state_res=warn", "convo[sync]=trace"]
+        {
+            Config::load(None, env(&[("CONVO_LOGGING__LEVEL", ok)])).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in ["verbose", "info,verbose", "", "convo=loud", "convo", "=info"] {
+            let err = Config::load(None, env(&[("CONVO_LOGGING__LEVEL", bad)])).expect_err(bad);
+            assert!(err.0.contains("logging.level"), "{bad}: {err}");
+        }
     }
 }

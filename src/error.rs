@@ -28,7 +28,14 @@ pub enum Error {
     /// Something failed on our side. Logged with its detail, shown as `M_UNKNOWN`.
     #[error("internal error: {0}")]
     Internal(String),
+    /// What Convo depends on (the database) does not answer: `503` with `Retry-After`
+    /// and `M_UNKNOWN`. The detail is logged (at most a line every few seconds).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
+
+/// What a `503` tells clients to wait before trying again.
+pub const RETRY_AFTER_UNAVAILABLE: Duration = Duration::from_secs(5);
 
 impl Error {
     pub fn matrix(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
@@ -111,13 +118,16 @@ impl Error {
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         Error::Internal(detail.to_string())
     }
+    pub fn unavailable(detail: impl std::fmt::Display) -> Self {
+        Error::Unavailable(detail.to_string())
+    }
 
     /// The Matrix errcode, for logs and tests.
     pub fn errcode(&self) -> String {
         match self {
             Error::Matrix { kind, .. } => kind.errcode().to_string(),
             Error::Uiaa(_) => "UIAA".into(),
-            Error::Internal(_) => "M_UNKNOWN".into(),
+            Error::Internal(_) | Error::Unavailable(_) => "M_UNKNOWN".into(),
         }
     }
 }
@@ -136,6 +146,24 @@ impl IntoResponse for Error {
                     ErrorBody::Standard(StandardErrorBody::new(ErrorKind::Unknown, "Internal server error".into()));
                 ruma::api::error::Error::new(StatusCode::INTERNAL_SERVER_ERROR, body)
                     .try_into_http_response::<Vec<u8>>()
+            }
+            Error::Unavailable(detail) => {
+                static LOG: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(10));
+                if let Some(count) = LOG.hit() {
+                    tracing::warn!(%detail, count, "answering 503: the database does not answer (count: since the last line)");
+                }
+                let body = ErrorBody::Standard(StandardErrorBody::new(
+                    ErrorKind::Unknown,
+                    "The server cannot reach its database; try again later".into(),
+                ));
+                ruma::api::error::Error::new(StatusCode::SERVICE_UNAVAILABLE, body)
+                    .try_into_http_response::<Vec<u8>>()
+                    .map(|mut response| {
+                        response
+                            .headers_mut()
+                            .insert(axum::http::header::RETRY_AFTER, RETRY_AFTER_UNAVAILABLE.as_secs().into());
+                        response
+                    })
             }
         };
         match result {

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod logging;
 pub mod server;
 pub mod service;
 pub mod storage;

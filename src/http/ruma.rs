@@ -13,7 +13,7 @@ use ruma::api::{
     auth_scheme::{
         AccessToken, AccessTokenOptional, AppserviceToken, AppserviceTokenOptional, NoAccessToken, NoAuthentication,
     },
-    error::{DeserializationError, FromHttpRequestError},
+    error::{DeserializationError, ErrorKind, FromHttpRequestError},
     path_builder::PathBuilder,
 };
 
@@ -117,6 +117,98 @@ fn empty_json_as_object(parts: &axum::http::request::Parts, bytes: bytes::Bytes)
     if bytes.is_empty() && has_body && json_or_untyped { bytes::Bytes::from_static(b"{}") } else { bytes }
 }
 
+/// The most bytes of a path argument: the spec limits every identifier, event type,
+/// state key and tag a path carries to 255 bytes (ruma's identifiers too).
+const MAX_PATH_ARGUMENT: usize = 255;
+
+/// Path arguments whose length the endpoint checks itself, because the spec gives it
+/// its own errcode: a profile field name over 255 bytes is `M_KEY_TOO_LARGE`.
+const LENGTH_CHECKED_BY_ENDPOINT: [&str; 1] = ["field"];
+
+/// Rejects what no endpoint accepts and PostgreSQL cannot store, before anything is
+/// parsed: a NUL character in a path argument or a query parameter, and path arguments
+/// over 255 bytes (`M_INVALID_PARAM`). `args` are (name, value) pairs.
+fn check_path_and_query(args: &[(String, String)], query: Option<&str>) -> Result<()> {
+    for (name, arg) in args {
+        if arg.contains('\0') {
+            return Err(Error::invalid_param("Path arguments may not contain NUL characters"));
+        }
+        if arg.len() > MAX_PATH_ARGUMENT && !LENGTH_CHECKED_BY_ENDPOINT.contains(&name.as_str()) {
+            return Err(Error::invalid_param(format!(
+                "Path arguments (identifiers, event types, state keys, tags, ...) are {MAX_PATH_ARGUMENT} bytes at most"
+            )));
+        }
+    }
+    let query = query.unwrap_or_default();
+    if query.contains("%00")
+        && form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return Err(Error::invalid_param("Query parameters may not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// Whether JSON text (already known to be valid) holds a NUL character in a string
+/// (key or value): valid JSON can carry one only as the escape `\u0000`.
+fn json_has_nul(bytes: &[u8]) -> bool {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1..i + 6) == Some(&b"u0000"[..]) {
+                return true;
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// Request bodies that ruma would panic on rather than reject: ruma-client-api 0.25.2's
+/// login request indexes the JSON object with `type` (`session/login.rs`), so a body
+/// without it is refused here, as the missing required field it is.
+fn check_known_ruma_panics<T: 'static>(bytes: &[u8]) -> Result<()> {
+    use std::any::TypeId;
+    if TypeId::of::<T>() == TypeId::of::<ruma::api::client::session::login::v3::Request>()
+        && let Ok(serde_json::Value::Object(body)) = serde_json::from_slice::<serde_json::Value>(bytes)
+        && !body.contains_key("type")
+    {
+        return Err(Error::bad_json("Invalid request body: missing field `type` (the login type)"));
+    }
+    Ok(())
+}
+
+/// Reads the body within `limit` bytes and the transport's body timeout.
+async fn read_body(parts: &axum::http::request::Parts, body: Body, limit: usize) -> Result<bytes::Bytes> {
+    let too_large = || Error::too_large(format!("Request bodies are {limit} bytes at most"));
+    let declared =
+        parts.headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if let Some(timeout) = super::transport::body_timeout(&e) {
+            Error::matrix(StatusCode::REQUEST_TIMEOUT, ErrorKind::Unknown, format!("{timeout}"))
+        } else if is_length_limit(&e) {
+            too_large()
+        } else {
+            Error::matrix(StatusCode::BAD_REQUEST, ErrorKind::Unknown, "Could not read the request body")
+        }
+    })
+}
+
+fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
 /// Maps a parse failure to the spec's errcode: bodies that are not JSON get
 /// `M_NOT_JSON`, JSON of the wrong shape `M_BAD_JSON`, bad path or query values
 /// `M_INVALID_PARAM`.
@@ -137,7 +229,7 @@ fn request_error(e: FromHttpRequestError) -> Error {
 
 impl<T> FromRequest<AppState> for Ruma<T>
 where
-    T: IncomingRequest,
+    T: IncomingRequest + 'static,
     T::Authentication: ClientAuth,
 {
     type Rejection = Error;
@@ -148,6 +240,10 @@ where
         let params = RawPathParams::from_request_parts(&mut parts, state)
             .await
             .map_err(|e| Error::invalid_param(format!("Invalid path: {e}")))?;
+        check_path_and_query(
+            &params.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect::<Vec<_>>(),
+            parts.uri.query(),
+        )?;
         let mut args: Vec<String> = params.iter().map(|(_, v)| v.to_owned()).collect();
         // Routes registered without a trailing empty state key lack its argument.
         let expected = T::PATH_BUILDER.all_paths().next().map_or(0, |p| p.matches('{').count());
@@ -156,16 +252,28 @@ where
         let session = match (T::Authentication::REQUIREMENT, access_token(&parts)?) {
             (AuthRequirement::Ignored, _) | (AuthRequirement::Optional, None) => None,
             (AuthRequirement::Required, None) => return Err(Error::missing_token()),
+            (AuthRequirement::Optional, Some(token)) => match state.authenticate(&token, Some(&client_ip)).await {
+                // A token that cannot be checked while the database is down is ignored
+                // where it is optional, so that `/versions` keeps answering.
+                Err(Error::Unavailable(_)) => None,
+                result => Some(result?),
+            },
             (_, Some(token)) => Some(state.authenticate(&token, Some(&client_ip)).await?),
         };
 
-        let limit = state.config.limits.max_request_body;
-        let bytes = axum::body::to_bytes(body, limit)
-            .await
-            .map_err(|_| Error::too_large(format!("Request bodies are {limit} bytes at most")))?;
+        let bytes = read_body(&parts, body, state.config.limits.max_request_body).await?;
         if !bytes.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
             return Err(Error::not_json("The request body is not valid JSON"));
         }
+        if json_has_nul(&bytes) {
+            return Err(Error::bad_json("Strings in the request body may not contain NUL characters"));
+        }
+        // Every JSON body of the API is an object; serde would read a struct from an
+        // array by position (`["bye"]` as a leave reason).
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|b| *b != b'{') {
+            return Err(Error::bad_json("The request body must be a JSON object"));
+        }
+        check_known_ruma_panics::<T>(&bytes)?;
         let bytes = drop_untyped_auth(empty_json_as_object(&parts, bytes));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let body = T::try_from_http_request(axum::http::Request::from_parts(parts, bytes.as_ref()), &args)
@@ -189,5 +297,20 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
 impl<T> From<T> for RumaResponse<T> {
     fn from(value: T) -> Self {
         RumaResponse(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_is_found_in_json_strings_only_as_an_escape() {
+        assert!(json_has_nul(br#"{"a": "x\u0000y"}"#));
+        assert!(json_has_nul(br#"{"a\u0000": 1}"#));
+        assert!(json_has_nul(br#"["\\\u0000"]"#));
+        assert!(!json_has_nul(br#"{"a": "x\\u0000y"}"#));
+        assert!(!json_has_nul(br#"{"a": "\u0001"}"#));
+        assert!(!json_has_nul(br#"{"u0000": 0}"#));
     }
 }

@@ -16,6 +16,7 @@ mod memberships;
 mod persist;
 mod push;
 mod registration_tokens;
+mod server_info;
 mod sessions;
 mod uiaa;
 mod users;
@@ -90,8 +91,30 @@ pub struct Store {
 }
 
 impl From<sqlx::Error> for Error {
+    /// A database that does not answer (no connection within the acquire timeout, a
+    /// lost connection, PostgreSQL shutting down or refusing connections) is
+    /// `Unavailable` (503), anything else `Internal` (500).
     fn from(e: sqlx::Error) -> Self {
-        Error::Internal(format!("database: {e}"))
+        let unavailable = match &e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            // What a connection cut while it starts looks like to sqlx.
+            | sqlx::Error::Protocol(_) => true,
+            // SQLSTATE class 08 (connection exception), 57P01-57P03 (shutting down,
+            // cannot connect now), 53300 (too many connections).
+            sqlx::Error::Database(db) => {
+                db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P0") || code == "53300")
+            }
+            _ => false,
+        };
+        if unavailable {
+            Error::Unavailable(format!("database: {e}"))
+        } else {
+            Error::Internal(format!("database: {e}"))
+        }
     }
 }
 
@@ -103,6 +126,12 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
 impl Store {
     /// Opens (creating if needed) the database at `url` and runs the migrations.
     pub async fn open(url: &str, pool_size: u32) -> Result<Self, String> {
+        Self::open_with(url, pool_size, Duration::from_secs(3)).await
+    }
+
+    /// `open`, with how long a PostgreSQL request waits for a connection before it
+    /// fails (with `Error::Unavailable`) instead of hanging while the database is down.
+    pub async fn open_with(url: &str, pool_size: u32, acquire_timeout: Duration) -> Result<Self, String> {
         if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)
                 .map_err(|e| format!("database.url: {e}"))?
@@ -142,7 +171,7 @@ impl Store {
             let _ = probe.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(pool_size)
-                .acquire_timeout(Duration::from_secs(10))
+                .acquire_timeout(acquire_timeout)
                 .connect(url)
                 .await
                 .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;

@@ -144,6 +144,11 @@ impl TestServer {
         self.running = Some(running);
     }
 
+    /// The configuration the server runs with (its data dir, its database).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await;

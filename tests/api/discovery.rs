@@ -67,6 +67,16 @@ async fn unknown_endpoints_and_bad_input(backend: Backend) {
         "M_BAD_JSON",
     );
 
+    // JSON that is not an object: serde would read a struct from an array by position.
+    let (_, token, _) = server.register("carol").await;
+    let room = server.create_room(&token, json!({})).await;
+    for body in [json!(["bye"]), json!([null, null]), json!("x"), json!(3)] {
+        let leave = server.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&token), body.clone()).await;
+        assert_error(&leave, StatusCode::BAD_REQUEST, "M_BAD_JSON");
+    }
+    let (_, rooms) = server.get("/_matrix/client/v3/joined_rooms", Some(&token)).await;
+    assert_eq!(rooms["joined_rooms"], json!([room]), "still in the room");
+
     // Too large.
     let big = "x".repeat(10_000);
     assert_error(

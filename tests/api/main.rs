@@ -4,15 +4,18 @@
 mod common;
 
 mod account;
+mod bad_input;
 mod cli;
 mod devices;
 mod discovery;
 mod ephemeral;
 mod keys;
 mod login;
+mod operations;
 mod profile;
 mod push;
 mod register;
 mod room_events;
 mod rooms;
 mod sync;
+mod transport;
