@@ -21,6 +21,7 @@ use serde_json::json;
 use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{Any as AnyOrigin, CorsLayer},
+    trace::TraceLayer,
 };
 
 use crate::{
@@ -70,11 +71,23 @@ fn with_common_layers<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Ro
             header::ACCEPT,
             "x-requested-with".parse().unwrap(),
         ]);
+    // One debug line per request (`logging.level = "convo::http=debug"`): method, path
+    // and status, never the query string, which may carry an access token.
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|request: &axum::extract::Request| {
+            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+        })
+        .on_request(())
+        .on_response(|response: &Response, latency: Duration, _: &tracing::Span| {
+            tracing::debug!(status = response.status().as_u16(), latency_ms = latency.as_millis() as u64, "answered");
+        })
+        .on_failure(());
     router
         .fallback(unrecognized)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(cors)
+        .layer(trace)
 }
 
 /// A handler panicked: log what it said, answer `500 M_UNKNOWN`.
