@@ -750,7 +750,15 @@ test("matrix-js-sdk: encrypted DM with the SDK's rust crypto", { timeout: 180_00
     const selfSigningKeyId = Object.keys(selfSigning.keys)[0];
     const deviceSigs = queried.device_keys[alice.getUserId()][alice.getDeviceId()].signatures[alice.getUserId()];
     assert.ok(deviceSigs[selfSigningKeyId], "alice's device keys carry her self-signing signature");
-    const status = await alice.getCrypto().getDeviceVerificationStatus(alice.getUserId(), alice.getDeviceId());
+    // The SDK learns its own device's new signature from a /keys/query it makes after
+    // the server reports alice's device list change in /sync: wait for it.
+    const deadline = Date.now() + WAIT_MS;
+    let status;
+    while (Date.now() < deadline) {
+      status = await alice.getCrypto().getDeviceVerificationStatus(alice.getUserId(), alice.getDeviceId());
+      if (status?.crossSigningVerified) break;
+      await sleep(20);
+    }
     assert.ok(status?.crossSigningVerified, "alice's device is signed by her self-signing key");
 
     const decrypted = (client, body) => () =>
