@@ -172,6 +172,10 @@ async fn login_without_a_type_is_bad_json(backend: Backend) {
         let result = server.post("/_matrix/client/v3/login", None, body.clone()).await;
         assert_error(&result, StatusCode::BAD_REQUEST, "M_BAD_JSON");
     }
+    // No body at all reads as `{}`: the same answer, not a panic.
+    let resp = server.http.post(format!("{}/_matrix/client/v3/login", server.base)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(resp.json::<Value>().await.unwrap()["errcode"], "M_BAD_JSON");
     // An unknown type is the spec's `M_UNKNOWN`, and the proper body still logs in.
     let result = server.post("/_matrix/client/v3/login", None, json!({"type": "m.login.magic"})).await;
     assert_error(&result, StatusCode::BAD_REQUEST, "M_UNKNOWN");

@@ -16,6 +16,10 @@ async fn list_get_rename(backend: Backend) {
     assert_eq!(body["device_id"], device.as_str());
     assert!(body["last_seen_ts"].as_u64().unwrap() > 0, "last_seen_ts is recorded: {body}");
     assert_eq!(body["last_seen_ip"], "127.0.0.1");
+    // A device without a name has no `display_name` (not `null`), as the spec says.
+    assert!(body.get("display_name").is_none(), "{body}");
+    let (_, list) = server.get("/_matrix/client/v3/devices", Some(&token)).await;
+    assert!(list["devices"][0].get("display_name").is_none(), "{list}");
 
     let (status, _) = server
         .put(&format!("/_matrix/client/v3/devices/{device}"), Some(&token), json!({"display_name": "Work laptop"}))

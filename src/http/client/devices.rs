@@ -1,24 +1,60 @@
 //! Device management: list, get, rename and delete (with UIA).
 
-use axum::{Router, extract::State};
-use ruma::api::client::device::{delete_device, delete_devices, get_device, get_devices, update_device};
+use axum::{
+    Router,
+    body::Body,
+    extract::State,
+    response::{IntoResponse, Response},
+};
+use ruma::api::{
+    OutgoingResponse, OutgoingResponseExt,
+    client::device::{delete_device, delete_devices, get_device, get_devices, update_device},
+};
+use serde_json::Value as JsonValue;
 
 use crate::{
-    error::Result,
+    error::{Error, Result},
     http::{
         AppState, route,
         ruma::{Ruma, RumaResponse},
     },
 };
 
+/// A response holding devices. ruma's `Device` writes a device without a name or a
+/// known address as `"display_name": null` (and `"last_seen_ip": null`), where the spec
+/// leaves such fields out: this writes the ruma response, then drops those nulls.
+struct DevicesResponse<T>(T);
+
+fn drop_null_device_fields(device: &mut JsonValue) {
+    if let Some(fields) = device.as_object_mut() {
+        fields.retain(|key, value| !(value.is_null() && matches!(key.as_str(), "display_name" | "last_seen_ip")));
+    }
+}
+
+impl<T: OutgoingResponse> IntoResponse for DevicesResponse<T> {
+    fn into_response(self) -> Response {
+        let written = self.0.try_into_http_response::<Vec<u8>>().map_err(Error::internal).and_then(|response| {
+            let (parts, body) = response.into_parts();
+            let mut json: JsonValue = serde_json::from_slice(&body).map_err(Error::internal)?;
+            match json.get_mut("devices").and_then(JsonValue::as_array_mut) {
+                Some(devices) => devices.iter_mut().for_each(drop_null_device_fields),
+                None => drop_null_device_fields(&mut json),
+            }
+            let body = serde_json::to_vec(&json).map_err(Error::internal)?;
+            Ok(Response::from_parts(parts, Body::from(body)))
+        });
+        written.unwrap_or_else(IntoResponse::into_response)
+    }
+}
+
 /// # `GET /_matrix/client/v3/devices`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3devices>
 async fn get_devices(
     State(services): State<AppState>,
     req: Ruma<get_devices::v3::Request>,
-) -> Result<RumaResponse<get_devices::v3::Response>> {
+) -> Result<DevicesResponse<get_devices::v3::Response>> {
     let devices = services.list_devices(req.session()?.user_id.as_str()).await?;
-    Ok(get_devices::v3::Response::new(devices).into())
+    Ok(DevicesResponse(get_devices::v3::Response::new(devices)))
 }
 
 /// # `GET /_matrix/client/v3/devices/{deviceId}`
@@ -26,9 +62,9 @@ async fn get_devices(
 async fn get_device(
     State(services): State<AppState>,
     req: Ruma<get_device::v3::Request>,
-) -> Result<RumaResponse<get_device::v3::Response>> {
+) -> Result<DevicesResponse<get_device::v3::Response>> {
     let device = services.get_device(req.session()?.user_id.as_str(), req.body.device_id.as_str()).await?;
-    Ok(get_device::v3::Response::new(device).into())
+    Ok(DevicesResponse(get_device::v3::Response::new(device)))
 }
 
 /// # `PUT /_matrix/client/v3/devices/{deviceId}`
