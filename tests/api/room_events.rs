@@ -238,6 +238,16 @@ async fn transaction_ids_are_scoped_to_the_endpoint(backend: Backend) {
         .await
         .unwrap();
     assert!(matches!(again, convo::storage::Persisted::Duplicate(pos) if pos == stored.stream_ordering));
+
+    // A retry that arrives after the sender left still answers the first event.
+    server.leave(&bob, &bobs_room).await;
+    let retry = server
+        .put(&send(&bobs_room, "m.room.message", "dup"), Some(&bob), json!({"body": "hi", "msgtype": "m.text"}))
+        .await;
+    assert_eq!(retry.0, StatusCode::OK, "{}", retry.1);
+    assert_eq!(retry.1["event_id"], first["event_id"]);
+    let new_send = server.put(&send(&bobs_room, "m.room.message", "new"), Some(&bob), json!({"body": "x"})).await;
+    assert_error(&new_send, StatusCode::FORBIDDEN, "M_FORBIDDEN");
     server.stop().await;
 }
 

@@ -110,35 +110,38 @@ impl Services {
         content: JsonValue,
     ) -> Result<OwnedEventId> {
         // Transaction ids are scoped to the device and the endpoint's path. A retry is
-        // answered with the first event; a retry racing the first send is caught by the
-        // unique index when the event is stored (`append_event` answers it the same way).
+        // answered with the first event: the unique index refuses to store it again
+        // (`append_event` then answers with the first), and a retry that can no longer be
+        // built (the sender has left since) finds the first below. The first send of a
+        // transaction id, the usual case, costs no lookup.
         let scope = format!("send/{room_id}/{event_type}");
-        if let Some(existing) = self.store.find_txn_event(sender.as_str(), device.as_str(), &scope, txn_id).await? {
-            return OwnedEventId::try_from(existing).map_err(Error::internal);
-        }
-        // No separate membership check: the auth rules refuse events from non-members
-        // (M_FORBIDDEN), from the state `append_event` reads anyway. An unknown room
-        // looks the same as one the user is not in.
-        match self.room_version(room_id).await {
-            Err(Error::Matrix { status: axum::http::StatusCode::NOT_FOUND, .. }) => {
-                return Err(Error::forbidden("You are not in this room"));
+        let sent = async {
+            // No separate membership check: the auth rules refuse events from
+            // non-members (M_FORBIDDEN), from the state `append_event` reads anyway. An
+            // unknown room looks the same as one the user is not in.
+            match self.room_version(room_id).await {
+                Err(Error::Matrix { status: axum::http::StatusCode::NOT_FOUND, .. }) => {
+                    return Err(Error::forbidden("You are not in this room"));
+                }
+                other => other.map(drop)?,
             }
-            other => other.map(drop)?,
+            let event = LocalEvent {
+                sender,
+                kind: TimelineEventType::from(event_type),
+                state_key: None,
+                content,
+                txn: Some(ClientTxn { device_id: device, scope: scope.clone(), txn_id }),
+                redacts: None,
+            };
+            self.append_event(room_id, event).await
+        };
+        match sent.await {
+            Ok(appended) => Ok(appended.event_id),
+            Err(e) => match self.store.find_txn_event(sender.as_str(), device.as_str(), &scope, txn_id).await? {
+                Some(existing) => OwnedEventId::try_from(existing).map_err(Error::internal),
+                None => Err(e),
+            },
         }
-        let appended = self
-            .append_event(
-                room_id,
-                LocalEvent {
-                    sender,
-                    kind: TimelineEventType::from(event_type),
-                    state_key: None,
-                    content,
-                    txn: Some(ClientTxn { device_id: device, scope, txn_id }),
-                    redacts: None,
-                },
-            )
-            .await?;
-        Ok(appended.event_id)
     }
 
     /// `PUT /rooms/{roomId}/state/{eventType}/{stateKey}`. Setting the same content
