@@ -254,14 +254,22 @@ impl Services {
     /// positions: `changed`, users whose devices changed (see
     /// `Store::get_device_list_changes`) or who newly share an encrypted room with
     /// `user`, and `left`, users with whom `user` no longer shares any encrypted room.
+    /// `memberships_moved: false` says that no membership of the user, nor any member
+    /// event in their rooms, happened in the span: the parts that only membership can
+    /// change are then skipped.
     pub async fn device_list_changes(
         &self,
         user: &UserId,
         from: i64,
         to: i64,
+        memberships_moved: bool,
     ) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
         let mut changed: BTreeSet<String> =
             self.store.get_device_list_changes(user.as_str(), from, to).await?.into_iter().collect();
+        if !memberships_moved {
+            let ids = changed.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect();
+            return Ok((ids, Vec::new()));
+        }
         // Joins in the span (a member event that only changed a profile is not one): a
         // user who joined is new to track, and so is everyone in a room the user joined.
         for (room, member, before) in self.store.get_encrypted_member_changes(user.as_str(), from, to).await? {

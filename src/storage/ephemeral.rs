@@ -176,14 +176,18 @@ impl Store {
         })
     }
 
-    /// Rooms with events after `since`, with their newest position.
-    pub async fn get_rooms_changed_since(&self, since: i64) -> Result<Vec<(String, i64)>> {
+    /// The rooms with events after `since`: (room, latest position, latest position of
+    /// a member event, if any), in one query.
+    pub async fn get_rooms_changed_since(&self, since: i64) -> Result<Vec<(String, i64, Option<i64>)>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(
                 // Materialized, so that the planner takes the range of new events from the
                 // stream_ordering index instead of scanning every event by room.
-                "WITH recent AS MATERIALIZED (SELECT room_id, stream_ordering FROM events WHERE stream_ordering > $1)
-                 SELECT room_id, MAX(stream_ordering) FROM recent GROUP BY room_id",
+                "WITH recent AS MATERIALIZED (
+                     SELECT room_id, stream_ordering, event_type FROM events WHERE stream_ordering > $1)
+                 SELECT room_id, MAX(stream_ordering),
+                        MAX(CASE WHEN event_type = 'm.room.member' THEN stream_ordering END)
+                 FROM recent GROUP BY room_id",
             )
             .bind(since)
             .fetch_all(pool)

@@ -305,6 +305,27 @@ impl Store {
         self.get_state_changes_of(room_id, "m.room.member", user_id).await
     }
 
+    /// What decides which events of a room a user may see, in one query, oldest first:
+    /// (stream position, type, JSON) of the user's member events and of the room's
+    /// history visibility changes.
+    pub async fn get_visibility_events(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String, String)>> {
+        on_pool!(self, read, |pool| {
+            // Two indexed reads merged (an OR would make SQLite scan the room's events).
+            Ok(sqlx::query_as(
+                "SELECT stream_ordering, event_type, json FROM events
+                 WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member'
+                 UNION ALL
+                 SELECT stream_ordering, event_type, json FROM events
+                 WHERE room_id = $1 AND state_key = '' AND event_type = 'm.room.history_visibility'
+                 ORDER BY 1",
+            )
+            .bind(room_id)
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?)
+        })
+    }
+
     /// Every state event of one type and state key in a room, oldest first:
     /// (stream position, JSON).
     pub async fn get_state_changes_of(

@@ -81,7 +81,7 @@ async fn get_key_changes(
     let session = req.session()?;
     let from = parse_position(&req.body.from)?;
     let to = parse_position(&req.body.to)?;
-    let (changed, left) = services.device_list_changes(&session.user_id, from, to).await?;
+    let (changed, left) = services.device_list_changes(&session.user_id, from, to, true).await?;
     Ok(get_key_changes::v3::Response::new(changed, left).into())
 }
 

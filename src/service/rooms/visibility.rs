@@ -1,6 +1,6 @@
 //! History visibility: which events of a room a user may see, from the user's own
-//! membership events and the room's `m.room.history_visibility` changes, both read
-//! once per request. `visible_ranges` turns them into the stretches of the stream the
+//! membership events and the room's `m.room.history_visibility` changes, read in one
+//! query per request. `visible_ranges` turns them into the stretches of the stream the
 //! user may read, so that paging skips what they may not see without reading it.
 
 use ruma::{RoomId, UserId};
@@ -85,22 +85,16 @@ impl Visibility {
 }
 
 impl Services {
-    /// Loads what decides which events of a room `user` may see: two queries.
+    /// Loads what decides which events of a room `user` may see, in one query.
     pub async fn visibility_for(&self, room_id: &RoomId, user: &UserId) -> Result<Visibility> {
-        let memberships = self
-            .store
-            .get_member_events_of(room_id.as_str(), user.as_str())
-            .await?
-            .into_iter()
-            .map(|(pos, json)| (pos, content_field(&json, "membership")))
-            .collect();
-        let changes = self
-            .store
-            .get_state_changes_of(room_id.as_str(), "m.room.history_visibility", "")
-            .await?
-            .into_iter()
-            .map(|(pos, json)| (pos, content_field(&json, "history_visibility")))
-            .collect();
+        let (mut memberships, mut changes) = (Vec::new(), Vec::new());
+        for (pos, event_type, json) in self.store.get_visibility_events(room_id.as_str(), user.as_str()).await? {
+            if event_type == "m.room.member" {
+                memberships.push((pos, content_field(&json, "membership")));
+            } else {
+                changes.push((pos, content_field(&json, "history_visibility")));
+            }
+        }
         Ok(Visibility { memberships, changes })
     }
 

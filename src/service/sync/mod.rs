@@ -195,8 +195,16 @@ impl Services {
         let since_pos = since.map(|s| s.pos).unwrap_or(0);
         let mut response = Response::new(format!("s{head}_{typing_serial}"));
 
-        let changed_rooms: Option<BTreeMap<String, i64>> = match since {
-            Some(s) => Some(self.store.get_rooms_changed_since(s.pos).await?.into_iter().collect()),
+        // Rooms with new events, and the latest member event of each (if any).
+        let changed_rooms: Option<BTreeMap<String, Option<i64>>> = match since {
+            Some(s) => Some(
+                self.store
+                    .get_rooms_changed_since(s.pos)
+                    .await?
+                    .into_iter()
+                    .map(|(room, _, member)| (room, member))
+                    .collect(),
+            ),
             None => None,
         };
         let filter = &req.filter;
@@ -210,7 +218,10 @@ impl Services {
         // Rooms whose join row changed only because the user changed their profile
         // there: not new to the client.
         let mut already_joined = HashSet::new();
-        if since.is_some() {
+        let own_joins_changed = memberships
+            .iter()
+            .any(|m| m.stream_ordering > since_pos && m.stream_ordering <= head && m.membership == "join");
+        if since.is_some() && own_joins_changed {
             for (room, before) in self.store.get_joined_rooms_changed_since(user.as_str(), since_pos).await? {
                 if before.is_some_and(|json| membership_of(&json) == "join") {
                     already_joined.insert(room);
@@ -290,7 +301,15 @@ impl Services {
         response.account_data.events = global;
         response.to_device.events = self.to_device_events(session, since.map(|s| s.pos), head).await?;
         if let Some(since) = since {
-            let (changed, left) = self.device_list_changes(user, since.pos, head).await?;
+            // Who shares an encrypted room with the user changes only with membership:
+            // the user's own, or a member event in one of their rooms. Most syncs (a
+            // message woke them) skip those queries.
+            let memberships_moved = memberships.iter().any(|m| {
+                m.stream_ordering > since.pos
+                    || (m.membership == "join"
+                        && changed_rooms.as_ref().and_then(|c| c.get(&m.room_id)).is_some_and(Option::is_some))
+            });
+            let (changed, left) = self.device_list_changes(user, since.pos, head, memberships_moved).await?;
             response.device_lists.changed = changed;
             response.device_lists.left = left;
         }
