@@ -398,7 +398,7 @@ fn filter_param(filter: &Value) -> String {
     out
 }
 
-fn events_of<'a>(section: &'a Value) -> Vec<&'a Value> {
+fn events_of(section: &Value) -> Vec<&Value> {
     section["events"].as_array().map(|a| a.iter().collect()).unwrap_or_default()
 }
 
