@@ -4,6 +4,24 @@
 use super::{Store, events::next_stream_position, on_pool};
 use crate::error::Result;
 
+/// Writes one entry at stream position `$pos`, inside transaction `$tx`.
+macro_rules! upsert_account_data {
+    ($tx:expr, $user_id:expr, $room_id:expr, $data_type:expr, $content:expr, $pos:expr) => {
+        sqlx::query(
+            "INSERT INTO account_data (user_id, room_id, data_type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (user_id, room_id, data_type) DO UPDATE
+             SET content = excluded.content, stream_pos = excluded.stream_pos",
+        )
+        .bind($user_id)
+        .bind($room_id)
+        .bind($data_type)
+        .bind($content)
+        .bind($pos)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
 impl Store {
     /// The JSON content of one account data entry.
     pub async fn get_account_data(&self, user_id: &str, room_id: &str, data_type: &str) -> Result<Option<String>> {
@@ -25,18 +43,7 @@ impl Store {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let pos = next_stream_position!(tx);
-            sqlx::query(
-                "INSERT INTO account_data (user_id, room_id, data_type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (user_id, room_id, data_type) DO UPDATE
-                 SET content = excluded.content, stream_pos = excluded.stream_pos",
-            )
-            .bind(user_id)
-            .bind(room_id)
-            .bind(data_type)
-            .bind(content)
-            .bind(pos)
-            .execute(&mut *tx)
-            .await?;
+            upsert_account_data!(tx, user_id, room_id, data_type, content, pos);
             tx.commit().await?;
             Ok(pos)
         })
@@ -71,18 +78,7 @@ impl Store {
             let Some(content) = change(current.as_ref().map(|c| c.0.as_str()))? else {
                 return Ok(None);
             };
-            sqlx::query(
-                "INSERT INTO account_data (user_id, room_id, data_type, content, stream_pos) VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (user_id, room_id, data_type) DO UPDATE
-                 SET content = excluded.content, stream_pos = excluded.stream_pos",
-            )
-            .bind(user_id)
-            .bind(room_id)
-            .bind(data_type)
-            .bind(&content)
-            .bind(pos)
-            .execute(&mut *tx)
-            .await?;
+            upsert_account_data!(tx, user_id, room_id, data_type, &content, pos);
             tx.commit().await?;
             Ok(Some(pos))
         })

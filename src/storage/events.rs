@@ -300,11 +300,6 @@ impl Store {
 }
 
 impl Store {
-    /// The `m.room.member` events of one user in a room, oldest first: (stream position, JSON).
-    pub async fn get_member_events_of(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>> {
-        self.get_state_changes_of(room_id, "m.room.member", user_id).await
-    }
-
     /// What decides which events of a room a user may see, in one query, oldest first:
     /// (stream position, type, JSON) of the user's member events and of the room's
     /// history visibility changes.
@@ -321,27 +316,6 @@ impl Store {
             )
             .bind(room_id)
             .bind(user_id)
-            .fetch_all(pool)
-            .await?)
-        })
-    }
-
-    /// Every state event of one type and state key in a room, oldest first:
-    /// (stream position, JSON).
-    pub async fn get_state_changes_of(
-        &self,
-        room_id: &str,
-        event_type: &str,
-        state_key: &str,
-    ) -> Result<Vec<(i64, String)>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
-                "SELECT stream_ordering, json FROM events
-                 WHERE room_id = $1 AND state_key = $2 AND event_type = $3 ORDER BY stream_ordering",
-            )
-            .bind(room_id)
-            .bind(state_key)
-            .bind(event_type)
             .fetch_all(pool)
             .await?)
         })

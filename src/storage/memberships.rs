@@ -29,20 +29,6 @@ impl Store {
         })
     }
 
-    /// Rooms where a user's membership changed after `since`.
-    pub async fn get_user_membership_changes(&self, user_id: &str, since: i64) -> Result<Vec<MembershipRow>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
-                "SELECT room_id, user_id, membership, event_id, stream_ordering FROM memberships
-                 WHERE user_id = $1 AND stream_ordering > $2 AND NOT forgotten",
-            )
-            .bind(user_id)
-            .bind(since)
-            .fetch_all(pool)
-            .await?)
-        })
-    }
-
     pub async fn get_membership(&self, room_id: &str, user_id: &str) -> Result<Option<MembershipRow>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(

@@ -263,17 +263,4 @@ impl Store {
             Ok(())
         })
     }
-
-    /// Makes a user an admin or not (`convo admin`).
-    pub async fn set_admin(&self, user_id: &str, is_admin: bool) -> Result<bool> {
-        on_pool!(self, write, |pool| {
-            let n = sqlx::query("UPDATE users SET is_admin = $2 WHERE user_id = $1")
-                .bind(user_id)
-                .bind(is_admin)
-                .execute(pool)
-                .await?
-                .rows_affected();
-            Ok(n > 0)
-        })
-    }
 }

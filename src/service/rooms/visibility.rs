@@ -97,11 +97,6 @@ impl Services {
         }
         Ok(Visibility { memberships, changes })
     }
-
-    /// Whether `user` may see `event`, by the room's history visibility at the event.
-    pub async fn may_see(&self, vis: &mut Visibility, user: &UserId, event: &StoredEvent) -> Result<bool> {
-        Ok(vis.may_see(user, event))
-    }
 }
 
 #[cfg(test)]

@@ -385,10 +385,10 @@ impl Services {
         let limit = filter.timeline_limit.clamp(1, 500);
         let floor = if initial { 0 } else { since };
         let scan = self.scan_timeline(room_id, floor, end, limit, &filter.timeline).await?;
-        let mut vis = self.visibility_for(room_id, user).await?;
+        let vis = self.visibility_for(room_id, user).await?;
         let mut visible = Vec::with_capacity(scan.events.len());
         for e in scan.events {
-            if self.may_see(&mut vis, user, &e).await? {
+            if vis.may_see(user, &e) {
                 visible.push(e);
             }
         }
@@ -434,7 +434,7 @@ impl Services {
             latest.insert(key(e), (is_hidden, e));
         }
         for (k, (is_hidden, e)) in latest {
-            if is_hidden && self.may_see(&mut vis, user, e).await? {
+            if is_hidden && vis.may_see(user, e) {
                 state.insert(k, e.clone());
             }
         }
