@@ -62,6 +62,10 @@ impl Error {
     pub fn unrecognized(status: StatusCode, message: impl Into<String>) -> Self {
         Self::matrix(status, ErrorKind::Unrecognized, message)
     }
+    /// Another homeserver could not be reached or gave a bad answer: `502 M_UNKNOWN`.
+    pub fn federation(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::BAD_GATEWAY, ErrorKind::Unknown, message)
+    }
     pub fn unknown(status: StatusCode, message: impl Into<String>) -> Self {
         Self::matrix(status, ErrorKind::Unknown, message)
     }

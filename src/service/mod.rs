@@ -7,6 +7,7 @@ mod cross_signing;
 pub mod directory;
 mod e2e;
 mod ephemeral;
+pub mod federation;
 mod ids;
 mod notifications;
 mod password;

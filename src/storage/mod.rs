@@ -151,10 +151,7 @@ impl Store {
                 .connect_with(options.clone())
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
-            sqlx::migrate!("migrations/sqlite")
-                .run(&write)
-                .await
-                .map_err(|e| format!("database migration failed: {e}"))?;
+            sqlx::migrate!().run(&write).await.map_err(|e| format!("database migration failed: {e}"))?;
             let read = SqlitePoolOptions::new()
                 .max_connections(pool_size)
                 .connect_with(options)
@@ -175,10 +172,7 @@ impl Store {
                 .connect(url)
                 .await
                 .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
-            sqlx::migrate!("migrations/postgres")
-                .run(&pool)
-                .await
-                .map_err(|e| format!("database migration failed: {e}"))?;
+            sqlx::migrate!().run(&pool).await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(Store { db: Db::Postgres(pool) })
         }
     }
