@@ -270,6 +270,10 @@ pub struct Federation {
     pub skip_tls_verify: bool,
     /// Allow outbound requests to private and loopback addresses (tests only).
     pub allow_private_destinations: bool,
+    /// Served as `m.server` in `/.well-known/matrix/server` on the client listener, to
+    /// delegate federation for `server_name` to another host and port (for example
+    /// `matrix.example.org:443`). Empty: that path answers `404 M_NOT_FOUND`.
+    pub well_known_server: String,
 }
 
 impl Default for Config {
@@ -388,7 +392,12 @@ impl Default for Logging {
 
 impl Default for Federation {
     fn default() -> Self {
-        Self { extra_ca_file: PathBuf::new(), skip_tls_verify: false, allow_private_destinations: false }
+        Self {
+            extra_ca_file: PathBuf::new(),
+            skip_tls_verify: false,
+            allow_private_destinations: false,
+            well_known_server: String::new(),
+        }
     }
 }
 
@@ -466,6 +475,12 @@ impl Config {
             return Err(ConfigError(
                 "config keys `listeners.federation_tls_certificate` and `listeners.federation_tls_key` must be set together".into(),
             ));
+        }
+        let delegated = &self.federation.well_known_server;
+        if !delegated.is_empty() && ruma::ServerName::parse(delegated).is_err() {
+            return Err(ConfigError(format!(
+                "config key `federation.well_known_server`: {delegated:?} is not a server name (host or host:port)"
+            )));
         }
         if u64::from(self.password_hashing.memory_kib) < 8 * u64::from(self.password_hashing.parallelism) {
             return Err(ConfigError(
@@ -770,6 +785,18 @@ mod tests {
         for bad in ["verbose", "info,verbose", "", "convo=loud", "convo", "=info"] {
             let err = Config::load(None, env(&[("CONVO_LOGGING__LEVEL", bad)])).expect_err(bad);
             assert!(err.0.contains("logging.level"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn well_known_server_must_be_a_server_name() {
+        for ok in ["", "matrix.example.org", "matrix.example.org:443", "[::1]:8448", "10.0.0.1"] {
+            let c = Config::load(None, env(&[("CONVO_FEDERATION__WELL_KNOWN_SERVER", ok)])).unwrap();
+            assert_eq!(c.federation.well_known_server, ok);
+        }
+        for bad in ["https://matrix.example.org", "matrix.example.org:99999", "a b", "host:"] {
+            let err = Config::load(None, env(&[("CONVO_FEDERATION__WELL_KNOWN_SERVER", bad)])).expect_err(bad);
+            assert!(err.0.contains("federation.well_known_server"), "{bad}: {err}");
         }
     }
 }

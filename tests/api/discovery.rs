@@ -127,4 +127,31 @@ async fn cors_on_every_endpoint(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(versions_well_known_and_capabilities, unknown_endpoints_and_bad_input, cors_on_every_endpoint);
+/// `/.well-known/matrix/server` delegates federation when configured, else is a 404.
+async fn well_known_server_delegation(backend: Backend) {
+    let server = TestServer::start(backend.clone()).await;
+    assert_error(&server.get("/.well-known/matrix/server", None).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    server.stop().await;
+
+    let server =
+        TestServer::start_with(backend, |c| c.federation.well_known_server = "matrix.example.org:443".into()).await;
+    let response = server.http.get(format!("{}/.well-known/matrix/server", server.base)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, json!({"m.server": "matrix.example.org:443"}));
+    // Only GET (and HEAD) are served.
+    assert_error(
+        &server.request(Method::POST, "/.well-known/matrix/server", None, Some(json!({}))).await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "M_UNRECOGNIZED",
+    );
+    server.stop().await;
+}
+
+backend_tests!(
+    versions_well_known_and_capabilities,
+    unknown_endpoints_and_bad_input,
+    cors_on_every_endpoint,
+    well_known_server_delegation
+);

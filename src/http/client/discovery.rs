@@ -1,19 +1,27 @@
-//! Discovery: supported versions, `/.well-known/matrix/client` and capabilities.
+//! Discovery: supported versions, `/.well-known/matrix/client`, capabilities, and the
+//! server delegation `/.well-known/matrix/server` (served here, on the client listener,
+//! because a delegating domain's HTTPS port 443 usually reaches it).
 
 use std::collections::BTreeMap;
 
 use axum::{Router, extract::State};
-use ruma::api::client::discovery::{
-    discover_homeserver::{self, HomeserverInfo},
-    get_capabilities::{
-        self,
-        v3::{Capabilities, RoomVersionStability},
+use ruma::{
+    OwnedServerName,
+    api::{
+        client::discovery::{
+            discover_homeserver::{self, HomeserverInfo},
+            get_capabilities::{
+                self,
+                v3::{Capabilities, RoomVersionStability},
+            },
+            get_supported_versions,
+        },
+        federation::discovery::discover_homeserver as discover_server,
     },
-    get_supported_versions,
 };
 
 use crate::{
-    error::Result,
+    error::{Error, Result},
     http::{
         AppState, route,
         ruma::{Ruma, RumaResponse},
@@ -52,6 +60,22 @@ async fn discover_homeserver(
     Ok(discover_homeserver::Response::new(HomeserverInfo::new(services.public_baseurl.clone())).into())
 }
 
+/// # `GET /.well-known/matrix/server`
+/// <https://spec.matrix.org/v1.19/server-server-api/#getwell-knownmatrixserver>
+async fn discover_server(
+    State(services): State<AppState>,
+    _: Ruma<discover_server::Request>,
+) -> Result<RumaResponse<discover_server::Response>> {
+    let delegated = &services.config.federation.well_known_server;
+    if delegated.is_empty() {
+        return Err(Error::not_found("This server does not delegate federation (federation.well_known_server)"));
+    }
+    // Checked when the configuration was loaded.
+    let server = OwnedServerName::try_from(delegated.as_str())
+        .map_err(|e| Error::Internal(format!("federation.well_known_server: {e}")))?;
+    Ok(discover_server::Response::new(server).into())
+}
+
 /// # `GET /_matrix/client/v3/capabilities`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3capabilities>
 #[allow(deprecated)] // m.set_displayname and m.set_avatar_url: still what clients of v1.10 read
@@ -74,5 +98,6 @@ async fn get_capabilities(
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<get_supported_versions::Request, _, _>(router, get_supported_versions);
     let router = route::<discover_homeserver::Request, _, _>(router, discover_homeserver);
+    let router = route::<discover_server::Request, _, _>(router, discover_server);
     route::<get_capabilities::v3::Request, _, _>(router, get_capabilities)
 }
