@@ -86,7 +86,8 @@ impl Dns {
     }
 
     fn srv(&self, name: &str, priority: u16, weight: u16, port: u16, target: &str) {
-        let srv = rdata::SRV::new(priority, weight, port, Name::from_ascii(format!("{target}.")).unwrap());
+        let target = if target.is_empty() { Name::root() } else { Name::from_ascii(format!("{target}.")).unwrap() };
+        let srv = rdata::SRV::new(priority, weight, port, target);
         self.add(name, RData::SRV(srv));
     }
 
@@ -617,4 +618,64 @@ async fn private_addresses_are_refused_without_the_switch_whichever_step_found_t
     assert_eq!(d.addrs, [addr("192.168.1.2:8448")]);
     let d = lax.resolve(name("both.example:8448")).await.unwrap();
     assert_eq!(d.addrs.len(), 2);
+}
+
+/// How long the resolver keeps `hostname`'s `.well-known` answer, and its failure count.
+async fn well_known_cached(resolver: &Resolver, hostname: &str) -> (Duration, u32) {
+    let slot = resolver.well_known.slot(&hostname.to_owned());
+    let entry = slot.lock().await;
+    let entry = entry.as_ref().unwrap();
+    (entry.expires.saturating_duration_since(Instant::now()), entry.failures)
+}
+
+#[tokio::test]
+async fn well_known_errors_are_kept_an_hour_or_backed_off_when_they_may_pass() {
+    let (dns, https) = setup().await;
+    for host in ["bad.test", "wk.test", "plain.test"] {
+        dns.a(host, [127, 0, 0, 1]);
+    }
+    // bad.test serves no `.well-known`: a definite "no delegation" (404).
+    // A failure that may pass: 503.
+    https.well_known("wk.test", Reply { status: 503, headers: vec![], body: String::new() });
+    // A body over the bound, however valid: not a delegation.
+    let padding = " ".repeat(well_known::MAX_BODY);
+    https.well_known("plain.test", ok_json(&format!(r#"{{"m.server": "evil.example:1"{padding}}}"#)));
+    let r = resolver(&dns, &https, true);
+    for host in ["bad.test", "wk.test", "plain.test"] {
+        let d = r.resolve(name(host)).await.unwrap();
+        assert_eq!((d.tls_name.as_str(), d.port), (host, DEFAULT_PORT), "{d:?}");
+    }
+    let hour = well_known::INVALID_TTL;
+    let (ttl, _) = well_known_cached(&r, "bad.test").await;
+    assert!(ttl > hour - Duration::from_secs(10) && ttl <= hour, "{ttl:?}");
+    let (ttl, _) = well_known_cached(&r, "plain.test").await;
+    assert!(ttl > hour - Duration::from_secs(10) && ttl <= hour, "{ttl:?}");
+    let (ttl, failures) = well_known_cached(&r, "wk.test").await;
+    assert_eq!(failures, 1);
+    assert!(ttl <= well_known::TRANSIENT_TTL && ttl > well_known::TRANSIENT_TTL / 2, "{ttl:?}");
+    // Failing again: kept twice as long; answering again: kept as its headers say.
+    r.destinations.expire_all();
+    r.well_known.expire_all();
+    r.resolve(name("wk.test")).await.unwrap();
+    let (ttl, failures) = well_known_cached(&r, "wk.test").await;
+    assert_eq!(failures, 2);
+    assert!(ttl > well_known::TRANSIENT_TTL && ttl <= 2 * well_known::TRANSIENT_TTL, "{ttl:?}");
+    https.well_known("wk.test", ok_json(r#"{"m.server": "target.example:8450"}"#));
+    dns.a("target.example", [5, 6, 7, 9]);
+    r.destinations.expire_all();
+    r.well_known.expire_all();
+    assert_eq!(r.resolve(name("wk.test")).await.unwrap().tls_name, "target.example");
+    let (ttl, failures) = well_known_cached(&r, "wk.test").await;
+    assert_eq!(failures, 0);
+    assert!(ttl > well_known::DEFAULT_TTL - Duration::from_secs(10), "{ttl:?}");
+}
+
+#[tokio::test]
+async fn an_srv_target_of_dot_means_no_federation() {
+    let (dns, https) = setup().await;
+    dns.srv("_matrix-fed._tcp.closed.example", 0, 0, 0, "");
+    dns.a("closed.example", [5, 0, 0, 13]);
+    let r = resolver(&dns, &https, true);
+    let err = r.resolve(name("closed.example")).await.unwrap_err();
+    assert!(err.to_string().contains("offers no federation"), "{err}");
 }
