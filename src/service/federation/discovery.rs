@@ -67,6 +67,18 @@ pub struct Destination {
     pub addrs: Vec<SocketAddr>,
 }
 
+impl Destination {
+    /// `https://<tls_name>:<port>`, the start of request URLs (an IPv6 literal in
+    /// brackets). The `Host` header still has to be set from `host_header`.
+    pub fn base_url(&self) -> String {
+        if self.tls_name.contains(':') {
+            format!("https://[{}]:{}", self.tls_name, self.port)
+        } else {
+            format!("https://{}:{}", self.tls_name, self.port)
+        }
+    }
+}
+
 /// How a `Resolver` is set up beyond its HTTP client.
 #[derive(Clone, Debug)]
 pub struct Settings {

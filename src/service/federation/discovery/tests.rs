@@ -289,6 +289,7 @@ async fn step_1_ip_literals_connect_straight_there_when_allowed() {
     let d = lax.resolve(name("[::1]")).await.unwrap();
     assert_eq!((d.tls_name.as_str(), d.port, d.host_header.as_str()), ("::1", DEFAULT_PORT, "[::1]"));
     assert_eq!(d.addrs, [addr("[::1]:8448")]);
+    assert_eq!(d.base_url(), "https://[::1]:8448");
     // A public literal needs no switch.
     let d = strict.resolve(name("1.2.3.4")).await.unwrap();
     assert_eq!((d.host_header.as_str(), d.addrs.as_slice()), ("1.2.3.4", &[addr("1.2.3.4:8448")][..]));
