@@ -35,9 +35,10 @@ fn free_port() -> u16 {
 struct Trust {
     test_ca: bool,
     allow_private: bool,
+    skip_verify: bool,
 }
 
-const TRUSTING: Trust = Trust { test_ca: true, allow_private: true };
+const TRUSTING: Trust = Trust { test_ca: true, allow_private: true, skip_verify: false };
 
 /// A server named `127.0.0.1:PORT`, serving federation over TLS on that port.
 async fn federating(backend: Backend, trust: Trust) -> TestServer {
@@ -51,6 +52,7 @@ async fn federating(backend: Backend, trust: Trust) -> TestServer {
             c.federation.extra_ca_file = certs().join("ca.pem");
         }
         c.federation.allow_private_destinations = trust.allow_private;
+        c.federation.skip_tls_verify = trust.skip_verify;
     })
     .await
 }
@@ -199,6 +201,19 @@ async fn remote_keys_are_fetched_once_and_cached(backend: Backend) {
     let err = services(&a).server_key(&name(&b), "ed25519:nope2").await.unwrap_err();
     assert!(err.to_string().contains("fetched"), "{err}");
     assert_eq!(services(&a).federation.keys.requests_sent(), 1);
+
+    // Once the stored key's validity has passed, it is fetched again.
+    let mut stored = services(&a).store.get_server_signing_keys(name(&b).as_str()).await.unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    stored[0].valid_until_ts = convo::service::now_ms() - 1;
+    let response = convo::storage::StoredKeyResponse { response: "{}".into(), valid_until_ts: 0 };
+    services(&a).store.store_server_keys(name(&b).as_str(), &stored, &response, 0).await.unwrap();
+    let mut a = a;
+    a.restart().await; // forgets when B was last fetched
+    services(&a).server_key(&name(&b), &key_id).await.unwrap();
+    assert_eq!(services(&a).federation.keys.requests_sent(), 1);
+    let stored = services(&a).store.get_server_signing_keys(name(&b).as_str()).await.unwrap();
+    assert!(stored[0].valid_until_ts > convo::service::now_ms() + 86_400_000, "{stored:?}");
     a.stop().await;
     b.stop().await;
 }
@@ -360,8 +375,8 @@ async fn requests_without_a_valid_x_matrix_signature_are_refused(backend: Backen
 
 async fn untrusted_certificates_and_private_addresses_are_refused(backend: Backend) {
     let b = federating(backend.clone(), TRUSTING).await;
-    let untrusting = federating(backend.clone(), Trust { test_ca: false, allow_private: true }).await;
-    let strict = federating(backend, Trust { test_ca: true, allow_private: false }).await;
+    let untrusting = federating(backend.clone(), Trust { test_ca: false, ..TRUSTING }).await;
+    let strict = federating(backend, Trust { allow_private: false, ..TRUSTING }).await;
     let (bob, _, _) = b.register("bob").await;
 
     let (_, token, _) = untrusting.register("carol").await;
@@ -377,6 +392,13 @@ async fn untrusted_certificates_and_private_addresses_are_refused(backend: Backe
     assert!(message.contains("non-public"), "{message}");
     let result = strict.get(&format!("/_matrix/client/v3/publicRooms?server={}", name(&b)), Some(&token)).await;
     assert_error(&result, StatusCode::BAD_GATEWAY, "M_UNKNOWN");
+
+    // skip_tls_verify (tests only) trusts any certificate.
+    let careless = federating(Backend::Sqlite, Trust { test_ca: false, skip_verify: true, ..TRUSTING }).await;
+    let (_, token, _) = careless.register("erin").await;
+    let (status, body) = careless.get(&format!("/_matrix/client/v3/profile/{bob}"), Some(&token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    careless.stop().await;
     b.stop().await;
     untrusting.stop().await;
     strict.stop().await;

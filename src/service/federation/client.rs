@@ -89,8 +89,8 @@ impl reqwest::dns::Resolve for PinnedAddrs {
 }
 
 impl FederationClient {
-    /// Builds the client from `[federation]`: the platform's roots plus
-    /// `extra_ca_file`, or no verification with `skip_tls_verify`.
+    /// Builds the client from `[federation]`: the system's roots (or Mozilla's when the
+    /// system has none) plus `extra_ca_file`, or no verification with `skip_tls_verify`.
     pub fn new(config: &FederationConfig) -> Result<Self, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -110,9 +110,14 @@ impl FederationClient {
                     |e| format!("config key `federation.extra_ca_file`: cannot read {}: {e}", path.display()),
                 )?
             };
-            let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider)
-                .map_err(|e| format!("federation TLS: cannot load the trusted roots: {e}"))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier)).with_no_client_auth()
+            let mut roots = system_roots();
+            for cert in extra {
+                roots.add(cert).map_err(|e| format!("config key `federation.extra_ca_file`: {e}"))?;
+            }
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("federation TLS: {e}"))?;
+            builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
         };
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let pinned = PinnedAddrs { map: Default::default(), allow_private: config.allow_private_destinations };
@@ -226,6 +231,19 @@ fn remote_error(destination: &ServerName, error: ruma::api::error::Error) -> Err
         ErrorKind::Unknown,
         format!("{destination} answered {} {errcode}: {message}", error.status_code.as_u16()),
     )
+}
+
+/// The system's trusted CA certificates, or Mozilla's (`webpki-roots`) when the
+/// system has none (a container without `ca-certificates`).
+fn system_roots() -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        tracing::info!("no CA certificates found on the system: trusting the Mozilla roots built into Convo");
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    roots
 }
 
 /// A reqwest error with its causes (TLS failures hide in the chain).

@@ -35,6 +35,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// again for a key it did not list (so that requests naming unknown key ids cannot
 /// make this server hammer the origin).
 const MIN_REFETCH: Duration = Duration::from_secs(60);
+/// Past this many servers, the backoff and last-fetch records drop what has lapsed
+/// (any origin name can be made up, so they must not grow without end).
+const MAX_TRACKED: usize = 10_000;
 
 /// In-memory state of the key fetcher (the keys themselves live in the database).
 #[derive(Default)]
@@ -151,7 +154,25 @@ impl Services {
         let fetcher = &self.federation.keys;
         let lock =
             fetcher.fetching.lock().unwrap_or_else(|e| e.into_inner()).entry(server.to_owned()).or_default().clone();
-        let _guard = lock.lock().await;
+        let result = {
+            let _guard = lock.lock().await;
+            self.fetch_server_keys_locked(server, satisfied).await
+        };
+        // Forget the lock once no other caller holds or waits for it.
+        let mut fetching = fetcher.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        if fetching.get(server).is_some_and(|l| Arc::ptr_eq(l, &lock)) && Arc::strong_count(&lock) == 2 {
+            fetching.remove(server);
+        }
+        result
+    }
+
+    /// `fetch_server_keys` under the server's fetch lock.
+    async fn fetch_server_keys_locked(
+        &self,
+        server: &ServerName,
+        satisfied: impl Fn(&[StoredServerKey]) -> bool,
+    ) -> Result<()> {
+        let fetcher = &self.federation.keys;
         // Another caller may have fetched while this one waited.
         if satisfied(&self.store.get_server_signing_keys(server.as_str()).await?) {
             return Ok(());
@@ -178,17 +199,23 @@ impl Services {
         match &result {
             Ok(()) => {
                 backoff.remove(server);
-                fetcher.fetched.lock().unwrap_or_else(|e| e.into_inner()).insert(server.to_owned(), Instant::now());
+                let mut fetched = fetcher.fetched.lock().unwrap_or_else(|e| e.into_inner());
+                if fetched.len() >= MAX_TRACKED {
+                    fetched.retain(|_, at| at.elapsed() < MIN_REFETCH);
+                }
+                fetched.insert(server.to_owned(), Instant::now());
             }
             Err(e) => {
                 let failures = backoff.get(server).map_or(0, |(_, n)| *n) + 1;
                 let wait = FIRST_BACKOFF.saturating_mul(1 << (failures - 1).min(16)).min(MAX_BACKOFF);
                 tracing::info!(%server, error = %e, wait_s = wait.as_secs(), "fetching a server's signing keys failed");
+                if backoff.len() >= MAX_TRACKED {
+                    let now = Instant::now();
+                    backoff.retain(|_, (until, _)| *until > now);
+                }
                 backoff.insert(server.to_owned(), (Instant::now() + wait, failures));
             }
         }
-        drop(backoff);
-        fetcher.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(server);
         result
     }
 
