@@ -42,6 +42,10 @@ const TRUSTING: Trust = Trust { test_ca: true, allow_private: true, skip_verify:
 
 /// A server named `127.0.0.1:PORT`, serving federation over TLS on that port.
 async fn federating(backend: Backend, trust: Trust) -> TestServer {
+    federating_with(backend, trust, |_| {}).await
+}
+
+async fn federating_with(backend: Backend, trust: Trust, tweak: impl FnOnce(&mut convo::config::Config)) -> TestServer {
     let port = free_port();
     TestServer::start_with(backend, |c| {
         c.server_name = format!("127.0.0.1:{port}").try_into().unwrap();
@@ -53,6 +57,7 @@ async fn federating(backend: Backend, trust: Trust) -> TestServer {
         }
         c.federation.allow_private_destinations = trust.allow_private;
         c.federation.skip_tls_verify = trust.skip_verify;
+        tweak(c);
     })
     .await
 }
@@ -133,13 +138,20 @@ fn assert_signed_by(object: &Value, entity: &str, keys: &Value) {
 }
 
 async fn federation_listener_serves_tls_and_only_federation_paths(backend: Backend) {
-    let b = federating(backend, TRUSTING).await;
-    // A connection that never starts its TLS handshake holds nothing up.
-    let stalled = tokio::net::TcpStream::connect(b.running.as_ref().unwrap().federation_addr.unwrap()).await.unwrap();
+    let b = federating_with(backend, TRUSTING, |c| c.limits.header_read_timeout_ms = 500).await;
+    // A connection that never starts its TLS handshake holds nothing up, and is closed
+    // after limits.header_read_timeout_ms.
+    let mut stalled =
+        tokio::net::TcpStream::connect(b.running.as_ref().unwrap().federation_addr.unwrap()).await.unwrap();
     let (status, body) = fed_request(&b, Method::GET, "/_matrix/federation/v1/version", None, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["server"]["name"], "Convo");
-    drop(stalled);
+    let mut buf = [0u8; 16];
+    let read =
+        tokio::time::timeout(std::time::Duration::from_secs(10), tokio::io::AsyncReadExt::read(&mut stalled, &mut buf))
+            .await
+            .expect("the stalled handshake is cut");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
 
     let (status, keys) = fed_request(&b, Method::GET, "/_matrix/key/v2/server", None, None).await;
     assert_eq!(status, StatusCode::OK, "{keys}");

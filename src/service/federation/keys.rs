@@ -35,6 +35,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// again for a key it did not list (so that requests naming unknown key ids cannot
 /// make this server hammer the origin).
 const MIN_REFETCH: Duration = Duration::from_secs(60);
+/// The longest a fetched key is trusted before it is fetched again (7 days).
+const MAX_KEY_TRUST_MS: i64 = 7 * 86_400_000;
 /// Past this many servers, the backoff and last-fetch records drop what has lapsed
 /// (any origin name can be made up, so they must not grow without end).
 const MAX_TRACKED: usize = 10_000;
@@ -227,8 +229,14 @@ impl Services {
             .client
             .send(self.server_name(), &self.signing_key, server, get_server_keys::v2::Request::new())
             .await?;
-        let (keys, stored) = check_key_response(server, &response.server_key)?;
-        self.store.store_server_keys(server.as_str(), &keys, &stored, now_ms()).await
+        let (mut keys, stored) = check_key_response(server, &response.server_key)?;
+        // The spec: a key is trusted at most 7 days past when it was fetched, whatever
+        // its `valid_until_ts` says.
+        let now = now_ms();
+        for key in &mut keys {
+            key.valid_until_ts = key.valid_until_ts.min(now + MAX_KEY_TRUST_MS);
+        }
+        self.store.store_server_keys(server.as_str(), &keys, &stored, now).await
     }
 
     /// Notary: the key responses of the servers asked about, each as its origin signed
