@@ -194,9 +194,12 @@ async fn remote_keys_are_fetched_once_and_cached(backend: Backend) {
     }
     assert_eq!(services(&a).federation.keys.requests_sent(), 1);
 
-    // A second lookup uses the cache.
-    let map = services(&a).server_public_keys(&[name(&b)]).await.unwrap();
+    // A second lookup uses the cache; A's own key is known without asking.
+    let map = services(&a).server_public_keys(&[name(&b), name(&a)]).await.unwrap();
     assert_eq!(map[name(&b).as_str()][&key_id].encode(), published["verify_keys"][&key_id]["key"].as_str().unwrap());
+    let own_id = format!("ed25519:{}", services(&a).signing_key.version());
+    let own_key = STANDARD_NO_PAD.encode(services(&a).signing_key.public_key());
+    assert_eq!(map[name(&a).as_str()][&own_id].encode(), own_key);
     assert_eq!(services(&a).federation.keys.requests_sent(), 1);
 
     // The cache is in the database: after a restart, still no request.

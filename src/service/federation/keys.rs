@@ -97,10 +97,16 @@ impl Services {
     /// The public keys of `servers` (current and old ones), fetched where none is
     /// valid now, for checking signatures on events. A server whose keys cannot be
     /// had is left out of the map (checking its signatures then fails), and logged.
+    #[tracing::instrument(skip(self))]
     pub async fn server_public_keys(&self, servers: &[OwnedServerName]) -> Result<PublicKeyMap> {
         let mut map = PublicKeyMap::new();
         for server in servers {
-            match self.stored_keys(server, true).await {
+            if server == self.server_name() {
+                let key = Base64::new(self.signing_key.public_key().to_vec());
+                map.insert(server.to_string(), PublicKeySet::from([(own_key_id(&self.signing_key), key)]));
+                continue;
+            }
+            match self.stored_keys(server).await {
                 Ok(keys) => {
                     let set: PublicKeySet =
                         keys.into_iter().filter_map(|k| Some((k.key_id, Base64::parse(&k.public_key).ok()?))).collect();
@@ -115,6 +121,7 @@ impl Services {
 
     /// The public key `key_id` of `server`, valid now (fetched when unknown or
     /// expired), for checking a request's `X-Matrix` signature.
+    #[tracing::instrument(skip(self))]
     pub async fn server_key(&self, server: &ServerName, key_id: &str) -> Result<Base64> {
         let now = now_ms();
         let usable = |keys: &[StoredServerKey]| {
@@ -131,14 +138,13 @@ impl Services {
         usable(&keys).ok_or_else(|| Error::federation(format!("{server} does not publish the key {key_id}")))
     }
 
-    /// The stored keys of `server`; fetched first when none is valid now (and
-    /// `fetch` is set).
-    async fn stored_keys(&self, server: &ServerName, fetch: bool) -> Result<Vec<StoredServerKey>> {
+    /// The stored keys of `server`; fetched first when none is valid now.
+    async fn stored_keys(&self, server: &ServerName) -> Result<Vec<StoredServerKey>> {
         let now = now_ms();
         let has_current =
             |keys: &[StoredServerKey]| keys.iter().any(|k| k.expired_ts.is_none() && k.valid_until_ts > now);
         let keys = self.store.get_server_signing_keys(server.as_str()).await?;
-        if has_current(&keys) || !fetch {
+        if has_current(&keys) {
             return Ok(keys);
         }
         self.fetch_server_keys(server, has_current).await?;
@@ -243,6 +249,7 @@ impl Services {
     /// it plus our signature. Fetched from the origin when what is stored does not meet
     /// `minimum_valid_until_ts` (or is no longer valid). Servers that cannot be reached
     /// are left out, as the spec says.
+    #[tracing::instrument(skip(self))]
     pub async fn notary_server_keys(
         &self,
         queries: BTreeMap<OwnedServerName, BTreeMap<ruma::OwnedServerSigningKeyId, QueryCriteria>>,

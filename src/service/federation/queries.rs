@@ -19,6 +19,7 @@ use crate::{
 impl Services {
     /// A user's profile (or only `field` of it): read here for local users, asked of
     /// the user's server for others.
+    #[tracing::instrument(skip(self))]
     pub async fn lookup_profile(&self, user_id: &UserId, field: Option<&str>) -> Result<UserProfile> {
         if user_id.server_name() == self.server_name() {
             return self.get_profile(user_id).await;
@@ -29,6 +30,7 @@ impl Services {
     }
 
     /// Federation `query/profile`: a local user's profile, or one field of it.
+    #[tracing::instrument(skip(self))]
     pub async fn query_profile(&self, user_id: &UserId, field: Option<&ProfileFieldName>) -> Result<UserProfile> {
         if user_id.server_name() != self.server_name() {
             return Err(Error::not_found(format!("{user_id} is not a user of this server")));
@@ -46,6 +48,7 @@ impl Services {
 
     /// A room alias: resolved here for local aliases, asked of the alias's server for
     /// others. Answers the room and servers that can be joined through.
+    #[tracing::instrument(skip(self))]
     pub async fn lookup_alias(&self, alias: &RoomAliasId) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
         if alias.server_name() == self.server_name() {
             return self.query_directory(alias).await;
@@ -58,6 +61,7 @@ impl Services {
 
     /// Federation `query/directory`: one of this server's aliases. The servers are
     /// this one (the rooms Convo knows are all joined here).
+    #[tracing::instrument(skip(self))]
     pub async fn query_directory(&self, alias: &RoomAliasId) -> Result<(OwnedRoomId, Vec<OwnedServerName>)> {
         if alias.server_name() != self.server_name() {
             return Err(Error::not_found(format!("{alias} is not an alias of this server")));
@@ -68,6 +72,7 @@ impl Services {
 
     /// Another server's public room directory (the client's `publicRooms` with
     /// `server`): `filter` set asks with `POST`, else `GET`.
+    #[tracing::instrument(skip(self))]
     pub async fn remote_public_rooms(
         &self,
         server: &ServerName,
