@@ -223,6 +223,9 @@ async fn remote_keys_are_fetched_once_and_cached(backend: Backend) {
     stored[0].valid_until_ts = convo::service::now_ms() - 1;
     let response = convo::storage::StoredKeyResponse { response: "{}".into(), valid_until_ts: 0 };
     services(&a).store.store_server_keys(name(&b).as_str(), &stored, &response, 0).await.unwrap();
+    // (An older response never replaces a newer one.)
+    let kept = services(&a).store.get_server_key_response(name(&b).as_str()).await.unwrap().unwrap();
+    assert_ne!(kept.response, "{}");
     let mut a = a;
     a.restart().await; // forgets when B was last fetched
     services(&a).server_key(&name(&b), &key_id).await.unwrap();
@@ -278,6 +281,12 @@ async fn the_notary_answers_with_both_signatures(backend: Backend) {
     let (status, body) = fed_request(&a, Method::POST, "/_matrix/key/v2/query", Some(&query), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["server_keys"], json!([]));
+    // Queries are bounded.
+    let many: serde_json::Map<String, Value> =
+        (0..101).map(|i| (format!("127.0.0.1:{}", 1000 + i), json!({}))).collect();
+    let result =
+        fed_request(&a, Method::POST, "/_matrix/key/v2/query", Some(&json!({"server_keys": many})), None).await;
+    assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
     a.stop().await;
     b.stop().await;
 }

@@ -35,6 +35,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// again for a key it did not list (so that requests naming unknown key ids cannot
 /// make this server hammer the origin).
 const MIN_REFETCH: Duration = Duration::from_secs(60);
+/// The most servers one notary query may name (each may cost a request).
+const MAX_NOTARY_SERVERS: usize = 100;
 /// The longest a fetched key is trusted before it is fetched again (7 days).
 const MAX_KEY_TRUST_MS: i64 = 7 * 86_400_000;
 /// Past this many servers, the backoff and last-fetch records drop what has lapsed
@@ -254,39 +256,52 @@ impl Services {
         &self,
         queries: BTreeMap<OwnedServerName, BTreeMap<ruma::OwnedServerSigningKeyId, QueryCriteria>>,
     ) -> Result<Vec<Raw<ServerSigningKeys>>> {
-        let mut answers = Vec::new();
-        for (server, criteria) in queries {
-            let wanted_until = criteria
-                .values()
-                .filter_map(|c| c.minimum_valid_until_ts)
-                .max()
-                .map_or(now_ms(), |ts| millis(ts).max(now_ms()));
-            if server == *self.server_name() {
-                answers.push(self.own_server_keys()?);
-                continue;
-            }
-            let fresh =
-                |stored: &Option<StoredKeyResponse>| stored.as_ref().is_some_and(|r| r.valid_until_ts >= wanted_until);
-            let mut stored = self.store.get_server_key_response(server.as_str()).await?;
-            if !fresh(&stored) {
-                let satisfied = |_: &[StoredServerKey]| false;
-                match self.fetch_server_keys(&server, satisfied).await {
-                    Ok(()) => stored = self.store.get_server_key_response(server.as_str()).await?,
-                    Err(Error::Unavailable(e)) => return Err(Error::Unavailable(e)),
-                    Err(e) => tracing::info!(%server, error = %e, "notary: cannot fetch a server's keys"),
-                }
-            }
-            // What is stored, even if older than asked for, is still the origin's
-            // signed word: the asking server judges its validity.
-            if let Some(stored) = stored {
-                let mut object: CanonicalJsonObject = serde_json::from_str(&stored.response)
-                    .map_err(|e| Error::internal(format!("stored key response of {server}: {e}")))?;
-                sign_json(self.server_name().as_str(), &self.signing_key, &mut object)
-                    .map_err(|e| Error::internal(format!("cannot sign a notary answer: {e}")))?;
-                answers.push(to_raw(&object)?);
-            }
+        if queries.len() > MAX_NOTARY_SERVERS {
+            return Err(Error::invalid_param(format!("A key query names {MAX_NOTARY_SERVERS} servers at most")));
         }
-        Ok(answers)
+        let answers = futures_util::future::join_all(
+            queries.iter().map(|(server, criteria)| self.notary_answer(server, criteria)),
+        )
+        .await;
+        let mut keys = Vec::new();
+        for answer in answers {
+            keys.extend(answer?);
+        }
+        Ok(keys)
+    }
+
+    /// The notary's answer about one server, if it has one.
+    async fn notary_answer(
+        &self,
+        server: &ServerName,
+        criteria: &BTreeMap<ruma::OwnedServerSigningKeyId, QueryCriteria>,
+    ) -> Result<Option<Raw<ServerSigningKeys>>> {
+        if server == self.server_name() {
+            return self.own_server_keys().map(Some);
+        }
+        let wanted_until = criteria
+            .values()
+            .filter_map(|c| c.minimum_valid_until_ts)
+            .max()
+            .map_or(now_ms(), |ts| millis(ts).max(now_ms()));
+        let mut stored = self.store.get_server_key_response(server.as_str()).await?;
+        if !stored.as_ref().is_some_and(|r| r.valid_until_ts >= wanted_until) {
+            match self.fetch_server_keys(server, |_| false).await {
+                Ok(()) => {}
+                Err(Error::Unavailable(e)) => return Err(Error::Unavailable(e)),
+                Err(e) => tracing::info!(%server, error = %e, "notary: cannot fetch a server's keys"),
+            }
+            // Also after a failure: another request may have fetched meanwhile.
+            stored = self.store.get_server_key_response(server.as_str()).await?;
+        }
+        // What is stored, even if older than asked for, is still the origin's signed
+        // word: the asking server judges its validity.
+        let Some(stored) = stored else { return Ok(None) };
+        let mut object: CanonicalJsonObject = serde_json::from_str(&stored.response)
+            .map_err(|e| Error::internal(format!("stored key response of {server}: {e}")))?;
+        sign_json(self.server_name().as_str(), &self.signing_key, &mut object)
+            .map_err(|e| Error::internal(format!("cannot sign a notary answer: {e}")))?;
+        to_raw(&object).map(Some)
     }
 }
 
