@@ -285,7 +285,7 @@ impl Services {
             .max()
             .map_or(now_ms(), |ts| millis(ts).max(now_ms()));
         let mut stored = self.store.get_server_key_response(server.as_str()).await?;
-        if !stored.as_ref().is_some_and(|r| r.valid_until_ts >= wanted_until) {
+        if stored.as_ref().is_none_or(|r| r.valid_until_ts < wanted_until) {
             match self.fetch_server_keys(server, |_| false).await {
                 Ok(()) => {}
                 Err(Error::Unavailable(e)) => return Err(Error::Unavailable(e)),
