@@ -50,6 +50,9 @@ impl OutboundAuth for NoAuthentication {
     fn input<'a>(_: &ServerName, _: &ServerName, _: &'a Ed25519KeyPair) -> Self::Input<'a> {}
 }
 
+/// The most hosts whose addresses are pinned at once.
+const MAX_PINNED_HOSTS: usize = 10_000;
+
 /// Sends requests to other homeservers.
 pub struct FederationClient {
     http: reqwest::Client,
@@ -165,11 +168,13 @@ impl FederationClient {
         let host =
             if target.tls_name.contains(':') { format!("[{}]", target.tls_name) } else { target.tls_name.clone() };
         if !target.addrs.is_empty() {
-            self.pinned
-                .map
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(target.tls_name.clone(), target.addrs.clone());
+            let mut pinned = self.pinned.map.lock().unwrap_or_else(|e| e.into_inner());
+            // Any server name can be made up: the map must not grow without end (a
+            // host dropped here is pinned again by its next request).
+            if pinned.len() >= MAX_PINNED_HOSTS && !pinned.contains_key(&target.tls_name) {
+                pinned.clear();
+            }
+            pinned.insert(target.tls_name.clone(), target.addrs.clone());
         }
         let base = format!("https://{host}:{}", target.port);
         let auth = <T::Authentication as OutboundAuth>::input(origin, destination, key);
