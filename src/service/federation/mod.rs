@@ -1,5 +1,47 @@
 //! Federation: talking to other homeservers. `discovery` finds where a server name is
-//! served (the spec's server discovery); the rest of this module grows the outbound
-//! client, server keys and the event exchange.
+//! served (the spec's server discovery); `client` sends signed requests there; `keys`
+//! publishes this server's signing key and fetches, checks and caches other servers'
+//! keys; `auth` checks the `X-Matrix` signature of inbound requests; `queries` serves
+//! and asks the directory, profile and room-directory queries.
 
+pub mod auth;
+pub mod client;
 pub mod discovery;
+pub mod keys;
+pub mod queries;
+
+/// The federation state of one server: the outbound client and the key fetcher.
+pub struct Federation {
+    pub client: client::FederationClient,
+    pub keys: keys::KeyFetcher,
+}
+
+impl Federation {
+    pub fn new(config: &crate::config::Federation) -> Result<Self, String> {
+        Ok(Self { client: client::FederationClient::new(config)?, keys: keys::KeyFetcher::default() })
+    }
+}
+
+impl crate::service::Services {
+    /// Sends `request` to `destination`, signed as this server when the endpoint needs
+    /// it, and answers the parsed response. The one way other code talks to another
+    /// server. Errors: `502 M_UNKNOWN` naming the server and the cause (unreachable,
+    /// refused address, TLS, bad answer), or the other server's `404 M_NOT_FOUND`.
+    pub async fn send_federation_request<T>(
+        &self,
+        destination: &ruma::ServerName,
+        request: T,
+    ) -> crate::error::Result<T::IncomingResponse>
+    where
+        T: ruma::api::OutgoingRequest<
+                EndpointError = ruma::api::error::Error,
+                PathBuilder = ruma::api::path_builder::SinglePath,
+            > + Send,
+        T::Authentication: client::OutboundAuth,
+    {
+        if destination == self.server_name() {
+            return Err(crate::error::Error::internal("a federation request addressed to this server itself"));
+        }
+        self.federation.client.send(self.server_name(), &self.signing_key, destination, request).await
+    }
+}
