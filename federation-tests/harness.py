@@ -1,0 +1,500 @@
+"""The federation test harness: a throwaway CA, two real Convo servers and one Synapse
+(from PyPI, in this folder's venv) federating on loopback, and the helpers the tests
+use to talk to them (client API, federation API, X-Matrix signing).
+
+Every server gets IP-literal names `127.0.0.1:PORT` (PORT: its federation listener), so
+that server discovery connects straight there: no well-known, no SRV. Ports are picked
+at run time; every wait polls with a deadline; every request has a timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import signedjson.key
+import signedjson.sign
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CONVO_BIN = os.environ.get("TEST_CONVO_BIN", str(REPO / "target/debug/convo"))
+PASSWORD = "Correct-Horse-42"
+START_DEADLINE_S = float(os.environ.get("FEDTEST_START_DEADLINE_S", "60"))
+HTTP_TIMEOUT_S = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 60) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd!r} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out.stdout
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        return f"(no log: {e})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_until(what: str, check, deadline_s: float, on_timeout=lambda: "") -> Any:
+    """Calls `check()` until it returns something truthy, up to `deadline_s` seconds."""
+    deadline = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (httpx.HTTPError, OSError) as e:
+            last = e
+        time.sleep(0.1)
+    raise TimeoutError(f"{what}: not within {deadline_s} s (last error: {last!r})\n{on_timeout()}")
+
+
+# ---------------------------------------------------------------------------------------
+# The throwaway CA
+
+
+@dataclass
+class TestCA:
+    """A CA made at run time with the openssl CLI, and one leaf certificate for
+    `IP:127.0.0.1, DNS:localhost` that every server presents."""
+
+    dir: Path
+    ca_cert: Path
+    leaf_cert: Path
+    leaf_key: Path
+
+    @classmethod
+    def make(cls, dir: Path) -> "TestCA":
+        dir.mkdir(parents=True, exist_ok=True)
+        (dir / "ca.cnf").write_text(
+            "[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = v3_ca\n"
+            "[dn]\nCN = Convo federation tests CA\n"
+            "[v3_ca]\nbasicConstraints = critical, CA:TRUE\n"
+            "keyUsage = critical, keyCertSign, cRLSign\n"
+            "subjectKeyIdentifier = hash\n"
+        )
+        (dir / "leaf.ext").write_text(
+            "basicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature, keyEncipherment\n"
+            "extendedKeyUsage = serverAuth, clientAuth\n"
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+            "subjectKeyIdentifier = hash\n"
+            "authorityKeyIdentifier = keyid\n"
+        )
+        # openssl must not read the machine's config for these commands.
+        env = {**os.environ, "OPENSSL_CONF": str(dir / "ca.cnf")}
+        ossl = ["openssl"]
+        run(ossl + ["req", "-x509", "-new", "-nodes", "-newkey", "rsa:2048", "-days", "2",
+                    "-config", "ca.cnf", "-keyout", "ca.key", "-out", "ca.pem"], cwd=dir, env=env)
+        run(ossl + ["req", "-new", "-nodes", "-newkey", "rsa:2048", "-config", "ca.cnf",
+                    "-subj", "/CN=127.0.0.1", "-keyout", "leaf.key", "-out", "leaf.csr"], cwd=dir, env=env)
+        run(ossl + ["x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                    "-CAcreateserial", "-days", "2", "-extfile", "leaf.ext", "-out", "leaf.pem"], cwd=dir, env=env)
+        return cls(dir, dir / "ca.pem", dir / "leaf.pem", dir / "leaf.key")
+
+
+# ---------------------------------------------------------------------------------------
+# Servers
+
+
+class Server:
+    """What the tests need of any homeserver: its name, its client API (plain HTTP) and
+    its federation API (TLS, checked against the test CA)."""
+
+    kind = "server"
+
+    def __init__(self, label: str, workdir: Path, ca: TestCA):
+        self.label = label
+        self.workdir = workdir
+        self.ca = ca
+        self.fed_port = free_port()
+        self.client_port = free_port()
+        self.name = f"127.0.0.1:{self.fed_port}"
+        self.client_url = f"http://127.0.0.1:{self.client_port}"
+        self.fed_url = f"https://127.0.0.1:{self.fed_port}"
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self):
+        return f"<{self.kind} {self.label} {self.name}>"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca.ca_cert))
+
+    # -- process
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict:
+        return dict(os.environ)
+
+    def spawn(self):
+        """Starts the process without waiting for it (see `wait_ready`)."""
+        assert self.proc is None or self.proc.poll() is not None, f"{self} is already running"
+        self._log = open(self.log_path, "a")
+        self._log.write(f"\n===== harness: starting {self} at {time.strftime('%H:%M:%S')}\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(
+            self.command(), cwd=self.workdir, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, deadline_s: float = START_DEADLINE_S):
+        """Polls the client API and the federation listener (TLS verified against the
+        test CA) until both answer."""
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self} exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            httpx.get(f"{self.client_url}/_matrix/client/versions", timeout=1).raise_for_status()
+            r = httpx.get(f"{self.fed_url}/_matrix/federation/v1/version", timeout=1, verify=self.ssl_context())
+            return r.status_code == 200
+
+        wait_until(f"{self} answering", ready, deadline_s, self.log_tail)
+
+    def start(self):
+        self.spawn()
+        self.wait_ready()
+
+    def stop(self, timeout: float = 15):
+        """SIGTERM, then SIGKILL past `timeout` seconds. The data stays: `start` again
+        brings the server back with the same name, ports, keys and database."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        if self._log:
+            self._log.write(f"===== harness: stopped {self} at {time.strftime('%H:%M:%S')}\n")
+            self._log.close()
+            self._log = None
+
+    def kill(self):
+        """SIGKILL: a crash, for tests of what survives one."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail(self.log_path, lines)
+
+    # -- HTTP
+
+    def client(self, access_token: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
+        return httpx.Client(base_url=self.client_url, headers=headers, timeout=HTTP_TIMEOUT_S)
+
+    def fed(self) -> httpx.Client:
+        """Unauthenticated HTTPS to the federation listener (keys, version, raw requests
+        with a hand-made Authorization header)."""
+        return httpx.Client(base_url=self.fed_url, verify=self.ssl_context(), timeout=HTTP_TIMEOUT_S)
+
+    def server_keys(self) -> dict:
+        with self.fed() as f:
+            r = f.get("/_matrix/key/v2/server")
+        r.raise_for_status()
+        return r.json()
+
+    def register(self, localpart: str | None = None, displayname: str | None = None) -> "User":
+        """Registers a user with open registration (the m.login.dummy flow, in two steps
+        as a client does) and sets its display name when given."""
+        localpart = localpart or f"u{secrets.token_hex(4)}"
+        body = {"username": localpart, "password": PASSWORD, "inhibit_login": False,
+                "initial_device_display_name": "federation-tests"}
+        with self.client() as c:
+            r = c.post("/_matrix/client/v3/register", json=body)
+            if r.status_code == 401:
+                session = r.json().get("session")
+                r = c.post("/_matrix/client/v3/register",
+                           json={**body, "auth": {"type": "m.login.dummy", "session": session}})
+            assert r.status_code == 200, f"register on {self}: {r.status_code} {r.text}"
+        data = r.json()
+        user = User(self, data["user_id"], data["access_token"])
+        if displayname is not None:
+            r = user.put(f"/_matrix/client/v3/profile/{quote(user.user_id)}/displayname", {"displayname": displayname})
+            assert r.status_code == 200, r.text
+        return user
+
+
+class Convo(Server):
+    kind = "convo"
+
+    def __init__(self, label: str, workdir: Path, ca: TestCA, database_url: str = ""):
+        super().__init__(label, workdir, ca)
+        self.database_url = database_url
+
+    def command(self):
+        return [CONVO_BIN]
+
+    def env(self):
+        env = {
+            **os.environ,
+            "CONVO_SERVER_NAME": self.name,
+            "CONVO_DATA_DIR": str(self.workdir / "data"),
+            "CONVO_LISTENERS__CLIENT": f"127.0.0.1:{self.client_port}",
+            "CONVO_LISTENERS__FEDERATION": f"127.0.0.1:{self.fed_port}",
+            "CONVO_LISTENERS__FEDERATION_TLS_CERTIFICATE": str(self.ca.leaf_cert),
+            "CONVO_LISTENERS__FEDERATION_TLS_KEY": str(self.ca.leaf_key),
+            "CONVO_FEDERATION__EXTRA_CA_FILE": str(self.ca.ca_cert),
+            "CONVO_FEDERATION__SKIP_TLS_VERIFY": "false",
+            "CONVO_FEDERATION__ALLOW_PRIVATE_DESTINATIONS": "true",
+            "CONVO_REGISTRATION__MODE": "open",
+            "CONVO_RATE_LIMITS__ENABLED": "false",
+            "CONVO_PASSWORD_HASHING__MEMORY_KIB": "1024",
+            "CONVO_PASSWORD_HASHING__ITERATIONS": "1",
+            "CONVO_LOGGING__LEVEL": os.environ.get("FEDTEST_CONVO_LOG", "convo=debug,info"),
+            "CONVO_DATABASE__URL": self.database_url,
+            "NO_COLOR": "1",
+        }
+        env.pop("RUST_LOG", None)
+        return env
+
+
+SYNAPSE_LOG_CONFIG = """\
+version: 1
+formatters:
+  plain:
+    format: '%(asctime)s %(levelname)s %(name)s: %(message)s'
+handlers:
+  file:
+    class: logging.FileHandler
+    formatter: plain
+    filename: {log}
+root:
+  level: {level}
+  handlers: [file]
+disable_existing_loggers: false
+"""
+
+# Every rc_* limit raised far past what a test run does.
+_MANY = {"per_second": 10000, "burst_count": 100000}
+SYNAPSE_RATE_LIMITS = {
+    "rc_message": _MANY,
+    "rc_registration": _MANY,
+    "rc_registration_token_validity": _MANY,
+    "rc_login": {"address": _MANY, "account": _MANY, "failed_attempts": _MANY},
+    "rc_admin_redaction": _MANY,
+    "rc_joins": {"local": _MANY, "remote": _MANY},
+    "rc_joins_per_room": _MANY,
+    "rc_3pid_validation": _MANY,
+    "rc_invites": {"per_room": _MANY, "per_user": _MANY, "per_issuer": _MANY},
+    "rc_third_party_invite": _MANY,
+    "rc_media_create": _MANY,
+    "rc_federation": {"window_size": 1000, "sleep_limit": 10000, "sleep_delay": 1,
+                      "reject_limit": 100000, "concurrent": 1000},
+    "rc_presence": {"per_user": _MANY},
+    "rc_delayed_event_mgmt": _MANY,
+    "rc_room_creation": _MANY,
+    "rc_reports": _MANY,
+}
+
+
+class Synapse(Server):
+    kind = "synapse"
+
+    def __init__(self, label: str, workdir: Path, ca: TestCA):
+        super().__init__(label, workdir, ca)
+        self.signing_key_path = workdir / "signing.key"
+        self.config_path = workdir / "homeserver.yaml"
+        self.synapse_log = workdir / "homeserver.log"
+        self.write_config()
+
+    def write_config(self):
+        key = signedjson.key.generate_signing_key(f"a_{secrets.token_hex(2)}")
+        with open(self.signing_key_path, "w") as f:
+            signedjson.key.write_signing_keys(f, [key])
+        (self.workdir / "log.yaml").write_text(
+            SYNAPSE_LOG_CONFIG.format(log=self.synapse_log, level=os.environ.get("FEDTEST_SYNAPSE_LOG", "WARNING"))
+        )
+        allow_all = [{"user_id": "*", "alias": "*", "room_id": "*", "action": "allow"}]
+        config = {
+            "server_name": self.name,
+            "pid_file": str(self.workdir / "homeserver.pid"),
+            "report_stats": False,
+            "signing_key_path": str(self.signing_key_path),
+            "log_config": str(self.workdir / "log.yaml"),
+            "media_store_path": str(self.workdir / "media"),
+            "database": {"name": "sqlite3", "args": {"database": str(self.workdir / "homeserver.db")}},
+            "macaroon_secret_key": secrets.token_hex(32),
+            "form_secret": secrets.token_hex(32),
+            "registration_shared_secret": secrets.token_hex(32),
+            "listeners": [
+                {"port": self.fed_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": True,
+                 "x_forwarded": False, "resources": [{"names": ["federation"], "compress": False}]},
+                {"port": self.client_port, "bind_addresses": ["127.0.0.1"], "type": "http", "tls": False,
+                 "x_forwarded": False, "resources": [{"names": ["client"], "compress": False}]},
+            ],
+            "tls_certificate_path": str(self.ca.leaf_cert),
+            "tls_private_key_path": str(self.ca.leaf_key),
+            # Outbound federation: verify the peers' certificates against the test CA.
+            "federation_verify_certificates": True,
+            "federation_custom_ca_list": [str(self.ca.ca_cert)],
+            # 127.0.0.0/8 is in the default blacklist, which IP-literal server names are
+            # checked against (the whitelist alone is not enough).
+            "ip_range_blacklist": [],
+            "ip_range_whitelist": ["127.0.0.0/8", "::1/128"],
+            "trusted_key_servers": [],
+            "suppress_key_server_warning": True,
+            "bcrypt_rounds": 4,  # cheap password hashing: tests register many users
+            "enable_registration": True,
+            "enable_registration_without_verification": True,
+            "allow_public_rooms_over_federation": True,
+            "allow_public_rooms_without_auth": True,
+            "alias_creation_rules": allow_all,
+            "room_list_publication_rules": allow_all,
+            "presence": {"enabled": True},
+            "url_preview_enabled": False,
+            "enable_metrics": False,
+            **SYNAPSE_RATE_LIMITS,
+        }
+        # JSON is YAML: no YAML writer needed.
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    def command(self):
+        return [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)]
+
+    def env(self):
+        env = dict(os.environ)
+        env.pop("SYNAPSE_CONFIG_PATH", None)
+        return env
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail(self.log_path, lines // 2) + "\n----- homeserver.log\n" + tail(self.synapse_log, lines)
+
+    def signer(self) -> "Signer":
+        """Signs requests as this Synapse, with its real key (the harness wrote it)."""
+        with open(self.signing_key_path) as f:
+            (key,) = signedjson.key.read_signing_keys(f)
+        return Signer(self.name, key)
+
+
+# ---------------------------------------------------------------------------------------
+# Users and requests
+
+
+@dataclass
+class User:
+    server: Server
+    user_id: str
+    access_token: str
+
+    def request(self, method: str, path: str, json_body: Any = None, params: dict | None = None) -> httpx.Response:
+        with self.server.client(self.access_token) as c:
+            return c.request(method, path, json=json_body, params=params)
+
+    def get(self, path: str, params: dict | None = None) -> httpx.Response:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: Any = None, params: dict | None = None) -> httpx.Response:
+        return self.request("POST", path, body if body is not None else {}, params)
+
+    def put(self, path: str, body: Any) -> httpx.Response:
+        return self.request("PUT", path, body)
+
+    def create_room(self, **body) -> str:
+        r = self.post("/_matrix/client/v3/createRoom", body)
+        assert r.status_code == 200, f"createRoom on {self.server}: {r.status_code} {r.text}"
+        return r.json()["room_id"]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(4)}"
+
+
+# ---------------------------------------------------------------------------------------
+# X-Matrix
+
+
+def unpadded_b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+class Signer:
+    """Makes X-Matrix Authorization headers for a server name with an ed25519 key."""
+
+    def __init__(self, origin: str, key):
+        self.origin = origin
+        self.key = key
+
+    @classmethod
+    def fresh(cls, origin: str) -> "Signer":
+        return cls(origin, signedjson.key.generate_signing_key(f"a_{secrets.token_hex(2)}"))
+
+    @property
+    def key_id(self) -> str:
+        return f"{self.key.alg}:{self.key.version}"
+
+    def signature(self, method: str, uri: str, destination: str, content: Any = None) -> str:
+        request = {"method": method, "uri": uri, "origin": self.origin, "destination": destination}
+        if content is not None:
+            request["content"] = content
+        signed = signedjson.sign.sign_json(request, self.origin, self.key)
+        return signed["signatures"][self.origin][self.key_id]
+
+    def header(self, method: str, uri: str, destination: str, content: Any = None, *, sig: str | None = None) -> str:
+        sig = sig if sig is not None else self.signature(method, uri, destination, content)
+        return f'X-Matrix origin="{self.origin}",destination="{destination}",key="{self.key_id}",sig="{sig}"'
+
+
+def verify_signed_by(obj: dict, server_name: str, verify_keys: dict) -> None:
+    """Asserts that `obj` carries a valid signature of `server_name` by one of
+    `verify_keys` ({key_id: {"key": base64}})."""
+    sigs = obj.get("signatures", {}).get(server_name)
+    assert sigs, f"no signature of {server_name} in {json.dumps(obj)[:500]}"
+    checked = 0
+    for key_id in sigs:
+        if key_id in verify_keys:
+            alg, version = key_id.split(":", 1)
+            vk = signedjson.key.decode_verify_key_base64(alg, version, verify_keys[key_id]["key"])
+            signedjson.sign.verify_signed_json(obj, server_name, vk)  # raises when wrong
+            checked += 1
+    assert checked, f"{server_name}'s signatures {list(sigs)} use none of its keys {list(verify_keys)}"
+
+
+def stop_all(servers: list[Server]):
+    for s in servers:
+        try:
+            s.stop()
+        except Exception as e:  # keep stopping the others
+            print(f"stopping {s}: {e!r}", file=sys.stderr)
+
+
+def rm_tree(path: Path):
+    shutil.rmtree(path, ignore_errors=True)
