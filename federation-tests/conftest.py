@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class PostgresDatabase:
                        check=True, capture_output=True, text=True, timeout=60)
 
     def create(self):
+        if shutil.which("psql") is None:
+            raise RuntimeError("TEST_POSTGRES_URL is set but psql is missing (Debian: postgresql-client)")
         self._psql(f"CREATE DATABASE {self.name}")
 
     def drop(self):

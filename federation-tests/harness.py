@@ -9,6 +9,7 @@ at run time; every wait polls with a deadline; every request has a timeout.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -70,6 +71,27 @@ def wait_until(what: str, check, deadline_s: float, on_timeout=lambda: "") -> An
             last = e
         time.sleep(0.1)
     raise TimeoutError(f"{what}: not within {deadline_s} s (last error: {last!r})\n{on_timeout()}")
+
+
+# Servers started and not stopped yet: killed at exit whatever happens (the fixture's
+# teardown stops them in order; this is the last resort).
+_running: set["Server"] = set()
+
+
+@atexit.register
+def _kill_leftovers():
+    for server in list(_running):
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+
+
+def _sigterm_as_interrupt(signum, frame):
+    # `timeout` and CI send SIGTERM: turn it into KeyboardInterrupt so that pytest runs
+    # the fixtures' teardown (stopping the servers, dropping the database).
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,8 +184,8 @@ class Server:
         self._log.flush()
         self.proc = subprocess.Popen(
             self.command(), cwd=self.workdir, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
+        _running.add(self)
 
     def wait_ready(self, deadline_s: float = START_DEADLINE_S):
         """Polls the client API and the federation listener (TLS verified against the
@@ -190,8 +212,9 @@ class Server:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.kill()
                 self.proc.wait(timeout=10)
+        _running.discard(self)
         if self._log:
             self._log.write(f"===== harness: stopped {self} at {time.strftime('%H:%M:%S')}\n")
             self._log.close()
@@ -200,7 +223,7 @@ class Server:
     def kill(self):
         """SIGKILL: a crash, for tests of what survives one."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.kill()
             self.proc.wait(timeout=10)
 
     def restart(self):
