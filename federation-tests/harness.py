@@ -253,6 +253,13 @@ class Server:
         r.raise_for_status()
         return r.json()
 
+    def signed_request(self, signer: "Signer", method: str, uri: str, content: Any = None) -> httpx.Response:
+        """A raw federation request to this server, signed by `signer` (for the bad-event
+        and bad-transaction tests to come, and the X-Matrix tests)."""
+        auth = signer.header(method, uri, self.name, content)
+        with self.fed() as f:
+            return f.request(method, uri, json=content, headers={"Authorization": auth})
+
     def register(self, localpart: str | None = None, displayname: str | None = None) -> "User":
         """Registers a user with open registration (the m.login.dummy flow, in two steps
         as a client does) and sets its display name when given."""
@@ -453,6 +460,66 @@ class User:
         r = self.post("/_matrix/client/v3/createRoom", body)
         assert r.status_code == 200, f"createRoom on {self.server}: {r.status_code} {r.text}"
         return r.json()["room_id"]
+
+    # -- Helpers for the cross-server room tests to come (DMs, group rooms, restarts):
+    # written and checked against Synapse (FEDTEST_STAND_IN=synapse), used by no test yet.
+
+    def invite(self, room_id: str, user_id: str):
+        r = self.post(f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/invite", {"user_id": user_id})
+        assert r.status_code == 200, f"invite on {self.server}: {r.status_code} {r.text}"
+
+    def join(self, room_id_or_alias: str, via: list[str] = ()) -> str:
+        r = self.post(f"/_matrix/client/v3/join/{quote(room_id_or_alias, safe='')}", {},
+                      params=[("server_name", s) for s in via] or None)
+        assert r.status_code == 200, f"join on {self.server}: {r.status_code} {r.text}"
+        return r.json()["room_id"]
+
+    def send_text(self, room_id: str, body: str) -> str:
+        txn = secrets.token_hex(8)
+        r = self.put(f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/send/m.room.message/{txn}",
+                     {"msgtype": "m.text", "body": body})
+        assert r.status_code == 200, f"send on {self.server}: {r.status_code} {r.text}"
+        return r.json()["event_id"]
+
+    def messages(self, room_id: str, limit: int = 100) -> list[dict]:
+        """The room's timeline as this user's server has it, oldest first (one page)."""
+        r = self.get(f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages",
+                     params={"dir": "b", "limit": str(limit)})
+        assert r.status_code == 200, f"messages on {self.server}: {r.status_code} {r.text}"
+        return list(reversed(r.json()["chunk"]))
+
+    def joined_members(self, room_id: str) -> set[str]:
+        r = self.get(f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/joined_members")
+        assert r.status_code == 200, f"joined_members on {self.server}: {r.status_code} {r.text}"
+        return set(r.json()["joined"])
+
+    def sync(self, since: str | None = None, timeout_ms: int = 0) -> dict:
+        params = {"timeout": str(timeout_ms)}
+        if since:
+            params["since"] = since
+        with self.server.client(self.access_token) as c:
+            r = c.get("/_matrix/client/v3/sync", params=params, timeout=HTTP_TIMEOUT_S + timeout_ms / 1000)
+        assert r.status_code == 200, f"sync on {self.server}: {r.status_code} {r.text}"
+        return r.json()
+
+    def wait_for_event(self, room_id: str, predicate, deadline_s: float = 30, section: str = "join") -> dict:
+        """Long-polls /sync (from the start) until an event of `room_id` in `section`
+        ("join": timeline and state; "invite": stripped state) satisfies `predicate`."""
+        since = None
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            body = self.sync(since, timeout_ms=1000 if since else 0)
+            since = body["next_batch"]
+            room = body.get("rooms", {}).get(section, {}).get(room_id, {})
+            if section == "invite":
+                events = room.get("invite_state", {}).get("events", [])
+            else:
+                events = room.get("state", {}).get("events", []) + room.get("timeline", {}).get("events", [])
+            for event in events:
+                if predicate(event):
+                    return event
+        raise TimeoutError(f"{self.user_id} on {self.server}: no matching event in {room_id} ({section}) "
+                           f"within {deadline_s} s\n{self.server.log_tail()}")
 
 
 def unique(prefix: str) -> str:
