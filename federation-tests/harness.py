@@ -70,7 +70,7 @@ def wait_until(what: str, check, deadline_s: float, on_timeout=lambda: "") -> An
         except (httpx.HTTPError, OSError) as e:
             last = e
         time.sleep(0.1)
-    raise TimeoutError(f"{what}: not within {deadline_s} s (last error: {last!r})\n{on_timeout()}")
+    raise TimeoutError(f"{what}: not within {deadline_s:.0f} s (last error: {last!r})\n{on_timeout()}")
 
 
 # Servers started and not stopped yet: killed at exit whatever happens (the fixture's
@@ -188,17 +188,38 @@ class Server:
         _running.add(self)
 
     def wait_ready(self, deadline_s: float = START_DEADLINE_S):
-        """Polls the client API and the federation listener (TLS verified against the
-        test CA) until both answer."""
+        """Polls the client API, then the federation listener (TLS verified against the
+        test CA), until both answer or the deadline passes."""
+        deadline = time.monotonic() + deadline_s
 
-        def ready():
+        def alive():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self} exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
-            httpx.get(f"{self.client_url}/_matrix/client/versions", timeout=1).raise_for_status()
-            r = httpx.get(f"{self.fed_url}/_matrix/federation/v1/version", timeout=1, verify=self.ssl_context())
-            return r.status_code == 200
+                raise RuntimeError(f"{self} exited with {self.proc.returncode} while starting:\n{self.log_head_tail()}")
 
-        wait_until(f"{self} answering", ready, deadline_s, self.log_tail)
+        def client_ready():
+            alive()
+            return httpx.get(f"{self.client_url}/_matrix/client/versions", timeout=1).status_code == 200
+
+        def federation_ready():
+            alive()
+            with self.fed() as f:
+                return f.get("/_matrix/federation/v1/version", timeout=1).status_code == 200
+
+        wait_until(f"{self}: the client API at {self.client_url} answering", client_ready,
+                   deadline - time.monotonic(), self.log_head_tail)
+        wait_until(f"{self}: the federation listener at {self.fed_url} answering over TLS", federation_ready,
+                   max(deadline - time.monotonic(), 1), self.log_head_tail)
+
+    def log_head_tail(self) -> str:
+        """For start-up failures: the first lines of the log (configuration, listeners)
+        and the last."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError as e:
+            return f"(no log: {e})"
+        if len(lines) <= 50:
+            return "\n".join(lines)
+        return "\n".join(lines[:25] + ["[...]"] + lines[-25:])
 
     def start(self):
         self.spawn()
@@ -425,6 +446,9 @@ class Synapse(Server):
 
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.log_path, lines // 2) + "\n----- homeserver.log\n" + tail(self.synapse_log, lines)
+
+    def log_head_tail(self) -> str:
+        return self.log_tail()
 
     def signer(self) -> "Signer":
         """Signs requests as this Synapse, with its real key (the harness wrote it)."""
