@@ -274,6 +274,13 @@ class Server:
         r.raise_for_status()
         return r.json()
 
+    def signer(self) -> "Signer":
+        """Signs requests as this server, with its real key (`ed25519 KEY_ID SEED` in
+        `signing_key_path`, the format of both Synapse and Convo)."""
+        with open(self.signing_key_path) as f:
+            (key,) = signedjson.key.read_signing_keys(f)
+        return Signer(self.name, key)
+
     def signed_request(self, signer: "Signer", method: str, uri: str, content: Any = None) -> httpx.Response:
         """A raw federation request to this server, signed by `signer` (for the bad-event
         and bad-transaction tests to come, and the X-Matrix tests)."""
@@ -308,6 +315,8 @@ class Convo(Server):
     def __init__(self, label: str, workdir: Path, ca: TestCA, database_url: str = ""):
         super().__init__(label, workdir, ca)
         self.database_url = database_url
+        # Made by Convo at its first start.
+        self.signing_key_path = workdir / "data" / "signing.key"
 
     def command(self):
         return [CONVO_BIN]
@@ -450,11 +459,6 @@ class Synapse(Server):
     def log_head_tail(self) -> str:
         return self.log_tail()
 
-    def signer(self) -> "Signer":
-        """Signs requests as this Synapse, with its real key (the harness wrote it)."""
-        with open(self.signing_key_path) as f:
-            (key,) = signedjson.key.read_signing_keys(f)
-        return Signer(self.name, key)
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import pytest
 
-from harness import verify_signed_by
+from harness import free_port, verify_signed_by
 
 LABELS = ["convo_a", "convo_b", "synapse"]
 
@@ -80,3 +80,22 @@ def test_federation_version(fed, label):
     assert isinstance(info.get("version"), str) and info["version"], info
     if server.kind == "synapse":
         assert info["name"] == "Synapse"
+
+
+@pytest.mark.parametrize("notary_label", ["convo_a", "convo_b"])
+def test_notary_for_an_unreachable_server(fed, notary_label):
+    """A server that cannot be reached and has no cached keys: an empty list (the
+    spec's answer), quickly, not an error."""
+    notary = fed.by_label(notary_label)
+    nobody = f"127.0.0.1:{free_port()}"
+    with notary.fed() as f:
+        r = f.get(f"/_matrix/key/v2/query/{quote(nobody, safe='')}")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"server_keys": []}
+        r = f.post("/_matrix/key/v2/query", json={"server_keys": {nobody: {}}})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"server_keys": []}
+        # No server named at all: an empty list too.
+        r = f.post("/_matrix/key/v2/query", json={"server_keys": {}})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"server_keys": []}

@@ -40,11 +40,17 @@ def target_user(fed, request):
 
 
 @pytest.mark.parametrize("target_user", TARGETS, indirect=True)
-def test_signed_request_is_answered(fed, target_user):
-    """The control for the refusals below: the same request, rightly signed, works."""
+@pytest.mark.parametrize("origin", ["synapse", "other_convo"])
+def test_signed_request_is_answered(fed, target_user, origin):
+    """The control for the refusals below: the same request, rightly signed (by the
+    Synapse peer, or by the other Convo server), works."""
     server, user, name = target_user
+    if origin == "synapse":
+        signer = fed.synapse.signer()
+    else:
+        signer = (fed.convo_b if server is fed.convo_a else fed.convo_a).signer()
     uri = profile_uri(user.user_id)
-    r = call(server, uri, fed.synapse.signer().header("GET", uri, server.name))
+    r = call(server, uri, signer.header("GET", uri, server.name))
     assert r.status_code == 200, r.text
     assert r.json() == {"displayname": name}
 
@@ -101,6 +107,15 @@ def test_key_the_origin_does_not_have(fed, target_user):
     """Signed as Synapse with a key Synapse never published."""
     server, user, _ = target_user
     impostor = Signer.fresh(fed.synapse.name)
+    uri = profile_uri(user.user_id)
+    assert_unauthorized(call(server, uri, impostor.header("GET", uri, server.name)))
+
+
+@pytest.mark.parametrize("target_user", TARGETS, indirect=True)
+def test_origin_is_the_server_itself(fed, target_user):
+    """Claims to come from the server it is sent to, with a key made up for it."""
+    server, user, _ = target_user
+    impostor = Signer.fresh(server.name)
     uri = profile_uri(user.user_id)
     assert_unauthorized(call(server, uri, impostor.header("GET", uri, server.name)))
 
