@@ -80,11 +80,17 @@ def postgres_url() -> str | None:
     return None
 
 
+# Start-up timings, printed at the end of the run.
+_timings: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def fed():
     rm_tree(WORKDIR)
     WORKDIR.mkdir(parents=True)
+    t0 = time.monotonic()
     ca = TestCA.make(WORKDIR / "ca")
+    _timings.append(f"CA {time.monotonic() - t0:.1f} s")
     pg = None
     if STAND_IN not in ("", "synapse"):
         raise RuntimeError(f"FEDTEST_STAND_IN={STAND_IN!r}: only 'synapse' is known")
@@ -107,6 +113,7 @@ def fed():
             s.spawn()
         for s in servers:
             s.wait_ready()
+            _timings.append(f"{s.label} ready {time.monotonic() - started:.1f} s after the spawns")
         print(f"\nfederation up in {time.monotonic() - started:.1f} s: "
               + ", ".join(f"{s.label}={s.name} (client {s.client_url})" for s in servers)
               + f"; logs under {WORKDIR}")
@@ -134,3 +141,8 @@ def pytest_runtest_makereport(item, call):
         for s in fed.servers:
             report.sections.append((f"log tail of {s.label} ({s.name}, {s.log_path})", s.log_tail(40)))
     return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _timings:
+        terminalreporter.write_line("federation start-up: " + "; ".join(_timings) + f" (logs in {WORKDIR})")
