@@ -105,3 +105,31 @@ def test_remote_public_rooms(fed, reader_label, target_label):
                     params={"server": target_server.name})
     assert r.status_code == 200, r.text
     assert [e["room_id"] for e in r.json()["chunk"]] == [room_id]
+
+
+@pytest.mark.parametrize("reader_label,target_label", PAIRS)
+def test_remote_public_rooms_pages(fed, reader_label, target_label):
+    """Paging a remote server's list with `since`: the remote's own tokens go back to it
+    through the reader's server; every room comes once."""
+    reader_server, target_server = fed.by_label(reader_label), fed.by_label(target_label)
+    creator = target_server.register()
+    ours = {creator.create_room(visibility="public", preset="public_chat", name=unique("Paged ")) for _ in range(3)}
+    reader = reader_server.register()
+    seen: list[str] = []
+    since = None
+    for _ in range(100):  # bounded: the run makes far fewer public rooms
+        params = {"server": target_server.name, "limit": "2"}
+        if since:
+            params["since"] = since
+        r = reader.get("/_matrix/client/v3/publicRooms", params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["chunk"]) <= 2, body
+        seen += [e["room_id"] for e in body["chunk"]]
+        since = body.get("next_batch")
+        if not since:
+            break
+    else:
+        pytest.fail(f"more than 100 pages: {seen}")
+    assert len(seen) == len(set(seen)), seen
+    assert ours <= set(seen), (ours, seen)

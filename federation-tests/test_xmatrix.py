@@ -127,3 +127,22 @@ def test_origin_whose_key_cannot_be_fetched(fed, target_user):
     nobody = Signer.fresh(f"127.0.0.1:{free_port()}")
     uri = profile_uri(user.user_id)
     assert_unauthorized(call(server, uri, nobody.header("GET", uri, server.name)))
+
+
+@pytest.mark.parametrize("target_user", TARGETS, indirect=True)
+def test_signed_body_is_checked(fed, target_user):
+    """The signature covers the request body: a POST answered when its body is the one
+    signed, refused when the body differs (or was signed as absent)."""
+    server, _, _ = target_user
+    signer = fed.synapse.signer()
+    uri = "/_matrix/federation/v1/publicRooms"
+    body = {"limit": 5, "filter": {"generic_search_term": unique("nothing ")}}
+    with server.fed() as f:
+        r = f.post(uri, json=body, headers={"Authorization": signer.header("POST", uri, server.name, body)})
+        assert r.status_code == 200, r.text
+        assert r.json()["chunk"] == []
+        tampered = {**body, "limit": 6}
+        r = f.post(uri, json=tampered, headers={"Authorization": signer.header("POST", uri, server.name, body)})
+        assert_unauthorized(r)
+        r = f.post(uri, json=body, headers={"Authorization": signer.header("POST", uri, server.name)})
+        assert_unauthorized(r)
