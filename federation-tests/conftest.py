@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import HERE, Convo, Server, Synapse, TestCA, rm_tree, stop_all
+from harness import HERE, Convo, Server, Synapse, ThrowawayCA, rm_tree, stop_all
 
 WORKDIR = Path(os.environ.get("FEDTEST_WORKDIR", HERE / ".run"))
 # FEDTEST_STAND_IN=synapse runs Synapse servers in the two Convo places (checks the tests).
@@ -27,7 +27,7 @@ STAND_IN = os.environ.get("FEDTEST_STAND_IN", "")
 
 @dataclass
 class Federation:
-    ca: TestCA
+    ca: ThrowawayCA
     convo_a: Convo
     convo_b: Convo
     synapse: Synapse
@@ -89,7 +89,7 @@ def fed():
     rm_tree(WORKDIR)
     WORKDIR.mkdir(parents=True)
     t0 = time.monotonic()
-    ca = TestCA.make(WORKDIR / "ca")
+    ca = ThrowawayCA.make(WORKDIR / "ca")
     _timings.append(f"CA {time.monotonic() - t0:.1f} s")
     pg = None
     if STAND_IN not in ("", "synapse"):

@@ -7,7 +7,8 @@ from urllib.parse import quote
 
 import pytest
 
-from harness import free_port, verify_signed_by
+from clients import verify_signed_by
+from harness import free_port
 
 LABELS = ["convo_a", "convo_b", "synapse"]
 

@@ -9,7 +9,7 @@ from urllib.parse import quote
 import pytest
 from nio import AsyncClient, AsyncClientConfig, ProfileGetError, ProfileGetResponse
 
-from harness import unique
+from clients import unique
 
 # (reader's server, target's server)
 PAIRS = [

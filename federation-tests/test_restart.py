@@ -5,7 +5,7 @@ both ways: its keys of the others were kept too."""
 import pytest
 from nio import ProfileGetResponse
 
-from harness import unique
+from clients import unique
 from test_queries import nio_profile
 
 

@@ -7,7 +7,8 @@ from urllib.parse import quote
 
 import pytest
 
-from harness import Signer, free_port, unique
+from clients import Signer, unique
+from harness import free_port
 
 TARGETS = ["convo_a", "convo_b"]
 
