@@ -8,6 +8,7 @@ start of each session and kept afterwards for debugging.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -42,6 +43,15 @@ class Federation:
 
     def by_label(self, label: str) -> Server:
         return {s.label: s for s in self.servers}[label]
+
+    def describe(self) -> dict:
+        """Names and addresses, as written to servers.json (for poking at a paused run,
+        and for scripts in other languages, such as a matrix-js-sdk client, to come)."""
+        return {
+            "ca_certificate": str(self.ca.ca_cert),
+            "servers": {s.label: {"kind": s.kind, "server_name": s.name, "client_url": s.client_url,
+                                  "federation_url": s.fed_url, "log": str(s.log_path)} for s in self.servers},
+        }
 
 
 class PostgresDatabase:
@@ -117,7 +127,9 @@ def fed():
         print(f"\nfederation up in {time.monotonic() - started:.1f} s: "
               + ", ".join(f"{s.label}={s.name} (client {s.client_url})" for s in servers)
               + f"; logs under {WORKDIR}")
-        yield Federation(ca, convo_a, convo_b, synapse)
+        federation = Federation(ca, convo_a, convo_b, synapse)
+        (WORKDIR / "servers.json").write_text(json.dumps(federation.describe(), indent=2))
+        yield federation
     finally:
         stop_all(servers)
         if pg:
