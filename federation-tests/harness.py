@@ -11,6 +11,7 @@ at run time; every wait polls with a deadline; every request has a timeout.
 from __future__ import annotations
 
 import atexit
+import http.server
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from urllib.parse import quote
 
 import httpx
 import signedjson.key
+import signedjson.sign
 
 from clients import HTTP_TIMEOUT_S, Signer, User
 
@@ -110,11 +113,11 @@ class ThrowawayCA:
     leaf_key: Path
 
     @classmethod
-    def make(cls, dir: Path) -> "ThrowawayCA":
+    def make(cls, dir: Path, cn: str = "Convo federation tests CA") -> "ThrowawayCA":
         dir.mkdir(parents=True, exist_ok=True)
         (dir / "ca.cnf").write_text(
             "[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = v3_ca\n"
-            "[dn]\nCN = Convo federation tests CA\n"
+            f"[dn]\nCN = {cn}\n"
             "[v3_ca]\nbasicConstraints = critical, CA:TRUE\n"
             "keyUsage = critical, keyCertSign, cRLSign\n"
             "subjectKeyIdentifier = hash\n"
@@ -141,6 +144,67 @@ class ThrowawayCA:
 
 # ---------------------------------------------------------------------------------------
 # Servers
+
+
+class StubKeyServer:
+    """The least of a homeserver, in a thread of the test process: HTTPS on a loopback
+    port with the given certificate, answering only `GET /_matrix/key/v2/server` with a
+    fresh, self-signed key. For TLS trust tests: whether another server fetches its key
+    depends on the certificate alone."""
+
+    def __init__(self, cert: Path, key: Path):
+        self.port = free_port()
+        self.name = f"127.0.0.1:{self.port}"
+        self.signing_key = signedjson.key.generate_signing_key(f"a_{secrets.token_hex(2)}")
+        self.connections = 0  # TCP connections accepted (before the TLS handshake)
+        self.requests = 0  # HTTP requests read (after it)
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                stub.requests += 1
+                if self.path != "/_matrix/key/v2/server":
+                    self.send_error(404)
+                    return
+                body = json.dumps(stub.key_json()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            def get_request(self):
+                stub.connections += 1
+                return super().get_request()  # accepts, then the TLS handshake
+
+        self.httpd = Server(("127.0.0.1", self.port), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(cert), str(key))
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name=f"stub {self.name}", daemon=True)
+
+    @property
+    def verify_keys(self) -> dict:
+        vk = signedjson.key.get_verify_key(self.signing_key)
+        return {f"ed25519:{self.signing_key.version}": {"key": signedjson.key.encode_verify_key_base64(vk)}}
+
+    def key_json(self) -> dict:
+        keys = {"server_name": self.name, "verify_keys": self.verify_keys, "old_verify_keys": {},
+                "valid_until_ts": int(time.time() * 1000) + 3600_000}
+        return signedjson.sign.sign_json(keys, self.name, self.signing_key)
+
+    def __enter__(self) -> "StubKeyServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
 
 
 class Server:
