@@ -41,10 +41,20 @@ PASSWORD = "Correct-Horse-42"
 START_DEADLINE_S = float(os.environ.get("FEDTEST_START_DEADLINE_S", "60"))
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before in this run (the OS may give
+    a closed port again; two servers must not get the same one)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
+    raise RuntimeError("no fresh free port in 100 tries")
 
 
 def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 60) -> str:
