@@ -136,7 +136,8 @@ def fed():
             pg.drop()
 
 
-# Set when a test fails, so that its report carries the servers' log tails.
+# Each test keeps the federation in its stash, so that a failing report carries the
+# servers' log tails.
 _FED_KEY = pytest.StashKey[Federation]()
 
 
