@@ -270,6 +270,8 @@ pub struct Federation {
     pub skip_tls_verify: bool,
     /// Allow outbound requests to private and loopback addresses (tests only).
     pub allow_private_destinations: bool,
+    /// The longest wait between retries of a destination that fails, in milliseconds.
+    pub max_retry_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -388,7 +390,12 @@ impl Default for Logging {
 
 impl Default for Federation {
     fn default() -> Self {
-        Self { extra_ca_file: PathBuf::new(), skip_tls_verify: false, allow_private_destinations: false }
+        Self {
+            extra_ca_file: PathBuf::new(),
+            skip_tls_verify: false,
+            allow_private_destinations: false,
+            max_retry_interval_ms: 3_600_000,
+        }
     }
 }
 
@@ -529,6 +536,7 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("rate_limits.*.per_second", 0.000_001, 1_000_000.0),
     ("rate_limits.*.burst", 1.0, 1_000_000.0),
     ("voip.turn_user_lifetime_ms", 1_000.0, TEN_YEARS_MS),
+    ("federation.max_retry_interval_ms", 100.0, 7.0 * 86_400_000.0),
 ];
 const TEN_YEARS_MS: f64 = 10.0 * 365.0 * 86_400_000.0;
 

@@ -89,6 +89,8 @@ pub struct Services {
     pub ruleset_cache: notifications::RulesetCache,
     /// Joined counts and local members' display names, for evaluating push rules.
     pub push_members_cache: notifications::PushMembersCache,
+    /// The outbound federation queues' senders, one per destination.
+    pub federation_sender: federation::sender::FederationSender,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -113,6 +115,7 @@ impl Services {
             room_versions: Default::default(),
             ruleset_cache: Default::default(),
             push_members_cache: Default::default(),
+            federation_sender: Default::default(),
             shutting_down: tokio::sync::watch::channel(false).0,
         }))
     }

@@ -12,6 +12,7 @@ mod directory;
 mod e2e;
 mod ephemeral;
 mod events;
+mod federation_outbox;
 mod memberships;
 mod persist;
 mod push;
@@ -34,6 +35,7 @@ pub use self::{
     e2e::{NewKey, NewToDevice, SignedKeyChanges},
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,
+    federation_outbox::OutboxBatch,
     memberships::MembershipRow,
     persist::{EventTxn, NewEvent, NewRoom, Persisted, RoomCreated},
     registration_tokens::RegistrationTokenInfo,

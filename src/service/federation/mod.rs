@@ -3,3 +3,4 @@
 //! client, server keys and the event exchange.
 
 pub mod discovery;
+pub mod sender;
