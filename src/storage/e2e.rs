@@ -518,3 +518,16 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// Records that a remote user's devices or cross-signing keys changed (their server
+    /// told us), so that local users who share a room with them re-query the keys.
+    pub async fn record_remote_device_list_change(&self, user_id: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            record_device_list_change!(&mut *tx, user_id);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}

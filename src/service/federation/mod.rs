@@ -3,4 +3,5 @@
 //! client, server keys and the event exchange.
 
 pub mod discovery;
+pub mod edus;
 pub mod sender;

@@ -15,7 +15,7 @@ use std::{
 };
 
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedServerName, OwnedTransactionId, RoomId, ServerName,
+    MilliSecondsSinceUnixEpoch, OwnedRoomId, OwnedServerName, OwnedTransactionId, RoomId, ServerName,
     api::federation::transactions::send_transaction_message, serde::Raw,
 };
 use serde_json::value::RawValue;
@@ -34,12 +34,16 @@ pub const MAX_EDUS_PER_TXN: i64 = 100;
 /// The first retry after a failure; each further failure doubles it, up to the
 /// configured `federation.max_retry_interval_ms`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Rooms whose remote servers are cached (the cache starts over past it).
+const ROOM_SERVERS_CACHED: usize = 10_000;
 
 /// The senders of all destinations.
 #[derive(Default)]
 pub struct FederationSender {
     services: Mutex<Weak<Services>>,
     destinations: Mutex<HashMap<OwnedServerName, Arc<Destination>>>,
+    /// The remote servers in each room, dropped when the room's membership changes.
+    room_servers: Mutex<HashMap<OwnedRoomId, Arc<Vec<OwnedServerName>>>>,
     /// The last EDU position handed out. Positions only grow, also across restarts (they
     /// start from the clock in microseconds), so a transaction id is never reused.
     edu_position: AtomicI64,
@@ -75,8 +79,16 @@ impl Services {
         Ok(())
     }
 
-    /// The remote servers with joined members in a room (the destinations of its events).
-    pub async fn room_remote_servers(&self, room_id: &RoomId) -> Result<Vec<OwnedServerName>> {
+    /// The remote servers with joined members in a room (the destinations of its events
+    /// and EDUs). Cached per room until its membership changes.
+    pub async fn room_remote_servers(&self, room_id: &RoomId) -> Result<Arc<Vec<OwnedServerName>>> {
+        let generation = {
+            let cache = self.federation_sender.room_servers.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(servers) = cache.get(room_id) {
+                return Ok(servers.clone());
+            }
+            self.member_generation()
+        };
         let members = self.store.get_room_members(room_id.as_str(), Some("join")).await?;
         let mut servers: Vec<OwnedServerName> = members
             .iter()
@@ -86,7 +98,19 @@ impl Services {
             .collect();
         servers.sort();
         servers.dedup();
+        let servers = Arc::new(servers);
+        let mut cache = self.federation_sender.room_servers.lock().unwrap_or_else(|e| e.into_inner());
+        if self.member_generation() == generation {
+            if cache.len() >= ROOM_SERVERS_CACHED {
+                cache.clear();
+            }
+            cache.insert(room_id.to_owned(), servers.clone());
+        }
         Ok(servers)
+    }
+
+    pub(crate) fn forget_room_servers(&self, room_id: &RoomId) {
+        self.federation_sender.room_servers.lock().unwrap_or_else(|e| e.into_inner()).remove(room_id);
     }
 
     /// Queues a stored local event (at stream position `position`) for `destinations`

@@ -102,5 +102,12 @@ impl Services {
         self.member_cache.generation.fetch_add(1, Ordering::AcqRel);
         drop(cache);
         self.push_members_cache.forget(room_id);
+        self.forget_room_servers(room_id);
+    }
+
+    /// Grows with every membership change: a list of members read when it was `n` is
+    /// stale once it is not `n` any more.
+    pub(crate) fn member_generation(&self) -> u64 {
+        self.member_cache.generation.load(Ordering::Acquire)
     }
 }
