@@ -11,3 +11,15 @@ CREATE TABLE federation_outbox (
     expires_ms  BIGINT,                           -- an EDU not worth sending after this (typing)
     PRIMARY KEY (destination, kind, position)
 );
+
+-- Inbound federation transactions already processed, with the answer given, so that a
+-- transaction sent again (the answer was lost) is answered the same without being
+-- applied twice. Old rows are deleted after a day.
+CREATE TABLE federation_inbound_txns (
+    origin      TEXT NOT NULL,
+    txn_id      TEXT NOT NULL,
+    response    TEXT NOT NULL,
+    received_ts BIGINT NOT NULL,
+    PRIMARY KEY (origin, txn_id)
+);
+CREATE INDEX federation_inbound_txns_by_ts ON federation_inbound_txns (received_ts);

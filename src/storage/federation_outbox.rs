@@ -174,3 +174,49 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// The answer given to a transaction from `origin` already processed.
+    pub async fn get_inbound_txn(&self, origin: &str, txn_id: &str) -> Result<Option<String>> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT response FROM federation_inbound_txns WHERE origin = $1 AND txn_id = $2")
+                    .bind(origin)
+                    .bind(txn_id)
+                    .fetch_optional(pool)
+                    .await?;
+            Ok(row.map(|r| r.0))
+        })
+    }
+
+    /// Records a processed transaction and its answer; forgets those older than
+    /// `forget_before_ts`.
+    pub async fn record_inbound_txn(
+        &self,
+        origin: &str,
+        txn_id: &str,
+        response: &str,
+        now_ts: i64,
+        forget_before_ts: i64,
+    ) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO federation_inbound_txns (origin, txn_id, response, received_ts) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(origin)
+            .bind(txn_id)
+            .bind(response)
+            .bind(now_ts)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM federation_inbound_txns WHERE received_ts < $1")
+                .bind(forget_before_ts)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}

@@ -5,3 +5,4 @@
 pub mod discovery;
 pub mod edus;
 pub mod sender;
+pub mod transactions;
