@@ -272,6 +272,17 @@ pub struct Federation {
     pub allow_private_destinations: bool,
     /// The longest wait between retries of a destination that fails, in milliseconds.
     pub max_retry_interval_ms: u64,
+    /// How long other servers may cache this server's signing key, in milliseconds
+    /// (`valid_until_ts` of `GET /_matrix/key/v2/server`).
+    pub key_validity_ms: u64,
+    /// Longest wait to connect to another server (TCP and TLS), in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for the next bytes of another server's response, in milliseconds.
+    pub read_timeout_ms: u64,
+    /// Longest time one outbound request may take in all, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// Largest response body accepted from another server, in bytes.
+    pub max_response_body: u64,
 }
 
 impl Default for Config {
@@ -395,6 +406,11 @@ impl Default for Federation {
             skip_tls_verify: false,
             allow_private_destinations: false,
             max_retry_interval_ms: 3_600_000,
+            key_validity_ms: 7 * 86_400_000,
+            connect_timeout_ms: 10_000,
+            read_timeout_ms: 30_000,
+            request_timeout_ms: 60_000,
+            max_response_body: 64 * 1024 * 1024,
         }
     }
 }
@@ -537,6 +553,12 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("rate_limits.*.burst", 1.0, 1_000_000.0),
     ("voip.turn_user_lifetime_ms", 1_000.0, TEN_YEARS_MS),
     ("federation.max_retry_interval_ms", 100.0, 7.0 * 86_400_000.0),
+    // At least an hour: other servers refetch keys at most this often.
+    ("federation.key_validity_ms", 3_600_000.0, 365.0 * 86_400_000.0),
+    ("federation.connect_timeout_ms", 100.0, 600_000.0),
+    ("federation.read_timeout_ms", 100.0, 3_600_000.0),
+    ("federation.request_timeout_ms", 100.0, 3_600_000.0),
+    ("federation.max_response_body", 1024.0, 1_073_741_824.0),
 ];
 const TEN_YEARS_MS: f64 = 10.0 * 365.0 * 86_400_000.0;
 

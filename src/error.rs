@@ -66,6 +66,10 @@ impl Error {
     pub fn federation(message: impl Into<String>) -> Self {
         Self::matrix(StatusCode::BAD_GATEWAY, ErrorKind::Unknown, message)
     }
+    /// A federation request without a valid `X-Matrix` signature: `401 M_UNAUTHORIZED`.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::matrix(StatusCode::UNAUTHORIZED, ErrorKind::Unauthorized, message)
+    }
     pub fn unknown(status: StatusCode, message: impl Into<String>) -> Self {
         Self::matrix(status, ErrorKind::Unknown, message)
     }
@@ -124,6 +128,16 @@ impl Error {
     }
     pub fn unavailable(detail: impl std::fmt::Display) -> Self {
         Error::Unavailable(detail.to_string())
+    }
+
+    /// What the client is told (for quoting in another error).
+    pub fn message(&self) -> String {
+        match self {
+            Error::Matrix { message, .. } => message.clone(),
+            Error::Uiaa(_) => "user-interactive authentication required".into(),
+            Error::Internal(_) => "internal error".into(),
+            Error::Unavailable(_) => "temporarily unavailable".into(),
+        }
     }
 
     /// The Matrix errcode, for logs and tests.

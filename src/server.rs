@@ -1,6 +1,7 @@
 //! Starting and stopping a Convo server: locks the data dir, opens the store (checking
 //! that it belongs to this server name), builds the services, binds the client listener
-//! and serves until shut down. Used by `main` and by the tests.
+//! (and the federation listener, over TLS, when its certificate and key are set) and
+//! serves until shut down. Used by `main` and by the tests.
 
 use std::{
     fs::{File, OpenOptions},
@@ -26,6 +27,8 @@ use crate::{
 /// A server that is up: its address, and how to stop it.
 pub struct RunningServer {
     pub client_addr: SocketAddr,
+    /// The federation listener's address, when federation is on.
+    pub federation_addr: Option<SocketAddr>,
     pub services: Arc<Services>,
     /// A registration token made at first start (token mode, none existed).
     pub first_registration_token: Option<String>,
@@ -33,6 +36,8 @@ pub struct RunningServer {
     pub connections: Connections,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
+    federation_shutdown: Option<oneshot::Sender<()>>,
+    federation_task: Option<JoinHandle<std::io::Result<()>>>,
     /// The exclusive lock on the data dir, released when the server is dropped.
     _data_dir_lock: File,
 }
@@ -128,6 +133,31 @@ fn raise_open_files_limit(max_connections: u32) {
     let _ = max_connections;
 }
 
+/// The federation listener's TLS setup: the PEM certificate chain and private key of
+/// `listeners.federation_tls_certificate` and `federation_tls_key`, HTTP/1.1 only.
+fn tls_acceptor(certificate: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_file_iter(certificate)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("listeners.federation_tls_certificate: cannot read {}: {e}", certificate.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "listeners.federation_tls_certificate: {} holds no PEM certificate",
+            certificate.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!("listeners.federation_tls_key: cannot read a PEM private key from {}: {e}", key.display())
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|builder| builder.with_no_client_auth().with_single_cert(chain, key))
+        .map_err(|e| format!("listeners.federation_tls_certificate / federation_tls_key: {e}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
 /// Starts serving; returns once the listener is bound.
 pub async fn start(config: Config) -> Result<RunningServer, String> {
     let config = Arc::new(config);
@@ -140,9 +170,15 @@ pub async fn start(config: Config) -> Result<RunningServer, String> {
     let services = open_services(config.clone(), client_addr).await?;
     let first_registration_token = services.ensure_first_registration_token().await.map_err(|e| e.to_string())?;
     services.start_federation_sender().await.map_err(|e| format!("federation queues: {e}"))?;
-    if !config.listeners.federation_tls_certificate.as_os_str().is_empty() {
-        tracing::warn!("federation is not implemented yet: the federation listener is not started");
-    }
+    let federation_listener = if config.listeners.federation_tls_certificate.as_os_str().is_empty() {
+        None
+    } else {
+        let tls = tls_acceptor(&config.listeners.federation_tls_certificate, &config.listeners.federation_tls_key)?;
+        let listener = TcpListener::bind(config.listeners.federation)
+            .await
+            .map_err(|e| format!("listeners.federation: cannot listen on {}: {e}", config.listeners.federation))?;
+        Some((listener, tls))
+    };
 
     let app = http::router(services.clone());
     let (tx, rx) = oneshot::channel::<()>();
@@ -151,8 +187,29 @@ pub async fn start(config: Config) -> Result<RunningServer, String> {
     });
     let task = tokio::spawn(serving);
     tracing::info!(%client_addr, server_name = %config.server_name, "Convo is listening");
+    let (mut federation_addr, mut federation_shutdown, mut federation_task) = (None, None, None);
+    if let Some((listener, tls)) = federation_listener {
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let (_, serving) = transport::serve_tls(
+            listener,
+            tls,
+            http::federation_router(services.clone()),
+            TransportLimits::from(&config.limits),
+            async {
+                let _ = rx.await;
+            },
+        );
+        federation_task = Some(tokio::spawn(serving));
+        federation_shutdown = Some(tx);
+        federation_addr = Some(addr);
+        tracing::info!(%addr, "federation is listening (TLS)");
+    }
     Ok(RunningServer {
         client_addr,
+        federation_addr,
+        federation_shutdown,
+        federation_task,
         services,
         first_registration_token,
         connections,
@@ -169,7 +226,13 @@ impl RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        if let Some(tx) = self.federation_shutdown.take() {
+            let _ = tx.send(());
+        }
         let _ = (&mut self.task).await;
+        if let Some(task) = self.federation_task.take() {
+            let _ = task.await;
+        }
         self.services.store.close().await;
     }
 

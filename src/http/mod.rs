@@ -3,8 +3,10 @@
 
 pub mod client;
 pub mod client_ip;
+pub mod federation;
 pub mod ruma;
 pub mod transport;
+pub mod xmatrix;
 
 use std::{any::Any, sync::Arc, time::Duration};
 
@@ -56,6 +58,12 @@ where
 pub fn router(state: AppState) -> Router {
     let router = client::routes(Router::new()).route("/health", get(health));
     with_common_layers(router).with_state(state)
+}
+
+/// The server-server API router (the federation listener): `/_matrix/federation/*`
+/// and `/_matrix/key/*` only, with the same fallbacks and layers.
+pub fn federation_router(state: AppState) -> Router {
+    with_common_layers(federation::routes(Router::new())).with_state(state)
 }
 
 /// What every route gets: `404`/`405` as Matrix errors, CORS headers, and a panic in a

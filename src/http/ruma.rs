@@ -128,7 +128,7 @@ const LENGTH_CHECKED_BY_ENDPOINT: [&str; 1] = ["field"];
 /// Rejects what no endpoint accepts and PostgreSQL cannot store, before anything is
 /// parsed: a NUL character in a path argument or a query parameter, and path arguments
 /// over 255 bytes (`M_INVALID_PARAM`). `args` are (name, value) pairs.
-fn check_path_and_query(args: &[(String, String)], query: Option<&str>) -> Result<()> {
+pub(super) fn check_path_and_query(args: &[(String, String)], query: Option<&str>) -> Result<()> {
     for (name, arg) in args {
         if arg.contains('\0') {
             return Err(Error::invalid_param("Path arguments may not contain NUL characters"));
@@ -150,7 +150,7 @@ fn check_path_and_query(args: &[(String, String)], query: Option<&str>) -> Resul
 
 /// Whether JSON text (already known to be valid) holds a NUL character in a string
 /// (key or value): valid JSON can carry one only as the escape `\u0000`.
-fn json_has_nul(bytes: &[u8]) -> bool {
+pub(super) fn json_has_nul(bytes: &[u8]) -> bool {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'\\' {
@@ -180,7 +180,7 @@ fn check_known_ruma_panics<T: 'static>(bytes: &[u8]) -> Result<()> {
 }
 
 /// Reads the body within `limit` bytes and the transport's body timeout.
-async fn read_body(parts: &axum::http::request::Parts, body: Body, limit: usize) -> Result<bytes::Bytes> {
+pub(super) async fn read_body(parts: &axum::http::request::Parts, body: Body, limit: usize) -> Result<bytes::Bytes> {
     let too_large = || Error::too_large(format!("Request bodies are {limit} bytes at most"));
     let declared =
         parts.headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -212,7 +212,7 @@ fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
 /// Maps a parse failure to the spec's errcode: bodies that are not JSON get
 /// `M_NOT_JSON`, JSON of the wrong shape `M_BAD_JSON`, bad path or query values
 /// `M_INVALID_PARAM`.
-fn request_error(e: FromHttpRequestError) -> Error {
+pub(super) fn request_error(e: FromHttpRequestError) -> Error {
     match e {
         FromHttpRequestError::MethodMismatch { .. } => {
             Error::unrecognized(StatusCode::METHOD_NOT_ALLOWED, "Method not allowed on this endpoint")

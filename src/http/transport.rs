@@ -1,4 +1,5 @@
-//! The client API's HTTP/1.1 connections: Convo's own accept loop around hyper, so that
+//! The HTTP/1.1 connections of both listeners (the client API in the clear, federation
+//! over TLS): Convo's own accept loop around hyper, so that
 //! no client can hold the server's connections. It caps the connections open at once,
 //! closes a connection that does not send its request headers in time, sits idle
 //! between requests or stops reading its responses, fails a request body that does not
@@ -32,7 +33,7 @@ use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{Semaphore, watch},
     time::{Instant, Sleep},
 };
@@ -103,12 +104,36 @@ static HEADER_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 static BODY_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 static REJECT_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 static WRITE_LOG: Throttle = Throttle::new(Duration::from_secs(10));
+static HANDSHAKE_LOG: Throttle = Throttle::new(Duration::from_secs(10));
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, lets
 /// each connection finish the request under way (idle ones close at once) and returns
 /// once every connection is closed.
 pub fn serve(
     listener: TcpListener,
+    router: Router,
+    limits: TransportLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (Connections, impl Future<Output = io::Result<()>> + Send + 'static) {
+    serve_with(listener, None, router, limits, shutdown)
+}
+
+/// Serves `router` over TLS (the federation listener), with the same limits as
+/// [`serve`]. Each connection's TLS handshake runs in its own task and must end within
+/// `header_read_timeout`: a slow handshake holds only its own connection slot.
+pub fn serve_tls(
+    listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    router: Router,
+    limits: TransportLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> (Connections, impl Future<Output = io::Result<()>> + Send + 'static) {
+    serve_with(listener, Some(tls), router, limits, shutdown)
+}
+
+fn serve_with(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     router: Router,
     limits: TransportLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -162,8 +187,25 @@ pub fn serve(
             let router = router.clone();
             let closing = closing_rx.clone();
             let counted = OpenConnection::new(&open);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                serve_connection(stream, remote, router, limits, closing).await;
+                match tls {
+                    None => serve_connection(stream, remote, router, limits, closing).await,
+                    Some(tls) => match tokio::time::timeout(limits.header_read_timeout, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, remote, router, limits, closing).await,
+                        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
+                        Err(_) => {
+                            if let Some(count) = HANDSHAKE_LOG.hit() {
+                                tracing::warn!(
+                                    %remote,
+                                    count,
+                                    "closed a connection whose TLS handshake did not end in time \
+                                     (limits.header_read_timeout_ms; count: since the last line)"
+                                );
+                            }
+                        }
+                    },
+                }
                 drop((counted, slot));
             });
         }
@@ -187,8 +229,8 @@ enum Cut {
     Rejected,
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
     remote: SocketAddr,
     router: Router,
     limits: TransportLimits,
@@ -470,8 +512,8 @@ enum Refusal {
 
 /// The TCP stream as hyper sees it: times the request heads and idle periods, and reads
 /// each head as it arrives, to answer a too-large one itself.
-struct GuardedIo {
-    stream: TcpStream,
+struct GuardedIo<S> {
+    stream: S,
     shared: Arc<Mutex<Shared>>,
     limits: TransportLimits,
     opened: Instant,
@@ -489,8 +531,8 @@ struct GuardedIo {
     write_timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl GuardedIo {
-    fn new(stream: TcpStream, shared: Arc<Mutex<Shared>>, limits: TransportLimits) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin> GuardedIo<S> {
+    fn new(stream: S, shared: Arc<Mutex<Shared>>, limits: TransportLimits) -> Self {
         let opened = Instant::now();
         Self {
             stream,
@@ -610,7 +652,7 @@ impl GuardedIo {
     }
 }
 
-impl AsyncRead for GuardedIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.refusal.is_some() {
@@ -655,7 +697,7 @@ impl AsyncRead for GuardedIo {
     }
 }
 
-impl AsyncWrite for GuardedIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.flushed = false;
         let result = Pin::new(&mut self.stream).poll_write(cx, buf);

@@ -91,6 +91,8 @@ pub struct Services {
     pub push_members_cache: notifications::PushMembersCache,
     /// The outbound federation queues' senders, one per destination.
     pub federation_sender: federation::sender::FederationSender,
+    /// Federation: the outbound client and the key fetcher.
+    pub federation: federation::Federation,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -99,7 +101,9 @@ impl Services {
     pub fn new(config: Arc<Config>, store: Store, public_baseurl: String) -> Result<Arc<Self>, String> {
         let hashing = Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         let signing_key = server_keys::load_or_generate(&config.data_dir.join("signing.key"))?;
+        let federation = federation::Federation::new(&config.federation)?;
         Ok(Arc::new(Services {
+            federation,
             rate_limiter: RateLimiter::new(config.rate_limits.clone()),
             config,
             store,

@@ -18,6 +18,7 @@ mod persist;
 mod push;
 mod registration_tokens;
 mod server_info;
+mod server_keys;
 mod sessions;
 mod uiaa;
 mod users;
@@ -39,6 +40,7 @@ pub use self::{
     memberships::MembershipRow,
     persist::{EventTxn, NewEvent, NewRoom, Persisted, RoomCreated},
     registration_tokens::RegistrationTokenInfo,
+    server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     uiaa::UiaaSession,
     users::{NewUser, UserAuth},

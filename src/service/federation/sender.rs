@@ -255,7 +255,7 @@ impl Services {
                 .map_err(|e| Error::internal(format!("queued EDU is not JSON: {e}")))?;
             request.edus.push(Raw::from_json(edu));
         }
-        let response = self.send_federation_request(server, request).await?;
+        let response = self.federation.client.send(self.server_name(), &self.signing_key, server, request).await?;
         for (event_id, result) in response.pdus {
             if let Err(reason) = result {
                 tracing::info!(destination = %server, %event_id, %reason, "the destination refused a PDU");
@@ -291,15 +291,5 @@ mod tests {
         assert_eq!(transaction_id(&batch).as_str(), "c5-9.1000001-1000001");
         let only_edus = OutboxBatch { pdus: vec![], edus: vec![(3, "{}".into()), (4, "{}".into())] };
         assert_eq!(transaction_id(&only_edus).as_str(), "c0.3-4");
-    }
-}
-
-// TODO(merge): replaced by the outbound client's method of the same name.
-impl Services {
-    pub async fn send_federation_request<R>(&self, server: &ServerName, _request: R) -> Result<R::IncomingResponse>
-    where
-        R: ruma::api::OutgoingRequest,
-    {
-        Err(Error::federation(format!("cannot reach {server}: outbound federation is not available yet")))
     }
 }

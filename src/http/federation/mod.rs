@@ -1,0 +1,27 @@
+//! The server-server API router (served on the federation listener, over TLS):
+//! `/_matrix/federation/*` and `/_matrix/key/*` only. One file per area, handlers
+//! as thin as the client API's.
+
+mod keys;
+mod queries;
+mod transactions;
+
+use axum::Router;
+
+use super::{AppState, route};
+
+/// Registers every federation endpoint.
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router =
+        route::<ruma::api::federation::discovery::get_server_keys::v2::Request, _, _>(router, keys::get_server_keys);
+    let router = route::<ruma::api::federation::discovery::get_remote_server_keys_batch::v2::Request, _, _>(
+        router,
+        keys::get_remote_server_keys_batch,
+    );
+    let router = route::<ruma::api::federation::discovery::get_remote_server_keys::v2::Request, _, _>(
+        router,
+        keys::get_remote_server_keys,
+    );
+    let router = transactions::routes(router);
+    queries::routes(router)
+}
