@@ -5,7 +5,7 @@
 mod account_data;
 mod cross_signing;
 pub mod directory;
-mod e2e;
+pub mod e2e;
 mod ephemeral;
 pub mod federation;
 mod ids;

@@ -531,3 +531,18 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// The position of the latest change to a user's device list (0: none), the
+    /// `stream_id` other servers see.
+    pub async fn get_device_list_stream_id(&self, user_id: &str) -> Result<i64> {
+        on_pool!(self, read, |pool| {
+            let (pos,): (Option<i64>,) =
+                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_one(pool)
+                    .await?;
+            Ok(pos.unwrap_or(0))
+        })
+    }
+}

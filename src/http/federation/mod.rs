@@ -2,6 +2,7 @@
 //! `/_matrix/federation/*` and `/_matrix/key/*` only. One file per area, handlers
 //! as thin as the client API's.
 
+mod e2e;
 mod keys;
 mod queries;
 mod transactions;
@@ -23,5 +24,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         keys::get_remote_server_keys,
     );
     let router = transactions::routes(router);
+    let router = e2e::routes(router);
     queries::routes(router)
 }

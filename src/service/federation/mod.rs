@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod client;
 pub mod discovery;
+pub mod e2e;
 pub mod edus;
 pub mod keys;
 pub mod sender;
@@ -21,5 +22,29 @@ pub struct Federation {
 impl Federation {
     pub fn new(config: &crate::config::Federation) -> Result<Self, String> {
         Ok(Self { client: client::FederationClient::new(config)?, keys: keys::KeyFetcher::default() })
+    }
+}
+
+impl crate::service::Services {
+    /// Sends `request` to `destination`, signed as this server when the endpoint needs
+    /// it, and answers the parsed response. The one way other code talks to another
+    /// server. Errors: `502 M_UNKNOWN` naming the server and the cause (unreachable,
+    /// refused address, TLS, bad answer), or the other server's `404 M_NOT_FOUND`.
+    pub async fn send_federation_request<T>(
+        &self,
+        destination: &ruma::ServerName,
+        request: T,
+    ) -> crate::error::Result<T::IncomingResponse>
+    where
+        T: ruma::api::OutgoingRequest<
+                EndpointError = ruma::api::error::Error,
+                PathBuilder = ruma::api::path_builder::SinglePath,
+            > + Send,
+        T::Authentication: client::OutboundAuth,
+    {
+        if destination == self.server_name() {
+            return Err(crate::error::Error::internal("a federation request addressed to this server itself"));
+        }
+        self.federation.client.send(self.server_name(), &self.signing_key, destination, request).await
     }
 }

@@ -255,7 +255,7 @@ impl Services {
                 .map_err(|e| Error::internal(format!("queued EDU is not JSON: {e}")))?;
             request.edus.push(Raw::from_json(edu));
         }
-        let response = self.federation.client.send(self.server_name(), &self.signing_key, server, request).await?;
+        let response = self.send_federation_request(server, request).await?;
         for (event_id, result) in response.pdus {
             if let Err(reason) = result {
                 tracing::info!(destination = %server, %event_id, %reason, "the destination refused a PDU");
