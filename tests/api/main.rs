@@ -9,6 +9,7 @@ mod cli;
 mod devices;
 mod discovery;
 mod ephemeral;
+mod federation;
 mod keys;
 mod login;
 mod operations;

@@ -38,8 +38,8 @@ async fn get_alias(
     State(services): State<AppState>,
     req: Ruma<get_alias::v3::Request>,
 ) -> Result<RumaResponse<get_alias::v3::Response>> {
-    let room_id = services.resolve_alias(&req.body.room_alias).await?;
-    Ok(get_alias::v3::Response::new(room_id, vec![services.server_name().clone()]).into())
+    let (room_id, servers) = services.lookup_alias(&req.body.room_alias).await?;
+    Ok(get_alias::v3::Response::new(room_id, servers).into())
 }
 
 /// # `DELETE /_matrix/client/v3/directory/room/{roomAlias}`
@@ -77,7 +77,8 @@ async fn set_room_visibility(
     Ok(set_room_visibility::v3::Response::new().into())
 }
 
-fn chunk(room: PublicRoom) -> PublicRoomsChunk {
+/// One published room as the directory shows it (also to other servers).
+pub(crate) fn chunk(room: PublicRoom) -> PublicRoomsChunk {
     let mut c = PublicRoomsChunk::from(PublicRoomsChunkInit {
         num_joined_members: UInt::new(room.joined as u64).unwrap_or_default(),
         room_id: room.room_id,
@@ -92,11 +93,9 @@ fn chunk(room: PublicRoom) -> PublicRoomsChunk {
     c
 }
 
-fn check_server(services: &AppState, server: Option<&ruma::ServerName>) -> Result<()> {
-    match server {
-        Some(s) if s != services.server_name() => Err(Error::not_found("Other servers' directories need federation")),
-        _ => Ok(()),
-    }
+/// The other server a `publicRooms` request names, if it names one.
+fn remote_server<'a>(services: &AppState, server: Option<&'a ruma::ServerName>) -> Option<&'a ruma::ServerName> {
+    server.filter(|s| *s != services.server_name())
 }
 
 /// # `GET /_matrix/client/v3/publicRooms`
@@ -106,7 +105,14 @@ async fn get_public_rooms(
     req: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<RumaResponse<get_public_rooms::v3::Response>> {
     let b = &req.body;
-    check_server(&services, b.server.as_deref())?;
+    if let Some(server) = remote_server(&services, b.server.as_deref()) {
+        let remote = services.remote_public_rooms(server, b.limit, b.since.clone(), None).await?;
+        let mut response = get_public_rooms::v3::Response::new(remote.chunk);
+        response.next_batch = remote.next_batch;
+        response.prev_batch = remote.prev_batch;
+        response.total_room_count_estimate = remote.total_room_count_estimate;
+        return Ok(response.into());
+    }
     let (rooms, next, prev, total) =
         services.public_rooms(None, b.since.as_deref(), b.limit.map(|l| u64::from(l) as usize)).await?;
     let mut response = get_public_rooms::v3::Response::new(rooms.into_iter().map(chunk).collect());
@@ -124,7 +130,15 @@ async fn get_public_rooms_filtered(
 ) -> Result<RumaResponse<get_public_rooms_filtered::v3::Response>> {
     req.session()?;
     let b = &req.body;
-    check_server(&services, b.server.as_deref())?;
+    if let Some(server) = remote_server(&services, b.server.as_deref()) {
+        let remote = services.remote_public_rooms(server, b.limit, b.since.clone(), Some(b.filter.clone())).await?;
+        let mut response = get_public_rooms_filtered::v3::Response::new();
+        response.chunk = remote.chunk;
+        response.next_batch = remote.next_batch;
+        response.prev_batch = remote.prev_batch;
+        response.total_room_count_estimate = remote.total_room_count_estimate;
+        return Ok(response.into());
+    }
     let (rooms, next, prev, total) = services
         .public_rooms(
             b.filter.generic_search_term.as_deref(),

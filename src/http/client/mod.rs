@@ -4,7 +4,7 @@
 mod account;
 mod account_data;
 mod devices;
-mod directory;
+pub(crate) mod directory;
 mod discovery;
 mod ephemeral;
 mod keys;

@@ -17,7 +17,7 @@ async fn get_profile(
     State(services): State<AppState>,
     req: Ruma<get_profile::v3::Request>,
 ) -> Result<RumaResponse<get_profile::v3::Response>> {
-    let profile = services.get_profile(&req.body.user_id).await?;
+    let profile = services.lookup_profile(&req.body.user_id, None).await?;
     Ok(get_profile::v3::Response::from_iter(profile.iter().map(|(k, v)| (k.clone(), v.clone()))).into())
 }
 
@@ -27,8 +27,8 @@ async fn get_profile_field(
     State(services): State<AppState>,
     req: Ruma<get_profile_field::v3::Request>,
 ) -> Result<RumaResponse<get_profile_field::v3::Response>> {
-    let profile = services.get_profile(&req.body.user_id).await?;
     let field = req.body.field.as_str();
+    let profile = services.lookup_profile(&req.body.user_id, Some(field)).await?;
     let value = profile.get(field).ok_or_else(|| Error::not_found(format!("The profile has no {field}")))?;
     let value = ruma::profile::ProfileFieldValue::new(field, value.clone()).map_err(Error::internal)?;
     Ok(get_profile_field::v3::Response::new(value).into())

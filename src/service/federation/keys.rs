@@ -31,6 +31,10 @@ use crate::{
 const FIRST_BACKOFF: Duration = Duration::from_secs(10);
 /// The longest wait between key fetches that fail.
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// After a successful fetch, the shortest wait before fetching the same server's keys
+/// again for a key it did not list (so that requests naming unknown key ids cannot
+/// make this server hammer the origin).
+const MIN_REFETCH: Duration = Duration::from_secs(60);
 
 /// In-memory state of the key fetcher (the keys themselves live in the database).
 #[derive(Default)]
@@ -41,6 +45,8 @@ pub struct KeyFetcher {
     /// Servers whose last fetch failed: no new fetch before the instant, and how many
     /// fetches failed in a row.
     backoff: Mutex<HashMap<OwnedServerName, (Instant, u32)>>,
+    /// When each server's keys were last fetched successfully.
+    fetched: Mutex<HashMap<OwnedServerName, Instant>>,
     /// How many key requests were sent to other servers (tests read it).
     requests: AtomicU64,
 }
@@ -158,12 +164,21 @@ impl Services {
                 until.saturating_duration_since(Instant::now()).as_secs().max(1)
             )));
         }
+        if let Some(at) = fetcher.fetched.lock().unwrap_or_else(|e| e.into_inner()).get(server).copied()
+            && at.elapsed() < MIN_REFETCH
+        {
+            return Err(Error::federation(format!(
+                "{server}'s keys were fetched {} s ago and do not include the key asked for",
+                at.elapsed().as_secs()
+            )));
+        }
         fetcher.requests.fetch_add(1, Ordering::Relaxed);
         let result = self.fetch_and_store(server).await;
         let mut backoff = fetcher.backoff.lock().unwrap_or_else(|e| e.into_inner());
         match &result {
             Ok(()) => {
                 backoff.remove(server);
+                fetcher.fetched.lock().unwrap_or_else(|e| e.into_inner()).insert(server.to_owned(), Instant::now());
             }
             Err(e) => {
                 let failures = backoff.get(server).map_or(0, |(_, n)| *n) + 1;

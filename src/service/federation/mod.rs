@@ -12,6 +12,7 @@ pub mod edus;
 pub mod keys;
 pub mod sender;
 pub mod transactions;
+pub mod queries;
 
 /// The federation state of one server: the outbound client and the key fetcher.
 pub struct Federation {
