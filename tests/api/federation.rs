@@ -32,15 +32,24 @@ fn free_port() -> u16 {
 
 /// How a test server trusts others.
 #[derive(Clone, Copy)]
-struct Trust {
-    test_ca: bool,
-    allow_private: bool,
+pub(crate) struct Trust {
+    pub test_ca: bool,
+    pub allow_private: bool,
 }
 
-const TRUSTING: Trust = Trust { test_ca: true, allow_private: true };
+pub(crate) const TRUSTING: Trust = Trust { test_ca: true, allow_private: true };
 
 /// A server named `127.0.0.1:PORT`, serving federation over TLS on that port.
-async fn federating(backend: Backend, trust: Trust) -> TestServer {
+pub(crate) async fn federating(backend: Backend, trust: Trust) -> TestServer {
+    federating_with(backend, trust, |_| {}).await
+}
+
+/// `federating` with more configuration.
+pub(crate) async fn federating_with(
+    backend: Backend,
+    trust: Trust,
+    tweak: impl FnOnce(&mut convo::config::Config),
+) -> TestServer {
     let port = free_port();
     TestServer::start_with(backend, |c| {
         c.server_name = format!("127.0.0.1:{port}").try_into().unwrap();
@@ -51,15 +60,16 @@ async fn federating(backend: Backend, trust: Trust) -> TestServer {
             c.federation.extra_ca_file = certs().join("ca.pem");
         }
         c.federation.allow_private_destinations = trust.allow_private;
+        tweak(c);
     })
     .await
 }
 
-fn services(server: &TestServer) -> &Arc<Services> {
+pub(crate) fn services(server: &TestServer) -> &Arc<Services> {
     &server.running.as_ref().unwrap().services
 }
 
-fn name(server: &TestServer) -> OwnedServerName {
+pub(crate) fn name(server: &TestServer) -> OwnedServerName {
     services(server).server_name().clone()
 }
 

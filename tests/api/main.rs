@@ -10,6 +10,7 @@ mod devices;
 mod discovery;
 mod ephemeral;
 mod federation;
+mod federation_edus;
 mod keys;
 mod login;
 mod operations;

@@ -10,9 +10,9 @@ pub mod discovery;
 pub mod e2e;
 pub mod edus;
 pub mod keys;
+pub mod queries;
 pub mod sender;
 pub mod transactions;
-pub mod queries;
 
 /// The federation state of one server: the outbound client and the key fetcher.
 pub struct Federation {
