@@ -87,7 +87,9 @@ impl Services {
                 &new_keys(&fallback),
             )
             .await?;
-        if device_keys.is_some() {
+        if let Some(keys) = device_keys {
+            self.federate_device_change(&session.user_id, session.device_id.as_str(), Some(keys.json().get()), false)
+                .await;
             self.wake_room_peers(&session.user_id).await?;
         }
         Ok(self.key_status(session).await?.0)

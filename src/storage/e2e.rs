@@ -536,13 +536,19 @@ impl Store {
     /// The position of the latest change to a user's device list (0: none), the
     /// `stream_id` other servers see.
     pub async fn get_device_list_stream_id(&self, user_id: &str) -> Result<i64> {
+        Ok(self.get_device_list_stream_ids(user_id).await?.0)
+    }
+
+    /// The latest change to a user's device list (0: none) and the one before it.
+    pub async fn get_device_list_stream_ids(&self, user_id: &str) -> Result<(i64, Option<i64>)> {
         on_pool!(self, read, |pool| {
-            let (pos,): (Option<i64>,) =
-                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
-                    .bind(user_id)
-                    .fetch_one(pool)
-                    .await?;
-            Ok(pos.unwrap_or(0))
+            let rows: Vec<(i64,)> = sqlx::query_as(
+                "SELECT stream_pos FROM device_list_changes WHERE user_id = $1 ORDER BY stream_pos DESC LIMIT 2",
+            )
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?;
+            Ok((rows.first().map_or(0, |r| r.0), rows.get(1).map(|r| r.0)))
         })
     }
 }

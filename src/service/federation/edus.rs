@@ -13,8 +13,8 @@ use ruma::{
     MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedServerName, OwnedTransactionId, OwnedUserId, RoomId, ServerName,
     UInt, UserId,
     api::federation::transactions::edu::{
-        DirectDeviceContent, Edu, PresenceContent, PresenceUpdate, ReceiptContent, ReceiptData, ReceiptMap,
-        TypingContent,
+        DeviceListUpdateContent, DirectDeviceContent, Edu, PresenceContent, PresenceUpdate, ReceiptContent,
+        ReceiptData, ReceiptMap, SigningKeyUpdateContent, TypingContent,
     },
     events::{
         AnyToDeviceEventContent, ToDeviceEventType,
@@ -83,12 +83,7 @@ impl Services {
 
     /// A local user's presence, for the servers that share a room with them.
     pub async fn federate_presence(&self, user: &UserId, state: &str, status_msg: Option<&str>) -> Result<()> {
-        let mut servers = Vec::new();
-        for room in self.joined_rooms(user).await? {
-            servers.extend(self.room_remote_servers(&room).await?.iter().cloned());
-        }
-        servers.sort();
-        servers.dedup();
+        let servers = self.servers_sharing_rooms_with(user).await?;
         if servers.is_empty() {
             return Ok(());
         }
@@ -125,6 +120,70 @@ impl Services {
             self.send_edu(&[server], &edu, None).await?;
         }
         Ok(())
+    }
+
+    /// The remote servers that share a joined room with `user`.
+    async fn servers_sharing_rooms_with(&self, user: &UserId) -> Result<Vec<OwnedServerName>> {
+        let mut servers = Vec::new();
+        for room in self.joined_rooms(user).await? {
+            servers.extend(self.room_remote_servers(&room).await?.iter().cloned());
+        }
+        servers.sort();
+        servers.dedup();
+        Ok(servers)
+    }
+
+    /// A local user's device appeared, changed keys or went away: the servers that
+    /// share a room with them hear of it (`m.device_list_update`, with the stream id
+    /// of the change and the one before, so that they notice a gap and ask again).
+    pub async fn federate_device_change(&self, user: &UserId, device_id: &str, keys: Option<&str>, deleted: bool) {
+        let result = async {
+            let servers = self.servers_sharing_rooms_with(user).await?;
+            if servers.is_empty() {
+                return Ok(());
+            }
+            let (stream_id, prev_id) = self.store.get_device_list_stream_ids(user.as_str()).await?;
+            let to_uint = |n: i64| UInt::new(n.max(0) as u64).unwrap_or_default();
+            let mut update = DeviceListUpdateContent::new(user.to_owned(), device_id.into(), to_uint(stream_id));
+            update.prev_id = prev_id.into_iter().map(to_uint).collect();
+            update.deleted = deleted.then_some(true);
+            if let Some(keys) = keys {
+                let raw = serde_json::value::RawValue::from_string(keys.to_owned()).map_err(Error::internal)?;
+                update.keys = Some(Raw::from_json(raw));
+            }
+            let edu = edu_json(Edu::DeviceListUpdate(update))?;
+            self.send_edu(&servers, &edu, None).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%user, error = %e, "could not queue a device list update for other servers");
+        }
+    }
+
+    /// A local user's cross-signing keys changed: `m.signing_key_update` for the
+    /// servers that share a room with them.
+    pub async fn federate_signing_key_update(&self, user: &UserId) {
+        let result = async {
+            let servers = self.servers_sharing_rooms_with(user).await?;
+            if servers.is_empty() {
+                return Ok(());
+            }
+            let mut update = SigningKeyUpdateContent::new(user.to_owned());
+            for (key_type, json) in self.store.get_cross_signing_keys(user.as_str()).await? {
+                let raw = Raw::from_json(serde_json::value::RawValue::from_string(json).map_err(Error::internal)?);
+                match key_type.as_str() {
+                    "master" => update.master_key = Some(raw),
+                    "self_signing" => update.self_signing_key = Some(raw),
+                    _ => {}
+                }
+            }
+            let edu = edu_json(Edu::SigningKeyUpdate(update))?;
+            self.send_edu(&servers, &edu, None).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%user, error = %e, "could not queue a signing key update for other servers");
+        }
     }
 
     /// Applies one EDU from `origin`. EDUs about users of another server, or about
