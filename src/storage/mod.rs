@@ -35,7 +35,10 @@ pub use self::{
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,
     memberships::MembershipRow,
-    persist::{EventTxn, NewEvent, NewRoom, Persisted, RoomCreated},
+    persist::{
+        CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, RoomCreated,
+        StateBefore, StateEntry, StoredAt,
+    },
     registration_tokens::RegistrationTokenInfo,
     sessions::{DeviceInfo, NewSession, TokenInfo},
     uiaa::UiaaSession,
@@ -157,7 +160,9 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
-            Ok(Store { db: Db::Sqlite { read, write } })
+            let store = Store { db: Db::Sqlite { read, write } };
+            store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
             let options = PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
@@ -173,7 +178,9 @@ impl Store {
                 .await
                 .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
             sqlx::migrate!().run(&pool).await.map_err(|e| format!("database migration failed: {e}"))?;
-            Ok(Store { db: Db::Postgres(pool) })
+            let store = Store { db: Db::Postgres(pool) };
+            store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            Ok(store)
         }
     }
 
