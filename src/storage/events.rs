@@ -158,8 +158,8 @@ impl Store {
     /// soft-failed) names `event_id` as a prev event: a child that arrived first.
     pub async fn has_stored_children(&self, event_id: &str) -> Result<bool> {
         on_pool!(self, read, |pool| {
-            let row: Option<(i64,)> = sqlx::query_as(
-                "SELECT 1 FROM event_edges c JOIN events e ON e.event_id = c.event_id
+            let row: Option<(String,)> = sqlx::query_as(
+                "SELECT c.event_id FROM event_edges c JOIN events e ON e.event_id = c.event_id
                  WHERE c.prev_event_id = $1 AND NOT e.outlier AND e.rejected_reason IS NULL AND NOT e.soft_failed
                  LIMIT 1",
             )

@@ -148,7 +148,7 @@ impl Services {
             for (_, group) in groups {
                 states.push(self.group_state(group).await?);
             }
-            Before::Resolved(self.resolve_states(room_id, &rules, states).await?)
+            Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
         };
         let persisted = self
             .place_event(

@@ -258,7 +258,10 @@ impl Services {
     /// `GET /rooms/{roomId}/event/{eventId}`.
     pub async fn get_event_for(&self, room_id: &RoomId, user: &UserId, event_id: &EventId) -> Result<StoredEvent> {
         let event = self.store.get_event(event_id.as_str()).await?;
-        let event = event.filter(|e| e.room_id == room_id.as_str()).ok_or_else(|| Error::not_found("No such event"))?;
+        // Outliers, rejected and soft-failed events (outside the stream) are not shown.
+        let event = event
+            .filter(|e| e.room_id == room_id.as_str() && e.position.is_some())
+            .ok_or_else(|| Error::not_found("No such event"))?;
         let vis = self.visibility_for(room_id, user).await?;
         if vis.memberships.is_empty() || !vis.may_see(user, &event) {
             return Err(Error::not_found("No such event, or you may not see it"));

@@ -245,7 +245,7 @@ impl Services {
                 for group in several {
                     states.push(self.group_state(*group).await?);
                 }
-                Before::Resolved(self.resolve_states(room_id, &rules, states).await?)
+                Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
             }
         };
         let before_state = match &before {
@@ -263,7 +263,8 @@ impl Services {
         {
             let current = self.group_state(head.state_group).await?;
             let state = self.pdus_of(&current, &auth_keys(&rules, &parsed)?).await?;
-            if let Err(reason) = check_against(&rules, &parsed, &state, &state) {
+            // Its auth events passed: they still serve the state-independent lookups.
+            if let Err(reason) = check_against(&rules, &parsed, auth_events.as_ref().unwrap_or(&state), &state) {
                 tracing::info!(event_id = %event_id, %reason, "soft-failed an event");
                 soft_failed = true;
             }
@@ -551,7 +552,7 @@ impl Services {
                 for group in several {
                     states.push(self.group_state(*group).await?);
                 }
-                let resolved = self.resolve_states(room_id, rules, states).await?;
+                let resolved = self.resolve_states(room_id, rules, states, None).await?;
                 self.store.insert_state_group(room_id.as_str(), &to_entries(&resolved)).await?
             }
         };
@@ -637,7 +638,7 @@ impl Services {
                 if becomes_extremity {
                     states.push(after);
                 }
-                let resolved = self.resolve_states(room_id, rules, states).await?;
+                let resolved = self.resolve_states(room_id, rules, states, Some(e.pdu)).await?;
                 current_group = Some(to_entries(&resolved));
                 resolved
             };
@@ -791,12 +792,14 @@ impl Services {
     }
 
     /// State resolution v2 (ruma's) over several states, with their auth chains read
-    /// from `event_auth`. States that agree need no resolution.
+    /// from `event_auth`. States that agree need no resolution. `pending` is the event
+    /// being stored, when its state is among them (it is not in the database yet).
     pub(crate) async fn resolve_states(
         &self,
         room_id: &RoomId,
         rules: &RoomVersionRules,
         states: Vec<IdState>,
+        pending: Option<&Pdu>,
     ) -> Result<IdState> {
         let Some(first) = states.first() else { return Ok(IdState::new()) };
         if states.iter().all(|s| s == first) {
@@ -805,8 +808,16 @@ impl Services {
         let mut chains: Vec<EventIdSet<OwnedEventId>> = Vec::with_capacity(states.len());
         let mut all: HashSet<String> = HashSet::new();
         for state in &states {
-            let ids: Vec<String> = state.values().cloned().collect();
-            let chain = self.store.get_auth_chain(&ids, MAX_AUTH_CHAIN).await?;
+            let mut ids: Vec<String> = state.values().cloned().collect();
+            // The pending event's auth chain is its auth events and theirs.
+            let pending_auth: Vec<String> = pending
+                .filter(|p| ids.iter().any(|id| id == p.event_id.as_str()))
+                .map(|p| p.auth_events.iter().map(|a| a.to_string()).collect())
+                .unwrap_or_default();
+            ids.extend(pending_auth.iter().cloned());
+            let mut chain = self.store.get_auth_chain(&ids, MAX_AUTH_CHAIN).await?;
+            chain.extend(pending_auth);
+            ids.truncate(state.len());
             if chain.len() as i64 >= MAX_AUTH_CHAIN {
                 return Err(Error::internal(format!("auth chain of a state in {room_id} too long to resolve")));
             }
@@ -815,13 +826,16 @@ impl Services {
             chains.push(chain.into_iter().filter_map(|id| OwnedEventId::try_from(id).ok()).collect());
         }
         let all: Vec<String> = all.into_iter().collect();
-        let events: HashMap<OwnedEventId, Pdu> = self
+        let mut events: HashMap<OwnedEventId, Pdu> = self
             .store
             .get_events_by_ids(&all)
             .await?
             .iter()
             .filter_map(|e| Pdu::from_stored(e).ok().map(|p| (p.event_id.clone(), p)))
             .collect();
+        if let Some(p) = pending {
+            events.insert(p.event_id.clone(), p.clone());
+        }
         let maps: Vec<state_res::StateMap<OwnedEventId>> = states
             .iter()
             .map(|s| {
