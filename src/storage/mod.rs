@@ -204,4 +204,6 @@ impl Store {
 }
 
 #[cfg(test)]
+mod dag_tests;
+#[cfg(test)]
 mod tests;

@@ -258,6 +258,25 @@ macro_rules! insert_edges {
     }};
 }
 
+/// Whether a transaction is PostgreSQL's (for the few statements whose text differs).
+fn is_postgres<DB: sqlx::Database>(_: &sqlx::Transaction<'_, DB>) -> bool {
+    DB::NAME == "PostgreSQL"
+}
+
+/// The insert of one event row (18 parameters).
+macro_rules! insert_event_sql {
+    () => {
+        "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
+             origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_scope, txn_id, replaces_state,
+             outlier, rejected_reason, soft_failed)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, $13,
+             CASE WHEN $14 THEN (SELECT event_id FROM current_state
+                 WHERE room_id = $3 AND event_type = $5 AND state_key = $6) ELSE $15 END,
+             $16, $17, $18)
+         ON CONFLICT DO NOTHING"
+    };
+}
+
 /// Stores `$e` (a `NewEvent`) in transaction `$tx`. Evaluates to `Some(StoredAt)`, or
 /// `None` when the event id or transaction id was taken (the caller rolls back).
 macro_rules! insert_event {
@@ -282,41 +301,58 @@ macro_rules! insert_event {
             (true, Some(_)) => Some(next_counter!($tx, "state_group", "1")),
         };
         let replaces_from_current = d.replaces_state.is_none() && e.state_key.is_some();
-        let inserted = sqlx::query(
-            "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
-                 origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_scope, txn_id, replaces_state,
-                 outlier, rejected_reason, soft_failed)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, $13,
-                 CASE WHEN $14 THEN (SELECT event_id FROM current_state
-                     WHERE room_id = $3 AND event_type = $5 AND state_key = $6) ELSE $15 END,
-                 $16, $17, $18)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(pos)
-        .bind(e.event_id)
-        .bind(e.room_id)
-        .bind(e.sender)
-        .bind(e.event_type)
-        .bind(e.state_key)
-        .bind(e.depth)
-        .bind(e.origin_server_ts)
-        .bind(after)
-        .bind(e.json)
-        .bind(e.txn.map(|t| t.device_id))
-        .bind(e.txn.map(|t| t.scope))
-        .bind(e.txn.map(|t| t.txn_id))
-        .bind(replaces_from_current)
-        .bind(d.replaces_state.flatten())
-        .bind(d.outlier)
-        .bind(d.rejected_reason)
-        .bind(d.soft_failed)
-        .execute(&mut *$tx)
-        .await?
-        .rows_affected();
+        // On PostgreSQL the event and its edges are one statement (one round trip, as
+        // many as before edges were stored); SQLite runs in process and takes three.
+        let postgres = is_postgres(&$tx);
+        let sql = if postgres {
+            concat!(
+                "WITH ins AS (",
+                insert_event_sql!(),
+                " RETURNING event_id),
+                 edges AS (INSERT INTO event_edges (event_id, prev_event_id, room_id)
+                     SELECT ins.event_id, p.value, $3 FROM ins, jsonb_array_elements_text(CAST($19 AS jsonb)) AS p(value)
+                     ON CONFLICT DO NOTHING),
+                 auth AS (INSERT INTO event_auth (event_id, auth_event_id)
+                     SELECT ins.event_id, a.value FROM ins, jsonb_array_elements_text(CAST($20 AS jsonb)) AS a(value)
+                     ON CONFLICT DO NOTHING)
+                 SELECT COUNT(*) FROM ins"
+            )
+        } else {
+            insert_event_sql!()
+        };
+        let query = sqlx::query(sql)
+            .bind(pos)
+            .bind(e.event_id)
+            .bind(e.room_id)
+            .bind(e.sender)
+            .bind(e.event_type)
+            .bind(e.state_key)
+            .bind(e.depth)
+            .bind(e.origin_server_ts)
+            .bind(after)
+            .bind(e.json)
+            .bind(e.txn.map(|t| t.device_id))
+            .bind(e.txn.map(|t| t.scope))
+            .bind(e.txn.map(|t| t.txn_id))
+            .bind(replaces_from_current)
+            .bind(d.replaces_state.flatten())
+            .bind(d.outlier)
+            .bind(d.rejected_reason)
+            .bind(d.soft_failed);
+        let inserted = if postgres {
+            let prevs = serde_json::to_string(e.prev_events).map_err(Error::internal)?;
+            let auths = serde_json::to_string(e.auth_events).map_err(Error::internal)?;
+            let row = query.bind(prevs).bind(auths).fetch_one(&mut *$tx).await?;
+            sqlx::Row::try_get::<i64, _>(&row, 0)? as u64
+        } else {
+            query.execute(&mut *$tx).await?.rows_affected()
+        };
         if inserted == 0 {
             None
         } else {
-            insert_edges!($tx, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
+            if !postgres {
+                insert_edges!($tx, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
+            }
             if let (Some(group), Some(state_key)) = (after.filter(|_| e.state_key.is_some()), e.state_key) {
                 // The new group is a delta on the group before, or every so often (and for
                 // the first) a full snapshot copied from it.

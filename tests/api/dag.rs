@@ -311,7 +311,11 @@ async fn child_before_parent_leaves_the_right_extremities(backend: Backend) {
     assert_eq!(remote.services.store.get_backward_extremities(&room).await.unwrap(), std::slice::from_ref(&parent));
 
     assert!(matches!(remote.feed(parent_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
-    assert_eq!(remote.head().await, std::slice::from_ref(&child), "the parent is not an extremity: its child is stored");
+    assert_eq!(
+        remote.head().await,
+        std::slice::from_ref(&child),
+        "the parent is not an extremity: its child is stored"
+    );
     assert!(remote.services.store.get_backward_extremities(&room).await.unwrap().is_empty());
     let (_, messages) =
         server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), Some(&alice)).await;
