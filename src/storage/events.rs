@@ -432,10 +432,11 @@ impl Store {
             // Two indexed reads merged (an OR would make SQLite scan the room's events).
             Ok(sqlx::query_as(
                 "SELECT stream_ordering, event_type, json FROM events
-                 WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member'
+                 WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member' AND stream_ordering IS NOT NULL
                  UNION ALL
                  SELECT stream_ordering, event_type, json FROM events
                  WHERE room_id = $1 AND state_key = '' AND event_type = 'm.room.history_visibility'
+                   AND stream_ordering IS NOT NULL
                  ORDER BY 1",
             )
             .bind(room_id)

@@ -421,6 +421,94 @@ async fn duplicate_pdu_is_a_no_op(backend: Backend) {
     assert_eq!(remote.services.store.current_stream_position().await.unwrap(), position);
 }
 
+async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_alice, room, remote) = public_room(&server, json!({})).await;
+    let services = &remote.services;
+    let alice = ruma::OwnedUserId::try_from("@alice:localhost").unwrap();
+    let mut woken = services.notifier.subscribe(&alice);
+    woken.mark_unchanged();
+    let position = services.store.current_stream_position().await.unwrap();
+    let head = remote.head().await;
+    let auth = vec![remote.state_id("m.room.join_rules", "").await, remote.state_id("m.room.power_levels", "").await];
+
+    // A join's state: 600 members (more than one batch), a stranger's message failing
+    // auth, and one event signed by an unknown key.
+    let mut pdus = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..600 {
+        let user = Remote::user(&format!("m{i}"));
+        let (id, pdu) = remote
+            .sign(Draft {
+                sender: user.clone(),
+                kind: "m.room.member",
+                state_key: Some(user),
+                content: json!({"membership": "join"}),
+                prev: head.clone(),
+                auth: auth.clone(),
+                ts: now(),
+            })
+            .await;
+        ids.push(id);
+        pdus.push(pdu);
+    }
+    let (stranger, pdu) = remote
+        .sign(Draft {
+            sender: Remote::user("stranger"),
+            kind: "m.room.message",
+            state_key: None,
+            content: json!({"body": "hi"}),
+            prev: head.clone(),
+            auth: vec![auth[1].clone()],
+            ts: now(),
+        })
+        .await;
+    pdus.push(pdu);
+    let forged_draft = Draft {
+        sender: Remote::user("m0"),
+        kind: "m.room.message",
+        state_key: None,
+        content: json!({"body": "forged"}),
+        prev: head.clone(),
+        auth: vec![auth[1].clone(), ids[0].clone()],
+        ts: now(),
+    };
+    let (_, forged) = remote.sign_with(&new_key(), forged_draft).await;
+    pdus.push(forged);
+
+    let started = std::time::Instant::now();
+    let outcomes = services.handle_outliers(&remote.room, &remote.version, pdus).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+    assert_eq!(outcomes.len(), 602);
+    assert!(outcomes[..600].iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))));
+    assert!(matches!(&outcomes[600], Ok(PduOutcome::Rejected { event_id, .. }) if *event_id == stranger));
+    assert!(outcomes[601].is_err(), "a bad signature is refused");
+
+    assert_eq!(services.store.current_stream_position().await.unwrap(), position, "no stream positions");
+    assert!(!woken.has_changed().unwrap(), "no /sync woken");
+    assert_eq!(remote.head().await, head, "outliers are no extremities");
+    assert_eq!(services.store.get_event_status(&ids[599]).await.unwrap(), Some((true, None, false)));
+    let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{}", ids[0]), Some(&_alice)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "outliers are not served to clients");
+
+    // The join's state before, from the state list, as one group.
+    let mut state: Vec<(String, String, String)> = services
+        .store
+        .get_current_state_events(&room, &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event_type, e.state_key.unwrap_or_default(), e.event_id))
+        .collect();
+    state.extend(ids.iter().enumerate().map(|(i, id)| ("m.room.member".into(), Remote::user(&format!("m{i}")), id.clone())));
+    let group = services.store_state_group(&remote.room, &state).await.unwrap();
+    assert_eq!(services.store.get_state_group(group, None, None).await.unwrap().len(), state.len());
+
+    // The check above can fail: a live event does wake the room's members.
+    remote.join("rita", now()).await;
+    assert!(woken.has_changed().unwrap());
+}
+
 backend_tests!(
     remote_message_reaches_sync_and_messages,
     fork_and_merge_resolve_state,
@@ -429,4 +517,5 @@ backend_tests!(
     bad_signatures_hashes_and_auth,
     soft_failed_event_is_hidden,
     duplicate_pdu_is_a_no_op,
+    outliers_take_no_positions_and_wake_no_sync,
 );
