@@ -394,6 +394,81 @@ impl Store {
         })
     }
 
+    /// Events of a room in topological order (depth, then stream position), from `from`
+    /// (included when going backwards, excluded going forwards) towards `to` (excluded
+    /// backwards, included forwards), only those whose stream position lies in one of
+    /// `ranges` (`(after, up_to]`; all if empty), at most `limit`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn get_room_events_topological(
+        &self,
+        room_id: &str,
+        from: (i64, i64),
+        to: Option<(i64, i64)>,
+        ranges: &[(i64, i64)],
+        limit: i64,
+        backwards: bool,
+    ) -> Result<Vec<StoredEvent>> {
+        on_pool!(self, read, |pool| {
+            let mut query = sqlx::QueryBuilder::new(select_events!("WHERE room_id = "));
+            query.push_bind(room_id);
+            query.push(" AND stream_ordering IS NOT NULL AND (depth ");
+            query.push(if backwards { "< " } else { "> " });
+            query.push_bind(from.0);
+            query.push(" OR (depth = ");
+            query.push_bind(from.0);
+            query.push(if backwards { " AND stream_ordering <= " } else { " AND stream_ordering > " });
+            query.push_bind(from.1);
+            query.push("))");
+            if let Some(to) = to {
+                query.push(" AND (depth ");
+                query.push(if backwards { "> " } else { "< " });
+                query.push_bind(to.0);
+                query.push(" OR (depth = ");
+                query.push_bind(to.0);
+                query.push(if backwards { " AND stream_ordering > " } else { " AND stream_ordering <= " });
+                query.push_bind(to.1);
+                query.push("))");
+            }
+            if !ranges.is_empty() {
+                query.push(" AND (");
+                for (i, (after, up_to)) in ranges.iter().enumerate() {
+                    if i > 0 {
+                        query.push(" OR ");
+                    }
+                    query.push("(stream_ordering > ");
+                    query.push_bind(*after);
+                    query.push(" AND stream_ordering <= ");
+                    query.push_bind(*up_to);
+                    query.push(")");
+                }
+                query.push(")");
+            }
+            query.push(if backwards {
+                " ORDER BY depth DESC, stream_ordering DESC LIMIT "
+            } else {
+                " ORDER BY depth ASC, stream_ordering ASC LIMIT "
+            });
+            query.push_bind(limit);
+            Ok(query.build_query_as().fetch_all(pool).await?)
+        })
+    }
+
+    /// The topological position (depth, stream position) of a room's latest event at or
+    /// before stream position `pos`, to turn a stream token into a topological one.
+    pub async fn get_topological_position(&self, room_id: &str, pos: i64) -> Result<Option<(i64, i64)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT depth, stream_ordering FROM events
+                 WHERE room_id = $1 AND stream_ordering IS NOT NULL AND stream_ordering <= $2
+                 ORDER BY stream_ordering DESC LIMIT 1",
+            )
+            .bind(room_id)
+            .bind(pos)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
     /// State events of a room with `after < stream_ordering <= until`, oldest first.
     pub async fn get_room_state_events_between(
         &self,

@@ -500,13 +500,80 @@ async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
         .into_iter()
         .map(|e| (e.event_type, e.state_key.unwrap_or_default(), e.event_id))
         .collect();
-    state.extend(ids.iter().enumerate().map(|(i, id)| ("m.room.member".into(), Remote::user(&format!("m{i}")), id.clone())));
+    state.extend(
+        ids.iter().enumerate().map(|(i, id)| ("m.room.member".into(), Remote::user(&format!("m{i}")), id.clone())),
+    );
     let group = services.store_state_group(&remote.room, &state).await.unwrap();
     assert_eq!(services.store.get_state_group(group, None, None).await.unwrap().len(), state.len());
 
     // The check above can fail: a live event does wake the room's members.
     remote.join("rita", now()).await;
     assert!(woken.has_changed().unwrap());
+}
+
+async fn backfilled_history_sorts_before_the_stream(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let services = &remote.services;
+    let (parent, parent_pdu) = remote.sign(remote.message("rita", "older", vec![join.clone()], now()).await).await;
+    let parent_depth = parent_pdu.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap();
+    let draft = remote.message("rita", "newer", vec![parent.clone()], now() + 1).await;
+    let (child, child_pdu) = remote.sign_at(&remote.key, draft, Some(parent_depth + 1)).await;
+    assert!(matches!(remote.feed(child_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+
+    // The gap is filled by backfill: a position before the live stream, no wake-up.
+    let alice_id = ruma::OwnedUserId::try_from("@alice:localhost").unwrap();
+    let mut woken = services.notifier.subscribe(&alice_id);
+    woken.mark_unchanged();
+    let position = services.store.current_stream_position().await.unwrap();
+    let outcome = remote.feed(parent_pdu, Arrival::Backfill).await;
+    assert!(matches!(outcome, PduOutcome::Accepted { position: Some(p), .. } if p < 0), "{outcome:?}");
+    assert_eq!(services.store.current_stream_position().await.unwrap(), position);
+    assert!(!woken.has_changed().unwrap(), "backfill wakes no /sync");
+    assert_eq!(remote.head().await, std::slice::from_ref(&child));
+    assert!(services.store.get_backward_extremities(&room).await.unwrap().is_empty());
+
+    // /messages pages by topology: the backfilled event sits between its child and its
+    // parent, one page at a time through the `end` tokens.
+    let mut seen = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..3 {
+        let mut path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1");
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={from}"));
+        }
+        let (status, page) = server.get(&path, Some(&alice)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.push(page["chunk"][0]["event_id"].as_str().unwrap().to_owned());
+        from = Some(page["end"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, [child.clone(), parent.clone(), join.clone()]);
+
+    // A stream token (as /sync's prev_batch, or /messages gave before) still works.
+    let child_pos = services.store.get_event(&child).await.unwrap().unwrap().stream_ordering;
+    for token in [format!("t{child_pos}"), format!("s{child_pos}_0")] {
+        let (status, page) = server
+            .get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=2&from={token}"), Some(&alice))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let ids: Vec<&str> =
+            page["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [child.as_str(), parent.as_str()], "{token}");
+    }
+    // And forwards from the join: parent, then child.
+    let join_event = services.store.get_event(&join).await.unwrap().unwrap();
+    let from = format!("t{}-{}", join_event.depth, join_event.stream_ordering);
+    let (_, page) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=5&from={from}"), Some(&alice)).await;
+    let ids: Vec<&str> = page["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [parent.as_str(), child.as_str()], "{page}");
+    // /context of the backfilled event.
+    let (status, context) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/context/{parent}?limit=2"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{context}");
+    assert_eq!(context["events_before"][0]["event_id"], join, "{context}");
+    assert_eq!(context["events_after"][0]["event_id"], child, "{context}");
 }
 
 backend_tests!(
@@ -518,4 +585,5 @@ backend_tests!(
     soft_failed_event_is_hidden,
     duplicate_pdu_is_a_no_op,
     outliers_take_no_positions_and_wake_no_sync,
+    backfilled_history_sorts_before_the_stream,
 );
