@@ -17,6 +17,7 @@ mod memberships;
 mod persist;
 mod push;
 mod registration_tokens;
+mod remote_rooms;
 mod server_info;
 mod server_keys;
 mod sessions;
@@ -38,7 +39,10 @@ pub use self::{
     events::StoredEvent,
     federation_outbox::OutboxBatch,
     memberships::MembershipRow,
-    persist::{EventTxn, NewEvent, NewRoom, Persisted, RoomCreated},
+    persist::{
+        CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, RoomCreated,
+        StateBefore, StateEntry, StoredAt,
+    },
     registration_tokens::RegistrationTokenInfo,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
@@ -161,7 +165,9 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
-            Ok(Store { db: Db::Sqlite { read, write } })
+            let store = Store { db: Db::Sqlite { read, write } };
+            store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
             let options = PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
@@ -177,7 +183,9 @@ impl Store {
                 .await
                 .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
             sqlx::migrate!().run(&pool).await.map_err(|e| format!("database migration failed: {e}"))?;
-            Ok(Store { db: Db::Postgres(pool) })
+            let store = Store { db: Db::Postgres(pool) };
+            store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            Ok(store)
         }
     }
 
@@ -200,5 +208,7 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+mod dag_tests;
 #[cfg(test)]
 mod tests;

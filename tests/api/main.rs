@@ -6,6 +6,7 @@ mod common;
 mod account;
 mod bad_input;
 mod cli;
+mod dag;
 mod devices;
 mod discovery;
 mod ephemeral;

@@ -115,6 +115,32 @@ impl Services {
         self.federation_sender.room_servers.lock().unwrap_or_else(|e| e.into_inner()).remove(room_id);
     }
 
+    /// Sends a local event just stored to the other servers in the room, and to the
+    /// server of the user a membership event is about (a kicked or banned user's server
+    /// is no longer in the room, but must hear of it). A failure to queue is logged: the
+    /// event is stored, and those servers catch up when they next ask for it.
+    pub async fn federate_local_event(
+        &self,
+        room_id: &RoomId,
+        event_id: &str,
+        position: i64,
+        membership_target: Option<&str>,
+    ) {
+        let result = async {
+            let mut servers = self.room_remote_servers(room_id).await?.as_ref().clone();
+            if let Some(target) = membership_target.and_then(|t| ruma::UserId::parse(t).ok())
+                && !servers.iter().any(|s| s == target.server_name())
+            {
+                servers.push(target.server_name().to_owned());
+            }
+            self.send_pdu(&servers, position, event_id).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%room_id, event_id, error = %e, "could not queue an event for other servers");
+        }
+    }
+
     /// Queues a stored local event (at stream position `position`) for `destinations`
     /// and wakes their senders.
     pub async fn send_pdu(&self, destinations: &[OwnedServerName], position: i64, event_id: &str) -> Result<()> {

@@ -115,9 +115,16 @@ impl Services {
             .ok()
             .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok())
             .ok_or_else(|| Error::bad_json("cannot compute the PDU's event id"))?;
-        // TODO(merge): the event pipeline (checks, state, persist) takes it from here.
-        let _ = origin;
-        Ok((event_id, Err("this server does not accept PDUs over federation yet".to_owned())))
+        use crate::service::rooms::pipeline::{Arrival, PduOutcome};
+        let result = match self.handle_pdu(&room_id, &version, object, Arrival::Live).await {
+            Ok(PduOutcome::Rejected { reason, .. }) => Err(reason),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::info!(%origin, %event_id, error = %e, "refused a PDU");
+                Err(e.to_string())
+            }
+        };
+        Ok((event_id, result))
     }
 }
 
