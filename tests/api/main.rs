@@ -12,6 +12,7 @@ mod discovery;
 mod ephemeral;
 mod federation;
 mod federation_edus;
+mod federation_rooms;
 mod keys;
 mod login;
 mod operations;

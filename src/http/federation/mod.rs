@@ -4,6 +4,7 @@
 
 mod e2e;
 mod keys;
+mod membership;
 mod queries;
 mod transactions;
 
@@ -25,5 +26,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     );
     let router = transactions::routes(router);
     let router = e2e::routes(router);
+    let router = membership::routes(router);
     queries::routes(router)
 }

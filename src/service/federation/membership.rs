@@ -162,7 +162,15 @@ impl Services {
             return Err(Error::bad_json("The event id does not match the event"));
         }
         match self.handle_pdu(room_id, &version, object, Arrival::Live).await? {
-            PduOutcome::Accepted { .. } | PduOutcome::Duplicate { .. } => {}
+            PduOutcome::Accepted { position, .. } => {
+                // The other servers in the room hear of the join from us.
+                if let Some(position) = position {
+                    let others: Vec<OwnedServerName> =
+                        self.room_remote_servers(room_id).await?.iter().filter(|s| *s != origin).cloned().collect();
+                    self.send_pdu(&others, position, event_id.as_str()).await?;
+                }
+            }
+            PduOutcome::Duplicate { .. } => {}
             PduOutcome::Rejected { reason, .. } => {
                 return Err(Error::forbidden(format!("The join is not allowed: {reason}")));
             }
