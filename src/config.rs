@@ -274,6 +274,8 @@ pub struct Federation {
     /// delegate federation for `server_name` to another host and port (for example
     /// `matrix.example.org:443`). Empty: that path answers `404 M_NOT_FOUND`.
     pub well_known_server: String,
+    /// The longest wait between retries of a destination that fails, in milliseconds.
+    pub max_retry_interval_ms: u64,
     /// How long other servers may cache this server's signing key, in milliseconds
     /// (`valid_until_ts` of `GET /_matrix/key/v2/server`).
     pub key_validity_ms: u64,
@@ -408,6 +410,7 @@ impl Default for Federation {
             skip_tls_verify: false,
             allow_private_destinations: false,
             well_known_server: String::new(),
+            max_retry_interval_ms: 3_600_000,
             key_validity_ms: 7 * 86_400_000,
             connect_timeout_ms: 10_000,
             read_timeout_ms: 30_000,
@@ -560,6 +563,7 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("rate_limits.*.per_second", 0.000_001, 1_000_000.0),
     ("rate_limits.*.burst", 1.0, 1_000_000.0),
     ("voip.turn_user_lifetime_ms", 1_000.0, TEN_YEARS_MS),
+    ("federation.max_retry_interval_ms", 100.0, 7.0 * 86_400_000.0),
     // At least an hour: other servers refetch keys at most this often.
     ("federation.key_validity_ms", 3_600_000.0, 365.0 * 86_400_000.0),
     ("federation.connect_timeout_ms", 100.0, 600_000.0),

@@ -59,6 +59,7 @@ impl Services {
             self.require_password_uiaa("device_signing", user, auth, client_ip).await?;
             self.store.store_cross_signing_keys(user.as_str(), &to_store, false).await?;
         }
+        self.federate_signing_key_update(user).await;
         self.wake_room_peers(user).await
     }
 

@@ -12,6 +12,7 @@ use ruma::{
     to_device::DeviceIdOrAllDevices,
 };
 use serde_json::value::RawValue;
+use sha2::Digest;
 
 use super::{Services, Session, rooms::messages::membership_of};
 use crate::{
@@ -86,7 +87,9 @@ impl Services {
                 &new_keys(&fallback),
             )
             .await?;
-        if device_keys.is_some() {
+        if let Some(keys) = device_keys {
+            self.federate_device_change(&session.user_id, session.device_id.as_str(), Some(keys.json().get()), false)
+                .await;
             self.wake_room_peers(&session.user_id).await?;
         }
         Ok(self.key_status(session).await?.0)
@@ -183,7 +186,7 @@ impl Services {
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`: queues the messages for their devices
     /// (`*`: every device of the user) and wakes their syncs. A retried transaction id
-    /// queues nothing again. Users of other servers are not reachable yet.
+    /// queues nothing again. Messages for users of other servers go to their servers.
     pub async fn send_to_device(
         &self,
         session: &Session,
@@ -220,6 +223,9 @@ impl Services {
             .await?;
         if pos.is_some() {
             self.notifier.notify_users(&to_wake);
+            // The remote part goes out only with the first use of the transaction id too.
+            self.federate_to_device(&session.user_id, event_type, &remote_message_id(session, txn_id), messages)
+                .await?;
         }
         Ok(())
     }
@@ -288,4 +294,11 @@ impl Services {
         let ids = |users: BTreeSet<String>| users.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect();
         Ok((ids(changed.difference(&left).cloned().collect()), ids(left)))
     }
+}
+
+/// The `message_id` of a `sendToDevice` request's EDUs: unique per device and
+/// transaction, so the receiving server drops a copy sent twice.
+fn remote_message_id(session: &Session, txn_id: &str) -> String {
+    let digest = sha2::Sha256::digest(format!("{}\u{0}{}\u{0}{}", session.user_id, session.device_id, txn_id));
+    base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, &digest[..18])
 }

@@ -119,6 +119,20 @@ impl Services {
     ) -> Result<()> {
         self.require_joined(room_id, user).await?;
         let until = timeout.map(|t| Instant::now() + t.min(MAX_TYPING));
+        self.set_typing_notice(room_id, user, until).await?;
+        if let Err(e) = self.federate_typing(room_id, user, until.is_some()).await {
+            tracing::warn!(%room_id, error = %e, "could not queue a typing notice for other servers");
+        }
+        Ok(())
+    }
+
+    /// Sets or ends a typing notice (local or remote) and wakes the room's syncs.
+    pub(crate) async fn set_typing_notice(
+        self: &std::sync::Arc<Self>,
+        room_id: &RoomId,
+        user: &UserId,
+        until: Option<Instant>,
+    ) -> Result<()> {
         if self.typing.set(room_id, user, until) {
             self.notifier.notify_users(&self.joined_local_members(room_id).await?);
         }
@@ -197,6 +211,9 @@ impl Services {
         let to_wake = if receipt_type == "m.read.private" {
             vec![user.to_owned()]
         } else {
+            if let Err(e) = self.federate_receipt(room_id, user, event_id, thread_id).await {
+                tracing::warn!(%room_id, error = %e, "could not queue a receipt for other servers");
+            }
             self.joined_local_members(room_id).await?.as_ref().clone()
         };
         self.notifier.notify_users(&to_wake);
@@ -268,6 +285,9 @@ impl Services {
         // A sync's refresh (`status_msg` not given) keeps whatever message is stored
         // when it writes, not the one read above, so it cannot undo a concurrent change.
         self.store.set_presence(user.as_str(), state, status_msg.map(|_| msg.as_deref()), now).await?;
+        if let Err(e) = self.federate_presence(user, state, msg.as_deref()).await {
+            tracing::warn!(%user, error = %e, "could not queue presence for other servers");
+        }
         self.wake_room_peers(user).await
     }
 

@@ -5,7 +5,7 @@
 mod account_data;
 mod cross_signing;
 pub mod directory;
-mod e2e;
+pub mod e2e;
 mod ephemeral;
 pub mod federation;
 mod ids;
@@ -89,10 +89,19 @@ pub struct Services {
     pub ruleset_cache: notifications::RulesetCache,
     /// Joined counts and local members' display names, for evaluating push rules.
     pub push_members_cache: notifications::PushMembersCache,
+    /// The outbound federation queues' senders, one per destination.
+    pub federation_sender: federation::sender::FederationSender,
     /// Federation: the outbound client and the key fetcher.
     pub federation: federation::Federation,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
+    /// Other servers' signing keys, for checking PDUs (`rooms/pipeline.rs`); `known_keys`
+    /// until the federation key service replaces it.
+    pub server_keys: Arc<dyn rooms::pipeline::ServerKeys>,
+    /// Keys trusted without asking: our own, and those tests add.
+    pub known_keys: Arc<rooms::pipeline::KnownKeys>,
+    /// Fetches events the persist pipeline misses (nothing until the federation client).
+    pub missing_events: Arc<dyn rooms::pipeline::FetchMissing>,
 }
 
 impl Services {
@@ -100,8 +109,16 @@ impl Services {
         let hashing = Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         let signing_key = server_keys::load_or_generate(&config.data_dir.join("signing.key"))?;
         let federation = federation::Federation::new(&config.federation)?;
+        let known_keys = Arc::new(rooms::pipeline::KnownKeys::new(
+            config.server_name.as_str(),
+            &format!("ed25519:{}", signing_key.version()),
+            &signing_key.public_key(),
+        ));
         Ok(Arc::new(Services {
             federation,
+            server_keys: known_keys.clone(),
+            known_keys,
+            missing_events: Arc::new(rooms::pipeline::NoFetch),
             rate_limiter: RateLimiter::new(config.rate_limits.clone()),
             config,
             store,
@@ -117,6 +134,7 @@ impl Services {
             room_versions: Default::default(),
             ruleset_cache: Default::default(),
             push_members_cache: Default::default(),
+            federation_sender: Default::default(),
             shutting_down: tokio::sync::watch::channel(false).0,
         }))
     }

@@ -154,12 +154,23 @@ impl Services {
 
     /// `POST /logout`: the device and all its tokens go.
     pub async fn logout(&self, session: &Session) -> Result<()> {
-        self.store.delete_devices(session.user_id.as_str(), &[session.device_id.as_str()]).await
+        self.delete_devices(session.user_id.as_str(), &[session.device_id.as_str()]).await
     }
 
     /// `POST /logout/all`.
     pub async fn logout_all(&self, user_id: &str) -> Result<()> {
-        self.store.delete_all_devices(user_id).await
+        let devices = self.store.list_devices(user_id).await?;
+        self.store.delete_all_devices(user_id).await?;
+        self.federate_deleted_devices(user_id, devices.iter().map(|d| d.device_id.as_str())).await;
+        Ok(())
+    }
+
+    /// Tells other servers that share a room with the user that devices went away.
+    async fn federate_deleted_devices(&self, user_id: &str, device_ids: impl Iterator<Item = &str>) {
+        let Ok(user) = ruma::UserId::parse(user_id) else { return };
+        for device_id in device_ids {
+            self.federate_device_change(&user, device_id, None, true).await;
+        }
     }
 
     pub async fn list_devices(&self, user_id: &str) -> Result<Vec<Device>> {
@@ -183,7 +194,9 @@ impl Services {
     }
 
     pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<()> {
-        self.store.delete_devices(user_id, device_ids).await
+        self.store.delete_devices(user_id, device_ids).await?;
+        self.federate_deleted_devices(user_id, device_ids.iter().copied()).await;
+        Ok(())
     }
 }
 

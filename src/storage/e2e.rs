@@ -518,3 +518,37 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// Records that a remote user's devices or cross-signing keys changed (their server
+    /// told us), so that local users who share a room with them re-query the keys.
+    pub async fn record_remote_device_list_change(&self, user_id: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            record_device_list_change!(&mut *tx, user_id);
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+}
+
+impl Store {
+    /// The position of the latest change to a user's device list (0: none), the
+    /// `stream_id` other servers see.
+    pub async fn get_device_list_stream_id(&self, user_id: &str) -> Result<i64> {
+        Ok(self.get_device_list_stream_ids(user_id).await?.0)
+    }
+
+    /// The latest change to a user's device list (0: none) and the one before it.
+    pub async fn get_device_list_stream_ids(&self, user_id: &str) -> Result<(i64, Option<i64>)> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(i64,)> = sqlx::query_as(
+                "SELECT stream_pos FROM device_list_changes WHERE user_id = $1 ORDER BY stream_pos DESC LIMIT 2",
+            )
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?;
+            Ok((rows.first().map_or(0, |r| r.0), rows.get(1).map(|r| r.0)))
+        })
+    }
+}

@@ -7,7 +7,11 @@ use crate::error::Result;
 /// An event as stored.
 #[derive(Clone, Debug, sqlx::FromRow)]
 pub struct StoredEvent {
+    /// The stream position; 0 for an event outside the stream (see `position`).
     pub stream_ordering: i64,
+    /// The stream position, `None` for events clients never see: outliers, rejected and
+    /// soft-failed events. Negative for backfilled history.
+    pub position: Option<i64>,
     pub event_id: String,
     pub room_id: String,
     pub sender: String,
@@ -15,6 +19,7 @@ pub struct StoredEvent {
     pub state_key: Option<String>,
     pub depth: i64,
     pub origin_server_ts: i64,
+    /// The state after the event; 0 for outliers and rejected events (no such group).
     pub state_group: i64,
     pub json: String,
     pub redacted_by: Option<String>,
@@ -27,8 +32,9 @@ pub struct StoredEvent {
 macro_rules! select_events {
     ($tail:literal) => {
         concat!(
-            "SELECT stream_ordering, event_id, room_id, sender, event_type, state_key, depth, \
-             origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_id, replaces_state FROM events ",
+            "SELECT COALESCE(stream_ordering, 0) AS stream_ordering, stream_ordering AS position, event_id, room_id, \
+             sender, event_type, state_key, depth, origin_server_ts, COALESCE(state_group, 0) AS state_group, json, \
+             redacted_by, txn_device_id, txn_id, replaces_state FROM events ",
             $tail
         )
     };
@@ -37,8 +43,9 @@ macro_rules! select_events {
 /// The columns of `StoredEvent`, from `events e`.
 macro_rules! event_columns {
     () => {
-        "e.stream_ordering, e.event_id, e.room_id, e.sender, e.event_type, e.state_key, e.depth, \
-         e.origin_server_ts, e.state_group, e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state"
+        "COALESCE(e.stream_ordering, 0) AS stream_ordering, e.stream_ordering AS position, e.event_id, e.room_id, \
+         e.sender, e.event_type, e.state_key, e.depth, e.origin_server_ts, COALESCE(e.state_group, 0) AS state_group, \
+         e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state"
     };
 }
 
@@ -53,6 +60,24 @@ macro_rules! next_stream_position {
 }
 pub(crate) use next_stream_position;
 
+/// The next value of one of the `dag_counters` (`state_group` counts up, `backfill`
+/// down), under the row's lock.
+macro_rules! next_counter {
+    ($tx:expr, $name:literal, $step:literal) => {{
+        let (value,): (i64,) = sqlx::query_as(concat!(
+            "UPDATE dag_counters SET value = value + (",
+            $step,
+            ") WHERE name = '",
+            $name,
+            "' RETURNING value"
+        ))
+        .fetch_one(&mut *$tx)
+        .await?;
+        value
+    }};
+}
+pub(crate) use next_counter;
+
 impl Store {
     pub async fn get_room_version(&self, room_id: &str) -> Result<Option<String>> {
         on_pool!(self, read, |pool| {
@@ -64,24 +89,123 @@ impl Store {
         })
     }
 
-    /// The room's forward extremities with their depths, and its latest state group.
-    pub async fn get_room_head(&self, room_id: &str) -> Result<(Vec<(String, i64)>, Option<i64>)> {
+    /// The room's forward extremities with their depths and state groups (the state
+    /// after each); empty for an unknown room.
+    pub async fn get_room_head(&self, room_id: &str) -> Result<Vec<(String, i64, i64)>> {
         on_pool!(self, read, |pool| {
-            let extremities: Vec<(String, i64)> = sqlx::query_as(
-                "SELECT f.event_id, e.depth FROM forward_extremities f JOIN events e ON e.event_id = f.event_id
-                 WHERE f.room_id = $1",
+            Ok(sqlx::query_as(
+                "SELECT f.event_id, e.depth, COALESCE(e.state_group, 0) FROM forward_extremities f
+                 JOIN events e ON e.event_id = f.event_id WHERE f.room_id = $1",
             )
             .bind(room_id)
             .fetch_all(pool)
-            .await?;
-            let group: Option<(i64,)> = sqlx::query_as(
-                "SELECT state_group FROM events WHERE room_id = $1 ORDER BY stream_ordering DESC LIMIT 1",
+            .await?)
+        })
+    }
+
+    /// The room's backward extremities: prev events named by stored events but not
+    /// stored themselves.
+    pub async fn get_backward_extremities(&self, room_id: &str) -> Result<Vec<String>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String,)> =
+                sqlx::query_as("SELECT event_id FROM backward_extremities WHERE room_id = $1 ORDER BY event_id")
+                    .bind(room_id)
+                    .fetch_all(pool)
+                    .await?;
+            Ok(rows.into_iter().map(|r| r.0).collect())
+        })
+    }
+
+    /// How an event was stored: (outlier, rejected reason, soft-failed).
+    pub async fn get_event_status(&self, event_id: &str) -> Result<Option<(bool, Option<String>, bool)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as("SELECT outlier, rejected_reason, soft_failed FROM events WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(pool)
+                .await?)
+        })
+    }
+
+    /// The auth chain of a set of events (every event reachable through `auth_events`,
+    /// the starting events left out unless reached), walked down `event_auth` by one
+    /// recursive query. An auth chain holds the room's create, power levels, join rules
+    /// and the member events of the senders along it: in rooms of many members it can
+    /// reach tens of thousands of events, so the walk stops at `limit` ids (the caller
+    /// treats a full answer as an error rather than resolve state from half a chain).
+    pub async fn get_auth_chain(&self, event_ids: &[String], limit: i64) -> Result<Vec<String>> {
+        if event_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        on_pool!(self, read, |pool| {
+            let mut query = sqlx::QueryBuilder::new(
+                "WITH RECURSIVE chain(event_id) AS (SELECT auth_event_id FROM event_auth WHERE event_id IN (",
+            );
+            let mut list = query.separated(", ");
+            for id in event_ids {
+                list.push_bind(id);
+            }
+            query.push(
+                ") UNION SELECT a.auth_event_id FROM event_auth a JOIN chain c ON a.event_id = c.event_id)
+                 SELECT event_id FROM chain LIMIT ",
+            );
+            query.push_bind(limit);
+            let rows: Vec<(String,)> = query.build_query_as().fetch_all(pool).await?;
+            Ok(rows.into_iter().map(|r| r.0).collect())
+        })
+    }
+
+    /// Whether a stored event that is part of the room (not an outlier, accepted, not
+    /// soft-failed) names `event_id` as a prev event: a child that arrived first.
+    pub async fn has_stored_children(&self, event_id: &str) -> Result<bool> {
+        on_pool!(self, read, |pool| {
+            let row: Option<(String,)> = sqlx::query_as(
+                "SELECT c.event_id FROM event_edges c JOIN events e ON e.event_id = c.event_id
+                 WHERE c.prev_event_id = $1 AND NOT e.outlier AND e.rejected_reason IS NULL AND NOT e.soft_failed
+                 LIMIT 1",
             )
-            .bind(room_id)
+            .bind(event_id)
             .fetch_optional(pool)
             .await?;
-            Ok((extremities, group.map(|g| g.0)))
+            Ok(row.is_some())
         })
+    }
+
+    /// The state groups (state after) of these events, for those that have one.
+    pub async fn get_state_groups_of(&self, event_ids: &[String]) -> Result<Vec<(String, i64)>> {
+        let mut found = Vec::new();
+        for chunk in event_ids.chunks(500) {
+            let rows: Vec<(String, i64)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT event_id, state_group FROM events WHERE state_group IS NOT NULL AND event_id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(id);
+                }
+                query.push(")");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            found.extend(rows);
+        }
+        Ok(found)
+    }
+
+    /// Which of these events are stored (as anything, outliers included).
+    pub async fn stored_event_ids(&self, event_ids: &[String]) -> Result<Vec<String>> {
+        let mut found = Vec::new();
+        for chunk in event_ids.chunks(500) {
+            let rows: Vec<(String,)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new("SELECT event_id FROM events WHERE event_id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(id);
+                }
+                query.push(")");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            found.extend(rows.into_iter().map(|r| r.0));
+        }
+        Ok(found)
     }
 
     pub async fn get_event(&self, event_id: &str) -> Result<Option<StoredEvent>> {
@@ -270,6 +394,81 @@ impl Store {
         })
     }
 
+    /// Events of a room in topological order (depth, then stream position), from `from`
+    /// (included when going backwards, excluded going forwards) towards `to` (excluded
+    /// backwards, included forwards), only those whose stream position lies in one of
+    /// `ranges` (`(after, up_to]`; all if empty), at most `limit`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn get_room_events_topological(
+        &self,
+        room_id: &str,
+        from: (i64, i64),
+        to: Option<(i64, i64)>,
+        ranges: &[(i64, i64)],
+        limit: i64,
+        backwards: bool,
+    ) -> Result<Vec<StoredEvent>> {
+        on_pool!(self, read, |pool| {
+            let mut query = sqlx::QueryBuilder::new(select_events!("WHERE room_id = "));
+            query.push_bind(room_id);
+            query.push(" AND stream_ordering IS NOT NULL AND (depth ");
+            query.push(if backwards { "< " } else { "> " });
+            query.push_bind(from.0);
+            query.push(" OR (depth = ");
+            query.push_bind(from.0);
+            query.push(if backwards { " AND stream_ordering <= " } else { " AND stream_ordering > " });
+            query.push_bind(from.1);
+            query.push("))");
+            if let Some(to) = to {
+                query.push(" AND (depth ");
+                query.push(if backwards { "> " } else { "< " });
+                query.push_bind(to.0);
+                query.push(" OR (depth = ");
+                query.push_bind(to.0);
+                query.push(if backwards { " AND stream_ordering > " } else { " AND stream_ordering <= " });
+                query.push_bind(to.1);
+                query.push("))");
+            }
+            if !ranges.is_empty() {
+                query.push(" AND (");
+                for (i, (after, up_to)) in ranges.iter().enumerate() {
+                    if i > 0 {
+                        query.push(" OR ");
+                    }
+                    query.push("(stream_ordering > ");
+                    query.push_bind(*after);
+                    query.push(" AND stream_ordering <= ");
+                    query.push_bind(*up_to);
+                    query.push(")");
+                }
+                query.push(")");
+            }
+            query.push(if backwards {
+                " ORDER BY depth DESC, stream_ordering DESC LIMIT "
+            } else {
+                " ORDER BY depth ASC, stream_ordering ASC LIMIT "
+            });
+            query.push_bind(limit);
+            Ok(query.build_query_as().fetch_all(pool).await?)
+        })
+    }
+
+    /// The topological position (depth, stream position) of a room's latest event at or
+    /// before stream position `pos`, to turn a stream token into a topological one.
+    pub async fn get_topological_position(&self, room_id: &str, pos: i64) -> Result<Option<(i64, i64)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as(
+                "SELECT depth, stream_ordering FROM events
+                 WHERE room_id = $1 AND stream_ordering IS NOT NULL AND stream_ordering <= $2
+                 ORDER BY stream_ordering DESC LIMIT 1",
+            )
+            .bind(room_id)
+            .bind(pos)
+            .fetch_optional(pool)
+            .await?)
+        })
+    }
+
     /// State events of a room with `after < stream_ordering <= until`, oldest first.
     pub async fn get_room_state_events_between(
         &self,
@@ -308,10 +507,11 @@ impl Store {
             // Two indexed reads merged (an OR would make SQLite scan the room's events).
             Ok(sqlx::query_as(
                 "SELECT stream_ordering, event_type, json FROM events
-                 WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member'
+                 WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member' AND stream_ordering IS NOT NULL
                  UNION ALL
                  SELECT stream_ordering, event_type, json FROM events
                  WHERE room_id = $1 AND state_key = '' AND event_type = 'm.room.history_visibility'
+                   AND stream_ordering IS NOT NULL
                  ORDER BY 1",
             )
             .bind(room_id)

@@ -12,10 +12,12 @@ mod directory;
 mod e2e;
 mod ephemeral;
 mod events;
+mod federation_outbox;
 mod memberships;
 mod persist;
 mod push;
 mod registration_tokens;
+mod remote_rooms;
 mod server_info;
 mod server_keys;
 mod sessions;
@@ -35,8 +37,12 @@ pub use self::{
     e2e::{NewKey, NewToDevice, SignedKeyChanges},
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,
+    federation_outbox::OutboxBatch,
     memberships::MembershipRow,
-    persist::{EventTxn, NewEvent, NewRoom, Persisted, RoomCreated},
+    persist::{
+        CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, RoomCreated,
+        StateBefore, StateEntry, StoredAt,
+    },
     registration_tokens::RegistrationTokenInfo,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
@@ -159,7 +165,9 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
-            Ok(Store { db: Db::Sqlite { read, write } })
+            let store = Store { db: Db::Sqlite { read, write } };
+            store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
             let options = PgConnectOptions::from_str(url).map_err(|e| format!("database.url: {e}"))?;
@@ -175,7 +183,9 @@ impl Store {
                 .await
                 .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
             sqlx::migrate!().run(&pool).await.map_err(|e| format!("database migration failed: {e}"))?;
-            Ok(Store { db: Db::Postgres(pool) })
+            let store = Store { db: Db::Postgres(pool) };
+            store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            Ok(store)
         }
     }
 
@@ -198,5 +208,7 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+mod dag_tests;
 #[cfg(test)]
 mod tests;

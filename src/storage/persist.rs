@@ -1,9 +1,16 @@
-//! The write path of room events: `persist_event` stores one event that passed the auth
-//! checks, `create_room` stores a new room's first events, all or nothing. Both run
-//! one transaction that takes stream positions, writes state groups, `current_state`,
-//! memberships, forward extremities, push actions and redactions.
+//! The write path of room events: `persist_event` stores one event whose place in the
+//! DAG, the stream and the room's state the pipeline (`service/rooms/pipeline.rs`) has
+//! decided; `persist_outliers` stores a batch of events without state (a join's state
+//! and auth chain); `create_room` stores a new room's first events, all or nothing.
+//! Each is one transaction: stream positions, the event rows, prev and auth edges,
+//! state groups, `current_state` and memberships (by delta), forward and backward
+//! extremities, push actions and redactions.
 
-use super::{Store, events::next_stream_position, on_pool};
+use super::{
+    Store,
+    events::{next_counter, next_stream_position},
+    on_pool,
+};
 use crate::error::{Error, Result};
 
 /// Everything needed to store one new event.
@@ -17,6 +24,7 @@ pub struct NewEvent<'a> {
     pub origin_server_ts: i64,
     pub json: &'a str,
     pub prev_events: &'a [String],
+    pub auth_events: &'a [String],
     /// For `m.room.member` events: the membership it sets.
     pub membership: Option<&'a str>,
     /// A redaction to apply: the target event and its redacted JSON.
@@ -25,6 +33,104 @@ pub struct NewEvent<'a> {
     pub txn: Option<EventTxn<'a>>,
     /// Local users the event notifies, with whether it highlights for them.
     pub push_actions: &'a [(String, bool)],
+    /// Where the event goes in the DAG, the stream and the room's state.
+    pub dag: Dag<'a>,
+}
+
+/// (type, state key, event id): one entry of a room state.
+pub type StateEntry = (String, String, String);
+
+/// Where an event goes: the pipeline decides, `persist_event` writes. The default is a
+/// local event appended on top of the room's only forward extremity and current state.
+pub struct Dag<'a> {
+    pub position: Position,
+    /// Stored without state (a join's state or auth chain): no state group, no stream
+    /// position, not an extremity.
+    pub outlier: bool,
+    /// Why the event failed the auth rules: stored, never state, never seen by clients.
+    pub rejected_reason: Option<&'a str>,
+    /// Passed auth but not against the room's current state: stored with its state,
+    /// never seen by clients, not an extremity.
+    pub soft_failed: bool,
+    /// The state before the event.
+    pub state_before: StateBefore<'a>,
+    /// How the room's current state changes.
+    pub current: CurrentChange<'a>,
+    /// How forward and backward extremities change.
+    pub extremities: ExtremityChange,
+    /// `unsigned.replaces_state`: `None` reads it from `current_state` (the state before
+    /// a linear append), `Some` gives it (from the state before the event).
+    pub replaces_state: Option<Option<&'a str>>,
+}
+
+impl Default for Dag<'_> {
+    fn default() -> Self {
+        Dag {
+            position: Position::Live,
+            outlier: false,
+            rejected_reason: None,
+            soft_failed: false,
+            state_before: StateBefore::None,
+            current: CurrentChange::Append,
+            extremities: ExtremityChange::Linear,
+            replaces_state: None,
+        }
+    }
+}
+
+/// Which counter numbers an event.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Position {
+    /// The next live stream position (wakes `/sync`).
+    Live,
+    /// The next backfill position (-1, -2, ...): before the live stream.
+    Backfill,
+    /// None: outliers, rejected and soft-failed events.
+    None,
+}
+
+/// The state before an event.
+pub enum StateBefore<'a> {
+    /// None: a create event, an outlier or a rejected event.
+    None,
+    /// An existing state group.
+    Group(i64),
+    /// A state resolved from several prev events': written as a new snapshot group.
+    Resolved(&'a [StateEntry]),
+}
+
+/// How the room's current state changes with an event.
+pub enum CurrentChange<'a> {
+    Unchanged,
+    /// The event's state before was the current state and it is the only forward
+    /// extremity after: a state event takes its place in `current_state` (and
+    /// `memberships`), a message changes nothing.
+    Append,
+    /// The current state changed by this delta (after state resolution): entries set or
+    /// removed, with the memberships they set, (user, membership, event id); and, when
+    /// the new current state is no event's state (several forward extremities), the full
+    /// state to write as the room's current state group.
+    Delta {
+        set: &'a [StateEntry],
+        removed: &'a [(String, String)],
+        memberships: &'a [(String, String, String)],
+        group: Option<&'a [StateEntry]>,
+    },
+}
+
+/// How extremities change with an event.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ExtremityChange {
+    /// A local event on top of the forward extremities it names: they are replaced by it
+    /// (one statement when it names the only one).
+    Linear,
+    /// Any other accepted event: its prevs stop being forward extremities, it becomes
+    /// one unless a stored event names it as prev (a child that arrived first); prevs not
+    /// stored become backward extremities, and it stops being one.
+    General,
+    /// Outliers, rejected and soft-failed events leave forward extremities alone (a stored
+    /// event still stops being a backward extremity).
+    Unchanged,
 }
 
 /// The transaction id of a client send, unique per device and endpoint path.
@@ -47,11 +153,22 @@ pub struct NewRoom<'a> {
     pub published: bool,
 }
 
+/// Where an event was stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoredAt {
+    /// Its stream position (`None` outside the stream).
+    pub position: Option<i64>,
+    /// The state group after it (`None` for outliers and rejected events).
+    pub state_group: Option<i64>,
+    /// The state group written for the room's new current state, if any.
+    pub current_group: Option<i64>,
+}
+
 /// What storing one event did.
 pub enum Persisted {
-    /// Stored at this stream position.
-    Stored(i64),
-    /// An event with this id was already stored (at this position): nothing changed.
+    Stored(StoredAt),
+    /// An event with this id was already stored (at this position, 0 outside the
+    /// stream): nothing changed.
     Duplicate(i64),
     /// The device already used this transaction id on this endpoint: nothing changed.
     TxnTaken,
@@ -59,169 +176,413 @@ pub enum Persisted {
 
 /// What creating a room did.
 pub enum RoomCreated {
-    /// Stored; the stream positions of the events, in order.
-    Stored(Vec<i64>),
+    /// Stored; the stream positions of the events, in order, and the room's state group.
+    Stored(Vec<i64>, i64),
     /// Another room already has this id (room version 12 derives it from the create
     /// event): nothing was stored, build the room again.
     RoomIdTaken,
 }
 
+/// An event stored without state, in a batch.
+pub struct Outlier<'a> {
+    pub event_id: &'a str,
+    pub room_id: &'a str,
+    pub sender: &'a str,
+    pub event_type: &'a str,
+    pub state_key: Option<&'a str>,
+    pub depth: i64,
+    pub origin_server_ts: i64,
+    pub json: &'a str,
+    pub prev_events: &'a [String],
+    pub auth_events: &'a [String],
+    pub rejected_reason: Option<&'a str>,
+}
+
 /// After this many deltas a state group is written as a full snapshot.
 const MAX_STATE_CHAIN: i64 = 64;
 
-/// Stores `$e` (a `NewEvent`) in transaction `$tx` on top of state group `$group`
-/// (`None` only for a create event). Evaluates to `Some((position, state group after))`,
-/// or `None` when the event id or transaction id was taken (the caller rolls back).
-macro_rules! insert_event {
-    ($tx:expr, $e:expr, $group:expr) => {{
-        let e: &NewEvent<'_> = $e;
-        let prev_group: Option<i64> = $group;
-        let pos = next_stream_position!($tx);
-        let inserted = sqlx::query(
-            "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
-                 origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_scope, txn_id, replaces_state)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, $13,
-                 (SELECT event_id FROM current_state WHERE room_id = $3 AND event_type = $5 AND state_key = $6))
-             ON CONFLICT DO NOTHING",
+/// Rows per multi-row insert (each row binds at most 11 values: under SQLite's 32,766).
+const BATCH_ROWS: usize = 500;
+
+/// Writes `$entries` (`&[StateEntry]`) as a new snapshot state group of room `$room`;
+/// evaluates to its id.
+macro_rules! insert_snapshot_group {
+    ($tx:expr, $room:expr, $entries:expr) => {{
+        let entries: &[StateEntry] = $entries;
+        let group = next_counter!($tx, "state_group", "1");
+        sqlx::query(
+            "INSERT INTO state_groups (group_id, room_id, prev_group, is_snapshot, chain_length)
+             VALUES ($1, $2, NULL, TRUE, 0)",
         )
-        .bind(pos)
-        .bind(e.event_id)
-        .bind(e.room_id)
-        .bind(e.sender)
-        .bind(e.event_type)
-        .bind(e.state_key)
-        .bind(e.depth)
-        .bind(e.origin_server_ts)
-        // A state event starts a new group, named by its position.
-        .bind(if e.state_key.is_some() { Some(pos) } else { prev_group })
-        .bind(e.json)
-        .bind(e.txn.map(|t| t.device_id))
-        .bind(e.txn.map(|t| t.scope))
-        .bind(e.txn.map(|t| t.txn_id))
+        .bind(group)
+        .bind($room)
         .execute(&mut *$tx)
-        .await?
-        .rows_affected();
+        .await?;
+        for chunk in entries.chunks(BATCH_ROWS) {
+            let mut query =
+                sqlx::QueryBuilder::new("INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) ");
+            query.push_values(chunk, |mut row, (t, k, id)| {
+                row.push_bind(group).push_bind(t).push_bind(k).push_bind(id);
+            });
+            query.build().execute(&mut *$tx).await?;
+        }
+        group
+    }};
+}
+
+/// Writes the prev and auth edges of an event (or many: `$rows` is
+/// `&[(event_id, room_id, prevs, auths)]`).
+macro_rules! insert_edges {
+    ($tx:expr, $rows:expr) => {{
+        let rows: &[(&str, &str, &[String], &[String])] = $rows;
+        let edges: Vec<(&str, &str, &str)> =
+            rows.iter().flat_map(|(id, room, prevs, _)| prevs.iter().map(move |p| (*id, p.as_str(), *room))).collect();
+        for chunk in edges.chunks(BATCH_ROWS) {
+            let mut query = sqlx::QueryBuilder::new("INSERT INTO event_edges (event_id, prev_event_id, room_id) ");
+            query.push_values(chunk, |mut row, (id, prev, room)| {
+                row.push_bind(*id).push_bind(*prev).push_bind(*room);
+            });
+            query.push(" ON CONFLICT DO NOTHING");
+            query.build().execute(&mut *$tx).await?;
+        }
+        let auth: Vec<(&str, &str)> =
+            rows.iter().flat_map(|(id, _, _, auths)| auths.iter().map(move |a| (*id, a.as_str()))).collect();
+        for chunk in auth.chunks(BATCH_ROWS) {
+            let mut query = sqlx::QueryBuilder::new("INSERT INTO event_auth (event_id, auth_event_id) ");
+            query.push_values(chunk, |mut row, (id, auth)| {
+                row.push_bind(*id).push_bind(*auth);
+            });
+            query.push(" ON CONFLICT DO NOTHING");
+            query.build().execute(&mut *$tx).await?;
+        }
+    }};
+}
+
+/// Whether a transaction is PostgreSQL's (for the few statements whose text differs).
+fn is_postgres<DB: sqlx::Database>(_: &sqlx::Transaction<'_, DB>) -> bool {
+    DB::NAME == "PostgreSQL"
+}
+
+/// The insert of one event row (18 parameters).
+macro_rules! insert_event_sql {
+    () => {
+        "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
+             origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_scope, txn_id, replaces_state,
+             outlier, rejected_reason, soft_failed)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, $13,
+             CASE WHEN $14 THEN (SELECT event_id FROM current_state
+                 WHERE room_id = $3 AND event_type = $5 AND state_key = $6) ELSE $15 END,
+             $16, $17, $18)
+         ON CONFLICT DO NOTHING"
+    };
+}
+
+/// Stores `$e` (a `NewEvent`) in transaction `$tx`. Evaluates to `Some(StoredAt)`, or
+/// `None` when the event id or transaction id was taken (the caller rolls back).
+macro_rules! insert_event {
+    ($tx:expr, $e:expr) => {{
+        let e: &NewEvent<'_> = $e;
+        let d = &e.dag;
+        let pos: Option<i64> = match d.position {
+            Position::Live => Some(next_stream_position!($tx)),
+            Position::Backfill => Some(next_counter!($tx, "backfill", "-1")),
+            Position::None => None,
+        };
+        let before: Option<i64> = match d.state_before {
+            StateBefore::None => None,
+            StateBefore::Group(group) => Some(group),
+            StateBefore::Resolved(entries) => Some(insert_snapshot_group!($tx, e.room_id, entries)),
+        };
+        let has_state = !d.outlier && d.rejected_reason.is_none();
+        // A state event starts a new group: the group before plus itself.
+        let after: Option<i64> = match (has_state, e.state_key) {
+            (false, _) => None,
+            (true, None) => before,
+            (true, Some(_)) => Some(next_counter!($tx, "state_group", "1")),
+        };
+        let replaces_from_current = d.replaces_state.is_none() && e.state_key.is_some();
+        // On PostgreSQL the event and its edges are one statement (one round trip, as
+        // many as before edges were stored); SQLite runs in process and takes three.
+        let postgres = is_postgres(&$tx);
+        let sql = if postgres {
+            concat!(
+                "WITH ins AS (",
+                insert_event_sql!(),
+                " RETURNING event_id),
+                 edges AS (INSERT INTO event_edges (event_id, prev_event_id, room_id)
+                     SELECT ins.event_id, p.value, $3 FROM ins, jsonb_array_elements_text(CAST($19 AS jsonb)) AS p(value)
+                     ON CONFLICT DO NOTHING),
+                 auth AS (INSERT INTO event_auth (event_id, auth_event_id)
+                     SELECT ins.event_id, a.value FROM ins, jsonb_array_elements_text(CAST($20 AS jsonb)) AS a(value)
+                     ON CONFLICT DO NOTHING)
+                 SELECT COUNT(*) FROM ins"
+            )
+        } else {
+            insert_event_sql!()
+        };
+        let query = sqlx::query(sql)
+            .bind(pos)
+            .bind(e.event_id)
+            .bind(e.room_id)
+            .bind(e.sender)
+            .bind(e.event_type)
+            .bind(e.state_key)
+            .bind(e.depth)
+            .bind(e.origin_server_ts)
+            .bind(after)
+            .bind(e.json)
+            .bind(e.txn.map(|t| t.device_id))
+            .bind(e.txn.map(|t| t.scope))
+            .bind(e.txn.map(|t| t.txn_id))
+            .bind(replaces_from_current)
+            .bind(d.replaces_state.flatten())
+            .bind(d.outlier)
+            .bind(d.rejected_reason)
+            .bind(d.soft_failed);
+        let inserted = if postgres {
+            let prevs = serde_json::to_string(e.prev_events).map_err(Error::internal)?;
+            let auths = serde_json::to_string(e.auth_events).map_err(Error::internal)?;
+            let row = query.bind(prevs).bind(auths).fetch_one(&mut *$tx).await?;
+            sqlx::Row::try_get::<i64, _>(&row, 0)? as u64
+        } else {
+            query.execute(&mut *$tx).await?.rows_affected()
+        };
         if inserted == 0 {
             None
         } else {
-            let group = match (e.state_key, prev_group) {
-                (Some(state_key), prev) => {
-                    let chain: Option<(i64,)> = match prev {
-                        Some(p) => {
-                            sqlx::query_as("SELECT chain_length FROM state_groups WHERE group_id = $1")
-                                .bind(p)
-                                .fetch_optional(&mut *$tx)
-                                .await?
-                        }
-                        None => None,
-                    };
-                    let snapshot = chain.is_none_or(|(n,)| n + 1 >= MAX_STATE_CHAIN);
-                    let length = if snapshot { 0 } else { chain.map_or(0, |c| c.0) + 1 };
-                    sqlx::query(
-                        "INSERT INTO state_groups (group_id, room_id, prev_group, is_snapshot, chain_length)
-                         VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(pos)
-                    .bind(e.room_id)
-                    .bind(prev)
-                    .bind(snapshot)
-                    .bind(length)
-                    .execute(&mut *$tx)
-                    .await?;
-                    if snapshot {
-                        sqlx::query(
-                            "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id)
-                             SELECT $1, event_type, state_key, event_id FROM current_state
-                             WHERE room_id = $2 AND NOT (event_type = $3 AND state_key = $4)",
-                        )
-                        .bind(pos)
-                        .bind(e.room_id)
-                        .bind(e.event_type)
-                        .bind(state_key)
-                        .execute(&mut *$tx)
-                        .await?;
-                    }
-                    sqlx::query(
-                        "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)",
-                    )
-                    .bind(pos)
-                    .bind(e.event_type)
-                    .bind(state_key)
-                    .bind(e.event_id)
-                    .execute(&mut *$tx)
-                    .await?;
-                    sqlx::query(
-                        "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-                         ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
-                    )
-                    .bind(e.room_id)
-                    .bind(e.event_type)
-                    .bind(state_key)
-                    .bind(e.event_id)
-                    .execute(&mut *$tx)
-                    .await?;
-                    pos
-                }
-                (None, Some(prev)) => prev,
-                (None, None) => return Err(Error::internal("a non-state event needs room state")),
-            };
-            for chunk in e.push_actions.chunks(500) {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight) ",
-                );
-                query.push_values(chunk, |mut row, (user, highlight)| {
-                    row.push_bind(user)
-                        .push_bind(e.room_id)
-                        .push_bind(pos)
-                        .push_bind(e.event_id)
-                        .push_bind(i32::from(*highlight));
-                });
-                query.build().execute(&mut *$tx).await?;
+            if !postgres {
+                insert_edges!($tx, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
             }
-            if let (Some(membership), Some(user_id)) = (e.membership, e.state_key) {
-                sqlx::query(
-                    "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
-                     VALUES ($1, $2, $3, $4, $5, FALSE)
-                     ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
-                        event_id = excluded.event_id, stream_ordering = excluded.stream_ordering, forgotten = FALSE",
+            if let (Some(group), Some(state_key)) = (after.filter(|_| e.state_key.is_some()), e.state_key) {
+                // The new group is a delta on the group before, or every so often (and for
+                // the first) a full snapshot copied from it.
+                let (snapshot,): (bool,) = sqlx::query_as(
+                    "INSERT INTO state_groups (group_id, room_id, prev_group, is_snapshot, chain_length)
+                     SELECT $1, $2, $3, COALESCE(p.chain_length + 1 >= $4, TRUE),
+                         CASE WHEN COALESCE(p.chain_length + 1 >= $4, TRUE) THEN 0 ELSE p.chain_length + 1 END
+                     FROM (SELECT 1 AS one) x LEFT JOIN state_groups p ON p.group_id = $3
+                     RETURNING is_snapshot",
                 )
+                .bind(group)
                 .bind(e.room_id)
-                .bind(user_id)
-                .bind(membership)
+                .bind(before)
+                .bind(MAX_STATE_CHAIN)
+                .fetch_one(&mut *$tx)
+                .await?;
+                if let (true, Some(before)) = (snapshot, before) {
+                    sqlx::query(
+                        "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
+                             SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups
+                             WHERE group_id = $2
+                             UNION ALL
+                             SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
+                             FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
+                         )
+                         INSERT INTO state_group_entries (group_id, event_type, state_key, event_id)
+                         SELECT $1, s.event_type, s.state_key, s.event_id
+                         FROM state_group_entries s JOIN chain c ON s.group_id = c.group_id
+                         WHERE NOT (s.event_type = $3 AND s.state_key = $4)
+                           AND NOT EXISTS (
+                               SELECT 1 FROM state_group_entries s2 JOIN chain c2 ON s2.group_id = c2.group_id
+                               WHERE s2.event_type = s.event_type AND s2.state_key = s.state_key AND c2.n < c.n)",
+                    )
+                    .bind(group)
+                    .bind(before)
+                    .bind(e.event_type)
+                    .bind(state_key)
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(group)
+                .bind(e.event_type)
+                .bind(state_key)
                 .bind(e.event_id)
-                .bind(pos)
                 .execute(&mut *$tx)
                 .await?;
             }
-            // The usual case, one prev event that was the only extremity, is one statement.
-            let replaced = match e.prev_events {
-                [only] => {
-                    sqlx::query("UPDATE forward_extremities SET event_id = $3 WHERE room_id = $1 AND event_id = $2")
+            let mut current_group = None;
+            match &d.current {
+                CurrentChange::Unchanged => {}
+                CurrentChange::Append => {
+                    if let Some(state_key) = e.state_key {
+                        sqlx::query(
+                            "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+                        )
                         .bind(e.room_id)
-                        .bind(only)
+                        .bind(e.event_type)
+                        .bind(state_key)
                         .bind(e.event_id)
                         .execute(&mut *$tx)
-                        .await?
-                        .rows_affected()
-                        == 1
+                        .await?;
+                    }
+                    if let (Some(membership), Some(user_id)) = (e.membership, e.state_key) {
+                        sqlx::query(
+                            "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
+                             VALUES ($1, $2, $3, $4, $5, FALSE)
+                             ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+                                event_id = excluded.event_id, stream_ordering = excluded.stream_ordering,
+                                forgotten = FALSE",
+                        )
+                        .bind(e.room_id)
+                        .bind(user_id)
+                        .bind(membership)
+                        .bind(e.event_id)
+                        .bind(pos.unwrap_or(0))
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
                 }
-                _ => false,
-            };
-            if !replaced {
-                for prev in e.prev_events {
-                    sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
+                CurrentChange::Delta { set, removed, memberships, group } => {
+                    for (t, k) in removed.iter() {
+                        sqlx::query("DELETE FROM current_state WHERE room_id = $1 AND event_type = $2 AND state_key = $3")
+                            .bind(e.room_id)
+                            .bind(t)
+                            .bind(k)
+                            .execute(&mut *$tx)
+                            .await?;
+                        if t == "m.room.member" {
+                            sqlx::query("DELETE FROM memberships WHERE room_id = $1 AND user_id = $2")
+                                .bind(e.room_id)
+                                .bind(k)
+                                .execute(&mut *$tx)
+                                .await?;
+                        }
+                    }
+                    for (t, k, id) in set.iter() {
+                        sqlx::query(
+                            "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+                        )
+                        .bind(e.room_id)
+                        .bind(t)
+                        .bind(k)
+                        .bind(id)
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
+                    // The membership changes at this event's position, so that /sync sees it.
+                    let at = match pos {
+                        Some(p) => p,
+                        None => {
+                            let (p,): (i64,) =
+                                sqlx::query_as("SELECT pos FROM stream_position WHERE id = 1").fetch_one(&mut *$tx).await?;
+                            p
+                        }
+                    };
+                    for (user_id, membership, event_id) in memberships.iter() {
+                        sqlx::query(
+                            "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
+                             VALUES ($1, $2, $3, $4, $5, FALSE)
+                             ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+                                event_id = excluded.event_id, stream_ordering = excluded.stream_ordering,
+                                forgotten = FALSE",
+                        )
+                        .bind(e.room_id)
+                        .bind(user_id)
+                        .bind(membership)
+                        .bind(event_id)
+                        .bind(at)
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
+                    if let Some(entries) = group {
+                        current_group = Some(insert_snapshot_group!($tx, e.room_id, entries));
+                    }
+                }
+            }
+            if let Some(pos) = pos {
+                for chunk in e.push_actions.chunks(BATCH_ROWS) {
+                    let mut query = sqlx::QueryBuilder::new(
+                        "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight) ",
+                    );
+                    query.push_values(chunk, |mut row, (user, highlight)| {
+                        row.push_bind(user)
+                            .push_bind(e.room_id)
+                            .push_bind(pos)
+                            .push_bind(e.event_id)
+                            .push_bind(i32::from(*highlight));
+                    });
+                    query.build().execute(&mut *$tx).await?;
+                }
+            }
+            match d.extremities {
+                ExtremityChange::Linear => {
+                    // The usual case, one prev event that was the only extremity, is one statement.
+                    let replaced = match e.prev_events {
+                        [only] => {
+                            sqlx::query(
+                                "UPDATE forward_extremities SET event_id = $3 WHERE room_id = $1 AND event_id = $2",
+                            )
+                            .bind(e.room_id)
+                            .bind(only)
+                            .bind(e.event_id)
+                            .execute(&mut *$tx)
+                            .await?
+                            .rows_affected()
+                                == 1
+                        }
+                        _ => false,
+                    };
+                    if !replaced {
+                        for prev in e.prev_events {
+                            sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
+                                .bind(e.room_id)
+                                .bind(prev)
+                                .execute(&mut *$tx)
+                                .await?;
+                        }
+                        sqlx::query("INSERT INTO forward_extremities (room_id, event_id) VALUES ($1, $2)")
+                            .bind(e.room_id)
+                            .bind(e.event_id)
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                }
+                ExtremityChange::General => {
+                    for prev in e.prev_events {
+                        sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
+                            .bind(e.room_id)
+                            .bind(prev)
+                            .execute(&mut *$tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO backward_extremities (room_id, event_id)
+                             SELECT $1, $2 WHERE NOT EXISTS (
+                                 SELECT 1 FROM events WHERE event_id = $2 AND NOT outlier)
+                             ON CONFLICT DO NOTHING",
+                        )
                         .bind(e.room_id)
                         .bind(prev)
                         .execute(&mut *$tx)
                         .await?;
+                    }
+                    sqlx::query(
+                        "INSERT INTO forward_extremities (room_id, event_id)
+                         SELECT $1, $2 WHERE NOT EXISTS (
+                             SELECT 1 FROM event_edges c JOIN events e ON e.event_id = c.event_id
+                             WHERE c.prev_event_id = $2 AND NOT e.outlier AND e.rejected_reason IS NULL
+                               AND NOT e.soft_failed)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(e.room_id)
+                    .bind(e.event_id)
+                    .execute(&mut *$tx)
+                    .await?;
                 }
-                sqlx::query("INSERT INTO forward_extremities (room_id, event_id) VALUES ($1, $2)")
+                ExtremityChange::Unchanged => {}
+            }
+            if d.extremities != ExtremityChange::Linear && !d.outlier {
+                sqlx::query("DELETE FROM backward_extremities WHERE room_id = $1 AND event_id = $2")
                     .bind(e.room_id)
                     .bind(e.event_id)
                     .execute(&mut *$tx)
                     .await?;
             }
-            if let Some((target, redacted_json)) = e.redaction {
+            if let Some((target, redacted_json)) = e.redaction.filter(|_| has_state && !d.soft_failed) {
                 sqlx::query(
                     "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",
                 )
@@ -231,28 +592,28 @@ macro_rules! insert_event {
                 .execute(&mut *$tx)
                 .await?;
             }
-            Some((pos, group))
+            Some(StoredAt { position: pos, state_group: after, current_group })
         }
     }};
 }
 
 impl Store {
-    /// Stores an event that passed the auth checks, on top of the room's state group
-    /// `prev_state_group`. Storing the same event again, or another event with a
-    /// transaction id the device already used on the same endpoint, changes nothing.
-    pub async fn persist_event(&self, prev_state_group: i64, e: NewEvent<'_>) -> Result<Persisted> {
+    /// Stores an event where `e.dag` says. Storing the same event again, or another event
+    /// with a transaction id the device already used on the same endpoint, changes
+    /// nothing.
+    pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<Persisted> {
         let stored = on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            match insert_event!(tx, &e, Some(prev_state_group)) {
-                Some((pos, _)) => {
+            match insert_event!(tx, &e) {
+                Some(at) => {
                     tx.commit().await?;
-                    Some(pos)
+                    Some(at)
                 }
                 None => None,
             }
         });
-        if let Some(pos) = stored {
-            return Ok(Persisted::Stored(pos));
+        if let Some(at) = stored {
+            return Ok(Persisted::Stored(at));
         }
         // Nothing was written: say which of the two unique keys was taken.
         Ok(match self.get_event(e.event_id).await? {
@@ -261,8 +622,58 @@ impl Store {
         })
     }
 
-    /// Creates a room with its first events (the create event first), all in one
-    /// transaction: a room is stored whole or not at all.
+    /// Stores a batch of events without state (a join's state and auth chain), with
+    /// their edges, in one transaction per 500 events: no stream positions, no state
+    /// groups, no extremities. Events already stored are left as they are. Returns how
+    /// many were new.
+    pub async fn persist_outliers(&self, events: &[Outlier<'_>]) -> Result<u64> {
+        let mut added = 0;
+        for chunk in events.chunks(BATCH_ROWS) {
+            added += on_pool!(self, write, |pool| {
+                let mut tx = pool.begin().await?;
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO events (event_id, room_id, sender, event_type, state_key, depth, origin_server_ts,
+                         json, rejected_reason, outlier, soft_failed) ",
+                );
+                query.push_values(chunk, |mut row, o| {
+                    row.push_bind(o.event_id)
+                        .push_bind(o.room_id)
+                        .push_bind(o.sender)
+                        .push_bind(o.event_type)
+                        .push_bind(o.state_key)
+                        .push_bind(o.depth)
+                        .push_bind(o.origin_server_ts)
+                        .push_bind(o.json)
+                        .push_bind(o.rejected_reason)
+                        .push("TRUE")
+                        .push("FALSE");
+                });
+                query.push(" ON CONFLICT DO NOTHING");
+                let n = query.build().execute(&mut *tx).await?.rows_affected();
+                let rows: Vec<(&str, &str, &[String], &[String])> =
+                    chunk.iter().map(|o| (o.event_id, o.room_id, o.prev_events, o.auth_events)).collect();
+                insert_edges!(tx, &rows);
+                tx.commit().await?;
+                n
+            });
+        }
+        Ok(added)
+    }
+
+    /// Writes a room state (a join event's state before, from a `send_join` answer) as
+    /// a new snapshot state group; returns its id.
+    pub async fn insert_state_group(&self, room_id: &str, entries: &[StateEntry]) -> Result<i64> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let group = insert_snapshot_group!(tx, room_id, entries);
+            tx.commit().await?;
+            Ok(group)
+        })
+    }
+
+    /// Creates a room with its first events (the create event first, each on top of the
+    /// one before; their `dag` is ignored), all in one transaction: a room is stored
+    /// whole or not at all.
     pub async fn create_room(&self, room: NewRoom<'_>, events: &[NewEvent<'_>]) -> Result<RoomCreated> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -298,14 +709,72 @@ impl Store {
             let mut group = None;
             let mut positions = Vec::with_capacity(events.len());
             for e in events {
-                let Some((pos, after)) = insert_event!(tx, e, group) else {
+                let e = NewEvent {
+                    dag: Dag { state_before: group.map_or(StateBefore::None, StateBefore::Group), ..Dag::default() },
+                    ..*e
+                };
+                let Some(at) = insert_event!(tx, &e) else {
                     return Err(Error::internal(format!("event {} of a new room is already stored", e.event_id)));
                 };
-                positions.push(pos);
-                group = Some(after);
+                positions.push(at.position.unwrap_or(0));
+                group = at.state_group;
             }
             tx.commit().await?;
-            Ok(RoomCreated::Stored(positions))
+            Ok(RoomCreated::Stored(positions, group.ok_or_else(|| Error::internal("a new room without state"))?))
+        })
+    }
+}
+
+impl Store {
+    /// Fills `event_edges` and `event_auth` from the JSON of events stored before
+    /// migration 0011, once (recorded as `dag_edges` in `server_info`). SQL cannot read
+    /// JSON arrays with one text on both backends, so it is done here, at start, in
+    /// pages of 1,000 events, in one transaction.
+    pub(crate) async fn fill_dag_edges(&self) -> Result<()> {
+        #[derive(serde::Deserialize)]
+        struct Edges {
+            #[serde(default)]
+            prev_events: Vec<String>,
+            #[serde(default)]
+            auth_events: Vec<String>,
+        }
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let done: Option<(String,)> = sqlx::query_as("SELECT value FROM server_info WHERE key = 'dag_edges'")
+                .fetch_optional(&mut *tx)
+                .await?;
+            if done.is_some() {
+                return Ok(());
+            }
+            let mut after = String::new();
+            loop {
+                let page: Vec<(String, String, String)> = sqlx::query_as(
+                    "SELECT event_id, room_id, json FROM events WHERE event_id > $1 ORDER BY event_id LIMIT 1000",
+                )
+                .bind(&after)
+                .fetch_all(&mut *tx)
+                .await?;
+                let Some(last) = page.last() else { break };
+                after = last.0.clone();
+                let parsed: Vec<(&str, &str, Edges)> = page
+                    .iter()
+                    .map(|(id, room, json)| {
+                        let edges = serde_json::from_str(json)
+                            .map_err(|e| Error::internal(format!("bad stored PDU {id}: {e}")))?;
+                        Ok((id.as_str(), room.as_str(), edges))
+                    })
+                    .collect::<Result<_>>()?;
+                let rows: Vec<(&str, &str, &[String], &[String])> = parsed
+                    .iter()
+                    .map(|(id, room, e)| (*id, *room, e.prev_events.as_slice(), e.auth_events.as_slice()))
+                    .collect();
+                insert_edges!(tx, &rows);
+            }
+            sqlx::query("INSERT INTO server_info (key, value) VALUES ('dag_edges', 'filled')")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
         })
     }
 }

@@ -235,7 +235,35 @@ async fn profile_limit_holds_under_concurrency(store: &Store) {
     );
 }
 
+async fn federation_outbox_keeps_order_limits_and_expiry(store: &Store) {
+    let both = vec!["a.test".to_owned(), "b.test".to_owned()];
+    for pos in 1..=5 {
+        store.enqueue_federation_edu(&both, pos, &format!("{{\"n\":{pos}}}"), None).await.unwrap();
+    }
+    // A typing notice that expired before it could be sent is dropped, not sent.
+    store.enqueue_federation_edu(&both[..1], 6, "{\"typing\":true}", Some(1_000)).await.unwrap();
+    store.enqueue_federation_edu(&both[..1], 7, "{\"typing\":false}", Some(10_000)).await.unwrap();
+    let batch = store.get_federation_batch("a.test", 50, 3, 5_000).await.unwrap();
+    assert!(batch.pdus.is_empty());
+    assert_eq!(batch.edus.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(batch.edus[0].1, "{\"n\":1}");
+    store.delete_federation_sent("a.test", None, Some(3)).await.unwrap();
+    let batch = store.get_federation_batch("a.test", 50, 100, 5_000).await.unwrap();
+    assert_eq!(batch.edus.iter().map(|e| e.0).collect::<Vec<_>>(), vec![4, 5, 7]);
+    // The other destination's queue is its own.
+    assert_eq!(store.count_federation_outbox("b.test").await.unwrap(), 5);
+    let (pending, max_edu) = store.get_federation_outbox_state().await.unwrap();
+    assert_eq!(pending, vec!["a.test".to_owned(), "b.test".to_owned()]);
+    assert_eq!(max_edu, 7);
+    store.delete_federation_sent("a.test", Some(100), Some(100)).await.unwrap();
+    assert!(store.get_federation_batch("a.test", 50, 100, 5_000).await.unwrap().is_empty());
+    // Queuing the same item twice keeps one copy.
+    store.enqueue_federation_edu(&both[1..], 5, "{}", None).await.unwrap();
+    assert_eq!(store.count_federation_outbox("b.test").await.unwrap(), 5);
+}
+
 storage_tests!(
+    federation_outbox_keeps_order_limits_and_expiry,
     duplicate_user_is_user_in_use,
     registration_token_uses_are_taken_atomically,
     a_refresh_token_has_one_live_successor,

@@ -144,6 +144,21 @@ impl TestServer {
         self.running = Some(running);
     }
 
+    /// Stops the server, keeping its data, until `resume` (a server that is down).
+    pub async fn pause(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await;
+        }
+    }
+
+    /// Starts a paused server again on the same data (and the same federation port).
+    pub async fn resume(&mut self) {
+        assert!(self.running.is_none(), "the server is running");
+        let running = start(self.config.clone()).await.expect("server starts again");
+        self.base = format!("http://{}", running.client_addr);
+        self.running = Some(running);
+    }
+
     /// The configuration the server runs with (its data dir, its database).
     pub fn config(&self) -> &Config {
         &self.config

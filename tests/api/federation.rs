@@ -32,20 +32,25 @@ fn free_port() -> u16 {
 
 /// How a test server trusts others.
 #[derive(Clone, Copy)]
-struct Trust {
-    test_ca: bool,
-    allow_private: bool,
-    skip_verify: bool,
+pub(crate) struct Trust {
+    pub test_ca: bool,
+    pub allow_private: bool,
+    pub skip_verify: bool,
 }
 
-const TRUSTING: Trust = Trust { test_ca: true, allow_private: true, skip_verify: false };
+pub(crate) const TRUSTING: Trust = Trust { test_ca: true, allow_private: true, skip_verify: false };
 
 /// A server named `127.0.0.1:PORT`, serving federation over TLS on that port.
-async fn federating(backend: Backend, trust: Trust) -> TestServer {
+pub(crate) async fn federating(backend: Backend, trust: Trust) -> TestServer {
     federating_with(backend, trust, |_| {}).await
 }
 
-async fn federating_with(backend: Backend, trust: Trust, tweak: impl FnOnce(&mut convo::config::Config)) -> TestServer {
+/// `federating` with more configuration.
+pub(crate) async fn federating_with(
+    backend: Backend,
+    trust: Trust,
+    tweak: impl FnOnce(&mut convo::config::Config),
+) -> TestServer {
     let port = free_port();
     TestServer::start_with(backend, |c| {
         c.server_name = format!("127.0.0.1:{port}").try_into().unwrap();
@@ -62,11 +67,11 @@ async fn federating_with(backend: Backend, trust: Trust, tweak: impl FnOnce(&mut
     .await
 }
 
-fn services(server: &TestServer) -> &Arc<Services> {
+pub(crate) fn services(server: &TestServer) -> &Arc<Services> {
     &server.running.as_ref().unwrap().services
 }
 
-fn name(server: &TestServer) -> OwnedServerName {
+pub(crate) fn name(server: &TestServer) -> OwnedServerName {
     services(server).server_name().clone()
 }
 

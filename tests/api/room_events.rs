@@ -217,24 +217,26 @@ async fn transaction_ids_are_scoped_to_the_endpoint(backend: Backend) {
         .map(|p| p.as_str().unwrap().to_owned())
         .collect();
     let again = store
-        .persist_event(
-            stored.state_group,
-            convo::storage::NewEvent {
-                event_id: &stored.event_id,
-                room_id: &stored.room_id,
-                sender: &stored.sender,
-                event_type: &stored.event_type,
-                state_key: None,
-                depth: stored.depth,
-                origin_server_ts: stored.origin_server_ts,
-                json: &stored.json,
-                prev_events: &prev_events,
-                membership: None,
-                redaction: None,
-                txn: None,
-                push_actions: &[],
+        .persist_event(convo::storage::NewEvent {
+            event_id: &stored.event_id,
+            room_id: &stored.room_id,
+            sender: &stored.sender,
+            event_type: &stored.event_type,
+            state_key: None,
+            depth: stored.depth,
+            origin_server_ts: stored.origin_server_ts,
+            json: &stored.json,
+            prev_events: &prev_events,
+            membership: None,
+            redaction: None,
+            txn: None,
+            push_actions: &[],
+            auth_events: &[],
+            dag: convo::storage::Dag {
+                state_before: convo::storage::StateBefore::Group(stored.state_group),
+                ..Default::default()
             },
-        )
+        })
         .await
         .unwrap();
     assert!(matches!(again, convo::storage::Persisted::Duplicate(pos) if pos == stored.stream_ordering));

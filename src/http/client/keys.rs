@@ -11,6 +11,7 @@ use ruma::api::client::{
 };
 use serde_json::json;
 
+use crate::service::federation::e2e::MAX_REMOTE_KEY_WAIT;
 use crate::{
     error::Result,
     http::{
@@ -41,8 +42,10 @@ async fn get_keys(
     req: Ruma<get_keys::v3::Request>,
 ) -> Result<RumaResponse<get_keys::v3::Response>> {
     let session = req.session()?;
-    let found = services.query_keys(&session.user_id, &req.body.device_keys).await?;
+    let wait = req.body.timeout.unwrap_or(MAX_REMOTE_KEY_WAIT);
+    let (found, failures) = services.query_keys_everywhere(&session.user_id, &req.body.device_keys, wait).await?;
     let mut response = get_keys::v3::Response::new();
+    response.failures = failures;
     response.device_keys = found.device_keys;
     response.master_keys = found.master_keys;
     response.self_signing_keys = found.self_signing_keys;
@@ -57,7 +60,13 @@ async fn claim_keys(
     req: Ruma<claim_keys::v3::Request>,
 ) -> Result<RumaResponse<claim_keys::v3::Response>> {
     req.session()?;
-    Ok(claim_keys::v3::Response::new(services.claim_keys(&req.body.one_time_keys).await?).into())
+    let mut claimed = services.claim_keys(&req.body.one_time_keys).await?;
+    let wait = req.body.timeout.unwrap_or(MAX_REMOTE_KEY_WAIT);
+    let (remote, failures) = services.claim_remote_keys(&req.body.one_time_keys, wait).await;
+    claimed.extend(remote);
+    let mut response = claim_keys::v3::Response::new(claimed);
+    response.failures = failures;
+    Ok(response.into())
 }
 
 /// # `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`

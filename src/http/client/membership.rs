@@ -28,8 +28,9 @@ async fn join_room_by_id(
     State(services): State<AppState>,
     req: Ruma<join_room_by_id::v3::Request>,
 ) -> Result<RumaResponse<join_room_by_id::v3::Response>> {
-    let appended = services.join_room(&req.body.room_id, &req.session()?.user_id, req.body.reason.clone()).await?;
-    Ok(join_room_by_id::v3::Response::new(appended.room_id).into())
+    let user = &req.session()?.user_id;
+    services.join_room_via(&req.body.room_id, user, req.body.reason.clone(), &[]).await?;
+    Ok(join_room_by_id::v3::Response::new(req.body.room_id.clone()).into())
 }
 
 /// # `POST /_matrix/client/v3/join/{roomIdOrAlias}`
@@ -39,12 +40,17 @@ async fn join_room_by_id_or_alias(
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
     let target: &RoomOrAliasId = &req.body.room_id_or_alias;
+    let mut via = req.body.via.clone();
     let room_id: OwnedRoomId = match <&ruma::RoomId>::try_from(target) {
         Ok(room_id) => room_id.to_owned(),
-        Err(alias) => services.resolve_alias(alias).await?,
+        Err(alias) => {
+            let (room_id, servers) = services.lookup_alias(alias).await?;
+            via.extend(servers);
+            room_id
+        }
     };
-    let appended = services.join_room(&room_id, &req.session()?.user_id, req.body.reason.clone()).await?;
-    Ok(join_room_by_id_or_alias::v3::Response::new(appended.room_id).into())
+    services.join_room_via(&room_id, &req.session()?.user_id, req.body.reason.clone(), &via).await?;
+    Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/invite`

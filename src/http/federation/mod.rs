@@ -2,8 +2,11 @@
 //! `/_matrix/federation/*` and `/_matrix/key/*` only. One file per area, handlers
 //! as thin as the client API's.
 
+mod e2e;
 mod keys;
+mod membership;
 mod queries;
+mod transactions;
 
 use axum::Router;
 
@@ -21,5 +24,8 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
         router,
         keys::get_remote_server_keys,
     );
+    let router = transactions::routes(router);
+    let router = e2e::routes(router);
+    let router = membership::routes(router);
     queries::routes(router)
 }

@@ -7,8 +7,13 @@
 pub mod auth;
 pub mod client;
 pub mod discovery;
+pub mod e2e;
+pub mod edus;
 pub mod keys;
+pub mod membership;
 pub mod queries;
+pub mod sender;
+pub mod transactions;
 
 /// The federation state of one server: the outbound client and the key fetcher.
 pub struct Federation {
@@ -43,5 +48,23 @@ impl crate::service::Services {
             return Err(crate::error::Error::internal("a federation request addressed to this server itself"));
         }
         self.federation.client.send(self.server_name(), &self.signing_key, destination, request).await
+    }
+}
+
+impl crate::service::Services {
+    /// The keys to check event signatures with: those trusted without asking (our own,
+    /// and keys tests add), then other servers' keys from the key service (fetched
+    /// and cached).
+    pub async fn event_signing_keys(
+        &self,
+        servers: &std::collections::BTreeSet<ruma::OwnedServerName>,
+    ) -> crate::error::Result<ruma::signatures::PublicKeyMap> {
+        let mut map = self.server_keys.public_keys(servers).await?;
+        let rest: Vec<ruma::OwnedServerName> =
+            servers.iter().filter(|s| !map.contains_key(s.as_str()) && *s != self.server_name()).cloned().collect();
+        if !rest.is_empty() {
+            map.extend(self.server_public_keys(&rest).await?);
+        }
+        Ok(map)
     }
 }

@@ -1,7 +1,8 @@
 //! Appending a local event to an existing room: under the room's lock, take the room's
 //! head (forward extremities and state group), read the state the auth rules need,
-//! build and check the event (`build.rs`), then persist it and wake the room's members.
-//! Every local event of an existing room goes through here.
+//! build and check the event (`build.rs`), then place and store it through the persist
+//! pipeline (`pipeline.rs`) and wake the room's members. Every local event of an
+//! existing room goes through here.
 
 use std::collections::HashMap;
 
@@ -14,11 +15,12 @@ use serde_json::Value as JsonValue;
 use super::{
     build::{StateMap, auth_state_keys},
     pdu::Pdu,
+    pipeline::{Before, Placing},
 };
 use crate::{
     error::{Error, Result},
     service::Services,
-    storage::{EventTxn, NewEvent, Persisted},
+    storage::{EventTxn, Persisted, Position},
 };
 
 /// An event a local user wants to send.
@@ -56,18 +58,19 @@ pub struct RoomHead {
     pub state_group: i64,
 }
 
-/// The heads of rooms that local events were appended to, so that appending does not
-/// read them back from the database each time. Read and written only under the room's
-/// lock (as every event of a room is stored), so an entry always equals the database;
-/// dropped when storing fails. Whatever else stores events in a room later (federation)
-/// must take the same lock and update or drop the entry.
+/// The heads of rooms that events were stored in, so that appending does not read them
+/// back from the database each time. Read and written only under the room's lock by
+/// the persist pipeline (`pipeline.rs`), which every event of a room, local or remote,
+/// goes through, so an entry always equals the database; dropped when storing fails.
+/// `state_group` is the group of the room's current state (resolved over the forward
+/// extremities when there are several).
 #[derive(Default)]
 pub struct RoomHeads {
     rooms: std::sync::Mutex<HashMap<OwnedRoomId, RoomHead>>,
 }
 
 impl RoomHeads {
-    fn get(&self, room_id: &RoomId) -> Option<RoomHead> {
+    pub(crate) fn get(&self, room_id: &RoomId) -> Option<RoomHead> {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner()).get(room_id).cloned()
     }
 
@@ -110,13 +113,7 @@ impl Services {
         let keys = auth_state_keys(&event, &rules)?;
         let _guard = self.room_locks.lock(room_id).await;
 
-        let head = match self.room_heads.get(room_id) {
-            Some(head) => head,
-            None => {
-                let (extremities, state_group) = self.store.get_room_head(room_id.as_str()).await?;
-                RoomHead { extremities, state_group: state_group.ok_or_else(|| Error::not_found("Unknown room"))? }
-            }
-        };
+        let head = self.room_head(room_id, &rules).await?;
         let mut prev = head.extremities.clone();
         prev.sort_by_key(|e| std::cmp::Reverse(e.1));
         prev.truncate(MAX_PREV_EVENTS);
@@ -141,21 +138,29 @@ impl Services {
                 Vec::new()
             }
         };
-        let event_type = event.kind.to_string();
+        // The event names every forward extremity (up to `MAX_PREV_EVENTS`): the state
+        // before it is then the current state.
+        let before = if prev.len() == head.extremities.len() {
+            Before::Group(head.state_group)
+        } else {
+            let groups = self.store.get_state_groups_of(&built.prev_events).await?;
+            let mut states = Vec::with_capacity(groups.len());
+            for (_, group) in groups {
+                states.push(self.group_state(group).await?);
+            }
+            Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
+        };
         let persisted = self
-            .store
-            .persist_event(
-                head.state_group,
-                NewEvent {
+            .place_event(
+                room_id,
+                &rules,
+                head,
+                before,
+                None,
+                Placing {
                     event_id: built.event_id.as_str(),
-                    room_id: room_id.as_str(),
-                    sender: event.sender.as_str(),
-                    event_type: &event_type,
-                    state_key: event.state_key.as_deref(),
-                    depth: built.depth,
-                    origin_server_ts: built.pdu.origin_server_ts.get().into(),
                     json: &built.json,
-                    prev_events: &built.prev_events,
+                    pdu: &built.pdu,
                     membership: built.membership.as_deref(),
                     redaction: redaction.as_ref().map(|(id, json)| (id.as_str(), json.as_str())),
                     txn: event.txn.as_ref().map(|t| EventTxn {
@@ -164,11 +169,15 @@ impl Services {
                         txn_id: t.txn_id,
                     }),
                     push_actions: &push_actions,
+                    position: Position::Live,
+                    rejected_reason: None,
+                    soft_failed: false,
+                    local: true,
                 },
             )
             .await;
         let stream_pos = match persisted {
-            Ok(Persisted::Stored(pos)) => pos,
+            Ok(Persisted::Stored(at)) => at.position.unwrap_or(0),
             Ok(Persisted::TxnTaken) => {
                 // A concurrent retry of the same client send won the race; nothing changed.
                 let txn = event.txn.as_ref().ok_or_else(|| Error::internal("transaction conflict without one"))?;
@@ -183,40 +192,20 @@ impl Services {
                 return Ok(Appended { event_id, room_id: room_id.to_owned(), stream_pos: existing.stream_ordering });
             }
             Ok(Persisted::Duplicate(pos)) => {
-                // The very same event is stored already: nothing to do, but the cached
-                // head may be stale.
-                self.room_heads.forget(room_id);
+                // The very same event is stored already: nothing to do.
                 return Ok(Appended { event_id: built.event_id, room_id: room_id.to_owned(), stream_pos: pos });
             }
-            Err(e) => {
-                // Whatever happened, the database says what the head is.
-                self.room_heads.forget(room_id);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
-        let mut extremities: Vec<(String, i64)> =
-            head.extremities.into_iter().filter(|(id, _)| !built.prev_events.contains(id)).collect();
-        extremities.push((built.event_id.to_string(), built.depth));
-        let state_group = if event.state_key.is_some() { stream_pos } else { head.state_group };
-        self.room_heads.set(room_id, RoomHead { extremities, state_group });
         drop(_guard);
-
-        if built.membership.is_some() {
-            self.forget_member_cache(room_id);
-        }
-        self.notifier.notify_users(&self.joined_local_members(room_id).await?);
-        if let Some(target) = event.state_key.as_deref().filter(|_| built.membership.is_some())
-            && let Ok(target) = ruma::OwnedUserId::try_from(target)
-            && target.server_name() == self.server_name()
-        {
-            // Invited, left, kicked or banned users are no longer (or not yet) joined.
-            self.notifier.notify_users(&[target]);
-        }
+        self.wake_for_event(room_id, event.state_key.as_deref(), built.membership.is_some()).await?;
+        let target = event.state_key.as_deref().filter(|_| built.membership.is_some());
+        self.federate_local_event(room_id, built.event_id.as_str(), stream_pos, target).await;
         Ok(Appended { event_id: built.event_id, room_id: room_id.to_owned(), stream_pos })
     }
 
     /// The redacted JSON of `target`, if it is an event of this room not yet redacted.
-    async fn redacted_json_of(
+    pub(crate) async fn redacted_json_of(
         &self,
         target: &str,
         room_id: &RoomId,

@@ -31,6 +31,7 @@ pub struct BuiltEvent {
     pub pdu: Pdu,
     pub depth: i64,
     pub prev_events: Vec<String>,
+    pub auth_events: Vec<String>,
     /// For `m.room.member` events: the membership it sets.
     pub membership: Option<String>,
 }
@@ -153,7 +154,15 @@ impl Services {
         };
         check_state_independent_auth_rules(&rules.authorization, &pdu, |_: &ruma::EventId| None::<Pdu>)
             .map_err(|reason| Error::bad_json(format!("Invalid m.room.create event: {reason}")))?;
-        let built = BuiltEvent { event_id, json, pdu, depth: 1, prev_events: Vec::new(), membership: None };
+        let built = BuiltEvent {
+            event_id,
+            json,
+            pdu,
+            depth: 1,
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            membership: None,
+        };
         Ok((room_id, built))
     }
 
@@ -212,6 +221,7 @@ impl Services {
         .map_err(|reason| Error::forbidden(format!("The event is not allowed: {reason}")))?;
 
         let membership = membership_of(&pdu);
-        Ok(BuiltEvent { event_id, json, pdu, depth, prev_events, membership })
+        let auth_events = pdu.auth_events.iter().map(|a| a.to_string()).collect();
+        Ok(BuiltEvent { event_id, json, pdu, depth, prev_events, auth_events, membership })
     }
 }

@@ -215,10 +215,12 @@ impl Services {
                     txn: None,
                     // Only the creator is joined, and nobody is notified of their own events.
                     push_actions: &[],
+                    auth_events: &b.auth_events,
+                    dag: Default::default(),
                 })
                 .collect();
-            let positions = match self.store.create_room(room, &new_events).await? {
-                RoomCreated::Stored(positions) => positions,
+            let (_positions, state_group) = match self.store.create_room(room, &new_events).await? {
+                RoomCreated::Stored(positions, state_group) => (positions, state_group),
                 RoomCreated::RoomIdTaken => {
                     // Another room took this id in the same millisecond: a later
                     // timestamp makes another id.
@@ -227,13 +229,6 @@ impl Services {
                 }
             };
             let last = built.last().expect("a room has events");
-            let state_group = built
-                .iter()
-                .zip(&positions)
-                .filter(|(b, _)| b.pdu.state_key.is_some())
-                .map(|(_, pos)| *pos)
-                .next_back()
-                .expect("a room has state");
             self.room_heads
                 .set(&room_id, RoomHead { extremities: vec![(last.event_id.to_string(), last.depth)], state_group });
             drop(_guard);

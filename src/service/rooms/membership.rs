@@ -64,6 +64,33 @@ impl Services {
         self.set_membership(room_id, user, user, content).await
     }
 
+    /// Joins `user` to a room: here when a local user is in it, else through another
+    /// server (`via`, the room id's server, the server of whoever invited the user).
+    pub async fn join_room_via(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        reason: Option<String>,
+        via: &[ruma::OwnedServerName],
+    ) -> Result<()> {
+        let known = self.room_version(room_id).await.is_ok();
+        if known && !self.joined_local_members(room_id).await?.is_empty() {
+            self.join_room(room_id, user, reason).await?;
+            return Ok(());
+        }
+        let mut servers = via.to_vec();
+        if let Some(current) = self.membership(room_id, user).await?
+            && current.membership == "invite"
+            && let Some(invite) = self.store.get_event(&current.event_id).await?
+            && let Ok(inviter) = OwnedUserId::try_from(invite.sender)
+        {
+            servers.push(inviter.server_name().to_owned());
+        }
+        let servers = crate::service::federation::membership::join_candidates(room_id, &servers);
+        self.join_remote_room(room_id, user, &servers, reason).await?;
+        Ok(())
+    }
+
     pub async fn invite(
         &self,
         room_id: &RoomId,

@@ -80,15 +80,45 @@ fn wildcard_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
-/// Reads the stream position out of a pagination or sync token (`s12_3`, `t12`, `12`).
+/// Reads the stream position out of a pagination or sync token (`s12_3`, `t12`, `12`,
+/// or a topological `t4-12`).
 pub fn parse_position(token: &str) -> Result<i64> {
+    match parse_token(token)? {
+        Token::Stream(pos) | Token::Topological(_, pos) => Ok(pos),
+    }
+}
+
+/// A pagination token: a stream position (sync tokens `s12_3`, and `t12` or `12` as
+/// `/messages` gave them before it paged by topology), or a topological position
+/// `t{depth}-{stream}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Token {
+    Stream(i64),
+    Topological(i64, i64),
+}
+
+pub fn parse_token(token: &str) -> Result<Token> {
+    let invalid = || Error::invalid_param("Invalid pagination token");
+    if let Some(rest) = token.strip_prefix('t')
+        && let Some((depth, stream)) = rest.split_once('-')
+    {
+        return Ok(Token::Topological(depth.parse().map_err(|_| invalid())?, stream.parse().map_err(|_| invalid())?));
+    }
     token
         .trim_start_matches(['s', 't'])
         .split('_')
         .next()
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| Error::invalid_param("Invalid pagination token"))
+        .map(Token::Stream)
+        .ok_or_else(invalid)
 }
+
+fn topological_token((depth, stream): (i64, i64)) -> String {
+    format!("t{depth}-{stream}")
+}
+
+/// Below every topological position (depths start at 1).
+const BOTTOM: (i64, i64) = (0, i64::MIN);
 
 /// The membership a stored member event sets (empty if none).
 pub(crate) fn membership_of(json: &str) -> String {
@@ -258,7 +288,10 @@ impl Services {
     /// `GET /rooms/{roomId}/event/{eventId}`.
     pub async fn get_event_for(&self, room_id: &RoomId, user: &UserId, event_id: &EventId) -> Result<StoredEvent> {
         let event = self.store.get_event(event_id.as_str()).await?;
-        let event = event.filter(|e| e.room_id == room_id.as_str()).ok_or_else(|| Error::not_found("No such event"))?;
+        // Outliers, rejected and soft-failed events (outside the stream) are not shown.
+        let event = event
+            .filter(|e| e.room_id == room_id.as_str() && e.position.is_some())
+            .ok_or_else(|| Error::not_found("No such event"))?;
         let vis = self.visibility_for(room_id, user).await?;
         if vis.memberships.is_empty() || !vis.may_see(user, &event) {
             return Err(Error::not_found("No such event, or you may not see it"));
@@ -285,65 +318,72 @@ impl Services {
             return Err(Error::forbidden("You are not a member of this room"));
         }
         let limit = limit.clamp(1, 1000);
-        let head = self.store.current_stream_position().await?;
         let from_pos = match from {
-            Some(token) => parse_position(token)?,
-            None if backwards => head,
-            None => 0,
+            Some(token) => self.topological(room_id, parse_token(token)?).await?,
+            None if backwards => (i64::MAX, i64::MAX),
+            None => BOTTOM,
         };
-        let to_pos = to.map(parse_position).transpose()?;
-        // The stretches (after, up_to] to read, in the order of reading.
-        let (floor, ceiling) =
-            if backwards { (to_pos.unwrap_or(0), from_pos) } else { (from_pos, to_pos.unwrap_or(head)) };
-        let mut ranges: Vec<(i64, i64)> = vis
-            .visible_ranges()
-            .into_iter()
-            .map(|(after, up_to)| (after.max(floor), up_to.min(ceiling)))
-            .filter(|(after, up_to)| after < up_to)
-            .collect();
-        if backwards {
-            ranges.reverse();
-        }
+        let to_pos = match to {
+            Some(token) => Some(self.topological(room_id, parse_token(token)?).await?),
+            None => None,
+        };
+        // Only the stretches of the stream the user may see are read (a handful: they
+        // change only at the user's member events and visibility changes).
+        let ranges = vis.visible_ranges();
+        let ranges: &[(i64, i64)] = if ranges.len() <= 50 { &ranges } else { &[] };
         let mut chunk = Vec::new();
         let mut cursor = from_pos;
         let mut scanned = 0;
         let mut cut_short = false;
-        'ranges: for (after, up_to) in ranges {
-            let (mut low, mut high) = (after, up_to);
-            loop {
-                if scanned >= MAX_SCANNED {
-                    cut_short = true;
-                    break 'ranges;
-                }
-                let batch_size = (limit * 2).min(MAX_SCANNED - scanned) as i64;
-                let batch = self.store.get_room_events(room_id.as_str(), low, high, batch_size, backwards).await?;
-                scanned += batch.len();
-                let done = (batch.len() as i64) < batch_size;
-                for event in batch {
-                    cursor = if backwards { event.stream_ordering - 1 } else { event.stream_ordering };
-                    if backwards {
-                        high = cursor
-                    } else {
-                        low = cursor
+        while chunk.len() < limit {
+            if scanned >= MAX_SCANNED {
+                cut_short = true;
+                break;
+            }
+            let batch_size = (limit * 2).min(MAX_SCANNED - scanned) as i64;
+            let batch = self
+                .store
+                .get_room_events_topological(room_id.as_str(), cursor, to_pos, ranges, batch_size, backwards)
+                .await?;
+            scanned += batch.len();
+            let exhausted = (batch.len() as i64) < batch_size;
+            for event in batch {
+                let at = (event.depth, event.stream_ordering);
+                // Backwards, the next page starts just below this event.
+                cursor = if backwards { (at.0, at.1 - 1) } else { at };
+                if filter.matches(&event) && vis.may_see(user, &event) {
+                    chunk.push(event);
+                    if chunk.len() == limit {
+                        break;
                     }
-                    if filter.matches(&event) && vis.may_see(user, &event) {
-                        chunk.push(event);
-                        if chunk.len() == limit {
-                            break 'ranges;
-                        }
-                    }
-                }
-                if done {
-                    cursor = if backwards { after } else { up_to };
-                    break;
                 }
             }
+            if exhausted {
+                break;
+            }
         }
-        // A full page may have more behind it; a short one means the range is exhausted,
-        // unless the scan stopped at its bound.
-        let end = (chunk.len() == limit || cut_short).then(|| format!("t{cursor}"));
+        // A full page may have more behind it; a short one means the room's history is
+        // exhausted, unless the scan stopped at its bound.
+        let end = (chunk.len() == limit || cut_short).then(|| topological_token(cursor));
         let state = if filter.lazy_load_members { self.member_events_for(room_id, &chunk).await? } else { Vec::new() };
-        Ok(MessagesPage { chunk, start: format!("t{from_pos}"), end, state })
+        let start = match from {
+            Some(token) => token.to_owned(),
+            // Now, as a stream token: paging forwards from it later finds what came after.
+            None if backwards => format!("t{}", self.store.current_stream_position().await?),
+            None => topological_token(from_pos),
+        };
+        Ok(MessagesPage { chunk, start, end, state })
+    }
+
+    /// The topological position of a token: a stream token stands for the room's latest
+    /// event at or before it.
+    async fn topological(&self, room_id: &RoomId, token: Token) -> Result<(i64, i64)> {
+        match token {
+            Token::Topological(depth, stream) => Ok((depth, stream)),
+            Token::Stream(pos) => {
+                Ok(self.store.get_topological_position(room_id.as_str(), pos).await?.unwrap_or(BOTTOM))
+            }
+        }
     }
 
     /// The current member events of the senders of `events` (lazy-loading members).
@@ -368,13 +408,21 @@ impl Services {
         let event = self.get_event_for(room_id, user, event_id).await?;
         let half = limit / 2;
         let before = self
-            .messages(room_id, user, Some(&format!("t{}", event.stream_ordering - 1)), None, true, half.max(1), filter)
+            .messages(
+                room_id,
+                user,
+                Some(&topological_token((event.depth, event.stream_ordering - 1))),
+                None,
+                true,
+                half.max(1),
+                filter,
+            )
             .await?;
         let after = self
             .messages(
                 room_id,
                 user,
-                Some(&format!("t{}", event.stream_ordering)),
+                Some(&topological_token((event.depth, event.stream_ordering))),
                 None,
                 false,
                 (limit - half).max(1),

@@ -1,6 +1,7 @@
 //! Rooms: creating them, membership, sending events, reading state and history.
 //! `build.rs` makes and checks every local event; `append.rs` stores one on top of a
-//! room's state, `create.rs` a new room's first events at once.
+//! room's state, `create.rs` a new room's first events at once; `pipeline.rs` checks
+//! remote PDUs and places every event in the DAG, the stream and the room's state.
 
 pub mod append;
 pub mod build;
@@ -9,6 +10,7 @@ pub mod format;
 pub mod membership;
 pub mod messages;
 pub mod pdu;
+pub mod pipeline;
 pub mod state;
 pub mod validate;
 pub mod visibility;
@@ -102,5 +104,12 @@ impl Services {
         self.member_cache.generation.fetch_add(1, Ordering::AcqRel);
         drop(cache);
         self.push_members_cache.forget(room_id);
+        self.forget_room_servers(room_id);
+    }
+
+    /// Grows with every membership change: a list of members read when it was `n` is
+    /// stale once it is not `n` any more.
+    pub(crate) fn member_generation(&self) -> u64 {
+        self.member_cache.generation.load(Ordering::Acquire)
     }
 }

@@ -12,8 +12,9 @@ use crate::{
 /// Which state a user may read in a room.
 pub enum StateView {
     Current,
-    /// The state as of this state group (when the user left or was banned).
-    AtGroup(i64),
+    /// The state as of this state group (when the user left or was banned), and the
+    /// stream position of leaving.
+    AtGroup(i64, i64),
 }
 
 impl Services {
@@ -39,7 +40,7 @@ impl Services {
                     .get_event(&m.event_id)
                     .await?
                     .ok_or_else(|| Error::internal("membership event missing"))?;
-                Ok(StateView::AtGroup(event.state_group))
+                Ok(StateView::AtGroup(event.state_group, event.stream_ordering))
             }
             _ => Err(Error::forbidden("You are not a member of this room")),
         }
@@ -72,7 +73,7 @@ impl Services {
     pub async fn room_state_for(&self, room_id: &RoomId, user_id: &UserId) -> Result<Vec<StoredEvent>> {
         match self.state_view(room_id, user_id).await? {
             StateView::Current => self.store.get_current_state_events(room_id.as_str(), &[]).await,
-            StateView::AtGroup(group) => self.state_events_at(group).await,
+            StateView::AtGroup(group, _) => self.state_events_at(group).await,
         }
     }
 
@@ -86,7 +87,7 @@ impl Services {
     ) -> Result<StoredEvent> {
         let event = match self.state_view(room_id, user_id).await? {
             StateView::Current => self.store.get_current_state_event(room_id.as_str(), event_type, state_key).await?,
-            StateView::AtGroup(group) => self.state_event_at(group, event_type, state_key).await?,
+            StateView::AtGroup(group, _) => self.state_event_at(group, event_type, state_key).await?,
         };
         event.ok_or_else(|| Error::not_found("No such state event"))
     }
@@ -100,13 +101,13 @@ impl Services {
         let group = match (at, view) {
             (Some(token), view) => {
                 let mut pos = super::messages::parse_position(token)?;
-                if let StateView::AtGroup(left_at) = view {
+                if let StateView::AtGroup(_, left_at) = view {
                     pos = pos.min(left_at);
                 }
                 let latest = self.store.get_room_events(room_id.as_str(), 0, pos, 1, true).await?;
                 latest.first().map(|e| e.state_group)
             }
-            (None, StateView::AtGroup(group)) => Some(group),
+            (None, StateView::AtGroup(group, _)) => Some(group),
             (None, StateView::Current) => None,
         };
         match group {

@@ -1,0 +1,38 @@
+//! Joining rooms across servers: `make_join` and `send_join` (v2).
+
+use axum::{Router, extract::State};
+use ruma::api::federation::membership::{create_join_event::v2 as send_join, prepare_join_event::v1 as make_join};
+
+use super::super::{AppState, route, ruma::RumaResponse, xmatrix::Federated};
+use crate::error::Result;
+
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<make_join::Request, _, _>(router, make_join);
+    route::<send_join::Request, _, _>(router, send_join)
+}
+
+/// # `GET /_matrix/federation/v1/make_join/{roomId}/{userId}`
+/// [spec](https://spec.matrix.org/v1.19/server-server-api/#get_matrixfederationv1make_joinroomiduserid)
+pub async fn make_join(
+    State(services): State<AppState>,
+    request: Federated<make_join::Request>,
+) -> Result<RumaResponse<make_join::Response>> {
+    let origin = request.origin()?.clone();
+    let body = request.body;
+    let (version, event) = services.make_join_template(&origin, &body.room_id, &body.user_id, &body.ver).await?;
+    let mut response = make_join::Response::new(event);
+    response.room_version = Some(version);
+    Ok(RumaResponse(response))
+}
+
+/// # `PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`
+/// [spec](https://spec.matrix.org/v1.19/server-server-api/#put_matrixfederationv2send_joinroomideventid)
+pub async fn send_join(
+    State(services): State<AppState>,
+    request: Federated<send_join::Request>,
+) -> Result<RumaResponse<send_join::Response>> {
+    let origin = request.origin()?.clone();
+    let body = request.body;
+    let state = services.accept_send_join(&origin, &body.room_id, &body.event_id, &body.pdu).await?;
+    Ok(RumaResponse(send_join::Response::new(state)))
+}

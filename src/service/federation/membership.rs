@@ -1,0 +1,409 @@
+//! Joining across servers. As the resident server: `make_join` answers a template of a
+//! remote user's join built on the room's current head, and `send_join` takes the signed
+//! join through the event pipeline and answers the state before it with its auth chain.
+//! As the joining server: `join_remote_room` asks a resident server for a template,
+//! signs it, sends it, checks and stores the returned state and auth chain as outliers,
+//! and places the join on top of that state.
+
+use std::collections::{BTreeSet, HashMap};
+
+use axum::http::StatusCode;
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
+    api::{
+        error::{ErrorKind, IncompatibleRoomVersionErrorData},
+        federation::membership::{create_join_event::v2 as send_join, prepare_join_event::v1 as make_join},
+    },
+    events::TimelineEventType,
+    room_version_rules::RoomVersionRules,
+};
+use serde_json::{json, value::RawValue};
+
+use crate::{
+    error::{Error, Result},
+    service::{
+        SUPPORTED_ROOM_VERSIONS, Services, now_ms,
+        rooms::{
+            append::{LocalEvent, RoomHead, rules_for},
+            build::{StateMap, auth_state_keys},
+            pdu::Pdu,
+            pipeline::{Arrival, Before, PduOutcome, Placing},
+        },
+    },
+    storage::Position,
+};
+
+/// Most events of a `send_join` answer's state and auth chain taken in.
+const MAX_JOIN_EVENTS: usize = 200_000;
+/// Most events read for the auth chain of a `send_join` answer.
+const MAX_AUTH_CHAIN: i64 = 200_000;
+
+fn to_raw(object: &CanonicalJsonObject) -> Result<Box<RawValue>> {
+    RawValue::from_string(serde_json::to_string(object).map_err(Error::internal)?).map_err(Error::internal)
+}
+
+fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
+    serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(format!("An event is not canonical JSON: {e}")))
+}
+
+fn event_id_of(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
+    let hash = ruma::signatures::reference_hash(object, rules)
+        .map_err(|e| Error::bad_json(format!("Cannot compute an event id: {e}")))?;
+    OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)
+}
+
+fn str_field<'a>(object: &'a CanonicalJsonObject, key: &str) -> Option<&'a str> {
+    object.get(key).and_then(|v| v.as_str())
+}
+
+/// Checks that `object` is `user`'s join to `room_id`.
+fn check_join_event(object: &CanonicalJsonObject, room_id: &RoomId, user: &str) -> Result<()> {
+    let membership = match object.get("content") {
+        Some(CanonicalJsonValue::Object(content)) => content.get("membership").and_then(|m| m.as_str()),
+        _ => None,
+    };
+    if str_field(object, "type") != Some("m.room.member")
+        || str_field(object, "room_id") != Some(room_id.as_str())
+        || str_field(object, "sender") != Some(user)
+        || str_field(object, "state_key") != Some(user)
+        || membership != Some("join")
+    {
+        return Err(Error::bad_json(format!("Not a join of {user} to {room_id}")));
+    }
+    Ok(())
+}
+
+impl Services {
+    /// `GET /make_join/{roomId}/{userId}`: a join template for a user of `origin`, built
+    /// on the room's current head and checked against its auth rules (a banned user, or
+    /// one the join rules keep out, gets `M_FORBIDDEN`).
+    pub async fn make_join_template(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        user: &UserId,
+        versions: &[RoomVersionId],
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        if user.server_name() != origin {
+            return Err(Error::forbidden("A server may only ask to join its own users"));
+        }
+        let version = self.room_version(room_id).await?;
+        if self.joined_local_members(room_id).await?.is_empty() {
+            return Err(Error::not_found("This server is not in that room"));
+        }
+        if !versions.contains(&version) {
+            return Err(Error::matrix(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::IncompatibleRoomVersion(IncompatibleRoomVersionErrorData::new(version.clone())),
+                format!("The room has version {version}, which the joining server does not support"),
+            ));
+        }
+        let rules = rules_for(&version)?;
+        let event = LocalEvent {
+            sender: user,
+            kind: TimelineEventType::RoomMember,
+            state_key: Some(user.to_string()),
+            content: json!({"membership": "join"}),
+            txn: None,
+            redacts: None,
+        };
+        let built = self.build_on_current_state(room_id, &rules, &event).await?;
+        let mut template: CanonicalJsonObject = serde_json::from_str(&built.json).map_err(Error::internal)?;
+        // The joining server hashes and signs it.
+        template.remove("signatures");
+        template.remove("hashes");
+        Ok((version, to_raw(&template)?))
+    }
+
+    /// Builds `event` on the room's current head and state without storing it.
+    async fn build_on_current_state(
+        &self,
+        room_id: &RoomId,
+        rules: &RoomVersionRules,
+        event: &LocalEvent<'_>,
+    ) -> Result<crate::service::rooms::build::BuiltEvent> {
+        let keys = auth_state_keys(event, rules)?;
+        let head = {
+            let _guard = self.room_locks.lock(room_id).await;
+            self.room_head(room_id, rules).await?
+        };
+        let mut prev = head.extremities.clone();
+        prev.sort_by_key(|e| std::cmp::Reverse(e.1));
+        prev.truncate(10);
+        let keys: Vec<(String, String)> = keys.into_iter().map(|(t, k)| (t.to_string(), k)).collect();
+        let mut state = StateMap::new();
+        for stored in self.store.get_current_state_entries(room_id.as_str(), &keys).await? {
+            let pdu = Pdu::from_stored(&stored)?;
+            state.insert((stored.event_type.as_str().into(), stored.state_key.clone().unwrap_or_default()), pdu);
+        }
+        self.build_event(room_id, rules, &prev, event, &state)
+    }
+
+    /// `PUT /send_join/{roomId}/{eventId}` (v2): takes a remote user's signed join through
+    /// the event pipeline and answers the state before it and the auth chain of that
+    /// state and the join.
+    pub async fn accept_send_join(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &ruma::EventId,
+        pdu: &RawValue,
+    ) -> Result<send_join::RoomState> {
+        let version = self.room_version(room_id).await?;
+        let rules = rules_for(&version)?;
+        let object = parse_object(pdu)?;
+        let sender = str_field(&object, "sender").unwrap_or_default().to_owned();
+        check_join_event(&object, room_id, &sender)?;
+        let sender_id = UserId::parse(&sender).map_err(|e| Error::bad_json(format!("Bad sender: {e}")))?;
+        if sender_id.server_name() != origin {
+            return Err(Error::forbidden("A server may only send the joins of its own users"));
+        }
+        if event_id_of(&object, &rules)? != event_id {
+            return Err(Error::bad_json("The event id does not match the event"));
+        }
+        match self.handle_pdu(room_id, &version, object, Arrival::Live).await? {
+            PduOutcome::Accepted { position, .. } => {
+                // The other servers in the room hear of the join from us.
+                if let Some(position) = position {
+                    let others: Vec<OwnedServerName> =
+                        self.room_remote_servers(room_id).await?.iter().filter(|s| *s != origin).cloned().collect();
+                    self.send_pdu(&others, position, event_id.as_str()).await?;
+                }
+            }
+            PduOutcome::Duplicate { .. } => {}
+            PduOutcome::Rejected { reason, .. } => {
+                return Err(Error::forbidden(format!("The join is not allowed: {reason}")));
+            }
+            PduOutcome::SoftFailed { .. } => {
+                return Err(Error::forbidden("The join is not allowed by the room's current state"));
+            }
+        }
+        let stored =
+            self.store.get_event(event_id.as_str()).await?.ok_or_else(|| Error::internal("the join vanished"))?;
+        let group = self.state_group_before(&stored).await?.ok_or_else(|| Error::internal("no state before"))?;
+        let state = self.state_events_at(group).await?;
+        let mut chain_of: Vec<String> = state.iter().map(|e| e.event_id.clone()).collect();
+        chain_of.push(event_id.to_string());
+        let chain_ids = self.store.get_auth_chain(&chain_of, MAX_AUTH_CHAIN).await?;
+        let chain = self.store.get_events_by_ids(&chain_ids).await?;
+        let mut room_state = send_join::RoomState::new();
+        for event in &state {
+            room_state.state.push(RawValue::from_string(event.json.clone()).map_err(Error::internal)?);
+        }
+        for event in &chain {
+            room_state.auth_chain.push(RawValue::from_string(event.json.clone()).map_err(Error::internal)?);
+        }
+        let mut servers: Vec<String> = self.room_remote_servers(room_id).await?.iter().map(|s| s.to_string()).collect();
+        servers.push(self.server_name().to_string());
+        servers.sort();
+        room_state.servers_in_room = Some(servers);
+        Ok(room_state)
+    }
+
+    /// Joins `user` to a room this server is not in, through the first of `via` that
+    /// answers (see the module comment). Answers the join's event id.
+    pub async fn join_remote_room(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        via: &[OwnedServerName],
+        reason: Option<String>,
+    ) -> Result<OwnedEventId> {
+        let mut tried = Vec::new();
+        let mut found = None;
+        for server in via.iter().filter(|s| *s != self.server_name()) {
+            let mut request = make_join::Request::new(room_id.to_owned(), user.to_owned());
+            request.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
+            match self.send_federation_request(server, request).await {
+                Ok(response) => {
+                    found = Some((server.clone(), response));
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!(%room_id, %server, error = %e, "make_join failed");
+                    tried.push(format!("{server}: {e}"));
+                }
+            }
+        }
+        let Some((resident, template)) = found else {
+            return Err(if tried.is_empty() {
+                Error::not_found("No server to join this room through: give one (via or server_name)")
+            } else {
+                Error::federation(format!("No server let us join: {}", tried.join("; ")))
+            });
+        };
+        let version = template.room_version.unwrap_or(RoomVersionId::V1);
+        if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::matrix(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::IncompatibleRoomVersion(IncompatibleRoomVersionErrorData::new(version.clone())),
+                format!("The room has version {version}, which this server does not support"),
+            ));
+        }
+        let rules = rules_for(&version)?;
+        let mut event = parse_object(&template.event)?;
+        check_join_event(&event, room_id, user.as_str())?;
+        event.remove("signatures");
+        event.remove("hashes");
+        event.remove("event_id");
+        event.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now_ms().try_into().unwrap_or_default()));
+        if let Some(CanonicalJsonValue::Object(content)) = event.get_mut("content") {
+            if let Some(reason) = reason {
+                content.insert("reason".into(), CanonicalJsonValue::String(reason));
+            }
+            if let Some(profile) = self.store.get_profile(user.as_str()).await? {
+                for field in ["displayname", "avatar_url"] {
+                    if let Some(serde_json::Value::String(value)) = profile.get(field) {
+                        content.insert(field.into(), CanonicalJsonValue::String(value.clone()));
+                    }
+                }
+            }
+        }
+        ruma::signatures::hash_and_sign_event(
+            self.server_name().as_str(),
+            &self.signing_key,
+            &mut event,
+            &rules.redaction,
+        )
+        .map_err(|e| Error::internal(format!("cannot sign the join: {e}")))?;
+        let event_id = event_id_of(&event, &rules)?;
+        let request = send_join::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
+        let answer = self.send_federation_request(&resident, request).await?.room_state;
+        if let Some(signed) = &answer.event {
+            // A restricted join comes back signed by the resident too.
+            let signed = parse_object(signed)?;
+            if event_id_of(&signed, &rules)? == event_id {
+                event = signed;
+            }
+        }
+        self.store_joined_state(room_id, &version, &rules, answer, &event_id, event).await?;
+        Ok(event_id)
+    }
+
+    /// Stores a `send_join` answer: the room, its state and auth chain as outliers (each
+    /// checked), the state as a group, and our join on top of it as the room's head.
+    async fn store_joined_state(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        rules: &RoomVersionRules,
+        answer: send_join::RoomState,
+        event_id: &ruma::EventId,
+        join: CanonicalJsonObject,
+    ) -> Result<()> {
+        if answer.state.len() + answer.auth_chain.len() > MAX_JOIN_EVENTS {
+            return Err(Error::federation("The room's state is too large to join"));
+        }
+        let mut outliers: Vec<CanonicalJsonObject> = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut state_ids = BTreeSet::new();
+        for (raw, is_state) in
+            answer.auth_chain.iter().map(|r| (r, false)).chain(answer.state.iter().map(|r| (r, true)))
+        {
+            let object = parse_object(raw)?;
+            let id = event_id_of(&object, rules)?;
+            if is_state {
+                state_ids.insert(id.clone());
+            }
+            if seen.insert(id) {
+                outliers.push(object);
+            }
+        }
+        let creator = outliers
+            .iter()
+            .find(|o| str_field(o, "type") == Some("m.room.create"))
+            .and_then(|o| str_field(o, "sender"))
+            .ok_or_else(|| Error::federation("The room's state has no create event"))?
+            .to_owned();
+        self.store.insert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
+
+        let outcomes = self.handle_outliers(room_id, version, outliers).await?;
+        let mut accepted: BTreeSet<OwnedEventId> = BTreeSet::new();
+        for outcome in outcomes {
+            match outcome {
+                Ok(PduOutcome::Accepted { event_id, .. } | PduOutcome::Duplicate { event_id }) => {
+                    accepted.insert(event_id);
+                }
+                Ok(other) => tracing::info!(%room_id, ?other, "an event of a join's state was not accepted"),
+                Err(e) => tracing::info!(%room_id, error = %e, "an event of a join's state was refused"),
+            }
+        }
+        // The state: the accepted state events, by type and key.
+        let state_events = self
+            .store
+            .get_events_by_ids(
+                &state_ids.iter().filter(|id| accepted.contains(*id)).map(|id| id.to_string()).collect::<Vec<_>>(),
+            )
+            .await?;
+        let mut state: HashMap<(String, String), String> = HashMap::new();
+        for e in &state_events {
+            if let Some(key) = &e.state_key {
+                state.insert((e.event_type.clone(), key.clone()), e.event_id.clone());
+            }
+        }
+        if !state.contains_key(&("m.room.create".to_owned(), String::new())) {
+            return Err(Error::federation("The room's create event did not pass the checks"));
+        }
+        let mut entries: Vec<(String, String, String)> =
+            state.iter().map(|((t, k), id)| (t.clone(), k.clone(), id.clone())).collect();
+        entries.sort();
+        let group = self.store_state_group(room_id, &entries).await?;
+
+        // Our join, checked against that state, becomes the room's head.
+        let json = serde_json::to_string(&join).map_err(Error::internal)?;
+        let pdu = Pdu::parse(event_id.as_str(), &json).map_err(|e| Error::bad_json(e.to_string()))?;
+        let mut auth = StateMap::new();
+        for e in &state_events {
+            if let Some(key) = &e.state_key {
+                auth.insert((e.event_type.as_str().into(), key.clone()), Pdu::from_stored(e)?);
+            }
+        }
+        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |t, k: &str| {
+            auth.get(&(t.clone(), k.to_owned())).cloned()
+        })
+        .map_err(|reason| Error::forbidden(format!("The room's state does not allow the join: {reason}")))?;
+
+        let _guard = self.room_locks.lock(room_id).await;
+        let head = RoomHead { extremities: Vec::new(), state_group: 0 };
+        self.room_heads.forget(room_id);
+        let placed = self
+            .place_event(
+                room_id,
+                rules,
+                head,
+                Before::Group(group),
+                Some(state),
+                Placing {
+                    event_id: event_id.as_str(),
+                    json: &json,
+                    pdu: &pdu,
+                    membership: Some("join"),
+                    redaction: None,
+                    txn: None,
+                    push_actions: &[],
+                    position: Position::Live,
+                    rejected_reason: None,
+                    soft_failed: false,
+                    local: false,
+                },
+            )
+            .await?;
+        drop(_guard);
+        if let crate::storage::Persisted::Stored(_) = placed {
+            self.wake_for_event(room_id, pdu.state_key.as_deref(), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The servers to try for joining `room_id`: those given, then the room id's own
+/// server (room versions before 12 name one).
+pub fn join_candidates(room_id: &RoomId, via: &[OwnedServerName]) -> Vec<OwnedServerName> {
+    let mut servers: Vec<OwnedServerName> = via.to_vec();
+    if let Some(server) = room_id.server_name()
+        && !servers.iter().any(|s| s == server)
+    {
+        servers.push(server.to_owned());
+    }
+    servers
+}

@@ -1,0 +1,589 @@
+//! The persist pipeline with PDUs from another server: a made-up `remote.test` with its
+//! own ed25519 key signs events that are fed to `Services::handle_pdu` in process, and
+//! what local users see is read through the client API.
+
+use std::sync::Arc;
+
+use convo::service::{
+    Services,
+    rooms::pipeline::{Arrival, PduOutcome},
+};
+use reqwest::StatusCode;
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, OwnedRoomId, RoomVersionId,
+    signatures::{Ed25519KeyPair, hash_and_sign_event, reference_hash},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    backend_tests,
+    common::{Backend, TestServer, bodies},
+};
+
+const REMOTE: &str = "remote.test";
+
+/// Another server: its key, trusted by the server under test.
+struct Remote {
+    key: Ed25519KeyPair,
+    services: Arc<Services>,
+    room: OwnedRoomId,
+    version: RoomVersionId,
+}
+
+fn new_key() -> Ed25519KeyPair {
+    let doc = Ed25519KeyPair::generate();
+    Ed25519KeyPair::from_der(&doc, "1".to_owned()).unwrap()
+}
+
+/// A PDU being written by `remote.test`.
+struct Draft {
+    sender: String,
+    kind: &'static str,
+    state_key: Option<String>,
+    content: Value,
+    prev: Vec<String>,
+    auth: Vec<String>,
+    ts: i64,
+}
+
+impl Remote {
+    async fn new(server: &TestServer, room: &str) -> Self {
+        let services = server.running.as_ref().unwrap().services.clone();
+        let key = new_key();
+        services.known_keys.add(REMOTE, "ed25519:1", &key.public_key());
+        let room = OwnedRoomId::try_from(room).unwrap();
+        let version = services.room_version(&room).await.unwrap();
+        Remote { key, services, room, version }
+    }
+
+    fn user(name: &str) -> String {
+        format!("@{name}:{REMOTE}")
+    }
+
+    /// The current state event id of (type, key).
+    async fn state_id(&self, kind: &str, key: &str) -> String {
+        self.services.store.get_current_state_event(self.room.as_str(), kind, key).await.unwrap().unwrap().event_id
+    }
+
+    async fn head(&self) -> Vec<String> {
+        let mut ids: Vec<String> =
+            self.services.store.get_room_head(self.room.as_str()).await.unwrap().into_iter().map(|r| r.0).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Signs a draft with `key`; answers the event id and the PDU.
+    async fn sign_with(&self, key: &Ed25519KeyPair, d: Draft) -> (String, CanonicalJsonObject) {
+        self.sign_at(key, d, None).await
+    }
+
+    /// Signs a draft at `depth` (by default one more than its deepest stored prev).
+    async fn sign_at(&self, key: &Ed25519KeyPair, d: Draft, depth: Option<i64>) -> (String, CanonicalJsonObject) {
+        let mut deepest = 0;
+        for prev in &d.prev {
+            if let Some(e) = self.services.store.get_event(prev).await.unwrap() {
+                deepest = deepest.max(e.depth);
+            }
+        }
+        let depth = depth.unwrap_or(deepest + 1) - 1;
+        let mut value = json!({
+            "type": d.kind,
+            "sender": d.sender,
+            "content": d.content,
+            "origin_server_ts": d.ts,
+            "depth": depth + 1,
+            "prev_events": d.prev,
+            "auth_events": d.auth,
+            "room_id": self.room,
+        });
+        if let Some(k) = d.state_key {
+            value["state_key"] = json!(k);
+        }
+        let CanonicalJsonValue::Object(mut obj) = CanonicalJsonValue::try_from(value).unwrap() else { unreachable!() };
+        let rules = self.version.rules().unwrap();
+        hash_and_sign_event(REMOTE, key, &mut obj, &rules.redaction).unwrap();
+        let id = format!("${}", reference_hash(&obj, &rules).unwrap());
+        (id, obj)
+    }
+
+    async fn sign(&self, d: Draft) -> (String, CanonicalJsonObject) {
+        self.sign_with(&self.key, d).await
+    }
+
+    async fn feed(&self, pdu: CanonicalJsonObject, arrival: Arrival) -> PduOutcome {
+        self.services.handle_pdu(&self.room, &self.version, pdu, arrival).await.unwrap()
+    }
+
+    /// A remote user joins a public room on top of the current head.
+    async fn join(&self, name: &str, ts: i64) -> String {
+        let auth = vec![self.state_id("m.room.join_rules", "").await, self.state_id("m.room.power_levels", "").await];
+        let user = Self::user(name);
+        let (id, pdu) = self
+            .sign(Draft {
+                sender: user.clone(),
+                kind: "m.room.member",
+                state_key: Some(user),
+                content: json!({"membership": "join", "displayname": name}),
+                prev: self.head().await,
+                auth,
+                ts,
+            })
+            .await;
+        assert!(matches!(self.feed(pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+        id
+    }
+
+    /// A message draft from a joined remote user on top of `prev`.
+    async fn message(&self, name: &str, body: &str, prev: Vec<String>, ts: i64) -> Draft {
+        let user = Self::user(name);
+        Draft {
+            auth: vec![self.state_id("m.room.power_levels", "").await, self.state_id("m.room.member", &user).await],
+            sender: user,
+            kind: "m.room.message",
+            state_key: None,
+            content: json!({"msgtype": "m.text", "body": body}),
+            prev,
+            ts,
+        }
+    }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// A public room of `@alice:localhost`, and the remote server.
+async fn public_room(server: &TestServer, extra: Value) -> (String, String, Remote) {
+    let (_, alice, _) = server.register("alice").await;
+    let mut body = json!({"preset": "public_chat"});
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
+    let room = server.create_room(&alice, body).await;
+    let remote = Remote::new(server, &room).await;
+    (alice, room, remote)
+}
+
+fn timeline_of<'a>(sync: &'a Value, room: &str) -> &'a Value {
+    &sync["rooms"]["join"][room]["timeline"]["events"]
+}
+
+async fn remote_message_reaches_sync_and_messages(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let first = server.sync(&alice, None, "").await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+
+    remote.join("rita", now()).await;
+    let (id, pdu) = remote.sign(remote.message("rita", "hello from afar", remote.head().await, now()).await).await;
+    let outcome = remote.feed(pdu, Arrival::Live).await;
+    assert!(matches!(&outcome, PduOutcome::Accepted { position: Some(p), .. } if *p > 0), "{outcome:?}");
+
+    let sync = server.sync(&alice, Some(&since), "").await;
+    assert_eq!(bodies(timeline_of(&sync, &room)), ["hello from afar"], "{sync}");
+    let (_, messages) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), Some(&alice)).await;
+    assert_eq!(messages["chunk"][0]["event_id"], id, "{messages}");
+    let (status, members) = server.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(members["joined"].get(Remote::user("rita")).is_some(), "{members}");
+    assert_eq!(remote.head().await, [id]);
+}
+
+async fn fork_and_merge_resolve_state(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let rita = Remote::user("rita");
+    let base = now();
+    // Two branches on top of the join, each renaming rita.
+    let mut branches = Vec::new();
+    for (name, ts) in [("Rita A", base + 1), ("Rita B", base + 2)] {
+        let (id, pdu) = remote
+            .sign(Draft {
+                sender: rita.clone(),
+                kind: "m.room.member",
+                state_key: Some(rita.clone()),
+                content: json!({"membership": "join", "displayname": name}),
+                prev: vec![join.clone()],
+                auth: vec![
+                    remote.state_id("m.room.join_rules", "").await,
+                    remote.state_id("m.room.power_levels", "").await,
+                    join.clone(),
+                ],
+                ts,
+            })
+            .await;
+        let outcome = remote.feed(pdu, Arrival::Live).await;
+        assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+        branches.push(id);
+    }
+    let mut both = branches.clone();
+    both.sort();
+    assert_eq!(remote.head().await, both, "a fork has two forward extremities");
+    // Both renames conflict: state res v2 orders them by timestamp; the later one wins.
+    let (_, name) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{rita}"), Some(&alice)).await;
+    assert_eq!(name["displayname"], "Rita B", "{name}");
+
+    // A merge event names both: one extremity, its state resolved from both branches.
+    let mut draft = remote.message("rita", "merged", both.clone(), base + 3).await;
+    draft.auth = vec![remote.state_id("m.room.power_levels", "").await, branches[1].clone()];
+    let (merge, pdu) = remote.sign(draft).await;
+    let outcome = remote.feed(pdu, Arrival::Live).await;
+    assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+    assert_eq!(remote.head().await, std::slice::from_ref(&merge));
+    let (_, name) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{rita}"), Some(&alice)).await;
+    assert_eq!(name["displayname"], "Rita B", "{name}");
+
+    // A local send after the merge builds on the merge alone.
+    let local = server.send_text(&alice, &room, "after the merge").await;
+    let stored = remote.services.store.get_event(&local).await.unwrap().unwrap();
+    let prevs: Value = serde_json::from_str::<Value>(&stored.json).unwrap()["prev_events"].clone();
+    assert_eq!(prevs, json!([merge]));
+}
+
+async fn conflicting_power_levels_resolve_by_spec(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let rita = Remote::user("rita");
+    let ron = Remote::user("ron");
+    let (alice, room, remote) = public_room(
+        &server,
+        json!({"power_level_content_override": {
+            "users": {rita.clone(): 100, ron.clone(): 50},
+            "events": {"m.room.power_levels": 50},
+        }}),
+    )
+    .await;
+    let base = now();
+    let rita_join = remote.join("rita", base).await;
+    let ron_join = remote.join("ron", base + 1).await;
+    let pl = remote.services.store.get_current_state_event(&room, "m.room.power_levels", "").await.unwrap().unwrap();
+    let pl_content = serde_json::from_str::<Value>(&pl.json).unwrap()["content"].clone();
+    let fork = remote.head().await;
+    // On one branch Ron (50) raises the default level; on the other, later, Rita (100)
+    // takes Ron's power away. Ron's arrives first (so neither is soft-failed).
+    let mut by_ron = pl_content.clone();
+    by_ron["users_default"] = json!(10);
+    let mut by_rita = pl_content.clone();
+    by_rita["users"][ron.as_str()] = json!(0);
+    let mut made = Vec::new();
+    for (sender, join, content, ts) in [(&ron, &ron_join, by_ron, base + 10), (&rita, &rita_join, by_rita, base + 20)] {
+        let (id, pdu) = remote
+            .sign(Draft {
+                sender: sender.clone(),
+                kind: "m.room.power_levels",
+                state_key: Some(String::new()),
+                content,
+                prev: fork.clone(),
+                auth: vec![pl.event_id.clone(), join.clone()],
+                ts,
+            })
+            .await;
+        let outcome = remote.feed(pdu, Arrival::Live).await;
+        assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+        made.push(id);
+    }
+    assert_eq!(remote.head().await.len(), 2);
+    // State res v2 applies power events from the most powerful sender first: Rita's
+    // change applies, after which Ron has no power, so his change fails the iterative
+    // auth checks, although it was sent first.
+    let (_, levels) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice)).await;
+    assert_eq!(levels["users"][ron.as_str()], 0, "{levels}");
+    assert_eq!(levels["users_default"], 0, "{levels}");
+    assert_eq!(remote.state_id("m.room.power_levels", "").await, made[1]);
+}
+
+async fn child_before_parent_leaves_the_right_extremities(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let (parent, parent_pdu) = remote.sign(remote.message("rita", "parent", vec![join.clone()], now()).await).await;
+    let parent_depth = parent_pdu.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap();
+    let draft = remote.message("rita", "child", vec![parent.clone()], now() + 1).await;
+    let (child, child_pdu) = remote.sign_at(&remote.key, draft, Some(parent_depth + 1)).await;
+    assert!(matches!(remote.feed(child_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    let mut expected = vec![join.clone(), child.clone()];
+    expected.sort();
+    assert_eq!(remote.head().await, expected, "the join has no stored child yet");
+    assert_eq!(remote.services.store.get_backward_extremities(&room).await.unwrap(), std::slice::from_ref(&parent));
+
+    assert!(matches!(remote.feed(parent_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    assert_eq!(
+        remote.head().await,
+        std::slice::from_ref(&child),
+        "the parent is not an extremity: its child is stored"
+    );
+    assert!(remote.services.store.get_backward_extremities(&room).await.unwrap().is_empty());
+    let (_, messages) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), Some(&alice)).await;
+    let got = bodies(&messages["chunk"]);
+    assert!(got.contains(&"parent".to_owned()) && got.contains(&"child".to_owned()), "{messages}");
+}
+
+async fn bad_signatures_hashes_and_auth(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let first = server.sync(&alice, None, "").await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+
+    // Signed with a key remote.test does not have: refused, nothing stored.
+    let (forged, pdu) =
+        remote.sign_with(&new_key(), remote.message("rita", "forged", vec![join.clone()], now()).await).await;
+    let err = remote.services.handle_pdu(&remote.room, &remote.version, pdu, Arrival::Live).await.unwrap_err();
+    assert!(err.to_string().contains("signature"), "{err}");
+    assert!(remote.services.store.get_event(&forged).await.unwrap().is_none());
+
+    // A content that does not match its hash: stored redacted.
+    let (tampered, mut pdu) = remote.sign(remote.message("rita", "original", vec![join.clone()], now()).await).await;
+    pdu.insert(
+        "content".into(),
+        CanonicalJsonValue::try_from(json!({"msgtype": "m.text", "body": "tampered"})).unwrap(),
+    );
+    assert!(matches!(remote.feed(pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    let stored = remote.services.store.get_event(&tampered).await.unwrap().unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&stored.json).unwrap()["content"], json!({}), "{}", stored.json);
+
+    // A stranger's message: fails auth against its own auth events, stored as rejected.
+    let stranger = Remote::user("stranger");
+    let (rejected, pdu) = remote
+        .sign(Draft {
+            sender: stranger,
+            kind: "m.room.message",
+            state_key: None,
+            content: json!({"msgtype": "m.text", "body": "let me in"}),
+            prev: remote.head().await,
+            auth: vec![remote.state_id("m.room.power_levels", "").await],
+            ts: now(),
+        })
+        .await;
+    let outcome = remote.feed(pdu, Arrival::Live).await;
+    assert!(matches!(&outcome, PduOutcome::Rejected { .. }), "{outcome:?}");
+    let status = remote.services.store.get_event_status(&rejected).await.unwrap().unwrap();
+    assert!(status.1.is_some(), "stored with the reason");
+    assert!(!remote.head().await.contains(&rejected), "a rejected event is no extremity");
+
+    let sync = server.sync(&alice, Some(&since), "").await;
+    let seen: Vec<&str> =
+        timeline_of(&sync, &room).as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str()).collect();
+    assert_eq!(seen, [tampered.as_str()], "only the redacted one reaches /sync: {sync}");
+    let (_, event) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{tampered}"), Some(&alice)).await;
+    assert_eq!(event["content"], json!({}), "{event}");
+    let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{rejected}"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a rejected event is not served to clients");
+}
+
+async fn soft_failed_event_is_hidden(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let old_levels = remote.state_id("m.room.power_levels", "").await;
+    // Messages now need power 50, which rita lacks.
+    let (_, mut levels) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice)).await;
+    levels["events"]["m.room.message"] = json!(50);
+    let (status, body) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice), levels).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let first = server.sync(&alice, None, "").await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let head = remote.head().await;
+
+    // Sent on top of her join (anyone could send messages then): passes against its auth
+    // events and the state before it, fails against the room's current state.
+    let mut draft = remote.message("rita", "from the past", vec![join.clone()], now()).await;
+    draft.auth = vec![old_levels, join.clone()];
+    let (id, pdu) = remote.sign(draft).await;
+    let outcome = remote.feed(pdu, Arrival::Live).await;
+    assert_eq!(outcome, PduOutcome::SoftFailed { event_id: id.clone().try_into().unwrap() });
+    assert_eq!(remote.head().await, head, "a soft-failed event is no extremity");
+    let status = remote.services.store.get_event_status(&id).await.unwrap().unwrap();
+    assert!(status.2 && status.1.is_none());
+    let sync = server.sync(&alice, Some(&since), "timeout=0").await;
+    assert!(bodies(timeline_of(&sync, &room)).is_empty(), "{sync}");
+    let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+async fn duplicate_pdu_is_a_no_op(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_alice, _room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let (id, pdu) = remote.sign(remote.message("rita", "once", vec![join], now()).await).await;
+    let first = remote.feed(pdu.clone(), Arrival::Live).await;
+    let position = remote.services.store.current_stream_position().await.unwrap();
+    let again = remote.feed(pdu, Arrival::Live).await;
+    assert!(matches!(first, PduOutcome::Accepted { .. }));
+    assert_eq!(again, PduOutcome::Duplicate { event_id: id.try_into().unwrap() });
+    assert_eq!(remote.services.store.current_stream_position().await.unwrap(), position);
+}
+
+async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_alice, room, remote) = public_room(&server, json!({})).await;
+    let services = &remote.services;
+    let alice = ruma::OwnedUserId::try_from("@alice:localhost").unwrap();
+    let mut woken = services.notifier.subscribe(&alice);
+    woken.mark_unchanged();
+    let position = services.store.current_stream_position().await.unwrap();
+    let head = remote.head().await;
+    let auth = vec![remote.state_id("m.room.join_rules", "").await, remote.state_id("m.room.power_levels", "").await];
+
+    // A join's state: 600 members (more than one batch), a stranger's message failing
+    // auth, and one event signed by an unknown key.
+    let mut pdus = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..600 {
+        let user = Remote::user(&format!("m{i}"));
+        let (id, pdu) = remote
+            .sign(Draft {
+                sender: user.clone(),
+                kind: "m.room.member",
+                state_key: Some(user),
+                content: json!({"membership": "join"}),
+                prev: head.clone(),
+                auth: auth.clone(),
+                ts: now(),
+            })
+            .await;
+        ids.push(id);
+        pdus.push(pdu);
+    }
+    let (stranger, pdu) = remote
+        .sign(Draft {
+            sender: Remote::user("stranger"),
+            kind: "m.room.message",
+            state_key: None,
+            content: json!({"body": "hi"}),
+            prev: head.clone(),
+            auth: vec![auth[1].clone()],
+            ts: now(),
+        })
+        .await;
+    pdus.push(pdu);
+    let forged_draft = Draft {
+        sender: Remote::user("m0"),
+        kind: "m.room.message",
+        state_key: None,
+        content: json!({"body": "forged"}),
+        prev: head.clone(),
+        auth: vec![auth[1].clone(), ids[0].clone()],
+        ts: now(),
+    };
+    let (_, forged) = remote.sign_with(&new_key(), forged_draft).await;
+    pdus.push(forged);
+
+    let started = std::time::Instant::now();
+    let outcomes = services.handle_outliers(&remote.room, &remote.version, pdus).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
+    assert_eq!(outcomes.len(), 602);
+    assert!(outcomes[..600].iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))));
+    assert!(matches!(&outcomes[600], Ok(PduOutcome::Rejected { event_id, .. }) if *event_id == stranger));
+    assert!(outcomes[601].is_err(), "a bad signature is refused");
+
+    assert_eq!(services.store.current_stream_position().await.unwrap(), position, "no stream positions");
+    assert!(!woken.has_changed().unwrap(), "no /sync woken");
+    assert_eq!(remote.head().await, head, "outliers are no extremities");
+    assert_eq!(services.store.get_event_status(&ids[599]).await.unwrap(), Some((true, None, false)));
+    let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{}", ids[0]), Some(&_alice)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "outliers are not served to clients");
+
+    // The join's state before, from the state list, as one group.
+    let mut state: Vec<(String, String, String)> = services
+        .store
+        .get_current_state_events(&room, &[])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event_type, e.state_key.unwrap_or_default(), e.event_id))
+        .collect();
+    state.extend(
+        ids.iter().enumerate().map(|(i, id)| ("m.room.member".into(), Remote::user(&format!("m{i}")), id.clone())),
+    );
+    let group = services.store_state_group(&remote.room, &state).await.unwrap();
+    assert_eq!(services.store.get_state_group(group, None, None).await.unwrap().len(), state.len());
+
+    // The check above can fail: a live event does wake the room's members.
+    remote.join("rita", now()).await;
+    assert!(woken.has_changed().unwrap());
+}
+
+async fn backfilled_history_sorts_before_the_stream(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let services = &remote.services;
+    let (parent, parent_pdu) = remote.sign(remote.message("rita", "older", vec![join.clone()], now()).await).await;
+    let parent_depth = parent_pdu.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap();
+    let draft = remote.message("rita", "newer", vec![parent.clone()], now() + 1).await;
+    let (child, child_pdu) = remote.sign_at(&remote.key, draft, Some(parent_depth + 1)).await;
+    assert!(matches!(remote.feed(child_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+
+    // The gap is filled by backfill: a position before the live stream, no wake-up.
+    let alice_id = ruma::OwnedUserId::try_from("@alice:localhost").unwrap();
+    let mut woken = services.notifier.subscribe(&alice_id);
+    woken.mark_unchanged();
+    let position = services.store.current_stream_position().await.unwrap();
+    let outcome = remote.feed(parent_pdu, Arrival::Backfill).await;
+    assert!(matches!(outcome, PduOutcome::Accepted { position: Some(p), .. } if p < 0), "{outcome:?}");
+    assert_eq!(services.store.current_stream_position().await.unwrap(), position);
+    assert!(!woken.has_changed().unwrap(), "backfill wakes no /sync");
+    assert_eq!(remote.head().await, std::slice::from_ref(&child));
+    assert!(services.store.get_backward_extremities(&room).await.unwrap().is_empty());
+
+    // /messages pages by topology: the backfilled event sits between its child and its
+    // parent, one page at a time through the `end` tokens.
+    let mut seen = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..3 {
+        let mut path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1");
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={from}"));
+        }
+        let (status, page) = server.get(&path, Some(&alice)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.push(page["chunk"][0]["event_id"].as_str().unwrap().to_owned());
+        from = Some(page["end"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, [child.clone(), parent.clone(), join.clone()]);
+
+    // A stream token (as /sync's prev_batch, or /messages gave before) still works.
+    let child_pos = services.store.get_event(&child).await.unwrap().unwrap().stream_ordering;
+    for token in [format!("t{child_pos}"), format!("s{child_pos}_0")] {
+        let (status, page) = server
+            .get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=2&from={token}"), Some(&alice))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let ids: Vec<&str> =
+            page["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, [child.as_str(), parent.as_str()], "{token}");
+    }
+    // And forwards from the join: parent, then child.
+    let join_event = services.store.get_event(&join).await.unwrap().unwrap();
+    let from = format!("t{}-{}", join_event.depth, join_event.stream_ordering);
+    let (_, page) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=f&limit=5&from={from}"), Some(&alice)).await;
+    let ids: Vec<&str> = page["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [parent.as_str(), child.as_str()], "{page}");
+    // /context of the backfilled event.
+    let (status, context) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/context/{parent}?limit=2"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{context}");
+    assert_eq!(context["events_before"][0]["event_id"], join, "{context}");
+    assert_eq!(context["events_after"][0]["event_id"], child, "{context}");
+}
+
+backend_tests!(
+    remote_message_reaches_sync_and_messages,
+    fork_and_merge_resolve_state,
+    conflicting_power_levels_resolve_by_spec,
+    child_before_parent_leaves_the_right_extremities,
+    bad_signatures_hashes_and_auth,
+    soft_failed_event_is_hidden,
+    duplicate_pdu_is_a_no_op,
+    outliers_take_no_positions_and_wake_no_sync,
+    backfilled_history_sorts_before_the_stream,
+);

@@ -1,0 +1,171 @@
+//! EDUs and end-to-end encryption keys across two Convo servers: to-device messages,
+//! key queries and claims of remote users, and a server that is down while messages
+//! for it are queued.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::{
+    backend_tests,
+    common::{Backend, TestServer},
+    federation::{TRUSTING, federating, name, services},
+};
+
+fn device_keys(user: &str, device: &str) -> Value {
+    json!({
+        "user_id": user,
+        "device_id": device,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{device}"): "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
+            format!("ed25519:{device}"): "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI",
+        },
+        "signatures": {user: {format!("ed25519:{device}"): "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}},
+    })
+}
+
+/// Syncs (long-polling) until the device's to-device events are not empty, for at
+/// most 20 s; answers them.
+async fn wait_for_to_device(server: &TestServer, token: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut since: Option<String> = None;
+    loop {
+        let sync = server.sync(token, since.as_deref(), "timeout=2000").await;
+        let events = sync["to_device"]["events"].as_array().cloned().unwrap_or_default();
+        if !events.is_empty() {
+            return events;
+        }
+        assert!(Instant::now() < deadline, "no to-device message arrived within 20 s");
+        since = sync["next_batch"].as_str().map(str::to_owned);
+    }
+}
+
+/// Waits until `server`'s queue for `destination` is empty (at most 20 s).
+async fn wait_for_empty_queue(server: &TestServer, destination: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while services(server).store.count_federation_outbox(destination).await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "the queue for {destination} did not drain within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn to_device_messages_reach_users_of_other_servers(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (alice, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, bob_device) = b.register("bob").await;
+    let body = json!({"messages": {bob.clone(): {bob_device.clone(): {"secret": "for bob's device"}}}});
+    let (status, answer) =
+        a.put("/_matrix/client/v3/sendToDevice/m.room_key_request/txn1", Some(&alice_token), body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let events = wait_for_to_device(&b, &bob_token).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["sender"], alice.as_str());
+    assert_eq!(events[0]["type"], "m.room_key_request");
+    assert_eq!(events[0]["content"], json!({"secret": "for bob's device"}));
+    wait_for_empty_queue(&a, name(&b).as_str()).await;
+
+    // The same transaction id again sends nothing again.
+    let (status, _) = a.put("/_matrix/client/v3/sendToDevice/m.room_key_request/txn1", Some(&alice_token), body).await;
+    assert_eq!(status, StatusCode::OK);
+    let again = json!({"messages": {bob.clone(): {"*": {"n": 2}}}});
+    let (status, _) = a.put("/_matrix/client/v3/sendToDevice/m.dummy/txn2", Some(&alice_token), again).await;
+    assert_eq!(status, StatusCode::OK);
+    let first = b.sync(&bob_token, None, "").await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let mut events = first["to_device"]["events"].as_array().cloned().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !events.iter().any(|e| e["type"] == "m.dummy") {
+        assert!(Instant::now() < deadline, "the second message did not arrive");
+        let sync = b.sync(&bob_token, Some(&since), "timeout=2000").await;
+        events.extend(sync["to_device"]["events"].as_array().cloned().unwrap_or_default());
+    }
+    let types: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(types.iter().filter(|t| **t == "m.room_key_request").count(), 1, "{events:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn keys_of_remote_users_are_queried_and_claimed(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, bob_device) = b.register("bob").await;
+    let upload = json!({
+        "device_keys": device_keys(&bob, &bob_device),
+        "one_time_keys": {"signed_curve25519:AAAAAQ": {"key": "one", "signatures": {}}},
+    });
+    let (status, body) = b.post("/_matrix/client/v3/keys/upload", Some(&bob_token), upload).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A server nobody runs: reported in `failures`, the rest still answered.
+    let gone = format!("@ghost:127.0.0.1:{}", free_port());
+    let query = json!({"device_keys": {bob.clone(): [], gone.clone(): []}, "timeout": 5000});
+    let (status, body) = a.post("/_matrix/client/v3/keys/query", Some(&alice_token), query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["device_keys"][&bob][&bob_device], device_keys(&bob, &bob_device), "{body}");
+    let gone_server = gone.split_once(':').unwrap().1;
+    assert!(body["failures"][gone_server].is_object(), "{body}");
+    assert!(body["failures"].get(name(&b).as_str()).is_none(), "{body}");
+
+    let claim = json!({"one_time_keys": {bob.clone(): {bob_device.clone(): "signed_curve25519"}}});
+    let (status, body) = a.post("/_matrix/client/v3/keys/claim", Some(&alice_token), claim.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["one_time_keys"][&bob][&bob_device]["signed_curve25519:AAAAAQ"]["key"], "one", "{body}");
+    // Each one-time key is handed out once, across servers too.
+    let (_, body) = a.post("/_matrix/client/v3/keys/claim", Some(&alice_token), claim).await;
+    assert!(body["one_time_keys"].get(&bob).is_none_or(|d| d.get(&bob_device).is_none()), "{body}");
+    a.stop().await;
+    b.stop().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn messages_for_a_server_that_is_down_wait_for_it(backend: Backend) {
+    let a = crate::federation::federating_with(backend.clone(), TRUSTING, |c| {
+        c.federation.max_retry_interval_ms = 300;
+    })
+    .await;
+    let mut b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, bob_device) = b.register("bob").await;
+    let b_name = name(&b).to_string();
+    b.pause().await;
+
+    for i in 0..3 {
+        let body = json!({"messages": {bob.clone(): {bob_device.clone(): {"n": i}}}});
+        let path = format!("/_matrix/client/v3/sendToDevice/m.dummy/down{i}");
+        let (status, answer) = a.put(&path, Some(&alice_token), body).await;
+        assert_eq!(status, StatusCode::OK, "sending while the other server is down: {answer}");
+    }
+    // Kept while the destination fails, not dropped.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(services(&a).store.count_federation_outbox(&b_name).await.unwrap(), 3);
+
+    b.resume().await;
+    wait_for_empty_queue(&a, &b_name).await;
+    let mut numbers = Vec::new();
+    let mut since: Option<String> = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while numbers.len() < 3 {
+        assert!(Instant::now() < deadline, "got {numbers:?} only");
+        let sync = b.sync(&bob_token, since.as_deref(), "timeout=1000").await;
+        for event in sync["to_device"]["events"].as_array().cloned().unwrap_or_default() {
+            numbers.push(event["content"]["n"].as_i64().unwrap());
+        }
+        since = sync["next_batch"].as_str().map(str::to_owned);
+    }
+    assert_eq!(numbers, vec![0, 1, 2], "in the order sent");
+    a.stop().await;
+    b.stop().await;
+}
+
+backend_tests!(
+    to_device_messages_reach_users_of_other_servers,
+    keys_of_remote_users_are_queried_and_claimed,
+    messages_for_a_server_that_is_down_wait_for_it,
+);
