@@ -98,7 +98,7 @@ run_convo() {
     mkdir -p "$data"
     echo "== starting Convo on 127.0.0.1:$CPORT (SQLite in $data)"
     env "${CONVO_ENV[@]}" CONVO_LISTENERS__CLIENT=127.0.0.1:$CPORT CONVO_DATA_DIR=$data \
-        CONVO_REGISTRATION__MODE=open CONVO_RATE_LIMITS__ENABLED=false RUST_LOG=warn \
+        CONVO_REGISTRATION__MODE=open CONVO_RATE_LIMITS__ENABLED=false CONVO_FEDERATION__RESOLVE_NAMES=false RUST_LOG=warn \
         "$CONVO_BIN" > "$WORK/convo.log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")

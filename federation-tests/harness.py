@@ -408,6 +408,8 @@ class Convo(Server):
             "CONVO_FEDERATION__EXTRA_CA_FILE": str(self.ca.ca_cert),
             "CONVO_FEDERATION__SKIP_TLS_VERIFY": "false",
             "CONVO_FEDERATION__ALLOW_PRIVATE_DESTINATIONS": "true",
+            # IP-literal server names only: no DNS lookup leaves the machine.
+            "CONVO_FEDERATION__RESOLVE_NAMES": "false",
             "CONVO_REGISTRATION__MODE": "open",
             "CONVO_RATE_LIMITS__ENABLED": "false",
             "CONVO_PASSWORD_HASHING__MEMORY_KIB": "1024",

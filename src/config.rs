@@ -270,6 +270,9 @@ pub struct Federation {
     pub skip_tls_verify: bool,
     /// Allow outbound requests to private and loopback addresses (tests only).
     pub allow_private_destinations: bool,
+    /// Look server names up (DNS, `.well-known`). Off: only IP-literal server names
+    /// are contacted, so nothing leaves the machine to find a server (test networks).
+    pub resolve_names: bool,
     /// Served as `m.server` in `/.well-known/matrix/server` on the client listener, to
     /// delegate federation for `server_name` to another host and port (for example
     /// `matrix.example.org:443`). Empty: that path answers `404 M_NOT_FOUND`.
@@ -409,6 +412,7 @@ impl Default for Federation {
             extra_ca_file: PathBuf::new(),
             skip_tls_verify: false,
             allow_private_destinations: false,
+            resolve_names: true,
             well_known_server: String::new(),
             max_retry_interval_ms: 3_600_000,
             key_validity_ms: 7 * 86_400_000,

@@ -93,6 +93,8 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     config.password_hashing.memory_kib = 256;
     config.password_hashing.iterations = 1;
     config.rate_limits.enabled = false;
+    // Tests reach only loopback: no DNS lookups for other servers.
+    config.federation.resolve_names = false;
     config
 }
 

@@ -433,7 +433,21 @@ async fn untrusted_certificates_and_private_addresses_are_refused(backend: Backe
     strict.stop().await;
 }
 
+async fn names_are_not_looked_up_when_resolving_is_off(backend: Backend) {
+    // Tests run with `federation.resolve_names = false`: a server name that needs DNS is
+    // refused at once (403), and nothing is looked up.
+    let a = federating(backend, TRUSTING).await;
+    let (_, token, _) = a.register("alice").await;
+    let result = a.get("/_matrix/client/v3/profile/@bob:example.org", Some(&token)).await;
+    assert_error(&result, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert!(result.1["error"].as_str().unwrap().contains("resolve_names"), "{}", result.1);
+    let result = a.get("/_matrix/client/v3/directory/room/%23room:example.org", Some(&token)).await;
+    assert_error(&result, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    a.stop().await;
+}
+
 backend_tests!(
+    names_are_not_looked_up_when_resolving_is_off,
     federation_listener_serves_tls_and_only_federation_paths,
     remote_keys_are_fetched_once_and_cached,
     a_failed_key_fetch_is_backed_off,

@@ -30,6 +30,8 @@ class Convo:
             "CONVO_LISTENERS__CLIENT": f"127.0.0.1:{self.port}",
             "CONVO_DATA_DIR": str(workdir / "data"),
             "CONVO_RATE_LIMITS__ENABLED": "false",
+            # Tests reach only loopback: no DNS lookups for other servers.
+            "CONVO_FEDERATION__RESOLVE_NAMES": "false",
             "CONVO_PASSWORD_HASHING__MEMORY_KIB": "1024",
             "CONVO_PASSWORD_HASHING__ITERATIONS": "1",
         }

@@ -112,6 +112,8 @@ class Convo:
             "CONVO_DATA_DIR": str(workdir / "data"),
             "CONVO_REGISTRATION__MODE": "open",
             "CONVO_RATE_LIMITS__ENABLED": "false",
+            # Tests reach only loopback: no DNS lookups for other servers.
+            "CONVO_FEDERATION__RESOLVE_NAMES": "false",
             "CONVO_PASSWORD_HASHING__MEMORY_KIB": "1024",
             "CONVO_PASSWORD_HASHING__ITERATIONS": "1",
             # A TURN secret, so that `/voip/turnServer` gives credentials (only computed:

@@ -129,7 +129,7 @@ impl FederationClient {
             reqwest::Client::builder()
                 .tls_backend_preconfigured(tls.clone())
                 .user_agent(concat!("Convo/", env!("CARGO_PKG_VERSION"))),
-            Settings::new(config.allow_private_destinations),
+            Settings { resolve_names: config.resolve_names, ..Settings::new(config.allow_private_destinations) },
         )
         .map_err(|e| format!("server discovery: {e}"))?;
         let pinned = PinnedAddrs { map: Default::default(), allow_private: config.allow_private_destinations };
@@ -144,6 +144,11 @@ impl FederationClient {
             .build()
             .map_err(|e| format!("federation client: {e}"))?;
         Ok(Self { http, resolver, pinned, max_response_body: config.max_response_body })
+    }
+
+    /// Whether `server` may be contacted at all (see `Resolver::may_contact`).
+    pub fn may_contact(&self, server: &ServerName) -> bool {
+        self.resolver.may_contact(server)
     }
 
     /// Where requests for `server` go (the spec's server discovery).

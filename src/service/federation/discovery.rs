@@ -92,11 +92,14 @@ pub struct Settings {
     /// The port `.well-known` requests connect to: 443, the `https` port (tests serve
     /// it elsewhere; the `Host` header stays the bare hostname).
     pub well_known_port: u16,
+    /// `federation.resolve_names`: look names up (DNS, `.well-known`). Off, only
+    /// IP-literal server names are reached, and nothing leaves the machine to find one.
+    pub resolve_names: bool,
 }
 
 impl Settings {
     pub fn new(allow_private: bool) -> Self {
-        Self { allow_private, dns: None, capacity: 10_000, well_known_port: 443 }
+        Self { allow_private, dns: None, capacity: 10_000, well_known_port: 443, resolve_names: true }
     }
 }
 
@@ -106,6 +109,7 @@ pub struct Resolver {
     /// For `.well-known` requests only: the caller's TLS trust, our DNS, our redirects.
     http: reqwest::Client,
     allow_private: bool,
+    resolve_names: bool,
     destinations: Cache<OwnedServerName, Result<Destination, String>>,
     well_known: Cache<String, Answer>,
 }
@@ -143,6 +147,7 @@ impl Resolver {
             dns,
             http,
             allow_private: settings.allow_private,
+            resolve_names: settings.resolve_names,
             destinations: Cache::new(settings.capacity),
             well_known: Cache::new(settings.capacity),
         })
@@ -154,6 +159,12 @@ impl Resolver {
         if let Some(ip) = ip_literal(server.host()) {
             // Step 1: nothing to look up, nothing to cache.
             return self.ip_destination(server, ip).map(|f| f.destination).map_err(Error::federation);
+        }
+        if !self.resolve_names {
+            return Err(Error::forbidden(format!(
+                "Federation with {server} is off: this server contacts IP-literal server names only \
+                 (federation.resolve_names = false)"
+            )));
         }
         let slot = self.destinations.slot(&server.to_owned());
         let mut entry = slot.lock().await;
@@ -175,6 +186,16 @@ impl Resolver {
                 *entry = Some(Entry { value: Err(message.clone()), expires: now + wait, failures });
                 Err(Error::federation(message))
             }
+        }
+    }
+
+    /// Whether `server` may be contacted at all under the configuration (an IP literal
+    /// passes the private-address rule, a name needs `resolve_names`). Queues use it to
+    /// keep nothing for servers that can never be reached.
+    pub fn may_contact(&self, server: &ServerName) -> bool {
+        match ip_literal(server.host()) {
+            Some(ip) => self.check_address(ip).is_ok(),
+            None => self.resolve_names,
         }
     }
 

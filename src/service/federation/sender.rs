@@ -144,8 +144,11 @@ impl Services {
     /// Queues a stored local event (at stream position `position`) for `destinations`
     /// and wakes their senders.
     pub async fn send_pdu(&self, destinations: &[OwnedServerName], position: i64, event_id: &str) -> Result<()> {
-        let destinations: Vec<OwnedServerName> =
-            destinations.iter().filter(|d| *d != self.server_name()).cloned().collect();
+        let destinations: Vec<OwnedServerName> = destinations
+            .iter()
+            .filter(|d| *d != self.server_name() && self.federation.client.may_contact(d))
+            .cloned()
+            .collect();
         if destinations.is_empty() {
             return Ok(());
         }
@@ -165,8 +168,11 @@ impl Services {
         edu: &serde_json::Value,
         lifetime: Option<Duration>,
     ) -> Result<()> {
-        let names: Vec<String> =
-            destinations.iter().filter(|d| *d != self.server_name()).map(|d| d.to_string()).collect();
+        let names: Vec<String> = destinations
+            .iter()
+            .filter(|d| *d != self.server_name() && self.federation.client.may_contact(d))
+            .map(|d| d.to_string())
+            .collect();
         if names.is_empty() {
             return Ok(());
         }

@@ -73,6 +73,7 @@ async function startConvo() {
     CONVO_DATA_DIR: path.join(workdir, "data"),
     CONVO_REGISTRATION__MODE: "open",
     CONVO_RATE_LIMITS__ENABLED: "false",
+    CONVO_FEDERATION__RESOLVE_NAMES: "false",
     CONVO_PASSWORD_HASHING__MEMORY_KIB: "1024",
     CONVO_PASSWORD_HASHING__ITERATIONS: "1",
   });

@@ -224,7 +224,13 @@ fn resolver(dns: &Dns, https: &Https, allow_private: bool) -> Resolver {
     // Only our cache: every lookup it lets through reaches the test server.
     opts.cache_size = 0;
     opts.use_hosts_file = ResolveHosts::Never;
-    let settings = Settings { allow_private, dns: Some((config, opts)), capacity: 100, well_known_port: https.port };
+    let settings = Settings {
+        allow_private,
+        dns: Some((config, opts)),
+        capacity: 100,
+        well_known_port: https.port,
+        resolve_names: true,
+    };
     Resolver::new(http(), settings).unwrap()
 }
 
