@@ -23,3 +23,13 @@ CREATE TABLE federation_inbound_txns (
     PRIMARY KEY (origin, txn_id)
 );
 CREATE INDEX federation_inbound_txns_by_ts ON federation_inbound_txns (received_ts);
+
+-- Invites from other servers to rooms this server is not in: the room state the
+-- inviting server sent along (stripped: type, state_key, sender, content), shown with
+-- the invite in /sync, since there is no local state to show.
+CREATE TABLE invite_states (
+    event_id       TEXT PRIMARY KEY,
+    room_id        TEXT NOT NULL,
+    user_id        TEXT NOT NULL,
+    stripped_state TEXT NOT NULL               -- a JSON array
+);

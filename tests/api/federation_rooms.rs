@@ -68,4 +68,93 @@ async fn a_user_joins_a_room_on_another_server_and_they_chat(backend: Backend) {
     b.stop().await;
 }
 
-backend_tests!(a_user_joins_a_room_on_another_server_and_they_chat);
+backend_tests!(
+    a_user_joins_a_room_on_another_server_and_they_chat,
+    a_direct_chat_with_a_user_of_another_server,
+    a_declined_remote_invite_goes_away,
+);
+
+/// Syncs until the user has an invite to `room`; answers its stripped state.
+async fn wait_for_invite(server: &TestServer, token: &str, room: &str) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut since: Option<String> = None;
+    loop {
+        let sync = server.sync(token, since.as_deref(), "timeout=2000").await;
+        if let Some(events) = sync["rooms"]["invite"][room]["invite_state"]["events"].as_array() {
+            return events.clone();
+        }
+        assert!(Instant::now() < deadline, "no invite to {room} within 20 s");
+        since = sync["next_batch"].as_str().map(str::to_owned);
+    }
+}
+
+async fn a_direct_chat_with_a_user_of_another_server(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (alice, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let (status, body) = a
+        .put(
+            &format!("/_matrix/client/v3/profile/{alice}/displayname"),
+            Some(&alice_token),
+            json!({"displayname": "Alice A"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = a
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice_token),
+            json!({"preset": "trusted_private_chat", "is_direct": true, "invite": [bob.clone()]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let room = body["room_id"].as_str().unwrap().to_owned();
+
+    // Bob's server shows the invite with the state Alice's server sent along.
+    let state = wait_for_invite(&b, &bob_token, &room).await;
+    let invite =
+        state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == bob.as_str()).expect("the invite");
+    assert_eq!(invite["sender"], alice.as_str());
+    assert_eq!(invite["content"]["membership"], "invite");
+    assert_eq!(invite["content"]["is_direct"], true);
+    assert!(state.iter().any(|e| e["type"] == "m.room.create"), "{state:?}");
+    let inviter = state.iter().find(|e| e["type"] == "m.room.member" && e["state_key"] == alice.as_str());
+    assert_eq!(inviter.expect("the inviter's member event")["content"]["displayname"], "Alice A");
+    // Alice's server has the invite in the room.
+    let (_, members) = a.get(&format!("/_matrix/client/v3/rooms/{room}/members"), Some(&alice_token)).await;
+    let memberships: Vec<(String, String)> = members["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["state_key"].as_str().unwrap().to_owned(), m["content"]["membership"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(memberships.contains(&(bob.clone(), "invite".to_owned())), "{memberships:?}");
+
+    // Bob accepts (his server finds the way through the inviter's), and they chat.
+    let (status, body) = b.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "accepting the invite: {body}");
+    let from_bob = b.send_text(&bob_token, &room, "hi alice").await;
+    let seen = wait_for_message(&a, &alice_token, &room, "hi alice").await;
+    assert!(seen.iter().any(|e| e["event_id"] == from_bob.as_str()));
+    let from_alice = a.send_text(&alice_token, &room, "hi bob").await;
+    let seen = wait_for_message(&b, &bob_token, &room, "hi bob").await;
+    assert!(seen.iter().any(|e| e["event_id"] == from_alice.as_str()));
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn a_declined_remote_invite_goes_away(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"invite": [bob.clone()]})).await;
+    wait_for_invite(&b, &bob_token, &room).await;
+    let (status, body) = b.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let sync = b.sync(&bob_token, None, "").await;
+    assert!(sync["rooms"]["invite"].get(&room).is_none(), "{sync}");
+    a.stop().await;
+    b.stop().await;
+}

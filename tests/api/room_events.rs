@@ -58,8 +58,9 @@ async fn failed_create_room_leaves_nothing(backend: Backend) {
     };
     // Too large a name: the event cannot be built.
     assert_error(&create(json!({"name": "n".repeat(70_000)})).await, StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE");
-    // A remote invitee: this server does not federate yet.
-    assert_error(&create(json!({"invite": ["@bob:elsewhere.example"]})).await, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    // A local invitee who does not exist.
+    let nobody = format!("@nobody:{}", alice_id.split_once(':').unwrap().1);
+    assert_error(&create(json!({"invite": [nobody]})).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
     // Power levels that lock the creator out of the rest of the room's set-up.
     let lock_out = json!({"users": {alice_id.clone(): 0}, "state_default": 50});
     assert_error(

@@ -1,14 +1,17 @@
-//! Joining rooms across servers: `make_join` and `send_join` (v2).
+//! Joining rooms across servers: `make_join`, `send_join` (v2) and `invite` (v2).
 
 use axum::{Router, extract::State};
-use ruma::api::federation::membership::{create_join_event::v2 as send_join, prepare_join_event::v1 as make_join};
+use ruma::api::federation::membership::{
+    create_invite::v2 as invite, create_join_event::v2 as send_join, prepare_join_event::v1 as make_join,
+};
 
 use super::super::{AppState, route, ruma::RumaResponse, xmatrix::Federated};
 use crate::error::Result;
 
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<make_join::Request, _, _>(router, make_join);
-    route::<send_join::Request, _, _>(router, send_join)
+    let router = route::<send_join::Request, _, _>(router, send_join);
+    route::<invite::Request, _, _>(router, create_invite)
 }
 
 /// # `GET /_matrix/federation/v1/make_join/{roomId}/{userId}`
@@ -35,4 +38,18 @@ pub async fn send_join(
     let body = request.body;
     let state = services.accept_send_join(&origin, &body.room_id, &body.event_id, &body.pdu).await?;
     Ok(RumaResponse(send_join::Response::new(state)))
+}
+
+/// # `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`
+/// [spec](https://spec.matrix.org/v1.19/server-server-api/#put_matrixfederationv2inviteroomideventid)
+pub async fn create_invite(
+    State(services): State<AppState>,
+    request: Federated<invite::Request>,
+) -> Result<RumaResponse<invite::Response>> {
+    let origin = request.origin()?.clone();
+    let b = request.body;
+    let signed = services
+        .accept_remote_invite(&origin, &b.room_id, &b.event_id, &b.room_version, &b.event, &b.invite_room_state)
+        .await?;
+    Ok(RumaResponse(invite::Response::new(signed)))
 }

@@ -116,7 +116,7 @@ impl Services {
     }
 
     /// Builds `event` on the room's current head and state without storing it.
-    async fn build_on_current_state(
+    pub(crate) async fn build_on_current_state(
         &self,
         room_id: &RoomId,
         rules: &RoomVersionRules,

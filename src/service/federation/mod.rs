@@ -9,6 +9,7 @@ pub mod client;
 pub mod discovery;
 pub mod e2e;
 pub mod edus;
+pub mod invites;
 pub mod keys;
 pub mod membership;
 pub mod queries;

@@ -77,13 +77,11 @@ impl Services {
             None => None,
         };
         let creator_profile = self.store.get_profile(creator.as_str()).await?.unwrap_or_default();
-        let mut invitee_profiles = Vec::with_capacity(req.invite.len());
-        for invitee in &req.invite {
-            if invitee.server_name() != self.server_name() {
-                return Err(Error::forbidden(
-                    "Users on other servers cannot be invited yet: this server does not federate",
-                ));
-            }
+        // Users of other servers are invited once the room exists, through their servers.
+        let (local_invites, remote_invites): (Vec<OwnedUserId>, Vec<OwnedUserId>) =
+            req.invite.iter().cloned().partition(|u| u.server_name() == self.server_name());
+        let mut invitee_profiles = Vec::with_capacity(local_invites.len());
+        for invitee in &local_invites {
             match self.store.get_profile(invitee.as_str()).await? {
                 Some(profile) => invitee_profiles.push(profile),
                 None => return Err(Error::not_found(format!("No user {invitee} on this server"))),
@@ -175,7 +173,7 @@ impl Services {
             txn: None,
             redacts: None,
         }));
-        events.extend(req.invite.iter().zip(&invitee_profiles).map(|(invitee, profile)| LocalEvent {
+        events.extend(local_invites.iter().zip(&invitee_profiles).map(|(invitee, profile)| LocalEvent {
             sender: creator,
             kind: TimelineEventType::RoomMember,
             state_key: Some(invitee.to_string()),
@@ -234,9 +232,16 @@ impl Services {
             drop(_guard);
             self.forget_member_cache(&room_id);
             let mut to_wake = vec![creator.to_owned()];
-            to_wake.extend(req.invite.iter().cloned());
+            to_wake.extend(local_invites.iter().cloned());
             self.notifier.notify_users(&to_wake);
             tracing::info!(room_id = %room_id, creator = %creator, version = %version, "created a room");
+            for invitee in &remote_invites {
+                let content = member_content("invite", &BTreeMap::new(), req.is_direct);
+                if let Err(e) = self.invite_remote_user(&room_id, creator, invitee, content).await {
+                    // The room exists; the creator can invite again.
+                    tracing::warn!(%room_id, %invitee, error = %e, "could not invite a user of another server");
+                }
+            }
             return Ok(room_id);
         }
         Err(Error::internal("no free room id after several attempts"))

@@ -20,13 +20,24 @@ impl Services {
         target: &UserId,
         mut content: serde_json::Map<String, JsonValue>,
     ) -> Result<Appended> {
-        if target.server_name() != self.server_name() {
-            return Err(Error::forbidden(
-                "Users on other servers cannot be invited or managed yet: this server does not federate",
-            ));
-        }
         let membership = content.get("membership").and_then(|m| m.as_str()).unwrap_or_default().to_owned();
-        if matches!(membership.as_str(), "join" | "invite") {
+        if target.server_name() != self.server_name() {
+            match membership.as_str() {
+                "invite" => {
+                    let event_id = self.invite_remote_user(room_id, sender, target, content).await?;
+                    let stored = self.store.get_event(event_id.as_str()).await?;
+                    return Ok(Appended {
+                        event_id,
+                        room_id: room_id.to_owned(),
+                        stream_pos: stored.map_or(0, |e| e.stream_ordering),
+                    });
+                }
+                "join" => return Err(Error::forbidden("Users of other servers join through their own server")),
+                // Kicks, bans and unbans are events of this room like any other; the
+                // user's server hears of them.
+                _ => {}
+            }
+        } else if matches!(membership.as_str(), "join" | "invite") {
             // Members carry their profile in the room, as clients expect.
             if let Some(profile) = self.store.get_profile(target.as_str()).await? {
                 for field in ["displayname", "avatar_url"] {
@@ -115,6 +126,14 @@ impl Services {
 
     pub async fn leave_room(&self, room_id: &RoomId, user: &UserId, reason: Option<String>) -> Result<Appended> {
         match self.membership(room_id, user).await? {
+            Some(m) if m.membership == "invite" && self.joined_local_members(room_id).await?.is_empty() => {
+                // An invite to a room of another server, declined here.
+                // TODO(federation): tell the inviting server (make_leave/send_leave).
+                let stream_pos = self.store.decline_remote_invite(room_id.as_str(), user.as_str(), &m.event_id).await?;
+                self.notifier.notify_users(&[user.to_owned()]);
+                let event_id = ruma::OwnedEventId::try_from(m.event_id).map_err(Error::internal)?;
+                return Ok(Appended { event_id, room_id: room_id.to_owned(), stream_pos });
+            }
             Some(m) if matches!(m.membership.as_str(), "join" | "invite" | "knock") => {}
             _ => return Err(Error::forbidden("You are not in this room")),
         }

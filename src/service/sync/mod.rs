@@ -583,6 +583,20 @@ impl Services {
         room_id: &RoomId,
         invite_event_id: &str,
     ) -> Result<Vec<ruma::serde::Raw<ruma::events::AnyStrippedStateEvent>>> {
+        if let Some(state) = self.store.get_invite_state(invite_event_id).await? {
+            // An invite from another server: the state it sent along, and the invite.
+            let mut stripped: Vec<JsonValue> = serde_json::from_str(&state).map_err(Error::internal)?;
+            if let Some(invite) = self.store.get_event(invite_event_id).await? {
+                let pdu: JsonValue = serde_json::from_str(&invite.json).map_err(Error::internal)?;
+                stripped.push(json!({
+                    "type": invite.event_type,
+                    "state_key": invite.state_key,
+                    "sender": invite.sender,
+                    "content": pdu["content"],
+                }));
+            }
+            return stripped.into_iter().map(to_raw).collect();
+        }
         let mut events = self.store.get_current_state_events(room_id.as_str(), &STRIPPED_TYPES).await?;
         if let Some(invite) = self.store.get_event(invite_event_id).await? {
             // The inviter's own member event too: clients show the inviter's name and
