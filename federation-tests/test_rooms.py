@@ -1,0 +1,79 @@
+"""Rooms across servers, through each server's client API: direct chats between a Convo
+user and a Synapse user (created on either side), between the two Convo servers, and
+group rooms with users of all three servers, created on Convo and on Synapse. Every
+server ends with the same event ids and the same members."""
+
+import pytest
+
+from clients import unique
+
+# (the server of the user who creates the room and invites, the invitee's server)
+DM_PAIRS = [
+    ("convo_a", "synapse"),
+    ("synapse", "convo_a"),
+    ("convo_a", "convo_b"),
+    ("convo_b", "synapse"),
+]
+
+
+def is_text(body: str):
+    return lambda e: e.get("type") == "m.room.message" and e.get("content", {}).get("body") == body
+
+
+def is_member(user_id: str, membership: str):
+    return lambda e: (e.get("type") == "m.room.member" and e.get("state_key") == user_id
+                      and e.get("content", {}).get("membership") == membership)
+
+
+@pytest.mark.parametrize("creator_server,invitee_server", DM_PAIRS)
+def test_a_direct_chat_across_servers(fed, creator_server, invitee_server):
+    alice = fed.by_label(creator_server).register(unique("alice"), displayname="Alice")
+    bob = fed.by_label(invitee_server).register(unique("bob"), displayname="Bob")
+    room = alice.create_room(preset="trusted_private_chat", is_direct=True, invite=[bob.user_id])
+
+    invite = bob.wait_for_event(room, is_member(bob.user_id, "invite"), section="invite")
+    assert invite["sender"] == alice.user_id
+    assert invite["content"].get("is_direct") is True
+    bob.join(room)
+
+    alice.wait_for_event(room, is_member(bob.user_id, "join"))
+    sent_by_alice = alice.send_text(room, "hello from " + creator_server)
+    seen = bob.wait_for_event(room, is_text("hello from " + creator_server))
+    assert seen["event_id"] == sent_by_alice
+    sent_by_bob = bob.send_text(room, "hello from " + invitee_server)
+    seen = alice.wait_for_event(room, is_text("hello from " + invitee_server))
+    assert seen["event_id"] == sent_by_bob
+    assert seen["sender"] == bob.user_id
+
+    assert alice.joined_members(room) == bob.joined_members(room) == {alice.user_id, bob.user_id}
+
+
+@pytest.mark.parametrize("home", ["convo_a", "synapse"])
+def test_a_group_room_with_users_of_three_servers(fed, home):
+    others = [label for label in ("convo_a", "convo_b", "synapse") if label != home]
+    owner = fed.by_label(home).register(unique("owner"))
+    guests = [fed.by_label(label).register(unique("guest")) for label in others]
+    alias_local = unique("group")
+    room = owner.create_room(preset="public_chat", name="Three servers", room_alias_name=alias_local)
+    alias = f"#{alias_local}:{fed.by_label(home).name}"
+    for guest in guests:
+        assert guest.join(alias) == room
+    for guest in guests:
+        owner.wait_for_event(room, is_member(guest.user_id, "join"))
+
+    everyone = [owner, *guests]
+    sent = {}
+    for user in everyone:
+        body = f"from {user.server.label}"
+        sent[body] = user.send_text(room, body)
+    for user in everyone:
+        for body, event_id in sent.items():
+            seen = user.wait_for_event(room, is_text(body))
+            assert seen["event_id"] == event_id, f"{user.server.label} has another id for {body!r}"
+
+    members = {u.user_id for u in everyone}
+    for user in everyone:
+        assert user.joined_members(room) == members, f"members as {user.server.label} sees them"
+        # The same order of these messages everywhere (each server's own history).
+        order = [e["event_id"] for e in user.messages(room) if e["type"] == "m.room.message"]
+        assert [i for i in order if i in sent.values()] == list(sent.values()), user.server.label
