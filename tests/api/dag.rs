@@ -181,6 +181,7 @@ async fn remote_message_reaches_sync_and_messages(backend: Backend) {
 
     let sync = server.sync(&alice, Some(&since), "").await;
     assert_eq!(bodies(timeline_of(&sync, &room)), ["hello from afar"], "{sync}");
+    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 1, "push rules ran: {sync}");
     let (_, messages) =
         server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), Some(&alice)).await;
     assert_eq!(messages["chunk"][0]["event_id"], id, "{messages}");
@@ -221,6 +222,12 @@ async fn fork_and_merge_resolve_state(backend: Backend) {
     let mut both = branches.clone();
     both.sort();
     assert_eq!(remote.head().await, both, "a fork has two forward extremities");
+    // What each rename replaced is the state before it (the join), not the room's
+    // current state when it arrived (the other rename, for the second).
+    for id in &branches {
+        let stored = remote.services.store.get_event(id).await.unwrap().unwrap();
+        assert_eq!(stored.replaces_state.as_deref(), Some(join.as_str()));
+    }
     // Both renames conflict: state res v2 orders them by timestamp; the later one wins.
     let (_, name) =
         server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{rita}"), Some(&alice)).await;
@@ -576,6 +583,48 @@ async fn backfilled_history_sorts_before_the_stream(backend: Backend) {
     assert_eq!(context["events_after"][0]["event_id"], child, "{context}");
 }
 
+async fn membership_follows_resolution_not_arrival(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let rita = Remote::user("rita");
+    let base = now();
+    // Two branches: a rename sent later arrives first, a leave sent earlier arrives last.
+    // State res v2 orders the two (neither is a power event) by time: the rename wins.
+    let drafts = [
+        (json!({"membership": "join", "displayname": "Rita"}), base + 20),
+        (json!({"membership": "leave"}), base + 10),
+    ];
+    for (content, ts) in drafts {
+        let (_, pdu) = remote
+            .sign(Draft {
+                sender: rita.clone(),
+                kind: "m.room.member",
+                state_key: Some(rita.clone()),
+                content: content.clone(),
+                prev: vec![join.clone()],
+                auth: if content["membership"] == "join" {
+                    vec![
+                        remote.state_id("m.room.join_rules", "").await,
+                        remote.state_id("m.room.power_levels", "").await,
+                        join.clone(),
+                    ]
+                } else {
+                    vec![remote.state_id("m.room.power_levels", "").await, join.clone()]
+                },
+                ts,
+            })
+            .await;
+        let outcome = remote.feed(pdu, Arrival::Live).await;
+        assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+    }
+    assert_eq!(remote.head().await.len(), 2);
+    let membership = remote.services.store.get_membership(&room, &rita).await.unwrap().unwrap();
+    assert_eq!(membership.membership, "join", "not the last arrival's leave");
+    let (_, members) = server.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&alice)).await;
+    assert_eq!(members["joined"][rita.as_str()]["display_name"], "Rita", "{members}");
+}
+
 backend_tests!(
     remote_message_reaches_sync_and_messages,
     fork_and_merge_resolve_state,
@@ -586,4 +635,5 @@ backend_tests!(
     duplicate_pdu_is_a_no_op,
     outliers_take_no_positions_and_wake_no_sync,
     backfilled_history_sorts_before_the_stream,
+    membership_follows_resolution_not_arrival,
 );
