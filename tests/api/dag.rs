@@ -625,6 +625,47 @@ async fn membership_follows_resolution_not_arrival(backend: Backend) {
     assert_eq!(members["joined"][rita.as_str()]["display_name"], "Rita", "{members}");
 }
 
+async fn parallel_pdus_and_local_sends_keep_the_head_true(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let (id, pdu) = remote.sign(remote.message("rita", "once", vec![join.clone()], now()).await).await;
+    // The same PDU eight times at once (a retried /send) while alice sends four messages.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (services, room_id, version, pdu) =
+            (remote.services.clone(), remote.room.clone(), remote.version.clone(), pdu.clone());
+        tasks.spawn(async move { Some(services.handle_pdu(&room_id, &version, pdu, Arrival::Live).await.unwrap()) });
+    }
+    for i in 0..4 {
+        let (base, http, alice, room) = (server.base.clone(), server.http.clone(), alice.clone(), room.clone());
+        tasks.spawn(async move {
+            let url = format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/par{i}");
+            let resp =
+                http.put(url).bearer_auth(alice).json(&json!({"msgtype": "m.text", "body": "local"})).send().await;
+            assert_eq!(resp.unwrap().status(), StatusCode::OK);
+            None
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(outcome) = tasks.join_next().await {
+        outcomes.extend(outcome.unwrap());
+    }
+    let accepted = outcomes.iter().filter(|o| matches!(o, PduOutcome::Accepted { .. })).count();
+    let duplicates = outcomes.iter().filter(|o| matches!(o, PduOutcome::Duplicate { .. })).count();
+    assert_eq!((accepted, duplicates), (1, 7), "{outcomes:?}");
+
+    // The cached head and the database agree, and a local send merges whatever forked.
+    let last = server.send_text(&alice, &room, "after").await;
+    assert_eq!(remote.head().await, std::slice::from_ref(&last));
+    let (_, messages) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"), Some(&alice)).await;
+    let ids: Vec<&str> =
+        messages["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.iter().filter(|e| **e == id).count(), 1, "{messages}");
+    assert_eq!(bodies(&messages["chunk"]).iter().filter(|b| *b == "local").count(), 4);
+}
+
 backend_tests!(
     remote_message_reaches_sync_and_messages,
     fork_and_merge_resolve_state,
@@ -636,4 +677,5 @@ backend_tests!(
     outliers_take_no_positions_and_wake_no_sync,
     backfilled_history_sorts_before_the_stream,
     membership_follows_resolution_not_arrival,
+    parallel_pdus_and_local_sends_keep_the_head_true,
 );
