@@ -317,6 +317,51 @@ impl Store {
             .collect())
     }
 
+    /// The entries of a group's state with these (type, state key) pairs, as (type,
+    /// state key, event id), in one query.
+    pub async fn get_state_group_entries(
+        &self,
+        group: i64,
+        keys: &[(String, String)],
+    ) -> Result<Vec<(String, String, String)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
+            let mut query = sqlx::QueryBuilder::new(
+                "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
+                     SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups WHERE group_id = ",
+            );
+            query.push_bind(group);
+            query.push(
+                " UNION ALL
+                 SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
+                 FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
+                 )
+                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
+                 JOIN chain c ON s.group_id = c.group_id WHERE (",
+            );
+            for (i, (event_type, state_key)) in keys.iter().enumerate() {
+                if i > 0 {
+                    query.push(" OR ");
+                }
+                query.push("(s.event_type = ");
+                query.push_bind(event_type);
+                query.push(" AND s.state_key = ");
+                query.push_bind(state_key);
+                query.push(")");
+            }
+            query.push(") ORDER BY c.n");
+            query.build_query_as().fetch_all(pool).await?
+        });
+        let mut seen = std::collections::HashSet::new();
+        Ok(rows
+            .into_iter()
+            .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
+            .map(|(t, k, id, _)| (t, k, id))
+            .collect())
+    }
+
     /// The parent of a state group (the state before a state event).
     pub async fn get_prev_state_group(&self, group: i64) -> Result<Option<i64>> {
         on_pool!(self, read, |pool| {

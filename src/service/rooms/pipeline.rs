@@ -248,12 +248,19 @@ impl Services {
                 Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
             }
         };
-        let before_state = match &before {
-            Before::Group(group) => self.group_state(*group).await?,
-            Before::Resolved(state) => state.clone(),
-        };
+        // Only the entries the auth rules read are loaded (the room may have many members).
+        let keys = auth_keys(&rules, &parsed)?;
         if rejected.is_none() {
-            let state = self.pdus_of(&before_state, &auth_keys(&rules, &parsed)?).await?;
+            let state = match &before {
+                Before::Group(group) => {
+                    let ids: Vec<String> =
+                        self.store.get_state_group_entries(*group, &keys).await?.into_iter().map(|e| e.2).collect();
+                    self.pdus_of_ids(&ids).await?
+                }
+                Before::Resolved(state) => {
+                    self.pdus_of_ids(&keys.iter().filter_map(|k| state.get(k).cloned()).collect::<Vec<_>>()).await?
+                }
+            };
             rejected = check_against(&rules, &parsed, auth_events.as_ref().unwrap_or(&state), &state).err();
         }
         let mut soft_failed = false;
@@ -261,8 +268,11 @@ impl Services {
             && arrival == Arrival::Live
             && !matches!(before, Before::Group(g) if g == head.state_group)
         {
-            let current = self.group_state(head.state_group).await?;
-            let state = self.pdus_of(&current, &auth_keys(&rules, &parsed)?).await?;
+            let mut state = StateMap::new();
+            for event in self.store.get_current_state_entries(room_id.as_str(), &keys).await? {
+                let pdu = Pdu::from_stored(&event)?;
+                state.insert((event.event_type.as_str().into(), event.state_key.clone().unwrap_or_default()), pdu);
+            }
             // Its auth events passed: they still serve the state-independent lookups.
             if let Err(reason) = check_against(&rules, &parsed, auth_events.as_ref().unwrap_or(&state), &state) {
                 tracing::info!(event_id = %event_id, %reason, "soft-failed an event");
@@ -306,7 +316,11 @@ impl Services {
             soft_failed,
             local: false,
         };
-        let stored = self.place_event(room_id, &rules, head, before, Some(before_state), placing).await?;
+        let before_state = match &before {
+            Before::Resolved(state) => Some(state.clone()),
+            Before::Group(_) => None,
+        };
+        let stored = self.place_event(room_id, &rules, head, before, before_state, placing).await?;
         drop(_guard);
         let at = match stored {
             Persisted::Stored(at) => at,
@@ -517,11 +531,10 @@ impl Services {
         Ok(Ok(auth))
     }
 
-    /// The state events of `state` with these keys, parsed.
-    async fn pdus_of(&self, state: &IdState, keys: &[(String, String)]) -> Result<StateMap> {
-        let ids: Vec<String> = keys.iter().filter_map(|k| state.get(k).cloned()).collect();
+    /// These state events, parsed, as a state map.
+    async fn pdus_of_ids(&self, ids: &[String]) -> Result<StateMap> {
         let mut map = StateMap::new();
-        for event in self.store.get_events_by_ids(&ids).await? {
+        for event in self.store.get_events_by_ids(ids).await? {
             let pdu = Pdu::from_stored(&event)?;
             map.insert((event.event_type.as_str().into(), event.state_key.clone().unwrap_or_default()), pdu);
         }
