@@ -201,8 +201,13 @@ pub struct Outlier<'a> {
 /// After this many deltas a state group is written as a full snapshot.
 const MAX_STATE_CHAIN: i64 = 64;
 
-/// Rows per multi-row insert (each row binds at most 11 values: under SQLite's 32,766).
-const BATCH_ROWS: usize = 500;
+/// Rows per multi-row insert of events (9 values each) and push actions (5), under
+/// SQLite's 32,766 bound values per statement.
+const BATCH_ROWS: usize = 2_000;
+/// Rows per multi-row insert of edges and state entries (at most 4 values each).
+const SMALL_ROWS: usize = 5_000;
+/// Outliers per transaction: a `send_join` answer of 10,000 events takes two.
+const OUTLIERS_PER_TX: usize = 5_000;
 
 /// Writes `$entries` (`&[StateEntry]`) as a new snapshot state group of room `$room`;
 /// evaluates to its id.
@@ -218,7 +223,7 @@ macro_rules! insert_snapshot_group {
         .bind($room)
         .execute(&mut *$tx)
         .await?;
-        for chunk in entries.chunks(BATCH_ROWS) {
+        for chunk in entries.chunks(SMALL_ROWS) {
             let mut query =
                 sqlx::QueryBuilder::new("INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) ");
             query.push_values(chunk, |mut row, (t, k, id)| {
@@ -237,7 +242,7 @@ macro_rules! insert_edges {
         let rows: &[(&str, &str, &[String], &[String])] = $rows;
         let edges: Vec<(&str, &str, &str)> =
             rows.iter().flat_map(|(id, room, prevs, _)| prevs.iter().map(move |p| (*id, p.as_str(), *room))).collect();
-        for chunk in edges.chunks(BATCH_ROWS) {
+        for chunk in edges.chunks(SMALL_ROWS) {
             let mut query = sqlx::QueryBuilder::new("INSERT INTO event_edges (event_id, prev_event_id, room_id) ");
             query.push_values(chunk, |mut row, (id, prev, room)| {
                 row.push_bind(*id).push_bind(*prev).push_bind(*room);
@@ -247,7 +252,7 @@ macro_rules! insert_edges {
         }
         let auth: Vec<(&str, &str)> =
             rows.iter().flat_map(|(id, _, _, auths)| auths.iter().map(move |a| (*id, a.as_str()))).collect();
-        for chunk in auth.chunks(BATCH_ROWS) {
+        for chunk in auth.chunks(SMALL_ROWS) {
             let mut query = sqlx::QueryBuilder::new("INSERT INTO event_auth (event_id, auth_event_id) ");
             query.push_values(chunk, |mut row, (id, auth)| {
                 row.push_bind(*id).push_bind(*auth);
@@ -623,35 +628,38 @@ impl Store {
     }
 
     /// Stores a batch of events without state (a join's state and auth chain), with
-    /// their edges, in one transaction per 500 events: no stream positions, no state
-    /// groups, no extremities. Events already stored are left as they are. Returns how
-    /// many were new.
+    /// their edges, in one transaction per 5,000 events (inserts of 2,000 rows): no stream
+    /// positions, no state groups, no extremities. Events already stored are left as
+    /// they are. Returns how many were new.
     pub async fn persist_outliers(&self, events: &[Outlier<'_>]) -> Result<u64> {
         let mut added = 0;
-        for chunk in events.chunks(BATCH_ROWS) {
+        for batch in events.chunks(OUTLIERS_PER_TX) {
             added += on_pool!(self, write, |pool| {
                 let mut tx = pool.begin().await?;
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO events (event_id, room_id, sender, event_type, state_key, depth, origin_server_ts,
-                         json, rejected_reason, outlier, soft_failed) ",
-                );
-                query.push_values(chunk, |mut row, o| {
-                    row.push_bind(o.event_id)
-                        .push_bind(o.room_id)
-                        .push_bind(o.sender)
-                        .push_bind(o.event_type)
-                        .push_bind(o.state_key)
-                        .push_bind(o.depth)
-                        .push_bind(o.origin_server_ts)
-                        .push_bind(o.json)
-                        .push_bind(o.rejected_reason)
-                        .push("TRUE")
-                        .push("FALSE");
-                });
-                query.push(" ON CONFLICT DO NOTHING");
-                let n = query.build().execute(&mut *tx).await?.rows_affected();
+                let mut n = 0;
+                for chunk in batch.chunks(BATCH_ROWS) {
+                    let mut query = sqlx::QueryBuilder::new(
+                        "INSERT INTO events (event_id, room_id, sender, event_type, state_key, depth, origin_server_ts,
+                             json, rejected_reason, outlier, soft_failed) ",
+                    );
+                    query.push_values(chunk, |mut row, o| {
+                        row.push_bind(o.event_id)
+                            .push_bind(o.room_id)
+                            .push_bind(o.sender)
+                            .push_bind(o.event_type)
+                            .push_bind(o.state_key)
+                            .push_bind(o.depth)
+                            .push_bind(o.origin_server_ts)
+                            .push_bind(o.json)
+                            .push_bind(o.rejected_reason)
+                            .push("TRUE")
+                            .push("FALSE");
+                    });
+                    query.push(" ON CONFLICT DO NOTHING");
+                    n += query.build().execute(&mut *tx).await?.rows_affected();
+                }
                 let rows: Vec<(&str, &str, &[String], &[String])> =
-                    chunk.iter().map(|o| (o.event_id, o.room_id, o.prev_events, o.auth_events)).collect();
+                    batch.iter().map(|o| (o.event_id, o.room_id, o.prev_events, o.auth_events)).collect();
                 insert_edges!(tx, &rows);
                 tx.commit().await?;
                 n

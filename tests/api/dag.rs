@@ -439,11 +439,11 @@ async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
     let head = remote.head().await;
     let auth = vec![remote.state_id("m.room.join_rules", "").await, remote.state_id("m.room.power_levels", "").await];
 
-    // A join's state: 600 members (more than one batch), a stranger's message failing
+    // A join's state: 2,100 members (more than one multi-row insert), a stranger's message failing
     // auth, and one event signed by an unknown key.
     let mut pdus = Vec::new();
     let mut ids = Vec::new();
-    for i in 0..600 {
+    for i in 0..2100 {
         let user = Remote::user(&format!("m{i}"));
         let (id, pdu) = remote
             .sign(Draft {
@@ -486,15 +486,15 @@ async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
     let started = std::time::Instant::now();
     let outcomes = services.handle_outliers(&remote.room, &remote.version, pdus).await.unwrap();
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
-    assert_eq!(outcomes.len(), 602);
-    assert!(outcomes[..600].iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))));
-    assert!(matches!(&outcomes[600], Ok(PduOutcome::Rejected { event_id, .. }) if *event_id == stranger));
-    assert!(outcomes[601].is_err(), "a bad signature is refused");
+    assert_eq!(outcomes.len(), 2102);
+    assert!(outcomes[..2100].iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))));
+    assert!(matches!(&outcomes[2100], Ok(PduOutcome::Rejected { event_id, .. }) if *event_id == stranger));
+    assert!(outcomes[2101].is_err(), "a bad signature is refused");
 
     assert_eq!(services.store.current_stream_position().await.unwrap(), position, "no stream positions");
     assert!(!woken.has_changed().unwrap(), "no /sync woken");
     assert_eq!(remote.head().await, head, "outliers are no extremities");
-    assert_eq!(services.store.get_event_status(&ids[599]).await.unwrap(), Some((true, None, false)));
+    assert_eq!(services.store.get_event_status(&ids[2099]).await.unwrap(), Some((true, None, false)));
     let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{}", ids[0]), Some(&_alice)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "outliers are not served to clients");
 
