@@ -666,6 +666,35 @@ async fn parallel_pdus_and_local_sends_keep_the_head_true(backend: Backend) {
     assert_eq!(bodies(&messages["chunk"]).iter().filter(|b| *b == "local").count(), 4);
 }
 
+async fn backfilled_history_follows_the_visibility_in_its_state(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(
+        &server,
+        json!({"initial_state": [{"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "joined"}}]}),
+    )
+    .await;
+    let join = remote.join("rita", now()).await;
+    let (parent, parent_pdu) = remote.sign(remote.message("rita", "before bob", vec![join.clone()], now()).await).await;
+    let parent_depth = parent_pdu.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap();
+    let draft = remote.message("rita", "also before bob", vec![parent.clone()], now() + 1).await;
+    let (_, child_pdu) = remote.sign_at(&remote.key, draft, Some(parent_depth + 1)).await;
+    assert!(matches!(remote.feed(child_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    let (_, bob, _) = server.register("bob").await;
+    server.join(&bob, &room).await;
+    // Backfilled after bob joined: its position sorts before everything, but its state
+    // says the room showed history to members only, and bob was not one.
+    assert!(matches!(remote.feed(parent_pdu, Arrival::Backfill).await, PduOutcome::Accepted { .. }));
+
+    let (_, page) = server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(&bob)).await;
+    let got = bodies(&page["chunk"]);
+    assert!(!got.iter().any(|b| b.contains("before bob")), "{page}");
+    let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{parent}"), Some(&bob)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Alice was joined then: she sees both.
+    let (_, page) = server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(&alice)).await;
+    assert_eq!(bodies(&page["chunk"]), ["also before bob", "before bob"], "{page}");
+}
+
 backend_tests!(
     remote_message_reaches_sync_and_messages,
     fork_and_merge_resolve_state,
@@ -678,4 +707,5 @@ backend_tests!(
     backfilled_history_sorts_before_the_stream,
     membership_follows_resolution_not_arrival,
     parallel_pdus_and_local_sends_keep_the_head_true,
+    backfilled_history_follows_the_visibility_in_its_state,
 );
