@@ -27,6 +27,8 @@ pub struct StoredEvent {
     pub txn_id: Option<String>,
     /// For a state event: the state event it replaced (`unsigned.replaces_state`).
     pub replaces_state: Option<String>,
+    /// Why it failed the auth rules (`None`: accepted).
+    pub rejected_reason: Option<String>,
 }
 
 macro_rules! select_events {
@@ -34,7 +36,7 @@ macro_rules! select_events {
         concat!(
             "SELECT COALESCE(stream_ordering, 0) AS stream_ordering, stream_ordering AS position, event_id, room_id, \
              sender, event_type, state_key, depth, origin_server_ts, COALESCE(state_group, 0) AS state_group, json, \
-             redacted_by, txn_device_id, txn_id, replaces_state FROM events ",
+             redacted_by, txn_device_id, txn_id, replaces_state, rejected_reason FROM events ",
             $tail
         )
     };
@@ -45,7 +47,7 @@ macro_rules! event_columns {
     () => {
         "COALESCE(e.stream_ordering, 0) AS stream_ordering, e.stream_ordering AS position, e.event_id, e.room_id, \
          e.sender, e.event_type, e.state_key, e.depth, e.origin_server_ts, COALESCE(e.state_group, 0) AS state_group, \
-         e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state"
+         e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state, e.rejected_reason"
     };
 }
 

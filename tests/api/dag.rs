@@ -373,6 +373,32 @@ async fn bad_signatures_hashes_and_auth(backend: Backend) {
     assert!(status.1.is_some(), "stored with the reason");
     assert!(!remote.head().await.contains(&rejected), "a rejected event is no extremity");
 
+    // Rita (power 0) makes herself admin: rejected; an event citing it as an auth event
+    // is rejected too.
+    let pl = remote.state_id("m.room.power_levels", "").await;
+    let mut content = serde_json::from_str::<Value>(&remote.services.store.get_event(&pl).await.unwrap().unwrap().json)
+        .unwrap()["content"]
+        .clone();
+    content["users"][Remote::user("rita")] = json!(100);
+    let (coup, pdu) = remote
+        .sign(Draft {
+            sender: Remote::user("rita"),
+            kind: "m.room.power_levels",
+            state_key: Some(String::new()),
+            content,
+            prev: remote.head().await,
+            auth: vec![pl.clone(), join.clone()],
+            ts: now(),
+        })
+        .await;
+    assert!(matches!(remote.feed(pdu, Arrival::Live).await, PduOutcome::Rejected { .. }));
+    assert_eq!(remote.state_id("m.room.power_levels", "").await, pl, "a rejected event is never state");
+    let mut draft = remote.message("rita", "by my new power", remote.head().await, now()).await;
+    draft.auth = vec![coup.clone(), join.clone()];
+    let (_, pdu) = remote.sign(draft).await;
+    let outcome = remote.feed(pdu, Arrival::Live).await;
+    assert!(matches!(&outcome, PduOutcome::Rejected { reason, .. } if reason.contains(&coup)), "{outcome:?}");
+
     let sync = server.sync(&alice, Some(&since), "").await;
     let seen: Vec<&str> =
         timeline_of(&sync, &room).as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str()).collect();

@@ -517,7 +517,7 @@ impl Services {
             let Some(event) = stored.iter().find(|s| s.event_id == id.as_str()) else {
                 return Ok(Err(format!("its auth event {id} is unknown")));
             };
-            if let Some((_, Some(reason), _)) = self.store.get_event_status(id.as_str()).await? {
+            if let Some(reason) = &event.rejected_reason {
                 return Ok(Err(format!("its auth event {id} was rejected ({reason})")));
             }
             let p = Pdu::from_stored(event)?;
