@@ -215,11 +215,12 @@ impl Services {
                 .take(MAX_FETCH)
                 .cloned()
                 .collect();
+            // TODO(federation): a real fetch must not hold the room's lock: look for
+            // missing prevs before taking it, fetch, run what came back through this
+            // pipeline (as live events, oldest first), then take the lock for this one.
             let fetched = self.missing_events.fetch_missing(room_id, &missing).await;
             if !fetched.is_empty() {
-                // TODO(federation): fetched prev events go through this pipeline (as
-                // live events, oldest first) before this one; with `NoFetch` nothing
-                // comes back.
+                // With `NoFetch` nothing comes back.
                 tracing::debug!(count = fetched.len(), "fetched prev events are not handled yet");
             }
             known = self.store.get_events_by_ids(&prev_ids).await?;
