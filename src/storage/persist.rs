@@ -668,6 +668,24 @@ impl Store {
         Ok(added)
     }
 
+    /// Records a room this server joins from elsewhere (no events yet); nothing changes
+    /// if it is known.
+    pub async fn insert_room_if_missing(&self, room_id: &str, version: &str, creator: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            sqlx::query(
+                "INSERT INTO rooms (room_id, room_version, creator, created_ts, published) VALUES ($1, $2, $3, $4, FALSE)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(room_id)
+            .bind(version)
+            .bind(creator)
+            .bind(crate::service::now_ms())
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
+    }
+
     /// Writes a room state (a join event's state before, from a `send_join` answer) as
     /// a new snapshot state group; returns its id.
     pub async fn insert_state_group(&self, room_id: &str, entries: &[StateEntry]) -> Result<i64> {

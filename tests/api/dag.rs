@@ -509,8 +509,43 @@ async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
     let (_, forged) = remote.sign_with(&new_key(), forged_draft).await;
     pdus.push(forged);
 
+    // A power levels change by a member without power (rejected), and after it in the
+    // batch but before it in order, an event citing it as an auth event (rejected too).
+    let (coup, coup_pdu) = remote
+        .sign(Draft {
+            sender: Remote::user("m0"),
+            kind: "m.room.power_levels",
+            state_key: Some(String::new()),
+            content: json!({"users": {Remote::user("m0"): 100}}),
+            prev: head.clone(),
+            auth: vec![auth[1].clone(), ids[0].clone()],
+            ts: now(),
+        })
+        .await;
+    let (_, follower) = remote
+        .sign(Draft {
+            sender: Remote::user("m1"),
+            kind: "m.room.topic",
+            state_key: Some(String::new()),
+            content: json!({"topic": "mine now"}),
+            prev: vec![coup.clone()],
+            auth: vec![coup.clone(), ids[1].clone()],
+            ts: now(),
+        })
+        .await;
+    let mut pdus = pdus;
+    pdus.push(follower);
+    pdus.push(coup_pdu);
+
     let started = std::time::Instant::now();
-    let outcomes = services.handle_outliers(&remote.room, &remote.version, pdus).await.unwrap();
+    let mut outcomes = services.handle_outliers(&remote.room, &remote.version, pdus).await.unwrap();
+    let coup_outcome = outcomes.pop().unwrap().unwrap();
+    let follower_outcome = outcomes.pop().unwrap().unwrap();
+    assert!(matches!(coup_outcome, PduOutcome::Rejected { .. }), "{coup_outcome:?}");
+    assert!(
+        matches!(&follower_outcome, PduOutcome::Rejected { reason, .. } if reason.contains(&coup)),
+        "{follower_outcome:?}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
     assert_eq!(outcomes.len(), 2102);
     assert!(outcomes[..2100].iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))));
@@ -721,6 +756,109 @@ async fn backfilled_history_follows_the_visibility_in_its_state(backend: Backend
     assert_eq!(bodies(&page["chunk"]), ["also before bob", "before bob"], "{page}");
 }
 
+/// Signs a PDU as `server` with `key`; answers its id and the PDU.
+fn sign_pdu(
+    server: &str,
+    key: &Ed25519KeyPair,
+    value: Value,
+    version: &RoomVersionId,
+) -> (String, CanonicalJsonObject) {
+    let CanonicalJsonValue::Object(mut obj) = CanonicalJsonValue::try_from(value).unwrap() else { unreachable!() };
+    let rules = version.rules().unwrap();
+    hash_and_sign_event(server, key, &mut obj, &rules.redaction).unwrap();
+    (format!("${}", reference_hash(&obj, &rules).unwrap()), obj)
+}
+
+async fn joining_a_remote_room(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let services = server.running.as_ref().unwrap().services.clone();
+    let key = new_key();
+    services.known_keys.add(REMOTE, "ed25519:1", &key.public_key());
+    let version = RoomVersionId::V12;
+    let rita = Remote::user("rita");
+    let ts = now();
+    // remote.test's room: create, rita's join, power levels, public join rules.
+    let event = |kind: &str, state_key: &str, content: Value, depth: i64, prev: &[&str], auth: &[&str]| {
+        json!({"type": kind, "state_key": state_key, "sender": rita, "content": content, "origin_server_ts": ts + depth,
+               "depth": depth, "prev_events": prev, "auth_events": auth})
+    };
+    let (create, create_pdu) =
+        sign_pdu(REMOTE, &key, event("m.room.create", "", json!({"room_version": "12"}), 1, &[], &[]), &version);
+    let room = OwnedRoomId::try_from(format!("!{}", &create[1..])).unwrap();
+    let in_room = |mut v: Value| {
+        v["room_id"] = json!(room);
+        v
+    };
+    let (rita_join, rita_join_pdu) = sign_pdu(
+        REMOTE,
+        &key,
+        in_room(event("m.room.member", &rita, json!({"membership": "join"}), 2, &[&create], &[])),
+        &version,
+    );
+    let (pl, pl_pdu) = sign_pdu(
+        REMOTE,
+        &key,
+        in_room(event("m.room.power_levels", "", json!({"users_default": 0}), 3, &[&rita_join], &[&rita_join])),
+        &version,
+    );
+    let (jr, jr_pdu) = sign_pdu(
+        REMOTE,
+        &key,
+        in_room(event("m.room.join_rules", "", json!({"join_rule": "public"}), 4, &[&pl], &[&pl, &rita_join])),
+        &version,
+    );
+    // Bob's join, as make_join gives it and this server signs it.
+    let (join, join_pdu) = sign_pdu(
+        "localhost",
+        &services.signing_key,
+        json!({"type": "m.room.member", "state_key": bob_id, "sender": bob_id, "content": {"membership": "join"},
+               "origin_server_ts": ts + 5, "depth": 5, "prev_events": [jr], "auth_events": [jr, pl], "room_id": room}),
+        &version,
+    );
+
+    // What a send_join answer gives: the state and auth chain as outliers, the state
+    // before the join as a group, then the join itself.
+    services.ensure_remote_room(&room, &version, &ruma::OwnedUserId::try_from(rita.as_str()).unwrap()).await.unwrap();
+    let outcomes =
+        services.handle_outliers(&room, &version, vec![create_pdu, rita_join_pdu, pl_pdu, jr_pdu]).await.unwrap();
+    assert!(outcomes.iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))), "{outcomes:?}");
+    let state: Vec<(String, String, String)> = vec![
+        ("m.room.create".into(), String::new(), create.clone()),
+        ("m.room.member".into(), rita.clone(), rita_join.clone()),
+        ("m.room.power_levels".into(), String::new(), pl.clone()),
+        ("m.room.join_rules".into(), String::new(), jr.clone()),
+    ];
+    let group = services.store_state_group(&room, &state).await.unwrap();
+    let outcome = services.handle_join_pdu(&room, &version, join_pdu, group).await.unwrap();
+    assert!(matches!(outcome, PduOutcome::Accepted { position: Some(_), .. }), "{outcome:?}");
+
+    let remote = Remote { key, services: services.clone(), room: room.clone(), version: version.clone() };
+    assert_eq!(remote.head().await, std::slice::from_ref(&join));
+    assert_eq!(services.store.get_backward_extremities(room.as_str()).await.unwrap(), std::slice::from_ref(&jr));
+    let sync = server.sync(&bob, None, "").await;
+    let joined = &sync["rooms"]["join"][room.as_str()];
+    let state_ids: Vec<&str> = joined["state"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(joined["timeline"]["events"].as_array().unwrap())
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    for id in [&create, &rita_join, &pl, &jr, &join] {
+        assert!(state_ids.contains(&id.as_str()), "{id} in {sync}");
+    }
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    let (_, members) = server.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&bob)).await;
+    assert_eq!(members["joined"].as_object().unwrap().len(), 2, "{members}");
+
+    // Rita's next message reaches bob.
+    let (_, pdu) = remote.sign(remote.message("rita", "welcome", vec![join.clone()], now()).await).await;
+    assert!(matches!(remote.feed(pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    let sync = server.sync(&bob, Some(&since), "").await;
+    assert_eq!(bodies(timeline_of(&sync, room.as_str())), ["welcome"], "{sync}");
+}
+
 backend_tests!(
     remote_message_reaches_sync_and_messages,
     fork_and_merge_resolve_state,
@@ -734,4 +872,5 @@ backend_tests!(
     membership_follows_resolution_not_arrival,
     parallel_pdus_and_local_sends_keep_the_head_true,
     backfilled_history_follows_the_visibility_in_its_state,
+    joining_a_remote_room,
 );

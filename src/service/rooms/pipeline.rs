@@ -20,7 +20,7 @@ use std::{
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId,
-    RoomVersionId,
+    RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
     room_version_rules::RoomVersionRules,
     serde::Base64,
@@ -184,6 +184,40 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
     ) -> Result<PduOutcome> {
+        self.handle_pdu_at(room_id, version, pdu, arrival, None).await
+    }
+
+    /// Stores this server's join to a remote room, from a `send_join` answer: call
+    /// `ensure_remote_room`, then `handle_outliers` with the answer's state and auth
+    /// chain, then `store_state_group` with the state before the join (the answer's
+    /// state list), then this with the join event and that group. The join is checked
+    /// like any live PDU, against that state (its prevs are outliers, without state);
+    /// it becomes the room's forward extremity, and the room's current state becomes
+    /// the state after it (a delta from nothing: every entry).
+    pub async fn handle_join_pdu(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        join: CanonicalJsonObject,
+        state_before: i64,
+    ) -> Result<PduOutcome> {
+        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before)).await
+    }
+
+    /// Records a remote room (its version and creator) before its first events are
+    /// stored; nothing changes if the room is known.
+    pub async fn ensure_remote_room(&self, room_id: &RoomId, version: &RoomVersionId, creator: &UserId) -> Result<()> {
+        self.store.insert_room_if_missing(room_id.as_str(), version.as_str(), creator.as_str()).await
+    }
+
+    async fn handle_pdu_at(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        arrival: Arrival,
+        state_before: Option<i64>,
+    ) -> Result<PduOutcome> {
         let rules = rules_for(version)?;
         let (event_id, json, parsed) = self.check_pdu(room_id, &rules, pdu, arrival)?.await_keys(self).await?;
         if arrival == Arrival::Outlier {
@@ -204,7 +238,14 @@ impl Services {
         };
 
         // The state before the event, from its prev events.
-        let head = self.room_head(room_id, &rules).await?;
+        let head = match self.room_head(room_id, &rules).await {
+            Ok(head) => head,
+            // Our join to a remote room: no extremity, no current state yet (group 0).
+            Err(e) if state_before.is_some() && e.errcode() == "M_NOT_FOUND" => {
+                RoomHead { extremities: Vec::new(), state_group: 0 }
+            }
+            Err(e) => return Err(e),
+        };
         let prev_ids: Vec<String> = parsed.prev_events.iter().map(|p| p.to_string()).collect();
         let mut known = self.store.get_events_by_ids(&prev_ids).await?;
         if known.len() < prev_ids.len() {
@@ -235,6 +276,7 @@ impl Services {
         prev_groups.sort_unstable();
         prev_groups.dedup();
         let before = match prev_groups.as_slice() {
+            _ if state_before.is_some() => Before::Group(state_before.unwrap_or_default()),
             // TODO(federation): with no prev event's state known, the spec wants the
             // state at the event from the sender (`/state_ids`, then `/event` for the
             // ones we miss). Until that fetch plugs in here, the room's current state
@@ -267,6 +309,7 @@ impl Services {
         let mut soft_failed = false;
         if rejected.is_none()
             && arrival == Arrival::Live
+            && head.state_group != 0
             && !matches!(before, Before::Group(g) if g == head.state_group)
         {
             let mut state = StateMap::new();
@@ -396,17 +439,49 @@ impl Services {
         }
         wanted.sort();
         wanted.dedup();
-        let stored: HashMap<OwnedEventId, Pdu> = self
-            .store
-            .get_events_by_ids(&wanted)
-            .await?
-            .iter()
-            .filter_map(|e| Pdu::from_stored(e).ok().map(|p| (p.event_id.clone(), p)))
-            .collect();
+        let stored_events = self.store.get_events_by_ids(&wanted).await?;
+        let stored_rejected: HashSet<&str> =
+            stored_events.iter().filter(|e| e.rejected_reason.is_some()).map(|e| e.event_id.as_str()).collect();
+        let stored: HashMap<OwnedEventId, Pdu> =
+            stored_events.iter().filter_map(|e| Pdu::from_stored(e).ok().map(|p| (p.event_id.clone(), p))).collect();
         let create_id = create_event_id(room_id, rules);
-        let mut reasons = Vec::with_capacity(events.len());
-        for (_, _, pdu) in &events {
+        // Checked with auth events first (a send_join answer is in no particular order),
+        // so that an event whose auth event was rejected is rejected too.
+        let index: HashMap<&EventId, usize> =
+            events.iter().enumerate().map(|(i, (id, _, _))| (id.as_ref(), i)).collect();
+        let mut order = Vec::with_capacity(events.len());
+        let mut placed = vec![false; events.len()];
+        for start in 0..events.len() {
+            // Iterative depth-first walk down the auth events within the batch.
+            let mut stack = vec![(start, false)];
+            while let Some((i, children_done)) = stack.pop() {
+                if placed[i] {
+                    continue;
+                }
+                if children_done {
+                    placed[i] = true;
+                    order.push(i);
+                    continue;
+                }
+                stack.push((i, true));
+                for auth in &events[i].2.auth_events {
+                    if let Some(&j) = index.get::<EventId>(auth.as_ref())
+                        && !placed[j]
+                        && stack.len() <= events.len() * 2
+                    {
+                        stack.push((j, false));
+                    }
+                }
+            }
+        }
+        let mut reasons: Vec<Option<String>> = vec![None; events.len()];
+        for i in order {
+            let pdu = &events[i].2;
             let lookup = |id: &EventId| in_batch.get(id).map(|p| (*p).clone()).or_else(|| stored.get(id).cloned());
+            let rejected_auth = pdu.auth_events.iter().find(|a| {
+                index.get::<EventId>(a.as_ref()).is_some_and(|&j| reasons[j].is_some())
+                    || stored_rejected.contains(a.as_str())
+            });
             let mut auth = StateMap::new();
             let mut missing = false;
             for id in pdu.auth_events.iter().chain(create_id.as_ref()) {
@@ -419,7 +494,9 @@ impl Services {
                     None => missing |= pdu.auth_events.contains(id),
                 }
             }
-            let reason = if missing {
+            reasons[i] = if let Some(id) = rejected_auth {
+                Some(format!("its auth event {id} was rejected"))
+            } else if missing {
                 // TODO(federation): fetch the auth events a `send_join` answer lacks.
                 Some("some of its auth events are unknown".to_owned())
             } else if pdu.kind == TimelineEventType::RoomCreate {
@@ -427,7 +504,6 @@ impl Services {
             } else {
                 check_against(rules, pdu, &auth, &auth).err()
             };
-            reasons.push(reason);
         }
         let types: Vec<String> = events.iter().map(|(_, _, p)| p.kind.to_string()).collect();
         let prevs: Vec<Vec<String>> =
