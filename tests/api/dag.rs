@@ -533,7 +533,6 @@ async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
             ts: now(),
         })
         .await;
-    let mut pdus = pdus;
     pdus.push(follower);
     pdus.push(coup_pdu);
 
