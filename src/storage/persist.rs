@@ -61,6 +61,9 @@ pub struct Dag<'a> {
     /// `unsigned.replaces_state`: `None` reads it from `current_state` (the state before
     /// a linear append), `Some` gives it (from the state before the event).
     pub replaces_state: Option<Option<&'a str>>,
+    /// The event is stored as an outlier and now joins the room (it came live or by
+    /// backfill): its row is updated, its edges are there already.
+    pub from_outlier: bool,
 }
 
 impl Default for Dag<'_> {
@@ -74,6 +77,7 @@ impl Default for Dag<'_> {
             current: CurrentChange::Append,
             extremities: ExtremityChange::Linear,
             replaces_state: None,
+            from_outlier: false,
         }
     }
 }
@@ -344,7 +348,22 @@ macro_rules! insert_event {
             .bind(d.outlier)
             .bind(d.rejected_reason)
             .bind(d.soft_failed);
-        let inserted = if postgres {
+        let inserted = if d.from_outlier {
+            sqlx::query(
+                "UPDATE events SET stream_ordering = $2, state_group = $3, outlier = FALSE, rejected_reason = $4,
+                     soft_failed = $5, replaces_state = $6
+                 WHERE event_id = $1 AND outlier",
+            )
+            .bind(e.event_id)
+            .bind(pos)
+            .bind(after)
+            .bind(d.rejected_reason)
+            .bind(d.soft_failed)
+            .bind(d.replaces_state.flatten())
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected()
+        } else if postgres {
             let prevs = serde_json::to_string(e.prev_events).map_err(Error::internal)?;
             let auths = serde_json::to_string(e.auth_events).map_err(Error::internal)?;
             let row = query.bind(prevs).bind(auths).fetch_one(&mut *$tx).await?;
@@ -355,7 +374,7 @@ macro_rules! insert_event {
         if inserted == 0 {
             None
         } else {
-            if !postgres {
+            if !postgres && !d.from_outlier {
                 insert_edges!($tx, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
             }
             if let (Some(group), Some(state_key)) = (after.filter(|_| e.state_key.is_some()), e.state_key) {

@@ -819,8 +819,10 @@ async fn joining_a_remote_room(backend: Backend) {
     // What a send_join answer gives: the state and auth chain as outliers, the state
     // before the join as a group, then the join itself.
     services.ensure_remote_room(&room, &version, &ruma::OwnedUserId::try_from(rita.as_str()).unwrap()).await.unwrap();
-    let outcomes =
-        services.handle_outliers(&room, &version, vec![create_pdu, rita_join_pdu, pl_pdu, jr_pdu]).await.unwrap();
+    let outcomes = services
+        .handle_outliers(&room, &version, vec![create_pdu, rita_join_pdu, pl_pdu, jr_pdu.clone()])
+        .await
+        .unwrap();
     assert!(outcomes.iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))), "{outcomes:?}");
     let state: Vec<(String, String, String)> = vec![
         ("m.room.create".into(), String::new(), create.clone()),
@@ -856,6 +858,17 @@ async fn joining_a_remote_room(backend: Backend) {
     assert!(matches!(remote.feed(pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
     let sync = server.sync(&bob, Some(&since), "").await;
     assert_eq!(bodies(timeline_of(&sync, room.as_str())), ["welcome"], "{sync}");
+
+    // Backfill brings the join rules event again: the outlier joins the room's history,
+    // before the stream, and backfill goes on from its prev.
+    let outcome = remote.feed(jr_pdu, Arrival::Backfill).await;
+    assert!(matches!(outcome, PduOutcome::Accepted { position: Some(p), .. } if p < 0), "{outcome:?}");
+    assert_eq!(services.store.get_event_status(&jr).await.unwrap(), Some((false, None, false)));
+    assert_eq!(services.store.get_backward_extremities(room.as_str()).await.unwrap(), std::slice::from_ref(&pl));
+    assert_eq!(remote.head().await.len(), 1, "backfill leaves the forward extremities alone");
+    let (_, page) = server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), Some(&bob)).await;
+    let ids: Vec<&str> = page["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[1..], [join.as_str(), jr.as_str()], "{page}");
 }
 
 backend_tests!(

@@ -162,6 +162,8 @@ pub(crate) struct Placing<'a> {
     pub soft_failed: bool,
     /// Built here on top of the forward extremities it names (no child can exist).
     pub local: bool,
+    /// Stored as an outlier until now.
+    pub from_outlier: bool,
 }
 
 /// The state before an event, as the pipeline found it.
@@ -224,11 +226,13 @@ impl Services {
             return self.store_outliers(room_id, &rules, vec![(event_id, json, parsed)]).await.map(|mut o| o.remove(0));
         }
         let _guard = self.room_locks.lock(room_id).await;
-        if self.store.get_event_status(event_id.as_str()).await?.is_some() {
-            // TODO(federation): an outlier that arrives live (or by backfill) should be
-            // de-outliered: given its state and a stream position.
-            return Ok(PduOutcome::Duplicate { event_id });
-        }
+        // An outlier (a join's state, an auth event) that now comes live or by backfill
+        // joins the room: checked as any event, then given its state and a position.
+        let from_outlier = match self.store.get_event_status(event_id.as_str()).await? {
+            None => false,
+            Some((true, None, _)) => true,
+            Some(_) => return Ok(PduOutcome::Duplicate { event_id }),
+        };
 
         // Auth against the event's own auth events.
         let auth_events = self.load_auth_events(room_id, &rules, &parsed).await?;
@@ -359,6 +363,7 @@ impl Services {
             rejected_reason: rejected.as_deref(),
             soft_failed,
             local: false,
+            from_outlier,
         };
         let before_state = match &before {
             Before::Resolved(state) => Some(state.clone()),
@@ -800,6 +805,7 @@ impl Services {
                 (true, false) => ExtremityChange::General,
             },
             replaces_state,
+            from_outlier: e.from_outlier,
         };
         let persisted = self
             .store
