@@ -111,7 +111,8 @@ pub enum CurrentChange<'a> {
     /// `memberships`), a message changes nothing.
     Append,
     /// The current state changed by this delta (after state resolution): entries set or
-    /// removed, with the memberships they set, (user, membership, event id); and, when
+    /// removed, with the memberships they set, (user, membership, event id; one per
+    /// user); and, when
     /// the new current state is no event's state (several forward extremities), the full
     /// state to write as the room's current state group.
     Delta {
@@ -208,7 +209,8 @@ const MAX_STATE_CHAIN: i64 = 64;
 /// Rows per multi-row insert of events (9 values each) and push actions (5), under
 /// SQLite's 32,766 bound values per statement.
 const BATCH_ROWS: usize = 2_000;
-/// Rows per multi-row insert of edges and state entries (at most 4 values each).
+/// Rows per multi-row insert of edges, state entries and memberships (at most 5 values
+/// each).
 const SMALL_ROWS: usize = 5_000;
 /// Outliers per transaction: a `send_join` answer of 10,000 events takes two.
 const OUTLIERS_PER_TX: usize = 5_000;
@@ -476,17 +478,18 @@ macro_rules! insert_event {
                                 .await?;
                         }
                     }
-                    for (t, k, id) in set.iter() {
-                        sqlx::query(
-                            "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-                             ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
-                        )
-                        .bind(e.room_id)
-                        .bind(t)
-                        .bind(k)
-                        .bind(id)
-                        .execute(&mut *$tx)
-                        .await?;
+                    // Multi-row upserts: a join to a remote room sets its whole state here.
+                    for chunk in set.chunks(SMALL_ROWS) {
+                        let mut query = sqlx::QueryBuilder::new(
+                            "INSERT INTO current_state (room_id, event_type, state_key, event_id) ",
+                        );
+                        query.push_values(chunk, |mut row, (t, k, id)| {
+                            row.push_bind(e.room_id).push_bind(t).push_bind(k).push_bind(id);
+                        });
+                        query.push(
+                            " ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+                        );
+                        query.build().execute(&mut *$tx).await?;
                     }
                     // The membership changes at this event's position, so that /sync sees it.
                     let at = match pos {
@@ -497,21 +500,24 @@ macro_rules! insert_event {
                             p
                         }
                     };
-                    for (user_id, membership, event_id) in memberships.iter() {
-                        sqlx::query(
-                            "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
-                             VALUES ($1, $2, $3, $4, $5, FALSE)
-                             ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+                    for chunk in memberships.chunks(SMALL_ROWS) {
+                        let mut query = sqlx::QueryBuilder::new(
+                            "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten) ",
+                        );
+                        query.push_values(chunk, |mut row, (user_id, membership, event_id)| {
+                            row.push_bind(e.room_id)
+                                .push_bind(user_id)
+                                .push_bind(membership)
+                                .push_bind(event_id)
+                                .push_bind(at)
+                                .push("FALSE");
+                        });
+                        query.push(
+                            " ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
                                 event_id = excluded.event_id, stream_ordering = excluded.stream_ordering,
                                 forgotten = FALSE",
-                        )
-                        .bind(e.room_id)
-                        .bind(user_id)
-                        .bind(membership)
-                        .bind(event_id)
-                        .bind(at)
-                        .execute(&mut *$tx)
-                        .await?;
+                        );
+                        query.build().execute(&mut *$tx).await?;
                     }
                     if let Some(entries) = group {
                         current_group = Some(insert_snapshot_group!($tx, e.room_id, entries));

@@ -807,6 +807,15 @@ async fn joining_a_remote_room(backend: Backend) {
         in_room(event("m.room.join_rules", "", json!({"join_rule": "public"}), 4, &[&pl], &[&pl, &rita_join])),
         &version,
     );
+    // 300 more members, so that the join sets a large state.
+    let mut members = Vec::new();
+    for i in 0..300 {
+        let user = Remote::user(&format!("m{i}"));
+        let value = json!({"type": "m.room.member", "state_key": user, "sender": user, "content": {"membership": "join"},
+               "origin_server_ts": ts + 5, "depth": 5, "prev_events": [jr], "auth_events": [jr, pl], "room_id": room});
+        let (id, pdu) = sign_pdu(REMOTE, &key, value, &version);
+        members.push((user, id, pdu));
+    }
     // Bob's join, as make_join gives it and this server signs it.
     let (join, join_pdu) = sign_pdu(
         "localhost",
@@ -823,6 +832,9 @@ async fn joining_a_remote_room(backend: Backend) {
         .handle_outliers(&room, &version, vec![create_pdu, rita_join_pdu, pl_pdu, jr_pdu.clone()])
         .await
         .unwrap();
+    let member_outcomes =
+        services.handle_outliers(&room, &version, members.iter().map(|m| m.2.clone()).collect()).await.unwrap();
+    assert!(member_outcomes.iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { .. }))));
     assert!(outcomes.iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))), "{outcomes:?}");
     let state: Vec<(String, String, String)> = vec![
         ("m.room.create".into(), String::new(), create.clone()),
@@ -830,6 +842,8 @@ async fn joining_a_remote_room(backend: Backend) {
         ("m.room.power_levels".into(), String::new(), pl.clone()),
         ("m.room.join_rules".into(), String::new(), jr.clone()),
     ];
+    let mut state = state;
+    state.extend(members.iter().map(|(user, id, _)| ("m.room.member".to_owned(), user.clone(), id.clone())));
     let group = services.store_state_group(&room, &state).await.unwrap();
     let outcome = services.handle_join_pdu(&room, &version, join_pdu, group).await.unwrap();
     assert!(matches!(outcome, PduOutcome::Accepted { position: Some(_), .. }), "{outcome:?}");
@@ -851,7 +865,7 @@ async fn joining_a_remote_room(backend: Backend) {
     }
     let since = sync["next_batch"].as_str().unwrap().to_owned();
     let (_, members) = server.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&bob)).await;
-    assert_eq!(members["joined"].as_object().unwrap().len(), 2, "{members}");
+    assert_eq!(members["joined"].as_object().unwrap().len(), 302, "{members}");
 
     // Rita's next message reaches bob.
     let (_, pdu) = remote.sign(remote.message("rita", "welcome", vec![join.clone()], now()).await).await;

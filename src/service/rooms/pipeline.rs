@@ -752,8 +752,10 @@ impl Services {
                 }
             }
             if e.membership.is_some() && member_ids.iter().any(|id| id == e.event_id) {
-                // Its own row is written from `set` too (the event is not stored yet).
+                // Its own row is written from `set` too (the event is not stored yet, or
+                // stored as an outlier).
                 if let (Some(user), Some(m)) = (state_key, e.membership) {
+                    memberships.retain(|(u, _, _)| u != user);
                     memberships.push((user.to_owned(), m.to_owned(), e.event_id.to_owned()));
                 }
             }
