@@ -439,6 +439,11 @@ async fn soft_failed_event_is_hidden(backend: Backend) {
     assert!(bodies(timeline_of(&sync, &room)).is_empty(), "{sync}");
     let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"), Some(&alice)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Nor can a client put a receipt on it (and its syncs keep working).
+    let (status, _) =
+        server.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{id}"), Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.sync(&alice, Some(&since), "timeout=0").await;
 }
 
 async fn duplicate_pdu_is_a_no_op(backend: Backend) {
