@@ -192,7 +192,8 @@ impl Services {
         }
         self.require_joined(room_id, user).await?;
         let event = self.store.get_event(event_id.as_str()).await?;
-        if event.as_ref().is_none_or(|e| e.room_id != room_id.as_str()) {
+        // Events outside the stream (outliers, rejected, soft-failed) are not the client's.
+        if event.as_ref().is_none_or(|e| e.room_id != room_id.as_str() || e.position.is_none()) {
             return Err(Error::not_found("No such event in this room"));
         }
         if receipt_type == "m.fully_read" {

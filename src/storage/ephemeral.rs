@@ -56,7 +56,7 @@ impl Store {
             let rows: Vec<(String, i64)> = on_pool!(self, read, |pool| {
                 let mut query = sqlx::QueryBuilder::new(
                     "SELECT r.room_id, MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
-                     WHERE r.user_id = ",
+                     WHERE e.stream_ordering IS NOT NULL AND r.user_id = ",
                 );
                 query.push_bind(user_id);
                 query.push(" AND r.room_id IN (");

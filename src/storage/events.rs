@@ -27,6 +27,8 @@ pub struct StoredEvent {
     pub txn_id: Option<String>,
     /// For a state event: the state event it replaced (`unsigned.replaces_state`).
     pub replaces_state: Option<String>,
+    /// Why it failed the auth rules (`None`: accepted).
+    pub rejected_reason: Option<String>,
 }
 
 macro_rules! select_events {
@@ -34,7 +36,7 @@ macro_rules! select_events {
         concat!(
             "SELECT COALESCE(stream_ordering, 0) AS stream_ordering, stream_ordering AS position, event_id, room_id, \
              sender, event_type, state_key, depth, origin_server_ts, COALESCE(state_group, 0) AS state_group, json, \
-             redacted_by, txn_device_id, txn_id, replaces_state FROM events ",
+             redacted_by, txn_device_id, txn_id, replaces_state, rejected_reason FROM events ",
             $tail
         )
     };
@@ -45,7 +47,7 @@ macro_rules! event_columns {
     () => {
         "COALESCE(e.stream_ordering, 0) AS stream_ordering, e.stream_ordering AS position, e.event_id, e.room_id, \
          e.sender, e.event_type, e.state_key, e.depth, e.origin_server_ts, COALESCE(e.state_group, 0) AS state_group, \
-         e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state"
+         e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state, e.rejected_reason"
     };
 }
 
@@ -308,6 +310,51 @@ impl Store {
             .bind(state_key)
             .fetch_all(pool)
             .await?
+        });
+        let mut seen = std::collections::HashSet::new();
+        Ok(rows
+            .into_iter()
+            .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
+            .map(|(t, k, id, _)| (t, k, id))
+            .collect())
+    }
+
+    /// The entries of a group's state with these (type, state key) pairs, as (type,
+    /// state key, event id), in one query.
+    pub async fn get_state_group_entries(
+        &self,
+        group: i64,
+        keys: &[(String, String)],
+    ) -> Result<Vec<(String, String, String)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
+            let mut query = sqlx::QueryBuilder::new(
+                "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
+                     SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups WHERE group_id = ",
+            );
+            query.push_bind(group);
+            query.push(
+                " UNION ALL
+                 SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
+                 FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
+                 )
+                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
+                 JOIN chain c ON s.group_id = c.group_id WHERE (",
+            );
+            for (i, (event_type, state_key)) in keys.iter().enumerate() {
+                if i > 0 {
+                    query.push(" OR ");
+                }
+                query.push("(s.event_type = ");
+                query.push_bind(event_type);
+                query.push(" AND s.state_key = ");
+                query.push_bind(state_key);
+                query.push(")");
+            }
+            query.push(") ORDER BY c.n");
+            query.build_query_as().fetch_all(pool).await?
         });
         let mut seen = std::collections::HashSet::new();
         Ok(rows

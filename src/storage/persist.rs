@@ -61,6 +61,9 @@ pub struct Dag<'a> {
     /// `unsigned.replaces_state`: `None` reads it from `current_state` (the state before
     /// a linear append), `Some` gives it (from the state before the event).
     pub replaces_state: Option<Option<&'a str>>,
+    /// The event is stored as an outlier and now joins the room (it came live or by
+    /// backfill): its row is updated, its edges are there already.
+    pub from_outlier: bool,
 }
 
 impl Default for Dag<'_> {
@@ -74,6 +77,7 @@ impl Default for Dag<'_> {
             current: CurrentChange::Append,
             extremities: ExtremityChange::Linear,
             replaces_state: None,
+            from_outlier: false,
         }
     }
 }
@@ -107,7 +111,8 @@ pub enum CurrentChange<'a> {
     /// `memberships`), a message changes nothing.
     Append,
     /// The current state changed by this delta (after state resolution): entries set or
-    /// removed, with the memberships they set, (user, membership, event id); and, when
+    /// removed, with the memberships they set, (user, membership, event id; one per
+    /// user); and, when
     /// the new current state is no event's state (several forward extremities), the full
     /// state to write as the room's current state group.
     Delta {
@@ -201,8 +206,14 @@ pub struct Outlier<'a> {
 /// After this many deltas a state group is written as a full snapshot.
 const MAX_STATE_CHAIN: i64 = 64;
 
-/// Rows per multi-row insert (each row binds at most 11 values: under SQLite's 32,766).
-const BATCH_ROWS: usize = 500;
+/// Rows per multi-row insert of events (9 values each) and push actions (5), under
+/// SQLite's 32,766 bound values per statement.
+const BATCH_ROWS: usize = 2_000;
+/// Rows per multi-row insert of edges, state entries and memberships (at most 5 values
+/// each).
+const SMALL_ROWS: usize = 5_000;
+/// Outliers per transaction: a `send_join` answer of 10,000 events takes two.
+const OUTLIERS_PER_TX: usize = 5_000;
 
 /// Writes `$entries` (`&[StateEntry]`) as a new snapshot state group of room `$room`;
 /// evaluates to its id.
@@ -218,7 +229,7 @@ macro_rules! insert_snapshot_group {
         .bind($room)
         .execute(&mut *$tx)
         .await?;
-        for chunk in entries.chunks(BATCH_ROWS) {
+        for chunk in entries.chunks(SMALL_ROWS) {
             let mut query =
                 sqlx::QueryBuilder::new("INSERT INTO state_group_entries (group_id, event_type, state_key, event_id) ");
             query.push_values(chunk, |mut row, (t, k, id)| {
@@ -237,7 +248,7 @@ macro_rules! insert_edges {
         let rows: &[(&str, &str, &[String], &[String])] = $rows;
         let edges: Vec<(&str, &str, &str)> =
             rows.iter().flat_map(|(id, room, prevs, _)| prevs.iter().map(move |p| (*id, p.as_str(), *room))).collect();
-        for chunk in edges.chunks(BATCH_ROWS) {
+        for chunk in edges.chunks(SMALL_ROWS) {
             let mut query = sqlx::QueryBuilder::new("INSERT INTO event_edges (event_id, prev_event_id, room_id) ");
             query.push_values(chunk, |mut row, (id, prev, room)| {
                 row.push_bind(*id).push_bind(*prev).push_bind(*room);
@@ -247,7 +258,7 @@ macro_rules! insert_edges {
         }
         let auth: Vec<(&str, &str)> =
             rows.iter().flat_map(|(id, _, _, auths)| auths.iter().map(move |a| (*id, a.as_str()))).collect();
-        for chunk in auth.chunks(BATCH_ROWS) {
+        for chunk in auth.chunks(SMALL_ROWS) {
             let mut query = sqlx::QueryBuilder::new("INSERT INTO event_auth (event_id, auth_event_id) ");
             query.push_values(chunk, |mut row, (id, auth)| {
                 row.push_bind(*id).push_bind(*auth);
@@ -339,7 +350,22 @@ macro_rules! insert_event {
             .bind(d.outlier)
             .bind(d.rejected_reason)
             .bind(d.soft_failed);
-        let inserted = if postgres {
+        let inserted = if d.from_outlier {
+            sqlx::query(
+                "UPDATE events SET stream_ordering = $2, state_group = $3, outlier = FALSE, rejected_reason = $4,
+                     soft_failed = $5, replaces_state = $6
+                 WHERE event_id = $1 AND outlier",
+            )
+            .bind(e.event_id)
+            .bind(pos)
+            .bind(after)
+            .bind(d.rejected_reason)
+            .bind(d.soft_failed)
+            .bind(d.replaces_state.flatten())
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected()
+        } else if postgres {
             let prevs = serde_json::to_string(e.prev_events).map_err(Error::internal)?;
             let auths = serde_json::to_string(e.auth_events).map_err(Error::internal)?;
             let row = query.bind(prevs).bind(auths).fetch_one(&mut *$tx).await?;
@@ -350,7 +376,7 @@ macro_rules! insert_event {
         if inserted == 0 {
             None
         } else {
-            if !postgres {
+            if !postgres && !d.from_outlier {
                 insert_edges!($tx, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
             }
             if let (Some(group), Some(state_key)) = (after.filter(|_| e.state_key.is_some()), e.state_key) {
@@ -452,17 +478,18 @@ macro_rules! insert_event {
                                 .await?;
                         }
                     }
-                    for (t, k, id) in set.iter() {
-                        sqlx::query(
-                            "INSERT INTO current_state (room_id, event_type, state_key, event_id) VALUES ($1, $2, $3, $4)
-                             ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
-                        )
-                        .bind(e.room_id)
-                        .bind(t)
-                        .bind(k)
-                        .bind(id)
-                        .execute(&mut *$tx)
-                        .await?;
+                    // Multi-row upserts: a join to a remote room sets its whole state here.
+                    for chunk in set.chunks(SMALL_ROWS) {
+                        let mut query = sqlx::QueryBuilder::new(
+                            "INSERT INTO current_state (room_id, event_type, state_key, event_id) ",
+                        );
+                        query.push_values(chunk, |mut row, (t, k, id)| {
+                            row.push_bind(e.room_id).push_bind(t).push_bind(k).push_bind(id);
+                        });
+                        query.push(
+                            " ON CONFLICT (room_id, event_type, state_key) DO UPDATE SET event_id = excluded.event_id",
+                        );
+                        query.build().execute(&mut *$tx).await?;
                     }
                     // The membership changes at this event's position, so that /sync sees it.
                     let at = match pos {
@@ -473,21 +500,24 @@ macro_rules! insert_event {
                             p
                         }
                     };
-                    for (user_id, membership, event_id) in memberships.iter() {
-                        sqlx::query(
-                            "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
-                             VALUES ($1, $2, $3, $4, $5, FALSE)
-                             ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+                    for chunk in memberships.chunks(SMALL_ROWS) {
+                        let mut query = sqlx::QueryBuilder::new(
+                            "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten) ",
+                        );
+                        query.push_values(chunk, |mut row, (user_id, membership, event_id)| {
+                            row.push_bind(e.room_id)
+                                .push_bind(user_id)
+                                .push_bind(membership)
+                                .push_bind(event_id)
+                                .push_bind(at)
+                                .push("FALSE");
+                        });
+                        query.push(
+                            " ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
                                 event_id = excluded.event_id, stream_ordering = excluded.stream_ordering,
                                 forgotten = FALSE",
-                        )
-                        .bind(e.room_id)
-                        .bind(user_id)
-                        .bind(membership)
-                        .bind(event_id)
-                        .bind(at)
-                        .execute(&mut *$tx)
-                        .await?;
+                        );
+                        query.build().execute(&mut *$tx).await?;
                     }
                     if let Some(entries) = group {
                         current_group = Some(insert_snapshot_group!($tx, e.room_id, entries));
@@ -623,41 +653,62 @@ impl Store {
     }
 
     /// Stores a batch of events without state (a join's state and auth chain), with
-    /// their edges, in one transaction per 500 events: no stream positions, no state
-    /// groups, no extremities. Events already stored are left as they are. Returns how
-    /// many were new.
+    /// their edges, in one transaction per 5,000 events (inserts of 2,000 rows): no stream
+    /// positions, no state groups, no extremities. Events already stored are left as
+    /// they are. Returns how many were new.
     pub async fn persist_outliers(&self, events: &[Outlier<'_>]) -> Result<u64> {
         let mut added = 0;
-        for chunk in events.chunks(BATCH_ROWS) {
+        for batch in events.chunks(OUTLIERS_PER_TX) {
             added += on_pool!(self, write, |pool| {
                 let mut tx = pool.begin().await?;
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO events (event_id, room_id, sender, event_type, state_key, depth, origin_server_ts,
-                         json, rejected_reason, outlier, soft_failed) ",
-                );
-                query.push_values(chunk, |mut row, o| {
-                    row.push_bind(o.event_id)
-                        .push_bind(o.room_id)
-                        .push_bind(o.sender)
-                        .push_bind(o.event_type)
-                        .push_bind(o.state_key)
-                        .push_bind(o.depth)
-                        .push_bind(o.origin_server_ts)
-                        .push_bind(o.json)
-                        .push_bind(o.rejected_reason)
-                        .push("TRUE")
-                        .push("FALSE");
-                });
-                query.push(" ON CONFLICT DO NOTHING");
-                let n = query.build().execute(&mut *tx).await?.rows_affected();
+                let mut n = 0;
+                for chunk in batch.chunks(BATCH_ROWS) {
+                    let mut query = sqlx::QueryBuilder::new(
+                        "INSERT INTO events (event_id, room_id, sender, event_type, state_key, depth, origin_server_ts,
+                             json, rejected_reason, outlier, soft_failed) ",
+                    );
+                    query.push_values(chunk, |mut row, o| {
+                        row.push_bind(o.event_id)
+                            .push_bind(o.room_id)
+                            .push_bind(o.sender)
+                            .push_bind(o.event_type)
+                            .push_bind(o.state_key)
+                            .push_bind(o.depth)
+                            .push_bind(o.origin_server_ts)
+                            .push_bind(o.json)
+                            .push_bind(o.rejected_reason)
+                            .push("TRUE")
+                            .push("FALSE");
+                    });
+                    query.push(" ON CONFLICT DO NOTHING");
+                    n += query.build().execute(&mut *tx).await?.rows_affected();
+                }
                 let rows: Vec<(&str, &str, &[String], &[String])> =
-                    chunk.iter().map(|o| (o.event_id, o.room_id, o.prev_events, o.auth_events)).collect();
+                    batch.iter().map(|o| (o.event_id, o.room_id, o.prev_events, o.auth_events)).collect();
                 insert_edges!(tx, &rows);
                 tx.commit().await?;
                 n
             });
         }
         Ok(added)
+    }
+
+    /// Records a room this server joins from elsewhere (no events yet); nothing changes
+    /// if it is known.
+    pub async fn insert_room_if_missing(&self, room_id: &str, version: &str, creator: &str) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            sqlx::query(
+                "INSERT INTO rooms (room_id, room_version, creator, created_ts, published) VALUES ($1, $2, $3, $4, FALSE)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(room_id)
+            .bind(version)
+            .bind(creator)
+            .bind(crate::service::now_ms())
+            .execute(pool)
+            .await?;
+            Ok(())
+        })
     }
 
     /// Writes a room state (a join event's state before, from a `send_join` answer) as

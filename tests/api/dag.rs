@@ -181,6 +181,7 @@ async fn remote_message_reaches_sync_and_messages(backend: Backend) {
 
     let sync = server.sync(&alice, Some(&since), "").await;
     assert_eq!(bodies(timeline_of(&sync, &room)), ["hello from afar"], "{sync}");
+    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 1, "push rules ran: {sync}");
     let (_, messages) =
         server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), Some(&alice)).await;
     assert_eq!(messages["chunk"][0]["event_id"], id, "{messages}");
@@ -221,6 +222,12 @@ async fn fork_and_merge_resolve_state(backend: Backend) {
     let mut both = branches.clone();
     both.sort();
     assert_eq!(remote.head().await, both, "a fork has two forward extremities");
+    // What each rename replaced is the state before it (the join), not the room's
+    // current state when it arrived (the other rename, for the second).
+    for id in &branches {
+        let stored = remote.services.store.get_event(id).await.unwrap().unwrap();
+        assert_eq!(stored.replaces_state.as_deref(), Some(join.as_str()));
+    }
     // Both renames conflict: state res v2 orders them by timestamp; the later one wins.
     let (_, name) =
         server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{rita}"), Some(&alice)).await;
@@ -366,6 +373,32 @@ async fn bad_signatures_hashes_and_auth(backend: Backend) {
     assert!(status.1.is_some(), "stored with the reason");
     assert!(!remote.head().await.contains(&rejected), "a rejected event is no extremity");
 
+    // Rita (power 0) makes herself admin: rejected; an event citing it as an auth event
+    // is rejected too.
+    let pl = remote.state_id("m.room.power_levels", "").await;
+    let mut content = serde_json::from_str::<Value>(&remote.services.store.get_event(&pl).await.unwrap().unwrap().json)
+        .unwrap()["content"]
+        .clone();
+    content["users"][Remote::user("rita")] = json!(100);
+    let (coup, pdu) = remote
+        .sign(Draft {
+            sender: Remote::user("rita"),
+            kind: "m.room.power_levels",
+            state_key: Some(String::new()),
+            content,
+            prev: remote.head().await,
+            auth: vec![pl.clone(), join.clone()],
+            ts: now(),
+        })
+        .await;
+    assert!(matches!(remote.feed(pdu, Arrival::Live).await, PduOutcome::Rejected { .. }));
+    assert_eq!(remote.state_id("m.room.power_levels", "").await, pl, "a rejected event is never state");
+    let mut draft = remote.message("rita", "by my new power", remote.head().await, now()).await;
+    draft.auth = vec![coup.clone(), join.clone()];
+    let (_, pdu) = remote.sign(draft).await;
+    let outcome = remote.feed(pdu, Arrival::Live).await;
+    assert!(matches!(&outcome, PduOutcome::Rejected { reason, .. } if reason.contains(&coup)), "{outcome:?}");
+
     let sync = server.sync(&alice, Some(&since), "").await;
     let seen: Vec<&str> =
         timeline_of(&sync, &room).as_array().unwrap().iter().filter_map(|e| e["event_id"].as_str()).collect();
@@ -406,6 +439,11 @@ async fn soft_failed_event_is_hidden(backend: Backend) {
     assert!(bodies(timeline_of(&sync, &room)).is_empty(), "{sync}");
     let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{id}"), Some(&alice)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    // Nor can a client put a receipt on it (and its syncs keep working).
+    let (status, _) =
+        server.post(&format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{id}"), Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    server.sync(&alice, Some(&since), "timeout=0").await;
 }
 
 async fn duplicate_pdu_is_a_no_op(backend: Backend) {
@@ -432,11 +470,11 @@ async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
     let head = remote.head().await;
     let auth = vec![remote.state_id("m.room.join_rules", "").await, remote.state_id("m.room.power_levels", "").await];
 
-    // A join's state: 600 members (more than one batch), a stranger's message failing
+    // A join's state: 2,100 members (more than one multi-row insert), a stranger's message failing
     // auth, and one event signed by an unknown key.
     let mut pdus = Vec::new();
     let mut ids = Vec::new();
-    for i in 0..600 {
+    for i in 0..2100 {
         let user = Remote::user(&format!("m{i}"));
         let (id, pdu) = remote
             .sign(Draft {
@@ -476,18 +514,52 @@ async fn outliers_take_no_positions_and_wake_no_sync(backend: Backend) {
     let (_, forged) = remote.sign_with(&new_key(), forged_draft).await;
     pdus.push(forged);
 
+    // A power levels change by a member without power (rejected), and after it in the
+    // batch but before it in order, an event citing it as an auth event (rejected too).
+    let (coup, coup_pdu) = remote
+        .sign(Draft {
+            sender: Remote::user("m0"),
+            kind: "m.room.power_levels",
+            state_key: Some(String::new()),
+            content: json!({"users": {Remote::user("m0"): 100}}),
+            prev: head.clone(),
+            auth: vec![auth[1].clone(), ids[0].clone()],
+            ts: now(),
+        })
+        .await;
+    let (_, follower) = remote
+        .sign(Draft {
+            sender: Remote::user("m1"),
+            kind: "m.room.topic",
+            state_key: Some(String::new()),
+            content: json!({"topic": "mine now"}),
+            prev: vec![coup.clone()],
+            auth: vec![coup.clone(), ids[1].clone()],
+            ts: now(),
+        })
+        .await;
+    pdus.push(follower);
+    pdus.push(coup_pdu);
+
     let started = std::time::Instant::now();
-    let outcomes = services.handle_outliers(&remote.room, &remote.version, pdus).await.unwrap();
+    let mut outcomes = services.handle_outliers(&remote.room, &remote.version, pdus).await.unwrap();
+    let coup_outcome = outcomes.pop().unwrap().unwrap();
+    let follower_outcome = outcomes.pop().unwrap().unwrap();
+    assert!(matches!(coup_outcome, PduOutcome::Rejected { .. }), "{coup_outcome:?}");
+    assert!(
+        matches!(&follower_outcome, PduOutcome::Rejected { reason, .. } if reason.contains(&coup)),
+        "{follower_outcome:?}"
+    );
     assert!(started.elapsed() < std::time::Duration::from_secs(30), "{:?}", started.elapsed());
-    assert_eq!(outcomes.len(), 602);
-    assert!(outcomes[..600].iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))));
-    assert!(matches!(&outcomes[600], Ok(PduOutcome::Rejected { event_id, .. }) if *event_id == stranger));
-    assert!(outcomes[601].is_err(), "a bad signature is refused");
+    assert_eq!(outcomes.len(), 2102);
+    assert!(outcomes[..2100].iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))));
+    assert!(matches!(&outcomes[2100], Ok(PduOutcome::Rejected { event_id, .. }) if *event_id == stranger));
+    assert!(outcomes[2101].is_err(), "a bad signature is refused");
 
     assert_eq!(services.store.current_stream_position().await.unwrap(), position, "no stream positions");
     assert!(!woken.has_changed().unwrap(), "no /sync woken");
     assert_eq!(remote.head().await, head, "outliers are no extremities");
-    assert_eq!(services.store.get_event_status(&ids[599]).await.unwrap(), Some((true, None, false)));
+    assert_eq!(services.store.get_event_status(&ids[2099]).await.unwrap(), Some((true, None, false)));
     let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{}", ids[0]), Some(&_alice)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "outliers are not served to clients");
 
@@ -576,6 +648,248 @@ async fn backfilled_history_sorts_before_the_stream(backend: Backend) {
     assert_eq!(context["events_after"][0]["event_id"], child, "{context}");
 }
 
+async fn membership_follows_resolution_not_arrival(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let rita = Remote::user("rita");
+    let base = now();
+    // Two branches: a rename sent later arrives first, a leave sent earlier arrives last.
+    // State res v2 orders the two (neither is a power event) by time: the rename wins.
+    let drafts = [
+        (json!({"membership": "join", "displayname": "Rita"}), base + 20),
+        (json!({"membership": "leave"}), base + 10),
+    ];
+    for (content, ts) in drafts {
+        let (_, pdu) = remote
+            .sign(Draft {
+                sender: rita.clone(),
+                kind: "m.room.member",
+                state_key: Some(rita.clone()),
+                content: content.clone(),
+                prev: vec![join.clone()],
+                auth: if content["membership"] == "join" {
+                    vec![
+                        remote.state_id("m.room.join_rules", "").await,
+                        remote.state_id("m.room.power_levels", "").await,
+                        join.clone(),
+                    ]
+                } else {
+                    vec![remote.state_id("m.room.power_levels", "").await, join.clone()]
+                },
+                ts,
+            })
+            .await;
+        let outcome = remote.feed(pdu, Arrival::Live).await;
+        assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+    }
+    assert_eq!(remote.head().await.len(), 2);
+    let membership = remote.services.store.get_membership(&room, &rita).await.unwrap().unwrap();
+    assert_eq!(membership.membership, "join", "not the last arrival's leave");
+    let (_, members) = server.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&alice)).await;
+    assert_eq!(members["joined"][rita.as_str()]["display_name"], "Rita", "{members}");
+}
+
+async fn parallel_pdus_and_local_sends_keep_the_head_true(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let (id, pdu) = remote.sign(remote.message("rita", "once", vec![join.clone()], now()).await).await;
+    // The same PDU eight times at once (a retried /send) while alice sends four messages.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (services, room_id, version, pdu) =
+            (remote.services.clone(), remote.room.clone(), remote.version.clone(), pdu.clone());
+        tasks.spawn(async move { Some(services.handle_pdu(&room_id, &version, pdu, Arrival::Live).await.unwrap()) });
+    }
+    for i in 0..4 {
+        let (base, http, alice, room) = (server.base.clone(), server.http.clone(), alice.clone(), room.clone());
+        tasks.spawn(async move {
+            let url = format!("{base}/_matrix/client/v3/rooms/{room}/send/m.room.message/par{i}");
+            let resp =
+                http.put(url).bearer_auth(alice).json(&json!({"msgtype": "m.text", "body": "local"})).send().await;
+            assert_eq!(resp.unwrap().status(), StatusCode::OK);
+            None
+        });
+    }
+    let mut outcomes = Vec::new();
+    while let Some(outcome) = tasks.join_next().await {
+        outcomes.extend(outcome.unwrap());
+    }
+    let accepted = outcomes.iter().filter(|o| matches!(o, PduOutcome::Accepted { .. })).count();
+    let duplicates = outcomes.iter().filter(|o| matches!(o, PduOutcome::Duplicate { .. })).count();
+    assert_eq!((accepted, duplicates), (1, 7), "{outcomes:?}");
+
+    // The cached head and the database agree, and a local send merges whatever forked.
+    let last = server.send_text(&alice, &room, "after").await;
+    assert_eq!(remote.head().await, std::slice::from_ref(&last));
+    let (_, messages) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"), Some(&alice)).await;
+    let ids: Vec<&str> =
+        messages["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.iter().filter(|e| **e == id).count(), 1, "{messages}");
+    assert_eq!(bodies(&messages["chunk"]).iter().filter(|b| *b == "local").count(), 4);
+}
+
+async fn backfilled_history_follows_the_visibility_in_its_state(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(
+        &server,
+        json!({"initial_state": [{"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "joined"}}]}),
+    )
+    .await;
+    let join = remote.join("rita", now()).await;
+    let (parent, parent_pdu) = remote.sign(remote.message("rita", "before bob", vec![join.clone()], now()).await).await;
+    let parent_depth = parent_pdu.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap();
+    let draft = remote.message("rita", "also before bob", vec![parent.clone()], now() + 1).await;
+    let (_, child_pdu) = remote.sign_at(&remote.key, draft, Some(parent_depth + 1)).await;
+    assert!(matches!(remote.feed(child_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    let (_, bob, _) = server.register("bob").await;
+    server.join(&bob, &room).await;
+    // Backfilled after bob joined: its position sorts before everything, but its state
+    // says the room showed history to members only, and bob was not one.
+    assert!(matches!(remote.feed(parent_pdu, Arrival::Backfill).await, PduOutcome::Accepted { .. }));
+
+    let (_, page) = server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(&bob)).await;
+    let got = bodies(&page["chunk"]);
+    assert!(!got.iter().any(|b| b.contains("before bob")), "{page}");
+    let (status, _) = server.get(&format!("/_matrix/client/v3/rooms/{room}/event/{parent}"), Some(&bob)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Alice was joined then: she sees both.
+    let (_, page) = server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(&alice)).await;
+    assert_eq!(bodies(&page["chunk"]), ["also before bob", "before bob"], "{page}");
+}
+
+/// Signs a PDU as `server` with `key`; answers its id and the PDU.
+fn sign_pdu(
+    server: &str,
+    key: &Ed25519KeyPair,
+    value: Value,
+    version: &RoomVersionId,
+) -> (String, CanonicalJsonObject) {
+    let CanonicalJsonValue::Object(mut obj) = CanonicalJsonValue::try_from(value).unwrap() else { unreachable!() };
+    let rules = version.rules().unwrap();
+    hash_and_sign_event(server, key, &mut obj, &rules.redaction).unwrap();
+    (format!("${}", reference_hash(&obj, &rules).unwrap()), obj)
+}
+
+async fn joining_a_remote_room(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let services = server.running.as_ref().unwrap().services.clone();
+    let key = new_key();
+    services.known_keys.add(REMOTE, "ed25519:1", &key.public_key());
+    let version = RoomVersionId::V12;
+    let rita = Remote::user("rita");
+    let ts = now();
+    // remote.test's room: create, rita's join, power levels, public join rules.
+    let event = |kind: &str, state_key: &str, content: Value, depth: i64, prev: &[&str], auth: &[&str]| {
+        json!({"type": kind, "state_key": state_key, "sender": rita, "content": content, "origin_server_ts": ts + depth,
+               "depth": depth, "prev_events": prev, "auth_events": auth})
+    };
+    let (create, create_pdu) =
+        sign_pdu(REMOTE, &key, event("m.room.create", "", json!({"room_version": "12"}), 1, &[], &[]), &version);
+    let room = OwnedRoomId::try_from(format!("!{}", &create[1..])).unwrap();
+    let in_room = |mut v: Value| {
+        v["room_id"] = json!(room);
+        v
+    };
+    let (rita_join, rita_join_pdu) = sign_pdu(
+        REMOTE,
+        &key,
+        in_room(event("m.room.member", &rita, json!({"membership": "join"}), 2, &[&create], &[])),
+        &version,
+    );
+    let (pl, pl_pdu) = sign_pdu(
+        REMOTE,
+        &key,
+        in_room(event("m.room.power_levels", "", json!({"users_default": 0}), 3, &[&rita_join], &[&rita_join])),
+        &version,
+    );
+    let (jr, jr_pdu) = sign_pdu(
+        REMOTE,
+        &key,
+        in_room(event("m.room.join_rules", "", json!({"join_rule": "public"}), 4, &[&pl], &[&pl, &rita_join])),
+        &version,
+    );
+    // 300 more members, so that the join sets a large state.
+    let mut members = Vec::new();
+    for i in 0..300 {
+        let user = Remote::user(&format!("m{i}"));
+        let value = json!({"type": "m.room.member", "state_key": user, "sender": user, "content": {"membership": "join"},
+               "origin_server_ts": ts + 5, "depth": 5, "prev_events": [jr], "auth_events": [jr, pl], "room_id": room});
+        let (id, pdu) = sign_pdu(REMOTE, &key, value, &version);
+        members.push((user, id, pdu));
+    }
+    // Bob's join, as make_join gives it and this server signs it.
+    let (join, join_pdu) = sign_pdu(
+        "localhost",
+        &services.signing_key,
+        json!({"type": "m.room.member", "state_key": bob_id, "sender": bob_id, "content": {"membership": "join"},
+               "origin_server_ts": ts + 5, "depth": 5, "prev_events": [jr], "auth_events": [jr, pl], "room_id": room}),
+        &version,
+    );
+
+    // What a send_join answer gives: the state and auth chain as outliers, the state
+    // before the join as a group, then the join itself.
+    services.ensure_remote_room(&room, &version, &ruma::OwnedUserId::try_from(rita.as_str()).unwrap()).await.unwrap();
+    let outcomes = services
+        .handle_outliers(&room, &version, vec![create_pdu, rita_join_pdu, pl_pdu, jr_pdu.clone()])
+        .await
+        .unwrap();
+    let member_outcomes =
+        services.handle_outliers(&room, &version, members.iter().map(|m| m.2.clone()).collect()).await.unwrap();
+    assert!(member_outcomes.iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { .. }))));
+    assert!(outcomes.iter().all(|o| matches!(o, Ok(PduOutcome::Accepted { position: None, .. }))), "{outcomes:?}");
+    let state: Vec<(String, String, String)> = vec![
+        ("m.room.create".into(), String::new(), create.clone()),
+        ("m.room.member".into(), rita.clone(), rita_join.clone()),
+        ("m.room.power_levels".into(), String::new(), pl.clone()),
+        ("m.room.join_rules".into(), String::new(), jr.clone()),
+    ];
+    let mut state = state;
+    state.extend(members.iter().map(|(user, id, _)| ("m.room.member".to_owned(), user.clone(), id.clone())));
+    let group = services.store_state_group(&room, &state).await.unwrap();
+    let outcome = services.handle_join_pdu(&room, &version, join_pdu, group).await.unwrap();
+    assert!(matches!(outcome, PduOutcome::Accepted { position: Some(_), .. }), "{outcome:?}");
+
+    let remote = Remote { key, services: services.clone(), room: room.clone(), version: version.clone() };
+    assert_eq!(remote.head().await, std::slice::from_ref(&join));
+    assert_eq!(services.store.get_backward_extremities(room.as_str()).await.unwrap(), std::slice::from_ref(&jr));
+    let sync = server.sync(&bob, None, "").await;
+    let joined = &sync["rooms"]["join"][room.as_str()];
+    let state_ids: Vec<&str> = joined["state"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(joined["timeline"]["events"].as_array().unwrap())
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    for id in [&create, &rita_join, &pl, &jr, &join] {
+        assert!(state_ids.contains(&id.as_str()), "{id} in {sync}");
+    }
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    let (_, members) = server.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&bob)).await;
+    assert_eq!(members["joined"].as_object().unwrap().len(), 302, "{members}");
+
+    // Rita's next message reaches bob.
+    let (_, pdu) = remote.sign(remote.message("rita", "welcome", vec![join.clone()], now()).await).await;
+    assert!(matches!(remote.feed(pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    let sync = server.sync(&bob, Some(&since), "").await;
+    assert_eq!(bodies(timeline_of(&sync, room.as_str())), ["welcome"], "{sync}");
+
+    // Backfill brings the join rules event again: the outlier joins the room's history,
+    // before the stream, and backfill goes on from its prev.
+    let outcome = remote.feed(jr_pdu, Arrival::Backfill).await;
+    assert!(matches!(outcome, PduOutcome::Accepted { position: Some(p), .. } if p < 0), "{outcome:?}");
+    assert_eq!(services.store.get_event_status(&jr).await.unwrap(), Some((false, None, false)));
+    assert_eq!(services.store.get_backward_extremities(room.as_str()).await.unwrap(), std::slice::from_ref(&pl));
+    assert_eq!(remote.head().await.len(), 1, "backfill leaves the forward extremities alone");
+    let (_, page) = server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"), Some(&bob)).await;
+    let ids: Vec<&str> = page["chunk"].as_array().unwrap().iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[1..], [join.as_str(), jr.as_str()], "{page}");
+}
+
 backend_tests!(
     remote_message_reaches_sync_and_messages,
     fork_and_merge_resolve_state,
@@ -586,4 +900,8 @@ backend_tests!(
     duplicate_pdu_is_a_no_op,
     outliers_take_no_positions_and_wake_no_sync,
     backfilled_history_sorts_before_the_stream,
+    membership_follows_resolution_not_arrival,
+    parallel_pdus_and_local_sends_keep_the_head_true,
+    backfilled_history_follows_the_visibility_in_its_state,
+    joining_a_remote_room,
 );

@@ -173,6 +173,7 @@ impl Services {
                     rejected_reason: None,
                     soft_failed: false,
                     local: true,
+                    from_outlier: false,
                 },
             )
             .await;

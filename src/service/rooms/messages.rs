@@ -293,7 +293,10 @@ impl Services {
             .filter(|e| e.room_id == room_id.as_str() && e.position.is_some())
             .ok_or_else(|| Error::not_found("No such event"))?;
         let vis = self.visibility_for(room_id, user).await?;
-        if vis.memberships.is_empty() || !vis.may_see(user, &event) {
+        if vis.memberships.is_empty()
+            || !vis.may_see(user, &event)
+            || !self.visible_by_state(user, &vis, &[&event]).await?.contains(&event.event_id)
+        {
             return Err(Error::not_found("No such event, or you may not see it"));
         }
         Ok(event)
@@ -347,11 +350,14 @@ impl Services {
                 .await?;
             scanned += batch.len();
             let exhausted = (batch.len() as i64) < batch_size;
+            let candidates: Vec<&StoredEvent> =
+                batch.iter().filter(|e| filter.matches(e) && vis.may_see(user, e)).collect();
+            let visible = self.visible_by_state(user, &vis, &candidates).await?;
             for event in batch {
                 let at = (event.depth, event.stream_ordering);
                 // Backwards, the next page starts just below this event.
                 cursor = if backwards { (at.0, at.1 - 1) } else { at };
-                if filter.matches(&event) && vis.may_see(user, &event) {
+                if visible.contains(&event.event_id) {
                     chunk.push(event);
                     if chunk.len() == limit {
                         break;

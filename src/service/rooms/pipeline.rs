@@ -20,7 +20,7 @@ use std::{
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId,
-    RoomVersionId,
+    RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
     room_version_rules::RoomVersionRules,
     serde::Base64,
@@ -162,6 +162,8 @@ pub(crate) struct Placing<'a> {
     pub soft_failed: bool,
     /// Built here on top of the forward extremities it names (no child can exist).
     pub local: bool,
+    /// Stored as an outlier until now.
+    pub from_outlier: bool,
 }
 
 /// The state before an event, as the pipeline found it.
@@ -184,17 +186,53 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
     ) -> Result<PduOutcome> {
+        self.handle_pdu_at(room_id, version, pdu, arrival, None).await
+    }
+
+    /// Stores this server's join to a remote room, from a `send_join` answer: call
+    /// `ensure_remote_room`, then `handle_outliers` with the answer's state and auth
+    /// chain, then `store_state_group` with the state before the join (the answer's
+    /// state list), then this with the join event and that group. The join is checked
+    /// like any live PDU, against that state (its prevs are outliers, without state);
+    /// it becomes the room's forward extremity, and the room's current state becomes
+    /// the state after it (a delta from nothing: every entry).
+    pub async fn handle_join_pdu(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        join: CanonicalJsonObject,
+        state_before: i64,
+    ) -> Result<PduOutcome> {
+        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before)).await
+    }
+
+    /// Records a remote room (its version and creator) before its first events are
+    /// stored; nothing changes if the room is known.
+    pub async fn ensure_remote_room(&self, room_id: &RoomId, version: &RoomVersionId, creator: &UserId) -> Result<()> {
+        self.store.insert_room_if_missing(room_id.as_str(), version.as_str(), creator.as_str()).await
+    }
+
+    async fn handle_pdu_at(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        arrival: Arrival,
+        state_before: Option<i64>,
+    ) -> Result<PduOutcome> {
         let rules = rules_for(version)?;
         let (event_id, json, parsed) = self.check_pdu(room_id, &rules, pdu, arrival)?.await_keys(self).await?;
         if arrival == Arrival::Outlier {
             return self.store_outliers(room_id, &rules, vec![(event_id, json, parsed)]).await.map(|mut o| o.remove(0));
         }
         let _guard = self.room_locks.lock(room_id).await;
-        if self.store.get_event_status(event_id.as_str()).await?.is_some() {
-            // TODO(federation): an outlier that arrives live (or by backfill) should be
-            // de-outliered: given its state and a stream position.
-            return Ok(PduOutcome::Duplicate { event_id });
-        }
+        // An outlier (a join's state, an auth event) that now comes live or by backfill
+        // joins the room: checked as any event, then given its state and a position.
+        let from_outlier = match self.store.get_event_status(event_id.as_str()).await? {
+            None => false,
+            Some((true, None, _)) => true,
+            Some(_) => return Ok(PduOutcome::Duplicate { event_id }),
+        };
 
         // Auth against the event's own auth events.
         let auth_events = self.load_auth_events(room_id, &rules, &parsed).await?;
@@ -204,7 +242,14 @@ impl Services {
         };
 
         // The state before the event, from its prev events.
-        let head = self.room_head(room_id, &rules).await?;
+        let head = match self.room_head(room_id, &rules).await {
+            Ok(head) => head,
+            // Our join to a remote room: no extremity, no current state yet (group 0).
+            Err(e) if state_before.is_some() && e.errcode() == "M_NOT_FOUND" => {
+                RoomHead { extremities: Vec::new(), state_group: 0 }
+            }
+            Err(e) => return Err(e),
+        };
         let prev_ids: Vec<String> = parsed.prev_events.iter().map(|p| p.to_string()).collect();
         let mut known = self.store.get_events_by_ids(&prev_ids).await?;
         if known.len() < prev_ids.len() {
@@ -215,11 +260,12 @@ impl Services {
                 .take(MAX_FETCH)
                 .cloned()
                 .collect();
+            // TODO(federation): a real fetch must not hold the room's lock: look for
+            // missing prevs before taking it, fetch, run what came back through this
+            // pipeline (as live events, oldest first), then take the lock for this one.
             let fetched = self.missing_events.fetch_missing(room_id, &missing).await;
             if !fetched.is_empty() {
-                // TODO(federation): fetched prev events go through this pipeline (as
-                // live events, oldest first) before this one; with `NoFetch` nothing
-                // comes back.
+                // With `NoFetch` nothing comes back.
                 tracing::debug!(count = fetched.len(), "fetched prev events are not handled yet");
             }
             known = self.store.get_events_by_ids(&prev_ids).await?;
@@ -234,6 +280,7 @@ impl Services {
         prev_groups.sort_unstable();
         prev_groups.dedup();
         let before = match prev_groups.as_slice() {
+            _ if state_before.is_some() => Before::Group(state_before.unwrap_or_default()),
             // TODO(federation): with no prev event's state known, the spec wants the
             // state at the event from the sender (`/state_ids`, then `/event` for the
             // ones we miss). Until that fetch plugs in here, the room's current state
@@ -248,21 +295,32 @@ impl Services {
                 Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
             }
         };
-        let before_state = match &before {
-            Before::Group(group) => self.group_state(*group).await?,
-            Before::Resolved(state) => state.clone(),
-        };
+        // Only the entries the auth rules read are loaded (the room may have many members).
+        let keys = auth_keys(&rules, &parsed)?;
         if rejected.is_none() {
-            let state = self.pdus_of(&before_state, &auth_keys(&rules, &parsed)?).await?;
+            let state = match &before {
+                Before::Group(group) => {
+                    let ids: Vec<String> =
+                        self.store.get_state_group_entries(*group, &keys).await?.into_iter().map(|e| e.2).collect();
+                    self.pdus_of_ids(&ids).await?
+                }
+                Before::Resolved(state) => {
+                    self.pdus_of_ids(&keys.iter().filter_map(|k| state.get(k).cloned()).collect::<Vec<_>>()).await?
+                }
+            };
             rejected = check_against(&rules, &parsed, auth_events.as_ref().unwrap_or(&state), &state).err();
         }
         let mut soft_failed = false;
         if rejected.is_none()
             && arrival == Arrival::Live
+            && head.state_group != 0
             && !matches!(before, Before::Group(g) if g == head.state_group)
         {
-            let current = self.group_state(head.state_group).await?;
-            let state = self.pdus_of(&current, &auth_keys(&rules, &parsed)?).await?;
+            let mut state = StateMap::new();
+            for event in self.store.get_current_state_entries(room_id.as_str(), &keys).await? {
+                let pdu = Pdu::from_stored(&event)?;
+                state.insert((event.event_type.as_str().into(), event.state_key.clone().unwrap_or_default()), pdu);
+            }
             // Its auth events passed: they still serve the state-independent lookups.
             if let Err(reason) = check_against(&rules, &parsed, auth_events.as_ref().unwrap_or(&state), &state) {
                 tracing::info!(event_id = %event_id, %reason, "soft-failed an event");
@@ -305,8 +363,13 @@ impl Services {
             rejected_reason: rejected.as_deref(),
             soft_failed,
             local: false,
+            from_outlier,
         };
-        let stored = self.place_event(room_id, &rules, head, before, Some(before_state), placing).await?;
+        let before_state = match &before {
+            Before::Resolved(state) => Some(state.clone()),
+            Before::Group(_) => None,
+        };
+        let stored = self.place_event(room_id, &rules, head, before, before_state, placing).await?;
         drop(_guard);
         let at = match stored {
             Persisted::Stored(at) => at,
@@ -381,17 +444,49 @@ impl Services {
         }
         wanted.sort();
         wanted.dedup();
-        let stored: HashMap<OwnedEventId, Pdu> = self
-            .store
-            .get_events_by_ids(&wanted)
-            .await?
-            .iter()
-            .filter_map(|e| Pdu::from_stored(e).ok().map(|p| (p.event_id.clone(), p)))
-            .collect();
+        let stored_events = self.store.get_events_by_ids(&wanted).await?;
+        let stored_rejected: HashSet<&str> =
+            stored_events.iter().filter(|e| e.rejected_reason.is_some()).map(|e| e.event_id.as_str()).collect();
+        let stored: HashMap<OwnedEventId, Pdu> =
+            stored_events.iter().filter_map(|e| Pdu::from_stored(e).ok().map(|p| (p.event_id.clone(), p))).collect();
         let create_id = create_event_id(room_id, rules);
-        let mut reasons = Vec::with_capacity(events.len());
-        for (_, _, pdu) in &events {
+        // Checked with auth events first (a send_join answer is in no particular order),
+        // so that an event whose auth event was rejected is rejected too.
+        let index: HashMap<&EventId, usize> =
+            events.iter().enumerate().map(|(i, (id, _, _))| (id.as_ref(), i)).collect();
+        let mut order = Vec::with_capacity(events.len());
+        let mut placed = vec![false; events.len()];
+        for start in 0..events.len() {
+            // Iterative depth-first walk down the auth events within the batch.
+            let mut stack = vec![(start, false)];
+            while let Some((i, children_done)) = stack.pop() {
+                if placed[i] {
+                    continue;
+                }
+                if children_done {
+                    placed[i] = true;
+                    order.push(i);
+                    continue;
+                }
+                stack.push((i, true));
+                for auth in &events[i].2.auth_events {
+                    if let Some(&j) = index.get::<EventId>(auth.as_ref())
+                        && !placed[j]
+                        && stack.len() <= events.len() * 2
+                    {
+                        stack.push((j, false));
+                    }
+                }
+            }
+        }
+        let mut reasons: Vec<Option<String>> = vec![None; events.len()];
+        for i in order {
+            let pdu = &events[i].2;
             let lookup = |id: &EventId| in_batch.get(id).map(|p| (*p).clone()).or_else(|| stored.get(id).cloned());
+            let rejected_auth = pdu.auth_events.iter().find(|a| {
+                index.get::<EventId>(a.as_ref()).is_some_and(|&j| reasons[j].is_some())
+                    || stored_rejected.contains(a.as_str())
+            });
             let mut auth = StateMap::new();
             let mut missing = false;
             for id in pdu.auth_events.iter().chain(create_id.as_ref()) {
@@ -404,7 +499,9 @@ impl Services {
                     None => missing |= pdu.auth_events.contains(id),
                 }
             }
-            let reason = if missing {
+            reasons[i] = if let Some(id) = rejected_auth {
+                Some(format!("its auth event {id} was rejected"))
+            } else if missing {
                 // TODO(federation): fetch the auth events a `send_join` answer lacks.
                 Some("some of its auth events are unknown".to_owned())
             } else if pdu.kind == TimelineEventType::RoomCreate {
@@ -412,7 +509,6 @@ impl Services {
             } else {
                 check_against(rules, pdu, &auth, &auth).err()
             };
-            reasons.push(reason);
         }
         let types: Vec<String> = events.iter().map(|(_, _, p)| p.kind.to_string()).collect();
         let prevs: Vec<Vec<String>> =
@@ -503,7 +599,7 @@ impl Services {
             let Some(event) = stored.iter().find(|s| s.event_id == id.as_str()) else {
                 return Ok(Err(format!("its auth event {id} is unknown")));
             };
-            if let Some((_, Some(reason), _)) = self.store.get_event_status(id.as_str()).await? {
+            if let Some(reason) = &event.rejected_reason {
                 return Ok(Err(format!("its auth event {id} was rejected ({reason})")));
             }
             let p = Pdu::from_stored(event)?;
@@ -517,11 +613,10 @@ impl Services {
         Ok(Ok(auth))
     }
 
-    /// The state events of `state` with these keys, parsed.
-    async fn pdus_of(&self, state: &IdState, keys: &[(String, String)]) -> Result<StateMap> {
-        let ids: Vec<String> = keys.iter().filter_map(|k| state.get(k).cloned()).collect();
+    /// These state events, parsed, as a state map.
+    async fn pdus_of_ids(&self, ids: &[String]) -> Result<StateMap> {
         let mut map = StateMap::new();
-        for event in self.store.get_events_by_ids(&ids).await? {
+        for event in self.store.get_events_by_ids(ids).await? {
             let pdu = Pdu::from_stored(&event)?;
             map.insert((event.event_type.as_str().into(), event.state_key.clone().unwrap_or_default()), pdu);
         }
@@ -657,8 +752,10 @@ impl Services {
                 }
             }
             if e.membership.is_some() && member_ids.iter().any(|id| id == e.event_id) {
-                // Its own row is written from `set` too (the event is not stored yet).
+                // Its own row is written from `set` too (the event is not stored yet, or
+                // stored as an outlier).
                 if let (Some(user), Some(m)) = (state_key, e.membership) {
+                    memberships.retain(|(u, _, _)| u != user);
                     memberships.push((user.to_owned(), m.to_owned(), e.event_id.to_owned()));
                 }
             }
@@ -710,6 +807,7 @@ impl Services {
                 (true, false) => ExtremityChange::General,
             },
             replaces_state,
+            from_outlier: e.from_outlier,
         };
         let persisted = self
             .store

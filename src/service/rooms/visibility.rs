@@ -2,6 +2,10 @@
 //! membership events and the room's `m.room.history_visibility` changes, read in one
 //! query per request. `visible_ranges` turns them into the stretches of the stream the
 //! user may read, so that paging skips what they may not see without reading it.
+//! Where the stream and the DAG disagree (backfilled history, whose positions come
+//! before everything; a remote room's visibility known only from its join's state),
+//! `visible_by_state` also applies the rules to each event's own state: its state
+//! group's history visibility and the user's membership in it.
 
 use ruma::{RoomId, UserId};
 use serde_json::Value as JsonValue;
@@ -50,6 +54,11 @@ impl Visibility {
         }
     }
 
+    /// Whether the user was joined at or after stream position `pos` (for `shared`).
+    fn joined_since(&self, pos: i64) -> bool {
+        self.memberships.iter().any(|(p, m)| *p >= pos && m == "join")
+    }
+
     /// Whether `user` may see `event`.
     pub fn may_see(&self, user: &UserId, event: &StoredEvent) -> bool {
         // One's own membership events are always visible.
@@ -96,6 +105,72 @@ impl Services {
             }
         }
         Ok(Visibility { memberships, changes })
+    }
+}
+
+impl Services {
+    /// The ids of those of `events` (all of one room) that `user` may see by the state
+    /// at each: the history visibility and the user's membership in the event's state
+    /// group (after it; one's own member events are always visible). One query per
+    /// distinct state group and one for the events those name.
+    pub async fn visible_by_state(
+        &self,
+        user: &UserId,
+        vis: &Visibility,
+        events: &[&StoredEvent],
+    ) -> Result<std::collections::HashSet<String>> {
+        let keys = [
+            ("m.room.member".to_owned(), user.as_str().to_owned()),
+            ("m.room.history_visibility".to_owned(), String::new()),
+        ];
+        let mut groups: std::collections::HashMap<i64, (Option<String>, Option<String>)> = Default::default();
+        for event in events {
+            if event.state_group == 0 || groups.contains_key(&event.state_group) {
+                continue;
+            }
+            let mut entry = (None, None);
+            for (event_type, _, id) in self.store.get_state_group_entries(event.state_group, &keys).await? {
+                if event_type == "m.room.member" {
+                    entry.0 = Some(id);
+                } else {
+                    entry.1 = Some(id);
+                }
+            }
+            groups.insert(event.state_group, entry);
+        }
+        let ids: Vec<String> = groups.values().flat_map(|(m, h)| m.iter().chain(h)).cloned().collect();
+        let contents: std::collections::HashMap<String, String> =
+            self.store.get_events_by_ids(&ids).await?.into_iter().map(|e| (e.event_id, e.json)).collect();
+        let field = |id: &Option<String>, name: &str| {
+            id.as_ref().and_then(|id| contents.get(id)).map(|json| content_field(json, name))
+        };
+        let mut visible = std::collections::HashSet::new();
+        for event in events {
+            let own = event.event_type == "m.room.member" && event.state_key.as_deref() == Some(user.as_str());
+            // A visibility change is judged by the visibility before it (the stream's
+            // rule), not by the one it sets.
+            let own = own || event.event_type == "m.room.history_visibility";
+            let allowed = own
+                || match groups.get(&event.state_group) {
+                    // No state known: the stream's answer stands.
+                    None => true,
+                    Some((member, history)) => {
+                        let membership = field(member, "membership").unwrap_or_else(|| "leave".to_owned());
+                        let history = field(history, "history_visibility").unwrap_or_else(|| "shared".to_owned());
+                        membership == "join"
+                            || match history.as_str() {
+                                "world_readable" => true,
+                                "invited" => membership == "invite",
+                                "joined" => false,
+                                _ => vis.joined_since(event.stream_ordering),
+                            }
+                    }
+                };
+            if allowed {
+                visible.insert(event.event_id.clone());
+            }
+        }
+        Ok(visible)
     }
 }
 
