@@ -145,7 +145,7 @@ impl Services {
                 .and_then(|s| s["sender"].as_str())
                 .unwrap_or(sender.as_str())
                 .to_owned();
-            self.store.insert_remote_room(room_id.as_str(), version.as_str(), &creator, super::super::now_ms()).await?;
+            self.store.insert_room_if_missing(room_id.as_str(), version.as_str(), &creator).await?;
             let json = serde_json::to_string(&object).map_err(Error::internal)?;
             let depth = object
                 .get("depth")

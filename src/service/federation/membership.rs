@@ -24,13 +24,12 @@ use crate::{
     service::{
         SUPPORTED_ROOM_VERSIONS, Services, now_ms,
         rooms::{
-            append::{LocalEvent, RoomHead, rules_for},
+            append::{LocalEvent, rules_for},
             build::{StateMap, auth_state_keys},
             pdu::Pdu,
-            pipeline::{Arrival, Before, PduOutcome, Placing},
+            pipeline::{Arrival, PduOutcome},
         },
     },
-    storage::Position,
 };
 
 /// Most events of a `send_join` answer's state and auth chain taken in.
@@ -276,7 +275,7 @@ impl Services {
                 event = signed;
             }
         }
-        self.store_joined_state(room_id, &version, &rules, answer, &event_id, event).await?;
+        self.store_joined_state(room_id, &version, &rules, answer, event).await?;
         Ok(event_id)
     }
 
@@ -288,7 +287,6 @@ impl Services {
         version: &RoomVersionId,
         rules: &RoomVersionRules,
         answer: send_join::RoomState,
-        event_id: &ruma::EventId,
         join: CanonicalJsonObject,
     ) -> Result<()> {
         if answer.state.len() + answer.auth_chain.len() > MAX_JOIN_EVENTS {
@@ -315,7 +313,8 @@ impl Services {
             .and_then(|o| str_field(o, "sender"))
             .ok_or_else(|| Error::federation("The room's state has no create event"))?
             .to_owned();
-        self.store.insert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
+        let creator = UserId::parse(&creator).map_err(|e| Error::federation(format!("Bad room creator: {e}")))?;
+        self.ensure_remote_room(room_id, version, &creator).await?;
 
         let outcomes = self.handle_outliers(room_id, version, outliers).await?;
         let mut accepted: BTreeSet<OwnedEventId> = BTreeSet::new();
@@ -349,48 +348,13 @@ impl Services {
         entries.sort();
         let group = self.store_state_group(room_id, &entries).await?;
 
-        // Our join, checked against that state, becomes the room's head.
-        let json = serde_json::to_string(&join).map_err(Error::internal)?;
-        let pdu = Pdu::parse(event_id.as_str(), &json).map_err(|e| Error::bad_json(e.to_string()))?;
-        let mut auth = StateMap::new();
-        for e in &state_events {
-            if let Some(key) = &e.state_key {
-                auth.insert((e.event_type.as_str().into(), key.clone()), Pdu::from_stored(e)?);
+        // Our join, checked against that state like any PDU, becomes the room's head.
+        match self.handle_join_pdu(room_id, version, join, group).await? {
+            PduOutcome::Accepted { .. } | PduOutcome::Duplicate { .. } => {}
+            PduOutcome::Rejected { reason, .. } => {
+                return Err(Error::forbidden(format!("The room's state does not allow the join: {reason}")));
             }
-        }
-        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |t, k: &str| {
-            auth.get(&(t.clone(), k.to_owned())).cloned()
-        })
-        .map_err(|reason| Error::forbidden(format!("The room's state does not allow the join: {reason}")))?;
-
-        let _guard = self.room_locks.lock(room_id).await;
-        let head = RoomHead { extremities: Vec::new(), state_group: 0 };
-        self.room_heads.forget(room_id);
-        let placed = self
-            .place_event(
-                room_id,
-                rules,
-                head,
-                Before::Group(group),
-                Some(state),
-                Placing {
-                    event_id: event_id.as_str(),
-                    json: &json,
-                    pdu: &pdu,
-                    membership: Some("join"),
-                    redaction: None,
-                    txn: None,
-                    push_actions: &[],
-                    position: Position::Live,
-                    rejected_reason: None,
-                    soft_failed: false,
-                    local: false,
-                },
-            )
-            .await?;
-        drop(_guard);
-        if let crate::storage::Persisted::Stored(_) = placed {
-            self.wake_for_event(room_id, pdu.state_key.as_deref(), true).await?;
+            PduOutcome::SoftFailed { .. } => return Err(Error::forbidden("The room's state does not allow the join")),
         }
         Ok(())
     }
