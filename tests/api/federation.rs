@@ -443,6 +443,9 @@ async fn names_are_not_looked_up_when_resolving_is_off(backend: Backend) {
     assert!(result.1["error"].as_str().unwrap().contains("resolve_names"), "{}", result.1);
     let result = a.get("/_matrix/client/v3/directory/room/%23room:example.org", Some(&token)).await;
     assert_error(&result, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    // A join through such servers only: refused as they were (not a 502).
+    let result = a.post("/_matrix/client/v3/join/!room:example.org?via=example.net", Some(&token), json!({})).await;
+    assert_error(&result, StatusCode::FORBIDDEN, "M_FORBIDDEN");
     a.stop().await;
 }
 

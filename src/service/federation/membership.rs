@@ -209,6 +209,7 @@ impl Services {
         reason: Option<String>,
     ) -> Result<OwnedEventId> {
         let mut tried = Vec::new();
+        let mut last_refusal: Option<Error> = None;
         let mut found = None;
         for server in via.iter().filter(|s| *s != self.server_name()) {
             let mut request = make_join::Request::new(room_id.to_owned(), user.to_owned());
@@ -220,15 +221,23 @@ impl Services {
                 }
                 Err(e) => {
                     tracing::info!(%room_id, %server, error = %e, "make_join failed");
-                    tried.push(format!("{server}: {e}"));
+                    tried.push(format!("{server}: {}", e.message()));
+                    if matches!(&e, Error::Matrix { status, .. } if status.is_client_error()) {
+                        last_refusal = Some(e);
+                    } else {
+                        last_refusal = None;
+                    }
                 }
             }
         }
         let Some((resident, template)) = found else {
-            return Err(if tried.is_empty() {
-                Error::not_found("No server to join this room through: give one (via or server_name)")
-            } else {
-                Error::federation(format!("No server let us join: {}", tried.join("; ")))
+            return Err(match (tried.is_empty(), last_refusal) {
+                (true, _) => Error::not_found("No server to join this room through: give one (via or server_name)"),
+                // Refused (not unreachable) by the last server tried: its answer, with all of them.
+                (false, Some(Error::Matrix { status, kind, .. })) => {
+                    Error::matrix(status, kind, format!("No server let us join: {}", tried.join("; ")))
+                }
+                (false, _) => Error::federation(format!("No server let us join: {}", tried.join("; "))),
             });
         };
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
