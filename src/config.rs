@@ -202,6 +202,9 @@ pub struct Limits {
     /// Largest JSON request body, in bytes (`M_TOO_LARGE` past it). Media uploads use
     /// `media.max_upload_size`.
     pub max_request_body: usize,
+    /// Largest request body on the federation listener, in bytes: a transaction holds
+    /// up to 50 PDUs of 64 KiB and 100 EDUs.
+    pub max_federation_request_body: usize,
     /// Longest wait for a request's headers, in milliseconds: from the connection's
     /// opening for its first request, else from the request's first byte. Past it the
     /// connection is closed.
@@ -381,6 +384,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_request_body: 1024 * 1024,
+            max_federation_request_body: 16 * 1024 * 1024,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 60_000,
             idle_timeout_ms: 30_000,
@@ -559,6 +563,7 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("sessions.access_token_lifetime_ms", 1_000.0, TEN_YEARS_MS),
     ("media.max_upload_size", 1.0, 1_099_511_627_776.0),
     ("limits.max_request_body", 256.0, 1_073_741_824.0),
+    ("limits.max_federation_request_body", 65_536.0, 1_073_741_824.0),
     ("limits.header_read_timeout_ms", 100.0, 3_600_000.0),
     ("limits.body_read_timeout_ms", 100.0, 3_600_000.0),
     ("limits.idle_timeout_ms", 100.0, 3_600_000.0),

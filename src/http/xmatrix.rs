@@ -64,7 +64,7 @@ where
         let expected = T::PATH_BUILDER.all_paths().next().map_or(0, |p| p.matches('{').count());
         args.resize(expected.max(args.len()), String::new());
 
-        let bytes = read_body(&parts, body, state.config.limits.max_request_body).await?;
+        let bytes = read_body(&parts, body, state.config.limits.max_federation_request_body).await?;
         if !bytes.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).is_err() {
             return Err(Error::not_json("The request body is not valid JSON"));
         }
