@@ -72,6 +72,7 @@ backend_tests!(
     a_user_joins_a_room_on_another_server_and_they_chat,
     a_direct_chat_with_a_user_of_another_server,
     a_declined_remote_invite_goes_away,
+    a_late_joiner_pages_back_through_earlier_history,
 );
 
 /// Syncs until the user has an invite to `room`; answers its stripped state.
@@ -155,6 +156,46 @@ async fn a_declined_remote_invite_goes_away(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{body}");
     let sync = b.sync(&bob_token, None, "").await;
     assert!(sync["rooms"]["invite"].get(&room).is_none(), "{sync}");
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn a_late_joiner_pages_back_through_earlier_history(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (_, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let mut sent = Vec::new();
+    for i in 0..30 {
+        sent.push(a.send_text(&alice_token, &room, &format!("early {i}")).await);
+    }
+    let (status, body) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Paging back from now reaches what was said before Bob's server was in the room.
+    let mut seen: Vec<String> = Vec::new();
+    let mut from: Option<String> = None;
+    for _ in 0..10 {
+        let mut path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20");
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={from}"));
+        }
+        let (status, page) = b.get(&path, Some(&bob_token)).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        for event in page["chunk"].as_array().unwrap() {
+            if event["type"] == "m.room.message" {
+                seen.push(event["event_id"].as_str().unwrap().to_owned());
+            }
+        }
+        match page["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => break,
+        }
+    }
+    seen.reverse();
+    assert_eq!(seen, sent, "every earlier message, oldest first, with the ids Alice's server gave them");
     a.stop().await;
     b.stop().await;
 }

@@ -2,6 +2,7 @@
 //! `/_matrix/federation/*` and `/_matrix/key/*` only. One file per area, handlers
 //! as thin as the client API's.
 
+mod backfill;
 mod e2e;
 mod keys;
 mod membership;
@@ -26,6 +27,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     );
     let router = transactions::routes(router);
     let router = e2e::routes(router);
+    let router = backfill::routes(router);
     let router = membership::routes(router);
     queries::routes(router)
 }

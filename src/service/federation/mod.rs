@@ -5,6 +5,7 @@
 //! and asks the directory, profile and room-directory queries.
 
 pub mod auth;
+pub mod backfill;
 pub mod client;
 pub mod discovery;
 pub mod e2e;

@@ -42,6 +42,8 @@ const ROOM_SERVERS_CACHED: usize = 10_000;
 pub struct FederationSender {
     services: Mutex<Weak<Services>>,
     destinations: Mutex<HashMap<OwnedServerName, Arc<Destination>>>,
+    /// Rooms recently backfilled in vain.
+    pub(crate) backfill: super::backfill::BackfillAttempts,
     /// Serialises each origin's inbound transactions.
     pub(crate) inbound: super::transactions::InboundLocks,
     /// The remote servers in each room, dropped when the room's membership changes.

@@ -316,6 +316,33 @@ impl Services {
         limit: usize,
         filter: &EventFilter,
     ) -> Result<MessagesPage> {
+        let page = self.messages_here(room_id, user, from, to, backwards, limit, filter).await?;
+        if !backwards || page.end.is_some() || to.is_some() {
+            return Ok(page);
+        }
+        // The start of what this server has: a room joined late has older history on
+        // the servers that were there.
+        match self.backfill_room(room_id).await {
+            Ok(0) => Ok(page),
+            Ok(_) => self.messages_here(room_id, user, from, to, backwards, limit, filter).await,
+            Err(e) => {
+                tracing::info!(%room_id, error = %e, "could not backfill");
+                Ok(page)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn messages_here(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        from: Option<&str>,
+        to: Option<&str>,
+        backwards: bool,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> Result<MessagesPage> {
         let vis = self.visibility_for(room_id, user).await?;
         if vis.memberships.is_empty() {
             return Err(Error::forbidden("You are not a member of this room"));

@@ -1,0 +1,167 @@
+//! History across servers. Serving: `GET /backfill/{roomId}` walks the DAG back from the
+//! events asked for (their prev events, newest first), for a server with a member in
+//! the room when the room's history is shared. Asking: when a user pages back past the
+//! oldest event this server has of a room it joined late, the room's backward
+//! extremities are asked of a server in the room, and what comes back goes through
+//! the event pipeline as backfill (positions before the live stream, no wake-ups).
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use ruma::{
+    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, ServerName, UInt,
+    api::federation::backfill::get_backfill::v1 as get_backfill,
+};
+use serde_json::value::RawValue;
+
+use crate::{
+    error::{Error, Result},
+    service::{
+        Services,
+        rooms::{
+            pdu::Pdu,
+            pipeline::{Arrival, PduOutcome},
+        },
+    },
+};
+
+/// Most events served or asked for in one backfill.
+const MAX_BACKFILL: usize = 100;
+/// Most backward extremities named in one request.
+const MAX_FROM: usize = 20;
+/// Most servers asked in turn for one backfill.
+const MAX_SERVERS: usize = 3;
+/// A room is not backfilled again within this long after an attempt that brought
+/// nothing (its history may simply end there).
+const EMPTY_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// When each room was last backfilled in vain.
+#[derive(Default)]
+pub struct BackfillAttempts {
+    rooms: Mutex<HashMap<OwnedRoomId, Instant>>,
+}
+
+impl Services {
+    /// `GET /backfill/{roomId}?v=...&limit=`: up to `limit` events from `from` back,
+    /// for `origin`.
+    pub async fn serve_backfill(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        from: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<get_backfill::Response> {
+        self.room_version(room_id).await?;
+        let joined = self.store.get_room_members(room_id.as_str(), Some("join")).await?;
+        if !joined.iter().any(|m| ruma::UserId::parse(m.user_id.as_str()).is_ok_and(|u| u.server_name() == origin)) {
+            return Err(Error::forbidden("Your server has no member in this room"));
+        }
+        let visibility = self
+            .store
+            .get_current_state_event(room_id.as_str(), "m.room.history_visibility", "")
+            .await?
+            .and_then(|e| serde_json::from_str::<serde_json::Value>(&e.json).ok())
+            .and_then(|v| v["content"]["history_visibility"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| "shared".to_owned());
+        let mut pdus = Vec::new();
+        // History kept from non-members is not handed to their servers either.
+        // TODO(federation): judge each event by the visibility in its own state.
+        if matches!(visibility.as_str(), "shared" | "world_readable") {
+            let limit = limit.clamp(1, MAX_BACKFILL);
+            let mut seen: BTreeSet<String> = BTreeSet::new();
+            let mut frontier: Vec<String> = from.iter().take(MAX_FROM).map(|e| e.to_string()).collect();
+            let mut found = Vec::new();
+            while !frontier.is_empty() && found.len() < limit {
+                frontier.retain(|id| seen.insert(id.clone()));
+                let events = self.store.get_events_by_ids(&frontier).await?;
+                let mut next = Vec::new();
+                for event in events {
+                    if event.room_id != room_id.as_str() || event.rejected_reason.is_some() {
+                        continue;
+                    }
+                    if let Ok(pdu) = Pdu::from_stored(&event) {
+                        next.extend(pdu.prev_events.iter().map(|p| p.to_string()));
+                    }
+                    found.push(event);
+                }
+                frontier = next;
+            }
+            found.sort_by_key(|e| std::cmp::Reverse(e.depth));
+            found.truncate(limit);
+            for event in found {
+                pdus.push(RawValue::from_string(event.json).map_err(Error::internal)?);
+            }
+        }
+        Ok(get_backfill::Response::new(self.server_name().clone(), MilliSecondsSinceUnixEpoch::now(), pdus))
+    }
+
+    /// Fetches older history of `room_id` from another server in it, from the room's
+    /// backward extremities; answers how many events were stored.
+    pub async fn backfill_room(&self, room_id: &RoomId) -> Result<usize> {
+        {
+            let attempts = self.federation_sender.backfill.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            if attempts.get(room_id).is_some_and(|at| at.elapsed() < EMPTY_COOLDOWN) {
+                return Ok(0);
+            }
+        }
+        let extremities = self.store.get_backward_extremities(room_id.as_str()).await?;
+        if extremities.is_empty() {
+            return Ok(0);
+        }
+        let from: Vec<OwnedEventId> =
+            extremities.iter().filter_map(|e| OwnedEventId::try_from(e.as_str()).ok()).take(MAX_FROM).collect();
+        let version = self.room_version(room_id).await?;
+        let servers = self.room_remote_servers(room_id).await?;
+        let mut stored = 0;
+        for server in servers.iter().take(MAX_SERVERS) {
+            let request = get_backfill::Request::new(
+                room_id.to_owned(),
+                from.clone(),
+                UInt::new(MAX_BACKFILL as u64).unwrap_or_default(),
+            );
+            let response = match self.send_federation_request(server, request).await {
+                Ok(response) => response,
+                Err(e) => {
+                    tracing::info!(%room_id, %server, error = %e, "backfill failed");
+                    continue;
+                }
+            };
+            let mut events: Vec<(i64, CanonicalJsonObject)> = response
+                .pdus
+                .iter()
+                .take(MAX_BACKFILL)
+                .filter_map(|raw| serde_json::from_str::<CanonicalJsonObject>(raw.get()).ok())
+                .map(|o| {
+                    let depth = match o.get("depth") {
+                        Some(ruma::CanonicalJsonValue::Integer(d)) => i64::from(*d),
+                        _ => 0,
+                    };
+                    (depth, o)
+                })
+                .collect();
+            // Oldest first, so that each event's prev events are stored before it.
+            events.sort_by_key(|(depth, _)| *depth);
+            for (_, pdu) in events {
+                match self.handle_pdu(room_id, &version, pdu, Arrival::Backfill).await {
+                    Ok(PduOutcome::Accepted { .. }) => stored += 1,
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(%room_id, %server, error = %e, "a backfilled event was refused"),
+                }
+            }
+            if stored > 0 {
+                break;
+            }
+        }
+        if stored == 0 {
+            let mut attempts = self.federation_sender.backfill.rooms.lock().unwrap_or_else(|e| e.into_inner());
+            if attempts.len() >= 10_000 {
+                attempts.retain(|_, at| at.elapsed() < EMPTY_COOLDOWN);
+            }
+            attempts.insert(room_id.to_owned(), Instant::now());
+        }
+        Ok(stored)
+    }
+}
