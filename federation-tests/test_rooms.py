@@ -3,6 +3,8 @@ user and a Synapse user (created on either side), between the two Convo servers,
 group rooms with users of all three servers, created on Convo and on Synapse. Every
 server ends with the same event ids and the same members."""
 
+from urllib.parse import quote
+
 import pytest
 
 from clients import unique
@@ -77,3 +79,24 @@ def test_a_group_room_with_users_of_three_servers(fed, home):
         # The same order of these messages everywhere (each server's own history).
         order = [e["event_id"] for e in user.messages(room) if e["type"] == "m.room.message"]
         assert [i for i in order if i in sent.values()] == list(sent.values()), user.server.label
+
+
+@pytest.mark.parametrize("home,late", [("synapse", "convo_a"), ("convo_a", "synapse"), ("convo_a", "convo_b")])
+def test_a_server_that_joins_late_pages_back_through_history(fed, home, late):
+    owner = fed.by_label(home).register(unique("owner"))
+    latecomer = fed.by_label(late).register(unique("late"))
+    room = owner.create_room(preset="public_chat")
+    sent = [owner.send_text(room, f"early {i}") for i in range(15)]
+    latecomer.join(room, via=[fed.by_label(home).name])
+
+    seen = []
+    params = {"dir": "b", "limit": "10"}
+    for _ in range(10):
+        r = latecomer.get(f"/_matrix/client/v3/rooms/{quote(room, safe='')}/messages", params=params)
+        assert r.status_code == 200, r.text
+        page = r.json()
+        seen += [e["event_id"] for e in page["chunk"] if e["type"] == "m.room.message"]
+        if "end" not in page or not page["chunk"]:
+            break
+        params = {**params, "from": page["end"]}
+    assert list(reversed(seen)) == sent, f"{late} paging back through {home}'s history"
