@@ -302,7 +302,8 @@ impl Services {
         {
             return Err(Error::forbidden("You do not share a room with that user"));
         }
-        if !self.store.user_exists(user.as_str()).await? {
+        // A user of another server: what their server last told us (if anything).
+        if user.server_name() == self.server_name() && !self.store.user_exists(user.as_str()).await? {
             return Err(Error::not_found("No such user"));
         }
         let row = self.store.get_presence(user.as_str()).await?;
