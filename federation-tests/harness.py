@@ -410,6 +410,8 @@ class Convo(Server):
             "CONVO_FEDERATION__ALLOW_PRIVATE_DESTINATIONS": "true",
             # IP-literal server names only: no DNS lookup leaves the machine.
             "CONVO_FEDERATION__RESOLVE_NAMES": "false",
+            # A server that was down is retried within a second of coming back.
+            "CONVO_FEDERATION__MAX_RETRY_INTERVAL_MS": "1000",
             "CONVO_REGISTRATION__MODE": "open",
             "CONVO_RATE_LIMITS__ENABLED": "false",
             "CONVO_PASSWORD_HASHING__MEMORY_KIB": "1024",

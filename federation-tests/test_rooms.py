@@ -100,3 +100,40 @@ def test_a_server_that_joins_late_pages_back_through_history(fed, home, late):
             break
         params = {**params, "from": page["end"]}
     assert list(reversed(seen)) == sent, f"{late} paging back through {home}'s history"
+
+
+def test_a_server_that_was_down_gets_every_message(fed):
+    """convo_b is stopped while convo_a keeps sending into a room they share; once it is
+    back, its user has every message, in order, and convo_a's queue for it is empty."""
+    import sqlite3
+    import time
+
+    if fed.convo_a.kind != "convo":
+        pytest.skip("reads convo_a's queue in its SQLite database")
+    owner = fed.convo_a.register(unique("owner"))
+    guest = fed.convo_b.register(unique("guest"))
+    room = owner.create_room(preset="public_chat")
+    guest.join(room, via=[fed.convo_a.name])
+    owner.wait_for_event(room, is_member(guest.user_id, "join"))
+
+    fed.convo_b.stop()
+    try:
+        sent = [owner.send_text(room, f"while down {i}") for i in range(5)]
+    finally:
+        fed.convo_b.start()
+    for body, event_id in zip([f"while down {i}" for i in range(5)], sent):
+        assert guest.wait_for_event(room, is_text(body))["event_id"] == event_id
+    order = [e["event_id"] for e in guest.messages(room) if e["type"] == "m.room.message"]
+    assert order[-5:] == sent
+
+    # convo_a runs on SQLite: its queue for convo_b drains.
+    db = fed.convo_a.workdir / "data" / "convo.db"
+    deadline = time.monotonic() + 20
+    while True:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            (left,) = conn.execute("SELECT COUNT(*) FROM federation_outbox WHERE destination = ?",
+                                   (fed.convo_b.name,)).fetchone()
+        if left == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert left == 0, f"{left} items still queued for convo_b"
