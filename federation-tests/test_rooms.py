@@ -137,3 +137,14 @@ def test_a_server_that_was_down_gets_every_message(fed):
             break
         time.sleep(0.1)
     assert left == 0, f"{left} items still queued for convo_b"
+
+
+@pytest.mark.parametrize("inviter_server,invitee_server", [("synapse", "convo_a"), ("convo_a", "synapse")])
+def test_a_declined_invite_reaches_the_inviting_server(fed, inviter_server, invitee_server):
+    alice = fed.by_label(inviter_server).register(unique("alice"))
+    bob = fed.by_label(invitee_server).register(unique("bob"))
+    room = alice.create_room(preset="private_chat", invite=[bob.user_id])
+    bob.wait_for_event(room, is_member(bob.user_id, "invite"), section="invite")
+    r = bob.post(f"/_matrix/client/v3/rooms/{quote(room, safe='')}/leave", {})
+    assert r.status_code == 200, r.text
+    alice.wait_for_event(room, is_member(bob.user_id, "leave"))

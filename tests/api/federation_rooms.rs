@@ -156,6 +156,10 @@ async fn a_declined_remote_invite_goes_away(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{body}");
     let sync = b.sync(&bob_token, None, "").await;
     assert!(sync["rooms"]["invite"].get(&room).is_none(), "{sync}");
+    // Alice's server heard of it (make_leave/send_leave through it).
+    let (_, members) = a.get(&format!("/_matrix/client/v3/rooms/{room}/members"), Some(&alice_token)).await;
+    let bobs = members["chunk"].as_array().unwrap().iter().find(|m| m["state_key"] == bob.as_str()).cloned();
+    assert_eq!(bobs.expect("bob's member event")["content"]["membership"], "leave", "{members}");
     a.stop().await;
     b.stop().await;
 }

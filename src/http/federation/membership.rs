@@ -1,8 +1,10 @@
-//! Joining rooms across servers: `make_join`, `send_join` (v2) and `invite` (v2).
+//! Membership across servers: `make_join`, `send_join` (v2), `invite` (v2),
+//! `make_leave` and `send_leave` (v2).
 
 use axum::{Router, extract::State};
 use ruma::api::federation::membership::{
-    create_invite::v2 as invite, create_join_event::v2 as send_join, prepare_join_event::v1 as make_join,
+    create_invite::v2 as invite, create_join_event::v2 as send_join, create_leave_event::v2 as send_leave,
+    prepare_join_event::v1 as make_join, prepare_leave_event::v1 as make_leave,
 };
 
 use super::super::{AppState, route, ruma::RumaResponse, xmatrix::Federated};
@@ -11,7 +13,9 @@ use crate::error::Result;
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<make_join::Request, _, _>(router, make_join);
     let router = route::<send_join::Request, _, _>(router, send_join);
-    route::<invite::Request, _, _>(router, create_invite)
+    let router = route::<invite::Request, _, _>(router, create_invite);
+    let router = route::<make_leave::Request, _, _>(router, make_leave);
+    route::<send_leave::Request, _, _>(router, send_leave)
 }
 
 /// # `GET /_matrix/federation/v1/make_join/{roomId}/{userId}`
@@ -52,4 +56,27 @@ pub async fn create_invite(
         .accept_remote_invite(&origin, &b.room_id, &b.event_id, &b.room_version, &b.event, &b.invite_room_state)
         .await?;
     Ok(RumaResponse(invite::Response::new(signed)))
+}
+
+/// # `GET /_matrix/federation/v1/make_leave/{roomId}/{userId}`
+/// [spec](https://spec.matrix.org/v1.19/server-server-api/#get_matrixfederationv1make_leaveroomiduserid)
+pub async fn make_leave(
+    State(services): State<AppState>,
+    request: Federated<make_leave::Request>,
+) -> Result<RumaResponse<make_leave::Response>> {
+    let origin = request.origin()?.clone();
+    let (version, event) = services.make_leave_template(&origin, &request.body.room_id, &request.body.user_id).await?;
+    Ok(RumaResponse(make_leave::Response::new(Some(version), event)))
+}
+
+/// # `PUT /_matrix/federation/v2/send_leave/{roomId}/{eventId}`
+/// [spec](https://spec.matrix.org/v1.19/server-server-api/#put_matrixfederationv2send_leaveroomideventid)
+pub async fn send_leave(
+    State(services): State<AppState>,
+    request: Federated<send_leave::Request>,
+) -> Result<RumaResponse<send_leave::Response>> {
+    let origin = request.origin()?.clone();
+    let b = request.body;
+    services.accept_send_leave(&origin, &b.room_id, &b.event_id, &b.pdu).await?;
+    Ok(RumaResponse(send_leave::Response::new()))
 }

@@ -12,7 +12,10 @@ use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedEventId, OwnedServerName, RoomId, RoomVersionId, ServerName, UserId,
     api::{
         error::{ErrorKind, IncompatibleRoomVersionErrorData},
-        federation::membership::{create_join_event::v2 as send_join, prepare_join_event::v1 as make_join},
+        federation::membership::{
+            create_join_event::v2 as send_join, create_leave_event::v2 as send_leave,
+            prepare_join_event::v1 as make_join, prepare_leave_event::v1 as make_leave,
+        },
     },
     events::TimelineEventType,
     room_version_rules::RoomVersionRules,
@@ -57,6 +60,11 @@ fn str_field<'a>(object: &'a CanonicalJsonObject, key: &str) -> Option<&'a str> 
 
 /// Checks that `object` is `user`'s join to `room_id`.
 fn check_join_event(object: &CanonicalJsonObject, room_id: &RoomId, user: &str) -> Result<()> {
+    check_membership_event(object, room_id, user, "join")
+}
+
+/// Checks that `object` is `user`'s own `membership` event in `room_id`.
+fn check_membership_event(object: &CanonicalJsonObject, room_id: &RoomId, user: &str, wanted: &str) -> Result<()> {
     let membership = match object.get("content") {
         Some(CanonicalJsonValue::Object(content)) => content.get("membership").and_then(|m| m.as_str()),
         _ => None,
@@ -65,9 +73,9 @@ fn check_join_event(object: &CanonicalJsonObject, room_id: &RoomId, user: &str) 
         || str_field(object, "room_id") != Some(room_id.as_str())
         || str_field(object, "sender") != Some(user)
         || str_field(object, "state_key") != Some(user)
-        || membership != Some("join")
+        || membership != Some(wanted)
     {
-        return Err(Error::bad_json(format!("Not a join of {user} to {room_id}")));
+        return Err(Error::bad_json(format!("Not a {wanted} of {user} in {room_id}")));
     }
     Ok(())
 }
@@ -365,6 +373,104 @@ impl Services {
             }
             PduOutcome::SoftFailed { .. } => return Err(Error::forbidden("The room's state does not allow the join")),
         }
+        Ok(())
+    }
+}
+
+impl Services {
+    /// `GET /make_leave/{roomId}/{userId}`: a leave template for a user of `origin` (to
+    /// decline an invite, or to leave), built on the room's head and checked.
+    pub async fn make_leave_template(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        user: &UserId,
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        if user.server_name() != origin {
+            return Err(Error::forbidden("A server may only ask to leave for its own users"));
+        }
+        let version = self.room_version(room_id).await?;
+        if self.joined_local_members(room_id).await?.is_empty() {
+            return Err(Error::not_found("This server is not in that room"));
+        }
+        let rules = rules_for(&version)?;
+        let event = LocalEvent {
+            sender: user,
+            kind: TimelineEventType::RoomMember,
+            state_key: Some(user.to_string()),
+            content: json!({"membership": "leave"}),
+            txn: None,
+            redacts: None,
+        };
+        let built = self.build_on_current_state(room_id, &rules, &event).await?;
+        let mut template: CanonicalJsonObject = serde_json::from_str(&built.json).map_err(Error::internal)?;
+        template.remove("signatures");
+        template.remove("hashes");
+        Ok((version, to_raw(&template)?))
+    }
+
+    /// `PUT /send_leave/{roomId}/{eventId}` (v2): a remote user's signed leave, through
+    /// the event pipeline, then on to the room's other servers.
+    pub async fn accept_send_leave(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &ruma::EventId,
+        pdu: &RawValue,
+    ) -> Result<()> {
+        let version = self.room_version(room_id).await?;
+        let rules = rules_for(&version)?;
+        let object = parse_object(pdu)?;
+        let sender = str_field(&object, "sender").unwrap_or_default().to_owned();
+        check_membership_event(&object, room_id, &sender, "leave")?;
+        let sender_id = UserId::parse(&sender).map_err(|e| Error::bad_json(format!("Bad sender: {e}")))?;
+        if sender_id.server_name() != origin {
+            return Err(Error::forbidden("A server may only send the leaves of its own users"));
+        }
+        if event_id_of(&object, &rules)? != event_id {
+            return Err(Error::bad_json("The event id does not match the event"));
+        }
+        match self.handle_pdu(room_id, &version, object, Arrival::Live).await? {
+            PduOutcome::Accepted { position, .. } => {
+                if let Some(position) = position {
+                    let others: Vec<OwnedServerName> =
+                        self.room_remote_servers(room_id).await?.iter().filter(|s| *s != origin).cloned().collect();
+                    self.send_pdu(&others, position, event_id.as_str()).await?;
+                }
+                Ok(())
+            }
+            PduOutcome::Duplicate { .. } => Ok(()),
+            PduOutcome::Rejected { reason, .. } => Err(Error::forbidden(format!("The leave is not allowed: {reason}"))),
+            PduOutcome::SoftFailed { .. } => Err(Error::forbidden("The leave is not allowed by the room's state")),
+        }
+    }
+
+    /// Leaves (or declines an invite to) a room this server is not in, through
+    /// `server` (the inviter's): `make_leave`, sign, `send_leave`.
+    pub async fn leave_remote_room(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> Result<()> {
+        let template =
+            self.send_federation_request(server, make_leave::Request::new(room_id.to_owned(), user.to_owned())).await?;
+        let version = template.room_version.unwrap_or(RoomVersionId::V1);
+        if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::federation(format!("{server} answered room version {version}")));
+        }
+        let rules = rules_for(&version)?;
+        let mut event = parse_object(&template.event)?;
+        check_membership_event(&event, room_id, user.as_str(), "leave")?;
+        event.remove("signatures");
+        event.remove("hashes");
+        event.remove("event_id");
+        event.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now_ms().try_into().unwrap_or_default()));
+        ruma::signatures::hash_and_sign_event(
+            self.server_name().as_str(),
+            &self.signing_key,
+            &mut event,
+            &rules.redaction,
+        )
+        .map_err(|e| Error::internal(format!("cannot sign the leave: {e}")))?;
+        let event_id = event_id_of(&event, &rules)?;
+        self.send_federation_request(server, send_leave::Request::new(room_id.to_owned(), event_id, to_raw(&event)?))
+            .await?;
         Ok(())
     }
 }

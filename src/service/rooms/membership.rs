@@ -127,8 +127,14 @@ impl Services {
     pub async fn leave_room(&self, room_id: &RoomId, user: &UserId, reason: Option<String>) -> Result<Appended> {
         match self.membership(room_id, user).await? {
             Some(m) if m.membership == "invite" && self.joined_local_members(room_id).await?.is_empty() => {
-                // An invite to a room of another server, declined here.
-                // TODO(federation): tell the inviting server (make_leave/send_leave).
+                // An invite to a room of another server: declined through the inviter's
+                // server (it may be unreachable: the invite is declined here anyway).
+                if let Some(invite) = self.store.get_event(&m.event_id).await?
+                    && let Ok(inviter) = OwnedUserId::try_from(invite.sender)
+                    && let Err(e) = self.leave_remote_room(room_id, user, inviter.server_name()).await
+                {
+                    tracing::info!(%room_id, error = %e, "could not tell the inviting server of a declined invite");
+                }
                 let stream_pos = self.store.decline_remote_invite(room_id.as_str(), user.as_str(), &m.event_id).await?;
                 self.notifier.notify_users(&[user.to_owned()]);
                 let event_id = ruma::OwnedEventId::try_from(m.event_id).map_err(Error::internal)?;
