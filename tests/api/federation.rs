@@ -95,7 +95,7 @@ fn https() -> reqwest::Client {
 }
 
 /// A request to `server`'s federation listener, with an optional `Authorization`.
-async fn fed_request(
+pub(crate) async fn fed_request(
     server: &TestServer,
     method: Method,
     path: &str,
@@ -116,7 +116,7 @@ async fn fed_request(
 }
 
 /// The `X-Matrix` header `origin` would send for this request to `destination`.
-fn sign(origin: &TestServer, destination: &str, method: &str, path: &str, body: Option<&Value>) -> String {
+pub(crate) fn sign(origin: &TestServer, destination: &str, method: &str, path: &str, body: Option<&Value>) -> String {
     let bytes = body.map(|b| serde_json::to_vec(b).unwrap()).unwrap_or_default();
     let request = http::Request::builder().method(method).uri(path).body(bytes).unwrap();
     let key = &services(origin).signing_key;

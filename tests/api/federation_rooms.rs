@@ -73,6 +73,7 @@ backend_tests!(
     a_direct_chat_with_a_user_of_another_server,
     a_declined_remote_invite_goes_away,
     a_late_joiner_pages_back_through_earlier_history,
+    events_and_state_are_served_to_servers_in_the_room,
 );
 
 /// Syncs until the user has an invite to `room`; answers its stripped state.
@@ -202,4 +203,61 @@ async fn a_late_joiner_pages_back_through_earlier_history(backend: Backend) {
     assert_eq!(seen, sent, "every earlier message, oldest first, with the ids Alice's server gave them");
     a.stop().await;
     b.stop().await;
+}
+
+async fn events_and_state_are_served_to_servers_in_the_room(backend: Backend) {
+    use reqwest::Method;
+
+    use crate::federation::{fed_request, sign};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend.clone(), TRUSTING).await;
+    let c = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (_, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let first = a.send_text(&alice_token, &room, "one").await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let second = a.send_text(&alice_token, &room, "two").await;
+    let third = a.send_text(&alice_token, &room, "three").await;
+    let a_name = name(&a).to_string();
+    let ask = |server: &TestServer, method: Method, path: String, body: Option<Value>| {
+        let header = sign(server, &a_name, method.as_str(), &path, body.as_ref());
+        let a = &a;
+        async move { fed_request(a, method, &path, body.as_ref(), Some(&header)).await }
+    };
+
+    let (status, body) = ask(&b, Method::GET, format!("/_matrix/federation/v1/event/{second}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["pdus"][0]["content"]["body"], "two");
+    let (status, body) =
+        ask(&b, Method::GET, format!("/_matrix/federation/v1/state_ids/{room}?event_id={third}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["pdu_ids"].as_array().unwrap().len() >= 5, "{body}");
+    assert!(!body["auth_chain_ids"].as_array().unwrap().is_empty(), "{body}");
+    let (status, body) =
+        ask(&b, Method::GET, format!("/_matrix/federation/v1/state/{room}?event_id={third}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["pdus"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"), "{body}");
+    let (status, body) = ask(&b, Method::GET, format!("/_matrix/federation/v1/event_auth/{room}/{third}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["auth_chain"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.power_levels"), "{body}");
+    let missing = json!({"earliest_events": [first], "latest_events": [third], "limit": 10, "min_depth": 0});
+    let (status, body) =
+        ask(&b, Method::POST, format!("/_matrix/federation/v1/get_missing_events/{room}"), Some(missing.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let bodies: Vec<&str> =
+        body["events"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(bodies, vec!["two"], "between the first and the third, oldest first: {body}");
+
+    // A server with nobody in the room gets none of it.
+    let result = ask(&c, Method::GET, format!("/_matrix/federation/v1/event/{second}"), None).await;
+    assert_eq!(result.0, StatusCode::FORBIDDEN, "{}", result.1);
+    let result =
+        ask(&c, Method::POST, format!("/_matrix/federation/v1/get_missing_events/{room}"), Some(missing)).await;
+    assert_eq!(result.0, StatusCode::FORBIDDEN, "{}", result.1);
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
 }

@@ -4,6 +4,7 @@
 
 mod backfill;
 mod e2e;
+mod events;
 mod keys;
 mod membership;
 mod queries;
@@ -28,6 +29,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = transactions::routes(router);
     let router = e2e::routes(router);
     let router = backfill::routes(router);
+    let router = events::routes(router);
     let router = membership::routes(router);
     queries::routes(router)
 }

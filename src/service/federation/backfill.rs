@@ -54,11 +54,7 @@ impl Services {
         from: &[OwnedEventId],
         limit: usize,
     ) -> Result<get_backfill::Response> {
-        self.room_version(room_id).await?;
-        let joined = self.store.get_room_members(room_id.as_str(), Some("join")).await?;
-        if !joined.iter().any(|m| ruma::UserId::parse(m.user_id.as_str()).is_ok_and(|u| u.server_name() == origin)) {
-            return Err(Error::forbidden("Your server has no member in this room"));
-        }
+        self.require_server_in_room(origin, room_id).await?;
         let visibility = self
             .store
             .get_current_state_event(room_id.as_str(), "m.room.history_visibility", "")

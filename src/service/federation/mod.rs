@@ -10,6 +10,7 @@ pub mod client;
 pub mod discovery;
 pub mod e2e;
 pub mod edus;
+pub mod events;
 pub mod invites;
 pub mod keys;
 pub mod membership;

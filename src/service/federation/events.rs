@@ -1,0 +1,140 @@
+//! Events and state for other servers in a room: `event`, `state`, `state_ids`,
+//! `event_auth` and `get_missing_events`. Each answers only a server with a member
+//! joined to the event's room (it may see the room's events), and never rejected
+//! events.
+
+use std::collections::BTreeSet;
+
+use ruma::{EventId, OwnedEventId, RoomId, ServerName};
+use serde_json::value::RawValue;
+
+use crate::{
+    error::{Error, Result},
+    service::{Services, rooms::pdu::Pdu},
+    storage::StoredEvent,
+};
+
+/// Most events `get_missing_events` answers.
+const MAX_MISSING: usize = 50;
+/// Most events of an auth chain served.
+const MAX_AUTH_CHAIN: i64 = 100_000;
+
+fn raw(event: &StoredEvent) -> Result<Box<RawValue>> {
+    RawValue::from_string(event.json.clone()).map_err(Error::internal)
+}
+
+impl Services {
+    /// Refuses `origin` unless one of its users is joined to `room_id`.
+    pub(crate) async fn require_server_in_room(&self, origin: &ServerName, room_id: &RoomId) -> Result<()> {
+        self.room_version(room_id).await?;
+        let joined = self.room_remote_servers(room_id).await?;
+        if joined.iter().any(|s| s == origin) {
+            Ok(())
+        } else {
+            Err(Error::forbidden("Your server has no member in this room"))
+        }
+    }
+
+    /// An event of a room `origin` is in, as stored (not rejected).
+    async fn event_for(&self, origin: &ServerName, event_id: &EventId) -> Result<StoredEvent> {
+        let event = self
+            .store
+            .get_event(event_id.as_str())
+            .await?
+            .filter(|e| e.rejected_reason.is_none())
+            .ok_or_else(|| Error::not_found("No such event"))?;
+        let room_id = ruma::OwnedRoomId::try_from(event.room_id.as_str()).map_err(Error::internal)?;
+        self.require_server_in_room(origin, &room_id).await?;
+        Ok(event)
+    }
+
+    /// `GET /event/{eventId}`.
+    pub async fn serve_event(&self, origin: &ServerName, event_id: &EventId) -> Result<Box<RawValue>> {
+        raw(&self.event_for(origin, event_id).await?)
+    }
+
+    /// `GET /state_ids/{roomId}?event_id=`: the ids of the state before the event, and
+    /// of its auth chain. With `full`, the events themselves (`GET /state`).
+    pub async fn serve_state(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<(Vec<StoredEvent>, Vec<StoredEvent>)> {
+        let event = self.event_for(origin, event_id).await?;
+        if event.room_id != room_id.as_str() {
+            return Err(Error::not_found("No such event in this room"));
+        }
+        let group = self
+            .state_group_before(&event)
+            .await?
+            .filter(|g| *g != 0)
+            .ok_or_else(|| Error::not_found("The state at that event is not known here"))?;
+        let state = self.state_events_at(group).await?;
+        let ids: Vec<String> = state.iter().map(|e| e.event_id.clone()).collect();
+        let chain_ids = self.store.get_auth_chain(&ids, MAX_AUTH_CHAIN).await?;
+        let chain = self.store.get_events_by_ids(&chain_ids).await?;
+        Ok((state, chain))
+    }
+
+    /// `GET /event_auth/{roomId}/{eventId}`: the event's auth chain.
+    pub async fn serve_event_auth(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<Vec<Box<RawValue>>> {
+        let event = self.event_for(origin, event_id).await?;
+        if event.room_id != room_id.as_str() {
+            return Err(Error::not_found("No such event in this room"));
+        }
+        let chain_ids = self.store.get_auth_chain(&[event.event_id.clone()], MAX_AUTH_CHAIN).await?;
+        self.store.get_events_by_ids(&chain_ids).await?.iter().map(raw).collect()
+    }
+
+    /// `POST /get_missing_events/{roomId}`: events before `latest` (walking prev
+    /// events back) that are not `earliest` nor before them, at least `min_depth` deep,
+    /// oldest first, at most `limit`.
+    pub async fn serve_missing_events(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: usize,
+        min_depth: i64,
+    ) -> Result<Vec<Box<RawValue>>> {
+        self.require_server_in_room(origin, room_id).await?;
+        let limit = limit.clamp(1, MAX_MISSING);
+        let mut seen: BTreeSet<String> = earliest.iter().map(|e| e.to_string()).collect();
+        seen.extend(latest.iter().map(|e| e.to_string()));
+        let mut frontier: Vec<String> = Vec::new();
+        for event in self.store.get_events_by_ids(&latest.iter().map(|e| e.to_string()).collect::<Vec<_>>()).await? {
+            if event.room_id == room_id.as_str()
+                && let Ok(pdu) = Pdu::from_stored(&event)
+            {
+                frontier.extend(pdu.prev_events.iter().map(|p| p.to_string()));
+            }
+        }
+        let mut found: Vec<StoredEvent> = Vec::new();
+        while !frontier.is_empty() && found.len() < limit {
+            frontier.retain(|id| seen.insert(id.clone()));
+            let mut next = Vec::new();
+            for event in self.store.get_events_by_ids(&frontier).await? {
+                if event.room_id != room_id.as_str() || event.rejected_reason.is_some() || event.depth < min_depth {
+                    continue;
+                }
+                if let Ok(pdu) = Pdu::from_stored(&event) {
+                    next.extend(pdu.prev_events.iter().map(|p| p.to_string()));
+                }
+                found.push(event);
+            }
+            frontier = next;
+        }
+        // The nearest ones to `latest` are the ones that matter: keep those, oldest first.
+        found.sort_by_key(|e| std::cmp::Reverse(e.depth));
+        found.truncate(limit);
+        found.reverse();
+        found.iter().map(raw).collect()
+    }
+}
