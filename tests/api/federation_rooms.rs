@@ -74,6 +74,7 @@ backend_tests!(
     a_declined_remote_invite_goes_away,
     a_late_joiner_pages_back_through_earlier_history,
     events_and_state_are_served_to_servers_in_the_room,
+    a_gap_in_what_arrives_is_filled_from_the_sender,
 );
 
 /// Syncs until the user has an invite to `room`; answers its stripped state.
@@ -260,4 +261,38 @@ async fn events_and_state_are_served_to_servers_in_the_room(backend: Backend) {
     a.stop().await;
     b.stop().await;
     c.stop().await;
+}
+
+async fn a_gap_in_what_arrives_is_filled_from_the_sender(backend: Backend) {
+    use crate::federation::services;
+    let a = crate::federation::federating_with(backend.clone(), TRUSTING, |c| c.federation.max_retry_interval_ms = 300)
+        .await;
+    let mut b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (_, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let b_name = name(&b).to_string();
+    b.pause().await;
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(a.send_text(&alice_token, &room, &format!("lost {i}")).await);
+    }
+    // Those never reach B through the queue (as if A had lost them)...
+    services(&a).store.delete_federation_sent(&b_name, Some(i64::MAX), Some(i64::MAX)).await.unwrap();
+    b.resume().await;
+    // ...but the next one names the last of them, and B fetches what it misses.
+    sent.push(a.send_text(&alice_token, &room, "after the gap").await);
+    // They arrive live, in /sync (not later by backfill), in order.
+    let seen = wait_for_message(&b, &bob_token, &room, "after the gap").await;
+    let ids: Vec<String> = seen
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, sent, "the lost messages, then the one after them, in order");
+    a.stop().await;
+    b.stop().await;
 }

@@ -74,6 +74,8 @@ impl Services {
                 Ok((event_id, result)) => {
                     results.insert(event_id, result);
                 }
+                // The database is down: the whole transaction fails, and is sent again.
+                Err(e @ Error::Unavailable(_)) => return Err(e),
                 Err(e) => tracing::debug!(%origin, error = %e, "dropping a PDU that names no event"),
             }
         }
@@ -116,15 +118,83 @@ impl Services {
             .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok())
             .ok_or_else(|| Error::bad_json("cannot compute the PDU's event id"))?;
         use crate::service::rooms::pipeline::{Arrival, PduOutcome};
+        self.fill_gap(origin, &room_id, &version, &event_id, &object).await;
         let result = match self.handle_pdu(&room_id, &version, object, Arrival::Live).await {
             Ok(PduOutcome::Rejected { reason, .. }) => Err(reason),
             Ok(_) => Ok(()),
+            Err(e @ Error::Unavailable(_)) => return Err(e),
             Err(e) => {
                 tracing::info!(%origin, %event_id, error = %e, "refused a PDU");
-                Err(e.to_string())
+                Err(e.message())
             }
         };
         Ok((event_id, result))
+    }
+}
+
+/// Most events asked for to fill a gap before one PDU.
+const MAX_GAP: u32 = 20;
+
+impl Services {
+    /// When a PDU names prev events this server does not have, asks its origin for
+    /// the events between our forward extremities and it (`get_missing_events`), and
+    /// takes them in first, oldest first, so the PDU lands on its real history. A
+    /// failure here only means the PDU is placed without them.
+    async fn fill_gap(
+        &self,
+        origin: &ServerName,
+        room_id: &ruma::RoomId,
+        version: &ruma::RoomVersionId,
+        event_id: &ruma::EventId,
+        object: &ruma::CanonicalJsonObject,
+    ) {
+        use ruma::api::federation::event::get_missing_events::v1 as missing;
+
+        use crate::service::rooms::pipeline::Arrival;
+        let prevs: Vec<String> = match object.get("prev_events") {
+            Some(ruma::CanonicalJsonValue::Array(ids)) => {
+                ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+            }
+            _ => return,
+        };
+        let known = match self.store.stored_event_ids(&prevs).await {
+            Ok(known) => known,
+            Err(_) => return,
+        };
+        if prevs.iter().all(|p| known.contains(p)) {
+            return;
+        }
+        let earliest: Vec<OwnedEventId> = match self.store.get_room_head(room_id.as_str()).await {
+            Ok(head) => head.into_iter().filter_map(|(id, _, _)| OwnedEventId::try_from(id).ok()).collect(),
+            Err(_) => return,
+        };
+        let mut request = missing::Request::new(room_id.to_owned(), earliest, vec![event_id.to_owned()]);
+        request.limit = MAX_GAP.into();
+        let events = match self.send_federation_request(origin, request).await {
+            Ok(response) => response.events,
+            Err(e) => {
+                tracing::info!(%origin, %room_id, error = %e, "could not fetch the events before a PDU");
+                return;
+            }
+        };
+        let mut events: Vec<(i64, ruma::CanonicalJsonObject)> = events
+            .iter()
+            .take(MAX_GAP as usize)
+            .filter_map(|raw| serde_json::from_str::<ruma::CanonicalJsonObject>(raw.get()).ok())
+            .map(|o| {
+                let depth = match o.get("depth") {
+                    Some(ruma::CanonicalJsonValue::Integer(d)) => i64::from(*d),
+                    _ => 0,
+                };
+                (depth, o)
+            })
+            .collect();
+        events.sort_by_key(|(depth, _)| *depth);
+        for (_, pdu) in events {
+            if let Err(e) = self.handle_pdu(room_id, version, pdu, Arrival::Live).await {
+                tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
+            }
+        }
     }
 }
 
