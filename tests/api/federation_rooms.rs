@@ -75,6 +75,7 @@ backend_tests!(
     a_late_joiner_pages_back_through_earlier_history,
     events_and_state_are_served_to_servers_in_the_room,
     a_gap_in_what_arrives_is_filled_from_the_sender,
+    bad_pdus_are_refused_and_the_room_is_unaffected,
 );
 
 /// Syncs until the user has an invite to `room`; answers its stripped state.
@@ -293,6 +294,107 @@ async fn a_gap_in_what_arrives_is_filled_from_the_sender(backend: Backend) {
         .map(|e| e["event_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(ids, sent, "the lost messages, then the one after them, in order");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A PDU from `b`'s user `sender` in `room` (on `a`), on top of `a`'s latest event,
+/// with the auth events the rules ask for; signed with `key` (B's own, or another).
+async fn remote_pdu(
+    a: &TestServer,
+    alice_token: &str,
+    room: &str,
+    sender: &str,
+    kind: &str,
+    state_key: Option<&str>,
+    content: Value,
+    key: &ruma::signatures::Ed25519KeyPair,
+    key_server: &str,
+) -> (String, ruma::CanonicalJsonObject) {
+    let (_, state) = a.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(alice_token)).await;
+    let find = |t: &str, k: &str| {
+        state.as_array().unwrap().iter().find(|e| e["type"] == t && e["state_key"] == k).map(|e| e["event_id"].clone())
+    };
+    let auth: Vec<Value> =
+        [find("m.room.power_levels", ""), find("m.room.member", sender)].into_iter().flatten().collect();
+    let (_, page) = a.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1"), Some(alice_token)).await;
+    let last = &page["chunk"][0];
+    let mut pdu = json!({
+        "room_id": room, "sender": sender, "type": kind, "content": content,
+        "origin_server_ts": 1_700_000_000_000u64, "depth": 100,
+        "prev_events": [last["event_id"]], "auth_events": auth,
+    });
+    if let Some(k) = state_key {
+        pdu["state_key"] = json!(k);
+    }
+    let mut object: ruma::CanonicalJsonObject = serde_json::from_value(pdu).unwrap();
+    let rules = ruma::RoomVersionId::V12.rules().unwrap();
+    ruma::signatures::hash_and_sign_event(key_server, key, &mut object, &rules.redaction).unwrap();
+    let id = format!("${}", ruma::signatures::reference_hash(&object, &rules).unwrap());
+    (id, object)
+}
+
+async fn bad_pdus_are_refused_and_the_room_is_unaffected(backend: Backend) {
+    use reqwest::Method;
+
+    use crate::federation::{fed_request, services, sign};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat", "room_version": "12"})).await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let b_name = name(&b).to_string();
+    let b_key = &services(&b).signing_key;
+    let other_key = ruma::signatures::Ed25519KeyPair::from_der(
+        &ruma::signatures::Ed25519KeyPair::generate(),
+        b_key.version().to_owned(),
+    )
+    .unwrap();
+    let msg = |body: &str| json!({"msgtype": "m.text", "body": body});
+
+    let (good, good_pdu) =
+        remote_pdu(&a, &alice_token, &room, &bob, "m.room.message", None, msg("fine"), b_key, &b_name).await;
+    let (forged, forged_pdu) =
+        remote_pdu(&a, &alice_token, &room, &bob, "m.room.message", None, msg("forged"), &other_key, &b_name).await;
+    let (tampered, mut tampered_pdu) =
+        remote_pdu(&a, &alice_token, &room, &bob, "m.room.message", None, msg("original"), b_key, &b_name).await;
+    // The content changes after signing: the hash no longer matches (the signature,
+    // over the redacted form, still does).
+    tampered_pdu.insert("content".into(), serde_json::from_value(msg("tampered")).unwrap());
+    let pl = json!({"users": {bob.clone(): 100}, "users_default": 0});
+    let (grab, grab_pdu) =
+        remote_pdu(&a, &alice_token, &room, &bob, "m.room.power_levels", Some(""), pl, b_key, &b_name).await;
+
+    let txn = json!({
+        "origin": b_name, "origin_server_ts": 1_700_000_000_000u64,
+        "pdus": [good_pdu, forged_pdu, tampered_pdu, grab_pdu],
+    });
+    let path = "/_matrix/federation/v1/send/bad1";
+    let header = sign(&b, &name(&a).to_string(), "PUT", path, Some(&txn));
+    let (status, body) = fed_request(&a, Method::PUT, path, Some(&txn), Some(&header)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let results = &body["pdus"];
+    assert_eq!(results[&good], json!({}), "{body}");
+    assert!(results[&forged]["error"].is_string(), "a bad signature is refused: {body}");
+    assert!(results[&grab]["error"].is_string(), "power levels bob may not set are rejected: {body}");
+
+    let get = |id: &str| {
+        let path = format!("/_matrix/client/v3/rooms/{room}/event/{id}");
+        let (a, token) = (&a, alice_token.clone());
+        async move { a.get(&path, Some(&token)).await }
+    };
+    assert_eq!(get(&good).await.1["content"]["body"], "fine");
+    assert_eq!(get(&forged).await.0, StatusCode::NOT_FOUND);
+    let (status, stored) = get(&tampered).await;
+    assert_eq!(status, StatusCode::OK, "{stored}");
+    assert_eq!(stored["content"], json!({}), "kept only in its redacted form");
+    assert_eq!(get(&grab).await.0, StatusCode::NOT_FOUND);
+    let (_, levels) =
+        a.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels"), Some(&alice_token)).await;
+    assert!(levels["users"].get(&bob).is_none(), "the room's power levels are unchanged: {levels}");
     a.stop().await;
     b.stop().await;
 }
