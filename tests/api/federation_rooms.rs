@@ -76,6 +76,7 @@ backend_tests!(
     events_and_state_are_served_to_servers_in_the_room,
     a_gap_in_what_arrives_is_filled_from_the_sender,
     bad_pdus_are_refused_and_the_room_is_unaffected,
+    a_server_the_acl_denies_is_not_heard,
 );
 
 /// Syncs until the user has an invite to `room`; answers its stripped state.
@@ -395,6 +396,60 @@ async fn bad_pdus_are_refused_and_the_room_is_unaffected(backend: Backend) {
     let (_, levels) =
         a.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels"), Some(&alice_token)).await;
     assert!(levels["users"].get(&bob).is_none(), "the room's power levels are unchanged: {levels}");
+    a.stop().await;
+    b.stop().await;
+}
+
+async fn a_server_the_acl_denies_is_not_heard(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    b.send_text(&bob_token, &room, "before the acl").await;
+    wait_for_message(&a, &alice_token, &room, "before the acl").await;
+
+    // Every server here has an IP-literal name: this ACL denies Bob's server (and, as
+    // Bob's server sees it, Alice's; each judges only what others send).
+    let (status, body) = a
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/state/m.room.server_acl/"),
+            Some(&alice_token),
+            json!({"allow": ["*"], "deny": [], "allow_ip_literals": false}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let denied = b.send_text(&bob_token, &room, "after the acl").await;
+    let (status, _) = b
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/typing/{bob}"),
+            Some(&bob_token),
+            json!({"typing": true, "timeout": 30000}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    // Once B's queue for A is empty, A has answered the transaction holding both.
+    let a_name = name(&a).to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while crate::federation::services(&b).store.count_federation_outbox(&a_name).await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "B's queue for A did not drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = a.get(&format!("/_matrix/client/v3/rooms/{room}/event/{denied}"), Some(&alice_token)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "an event from a denied server is not taken in");
+    let sync = a.sync(&alice_token, None, "").await;
+    let typing = &sync["rooms"]["join"][&room]["ephemeral"]["events"];
+    assert!(
+        !typing
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["content"]["user_ids"].as_array().is_some_and(|u| !u.is_empty())),
+        "nobody typing: {typing}"
+    );
     a.stop().await;
     b.stop().await;
 }

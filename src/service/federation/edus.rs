@@ -213,6 +213,9 @@ impl Services {
             tracing::debug!(%origin, %user, "ignoring an EDU about another server's user");
             return Ok(false);
         }
+        if !self.server_allowed_in_room(room_id, origin).await? {
+            return Ok(false);
+        }
         let joined = self.store.get_membership(room_id.as_str(), user.as_str()).await?;
         Ok(joined.is_some_and(|m| m.membership == "join"))
     }

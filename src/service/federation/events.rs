@@ -29,7 +29,7 @@ impl Services {
         self.room_version(room_id).await?;
         let joined = self.room_remote_servers(room_id).await?;
         if joined.iter().any(|s| s == origin) {
-            Ok(())
+            self.require_server_allowed(room_id, origin).await
         } else {
             Err(Error::forbidden("Your server has no member in this room"))
         }

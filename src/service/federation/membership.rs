@@ -95,6 +95,7 @@ impl Services {
             return Err(Error::forbidden("A server may only ask to join its own users"));
         }
         let version = self.room_version(room_id).await?;
+        self.require_server_allowed(room_id, origin).await?;
         if self.joined_local_members(room_id).await?.is_empty() {
             return Err(Error::not_found("This server is not in that room"));
         }
@@ -157,6 +158,7 @@ impl Services {
         pdu: &RawValue,
     ) -> Result<send_join::RoomState> {
         let version = self.room_version(room_id).await?;
+        self.require_server_allowed(room_id, origin).await?;
         let rules = rules_for(&version)?;
         let object = parse_object(pdu)?;
         let sender = str_field(&object, "sender").unwrap_or_default().to_owned();

@@ -4,6 +4,7 @@
 //! keys; `auth` checks the `X-Matrix` signature of inbound requests; `queries` serves
 //! and asks the directory, profile and room-directory queries.
 
+pub mod acl;
 pub mod auth;
 pub mod backfill;
 pub mod client;

@@ -118,6 +118,9 @@ impl Services {
             .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok())
             .ok_or_else(|| Error::bad_json("cannot compute the PDU's event id"))?;
         use crate::service::rooms::pipeline::{Arrival, PduOutcome};
+        if !self.server_allowed_in_room(&room_id, origin).await? {
+            return Ok((event_id, Err(format!("The room's server ACL denies {origin}"))));
+        }
         self.fill_gap(origin, &room_id, &version, &event_id, &object).await;
         let result = match self.handle_pdu(&room_id, &version, object, Arrival::Live).await {
             Ok(PduOutcome::Rejected { reason, .. }) => Err(reason),
