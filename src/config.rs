@@ -483,9 +483,8 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let url = &self.database.url;
-        if !url.is_empty()
-            && !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
-        {
+        let known = ["sqlite:", "postgres://", "postgresql://"];
+        if !url.is_empty() && !known.iter().any(|scheme| url.starts_with(scheme)) {
             return Err(ConfigError("config key `database.url`: must start with sqlite:// or postgres://".into()));
         }
         check_numeric_ranges(self)?;

@@ -23,9 +23,12 @@ use crate::{
 /// can say which changes a client has seen. Notices run out by themselves: one expiry
 /// worker per server (started with the first notice) sleeps until the earliest end,
 /// drops what has ended and wakes those rooms' syncs. No task per request.
+/// Per room: the serial of its last change, and who is typing until when.
+type TypingRooms = HashMap<OwnedRoomId, (u64, HashMap<OwnedUserId, Instant>)>;
+
 #[derive(Default)]
 pub struct Typing {
-    rooms: Mutex<HashMap<OwnedRoomId, (u64, HashMap<OwnedUserId, Instant>)>>,
+    rooms: Mutex<TypingRooms>,
     serial: AtomicU64,
     /// Tells the worker that a notice was set, which may end before what it waits for.
     wake_worker: std::sync::Arc<tokio::sync::Notify>,

@@ -86,8 +86,7 @@ pub fn install_crypto() {
 
 /// A configuration for tests: open registration, cheap hashing, no rate limits.
 pub fn test_config(dir: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.data_dir = dir.join("data");
+    let mut config = Config { data_dir: dir.join("data"), ..Config::default() };
     config.listeners.client = "127.0.0.1:0".parse().unwrap();
     config.registration.mode = RegistrationMode::Open;
     config.password_hashing.memory_kib = 256;

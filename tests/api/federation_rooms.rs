@@ -299,6 +299,7 @@ async fn a_gap_in_what_arrives_is_filled_from_the_sender(backend: Backend) {
     b.stop().await;
 }
 
+#[allow(clippy::too_many_arguments)]
 /// A PDU from `b`'s user `sender` in `room` (on `a`), on top of `a`'s latest event,
 /// with the auth events the rules ask for; signed with `key` (B's own, or another).
 async fn remote_pdu(
@@ -374,7 +375,7 @@ async fn bad_pdus_are_refused_and_the_room_is_unaffected(backend: Backend) {
         "pdus": [good_pdu, forged_pdu, tampered_pdu, grab_pdu],
     });
     let path = "/_matrix/federation/v1/send/bad1";
-    let header = sign(&b, &name(&a).to_string(), "PUT", path, Some(&txn));
+    let header = sign(&b, name(&a).as_str(), "PUT", path, Some(&txn));
     let (status, body) = fed_request(&a, Method::PUT, path, Some(&txn), Some(&header)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let results = &body["pdus"];

@@ -88,7 +88,7 @@ impl Services {
         if event.room_id != room_id.as_str() {
             return Err(Error::not_found("No such event in this room"));
         }
-        let chain_ids = self.store.get_auth_chain(&[event.event_id.clone()], MAX_AUTH_CHAIN).await?;
+        let chain_ids = self.store.get_auth_chain(std::slice::from_ref(&event.event_id), MAX_AUTH_CHAIN).await?;
         self.store.get_events_by_ids(&chain_ids).await?.iter().map(raw).collect()
     }
 

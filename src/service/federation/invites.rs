@@ -165,7 +165,7 @@ impl Services {
                     stripped_state: &serde_json::to_string(&state).map_err(Error::internal)?,
                 })
                 .await?;
-            self.notifier.notify_users(&[invitee.clone()]);
+            self.notifier.notify_users(std::slice::from_ref(&invitee));
         }
         // A room we are in: the invite reaches us again as a PDU of the room, through
         // `/send`, and takes its place in the room's state then.
