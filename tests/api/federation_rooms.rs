@@ -77,6 +77,7 @@ backend_tests!(
     a_gap_in_what_arrives_is_filled_from_the_sender,
     bad_pdus_are_refused_and_the_room_is_unaffected,
     a_server_the_acl_denies_is_not_heard,
+    conflicting_state_sent_at_once_resolves_the_same_everywhere,
 );
 
 /// Syncs until the user has an invite to `room`; answers its stripped state.
@@ -451,6 +452,122 @@ async fn a_server_the_acl_denies_is_not_heard(backend: Backend) {
             .any(|e| e["content"]["user_ids"].as_array().is_some_and(|u| !u.is_empty())),
         "nobody typing: {typing}"
     );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// An event of `sender` on top of `prev`, with the given auth events, signed by
+/// `server`'s key: what that server would send.
+#[allow(clippy::too_many_arguments)]
+fn signed_event(
+    server: &TestServer,
+    room: &str,
+    sender: &str,
+    kind: &str,
+    content: Value,
+    prev: &str,
+    depth: u64,
+    auth: &[String],
+) -> ruma::CanonicalJsonObject {
+    use crate::federation::services;
+    let pdu = json!({
+        "room_id": room, "sender": sender, "type": kind, "state_key": "", "content": content,
+        "origin_server_ts": 1_800_000_000_000u64, "depth": depth, "prev_events": [prev], "auth_events": auth,
+    });
+    let mut object: ruma::CanonicalJsonObject = serde_json::from_value(pdu).unwrap();
+    let rules = ruma::RoomVersionId::V11.rules().unwrap();
+    let key = &services(server).signing_key;
+    ruma::signatures::hash_and_sign_event(name(server).as_str(), key, &mut object, &rules.redaction).unwrap();
+    object
+}
+
+async fn conflicting_state_sent_at_once_resolves_the_same_everywhere(backend: Backend) {
+    use convo::service::rooms::pipeline::Arrival;
+
+    use crate::federation::services;
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (alice, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room =
+        a.create_room(&alice_token, json!({"preset": "public_chat", "room_version": "11", "topic": "old"})).await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    // Bob becomes a moderator (enough to change the topic); both servers see it.
+    let (_, mut levels) =
+        a.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels"), Some(&alice_token)).await;
+    levels["users"][&bob] = json!(50);
+    let (status, body) = a
+        .put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice_token), levels.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let promoted = body["event_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, now) =
+            b.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels"), Some(&bob_token)).await;
+        if now["users"][&bob] == 50 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob's server never saw his promotion");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // At once, on the same head: Alice demotes Bob, and Bob changes the topic.
+    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    let head = services(&a).store.get_room_head(&room).await.unwrap();
+    assert_eq!(head.len(), 1);
+    let (prev, depth) = (head[0].0.clone(), head[0].1 as u64 + 1);
+    let (_, state) = a.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(&alice_token)).await;
+    let id_of = |t: &str, k: &str| {
+        state.as_array().unwrap().iter().find(|e| e["type"] == t && e["state_key"] == k).unwrap()["event_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let create = id_of("m.room.create", "");
+    let mut demoted = levels.clone();
+    demoted["users"][&bob] = json!(0);
+    let demotion = signed_event(
+        &a,
+        &room,
+        &alice,
+        "m.room.power_levels",
+        demoted,
+        &prev,
+        depth,
+        &[create.clone(), promoted.clone(), id_of("m.room.member", &alice)],
+    );
+    let topic = signed_event(
+        &b,
+        &room,
+        &bob,
+        "m.room.topic",
+        json!({"topic": "bob's"}),
+        &prev,
+        depth,
+        &[create, promoted, id_of("m.room.member", &bob)],
+    );
+    // Each server takes its own first, then the other's (as if they crossed on the wire).
+    let version = ruma::RoomVersionId::V11;
+    let (sa, sb) = (services(&a), services(&b));
+    let outcomes = [
+        sa.handle_pdu(&room_id, &version, demotion.clone(), Arrival::Local).await.unwrap(),
+        sb.handle_pdu(&room_id, &version, topic.clone(), Arrival::Local).await.unwrap(),
+        sa.handle_pdu(&room_id, &version, topic, Arrival::Live).await.unwrap(),
+        sb.handle_pdu(&room_id, &version, demotion, Arrival::Live).await.unwrap(),
+    ];
+    assert!(!format!("{outcomes:?}").contains("Rejected"), "each is allowed on its own branch: {outcomes:?}");
+
+    // Power levels come first in resolution: Bob is demoted, so his topic does not hold.
+    for (server, token) in [(&a, &alice_token), (&b, &bob_token)] {
+        let (_, levels) =
+            server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels"), Some(token)).await;
+        assert_eq!(levels["users"][&bob], 0, "bob demoted on {}", name(server));
+        let (_, topic) = server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic"), Some(token)).await;
+        assert_eq!(topic["topic"], "old", "the topic on {}", name(server));
+    }
     a.stop().await;
     b.stop().await;
 }
