@@ -58,11 +58,6 @@ fn str_field<'a>(object: &'a CanonicalJsonObject, key: &str) -> Option<&'a str> 
     object.get(key).and_then(|v| v.as_str())
 }
 
-/// Checks that `object` is `user`'s join to `room_id`.
-fn check_join_event(object: &CanonicalJsonObject, room_id: &RoomId, user: &str) -> Result<()> {
-    check_membership_event(object, room_id, user, "join")
-}
-
 /// Checks that `object` is `user`'s own `membership` event in `room_id`.
 fn check_membership_event(object: &CanonicalJsonObject, room_id: &RoomId, user: &str, wanted: &str) -> Result<()> {
     let membership = match object.get("content") {
@@ -91,19 +86,33 @@ impl Services {
         user: &UserId,
         versions: &[RoomVersionId],
     ) -> Result<(RoomVersionId, Box<RawValue>)> {
+        self.membership_template(origin, room_id, user, "join", Some(versions)).await
+    }
+
+    /// A template of `user`'s own `membership` event (join, leave) for their server
+    /// `origin`, built on the room's head and checked; `versions` are the room versions
+    /// the asking server supports, when it says.
+    async fn membership_template(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        user: &UserId,
+        membership: &str,
+        versions: Option<&[RoomVersionId]>,
+    ) -> Result<(RoomVersionId, Box<RawValue>)> {
         if user.server_name() != origin {
-            return Err(Error::forbidden("A server may only ask to join its own users"));
+            return Err(Error::forbidden("A server may only ask for its own users"));
         }
         let version = self.room_version(room_id).await?;
         self.require_server_allowed(room_id, origin).await?;
         if self.joined_local_members(room_id).await?.is_empty() {
             return Err(Error::not_found("This server is not in that room"));
         }
-        if !versions.contains(&version) {
+        if versions.is_some_and(|v| !v.contains(&version)) {
             return Err(Error::matrix(
                 StatusCode::BAD_REQUEST,
                 ErrorKind::IncompatibleRoomVersion(IncompatibleRoomVersionErrorData::new(version.clone())),
-                format!("The room has version {version}, which the joining server does not support"),
+                format!("The room has version {version}, which the asking server does not support"),
             ));
         }
         let rules = rules_for(&version)?;
@@ -111,13 +120,13 @@ impl Services {
             sender: user,
             kind: TimelineEventType::RoomMember,
             state_key: Some(user.to_string()),
-            content: json!({"membership": "join"}),
+            content: json!({ "membership": membership }),
             txn: None,
             redacts: None,
         };
         let built = self.build_on_current_state(room_id, &rules, &event).await?;
         let mut template: CanonicalJsonObject = serde_json::from_str(&built.json).map_err(Error::internal)?;
-        // The joining server hashes and signs it.
+        // The asking server hashes and signs it.
         template.remove("signatures");
         template.remove("hashes");
         Ok((version, to_raw(&template)?))
@@ -157,36 +166,7 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
     ) -> Result<send_join::RoomState> {
-        let version = self.room_version(room_id).await?;
-        self.require_server_allowed(room_id, origin).await?;
-        let rules = rules_for(&version)?;
-        let object = parse_object(pdu)?;
-        let sender = str_field(&object, "sender").unwrap_or_default().to_owned();
-        check_join_event(&object, room_id, &sender)?;
-        let sender_id = UserId::parse(&sender).map_err(|e| Error::bad_json(format!("Bad sender: {e}")))?;
-        if sender_id.server_name() != origin {
-            return Err(Error::forbidden("A server may only send the joins of its own users"));
-        }
-        if event_id_of(&object, &rules)? != event_id {
-            return Err(Error::bad_json("The event id does not match the event"));
-        }
-        match self.handle_pdu(room_id, &version, object, Arrival::Live).await? {
-            PduOutcome::Accepted { position, .. } => {
-                // The other servers in the room hear of the join from us.
-                if let Some(position) = position {
-                    let others: Vec<OwnedServerName> =
-                        self.room_remote_servers(room_id).await?.iter().filter(|s| *s != origin).cloned().collect();
-                    self.send_pdu(&others, position, event_id.as_str()).await?;
-                }
-            }
-            PduOutcome::Duplicate { .. } => {}
-            PduOutcome::Rejected { reason, .. } => {
-                return Err(Error::forbidden(format!("The join is not allowed: {reason}")));
-            }
-            PduOutcome::SoftFailed { .. } => {
-                return Err(Error::forbidden("The join is not allowed by the room's current state"));
-            }
-        }
+        self.accept_membership(origin, room_id, event_id, pdu, "join").await?;
         let stored =
             self.store.get_event(event_id.as_str()).await?.ok_or_else(|| Error::internal("the join vanished"))?;
         let group = self.state_group_before(&stored).await?.ok_or_else(|| Error::internal("no state before"))?;
@@ -259,32 +239,18 @@ impl Services {
             ));
         }
         let rules = rules_for(&version)?;
-        let mut event = parse_object(&template.event)?;
-        check_join_event(&event, room_id, user.as_str())?;
-        event.remove("signatures");
-        event.remove("hashes");
-        event.remove("event_id");
-        event.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now_ms().try_into().unwrap_or_default()));
-        if let Some(CanonicalJsonValue::Object(content)) = event.get_mut("content") {
-            if let Some(reason) = reason {
-                content.insert("reason".into(), CanonicalJsonValue::String(reason));
-            }
-            if let Some(profile) = self.store.get_profile(user.as_str()).await? {
-                for field in ["displayname", "avatar_url"] {
-                    if let Some(serde_json::Value::String(value)) = profile.get(field) {
-                        content.insert(field.into(), CanonicalJsonValue::String(value.clone()));
-                    }
+        let mut extra = serde_json::Map::new();
+        if let Some(reason) = reason {
+            extra.insert("reason".into(), json!(reason));
+        }
+        if let Some(profile) = self.store.get_profile(user.as_str()).await? {
+            for field in ["displayname", "avatar_url"] {
+                if let Some(value @ serde_json::Value::String(_)) = profile.get(field) {
+                    extra.insert(field.into(), value.clone());
                 }
             }
         }
-        ruma::signatures::hash_and_sign_event(
-            self.server_name().as_str(),
-            &self.signing_key,
-            &mut event,
-            &rules.redaction,
-        )
-        .map_err(|e| Error::internal(format!("cannot sign the join: {e}")))?;
-        let event_id = event_id_of(&event, &rules)?;
+        let (event_id, mut event) = self.sign_template(&template.event, room_id, user, "join", &rules, extra)?;
         let request = send_join::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
         let answer = self.send_federation_request(&resident, request).await?.room_state;
         if let Some(signed) = &answer.event {
@@ -388,27 +354,7 @@ impl Services {
         room_id: &RoomId,
         user: &UserId,
     ) -> Result<(RoomVersionId, Box<RawValue>)> {
-        if user.server_name() != origin {
-            return Err(Error::forbidden("A server may only ask to leave for its own users"));
-        }
-        let version = self.room_version(room_id).await?;
-        if self.joined_local_members(room_id).await?.is_empty() {
-            return Err(Error::not_found("This server is not in that room"));
-        }
-        let rules = rules_for(&version)?;
-        let event = LocalEvent {
-            sender: user,
-            kind: TimelineEventType::RoomMember,
-            state_key: Some(user.to_string()),
-            content: json!({"membership": "leave"}),
-            txn: None,
-            redacts: None,
-        };
-        let built = self.build_on_current_state(room_id, &rules, &event).await?;
-        let mut template: CanonicalJsonObject = serde_json::from_str(&built.json).map_err(Error::internal)?;
-        template.remove("signatures");
-        template.remove("hashes");
-        Ok((version, to_raw(&template)?))
+        self.membership_template(origin, room_id, user, "leave", None).await
     }
 
     /// `PUT /send_leave/{roomId}/{eventId}` (v2): a remote user's signed leave, through
@@ -420,20 +366,35 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
     ) -> Result<()> {
+        self.accept_membership(origin, room_id, event_id, pdu, "leave").await
+    }
+
+    /// A remote user's own signed `membership` event (join, leave) sent by its server:
+    /// checked, through the event pipeline, then passed on to the room's other servers.
+    async fn accept_membership(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        event_id: &ruma::EventId,
+        pdu: &RawValue,
+        membership: &str,
+    ) -> Result<()> {
         let version = self.room_version(room_id).await?;
+        self.require_server_allowed(room_id, origin).await?;
         let rules = rules_for(&version)?;
         let object = parse_object(pdu)?;
         let sender = str_field(&object, "sender").unwrap_or_default().to_owned();
-        check_membership_event(&object, room_id, &sender, "leave")?;
+        check_membership_event(&object, room_id, &sender, membership)?;
         let sender_id = UserId::parse(&sender).map_err(|e| Error::bad_json(format!("Bad sender: {e}")))?;
         if sender_id.server_name() != origin {
-            return Err(Error::forbidden("A server may only send the leaves of its own users"));
+            return Err(Error::forbidden("A server may only send its own users' membership"));
         }
         if event_id_of(&object, &rules)? != event_id {
             return Err(Error::bad_json("The event id does not match the event"));
         }
         match self.handle_pdu(room_id, &version, object, Arrival::Live).await? {
             PduOutcome::Accepted { position, .. } => {
+                // The other servers in the room hear of it from us.
                 if let Some(position) = position {
                     let others: Vec<OwnedServerName> =
                         self.room_remote_servers(room_id).await?.iter().filter(|s| *s != origin).cloned().collect();
@@ -442,8 +403,12 @@ impl Services {
                 Ok(())
             }
             PduOutcome::Duplicate { .. } => Ok(()),
-            PduOutcome::Rejected { reason, .. } => Err(Error::forbidden(format!("The leave is not allowed: {reason}"))),
-            PduOutcome::SoftFailed { .. } => Err(Error::forbidden("The leave is not allowed by the room's state")),
+            PduOutcome::Rejected { reason, .. } => {
+                Err(Error::forbidden(format!("The {membership} is not allowed: {reason}")))
+            }
+            PduOutcome::SoftFailed { .. } => {
+                Err(Error::forbidden(format!("The {membership} is not allowed by the room's current state")))
+            }
         }
     }
 
@@ -457,23 +422,48 @@ impl Services {
             return Err(Error::federation(format!("{server} answered room version {version}")));
         }
         let rules = rules_for(&version)?;
-        let mut event = parse_object(&template.event)?;
-        check_membership_event(&event, room_id, user.as_str(), "leave")?;
-        event.remove("signatures");
-        event.remove("hashes");
-        event.remove("event_id");
+        let (event_id, event) =
+            self.sign_template(&template.event, room_id, user, "leave", &rules, serde_json::Map::new())?;
+        self.send_federation_request(server, send_leave::Request::new(room_id.to_owned(), event_id, to_raw(&event)?))
+            .await?;
+        Ok(())
+    }
+}
+
+impl Services {
+    /// Fills in a resident server's template of `user`'s own `membership` event: checks
+    /// it is that, adds `extra` to its content and the time, hashes and signs it.
+    /// Answers its id and the signed event.
+    fn sign_template(
+        &self,
+        template: &RawValue,
+        room_id: &RoomId,
+        user: &UserId,
+        membership: &str,
+        rules: &RoomVersionRules,
+        extra: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
+        let mut event = parse_object(template)?;
+        check_membership_event(&event, room_id, user.as_str(), membership)?;
+        for key in ["signatures", "hashes", "event_id", "unsigned"] {
+            event.remove(key);
+        }
         event.insert("origin_server_ts".into(), CanonicalJsonValue::Integer(now_ms().try_into().unwrap_or_default()));
+        if let Some(CanonicalJsonValue::Object(content)) = event.get_mut("content") {
+            for (key, value) in extra {
+                if let Ok(value) = CanonicalJsonValue::try_from(value) {
+                    content.insert(key, value);
+                }
+            }
+        }
         ruma::signatures::hash_and_sign_event(
             self.server_name().as_str(),
             &self.signing_key,
             &mut event,
             &rules.redaction,
         )
-        .map_err(|e| Error::internal(format!("cannot sign the leave: {e}")))?;
-        let event_id = event_id_of(&event, &rules)?;
-        self.send_federation_request(server, send_leave::Request::new(room_id.to_owned(), event_id, to_raw(&event)?))
-            .await?;
-        Ok(())
+        .map_err(|e| Error::internal(format!("cannot sign the {membership}: {e}")))?;
+        Ok((event_id_of(&event, rules)?, event))
     }
 }
 
