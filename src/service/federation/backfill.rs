@@ -12,7 +12,7 @@ use std::{
 };
 
 use ruma::{
-    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, ServerName, UInt,
+    MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, ServerName, UInt,
     api::federation::backfill::get_backfill::v1 as get_backfill,
 };
 use serde_json::value::RawValue;
@@ -125,22 +125,7 @@ impl Services {
                     continue;
                 }
             };
-            let mut events: Vec<(i64, CanonicalJsonObject)> = response
-                .pdus
-                .iter()
-                .take(MAX_BACKFILL)
-                .filter_map(|raw| serde_json::from_str::<CanonicalJsonObject>(raw.get()).ok())
-                .map(|o| {
-                    let depth = match o.get("depth") {
-                        Some(ruma::CanonicalJsonValue::Integer(d)) => i64::from(*d),
-                        _ => 0,
-                    };
-                    (depth, o)
-                })
-                .collect();
-            // Oldest first, so that each event's prev events are stored before it.
-            events.sort_by_key(|(depth, _)| *depth);
-            for (_, pdu) in events {
+            for pdu in super::oldest_first(&response.pdus, MAX_BACKFILL) {
                 match self.handle_pdu(room_id, &version, pdu, Arrival::Backfill).await {
                     Ok(PduOutcome::Accepted { .. }) => stored += 1,
                     Ok(_) => {}

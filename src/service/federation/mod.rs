@@ -72,3 +72,22 @@ impl crate::service::Services {
         Ok(map)
     }
 }
+
+/// PDUs another server sent (at most `max`), parsed and sorted oldest first (by depth),
+/// so that each one's prev events are taken in before it. Unparsable ones are dropped.
+pub(crate) fn oldest_first(pdus: &[Box<serde_json::value::RawValue>], max: usize) -> Vec<ruma::CanonicalJsonObject> {
+    let mut events: Vec<(i64, ruma::CanonicalJsonObject)> = pdus
+        .iter()
+        .take(max)
+        .filter_map(|raw| serde_json::from_str::<ruma::CanonicalJsonObject>(raw.get()).ok())
+        .map(|o| {
+            let depth = match o.get("depth") {
+                Some(ruma::CanonicalJsonValue::Integer(d)) => i64::from(*d),
+                _ => 0,
+            };
+            (depth, o)
+        })
+        .collect();
+    events.sort_by_key(|(depth, _)| *depth);
+    events.into_iter().map(|(_, o)| o).collect()
+}

@@ -180,20 +180,7 @@ impl Services {
                 return;
             }
         };
-        let mut events: Vec<(i64, ruma::CanonicalJsonObject)> = events
-            .iter()
-            .take(MAX_GAP as usize)
-            .filter_map(|raw| serde_json::from_str::<ruma::CanonicalJsonObject>(raw.get()).ok())
-            .map(|o| {
-                let depth = match o.get("depth") {
-                    Some(ruma::CanonicalJsonValue::Integer(d)) => i64::from(*d),
-                    _ => 0,
-                };
-                (depth, o)
-            })
-            .collect();
-        events.sort_by_key(|(depth, _)| *depth);
-        for (_, pdu) in events {
+        for pdu in super::oldest_first(&events, MAX_GAP as usize) {
             if let Err(e) = self.handle_pdu(room_id, version, pdu, Arrival::Live).await {
                 tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
             }
