@@ -65,13 +65,14 @@ def test_a_group_room_with_users_of_three_servers(fed, home):
 
     everyone = [owner, *guests]
     sent = {}
+    # One after the other: each message is sent once every server has the one before,
+    # so they form a chain (concurrent messages have no order the servers must share).
     for user in everyone:
         body = f"from {user.server.label}"
         sent[body] = user.send_text(room, body)
-    for user in everyone:
-        for body, event_id in sent.items():
-            seen = user.wait_for_event(room, is_text(body))
-            assert seen["event_id"] == event_id, f"{user.server.label} has another id for {body!r}"
+        for reader in everyone:
+            seen = reader.wait_for_event(room, is_text(body))
+            assert seen["event_id"] == sent[body], f"{reader.server.label} has another id for {body!r}"
 
     members = {u.user_id for u in everyone}
     for user in everyone:
