@@ -22,27 +22,7 @@ impl OutboxBatch {
 impl Store {
     /// Queues a local event for each of `destinations`, at the event's stream position.
     pub async fn enqueue_federation_pdu(&self, destinations: &[String], position: i64, event_id: &str) -> Result<()> {
-        if destinations.is_empty() {
-            return Ok(());
-        }
-        on_pool!(self, write, |pool| {
-            for chunk in destinations.chunks(500) {
-                let mut query = sqlx::QueryBuilder::new(
-                    "INSERT INTO federation_outbox (destination, kind, position, event_id, edu_json, expires_ms) ",
-                );
-                query.push_values(chunk, |mut row, destination| {
-                    row.push_bind(destination)
-                        .push_bind("pdu")
-                        .push_bind(position)
-                        .push_bind(event_id)
-                        .push_bind(None::<String>)
-                        .push_bind(None::<i64>);
-                });
-                query.push(" ON CONFLICT DO NOTHING");
-                query.build().execute(pool).await?;
-            }
-            Ok(())
-        })
+        self.enqueue_federation(destinations, "pdu", position, Some(event_id), None, None).await
     }
 
     /// Queues an EDU for each of `destinations` at `position` (the sender's EDU counter).
@@ -51,6 +31,19 @@ impl Store {
         destinations: &[String],
         position: i64,
         edu_json: &str,
+        expires_ms: Option<i64>,
+    ) -> Result<()> {
+        self.enqueue_federation(destinations, "edu", position, None, Some(edu_json), expires_ms).await
+    }
+
+    /// One row per destination, in one statement per 500; a row already queued stays.
+    async fn enqueue_federation(
+        &self,
+        destinations: &[String],
+        kind: &str,
+        position: i64,
+        event_id: Option<&str>,
+        edu_json: Option<&str>,
         expires_ms: Option<i64>,
     ) -> Result<()> {
         if destinations.is_empty() {
@@ -63,9 +56,9 @@ impl Store {
                 );
                 query.push_values(chunk, |mut row, destination| {
                     row.push_bind(destination)
-                        .push_bind("edu")
+                        .push_bind(kind)
                         .push_bind(position)
-                        .push_bind(None::<String>)
+                        .push_bind(event_id)
                         .push_bind(edu_json)
                         .push_bind(expires_ms);
                 });
