@@ -95,13 +95,9 @@ pub struct Services {
     pub federation: federation::Federation,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
-    /// Other servers' signing keys, for checking PDUs (`rooms/pipeline.rs`); `known_keys`
-    /// until the federation key service replaces it.
-    pub server_keys: Arc<dyn rooms::pipeline::ServerKeys>,
-    /// Keys trusted without asking: our own, and those tests add.
+    /// Keys trusted without asking: our own, and those tests add. Other servers' keys
+    /// come from the key service (`federation/keys.rs`).
     pub known_keys: Arc<rooms::pipeline::KnownKeys>,
-    /// Fetches events the persist pipeline misses (nothing until the federation client).
-    pub missing_events: Arc<dyn rooms::pipeline::FetchMissing>,
 }
 
 impl Services {
@@ -116,9 +112,7 @@ impl Services {
         ));
         Ok(Arc::new(Services {
             federation,
-            server_keys: known_keys.clone(),
             known_keys,
-            missing_events: Arc::new(rooms::pipeline::NoFetch),
             rate_limiter: RateLimiter::new(config.rate_limits.clone()),
             config,
             store,

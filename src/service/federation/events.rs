@@ -138,3 +138,44 @@ impl Services {
         found.iter().map(raw).collect()
     }
 }
+
+/// Most servers asked for one missing event, and the longest the whole fetch may take
+/// (it runs under the room's lock, from the event pipeline).
+const FETCH_SERVERS: usize = 3;
+const FETCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Services {
+    /// Events this server misses (the auth events of a PDU), asked of the room's other
+    /// servers (`GET /event`), each id from the first server that has it; all at once,
+    /// bounded in time. Answers what came (unchecked: the pipeline checks it).
+    pub async fn fetch_events_from_room(
+        &self,
+        room_id: &RoomId,
+        event_ids: &[OwnedEventId],
+    ) -> Vec<ruma::CanonicalJsonObject> {
+        use ruma::api::federation::event::get_event::v1 as get_event;
+        let servers = match self.room_remote_servers(room_id).await {
+            Ok(servers) => servers,
+            Err(_) => return Vec::new(),
+        };
+        if servers.is_empty() {
+            return Vec::new();
+        }
+        let fetches = event_ids.iter().map(|id| {
+            let servers = servers.clone();
+            async move {
+                for server in servers.iter().take(FETCH_SERVERS) {
+                    match self.send_federation_request(server, get_event::Request::new(id.clone())).await {
+                        Ok(response) => return serde_json::from_str(response.pdu.get()).ok(),
+                        Err(e) => tracing::debug!(%server, event_id = %id, error = %e, "could not fetch an event"),
+                    }
+                }
+                None
+            }
+        });
+        tokio::time::timeout(FETCH_DEADLINE, futures_util::future::join_all(fetches))
+            .await
+            .map(|found| found.into_iter().flatten().collect())
+            .unwrap_or_default()
+    }
+}

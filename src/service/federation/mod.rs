@@ -63,7 +63,7 @@ impl crate::service::Services {
         &self,
         servers: &std::collections::BTreeSet<ruma::OwnedServerName>,
     ) -> crate::error::Result<ruma::signatures::PublicKeyMap> {
-        let mut map = self.server_keys.public_keys(servers).await?;
+        let mut map = self.known_keys.public_keys(servers);
         let rest: Vec<ruma::OwnedServerName> =
             servers.iter().filter(|s| !map.contains_key(s.as_str()) && *s != self.server_name()).cloned().collect();
         if !rest.is_empty() {

@@ -8,13 +8,12 @@
 //! prev's state, or state resolution over several), its state group, the room's new
 //! current state and extremities, under the room's lock, with `RoomHeads` kept true.
 //! `handle_outliers` stores a batch of events without state (a join's state and auth
-//! chain). Keys of other servers come from a `ServerKeys`, missing events from a
-//! `FetchMissing`: both are traits the federation code implements.
+//! chain). Keys of other servers come from `event_signing_keys` (our own and test keys
+//! in `KnownKeys`, the rest from the key service); missing auth events are fetched from
+//! the room's servers (`fetch_events_from_room`).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    future::Future,
-    pin::Pin,
     sync::RwLock,
 };
 
@@ -41,39 +40,6 @@ use crate::{
     },
 };
 
-/// A boxed future, for the traits below (they are used as trait objects).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// The signing keys of other servers. The federation key service implements it (fetching
-/// and caching keys with their validity); until then `KnownKeys` answers our own key and
-/// the keys tests add.
-pub trait ServerKeys: Send + Sync {
-    /// The verify keys of `servers` ("ed25519:abc" to the unpadded base64 key). A server
-    /// whose keys are unknown is left out: its signatures then fail to verify.
-    fn public_keys<'a>(&'a self, servers: &'a BTreeSet<OwnedServerName>) -> BoxFuture<'a, Result<PublicKeyMap>>;
-}
-
-/// Fetches events the pipeline misses: prev events (`get_missing_events`) and auth events
-/// (`event_auth`, `event`). The federation client implements it; `NoFetch` returns
-/// nothing. It is called at most once per PDU, for at most `MAX_FETCH` ids.
-pub trait FetchMissing: Send + Sync {
-    /// The PDUs (canonical JSON, unchecked) of whichever of `event_ids` it could get.
-    fn fetch_missing<'a>(
-        &'a self,
-        room_id: &'a RoomId,
-        event_ids: &'a [OwnedEventId],
-    ) -> BoxFuture<'a, Vec<CanonicalJsonObject>>;
-}
-
-/// Fetches nothing (no federation client yet).
-pub struct NoFetch;
-
-impl FetchMissing for NoFetch {
-    fn fetch_missing<'a>(&'a self, _: &'a RoomId, _: &'a [OwnedEventId]) -> BoxFuture<'a, Vec<CanonicalJsonObject>> {
-        Box::pin(async { Vec::new() })
-    }
-}
-
 /// Keys known without asking anyone: our own, and any added with `add`.
 pub struct KnownKeys {
     keys: RwLock<PublicKeyMap>,
@@ -91,17 +57,14 @@ impl KnownKeys {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
         keys.entry(server.to_owned()).or_default().insert(key_id.to_owned(), Base64::new(public_key.to_vec()));
     }
-}
 
-impl ServerKeys for KnownKeys {
-    fn public_keys<'a>(&'a self, servers: &'a BTreeSet<OwnedServerName>) -> BoxFuture<'a, Result<PublicKeyMap>> {
+    /// The known keys of those of `servers` that have some.
+    pub fn public_keys(&self, servers: &BTreeSet<OwnedServerName>) -> PublicKeyMap {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        let found: PublicKeyMap = keys
-            .iter()
+        keys.iter()
             .filter(|(s, _)| servers.iter().any(|n| n.as_str() == s.as_str()))
             .map(|(s, k)| (s.clone(), k.clone()))
-            .collect();
-        Box::pin(async move { Ok(found) })
+            .collect()
     }
 }
 
@@ -251,7 +214,7 @@ impl Services {
             Err(e) => return Err(e),
         };
         let prev_ids: Vec<String> = parsed.prev_events.iter().map(|p| p.to_string()).collect();
-        let mut known = self.store.get_events_by_ids(&prev_ids).await?;
+        let known = self.store.get_events_by_ids(&prev_ids).await?;
         if known.len() < prev_ids.len() {
             let missing: Vec<OwnedEventId> = parsed
                 .prev_events
@@ -260,15 +223,10 @@ impl Services {
                 .take(MAX_FETCH)
                 .cloned()
                 .collect();
-            // TODO(federation): a real fetch must not hold the room's lock: look for
-            // missing prevs before taking it, fetch, run what came back through this
-            // pipeline (as live events, oldest first), then take the lock for this one.
-            let fetched = self.missing_events.fetch_missing(room_id, &missing).await;
-            if !fetched.is_empty() {
-                // With `NoFetch` nothing comes back.
-                tracing::debug!(count = fetched.len(), "fetched prev events are not handled yet");
-            }
-            known = self.store.get_events_by_ids(&prev_ids).await?;
+            // Missing prevs are fetched before this, outside the room's lock, by the
+            // receiver of `/send` (`federation/transactions.rs`, `get_missing_events`);
+            // what is still missing becomes a backward extremity.
+            tracing::debug!(event_id = %event_id, missing = missing.len(), "placing an event with unknown prevs");
         }
         let mut prev_groups: Vec<i64> = Vec::new();
         for prev in &known {
@@ -586,7 +544,7 @@ impl Services {
             .cloned()
             .collect();
         if !missing.is_empty() {
-            let fetched = self.missing_events.fetch_missing(room_id, &missing).await;
+            let fetched = self.fetch_events_from_room(room_id, &missing).await;
             if !fetched.is_empty() {
                 let version = self.room_version(room_id).await?;
                 // Auth events are stored as outliers (checked against their own).
