@@ -18,29 +18,30 @@ pub struct RemoteInvite<'a> {
 }
 
 impl Store {
-    /// Stores an invite from another server to a room this server is not in, in one
-    /// transaction: the event (an outlier: there is no state to place it in), the
+    /// Stores an invite from another server to a room this server is not in: the event
+    /// (an outlier: there is no state to place it in), then in one transaction the
     /// user's membership at a new stream position (so that `/sync` shows it) and the
     /// stripped state to show with it. Answers the position.
     pub async fn store_remote_invite(&self, invite: &RemoteInvite<'_>) -> Result<i64> {
+        // The event first, as any outlier (storing it again changes nothing); then the
+        // membership and the state to show, together.
+        self.persist_outliers(&[super::Outlier {
+            event_id: invite.event_id,
+            room_id: invite.room_id,
+            sender: invite.sender,
+            event_type: "m.room.member",
+            state_key: Some(invite.user_id),
+            depth: invite.depth,
+            origin_server_ts: invite.origin_server_ts,
+            json: invite.json,
+            prev_events: &[],
+            auth_events: &[],
+            rejected_reason: None,
+        }])
+        .await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let pos = super::events::next_stream_position!(tx);
-            sqlx::query(
-                "INSERT INTO events (event_id, room_id, sender, event_type, state_key, depth, origin_server_ts,
-                     json, outlier, soft_failed)
-                 VALUES ($1, $2, $3, 'm.room.member', $4, $5, $6, $7, TRUE, FALSE)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(invite.event_id)
-            .bind(invite.room_id)
-            .bind(invite.sender)
-            .bind(invite.user_id)
-            .bind(invite.depth)
-            .bind(invite.origin_server_ts)
-            .bind(invite.json)
-            .execute(&mut *tx)
-            .await?;
             sqlx::query(
                 "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
                  VALUES ($1, $2, 'invite', $3, $4, FALSE)
