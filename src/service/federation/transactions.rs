@@ -69,8 +69,11 @@ impl Services {
             return Ok(results.into_iter().map(|(id, r)| (id, r.into())).collect());
         }
         let mut results = PduResults::new();
+        // The rooms' server ACLs, read once per room of the transaction (an ACL that
+        // comes in this transaction applies from the next one).
+        let mut allowed: HashMap<ruma::OwnedRoomId, bool> = HashMap::new();
         for pdu in pdus {
-            match self.receive_pdu(origin, pdu).await {
+            match self.receive_pdu(origin, pdu, &mut allowed).await {
                 Ok((event_id, result)) => {
                     results.insert(event_id, result);
                 }
@@ -103,7 +106,12 @@ impl Services {
 impl Services {
     /// Checks and stores one PDU of a transaction. `Err` when not even its event id can
     /// be known (no room, or a room we do not know: its version decides the id).
-    async fn receive_pdu(&self, origin: &ServerName, pdu: &RawValue) -> Result<(OwnedEventId, Result<(), String>)> {
+    async fn receive_pdu(
+        &self,
+        origin: &ServerName,
+        pdu: &RawValue,
+        allowed: &mut HashMap<ruma::OwnedRoomId, bool>,
+    ) -> Result<(OwnedEventId, Result<(), String>)> {
         let object: ruma::CanonicalJsonObject = serde_json::from_str(pdu.get())
             .map_err(|e| Error::bad_json(format!("a PDU is not canonical JSON: {e}")))?;
         let room_id = object
@@ -118,7 +126,15 @@ impl Services {
             .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok())
             .ok_or_else(|| Error::bad_json("cannot compute the PDU's event id"))?;
         use crate::service::rooms::pipeline::{Arrival, PduOutcome};
-        if !self.server_allowed_in_room(&room_id, origin).await? {
+        let may = match allowed.get(&room_id) {
+            Some(may) => *may,
+            None => {
+                let may = self.server_allowed_in_room(&room_id, origin).await?;
+                allowed.insert(room_id.clone(), may);
+                may
+            }
+        };
+        if !may {
             return Ok((event_id, Err(format!("The room's server ACL denies {origin}"))));
         }
         self.fill_gap(origin, &room_id, &version, &event_id, &object).await;
