@@ -367,13 +367,17 @@ async function inviteAndJoin(inviter, invitees, roomId) {
     await seenJoin;
     await waitUntil(() => c.getRoom(roomId)?.getMyMembership() === "join", `${joined}'s own membership is join`);
   }
-  for (const c of [inviter, ...invitees]) {
-    const members = c
+  // Every client's sync catches up with the last join (each on its own long-poll).
+  const everyone = [inviter, ...invitees].map((x) => x.getUserId()).sort();
+  const joinedOf = (c) =>
+    c
       .getRoom(roomId)
       .getJoinedMembers()
       .map((m) => m.userId)
       .sort();
-    assert.deepEqual(members, [inviter, ...invitees].map((x) => x.getUserId()).sort(), `${c.getUserId()}'s member list`);
+  for (const c of [inviter, ...invitees]) {
+    await waitUntil(() => joinedOf(c).length === everyone.length, `${c.getUserId()} sees everyone joined`).catch(() => {});
+    assert.deepEqual(joinedOf(c), everyone, `${c.getUserId()}'s member list`);
   }
 }
 
