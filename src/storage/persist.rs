@@ -1,5 +1,5 @@
 //! The write path of room events: `persist_event` stores one event whose place in the
-//! DAG, the stream and the room's state the pipeline (`service/rooms/pipeline.rs`) has
+//! DAG, the stream and the room's state the pipeline (`service/rooms/pipeline/`) has
 //! decided; `persist_outliers` stores a batch of events without state (a join's state
 //! and auth chain); `create_room` stores a new room's first events, all or nothing.
 //! Each is one transaction: stream positions, the event rows, prev and auth edges,

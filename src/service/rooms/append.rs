@@ -1,7 +1,7 @@
 //! Appending a local event to an existing room: under the room's lock, take the room's
 //! head (forward extremities and state group), read the state the auth rules need,
 //! build and check the event (`build.rs`), then place and store it through the persist
-//! pipeline (`pipeline.rs`) and wake the room's members. Every local event of an
+//! pipeline (`pipeline/`) and wake the room's members. Every local event of an
 //! existing room goes through here.
 
 use std::collections::HashMap;
@@ -60,7 +60,7 @@ pub struct RoomHead {
 
 /// The heads of rooms that events were stored in, so that appending does not read them
 /// back from the database each time. Read and written only under the room's lock by
-/// the persist pipeline (`pipeline.rs`), which every event of a room, local or remote,
+/// the persist pipeline (`pipeline/`), which every event of a room, local or remote,
 /// goes through, so an entry always equals the database; dropped when storing fails.
 /// `state_group` is the group of the room's current state (resolved over the forward
 /// extremities when there are several).

@@ -1,6 +1,6 @@
 //! Rooms: creating them, membership, sending events, reading state and history.
 //! `build.rs` makes and checks every local event; `append.rs` stores one on top of a
-//! room's state, `create.rs` a new room's first events at once; `pipeline.rs` checks
+//! room's state, `create.rs` a new room's first events at once; `pipeline/` checks
 //! remote PDUs and places every event in the DAG, the stream and the room's state.
 
 pub mod append;
