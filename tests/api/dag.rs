@@ -116,7 +116,9 @@ impl Remote {
 
     /// A remote user joins a public room on top of the current head.
     async fn join(&self, name: &str, ts: i64) -> String {
-        let auth = vec![self.state_id("m.room.join_rules", "").await, self.state_id("m.room.power_levels", "").await];
+        let mut auth =
+            vec![self.state_id("m.room.join_rules", "").await, self.state_id("m.room.power_levels", "").await];
+        auth.extend(self.create_if_listed().await);
         let user = Self::user(name);
         let (id, pdu) = self
             .sign(Draft {
@@ -131,6 +133,12 @@ impl Remote {
             .await;
         assert!(matches!(self.feed(pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
         id
+    }
+
+    /// The create event's id, in room versions that list it among auth events (before 12).
+    async fn create_if_listed(&self) -> Option<String> {
+        let listed = !self.version.rules().unwrap().authorization.room_create_event_id_as_room_id;
+        if listed { Some(self.state_id("m.room.create", "").await) } else { None }
     }
 
     /// A message draft from a joined remote user on top of `prev`.
@@ -301,6 +309,61 @@ async fn conflicting_power_levels_resolve_by_spec(backend: Backend) {
     assert_eq!(levels["users"][ron.as_str()], 0, "{levels}");
     assert_eq!(levels["users_default"], 0, "{levels}");
     assert_eq!(remote.state_id("m.room.power_levels", "").await, made[1]);
+}
+
+/// The full auth chain of each state holds the state's own events (ruma's own tests and
+/// Synapse count it so). Ron joins at level 0 and is promoted to 100 by Alice; then, at
+/// the same fork, Ron changes the levels (earlier) and Alice changes them another way
+/// (later). Ron's join is in both states, so it is not in the auth difference: the two
+/// changes are ordered by time, Ron's first, and Alice's, applied last, stands. (Counting
+/// only auth events, Ron's join, sent at level 0, would sort Ron's change after Alice's.)
+async fn auth_difference_counts_the_states_own_events(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let ron = Remote::user("ron");
+    let (alice, room, remote) = public_room(&server, json!({"room_version": "11"})).await;
+    let base = now() - 60_000;
+    let ron_join = remote.join("ron", base).await;
+    let mut levels = serde_json::from_str::<Value>(
+        &remote.services.store.get_current_state_event(&room, "m.room.power_levels", "").await.unwrap().unwrap().json,
+    )
+    .unwrap()["content"]
+        .clone();
+    levels["users"][ron.as_str()] = json!(100);
+    let (status, _) = server
+        .put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice), levels.clone())
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let promoted = remote.state_id("m.room.power_levels", "").await;
+    let fork = remote.head().await;
+
+    let mut by_alice = levels.clone();
+    by_alice["events"]["m.room.topic"] = json!(100);
+    let (status, body) = server
+        .put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice), by_alice)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let alices = body["event_id"].as_str().unwrap().to_owned();
+    let mut by_ron = levels.clone();
+    by_ron["users_default"] = json!(10);
+    let (rons, pdu) = remote
+        .sign(Draft {
+            sender: ron.clone(),
+            kind: "m.room.power_levels",
+            state_key: Some(String::new()),
+            content: by_ron,
+            prev: fork,
+            auth: [promoted, ron_join].into_iter().chain(remote.create_if_listed().await).collect(),
+            ts: base + 10,
+        })
+        .await;
+    let outcome = remote.feed(pdu, Arrival::Live).await;
+    assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+    assert_eq!(remote.head().await.len(), 2);
+    assert_eq!(remote.state_id("m.room.power_levels", "").await, alices, "Ron's change is {rons}");
+    let (_, now_levels) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice)).await;
+    assert_eq!(now_levels["events"]["m.room.topic"], 100, "{now_levels}");
+    assert_eq!(now_levels.get("users_default").cloned().unwrap_or(json!(0)), 0, "{now_levels}");
 }
 
 async fn child_before_parent_leaves_the_right_extremities(backend: Backend) {
@@ -894,6 +957,7 @@ backend_tests!(
     remote_message_reaches_sync_and_messages,
     fork_and_merge_resolve_state,
     conflicting_power_levels_resolve_by_spec,
+    auth_difference_counts_the_states_own_events,
     child_before_parent_leaves_the_right_extremities,
     bad_signatures_hashes_and_auth,
     soft_failed_event_is_hidden,

@@ -46,6 +46,10 @@ impl Services {
             if chain.len() as i64 >= MAX_AUTH_CHAIN {
                 return Err(Error::internal(format!("auth chain of a state in {room_id} too long to resolve")));
             }
+            // The full auth chain of a state holds its own events too (as Synapse and
+            // ruma's own tests count it): an event in one state and in the chain of
+            // another is then not in the auth difference.
+            chain.extend(ids.iter().cloned());
             all.extend(ids);
             all.extend(chain.iter().cloned());
             chains.push(chain.into_iter().filter_map(|id| OwnedEventId::try_from(id).ok()).collect());
