@@ -149,3 +149,25 @@ def test_a_declined_invite_reaches_the_inviting_server(fed, inviter_server, invi
     r = bob.post(f"/_matrix/client/v3/rooms/{quote(room, safe='')}/leave", {})
     assert r.status_code == 200, r.text
     alice.wait_for_event(room, is_member(bob.user_id, "leave"))
+
+
+@pytest.mark.parametrize("version", ["6", "7", "8", "9", "10", "11", "12"])
+@pytest.mark.parametrize("home,guest_server", [("convo_a", "synapse"), ("synapse", "convo_a")])
+def test_every_room_version_federates(fed, version, home, guest_server):
+    """A room of each version from 6 to 12, created on one server and joined from the
+    other: the join, a message each way, and a state change are seen alike."""
+    owner = fed.by_label(home).register(unique("owner"))
+    guest = fed.by_label(guest_server).register(unique("guest"))
+    room = owner.create_room(preset="public_chat", room_version=version)
+    assert guest.join(room, via=[fed.by_label(home).name]) == room
+    owner.wait_for_event(room, is_member(guest.user_id, "join"))
+    to_guest = owner.send_text(room, f"v{version} to the guest")
+    assert guest.wait_for_event(room, is_text(f"v{version} to the guest"))["event_id"] == to_guest
+    to_owner = guest.send_text(room, f"v{version} to the owner")
+    assert owner.wait_for_event(room, is_text(f"v{version} to the owner"))["event_id"] == to_owner
+    r = owner.put(f"/_matrix/client/v3/rooms/{quote(room, safe='')}/state/m.room.topic/", {"topic": f"v{version}"})
+    assert r.status_code == 200, r.text
+    topic = guest.wait_for_event(room, lambda e: e.get("type") == "m.room.topic")
+    assert topic["event_id"] == r.json()["event_id"] and topic["content"]["topic"] == f"v{version}"
+    r = guest.get(f"/_matrix/client/v3/rooms/{quote(room, safe='')}/state/m.room.create/")
+    assert r.status_code == 200 and r.json().get("room_version", "1") == version, r.text
