@@ -74,6 +74,7 @@ backend_tests!(
     a_declined_remote_invite_goes_away,
     a_late_joiner_pages_back_through_earlier_history,
     events_and_state_are_served_to_servers_in_the_room,
+    history_a_server_may_not_see_comes_redacted,
     a_gap_in_what_arrives_is_filled_from_the_sender,
     bad_pdus_are_refused_and_the_room_is_unaffected,
     a_server_the_acl_denies_is_not_heard,
@@ -205,6 +206,69 @@ async fn a_late_joiner_pages_back_through_earlier_history(backend: Backend) {
     }
     seen.reverse();
     assert_eq!(seen, sent, "every earlier message, oldest first, with the ids Alice's server gave them");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// With `joined` history, what was said before a server's users joined reaches that
+/// server only redacted (backfill, get_missing_events), and `event` refuses it.
+async fn history_a_server_may_not_see_comes_redacted(backend: Backend) {
+    use reqwest::Method;
+
+    use crate::federation::{fed_request, sign};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (_, bob_token, _) = b.register("bob").await;
+    let room = a
+        .create_room(
+            &alice_token,
+            json!({"preset": "public_chat", "initial_state": [
+                {"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "joined"}}
+            ]}),
+        )
+        .await;
+    let secret = a.send_text(&alice_token, &room, "before bob's server").await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let open = a.send_text(&alice_token, &room, "after bob joined").await;
+    let a_name = name(&a).to_string();
+    let ask = |method: Method, path: String, body: Option<Value>| {
+        let header = sign(&b, &a_name, method.as_str(), &path, body.as_ref());
+        let a = &a;
+        async move { fed_request(a, method, &path, body.as_ref(), Some(&header)).await }
+    };
+
+    let (status, body) = ask(Method::GET, format!("/_matrix/federation/v1/event/{secret}"), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["errcode"], "M_FORBIDDEN");
+    let (status, body) = ask(Method::GET, format!("/_matrix/federation/v1/event/{open}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["pdus"][0]["content"]["body"], "after bob joined");
+
+    let (status, body) =
+        ask(Method::GET, format!("/_matrix/federation/v1/backfill/{room}?v={open}&limit=50"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let pdus = body["pdus"].as_array().unwrap();
+    let by_body = |pdus: &[Value], text: &str| pdus.iter().any(|p| p["content"]["body"] == text);
+    let redacted_messages = |pdus: &[Value]| -> Vec<Value> {
+        pdus.iter().filter(|p| p["type"] == "m.room.message" && p["content"] == json!({})).cloned().collect()
+    };
+    assert!(!by_body(pdus, "before bob's server"), "the hidden message's content leaked: {body}");
+    assert!(by_body(pdus, "after bob joined"), "{body}");
+    let redacted = redacted_messages(pdus);
+    assert_eq!(redacted.len(), 1, "the hidden message is in the backfill, redacted: {body}");
+    // Still signed and hashed as the original: the receiver can check it.
+    assert!(redacted[0]["hashes"]["sha256"].is_string() && redacted[0]["signatures"].is_object(), "{body}");
+
+    let missing = json!({"earliest_events": [], "latest_events": [open], "limit": 50, "min_depth": 0});
+    let (status, body) =
+        ask(Method::POST, format!("/_matrix/federation/v1/get_missing_events/{room}"), Some(missing)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let events = body["events"].as_array().unwrap();
+    assert!(!by_body(events, "before bob's server"), "{body}");
+    assert_eq!(redacted_messages(events).len(), 1, "{body}");
     a.stop().await;
     b.stop().await;
 }

@@ -1,6 +1,7 @@
 //! History across servers. Serving: `GET /backfill/{roomId}` walks the DAG back from the
 //! events asked for (their prev events, newest first), for a server with a member in
-//! the room when the room's history is shared. Asking: when a user pages back past the
+//! the room; the events it may not see by the state at each (`visibility.rs`) come
+//! redacted. Asking: when a user pages back past the
 //! oldest event this server has of a room it joined late, the room's backward
 //! extremities are asked of a server in the room, and what comes back goes through
 //! the event pipeline as backfill (positions before the live stream, no wake-ups).
@@ -55,41 +56,32 @@ impl Services {
         limit: usize,
     ) -> Result<get_backfill::Response> {
         self.require_server_in_room(origin, room_id).await?;
-        let visibility = self
-            .store
-            .get_current_state_event(room_id.as_str(), "m.room.history_visibility", "")
-            .await?
-            .and_then(|e| serde_json::from_str::<serde_json::Value>(&e.json).ok())
-            .and_then(|v| v["content"]["history_visibility"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| "shared".to_owned());
-        let mut pdus = Vec::new();
-        // History kept from non-members is not handed to their servers either.
-        // TODO(federation): judge each event by the visibility in its own state.
-        if matches!(visibility.as_str(), "shared" | "world_readable") {
-            let limit = limit.clamp(1, MAX_BACKFILL);
-            let mut seen: BTreeSet<String> = BTreeSet::new();
-            let mut frontier: Vec<String> = from.iter().take(MAX_FROM).map(|e| e.to_string()).collect();
-            let mut found = Vec::new();
-            while !frontier.is_empty() && found.len() < limit {
-                frontier.retain(|id| seen.insert(id.clone()));
-                let events = self.store.get_events_by_ids(&frontier).await?;
-                let mut next = Vec::new();
-                for event in events {
-                    if event.room_id != room_id.as_str() || event.rejected_reason.is_some() {
-                        continue;
-                    }
-                    if let Ok(pdu) = Pdu::from_stored(&event) {
-                        next.extend(pdu.prev_events.iter().map(|p| p.to_string()));
-                    }
-                    found.push(event);
+        let version = self.room_version(room_id).await?;
+        let limit = limit.clamp(1, MAX_BACKFILL);
+        let mut seen: BTreeSet<String> = BTreeSet::new();
+        let mut frontier: Vec<String> = from.iter().take(MAX_FROM).map(|e| e.to_string()).collect();
+        let mut found = Vec::new();
+        while !frontier.is_empty() && found.len() < limit {
+            frontier.retain(|id| seen.insert(id.clone()));
+            let events = self.store.get_events_by_ids(&frontier).await?;
+            let mut next = Vec::new();
+            for event in events {
+                if event.room_id != room_id.as_str() || event.rejected_reason.is_some() {
+                    continue;
                 }
-                frontier = next;
+                if let Ok(pdu) = Pdu::from_stored(&event) {
+                    next.extend(pdu.prev_events.iter().map(|p| p.to_string()));
+                }
+                found.push(event);
             }
-            found.sort_by_key(|e| std::cmp::Reverse(e.depth));
-            found.truncate(limit);
-            for event in found {
-                pdus.push(RawValue::from_string(event.json).map_err(Error::internal)?);
-            }
+            frontier = next;
+        }
+        found.sort_by_key(|e| std::cmp::Reverse(e.depth));
+        found.truncate(limit);
+        // What the asking server may not see by the state at each event, it gets redacted.
+        let mut pdus = Vec::new();
+        for event in self.redact_invisible_for_server(origin, &version, found).await? {
+            pdus.push(RawValue::from_string(event.json).map_err(Error::internal)?);
         }
         Ok(get_backfill::Response::new(self.server_name().clone(), MilliSecondsSinceUnixEpoch::now(), pdus))
     }

@@ -1,7 +1,8 @@
 //! Events and state for other servers in a room: `event`, `state`, `state_ids`,
 //! `event_auth` and `get_missing_events`. Each answers only a server with a member
-//! joined to the event's room (it may see the room's events), and never rejected
-//! events.
+//! joined to the event's room, and never rejected events; `event` and `state` refuse
+//! an event the server may not see by the state at it, `get_missing_events` hands such
+//! events out redacted (`visibility.rs`).
 
 use std::collections::BTreeSet;
 
@@ -48,9 +49,20 @@ impl Services {
         Ok(event)
     }
 
-    /// `GET /event/{eventId}`.
+    /// `GET /event/{eventId}`: refused when `origin` may not see it by the state at it.
     pub async fn serve_event(&self, origin: &ServerName, event_id: &EventId) -> Result<Box<RawValue>> {
-        raw(&self.event_for(origin, event_id).await?)
+        let event = self.event_for(origin, event_id).await?;
+        self.require_visible_to_server(origin, &event).await?;
+        raw(&event)
+    }
+
+    /// Refuses `origin` an event it may not see by the state at it.
+    async fn require_visible_to_server(&self, origin: &ServerName, event: &StoredEvent) -> Result<()> {
+        if self.visible_to_server(origin, std::slice::from_ref(event)).await?.contains(&event.event_id) {
+            Ok(())
+        } else {
+            Err(Error::forbidden("Your server may not see that event"))
+        }
     }
 
     /// `GET /state_ids/{roomId}?event_id=`: the ids of the state before the event, and
@@ -65,6 +77,7 @@ impl Services {
         if event.room_id != room_id.as_str() {
             return Err(Error::not_found("No such event in this room"));
         }
+        self.require_visible_to_server(origin, &event).await?;
         let group = self
             .state_group_before(&event)
             .await?
@@ -135,7 +148,8 @@ impl Services {
         found.sort_by_key(|e| std::cmp::Reverse(e.depth));
         found.truncate(limit);
         found.reverse();
-        found.iter().map(raw).collect()
+        let version = self.room_version(room_id).await?;
+        self.redact_invisible_for_server(origin, &version, found).await?.iter().map(raw).collect()
     }
 }
 

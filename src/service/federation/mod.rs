@@ -18,6 +18,7 @@ pub mod membership;
 pub mod queries;
 pub mod sender;
 pub mod transactions;
+pub mod visibility;
 
 /// The federation state of one server: the outbound client and the key fetcher.
 pub struct Federation {
