@@ -17,6 +17,7 @@ mod memberships;
 mod persist;
 mod push;
 mod registration_tokens;
+mod remote_devices;
 mod remote_rooms;
 mod server_info;
 mod server_keys;
@@ -44,6 +45,7 @@ pub use self::{
         StateBefore, StateEntry, StoredAt,
     },
     registration_tokens::RegistrationTokenInfo,
+    remote_devices::{DeviceUpdate, RemoteDeviceList},
     remote_rooms::RemoteInvite,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},

@@ -121,6 +121,110 @@ async fn keys_of_remote_users_are_queried_and_claimed(backend: Backend) {
     b.stop().await;
 }
 
+/// A copy of a remote user's device list is kept while a room is shared: fetched whole
+/// (`user/devices`) at the first query, kept current by device list updates (so a
+/// query is answered while the user's server is down), fetched again after an update
+/// whose `prev_id` was missed, and marked stale when the user leaves.
+async fn remote_device_lists_are_kept_current(backend: Backend) {
+    use reqwest::Method;
+
+    use crate::federation::{fed_request, sign};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let mut b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, bob_device) = b.register("bob").await;
+    let (status, _) = b
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            Some(&bob_token),
+            json!({"device_keys": device_keys(&bob, &bob_device)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let query = json!({"device_keys": {bob.clone(): []}, "timeout": 5000});
+    let devices_of = |body: &Value| -> Vec<String> {
+        let mut ids: Vec<String> =
+            body["device_keys"][&bob].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default();
+        ids.sort();
+        ids
+    };
+
+    let (status, body) = a.post("/_matrix/client/v3/keys/query", Some(&alice_token), query.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(devices_of(&body), vec![bob_device.clone()], "{body}");
+    let store = &services(&a).store;
+    let copy = store.get_remote_device_list(&bob).await.unwrap().expect("a copy is kept");
+    assert!(!copy.stale);
+
+    // Bob's new device reaches the copy through a device list update.
+    let (second_token, second_device) = b.login("bob", Some("SECOND")).await;
+    let (status, _) = b
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            Some(&second_token),
+            json!({"device_keys": device_keys(&bob, &second_device)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let copy = store.get_remote_device_list(&bob).await.unwrap().unwrap();
+        if copy.devices.contains(&second_device) {
+            assert!(!copy.stale, "applied in order, not marked stale");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the update never reached the copy: {copy:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Answered from the copy while Bob's server is down.
+    b.pause().await;
+    let (status, body) = a.post("/_matrix/client/v3/keys/query", Some(&alice_token), query.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut both = vec![bob_device.clone(), second_device.clone()];
+    both.sort();
+    assert_eq!(devices_of(&body), both, "{body}");
+    assert_eq!(body["device_keys"][&bob][&second_device], device_keys(&bob, &second_device), "{body}");
+    assert!(body["failures"].as_object().is_none_or(|f| f.is_empty()), "{body}");
+    b.resume().await;
+
+    // An update whose previous one was missed makes the copy stale; the next query
+    // fetches it whole again.
+    let copy = store.get_remote_device_list(&bob).await.unwrap().unwrap();
+    let a_name = name(&a).to_string();
+    let txn = json!({
+        "origin": name(&b), "origin_server_ts": 1,
+        "pdus": [],
+        "edus": [{"edu_type": "m.device_list_update", "content": {
+            "user_id": bob, "device_id": "PHANTOM", "stream_id": copy.stream_id + 100,
+            "prev_id": [copy.stream_id + 99], "deleted": false,
+            "keys": device_keys(&bob, "PHANTOM"),
+        }}],
+    });
+    let path = "/_matrix/federation/v1/send/missed-one";
+    let header = sign(&b, &a_name, "PUT", path, Some(&txn));
+    let (status, body) = fed_request(&a, Method::PUT, path, Some(&txn), Some(&header)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let copy = store.get_remote_device_list(&bob).await.unwrap().unwrap();
+    assert!(copy.stale && !copy.devices.contains("PHANTOM"), "{copy:?}");
+    let (_, body) = a.post("/_matrix/client/v3/keys/query", Some(&alice_token), query.clone()).await;
+    assert_eq!(devices_of(&body), both, "fetched again from Bob's server: {body}");
+    assert!(!store.get_remote_device_list(&bob).await.unwrap().unwrap().stale);
+
+    // Once Bob leaves, updates stop: the copy is stale.
+    b.leave(&bob_token, &room).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !store.get_remote_device_list(&bob).await.unwrap().unwrap().stale {
+        assert!(Instant::now() < deadline, "the copy was not marked stale after Bob left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -168,4 +272,5 @@ backend_tests!(
     to_device_messages_reach_users_of_other_servers,
     keys_of_remote_users_are_queried_and_claimed,
     messages_for_a_server_that_is_down_wait_for_it,
+    remote_device_lists_are_kept_current,
 );

@@ -59,14 +59,17 @@ impl Services {
         Ok((found, failures))
     }
 
-    /// Asks other servers for their users' device and cross-signing keys, at once, each
-    /// for at most `wait`. Answers what arrived and the servers that failed.
+    /// Other servers' users' device and cross-signing keys: from the copies kept here
+    /// (`devices.rs`), else asked of their servers, at once, each for at most `wait`.
+    /// Answers what arrived and the servers that failed.
     pub async fn query_remote_keys(
         &self,
         requested: &BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
         wait: Duration,
     ) -> (Vec<(OwnedServerName, fed_query::Response)>, BTreeMap<String, JsonValue>) {
-        let servers = by_server(self.server_name(), requested);
+        // Users whose device lists are kept here are answered from the copies.
+        let (mut found, rest) = self.remote_keys_from_copies(requested.clone(), wait.min(MAX_REMOTE_KEY_WAIT)).await;
+        let servers = by_server(self.server_name(), &rest);
         let calls = servers.into_iter().map(|(server, users)| async move {
             let request = fed_query::Request::new(users);
             let answer =
@@ -75,7 +78,6 @@ impl Services {
                     .unwrap_or_else(|_| Err(Error::federation(format!("{server} did not answer in time"))));
             (server, answer)
         });
-        let mut found = Vec::new();
         let mut failures = BTreeMap::new();
         for (server, answer) in join_all(calls).await {
             match answer {

@@ -201,8 +201,18 @@ impl Services {
             Edu::Receipt(r) => self.remote_receipts(origin, r).await,
             Edu::Presence(p) => self.remote_presence(origin, p).await,
             Edu::DirectToDevice(d) => self.remote_to_device(origin, d).await,
-            Edu::DeviceListUpdate(u) => self.remote_device_list_change(origin, &u.user_id).await,
-            Edu::SigningKeyUpdate(u) => self.remote_device_list_change(origin, &u.user_id).await,
+            Edu::DeviceListUpdate(u) => {
+                if u.user_id.server_name() == origin {
+                    self.apply_device_list_update(&u).await?;
+                }
+                self.remote_device_list_change(origin, &u.user_id).await
+            }
+            Edu::SigningKeyUpdate(u) => {
+                if u.user_id.server_name() == origin {
+                    self.apply_signing_key_update(&u).await?;
+                }
+                self.remote_device_list_change(origin, &u.user_id).await
+            }
             _ => Ok(()),
         }
     }

@@ -8,6 +8,7 @@ pub mod acl;
 pub mod auth;
 pub mod backfill;
 pub mod client;
+pub mod devices;
 pub mod discovery;
 pub mod e2e;
 pub mod edus;

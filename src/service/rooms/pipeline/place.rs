@@ -259,6 +259,12 @@ impl Services {
                 }
                 if accepted && (e.membership.is_some() || !memberships.is_empty()) {
                     self.forget_member_cache(room_id);
+                    let mut changed: Vec<(&str, &str)> =
+                        memberships.iter().map(|(u, m, _)| (u.as_str(), m.as_str())).collect();
+                    if let (Some(user), Some(m)) = (state_key, e.membership) {
+                        changed.push((user, m));
+                    }
+                    self.device_lists_after_membership(room_id, &changed).await;
                 }
             }
             // Whatever happened, the database says what the head is.
