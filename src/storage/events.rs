@@ -516,23 +516,21 @@ impl Store {
         })
     }
 
-    /// State events of a room with `after < stream_ordering <= until`, oldest first.
-    pub async fn get_room_state_events_between(
-        &self,
-        room_id: &str,
-        after: i64,
-        until: i64,
-    ) -> Result<Vec<StoredEvent>> {
+    /// The room's current state group at stream position `at`: after the room's last
+    /// event up to `at`, its `room_current_groups` entry, else its own (0: none).
+    pub async fn get_room_state_group_at(&self, room_id: &str, at: i64) -> Result<i64> {
         on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(select_events!(
-                "WHERE room_id = $1 AND state_key IS NOT NULL AND stream_ordering > $2 AND stream_ordering <= $3
-                 ORDER BY stream_ordering ASC"
-            ))
+            let row: Option<(i64,)> = sqlx::query_as(
+                "SELECT COALESCE(c.group_id, e.state_group, 0) FROM events e
+                 LEFT JOIN room_current_groups c ON c.room_id = e.room_id AND c.stream_ordering = e.stream_ordering
+                 WHERE e.room_id = $1 AND e.stream_ordering > 0 AND e.stream_ordering <= $2
+                 ORDER BY e.stream_ordering DESC LIMIT 1",
+            )
             .bind(room_id)
-            .bind(after)
-            .bind(until)
-            .fetch_all(pool)
-            .await?)
+            .bind(at)
+            .fetch_optional(pool)
+            .await?;
+            Ok(row.map_or(0, |r| r.0))
         })
     }
 

@@ -64,6 +64,10 @@ pub struct Dag<'a> {
     /// The event is stored as an outlier and now joins the room (it came live or by
     /// backfill): its row is updated, its edges are there already.
     pub from_outlier: bool,
+    /// The room's current state group before the event (0: none). Where the event
+    /// leaves the current state unchanged, it is recorded as the state at its position
+    /// (`room_current_groups`).
+    pub current_before: i64,
 }
 
 impl Default for Dag<'_> {
@@ -78,6 +82,7 @@ impl Default for Dag<'_> {
             extremities: ExtremityChange::Linear,
             replaces_state: None,
             from_outlier: false,
+            current_before: 0,
         }
     }
 }
@@ -619,6 +624,25 @@ macro_rules! insert_event {
                 .bind(target)
                 .bind(redacted_json)
                 .bind(e.event_id)
+                .execute(&mut *$tx)
+                .await?;
+            }
+            // The room's current state at this position, where it is not the event's own.
+            let current_after = match &d.current {
+                CurrentChange::Unchanged => Some(d.current_before).filter(|g| *g != 0),
+                CurrentChange::Delta { group: Some(_), .. } => current_group,
+                CurrentChange::Append | CurrentChange::Delta { group: None, .. } => None,
+            };
+            if let (Some(p), Some(current), true) = (pos, current_after, has_state && !d.soft_failed)
+                && Some(current) != after
+            {
+                sqlx::query(
+                    "INSERT INTO room_current_groups (room_id, stream_ordering, group_id) VALUES ($1, $2, $3)
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(e.room_id)
+                .bind(p)
+                .bind(current)
                 .execute(&mut *$tx)
                 .await?;
             }

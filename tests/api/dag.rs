@@ -335,6 +335,9 @@ async fn auth_difference_counts_the_states_own_events(backend: Backend) {
     assert_eq!(status, StatusCode::OK);
     let promoted = remote.state_id("m.room.power_levels", "").await;
     let fork = remote.head().await;
+    // Alice's client, which syncs again once it is all over (see the end).
+    let filter = "filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A1%7D%7D%7D";
+    let since = server.sync(&alice, None, filter).await["next_batch"].as_str().unwrap().to_owned();
 
     let mut by_alice = levels.clone();
     by_alice["events"]["m.room.topic"] = json!(100);
@@ -364,6 +367,17 @@ async fn auth_difference_counts_the_states_own_events(backend: Backend) {
         server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice)).await;
     assert_eq!(now_levels["events"]["m.room.topic"], 100, "{now_levels}");
     assert_eq!(now_levels.get("users_default").cloned().unwrap_or(json!(0)), 0, "{now_levels}");
+
+    // A limited incremental sync reports the resolved levels (Alice's, which came first
+    // on the stream), not the last ones to arrive (Ron's).
+    server.send_text(&alice, &room, "after the merge").await;
+    let sync = server.sync(&alice, Some(&since), filter).await;
+    let joined = &sync["rooms"]["join"][&room];
+    assert_eq!(joined["timeline"]["limited"], true, "{sync}");
+    let levels: Vec<&Value> =
+        joined["state"]["events"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.power_levels").collect();
+    assert_eq!(levels.len(), 1, "{sync}");
+    assert_eq!(levels[0]["event_id"], alices.as_str(), "{sync}");
 }
 
 async fn child_before_parent_leaves_the_right_extremities(backend: Backend) {

@@ -415,8 +415,9 @@ impl Services {
                 None => (self.state_at(room_id, end).await?, end),
             }
         } else if scan.limited {
-            // The state events of the gap, the last of each key.
-            (self.store.get_room_state_events_between(room_id.as_str(), since, scan.start).await?, scan.start)
+            // The gap's state: what differs between the room's state at `since` and just
+            // before the timeline (state resolution may have changed any of it).
+            (self.gap_state(room_id, since, scan.start).await?, scan.start)
         } else {
             (Vec::new(), since)
         };
@@ -521,10 +522,30 @@ impl Services {
     }
 
     /// The room's state as of stream position `end`: after its last event up to there.
+    /// The state events of the room's state at `until` that are not in its state at
+    /// `since`, by the difference of the two state groups.
+    async fn gap_state(&self, room_id: &RoomId, since: i64, until: i64) -> Result<Vec<StoredEvent>> {
+        let before = self.store.get_room_state_group_at(room_id.as_str(), since).await?;
+        let after = self.store.get_room_state_group_at(room_id.as_str(), until).await?;
+        if after == 0 || after == before {
+            return Ok(Vec::new());
+        }
+        let old = if before == 0 { Default::default() } else { self.group_state(before).await? };
+        let changed: Vec<String> = self
+            .group_state(after)
+            .await?
+            .into_iter()
+            .filter(|(k, id)| old.get(k) != Some(id))
+            .map(|(_, id)| id)
+            .collect();
+        self.store.get_events_by_ids(&changed).await
+    }
+
+    /// The room's state at stream position `end` (resolved, where branches met).
     async fn state_at(&self, room_id: &RoomId, end: i64) -> Result<Vec<StoredEvent>> {
-        match self.store.get_room_events(room_id.as_str(), 0, end, 1, true).await?.pop() {
-            Some(last) => self.state_events_at(last.state_group).await,
-            None => Ok(Vec::new()),
+        match self.store.get_room_state_group_at(room_id.as_str(), end).await? {
+            0 => Ok(Vec::new()),
+            group => self.state_events_at(group).await,
         }
     }
 

@@ -226,6 +226,7 @@ impl Services {
             },
             replaces_state,
             from_outlier: e.from_outlier,
+            current_before: head.state_group,
         };
         let persisted = self
             .store
