@@ -13,6 +13,7 @@ mod ephemeral;
 mod federation;
 mod federation_edus;
 mod federation_rooms;
+mod federation_sender;
 mod keys;
 mod login;
 mod operations;
