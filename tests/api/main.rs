@@ -12,6 +12,7 @@ mod discovery;
 mod ephemeral;
 mod federation;
 mod federation_edus;
+mod federation_events;
 mod federation_rooms;
 mod federation_sender;
 mod keys;

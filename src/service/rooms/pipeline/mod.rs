@@ -16,6 +16,7 @@ mod checks;
 mod keys;
 mod outliers;
 mod place;
+mod redactions;
 mod resolve;
 
 use std::collections::HashMap;
@@ -30,12 +31,13 @@ use crate::service::rooms::{
 use crate::{
     error::Result,
     service::Services,
-    storage::{Persisted, Position, StateEntry},
+    storage::{Persisted, Position, Redaction, StateEntry},
 };
 
 use checks::{auth_keys, check_against, create_event_id};
 pub use keys::KnownKeys;
 pub(crate) use place::{Before, Placing};
+use redactions::RedactionPlan;
 
 /// How a PDU reached us.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,9 +238,25 @@ impl Services {
         let membership = (parsed.kind == TimelineEventType::RoomMember).then_some(membership);
         let accepted_live = rejected.is_none() && !soft_failed && arrival != Arrival::Backfill;
         let redaction = match state_res::Event::redacts(&parsed).filter(|_| accepted_live) {
-            Some(target) => self.remote_redaction(target, &parsed, room_id, &rules).await?,
+            Some(target) => self.plan_redaction(room_id, &rules, &parsed, target.as_str(), &before).await?,
             None => None,
         };
+        // A redaction that came before this event, and may apply to it, applies now.
+        let held = match arrival {
+            Arrival::Local => None,
+            _ => self.held_redaction_for(room_id, &rules, event_id.as_str(), &parsed.sender, &json).await?,
+        };
+        let mut redactions: Vec<Redaction<'_>> = Vec::new();
+        match &redaction {
+            Some(RedactionPlan::Apply { target, redacted_json }) => {
+                redactions.push(Redaction::Apply { target, redacted_json })
+            }
+            Some(RedactionPlan::Hold { target }) => redactions.push(Redaction::Hold { target }),
+            None => {}
+        }
+        if let Some((by, redacted_json)) = &held {
+            redactions.push(Redaction::HeldBy { by, redacted_json });
+        }
         let push_actions = match (accepted_live, &auth_events) {
             (true, Ok(auth)) => {
                 self.push_actions_for(room_id, &parsed.sender, &json, auth, &rules).await.unwrap_or_else(|e| {
@@ -253,7 +271,7 @@ impl Services {
             json: &json,
             pdu: &parsed,
             membership: membership.as_deref(),
-            redaction: redaction.as_ref().map(|(id, json)| (id.as_str(), json.as_str())),
+            redactions: &redactions,
             txn: None,
             push_actions: &push_actions,
             position: match (&rejected, soft_failed, arrival) {
@@ -272,6 +290,11 @@ impl Services {
         };
         let stored = self.place_event(room_id, &rules, head, before, before_state, placing).await?;
         drop(_guard);
+        if let (Persisted::Stored(_), Some(RedactionPlan::Hold { target })) = (&stored, &redaction) {
+            // The target may have been stored as an outlier meanwhile (outliers are
+            // stored outside the room's lock), after looking for held redactions.
+            self.apply_held_redactions(room_id, &rules, std::slice::from_ref(target)).await?;
+        }
         let at = match stored {
             Persisted::Stored(at) => at,
             Persisted::Duplicate(_) | Persisted::TxnTaken => return Ok(PduOutcome::Duplicate { event_id }),
