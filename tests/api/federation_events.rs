@@ -156,4 +156,170 @@ async fn redactions_from_another_server_need_the_power_to_redact(backend: Backen
     b.stop().await;
 }
 
-backend_tests!(redactions_from_another_server_need_the_power_to_redact);
+async fn the_state_at_a_gap_get_missing_events_cannot_fill_comes_from_the_sender(backend: Backend) {
+    let a = crate::federation::federating_with(backend.clone(), TRUSTING, |c| c.federation.max_retry_interval_ms = 300)
+        .await;
+    let mut b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let (carol, carol_token, _) = b.register("carol").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    join(&b, &bob_token, &room, &a, &alice_token).await;
+    join(&b, &carol_token, &room, &a, &alice_token).await;
+    let b_name = name(&b).to_string();
+
+    // While B is down, Carol is banned and 25 messages follow: more than B asks for
+    // with get_missing_events (20), so the ban is beyond what it fetches.
+    b.pause().await;
+    let (status, body) =
+        a.post(&format!("/_matrix/client/v3/rooms/{room}/ban"), Some(&alice_token), json!({"user_id": carol})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for i in 0..25 {
+        a.send_text(&alice_token, &room, &format!("gap {i}")).await;
+    }
+    // None of it reaches B through the queue (as if A had lost it)...
+    services(&a).store.delete_federation_sent(&b_name, Some(i64::MAX), Some(i64::MAX)).await.unwrap();
+    b.resume().await;
+    // ...and the next message names the last of them.
+    a.send_text(&alice_token, &room, "after the gap").await;
+    let seen = wait_for_message(&b, &bob_token, &room, "after the gap").await;
+    let bodies: Vec<&str> = seen.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert!(bodies.contains(&"gap 24") && !bodies.contains(&"gap 0"), "the last 20 are fetched: {bodies:?}");
+
+    // B placed the oldest of those on the state A gave for its unknown prev: Carol is
+    // banned there, and so in B's current state.
+    let (status, member) =
+        b.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{carol}"), Some(&bob_token)).await;
+    assert_eq!(status, StatusCode::OK, "{member}");
+    assert_eq!(member["membership"], "ban", "{member}");
+    let (_, members) = b.get(&format!("/_matrix/client/v3/rooms/{room}/joined_members"), Some(&bob_token)).await;
+    assert!(members["joined"].get(&carol).is_none() && members["joined"].get(&bob).is_some(), "{members}");
+    let (status, body) = b
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t1"),
+            Some(&carol_token),
+            text("still here?"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "carol is banned on B too: {body}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A v12 PDU of `sender` on top of `prev` with these auth events, signed by `server`.
+#[allow(clippy::too_many_arguments)]
+fn build_pdu(
+    server: &TestServer,
+    room: &str,
+    sender: &str,
+    kind: &str,
+    state_key: Option<&str>,
+    content: Value,
+    prev: &[&str],
+    auth: &[&str],
+) -> (String, ruma::CanonicalJsonObject) {
+    let mut pdu = json!({
+        "room_id": room, "sender": sender, "type": kind, "content": content,
+        "origin_server_ts": convo::service::now_ms(), "depth": 1000, "prev_events": prev, "auth_events": auth,
+    });
+    if let Some(k) = state_key {
+        pdu["state_key"] = json!(k);
+    }
+    let mut object: ruma::CanonicalJsonObject = serde_json::from_value(pdu).unwrap();
+    let rules = ruma::RoomVersionId::V12.rules().unwrap();
+    let key = &services(server).signing_key;
+    ruma::signatures::hash_and_sign_event(name(server).as_str(), key, &mut object, &rules.redaction).unwrap();
+    let id = format!("${}", ruma::signatures::reference_hash(&object, &rules).unwrap());
+    (id, object)
+}
+
+/// The id of the current state event (`kind`, `key`) as `token`'s user on `server` sees it.
+async fn state_id(server: &TestServer, token: &str, room: &str, kind: &str, key: &str) -> String {
+    let (_, state) = server.get(&format!("/_matrix/client/v3/rooms/{room}/state"), Some(token)).await;
+    let event = state.as_array().unwrap().iter().find(|e| e["type"] == kind && e["state_key"] == key);
+    event.unwrap_or_else(|| panic!("no {kind} {key} in {state}"))["event_id"].as_str().unwrap().to_owned()
+}
+
+/// `fetch_events_from_room`: a PDU naming an auth event the receiver lacks is accepted
+/// once that event is fetched from the room's other server. When that server cannot
+/// be reached, the PDU is rejected (stored as rejected, for good: the same PDU again is
+/// a duplicate), as the pipeline intends: it is judged once, on what can be had then.
+async fn missing_auth_events_are_fetched_from_the_room_servers(backend: Backend) {
+    use crate::federation::{fed_request, sign};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let mut b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat", "room_version": "12"})).await;
+    join(&b, &bob_token, &room, &a, &alice_token).await;
+    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    let v12 = ruma::RoomVersionId::V12;
+    let levels = state_id(&a, &alice_token, &room, "m.room.power_levels", "").await;
+    let join_event = state_id(&a, &alice_token, &room, "m.room.member", &bob).await;
+    let join_rules = state_id(&a, &alice_token, &room, "m.room.join_rules", "").await;
+
+    // Bob's server stores a profile change of his that A never gets...
+    let member = |name: &str| {
+        build_pdu(
+            &b,
+            &room,
+            &bob,
+            "m.room.member",
+            Some(&bob),
+            json!({"membership": "join", "displayname": name}),
+            &[&join_event],
+            &[&levels, &join_event, &join_rules],
+        )
+    };
+    let (renamed, renamed_pdu) = member("Bob Two");
+    let outcome = services(&b).handle_pdu(&room_id, &v12, renamed_pdu, Arrival::Live).await.unwrap();
+    assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+    assert!(services(&a).store.get_event_status(&renamed).await.unwrap().is_none());
+    // ...then a message whose auth events name it.
+    let (message, message_pdu) =
+        build_pdu(&b, &room, &bob, "m.room.message", None, text("hi"), &[&join_event], &[&levels, &renamed]);
+    let outcome = services(&a).handle_pdu(&room_id, &v12, message_pdu, Arrival::Live).await.unwrap();
+    assert!(matches!(outcome, PduOutcome::Accepted { .. }), "{outcome:?}");
+    assert_eq!(event(&a, &alice_token, &room, &message).await["content"]["body"], "hi");
+    let status = services(&a).store.get_event_status(&renamed).await.unwrap();
+    assert_eq!(status, Some((true, None, false)), "the fetched auth event is kept as an outlier");
+
+    // A PDU whose prev neither A nor its sender has: the state before it cannot be
+    // had, so A refuses it and stores nothing.
+    let nowhere = format!("${}", "A".repeat(43));
+    let (orphan, orphan_pdu) =
+        build_pdu(&b, &room, &bob, "m.room.message", None, text("orphan"), &[&nowhere], &[&levels, &join_event]);
+    let txn = json!({"origin": name(&b), "origin_server_ts": convo::service::now_ms(), "pdus": [orphan_pdu]});
+    let path = "/_matrix/federation/v1/send/orphan1";
+    let header = sign(&b, name(&a).as_str(), "PUT", path, Some(&txn));
+    let (status, body) = fed_request(&a, reqwest::Method::PUT, path, Some(&txn), Some(&header)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["pdus"][&orphan]["error"].as_str().is_some_and(|e| e.contains("state")), "{body}");
+    assert!(services(&a).store.get_event_status(&orphan).await.unwrap().is_none(), "nothing stored");
+
+    // With B down, the auth event cannot be fetched: the message is rejected.
+    let (renamed_again, renamed_again_pdu) = member("Bob Three");
+    services(&b).handle_pdu(&room_id, &v12, renamed_again_pdu, Arrival::Live).await.unwrap();
+    let (unlucky, unlucky_pdu) =
+        build_pdu(&b, &room, &bob, "m.room.message", None, text("lost"), &[&join_event], &[&levels, &renamed_again]);
+    b.pause().await;
+    let started = Instant::now();
+    let outcome = services(&a).handle_pdu(&room_id, &v12, unlucky_pdu.clone(), Arrival::Live).await.unwrap();
+    let PduOutcome::Rejected { reason, .. } = &outcome else { panic!("{outcome:?}") };
+    assert!(reason.contains(&renamed_again) && reason.contains("unknown"), "{reason}");
+    assert!(started.elapsed() < Duration::from_secs(15), "the fetch is bounded: {:?}", started.elapsed());
+    let (status, _) = a.get(&format!("/_matrix/client/v3/rooms/{room}/event/{unlucky}"), Some(&alice_token)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a rejected event is not shown");
+    // It stays rejected when it comes again with B back.
+    b.resume().await;
+    let outcome = services(&a).handle_pdu(&room_id, &v12, unlucky_pdu, Arrival::Live).await.unwrap();
+    assert!(matches!(outcome, PduOutcome::Duplicate { .. }), "{outcome:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+backend_tests!(
+    missing_auth_events_are_fetched_from_the_room_servers,
+    redactions_from_another_server_need_the_power_to_redact,
+    the_state_at_a_gap_get_missing_events_cannot_fill_comes_from_the_sender,
+);

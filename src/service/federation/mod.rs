@@ -15,6 +15,7 @@ pub mod events;
 pub mod invites;
 pub mod keys;
 pub mod membership;
+pub mod prev_state;
 pub mod queries;
 pub mod sender;
 pub mod transactions;

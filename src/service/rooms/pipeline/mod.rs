@@ -94,7 +94,22 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, None, None).await
+    }
+
+    /// `handle_pdu` for a PDU some of whose prev events this server has no state for
+    /// (unknown, or outliers): `prev_states` are the states after those, as the sender
+    /// gave them (`federation/prev_state.rs`). The state before the PDU is resolved
+    /// from them and the states after its other prevs.
+    pub async fn handle_pdu_with_prev_states(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        arrival: Arrival,
+        prev_states: Vec<IdState>,
+    ) -> Result<PduOutcome> {
+        self.handle_pdu_at(room_id, version, pdu, arrival, None, Some(prev_states)).await
     }
 
     /// Stores this server's join to a remote room, from a `send_join` answer: call
@@ -111,7 +126,7 @@ impl Services {
         join: CanonicalJsonObject,
         state_before: i64,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before)).await
+        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before), None).await
     }
 
     /// Records a remote room (its version and creator) before its first events are
@@ -127,6 +142,7 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
         state_before: Option<i64>,
+        prev_states: Option<Vec<IdState>>,
     ) -> Result<PduOutcome> {
         let rules = rules_for(version)?;
         let (event_id, json, parsed) = self.check_pdu(room_id, &rules, pdu, arrival)?.await_keys(self).await?;
@@ -161,17 +177,10 @@ impl Services {
         let prev_ids: Vec<String> = parsed.prev_events.iter().map(|p| p.to_string()).collect();
         let known = self.store.get_events_by_ids(&prev_ids).await?;
         if known.len() < prev_ids.len() {
-            let missing: Vec<OwnedEventId> = parsed
-                .prev_events
-                .iter()
-                .filter(|p| !known.iter().any(|k| k.event_id == p.as_str()))
-                .take(MAX_FETCH)
-                .cloned()
-                .collect();
             // Missing prevs are fetched before this, outside the room's lock, by the
-            // receiver of `/send` (`federation/transactions.rs`, `get_missing_events`);
-            // what is still missing becomes a backward extremity.
-            tracing::debug!(event_id = %event_id, missing = missing.len(), "placing an event with unknown prevs");
+            // receiver of `/send` (`get_missing_events`, then the state at those still
+            // missing: `prev_states`); they become backward extremities.
+            tracing::debug!(event_id = %event_id, missing = prev_ids.len() - known.len(), "placing an event with unknown prevs");
         }
         let mut prev_groups: Vec<i64> = Vec::new();
         for prev in &known {
@@ -182,15 +191,21 @@ impl Services {
         }
         prev_groups.sort_unstable();
         prev_groups.dedup();
-        let before = match prev_groups.as_slice() {
+        let before = match (prev_groups.as_slice(), prev_states) {
             _ if state_before.is_some() => Before::Group(state_before.unwrap_or_default()),
-            // TODO(federation): with no prev event's state known, the spec wants the
-            // state at the event from the sender (`/state_ids`, then `/event` for the
-            // ones we miss). Until that fetch plugs in here, the room's current state
-            // stands in for it.
-            [] => Before::Group(head.state_group),
-            [one] => Before::Group(*one),
-            several => {
+            // The states the sender gave for the prevs we have no state for, with those
+            // of the others.
+            (groups, Some(mut states)) if !states.is_empty() => {
+                for group in groups {
+                    states.push(self.group_state(*group).await?);
+                }
+                Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
+            }
+            // No prev's state is known and none was fetched (backfill, or a caller that
+            // does not fetch): the room's current state stands in for it.
+            ([], _) => Before::Group(head.state_group),
+            ([one], _) => Before::Group(*one),
+            (several, _) => {
                 let mut states = Vec::with_capacity(several.len());
                 for group in several {
                     states.push(self.group_state(*group).await?);
