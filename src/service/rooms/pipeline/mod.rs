@@ -10,7 +10,9 @@
 //! `handle_outliers` stores a batch of events without state (a join's state and auth
 //! chain). Keys of other servers come from `event_signing_keys` (our own and test keys
 //! in `KnownKeys`, the rest from the key service); missing auth events are fetched from
-//! the room's servers (`fetch_events_from_room`).
+//! the room's servers (`fetch_events_from_room`). The state at prevs this server lacks
+//! comes from the caller (`handle_pdu_with_prev_states`: the `/send` receiver asks the
+//! sender); redactions of other servers' events follow `redactions.rs`.
 
 mod checks;
 mod keys;
