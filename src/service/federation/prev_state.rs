@@ -54,7 +54,11 @@ impl Services {
             }
             _ => Vec::new(),
         };
-        let stateless = self.prevs_without_state(&prevs).await?;
+        let rules = crate::service::rooms::append::rules_for(version)?;
+        let event_id = ruma::signatures::reference_hash(&pdu, &rules)
+            .ok()
+            .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok());
+        let stateless = self.prevs_without_state(event_id.as_ref(), &prevs).await?;
         if stateless.is_empty() {
             return self.handle_pdu(room_id, version, pdu, Arrival::Live).await;
         }
@@ -76,10 +80,20 @@ impl Services {
     }
 
     /// Those of `prevs` without a state here: not stored, or stored as outliers
-    /// (rejected ones have no state to give, and are left out).
-    async fn prevs_without_state(&self, prevs: &[OwnedEventId]) -> Result<Vec<OwnedEventId>> {
-        let ids: Vec<String> = prevs.iter().map(|p| p.to_string()).collect();
+    /// (rejected ones have no state to give, and are left out). None when the event
+    /// itself is already in the room (it is a duplicate: nothing to fetch).
+    async fn prevs_without_state(
+        &self,
+        event_id: Option<&OwnedEventId>,
+        prevs: &[OwnedEventId],
+    ) -> Result<Vec<OwnedEventId>> {
+        let ids: Vec<String> = prevs.iter().chain(event_id).map(|p| p.to_string()).collect();
         let stored = self.store.get_events_by_ids(&ids).await?;
+        if let Some(id) = event_id
+            && stored.iter().any(|e| e.event_id == id.as_str() && (e.state_group != 0 || e.rejected_reason.is_some()))
+        {
+            return Ok(Vec::new());
+        }
         Ok(prevs
             .iter()
             .filter(|p| match stored.iter().find(|e| e.event_id == p.as_str()) {
