@@ -32,6 +32,64 @@ pub enum Error {
     /// and `M_UNKNOWN`. The detail is logged (at most a line every few seconds).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Another homeserver answered with an error. Kept whole (status, errcode, message)
+    /// so that callers can tell a refusal from a failure; clients see `404 M_NOT_FOUND`
+    /// relayed as it is, anything else as `502 M_UNKNOWN` naming the server and what it
+    /// said.
+    #[error("{}", .0.describe())]
+    Remote(Box<RemoteError>),
+}
+
+/// What another homeserver answered when it refused a request.
+#[derive(Debug, Clone)]
+pub struct RemoteError {
+    /// The server that answered.
+    pub server: String,
+    /// Its HTTP status.
+    pub status: StatusCode,
+    /// Its Matrix error (`M_UNKNOWN` with no Matrix body).
+    pub kind: ErrorKind,
+    /// Its errcode as sent, or `(no Matrix error)`.
+    pub errcode: String,
+    pub message: String,
+}
+
+impl RemoteError {
+    /// A remote `404 M_NOT_FOUND` (a missing profile, alias or event): relayed as it is.
+    fn is_relayed_not_found(&self) -> bool {
+        self.status == StatusCode::NOT_FOUND && self.errcode == "M_NOT_FOUND"
+    }
+
+    fn describe(&self) -> String {
+        if self.is_relayed_not_found() {
+            format!("{}: {}", self.server, self.message)
+        } else {
+            format!("{} answered {} {}: {}", self.server, self.status.as_u16(), self.errcode, self.message)
+        }
+    }
+
+    /// A refusal that sending the same request again will not change: a 4xx other than
+    /// `408 Request Timeout` and `429 Too Many Requests`.
+    pub fn is_permanent(&self) -> bool {
+        self.status.is_client_error()
+            && self.status != StatusCode::REQUEST_TIMEOUT
+            && self.status != StatusCode::TOO_MANY_REQUESTS
+    }
+
+    /// How long a `429` asks us to wait (`Retry-After` or `retry_after_ms`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match &self.kind {
+            ErrorKind::LimitExceeded(LimitExceededErrorData { retry_after: Some(after), .. })
+                if self.status == StatusCode::TOO_MANY_REQUESTS =>
+            {
+                Some(match after {
+                    RetryAfter::Delay(delay) => *delay,
+                    RetryAfter::DateTime(at) => at.duration_since(std::time::SystemTime::now()).unwrap_or_default(),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What a `503` tells clients to wait before trying again.
@@ -137,6 +195,7 @@ impl Error {
             Error::Uiaa(_) => "user-interactive authentication required".into(),
             Error::Internal(_) => "internal error".into(),
             Error::Unavailable(_) => "temporarily unavailable".into(),
+            Error::Remote(remote) => remote.describe(),
         }
     }
 
@@ -146,6 +205,18 @@ impl Error {
             Error::Matrix { kind, .. } => kind.errcode().to_string(),
             Error::Uiaa(_) => "UIAA".into(),
             Error::Internal(_) | Error::Unavailable(_) => "M_UNKNOWN".into(),
+            Error::Remote(remote) if remote.is_relayed_not_found() => "M_NOT_FOUND".into(),
+            Error::Remote(_) => "M_UNKNOWN".into(),
+        }
+    }
+
+    /// What a client is shown for this error, as an `Error::Matrix`: another server's
+    /// error becomes `404 M_NOT_FOUND` or `502 M_UNKNOWN`; the rest are unchanged.
+    pub fn relayed(self) -> Self {
+        match self {
+            Error::Remote(remote) if remote.is_relayed_not_found() => Error::not_found(remote.describe()),
+            Error::Remote(remote) => Error::federation(remote.describe()),
+            other => other,
         }
     }
 }
@@ -153,6 +224,8 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let result = match self {
+            // Shown as the `Error::Matrix` it relays to.
+            remote @ Error::Remote(_) => return remote.relayed().into_response(),
             Error::Matrix { status, kind, message } => {
                 let body = ErrorBody::Standard(StandardErrorBody::new(kind, message));
                 ruma::api::error::Error::new(status, body).try_into_http_response::<Vec<u8>>()

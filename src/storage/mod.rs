@@ -16,6 +16,7 @@ mod federation_outbox;
 mod memberships;
 mod persist;
 mod push;
+mod redactions;
 mod registration_tokens;
 mod remote_devices;
 mod remote_rooms;
@@ -41,8 +42,8 @@ pub use self::{
     federation_outbox::OutboxBatch,
     memberships::MembershipRow,
     persist::{
-        CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, RoomCreated,
-        StateBefore, StateEntry, StoredAt,
+        CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, Redaction,
+        RoomCreated, StateBefore, StateEntry, StoredAt,
     },
     registration_tokens::RegistrationTokenInfo,
     remote_devices::{DeviceUpdate, RemoteDeviceList},

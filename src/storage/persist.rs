@@ -27,14 +27,29 @@ pub struct NewEvent<'a> {
     pub auth_events: &'a [String],
     /// For `m.room.member` events: the membership it sets.
     pub membership: Option<&'a str>,
-    /// A redaction to apply: the target event and its redacted JSON.
-    pub redaction: Option<(&'a str, &'a str)>,
+    /// Redactions this event makes or undergoes (see `Redaction`).
+    pub redactions: &'a [Redaction<'a>],
     /// A client send's transaction: device, scope (the endpoint's path) and id.
     pub txn: Option<EventTxn<'a>>,
     /// Local users the event notifies, with whether it highlights for them.
     pub push_actions: &'a [(String, bool)],
     /// Where the event goes in the DAG, the stream and the room's state.
     pub dag: Dag<'a>,
+}
+
+/// A redaction stored with an event (applied only if the event is accepted into the
+/// room, except `HeldBy`).
+#[derive(Clone, Copy, Debug)]
+pub enum Redaction<'a> {
+    /// The event is a redaction that applies to `target`, stored: the target's JSON
+    /// becomes `redacted_json` (its content is gone from storage).
+    Apply { target: &'a str, redacted_json: &'a str },
+    /// The event is a redaction whose target is not stored yet: held in
+    /// `pending_redactions` until it comes.
+    Hold { target: &'a str },
+    /// The event is the target of the held redaction `by`, which applies: it is stored
+    /// as `redacted_json`, and the redactions held for it are done with.
+    HeldBy { by: &'a str, redacted_json: &'a str },
 }
 
 /// (type, state key, event id): one entry of a room state.
@@ -617,15 +632,45 @@ macro_rules! insert_event {
                     .execute(&mut *$tx)
                     .await?;
             }
-            if let Some((target, redacted_json)) = e.redaction.filter(|_| has_state && !d.soft_failed) {
-                sqlx::query(
-                    "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",
-                )
-                .bind(target)
-                .bind(redacted_json)
-                .bind(e.event_id)
-                .execute(&mut *$tx)
-                .await?;
+            for redaction in e.redactions {
+                match *redaction {
+                    Redaction::Apply { target, redacted_json } if has_state && !d.soft_failed => {
+                        sqlx::query(
+                            "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",
+                        )
+                        .bind(target)
+                        .bind(redacted_json)
+                        .bind(e.event_id)
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
+                    Redaction::Hold { target } if has_state && !d.soft_failed => {
+                        sqlx::query(
+                            "INSERT INTO pending_redactions (target_id, redaction_id, room_id) VALUES ($1, $2, $3)
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(target)
+                        .bind(e.event_id)
+                        .bind(e.room_id)
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
+                    Redaction::HeldBy { by, redacted_json } => {
+                        sqlx::query(
+                            "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",
+                        )
+                        .bind(e.event_id)
+                        .bind(redacted_json)
+                        .bind(by)
+                        .execute(&mut *$tx)
+                        .await?;
+                        sqlx::query("DELETE FROM pending_redactions WHERE target_id = $1")
+                            .bind(e.event_id)
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                    Redaction::Apply { .. } | Redaction::Hold { .. } => {}
+                }
             }
             // The room's current state at this position, where it is not the event's own.
             let current_after = match &d.current {

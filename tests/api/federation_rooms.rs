@@ -15,7 +15,7 @@ use crate::{
 
 /// Syncs (long-polling) until `room`'s timeline shows a message with `body`, for at most
 /// 20 s; answers the room's timeline events seen so far.
-async fn wait_for_message(server: &TestServer, token: &str, room: &str, body: &str) -> Vec<Value> {
+pub(crate) async fn wait_for_message(server: &TestServer, token: &str, room: &str, body: &str) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut since: Option<String> = None;
     let mut seen = Vec::new();
@@ -367,7 +367,7 @@ async fn a_gap_in_what_arrives_is_filled_from_the_sender(backend: Backend) {
 #[allow(clippy::too_many_arguments)]
 /// A PDU from `b`'s user `sender` in `room` (on `a`), on top of `a`'s latest event,
 /// with the auth events the rules ask for; signed with `key` (B's own, or another).
-async fn remote_pdu(
+pub(crate) async fn remote_pdu(
     a: &TestServer,
     alice_token: &str,
     room: &str,

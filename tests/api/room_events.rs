@@ -229,7 +229,7 @@ async fn transaction_ids_are_scoped_to_the_endpoint(backend: Backend) {
             json: &stored.json,
             prev_events: &prev_events,
             membership: None,
-            redaction: None,
+            redactions: &[],
             txn: None,
             push_actions: &[],
             auth_events: &[],

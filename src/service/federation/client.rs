@@ -32,7 +32,7 @@ use rustls_pki_types::{CertificateDer, ServerName as TlsServerName, UnixTime, pe
 use super::discovery::{Destination, Resolver, Settings, is_public};
 use crate::{
     config::Federation as FederationConfig,
-    error::{Error, Result},
+    error::{Error, RemoteError, Result},
 };
 
 /// How an endpoint's authentication scheme is filled in for an outbound request.
@@ -157,9 +157,9 @@ impl FederationClient {
     }
 
     /// Sends `request` to `destination`, signed as `origin` with `key` when the endpoint
-    /// requires it, and parses the answer. A Matrix error from the other server becomes
-    /// `Error::Matrix`: `404 M_NOT_FOUND` is relayed as it is (a missing profile or
-    /// alias), anything else is `502` naming the server and what it said.
+    /// requires it, and parses the answer. An error answer from the other server becomes
+    /// `Error::Remote` with its status and errcode (shown to clients as `404 M_NOT_FOUND`
+    /// relayed, or `502`); failing to reach it or a bad answer is `502 M_UNKNOWN`.
     #[tracing::instrument(skip_all, fields(%destination))]
     pub async fn send<T>(
         &self,
@@ -231,20 +231,23 @@ impl FederationClient {
     }
 }
 
-/// Turns another server's error answer into ours.
+/// Another server's error answer, kept whole (`Error::Remote`): callers can tell a
+/// refusal from a failure, and clients see it relayed (`404 M_NOT_FOUND`) or as `502`.
 fn remote_error(destination: &ServerName, error: ruma::api::error::Error) -> Error {
-    let (errcode, message) = match &error.body {
-        ErrorBody::Standard(body) => (body.kind.errcode().to_string(), body.message.clone()),
-        _ => ("(no Matrix error)".to_owned(), String::new()),
+    let (kind, errcode, message) = match error.body {
+        ErrorBody::Standard(body) => {
+            let errcode = body.kind.errcode().to_string();
+            (body.kind, errcode, body.message)
+        }
+        _ => (ErrorKind::Unknown, "(no Matrix error)".to_owned(), String::new()),
     };
-    if error.status_code == http::StatusCode::NOT_FOUND && errcode == "M_NOT_FOUND" {
-        return Error::not_found(format!("{destination}: {message}"));
-    }
-    Error::matrix(
-        http::StatusCode::BAD_GATEWAY,
-        ErrorKind::Unknown,
-        format!("{destination} answered {} {errcode}: {message}", error.status_code.as_u16()),
-    )
+    Error::Remote(Box::new(RemoteError {
+        server: destination.to_string(),
+        status: error.status_code,
+        kind,
+        errcode,
+        message,
+    }))
 }
 
 /// The system's trusted CA certificates, or Mozilla's (`webpki-roots`) when the

@@ -210,6 +210,7 @@ impl Services {
                     break;
                 }
                 Err(e) => {
+                    let e = e.relayed();
                     tracing::info!(%room_id, %server, error = %e, "make_join failed");
                     tried.push(format!("{server}: {}", e.message()));
                     if matches!(&e, Error::Matrix { status, .. } if status.is_client_error()) {

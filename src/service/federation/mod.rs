@@ -16,6 +16,7 @@ pub mod events;
 pub mod invites;
 pub mod keys;
 pub mod membership;
+pub mod prev_state;
 pub mod queries;
 pub mod sender;
 pub mod transactions;
@@ -37,7 +38,8 @@ impl crate::service::Services {
     /// Sends `request` to `destination`, signed as this server when the endpoint needs
     /// it, and answers the parsed response. The one way other code talks to another
     /// server. Errors: `502 M_UNKNOWN` naming the server and the cause (unreachable,
-    /// refused address, TLS, bad answer), or the other server's `404 M_NOT_FOUND`.
+    /// refused address, TLS, bad answer), or `Error::Remote` with the other server's
+    /// status and errcode (clients see its `404 M_NOT_FOUND`, or `502`).
     pub async fn send_federation_request<T>(
         &self,
         destination: &ruma::ServerName,

@@ -1,9 +1,12 @@
 //! Outbound federation queues: per destination server, the PDUs and EDUs it has still
 //! to receive, kept in the database (`federation_outbox`) so that nothing is lost over a
 //! restart, and sent by one task per destination in `PUT /send/{txnId}` transactions of
-//! at most 50 PDUs and 100 EDUs, oldest first. A destination that fails is retried with
-//! exponential backoff; each has its own task, so a slow or dead server never delays
-//! the others. When a server contacts us, its backoff ends at once (it is back).
+//! at most 50 PDUs and 100 EDUs, oldest first. A destination that fails (unreachable,
+//! `5xx`, `429`) is retried with exponential backoff, or after the wait a `429` names;
+//! a transaction it refuses for good (another `4xx`) is dropped, after trying a `413`
+//! in halves, so that it never holds up the queue. Each destination has its own task,
+//! so a slow or dead server never delays the others. When a server contacts us, its
+//! backoff ends at once (it is back).
 
 use std::{
     collections::HashMap,
@@ -34,6 +37,8 @@ pub const MAX_EDUS_PER_TXN: i64 = 100;
 /// The first retry after a failure; each further failure doubles it, up to the
 /// configured `federation.max_retry_interval_ms`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait a `429` answer's `retry_after_ms` is honoured for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Rooms whose remote servers are cached (the cache starts over past it).
 const ROOM_SERVERS_CACHED: usize = 10_000;
 
@@ -220,7 +225,8 @@ impl Services {
         });
     }
 
-    /// A destination's sender: sends what is queued, waits for more, backs off on failure.
+    /// A destination's sender: sends what is queued, waits for more, backs off on a
+    /// failure that may pass (as long as a `429` asks, when it says).
     async fn run_destination(&self, server: &ServerName, destination: &Destination) {
         let max_retry = Duration::from_millis(self.config.federation.max_retry_interval_ms);
         let mut retry = FIRST_RETRY.min(max_retry);
@@ -241,32 +247,73 @@ impl Services {
                 destination.wake.notified().await;
                 continue;
             }
-            match self.send_batch(server, &batch).await {
-                Ok(()) => {
-                    retry = FIRST_RETRY.min(max_retry);
-                    let pdu_until = batch.pdus.last().map(|p| p.0);
-                    let edu_until = batch.edus.last().map(|e| e.0);
-                    if let Err(e) = self.store.delete_federation_sent(server.as_str(), pdu_until, edu_until).await {
-                        tracing::warn!(destination = %server, error = %e, "cannot dequeue a sent transaction");
-                    }
-                }
+            match self.deliver_batch(server, batch).await {
+                Ok(()) => retry = FIRST_RETRY.min(max_retry),
                 Err(e) => {
-                    tracing::info!(destination = %server, error = %e, retry_in_ms = retry.as_millis() as u64,
+                    let asked = match &e {
+                        Error::Remote(remote) => remote.retry_after().map(|after| after.min(MAX_RETRY_AFTER)),
+                        _ => None,
+                    };
+                    let wait = asked.unwrap_or(retry);
+                    tracing::info!(destination = %server, error = %e, retry_in_ms = wait.as_millis() as u64,
                         "federation transaction failed; will retry");
-                    // Wait out the backoff, unless the server shows it is back.
-                    let _ = tokio::time::timeout(retry, async {
-                        loop {
-                            destination.wake.notified().await;
-                            if destination.back.swap(false, Ordering::AcqRel) {
-                                break;
+                    if asked.is_some() {
+                        // The server said when: an early sign of life does not cut it short.
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        // Wait out the backoff, unless the server shows it is back.
+                        let _ = tokio::time::timeout(wait, async {
+                            loop {
+                                destination.wake.notified().await;
+                                if destination.back.swap(false, Ordering::AcqRel) {
+                                    break;
+                                }
                             }
-                        }
-                    })
-                    .await;
+                        })
+                        .await;
+                    }
                     retry = (retry * 2).min(max_retry);
                 }
             }
         }
+    }
+
+    /// Sends a batch and dequeues what the destination took or refused for good. A
+    /// batch refused as too large (`413`) is sent again in halves, down to single items;
+    /// one refused with another 4xx (`400`, `401`, `403`, `404`, a single item's `413`;
+    /// not `408` or `429`) is dropped with a warning: sending it again would not change
+    /// the answer, and it must not hold up what comes after it. `Err` is a failure that
+    /// may pass (unreachable, `5xx`, `429`): what was not taken stays queued.
+    async fn deliver_batch(&self, server: &ServerName, batch: OutboxBatch) -> Result<()> {
+        // Parts still to send, the next one last.
+        let mut parts = vec![batch];
+        while let Some(part) = parts.pop() {
+            match self.send_batch(server, &part).await {
+                Ok(()) => {}
+                Err(Error::Remote(remote))
+                    if remote.status == http::StatusCode::PAYLOAD_TOO_LARGE && batch_len(&part) > 1 =>
+                {
+                    tracing::info!(destination = %server, items = batch_len(&part),
+                        "the destination refused a transaction as too large; sending it in halves");
+                    let (first, second) = halves(part);
+                    parts.push(second);
+                    parts.push(first);
+                    continue;
+                }
+                Err(Error::Remote(remote)) if remote.is_permanent() => {
+                    tracing::warn!(destination = %server, status = remote.status.as_u16(), errcode = %remote.errcode,
+                        message = %remote.message, pdus = part.pdus.len(), edus = part.edus.len(),
+                        "the destination refused a transaction; dropping it");
+                }
+                Err(e) => return Err(e),
+            }
+            let pdu_until = part.pdus.last().map(|p| p.0);
+            let edu_until = part.edus.last().map(|e| e.0);
+            if let Err(e) = self.store.delete_federation_sent(server.as_str(), pdu_until, edu_until).await {
+                tracing::warn!(destination = %server, error = %e, "cannot dequeue a sent transaction");
+            }
+        }
+        Ok(())
     }
 
     /// Sends one batch as a transaction. Its id is made from the positions it holds, so
@@ -301,6 +348,22 @@ impl Services {
     }
 }
 
+/// How many PDUs and EDUs a batch holds.
+fn batch_len(batch: &OutboxBatch) -> usize {
+    batch.pdus.len() + batch.edus.len()
+}
+
+/// A batch cut in two, PDUs then EDUs, the first half the larger: each half holds the
+/// oldest items of each kind before the other half's, so that dequeuing each half up to
+/// its last positions, in order, dequeues exactly what was sent.
+fn halves(mut batch: OutboxBatch) -> (OutboxBatch, OutboxBatch) {
+    let first_len = batch_len(&batch).div_ceil(2);
+    let first_pdus = first_len.min(batch.pdus.len());
+    let first_edus = first_len - first_pdus;
+    let second = OutboxBatch { pdus: batch.pdus.split_off(first_pdus), edus: batch.edus.split_off(first_edus) };
+    (batch, second)
+}
+
 /// `{first}-{last}` PDU positions and `{first}-{last}` EDU positions: unique per batch.
 fn transaction_id(batch: &OutboxBatch) -> OwnedTransactionId {
     let span = |first: Option<i64>, last: Option<i64>| match (first, last) {
@@ -325,5 +388,23 @@ mod tests {
         assert_eq!(transaction_id(&batch).as_str(), "c5-9.1000001-1000001");
         let only_edus = OutboxBatch { pdus: vec![], edus: vec![(3, "{}".into()), (4, "{}".into())] };
         assert_eq!(transaction_id(&only_edus).as_str(), "c0.3-4");
+    }
+
+    #[test]
+    fn halves_keep_each_kind_in_order() {
+        let pdu = |p: i64| (p, format!("${p}"), "{}".to_owned());
+        let edu = |p: i64| (p, "{}".to_owned());
+        let batch = OutboxBatch { pdus: vec![pdu(1), pdu(2)], edus: vec![edu(10), edu(11), edu(12)] };
+        let (first, second) = halves(batch);
+        assert_eq!((first.pdus.len(), first.edus.len()), (2, 1));
+        assert_eq!(first.edus[0].0, 10);
+        assert_eq!((second.pdus.len(), second.edus.len()), (0, 2));
+        assert_eq!(second.edus[0].0, 11);
+        let (first, second) = halves(OutboxBatch { pdus: vec![pdu(1), pdu(2), pdu(3)], edus: vec![edu(9)] });
+        assert_eq!(first.pdus.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!((second.pdus.len(), second.edus.len()), (1, 1));
+        let (first, second) = halves(OutboxBatch { pdus: vec![pdu(1)], edus: vec![edu(9)] });
+        assert_eq!((batch_len(&first), batch_len(&second)), (1, 1));
+        assert_eq!(first.pdus[0].0, 1);
     }
 }

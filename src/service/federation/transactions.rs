@@ -125,7 +125,7 @@ impl Services {
             .ok()
             .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok())
             .ok_or_else(|| Error::bad_json("cannot compute the PDU's event id"))?;
-        use crate::service::rooms::pipeline::{Arrival, PduOutcome};
+        use crate::service::rooms::pipeline::PduOutcome;
         let may = match allowed.get(&room_id) {
             Some(may) => *may,
             None => {
@@ -138,7 +138,7 @@ impl Services {
             return Ok((event_id, Err(format!("The room's server ACL denies {origin}"))));
         }
         self.fill_gap(origin, &room_id, &version, &event_id, &object).await;
-        let result = match self.handle_pdu(&room_id, &version, object, Arrival::Live).await {
+        let result = match self.handle_remote_pdu(origin, &room_id, &version, object).await {
             Ok(PduOutcome::Rejected { reason, .. }) => Err(reason),
             Ok(_) => Ok(()),
             Err(e @ Error::Unavailable(_)) => return Err(e),
@@ -168,8 +168,6 @@ impl Services {
         object: &ruma::CanonicalJsonObject,
     ) {
         use ruma::api::federation::event::get_missing_events::v1 as missing;
-
-        use crate::service::rooms::pipeline::Arrival;
         let prevs: Vec<String> = match object.get("prev_events") {
             Some(ruma::CanonicalJsonValue::Array(ids)) => {
                 ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
@@ -197,8 +195,12 @@ impl Services {
             }
         };
         for pdu in super::oldest_first(&events, MAX_GAP as usize) {
-            if let Err(e) = self.handle_pdu(room_id, version, pdu, Arrival::Live).await {
+            // The oldest may need the state at its own prevs, fetched from the origin.
+            // When one fails, so would the next (built on it): the PDU itself then asks
+            // for the state at its prevs.
+            if let Err(e) = self.handle_remote_pdu(origin, room_id, version, pdu).await {
                 tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
+                break;
             }
         }
     }

@@ -20,7 +20,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     service::Services,
-    storage::{EventTxn, Persisted, Position},
+    storage::{EventTxn, Persisted, Position, Redaction},
 };
 
 /// An event a local user wants to send.
@@ -150,6 +150,8 @@ impl Services {
             }
             Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
         };
+        let redactions: Vec<Redaction<'_>> =
+            redaction.iter().map(|(target, redacted_json)| Redaction::Apply { target, redacted_json }).collect();
         let persisted = self
             .place_event(
                 room_id,
@@ -162,7 +164,7 @@ impl Services {
                     json: &built.json,
                     pdu: &built.pdu,
                     membership: built.membership.as_deref(),
-                    redaction: redaction.as_ref().map(|(id, json)| (id.as_str(), json.as_str())),
+                    redactions: &redactions,
                     txn: event.txn.as_ref().map(|t| EventTxn {
                         device_id: t.device_id.as_str(),
                         scope: &t.scope,

@@ -209,7 +209,7 @@ impl Services {
                     json: &b.json,
                     prev_events: &b.prev_events,
                     membership: b.membership.as_deref(),
-                    redaction: None,
+                    redactions: &[],
                     txn: None,
                     // Only the creator is joined, and nobody is notified of their own events.
                     push_actions: &[],

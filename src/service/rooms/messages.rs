@@ -223,20 +223,9 @@ impl Services {
             .get_current_state_event(room_id.as_str(), "m.room.create", "")
             .await?
             .ok_or_else(|| Error::not_found("Unknown room"))?;
-        let create_json: JsonValue = serde_json::from_str(&create.json).map_err(Error::internal)?;
         let version = self.room_version(room_id).await?;
         let rules = super::append::rules_for(&version)?;
-        if rules.authorization.explicitly_privilege_room_creators {
-            let additional = create_json["content"]["additional_creators"].as_array().cloned().unwrap_or_default();
-            if create.sender == user.as_str() || additional.iter().any(|c| c == user.as_str()) {
-                return Ok((i64::MAX, pl));
-            }
-        }
-        let level = pl["users"][user.as_str()].as_i64().or_else(|| pl["users_default"].as_i64()).unwrap_or_else(|| {
-            // Without power levels the creator has 100.
-            if pl.as_object().is_none_or(|o| o.is_empty()) && create.sender == user.as_str() { 100 } else { 0 }
-        });
-        Ok((level, pl))
+        Ok((user_power_level(&create, &pl, user, &rules)?, pl))
     }
 
     /// `PUT /rooms/{roomId}/redact/{eventId}/{txnId}`.
@@ -490,6 +479,27 @@ impl Services {
         }
         Ok(())
     }
+}
+
+/// A user's power level from a room's create event and power levels content (`{}`
+/// when there is none): creators of v12 rooms rank above everyone, and without power
+/// levels the creator has 100.
+pub(crate) fn user_power_level(
+    create: &StoredEvent,
+    pl: &JsonValue,
+    user: &UserId,
+    rules: &ruma::room_version_rules::RoomVersionRules,
+) -> Result<i64> {
+    if rules.authorization.explicitly_privilege_room_creators {
+        let create_json: JsonValue = serde_json::from_str(&create.json).map_err(Error::internal)?;
+        let additional = create_json["content"]["additional_creators"].as_array().cloned().unwrap_or_default();
+        if create.sender == user.as_str() || additional.iter().any(|c| c == user.as_str()) {
+            return Ok(i64::MAX);
+        }
+    }
+    Ok(pl["users"][user.as_str()].as_i64().or_else(|| pl["users_default"].as_i64()).unwrap_or_else(|| {
+        if pl.as_object().is_none_or(|o| o.is_empty()) && create.sender == user.as_str() { 100 } else { 0 }
+    }))
 }
 
 #[cfg(test)]

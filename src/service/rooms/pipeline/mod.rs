@@ -10,12 +10,15 @@
 //! `handle_outliers` stores a batch of events without state (a join's state and auth
 //! chain). Keys of other servers come from `event_signing_keys` (our own and test keys
 //! in `KnownKeys`, the rest from the key service); missing auth events are fetched from
-//! the room's servers (`fetch_events_from_room`).
+//! the room's servers (`fetch_events_from_room`). The state at prevs this server lacks
+//! comes from the caller (`handle_pdu_with_prev_states`: the `/send` receiver asks the
+//! sender); redactions of other servers' events follow `redactions.rs`.
 
 mod checks;
 mod keys;
 mod outliers;
 mod place;
+mod redactions;
 mod resolve;
 
 use std::collections::HashMap;
@@ -30,12 +33,13 @@ use crate::service::rooms::{
 use crate::{
     error::Result,
     service::Services,
-    storage::{Persisted, Position, StateEntry},
+    storage::{Persisted, Position, Redaction, StateEntry},
 };
 
 use checks::{auth_keys, check_against, create_event_id};
 pub use keys::KnownKeys;
 pub(crate) use place::{Before, Placing};
+use redactions::RedactionPlan;
 
 /// How a PDU reached us.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +96,22 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, None, None).await
+    }
+
+    /// `handle_pdu` for a PDU some of whose prev events this server has no state for
+    /// (unknown, or outliers): `prev_states` are the states after those, as the sender
+    /// gave them (`federation/prev_state.rs`). The state before the PDU is resolved
+    /// from them and the states after its other prevs.
+    pub async fn handle_pdu_with_prev_states(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        arrival: Arrival,
+        prev_states: Vec<IdState>,
+    ) -> Result<PduOutcome> {
+        self.handle_pdu_at(room_id, version, pdu, arrival, None, Some(prev_states)).await
     }
 
     /// Stores this server's join to a remote room, from a `send_join` answer: call
@@ -109,7 +128,7 @@ impl Services {
         join: CanonicalJsonObject,
         state_before: i64,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before)).await
+        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before), None).await
     }
 
     /// Records a remote room (its version and creator) before its first events are
@@ -125,6 +144,7 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
         state_before: Option<i64>,
+        prev_states: Option<Vec<IdState>>,
     ) -> Result<PduOutcome> {
         let rules = rules_for(version)?;
         let (event_id, json, parsed) = self.check_pdu(room_id, &rules, pdu, arrival)?.await_keys(self).await?;
@@ -159,17 +179,10 @@ impl Services {
         let prev_ids: Vec<String> = parsed.prev_events.iter().map(|p| p.to_string()).collect();
         let known = self.store.get_events_by_ids(&prev_ids).await?;
         if known.len() < prev_ids.len() {
-            let missing: Vec<OwnedEventId> = parsed
-                .prev_events
-                .iter()
-                .filter(|p| !known.iter().any(|k| k.event_id == p.as_str()))
-                .take(MAX_FETCH)
-                .cloned()
-                .collect();
             // Missing prevs are fetched before this, outside the room's lock, by the
-            // receiver of `/send` (`federation/transactions.rs`, `get_missing_events`);
-            // what is still missing becomes a backward extremity.
-            tracing::debug!(event_id = %event_id, missing = missing.len(), "placing an event with unknown prevs");
+            // receiver of `/send` (`get_missing_events`, then the state at those still
+            // missing: `prev_states`); they become backward extremities.
+            tracing::debug!(event_id = %event_id, missing = prev_ids.len() - known.len(), "placing an event with unknown prevs");
         }
         let mut prev_groups: Vec<i64> = Vec::new();
         for prev in &known {
@@ -180,15 +193,21 @@ impl Services {
         }
         prev_groups.sort_unstable();
         prev_groups.dedup();
-        let before = match prev_groups.as_slice() {
+        let before = match (prev_groups.as_slice(), prev_states) {
             _ if state_before.is_some() => Before::Group(state_before.unwrap_or_default()),
-            // TODO(federation): with no prev event's state known, the spec wants the
-            // state at the event from the sender (`/state_ids`, then `/event` for the
-            // ones we miss). Until that fetch plugs in here, the room's current state
-            // stands in for it.
-            [] => Before::Group(head.state_group),
-            [one] => Before::Group(*one),
-            several => {
+            // The states the sender gave for the prevs we have no state for, with those
+            // of the others.
+            (groups, Some(mut states)) if !states.is_empty() => {
+                for group in groups {
+                    states.push(self.group_state(*group).await?);
+                }
+                Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
+            }
+            // No prev's state is known and none was fetched (backfill, or a caller that
+            // does not fetch): the room's current state stands in for it.
+            ([], _) => Before::Group(head.state_group),
+            ([one], _) => Before::Group(*one),
+            (several, _) => {
                 let mut states = Vec::with_capacity(several.len());
                 for group in several {
                     states.push(self.group_state(*group).await?);
@@ -236,9 +255,25 @@ impl Services {
         let membership = (parsed.kind == TimelineEventType::RoomMember).then_some(membership);
         let accepted_live = rejected.is_none() && !soft_failed && arrival != Arrival::Backfill;
         let redaction = match state_res::Event::redacts(&parsed).filter(|_| accepted_live) {
-            Some(target) => self.remote_redaction(target, &parsed, room_id, &rules).await?,
+            Some(target) => self.plan_redaction(room_id, &rules, &parsed, target.as_str(), &before).await?,
             None => None,
         };
+        // A redaction that came before this event, and may apply to it, applies now.
+        let held = match arrival {
+            Arrival::Local => None,
+            _ => self.held_redaction_for(room_id, &rules, event_id.as_str(), &parsed.sender, &json).await?,
+        };
+        let mut redactions: Vec<Redaction<'_>> = Vec::new();
+        match &redaction {
+            Some(RedactionPlan::Apply { target, redacted_json }) => {
+                redactions.push(Redaction::Apply { target, redacted_json })
+            }
+            Some(RedactionPlan::Hold { target }) => redactions.push(Redaction::Hold { target }),
+            None => {}
+        }
+        if let Some((by, redacted_json)) = &held {
+            redactions.push(Redaction::HeldBy { by, redacted_json });
+        }
         let push_actions = match (accepted_live, &auth_events) {
             (true, Ok(auth)) => {
                 self.push_actions_for(room_id, &parsed.sender, &json, auth, &rules).await.unwrap_or_else(|e| {
@@ -253,7 +288,7 @@ impl Services {
             json: &json,
             pdu: &parsed,
             membership: membership.as_deref(),
-            redaction: redaction.as_ref().map(|(id, json)| (id.as_str(), json.as_str())),
+            redactions: &redactions,
             txn: None,
             push_actions: &push_actions,
             position: match (&rejected, soft_failed, arrival) {
@@ -272,6 +307,11 @@ impl Services {
         };
         let stored = self.place_event(room_id, &rules, head, before, before_state, placing).await?;
         drop(_guard);
+        if let (Persisted::Stored(_), Some(RedactionPlan::Hold { target })) = (&stored, &redaction) {
+            // The target may have been stored as an outlier meanwhile (outliers are
+            // stored outside the room's lock), after looking for held redactions.
+            self.apply_held_redactions(room_id, &rules, std::slice::from_ref(target)).await?;
+        }
         let at = match stored {
             Persisted::Stored(at) => at,
             Persisted::Duplicate(_) | Persisted::TxnTaken => return Ok(PduOutcome::Duplicate { event_id }),

@@ -163,6 +163,14 @@ impl Services {
             })
             .collect();
         self.store.persist_outliers(&rows).await?;
+        // Redactions that came before them (rare: checked once per batch).
+        let accepted: Vec<String> = events
+            .iter()
+            .zip(&reasons)
+            .filter(|(_, reason)| reason.is_none())
+            .map(|((id, _, _), _)| id.to_string())
+            .collect();
+        self.apply_held_redactions(room_id, rules, &accepted).await?;
         Ok(events
             .into_iter()
             .zip(reasons)

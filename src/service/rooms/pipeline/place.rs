@@ -1,13 +1,16 @@
 //! Placing a checked event in the DAG, the stream and the room's state.
 
-use ruma::{EventId, OwnedUserId, RoomId, room_version_rules::RoomVersionRules};
+use ruma::{OwnedUserId, RoomId, room_version_rules::RoomVersionRules};
 
 use super::{IdState, to_entries};
 use crate::service::rooms::{append::RoomHead, pdu::Pdu};
 use crate::{
     error::{Error, Result},
     service::Services,
-    storage::{CurrentChange, Dag, ExtremityChange, NewEvent, Persisted, Position, StateBefore, StateEntry, StoredAt},
+    storage::{
+        CurrentChange, Dag, ExtremityChange, NewEvent, Persisted, Position, Redaction, StateBefore, StateEntry,
+        StoredAt,
+    },
 };
 
 /// An event ready to be placed: checked, with what to store alongside it.
@@ -16,7 +19,7 @@ pub(crate) struct Placing<'a> {
     pub json: &'a str,
     pub pdu: &'a Pdu,
     pub membership: Option<&'a str>,
-    pub redaction: Option<(&'a str, &'a str)>,
+    pub redactions: &'a [Redaction<'a>],
     pub txn: Option<crate::storage::EventTxn<'a>>,
     pub push_actions: &'a [(String, bool)],
     pub position: Position,
@@ -242,7 +245,7 @@ impl Services {
                 prev_events: &prevs,
                 auth_events: &auths,
                 membership: e.membership,
-                redaction: e.redaction,
+                redactions: e.redactions,
                 txn: e.txn,
                 push_actions: e.push_actions,
                 dag,
@@ -291,26 +294,5 @@ impl Services {
             self.notifier.notify_users(&[target]);
         }
         Ok(())
-    }
-
-    /// The redacted JSON of a remote redaction's target, when the redaction may apply
-    /// without reading power levels: the target was sent from the redaction sender's
-    /// server.
-    pub(super) async fn remote_redaction(
-        &self,
-        target: &EventId,
-        redaction: &Pdu,
-        room_id: &RoomId,
-        rules: &RoomVersionRules,
-    ) -> Result<Option<(String, String)>> {
-        let Some(stored) = self.store.get_event(target.as_str()).await? else { return Ok(None) };
-        let same_server = OwnedUserId::try_from(stored.sender.as_str())
-            .is_ok_and(|s| s.server_name() == redaction.sender.server_name());
-        // TODO(federation): a moderator's redaction of another server's event (power
-        // levels at the redaction) is not applied yet.
-        if !same_server {
-            return Ok(None);
-        }
-        self.redacted_json_of(target.as_str(), room_id, rules).await
     }
 }
