@@ -44,7 +44,7 @@ pub use self::{
         StateBefore, StateEntry, StoredAt,
     },
     registration_tokens::RegistrationTokenInfo,
-    remote_rooms::RemoteInvite,
+    remote_rooms::RemoteMembership,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     uiaa::UiaaSession,

@@ -14,6 +14,7 @@ mod federation;
 mod federation_edus;
 mod federation_rooms;
 mod keys;
+mod knock;
 mod login;
 mod operations;
 mod profile;

@@ -158,8 +158,10 @@ impl FederationClient {
 
     /// Sends `request` to `destination`, signed as `origin` with `key` when the endpoint
     /// requires it, and parses the answer. A Matrix error from the other server becomes
-    /// `Error::Matrix`: `404 M_NOT_FOUND` is relayed as it is (a missing profile or
-    /// alias), anything else is `502` naming the server and what it said.
+    /// `Error::Matrix`: `404 M_NOT_FOUND` (a missing profile or alias), `403 M_FORBIDDEN`
+    /// and `400 M_INCOMPATIBLE_ROOM_VERSION` (a refused join or knock, which the spec
+    /// asks to pass on to the user) are relayed, anything else is `502` naming the
+    /// server and what it said.
     #[tracing::instrument(skip_all, fields(%destination))]
     pub async fn send<T>(
         &self,
@@ -239,6 +241,17 @@ fn remote_error(destination: &ServerName, error: ruma::api::error::Error) -> Err
     };
     if error.status_code == http::StatusCode::NOT_FOUND && errcode == "M_NOT_FOUND" {
         return Error::not_found(format!("{destination}: {message}"));
+    }
+    // The other server's refusal of what our user asked (a join, a knock): theirs to
+    // know, with the room version when that is the reason.
+    if let ErrorBody::Standard(body) = &error.body
+        && matches!(
+            (error.status_code, &body.kind),
+            (http::StatusCode::FORBIDDEN, ErrorKind::Forbidden)
+                | (http::StatusCode::BAD_REQUEST, ErrorKind::IncompatibleRoomVersion(_))
+        )
+    {
+        return Error::matrix(error.status_code, body.kind.clone(), format!("{destination}: {message}"));
     }
     Error::matrix(
         http::StatusCode::BAD_GATEWAY,

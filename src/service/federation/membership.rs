@@ -40,21 +40,21 @@ const MAX_JOIN_EVENTS: usize = 200_000;
 /// Most events read for the auth chain of a `send_join` answer.
 const MAX_AUTH_CHAIN: i64 = 200_000;
 
-fn to_raw(object: &CanonicalJsonObject) -> Result<Box<RawValue>> {
+pub(super) fn to_raw(object: &CanonicalJsonObject) -> Result<Box<RawValue>> {
     RawValue::from_string(serde_json::to_string(object).map_err(Error::internal)?).map_err(Error::internal)
 }
 
-fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
+pub(super) fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
     serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(format!("An event is not canonical JSON: {e}")))
 }
 
-fn event_id_of(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
+pub(super) fn event_id_of(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
     let hash = ruma::signatures::reference_hash(object, rules)
         .map_err(|e| Error::bad_json(format!("Cannot compute an event id: {e}")))?;
     OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)
 }
 
-fn str_field<'a>(object: &'a CanonicalJsonObject, key: &str) -> Option<&'a str> {
+pub(super) fn str_field<'a>(object: &'a CanonicalJsonObject, key: &str) -> Option<&'a str> {
     object.get(key).and_then(|v| v.as_str())
 }
 
@@ -89,10 +89,10 @@ impl Services {
         self.membership_template(origin, room_id, user, "join", Some(versions)).await
     }
 
-    /// A template of `user`'s own `membership` event (join, leave) for their server
-    /// `origin`, built on the room's head and checked; `versions` are the room versions
-    /// the asking server supports, when it says.
-    async fn membership_template(
+    /// A template of `user`'s own `membership` event (join, leave, knock) for their
+    /// server `origin`, built on the room's head and checked; `versions` are the room
+    /// versions the asking server supports, when it says.
+    pub(super) async fn membership_template(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -116,6 +116,13 @@ impl Services {
             ));
         }
         let rules = rules_for(&version)?;
+        if membership == "knock" && !rules.authorization.knocking {
+            return Err(Error::matrix(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::IncompatibleRoomVersion(IncompatibleRoomVersionErrorData::new(version.clone())),
+                format!("Room version {version} does not support knocking"),
+            ));
+        }
         let event = LocalEvent {
             sender: user,
             kind: TimelineEventType::RoomMember,
@@ -198,38 +205,13 @@ impl Services {
         via: &[OwnedServerName],
         reason: Option<String>,
     ) -> Result<OwnedEventId> {
-        let mut tried = Vec::new();
-        let mut last_refusal: Option<Error> = None;
-        let mut found = None;
-        for server in via.iter().filter(|s| *s != self.server_name()) {
-            let mut request = make_join::Request::new(room_id.to_owned(), user.to_owned());
-            request.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
-            match self.send_federation_request(server, request).await {
-                Ok(response) => {
-                    found = Some((server.clone(), response));
-                    break;
-                }
-                Err(e) => {
-                    tracing::info!(%room_id, %server, error = %e, "make_join failed");
-                    tried.push(format!("{server}: {}", e.message()));
-                    if matches!(&e, Error::Matrix { status, .. } if status.is_client_error()) {
-                        last_refusal = Some(e);
-                    } else {
-                        last_refusal = None;
-                    }
-                }
-            }
-        }
-        let Some((resident, template)) = found else {
-            return Err(match (tried.is_empty(), last_refusal) {
-                (true, _) => Error::not_found("No server to join this room through: give one (via or server_name)"),
-                // Refused (not unreachable) by the last server tried: its answer, with all of them.
-                (false, Some(Error::Matrix { status, kind, .. })) => {
-                    Error::matrix(status, kind, format!("No server let us join: {}", tried.join("; ")))
-                }
-                (false, _) => Error::federation(format!("No server let us join: {}", tried.join("; "))),
-            });
-        };
+        let (resident, template) = self
+            .first_template(via, "join", || {
+                let mut request = make_join::Request::new(room_id.to_owned(), user.to_owned());
+                request.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
+                request
+            })
+            .await?;
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
         if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
             return Err(Error::matrix(
@@ -239,17 +221,7 @@ impl Services {
             ));
         }
         let rules = rules_for(&version)?;
-        let mut extra = serde_json::Map::new();
-        if let Some(reason) = reason {
-            extra.insert("reason".into(), json!(reason));
-        }
-        if let Some(profile) = self.store.get_profile(user.as_str()).await? {
-            for field in ["displayname", "avatar_url"] {
-                if let Some(value @ serde_json::Value::String(_)) = profile.get(field) {
-                    extra.insert(field.into(), value.clone());
-                }
-            }
-        }
+        let extra = self.own_membership_extra(user, reason).await?;
         let (event_id, mut event) = self.sign_template(&template.event, room_id, user, "join", &rules, extra)?;
         let request = send_join::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
         let answer = self.send_federation_request(&resident, request).await?.room_state;
@@ -369,9 +341,10 @@ impl Services {
         self.accept_membership(origin, room_id, event_id, pdu, "leave").await
     }
 
-    /// A remote user's own signed `membership` event (join, leave) sent by its server:
-    /// checked, through the event pipeline, then passed on to the room's other servers.
-    async fn accept_membership(
+    /// A remote user's own signed `membership` event (join, leave, knock) sent by its
+    /// server: checked, through the event pipeline, then passed on to the room's other
+    /// servers.
+    pub(super) async fn accept_membership(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -412,29 +385,107 @@ impl Services {
         }
     }
 
-    /// Leaves (or declines an invite to) a room this server is not in, through
-    /// `server` (the inviter's): `make_leave`, sign, `send_leave`.
-    pub async fn leave_remote_room(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> Result<()> {
-        let template =
-            self.send_federation_request(server, make_leave::Request::new(room_id.to_owned(), user.to_owned())).await?;
+    /// Leaves a room this server is not in (declines an invite, retracts a knock)
+    /// through the first of `servers` that answers: `make_leave`, sign, `send_leave`.
+    /// Answers the leave's id and the signed event.
+    pub async fn leave_remote_room(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        servers: &[OwnedServerName],
+        reason: Option<String>,
+    ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
+        let (server, template) = self
+            .first_template(servers, "leave", || make_leave::Request::new(room_id.to_owned(), user.to_owned()))
+            .await?;
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
         if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
             return Err(Error::federation(format!("{server} answered room version {version}")));
         }
         let rules = rules_for(&version)?;
-        let (event_id, event) =
-            self.sign_template(&template.event, room_id, user, "leave", &rules, serde_json::Map::new())?;
-        self.send_federation_request(server, send_leave::Request::new(room_id.to_owned(), event_id, to_raw(&event)?))
-            .await?;
-        Ok(())
+        let mut extra = serde_json::Map::new();
+        if let Some(reason) = reason {
+            extra.insert("reason".into(), json!(reason));
+        }
+        let (event_id, event) = self.sign_template(&template.event, room_id, user, "leave", &rules, extra)?;
+        let request = send_leave::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
+        self.send_federation_request(&server, request).await?;
+        Ok((event_id, event))
     }
 }
 
 impl Services {
+    /// What a user's own join or knock carries besides the membership: the reason
+    /// given, and the user's profile (clients show members by it).
+    pub(super) async fn own_membership_extra(
+        &self,
+        user: &UserId,
+        reason: Option<String>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut extra = serde_json::Map::new();
+        if let Some(reason) = reason {
+            extra.insert("reason".into(), json!(reason));
+        }
+        if let Some(profile) = self.store.get_profile(user.as_str()).await? {
+            for field in ["displayname", "avatar_url"] {
+                if let Some(value @ serde_json::Value::String(_)) = profile.get(field) {
+                    extra.insert(field.into(), value.clone());
+                }
+            }
+        }
+        Ok(extra)
+    }
+
+    /// Asks `servers` in turn (this one left out) for a template of a `what` (join,
+    /// knock) with the request `ask` makes for each, and answers the first server that
+    /// gave one, with its answer. When none did: `M_NOT_FOUND` if there was no server
+    /// to ask; the last server's refusal (a 4xx: banned, not allowed, wrong room
+    /// version) relayed, naming every server's answer; else `502`.
+    pub(super) async fn first_template<T>(
+        &self,
+        servers: &[OwnedServerName],
+        what: &str,
+        ask: impl Fn() -> T,
+    ) -> Result<(OwnedServerName, T::IncomingResponse)>
+    where
+        T: ruma::api::OutgoingRequest<
+                EndpointError = ruma::api::error::Error,
+                PathBuilder = ruma::api::path_builder::SinglePath,
+            > + Send,
+        T::Authentication: super::client::OutboundAuth,
+    {
+        let mut tried = Vec::new();
+        let mut last_refusal: Option<Error> = None;
+        for server in servers.iter().filter(|s| *s != self.server_name()) {
+            match self.send_federation_request(server, ask()).await {
+                Ok(response) => return Ok((server.clone(), response)),
+                Err(e) => {
+                    tracing::info!(%server, error = %e, "make_{what} failed");
+                    tried.push(format!("{server}: {}", e.message()));
+                    if matches!(&e, Error::Matrix { status, .. } if status.is_client_error()) {
+                        last_refusal = Some(e);
+                    } else {
+                        last_refusal = None;
+                    }
+                }
+            }
+        }
+        Err(match (tried.is_empty(), last_refusal) {
+            (true, _) => {
+                Error::not_found(format!("No server to {what} this room through: give one (via or server_name)"))
+            }
+            // Refused (not unreachable) by the last server tried: its answer, with all of them.
+            (false, Some(Error::Matrix { status, kind, .. })) => {
+                Error::matrix(status, kind, format!("No server let us {what}: {}", tried.join("; ")))
+            }
+            (false, _) => Error::federation(format!("No server let us {what}: {}", tried.join("; "))),
+        })
+    }
+
     /// Fills in a resident server's template of `user`'s own `membership` event: checks
     /// it is that, adds `extra` to its content and the time, hashes and signs it.
     /// Answers its id and the signed event.
-    fn sign_template(
+    pub(super) fn sign_template(
         &self,
         template: &RawValue,
         room_id: &RoomId,
