@@ -14,6 +14,7 @@ mod ephemeral;
 mod events;
 mod federation_outbox;
 mod memberships;
+mod openid;
 mod persist;
 mod push;
 mod registration_tokens;

@@ -16,6 +16,7 @@ mod federation_rooms;
 mod keys;
 mod knock;
 mod login;
+mod openid;
 mod operations;
 mod profile;
 mod push;
