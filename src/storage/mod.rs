@@ -11,6 +11,7 @@ mod account_data;
 mod directory;
 mod e2e;
 mod ephemeral;
+mod event_times;
 mod events;
 mod federation_outbox;
 mod memberships;

@@ -24,4 +24,5 @@ mod register;
 mod room_events;
 mod rooms;
 mod sync;
+mod timestamp;
 mod transport;

@@ -19,6 +19,7 @@ pub mod membership;
 pub mod out_of_band;
 pub mod queries;
 pub mod sender;
+pub mod timestamp;
 pub mod transactions;
 
 /// The federation state of one server: the outbound client and the key fetcher.

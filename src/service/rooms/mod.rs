@@ -12,6 +12,7 @@ pub mod messages;
 pub mod pdu;
 pub mod pipeline;
 pub mod state;
+pub mod timestamp;
 pub mod validate;
 pub mod visibility;
 
