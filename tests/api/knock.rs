@@ -23,6 +23,8 @@ backend_tests!(
     a_user_knocks_on_a_room_of_another_server_and_is_let_in,
     a_remote_knock_is_refused_by_a_kick_and_can_be_retracted,
     make_and_send_knock_refuse_what_the_room_does_not_allow,
+    members_of_an_allowed_room_join_a_restricted_room,
+    a_restricted_room_of_another_server_is_joined_through_an_allowed_room,
 );
 
 /// Syncs (long-polling) from `since` until `pick` finds something in a response, for
@@ -538,6 +540,114 @@ async fn make_and_send_knock_refuse_what_the_room_does_not_allow(backend: Backen
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_error(&make_knock(room.clone(), "ver=12").await, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Waits (at most 20 s) until `server` has `user`'s membership in `room` as `wanted`.
+async fn wait_for_membership(server: &TestServer, token: &str, room: &str, user: &str, wanted: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut since = None;
+    while membership(server, token, room, user).await.as_deref() != Some(wanted) {
+        assert!(Instant::now() < deadline, "{user} not {wanted} in {room} within 20 s");
+        // Wait for the next change the server's user hears of, not for a fixed time.
+        let sync = server.sync(token, since.as_deref(), "timeout=1000").await;
+        since = sync["next_batch"].as_str().map(str::to_owned);
+    }
+}
+
+/// `user`'s member event in `room` as `token`'s user reads it.
+async fn member_event(server: &TestServer, token: &str, room: &str, user: &str) -> Value {
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.member/{user}?format=event");
+    let (status, body) = server.get(&path, Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body
+}
+
+async fn members_of_an_allowed_room_join_a_restricted_room(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, alice_token, _) = server.register("alice").await;
+    let (bob, bob_token, _) = server.register("bob").await;
+    let (_, carol_token, _) = server.register("carol").await;
+    let space = server.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    server.join(&bob_token, &space).await;
+    let allow = json!([{"type": "m.room_membership", "room_id": space}]);
+    for (version, rule) in [("8", "restricted"), ("10", "knock_restricted"), ("12", "knock_restricted")] {
+        let room = room_with_rule(&server, &alice_token, version, json!({"join_rule": rule, "allow": allow})).await;
+        // Bob is in the allowed room: he joins, and Alice (who may invite) vouches.
+        let (status, body) =
+            server.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(&bob_token), json!({})).await;
+        assert_eq!(status, StatusCode::OK, "v{version} {rule}: {body}");
+        let join = member_event(&server, &alice_token, &room, &bob).await;
+        assert_eq!(join["content"]["membership"], "join");
+        assert_eq!(join["content"]["join_authorised_via_users_server"], alice.as_str(), "{join}");
+        // Carol is not: refused, though she may knock where the rule says so.
+        let refused =
+            server.post(&format!("/_matrix/client/v3/rooms/{room}/join"), Some(&carol_token), json!({})).await;
+        assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+        let knocked = knock(&server, &carol_token, &room, "").await;
+        if rule == "knock_restricted" {
+            assert_eq!(knocked.0, StatusCode::OK, "v{version}: {}", knocked.1);
+        } else {
+            assert_error(&knocked, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+        }
+    }
+    server.stop().await;
+}
+
+async fn a_restricted_room_of_another_server_is_joined_through_an_allowed_room(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (alice, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let (dave, dave_token, _) = b.register("dave").await;
+    let space = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let via = format!("?via={}", name(&a));
+    let (status, body) = b.post(&format!("/_matrix/client/v3/join/{space}{via}"), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let allow = json!([{"type": "m.room_membership", "room_id": space}]);
+    let room = room_with_rule(&a, &alice_token, "12", json!({"join_rule": "knock_restricted", "allow": allow})).await;
+
+    // Bob's server joins through Alice's, which sees Bob in the space and vouches.
+    let (status, body) = b.post(&format!("/_matrix/client/v3/join/{room}{via}"), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(membership(&a, &alice_token, &room, &bob).await.as_deref(), Some("join"));
+    let join = member_event(&a, &alice_token, &room, &bob).await;
+    assert_eq!(join["content"]["join_authorised_via_users_server"], alice.as_str(), "{join}");
+    let on_b = member_event(&b, &bob_token, &room, &bob).await;
+    assert_eq!(on_b["event_id"], join["event_id"], "the same join on both servers");
+
+    // Dave is not in the space: refused (Alice's server's answer, relayed); he may knock.
+    let refused = b.post(&format!("/_matrix/client/v3/join/{room}{via}"), Some(&dave_token), json!({})).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert_eq!(knock(&b, &dave_token, &room, &via).await.0, StatusCode::OK);
+
+    // A join naming Alice as its voucher, sent for a user no longer in the space, is
+    // refused at send_join: the voucher's server checks again before signing.
+    let a_name = name(&a).to_string();
+    let (_, carol_token, _) = b.register("carol").await;
+    let carol = format!("@carol:{}", name(&b));
+    b.join(&carol_token, &space).await;
+    wait_for_membership(&a, &alice_token, &space, &carol, "join").await;
+    let path = format!("/_matrix/federation/v1/make_join/{room}/{carol}?ver=12");
+    let header = sign(&b, &a_name, "GET", &path, None);
+    let (status, template) = fed_request(&a, Method::GET, &path, None, Some(&header)).await;
+    assert_eq!(status, StatusCode::OK, "{template}");
+    assert_eq!(template["event"]["content"]["join_authorised_via_users_server"], alice.as_str());
+    b.leave(&carol_token, &space).await;
+    wait_for_membership(&a, &alice_token, &space, &carol, "leave").await;
+    let mut event: ruma::CanonicalJsonObject = serde_json::from_value(template["event"].clone()).unwrap();
+    let rules = ruma::RoomVersionId::V12.rules().unwrap();
+    let key = &crate::federation::services(&b).signing_key;
+    ruma::signatures::hash_and_sign_event(name(&b).as_str(), key, &mut event, &rules.redaction).unwrap();
+    let id = format!("${}", ruma::signatures::reference_hash(&event, &rules).unwrap());
+    let body = serde_json::to_value(&event).unwrap();
+    let path = format!("/_matrix/federation/v2/send_join/{room}/{id}");
+    let header = sign(&b, &a_name, "PUT", &path, Some(&body));
+    let result = fed_request(&a, Method::PUT, &path, Some(&body), Some(&header)).await;
+    assert_error(&result, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    assert_ne!(membership(&a, &alice_token, &room, &carol).await.as_deref(), Some("join"));
+    assert_eq!(membership(&a, &alice_token, &room, &dave).await.as_deref(), Some("knock"));
     a.stop().await;
     b.stop().await;
 }

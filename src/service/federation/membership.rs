@@ -31,6 +31,7 @@ use crate::{
             build::{StateMap, auth_state_keys},
             pdu::Pdu,
             pipeline::{Arrival, PduOutcome},
+            restricted::AUTHORISED_VIA,
         },
     },
 };
@@ -123,11 +124,18 @@ impl Services {
                 format!("Room version {version} does not support knocking"),
             ));
         }
+        let mut content = json!({ "membership": membership });
+        if membership == "join"
+            && let Some(via) = self.restricted_join_authoriser(room_id, user).await?
+        {
+            // A restricted room the user may join: one of our members vouches.
+            content[AUTHORISED_VIA] = json!(via);
+        }
         let event = LocalEvent {
             sender: user,
             kind: TimelineEventType::RoomMember,
             state_key: Some(user.to_string()),
-            content: json!({ "membership": membership }),
+            content,
             txn: None,
             redacts: None,
         };
@@ -173,7 +181,7 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
     ) -> Result<send_join::RoomState> {
-        self.accept_membership(origin, room_id, event_id, pdu, "join").await?;
+        let signed = self.accept_membership(origin, room_id, event_id, pdu, "join").await?;
         let stored =
             self.store.get_event(event_id.as_str()).await?.ok_or_else(|| Error::internal("the join vanished"))?;
         let group = self.state_group_before(&stored).await?.ok_or_else(|| Error::internal("no state before"))?;
@@ -193,6 +201,10 @@ impl Services {
         servers.push(self.server_name().to_string());
         servers.sort();
         room_state.servers_in_room = Some(servers);
+        if let Some(signed) = signed {
+            // A restricted join we vouched for: the joining server needs our signature.
+            room_state.event = Some(to_raw(&signed)?);
+        }
         Ok(room_state)
     }
 
@@ -338,12 +350,13 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
     ) -> Result<()> {
-        self.accept_membership(origin, room_id, event_id, pdu, "leave").await
+        self.accept_membership(origin, room_id, event_id, pdu, "leave").await.map(|_| ())
     }
 
     /// A remote user's own signed `membership` event (join, leave, knock) sent by its
     /// server: checked, through the event pipeline, then passed on to the room's other
-    /// servers.
+    /// servers. A restricted join that names one of our members as its voucher is
+    /// signed by us first (when the user may join: see `restricted.rs`), and answered.
     pub(super) async fn accept_membership(
         &self,
         origin: &ServerName,
@@ -351,11 +364,11 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
         membership: &str,
-    ) -> Result<()> {
+    ) -> Result<Option<CanonicalJsonObject>> {
         let version = self.room_version(room_id).await?;
         self.require_server_allowed(room_id, origin).await?;
         let rules = rules_for(&version)?;
-        let object = parse_object(pdu)?;
+        let mut object = parse_object(pdu)?;
         let sender = str_field(&object, "sender").unwrap_or_default().to_owned();
         check_membership_event(&object, room_id, &sender, membership)?;
         let sender_id = UserId::parse(&sender).map_err(|e| Error::bad_json(format!("Bad sender: {e}")))?;
@@ -365,6 +378,15 @@ impl Services {
         if event_id_of(&object, &rules)? != event_id {
             return Err(Error::bad_json("The event id does not match the event"));
         }
+        let mut signed = None;
+        if membership == "join" && self.vouched_here(&object) {
+            if self.restricted_join_authoriser(room_id, &sender_id).await?.is_none() {
+                return Err(Error::forbidden("The join names a voucher, but the room's join rules need none"));
+            }
+            ruma::signatures::sign_event(self.server_name().as_str(), &self.signing_key, &mut object, &rules.redaction)
+                .map_err(|e| Error::internal(format!("cannot sign the join: {e}")))?;
+            signed = Some(object.clone());
+        }
         match self.handle_pdu(room_id, &version, object, Arrival::Live).await? {
             PduOutcome::Accepted { position, .. } => {
                 // The other servers in the room hear of it from us.
@@ -373,9 +395,9 @@ impl Services {
                         self.room_remote_servers(room_id).await?.iter().filter(|s| *s != origin).cloned().collect();
                     self.send_pdu(&others, position, event_id.as_str()).await?;
                 }
-                Ok(())
+                Ok(signed)
             }
-            PduOutcome::Duplicate { .. } => Ok(()),
+            PduOutcome::Duplicate { .. } => Ok(signed),
             PduOutcome::Rejected { reason, .. } => {
                 Err(Error::forbidden(format!("The {membership} is not allowed: {reason}")))
             }
@@ -415,6 +437,15 @@ impl Services {
 }
 
 impl Services {
+    /// Whether a join names a user of this server as its voucher (a restricted join).
+    fn vouched_here(&self, join: &CanonicalJsonObject) -> bool {
+        let via = match join.get("content") {
+            Some(CanonicalJsonValue::Object(content)) => content.get(AUTHORISED_VIA).and_then(|v| v.as_str()),
+            _ => None,
+        };
+        via.and_then(|v| UserId::parse(v).ok()).is_some_and(|u| u.server_name() == self.server_name())
+    }
+
     /// What a user's own join or knock carries besides the membership: the reason
     /// given, and the user's profile (clients show members by it).
     pub(super) async fn own_membership_extra(

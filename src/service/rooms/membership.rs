@@ -73,6 +73,10 @@ impl Services {
             // Joining again is allowed; it refreshes the profile in the room.
             content.insert("membership".into(), json!("join"));
         }
+        // A restricted room: a member here with the power to invite vouches for the join.
+        if let Some(via) = self.restricted_join_authoriser(room_id, user).await? {
+            content.insert(super::restricted::AUTHORISED_VIA.into(), json!(via));
+        }
         self.set_membership(room_id, user, user, content).await
     }
 
