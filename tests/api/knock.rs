@@ -25,6 +25,8 @@ backend_tests!(
     make_and_send_knock_refuse_what_the_room_does_not_allow,
     members_of_an_allowed_room_join_a_restricted_room,
     a_restricted_room_of_another_server_is_joined_through_an_allowed_room,
+    a_rescinded_remote_invite_goes_away,
+    a_pending_membership_ends_once_when_ends_race,
 );
 
 /// Syncs (long-polling) from `since` until `pick` finds something in a response, for
@@ -650,4 +652,69 @@ async fn a_restricted_room_of_another_server_is_joined_through_an_allowed_room(b
     assert_eq!(membership(&a, &alice_token, &room, &dave).await.as_deref(), Some("knock"));
     a.stop().await;
     b.stop().await;
+}
+
+async fn a_rescinded_remote_invite_goes_away(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "private_chat", "invite": [bob.clone()]})).await;
+    let (_, since) =
+        sync_until(&b, &bob_token, None, "bob's invite", |s| s["rooms"]["invite"].get(&room).cloned()).await;
+    // Alice changes her mind: the kick reaches Bob's server, which is not in the room.
+    let (status, body) =
+        a.post(&format!("/_matrix/client/v3/rooms/{room}/kick"), Some(&alice_token), json!({"user_id": bob})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (left, _) =
+        sync_until(&b, &bob_token, Some(since), "the rescinded invite", |s| s["rooms"]["leave"].get(&room).cloned())
+            .await;
+    assert!(
+        left["timeline"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["state_key"] == bob.as_str() && e["content"]["membership"] == "leave")
+    );
+    let sync = b.sync(&bob_token, None, "").await;
+    assert!(sync["rooms"]["invite"].get(&room).is_none(), "{sync}");
+    // Bob cannot join on the strength of it any more.
+    let refused =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Out-of-band memberships end once: of several leaves that race for one pending knock
+/// (a refusal arriving while the user retracts), one ends it and the rest change nothing.
+async fn a_pending_membership_ends_once_when_ends_race(backend: Backend) {
+    use convo::storage::RemoteMembership;
+    let server = TestServer::start(backend).await;
+    let (bob, _, _) = server.register("bob").await;
+    let store = &server.running.as_ref().unwrap().services.store;
+    let (room, json) = ("!elsewhere:example.org", r#"{"type":"m.room.member"}"#);
+    let membership = |event_id: &'static str, membership: &'static str, only_if_pending: bool| RemoteMembership {
+        event_id,
+        room_id: room,
+        sender: &bob,
+        user_id: &bob,
+        membership,
+        depth: 1,
+        origin_server_ts: 1,
+        json,
+        stripped_state: Some("[]"),
+        only_if_pending,
+    };
+    store.insert_room_if_missing(room, "12", &bob).await.unwrap();
+    assert!(store.store_remote_membership(&membership("$knock", "knock", false)).await.unwrap().is_some());
+    let ends = ["$leave1", "$leave2", "$leave3", "$leave4", "$leave5"];
+    let records: Vec<RemoteMembership> = ends.iter().map(|id| membership(id, "leave", true)).collect();
+    let results = futures_util::future::join_all(records.iter().map(|m| store.store_remote_membership(m))).await;
+    let ended: Vec<&str> =
+        results.iter().zip(ends).filter(|(r, _)| r.as_ref().unwrap().is_some()).map(|(_, id)| id).collect();
+    assert_eq!(ended.len(), 1, "exactly one ends the knock: {ended:?}");
+    let row = store.get_membership(room, &bob).await.unwrap().unwrap();
+    assert_eq!((row.membership.as_str(), row.event_id.as_str()), ("leave", ended[0]));
+    server.stop().await;
 }
