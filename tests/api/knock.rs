@@ -384,10 +384,20 @@ async fn a_user_knocks_on_a_room_of_another_server_and_is_let_in(backend: Backen
     let b = federating(backend, TRUSTING).await;
     let (alice, alice_token, _) = a.register("alice").await;
     let (bob, bob_token, _) = b.register("bob").await;
-    let room = room_with_rule(&a, &alice_token, "12", json!({"join_rule": "knock"})).await;
-    let via = format!("?via={}", name(&a));
+    let room = a
+        .create_room(
+            &alice_token,
+            json!({
+                "name": "Knock knock",
+                "room_alias_name": "knockers",
+                "initial_state": [{"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}],
+            }),
+        )
+        .await;
 
-    let (status, body) = knock(&b, &bob_token, &room, &via).await;
+    // By alias: Bob's server finds the room and the servers to knock through.
+    let alias = format!("%23knockers:{}", name(&a));
+    let (status, body) = knock(&b, &bob_token, &alias, "").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["room_id"], room.as_str());
     // Bob's server is not in the room: it shows the stripped state A's server answered.
