@@ -88,15 +88,16 @@ class User:
 
     def wait_for_event(self, room_id: str, predicate, deadline_s: float = 30, section: str = "join") -> dict:
         """Long-polls /sync (from the start) until an event of `room_id` in `section`
-        ("join": timeline and state; "invite": stripped state) satisfies `predicate`."""
+        ("join", "leave": timeline and state; "invite", "knock": stripped state)
+        satisfies `predicate`."""
         since = None
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             body = self.sync(since, timeout_ms=1000 if since else 0)
             since = body["next_batch"]
             room = body.get("rooms", {}).get(section, {}).get(room_id, {})
-            if section == "invite":
-                events = room.get("invite_state", {}).get("events", [])
+            if section in ("invite", "knock"):
+                events = room.get(f"{section}_state", {}).get("events", [])
             else:
                 events = room.get("state", {}).get("events", []) + room.get("timeline", {}).get("events", [])
             for event in events:

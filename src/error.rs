@@ -60,8 +60,19 @@ impl RemoteError {
         self.status == StatusCode::NOT_FOUND && self.errcode == "M_NOT_FOUND"
     }
 
+    /// The other server's refusal of what our user asked (a join, a knock), which the
+    /// spec asks to pass on: `403 M_FORBIDDEN`, and `400 M_INCOMPATIBLE_ROOM_VERSION`
+    /// with the room version.
+    fn is_relayed_refusal(&self) -> bool {
+        matches!(
+            (self.status, &self.kind),
+            (StatusCode::FORBIDDEN, ErrorKind::Forbidden)
+                | (StatusCode::BAD_REQUEST, ErrorKind::IncompatibleRoomVersion(_))
+        )
+    }
+
     fn describe(&self) -> String {
-        if self.is_relayed_not_found() {
+        if self.is_relayed_not_found() || self.is_relayed_refusal() {
             format!("{}: {}", self.server, self.message)
         } else {
             format!("{} answered {} {}: {}", self.server, self.status.as_u16(), self.errcode, self.message)
@@ -211,10 +222,15 @@ impl Error {
     }
 
     /// What a client is shown for this error, as an `Error::Matrix`: another server's
-    /// error becomes `404 M_NOT_FOUND` or `502 M_UNKNOWN`; the rest are unchanged.
+    /// error becomes `404 M_NOT_FOUND`, its refusal of a join or knock (`403`, `400
+    /// M_INCOMPATIBLE_ROOM_VERSION`) as it is, else `502 M_UNKNOWN`; the rest unchanged.
     pub fn relayed(self) -> Self {
         match self {
             Error::Remote(remote) if remote.is_relayed_not_found() => Error::not_found(remote.describe()),
+            Error::Remote(remote) if remote.is_relayed_refusal() => {
+                let message = remote.describe();
+                Error::matrix(remote.status, remote.kind, message)
+            }
             Error::Remote(remote) => Error::federation(remote.describe()),
             other => other,
         }

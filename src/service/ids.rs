@@ -1,4 +1,4 @@
-//! Random identifiers and secrets: access and refresh tokens (256 bits), device ids,
+//! Random identifiers and secrets: access, refresh and OpenID tokens (256 bits), device ids,
 //! UIA session ids, registration tokens; and the hash under which tokens are stored.
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
@@ -32,6 +32,11 @@ pub fn generate_access_token() -> String {
 /// A refresh token: 256 random bits.
 pub fn generate_refresh_token() -> String {
     format!("cvr_{}", URL_SAFE_NO_PAD.encode(random_bytes::<32>()))
+}
+
+/// An OpenID token (for other services to learn who the user is): 256 random bits.
+pub fn generate_openid_token() -> String {
+    format!("cvo_{}", URL_SAFE_NO_PAD.encode(random_bytes::<32>()))
 }
 
 /// How a token is stored: hex SHA-256. Tokens are random, so no salt is needed.

@@ -10,6 +10,7 @@ mod ephemeral;
 pub mod federation;
 mod ids;
 mod notifications;
+mod openid;
 mod password;
 mod profile;
 mod push;

@@ -41,6 +41,7 @@ macro_rules! select_events {
         )
     };
 }
+pub(crate) use select_events;
 
 /// The columns of `StoredEvent`, from `events e`.
 macro_rules! event_columns {

@@ -11,9 +11,11 @@ mod account_data;
 mod directory;
 mod e2e;
 mod ephemeral;
+mod event_times;
 mod events;
 mod federation_outbox;
 mod memberships;
+mod openid;
 mod persist;
 mod push;
 mod redactions;
@@ -47,7 +49,7 @@ pub use self::{
     },
     registration_tokens::RegistrationTokenInfo,
     remote_devices::{DeviceUpdate, RemoteDeviceList},
-    remote_rooms::RemoteInvite,
+    remote_rooms::RemoteMembership,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     uiaa::UiaaSession,

@@ -1,7 +1,13 @@
-//! The account: `whoami`, `account/password`, `account/deactivate`, `account/3pid`.
+//! The account: `whoami`, `account/password`, `account/deactivate`, `account/3pid`,
+//! and OpenID tokens (`user/{userId}/openid/request_token`).
 
 use axum::{Router, extract::State};
-use ruma::api::client::account::{ThirdPartyIdRemovalStatus, change_password, deactivate, get_3pids, whoami};
+use ruma::{
+    api::client::account::{
+        ThirdPartyIdRemovalStatus, change_password, deactivate, get_3pids, request_openid_token, whoami,
+    },
+    authentication::TokenType,
+};
 
 use crate::{
     error::Result,
@@ -54,9 +60,21 @@ async fn get_3pids(req: Ruma<get_3pids::v3::Request>) -> Result<RumaResponse<get
     Ok(get_3pids::v3::Response::new(Vec::new()).into())
 }
 
+/// # `POST /_matrix/client/v3/user/{userId}/openid/request_token`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3useruseridopenidrequest_token>
+async fn request_openid_token(
+    State(services): State<AppState>,
+    req: Ruma<request_openid_token::v3::Request>,
+) -> Result<RumaResponse<request_openid_token::v3::Response>> {
+    let (token, expires_in) = services.request_openid_token(&req.session()?.user_id, &req.body.user_id).await?;
+    let server = services.server_name().clone();
+    Ok(request_openid_token::v3::Response::new(token, TokenType::Bearer, server, expires_in).into())
+}
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<whoami::v3::Request, _, _>(router, whoami);
     let router = route::<change_password::v3::Request, _, _>(router, change_password);
     let router = route::<deactivate::v3::Request, _, _>(router, deactivate);
+    let router = route::<request_openid_token::v3::Request, _, _>(router, request_openid_token);
     route::<get_3pids::v3::Request, _, _>(router, get_3pids)
 }

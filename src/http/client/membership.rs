@@ -1,14 +1,17 @@
-//! Membership endpoints: join, invite, leave, forget, kick, ban, unban, and the
-//! member lists.
+//! Membership endpoints: join, knock, invite, leave, forget, kick, ban, unban, and
+//! the member lists.
 
 use std::collections::BTreeMap;
 
 use axum::{Router, extract::State};
 use ruma::{
     OwnedRoomId, RoomOrAliasId,
-    api::client::membership::{
-        ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias,
-        joined_members, joined_rooms, kick_user, leave_room, unban_user,
+    api::client::{
+        knock::knock_room,
+        membership::{
+            ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias,
+            joined_members, joined_rooms, kick_user, leave_room, unban_user,
+        },
     },
 };
 use serde_json::Value as JsonValue;
@@ -51,6 +54,27 @@ async fn join_room_by_id_or_alias(
     };
     services.join_room_via(&room_id, &req.session()?.user_id, req.body.reason.clone(), &via).await?;
     Ok(join_room_by_id_or_alias::v3::Response::new(room_id).into())
+}
+
+/// # `POST /_matrix/client/v3/knock/{roomIdOrAlias}`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3knockroomidoralias>
+async fn knock_room(
+    State(services): State<AppState>,
+    req: Ruma<knock_room::v3::Request>,
+) -> Result<RumaResponse<knock_room::v3::Response>> {
+    let target: &RoomOrAliasId = &req.body.room_id_or_alias;
+    // `via`, or the deprecated `server_name` (ruma reads either into `via`).
+    let mut via = req.body.via.clone();
+    let room_id: OwnedRoomId = match <&ruma::RoomId>::try_from(target) {
+        Ok(room_id) => room_id.to_owned(),
+        Err(alias) => {
+            let (room_id, servers) = services.lookup_alias(alias).await?;
+            via.extend(servers);
+            room_id
+        }
+    };
+    services.knock_room_via(&room_id, &req.session()?.user_id, req.body.reason.clone(), &via).await?;
+    Ok(knock_room::v3::Response::new(room_id).into())
 }
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/invite`
@@ -189,6 +213,7 @@ async fn joined_members(
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<join_room_by_id::v3::Request, _, _>(router, join_room_by_id);
     let router = route::<join_room_by_id_or_alias::v3::Request, _, _>(router, join_room_by_id_or_alias);
+    let router = route::<knock_room::v3::Request, _, _>(router, knock_room);
     let router = route::<invite_user::v3::Request, _, _>(router, invite_user);
     let router = route::<leave_room::v3::Request, _, _>(router, leave_room);
     let router = route::<forget_room::v3::Request, _, _>(router, forget_room);

@@ -1,11 +1,12 @@
-//! Rooms: `createRoom`, single events, `/context`, room aliases list.
+//! Rooms: `createRoom`, single events, `/context`, `timestamp_to_event`, room aliases
+//! list.
 
 use axum::{Router, extract::State};
 use ruma::{
     api::client::{
         context::get_context,
         filter::{LazyLoadOptions, RoomEventFilter},
-        room::{aliases, create_room, get_room_event},
+        room::{aliases, create_room, get_event_by_timestamp, get_room_event},
     },
     room::RoomType,
 };
@@ -142,9 +143,23 @@ async fn get_room_aliases(
     Ok(aliases::v3::Response::new(aliases).into())
 }
 
+/// # `GET /_matrix/client/v1/rooms/{roomId}/timestamp_to_event`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv1roomsroomidtimestamp_to_event>
+async fn get_event_by_timestamp(
+    State(services): State<AppState>,
+    req: Ruma<get_event_by_timestamp::v1::Request>,
+) -> Result<RumaResponse<get_event_by_timestamp::v1::Response>> {
+    let b = &req.body;
+    let ts = i64::try_from(u64::from(b.ts.0)).map_err(|_| Error::invalid_param("ts is too large"))?;
+    let forwards = b.dir == ruma::api::Direction::Forward;
+    let (event_id, at) = services.timestamp_to_event(&b.room_id, &req.session()?.user_id, ts, forwards).await?;
+    Ok(get_event_by_timestamp::v1::Response::new(event_id, at).into())
+}
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<create_room::v3::Request, _, _>(router, create_room);
     let router = route::<get_room_event::v3::Request, _, _>(router, get_room_event);
     let router = route::<get_context::v3::Request, _, _>(router, get_context);
+    let router = route::<get_event_by_timestamp::v1::Request, _, _>(router, get_event_by_timestamp);
     route::<aliases::v3::Request, _, _>(router, get_room_aliases)
 }

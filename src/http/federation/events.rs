@@ -1,5 +1,5 @@
 //! Events and state of a room for another server in it: `event`, `state`,
-//! `state_ids`, `event_auth` and `get_missing_events`.
+//! `state_ids`, `event_auth`, `get_missing_events` and `timestamp_to_event`.
 
 use axum::{Router, extract::State};
 use ruma::{
@@ -7,8 +7,8 @@ use ruma::{
     api::federation::{
         authorization::get_event_authorization::v1 as event_auth,
         event::{
-            get_event::v1 as get_event, get_missing_events::v1 as missing, get_room_state::v1 as state,
-            get_room_state_ids::v1 as state_ids,
+            get_event::v1 as get_event, get_event_by_timestamp::v1 as by_timestamp, get_missing_events::v1 as missing,
+            get_room_state::v1 as state, get_room_state_ids::v1 as state_ids,
         },
     },
 };
@@ -22,7 +22,22 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<state::Request, _, _>(router, get_room_state);
     let router = route::<state_ids::Request, _, _>(router, get_room_state_ids);
     let router = route::<event_auth::Request, _, _>(router, get_event_authorization);
+    let router = route::<by_timestamp::Request, _, _>(router, get_event_by_timestamp);
     route::<missing::Request, _, _>(router, get_missing_events)
+}
+
+/// # `GET /_matrix/federation/v1/timestamp_to_event/{roomId}`
+/// [spec](https://spec.matrix.org/v1.19/server-server-api/#get_matrixfederationv1timestamp_to_eventroomid)
+pub async fn get_event_by_timestamp(
+    State(services): State<AppState>,
+    request: Federated<by_timestamp::Request>,
+) -> Result<RumaResponse<by_timestamp::Response>> {
+    let origin = request.origin()?.clone();
+    let b = request.body;
+    let ts = i64::try_from(u64::from(b.ts.0)).map_err(|_| Error::invalid_param("ts is too large"))?;
+    let forwards = b.dir == ruma::api::Direction::Forward;
+    let (event_id, at) = services.serve_timestamp_to_event(&origin, &b.room_id, ts, forwards).await?;
+    Ok(RumaResponse(by_timestamp::Response::new(event_id, at)))
 }
 
 /// # `GET /_matrix/federation/v1/event/{eventId}`

@@ -1,5 +1,5 @@
 //! Queries other servers make: the server's version, a user's profile, a room alias,
-//! and the public room directory.
+//! the public room directory, and who owns an OpenID token.
 
 use axum::{Router, extract::State};
 use ruma::{
@@ -7,6 +7,7 @@ use ruma::{
     api::federation::{
         directory::{get_public_rooms, get_public_rooms_filtered},
         discovery::get_server_version::v1 as version,
+        openid::get_openid_userinfo::v1 as userinfo,
         query::{get_profile_information::v1 as profile, get_room_information::v1 as directory},
     },
 };
@@ -19,7 +20,19 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<profile::Request, _, _>(router, get_profile_information);
     let router = route::<directory::Request, _, _>(router, get_room_information);
     let router = route::<get_public_rooms::v1::Request, _, _>(router, get_public_rooms);
+    let router = route::<userinfo::Request, _, _>(router, get_openid_userinfo);
     route::<get_public_rooms_filtered::v1::Request, _, _>(router, get_public_rooms_filtered)
+}
+
+/// # `GET /_matrix/federation/v1/openid/userinfo`
+/// [spec](https://spec.matrix.org/v1.19/server-server-api/#get_matrixfederationv1openiduserinfo)
+///
+/// No X-Matrix: the token is the credential.
+pub async fn get_openid_userinfo(
+    State(services): State<AppState>,
+    request: Federated<userinfo::Request>,
+) -> Result<RumaResponse<userinfo::Response>> {
+    Ok(RumaResponse(userinfo::Response::new(services.openid_userinfo(&request.body.access_token).await?)))
 }
 
 /// # `GET /_matrix/federation/v1/version`

@@ -158,8 +158,8 @@ impl FederationClient {
 
     /// Sends `request` to `destination`, signed as `origin` with `key` when the endpoint
     /// requires it, and parses the answer. An error answer from the other server becomes
-    /// `Error::Remote` with its status and errcode (shown to clients as `404 M_NOT_FOUND`
-    /// relayed, or `502`); failing to reach it or a bad answer is `502 M_UNKNOWN`.
+    /// `Error::Remote` with its status and errcode (shown to clients as `Error::relayed`
+    /// says); failing to reach it or a bad answer is `502 M_UNKNOWN`.
     #[tracing::instrument(skip_all, fields(%destination))]
     pub async fn send<T>(
         &self,

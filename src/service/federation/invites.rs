@@ -14,7 +14,7 @@ use ruma::{
     events::TimelineEventType,
     signatures::Verified,
 };
-use serde_json::{Value as JsonValue, json, value::RawValue};
+use serde_json::{Value as JsonValue, value::RawValue};
 
 use crate::{
     error::{Error, Result},
@@ -25,21 +25,19 @@ use crate::{
             pipeline::{Arrival, PduOutcome},
         },
     },
-    storage::RemoteInvite,
 };
 
-/// The state event types sent along with an invite (the spec's suggestion).
-const INVITE_STATE_TYPES: [&str; 6] = [
+/// The state event types sent along with an invite or a knock's answer (the spec's
+/// list for stripped state).
+const STRIPPED_STATE_TYPES: [&str; 7] = [
     "m.room.create",
     "m.room.join_rules",
     "m.room.name",
     "m.room.avatar",
+    "m.room.topic",
     "m.room.canonical_alias",
     "m.room.encryption",
 ];
-/// Most stripped state events kept with an invite.
-const MAX_INVITE_STATE: usize = 50;
-
 fn object_of(raw: &RawValue) -> Result<CanonicalJsonObject> {
     serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(format!("The event is not canonical JSON: {e}")))
 }
@@ -60,21 +58,27 @@ fn incompatible(version: &RoomVersionId) -> Error {
     )
 }
 
-/// A stripped state event (`type`, `state_key`, `sender`, `content`) from what another
-/// server sent: a full PDU (since Matrix 1.16) or already stripped.
-fn stripped(state: &RawStrippedState) -> Option<JsonValue> {
-    let raw = match state {
-        RawStrippedState::Pdu(pdu) => pdu.get(),
-        #[allow(deprecated)]
-        RawStrippedState::Stripped(event) => event.json().get(),
-        _ => return None,
-    };
-    let value: JsonValue = serde_json::from_str(raw).ok()?;
-    let (kind, key, sender) = (value.get("type")?.as_str()?, value.get("state_key")?.as_str()?, value.get("sender")?);
-    Some(json!({"type": kind, "state_key": key, "sender": sender, "content": value.get("content")?}))
-}
-
 impl Services {
+    /// The room's current state events another server's user is shown before joining
+    /// (`invite_room_state`, `knock_room_state`), as PDUs (the spec's format since
+    /// Matrix 1.16), with `member`'s own member event (an inviter's) when given.
+    pub(super) async fn stripped_state_pdus(
+        &self,
+        room_id: &RoomId,
+        member: Option<&UserId>,
+    ) -> Result<Vec<RawStrippedState>> {
+        let mut keys: Vec<(String, String)> =
+            STRIPPED_STATE_TYPES.iter().map(|t| ((*t).to_owned(), String::new())).collect();
+        if let Some(member) = member {
+            keys.push(("m.room.member".to_owned(), member.to_string()));
+        }
+        let mut state = Vec::new();
+        for stored in self.store.get_current_state_entries(room_id.as_str(), &keys).await? {
+            state.push(RawStrippedState::Pdu(RawValue::from_string(stored.json).map_err(Error::internal)?));
+        }
+        Ok(state)
+    }
+
     /// `PUT /invite/v2/{roomId}/{eventId}`: a user of `origin` invites one of ours.
     /// Answers the invite with our signature added.
     pub async fn accept_remote_invite(
@@ -138,34 +142,19 @@ impl Services {
             self.room_version(room_id).await.is_ok() && !self.joined_local_members(room_id).await?.is_empty();
         if !resident {
             // No local state to show: keep what the inviting server sent along.
-            let state: Vec<JsonValue> = invite_room_state.iter().filter_map(stripped).take(MAX_INVITE_STATE).collect();
-            let creator = state
-                .iter()
-                .find(|s| s["type"] == "m.room.create")
-                .and_then(|s| s["sender"].as_str())
-                .unwrap_or(sender.as_str())
-                .to_owned();
+            let (state, creator) = super::out_of_band::stripped_state_of(room_id, invite_room_state)?;
+            let creator = creator.unwrap_or_else(|| sender.to_string());
             self.store.insert_room_if_missing(room_id.as_str(), version.as_str(), &creator).await?;
-            let json = serde_json::to_string(&object).map_err(Error::internal)?;
-            let depth = object
-                .get("depth")
-                .and_then(|d| if let CanonicalJsonValue::Integer(i) = d { Some(i64::from(*i)) } else { None });
-            let ts = object
-                .get("origin_server_ts")
-                .and_then(|d| if let CanonicalJsonValue::Integer(i) = d { Some(i64::from(*i)) } else { None });
-            self.store
-                .store_remote_invite(&RemoteInvite {
-                    event_id: event_id.as_str(),
-                    room_id: room_id.as_str(),
-                    sender: sender.as_str(),
-                    user_id: invitee.as_str(),
-                    depth: depth.unwrap_or(0),
-                    origin_server_ts: ts.unwrap_or_else(super::super::now_ms),
-                    json: &json,
-                    stripped_state: &serde_json::to_string(&state).map_err(Error::internal)?,
-                })
-                .await?;
-            self.notifier.notify_users(std::slice::from_ref(&invitee));
+            self.store_out_of_band_membership(
+                room_id,
+                event_id.as_str(),
+                &object,
+                &invitee,
+                "invite",
+                Some(&state),
+                false,
+            )
+            .await?;
         }
         // A room we are in: the invite reaches us again as a PDU of the room, through
         // `/send`, and takes its place in the room's state then.
@@ -191,13 +180,7 @@ impl Services {
             redacts: None,
         };
         let built = self.build_on_current_state(room_id, &rules, &event).await?;
-        let mut state_keys: Vec<(String, String)> =
-            INVITE_STATE_TYPES.iter().map(|t| ((*t).to_owned(), String::new())).collect();
-        state_keys.push(("m.room.member".to_owned(), sender.to_string()));
-        let mut invite_state = Vec::new();
-        for stored in self.store.get_current_state_entries(room_id.as_str(), &state_keys).await? {
-            invite_state.push(RawStrippedState::Pdu(RawValue::from_string(stored.json).map_err(Error::internal)?));
-        }
+        let invite_state = self.stripped_state_pdus(room_id, Some(sender)).await?;
         let request = create_invite::Request::new(
             room_id.to_owned(),
             built.event_id.clone(),

@@ -31,6 +31,7 @@ use crate::{
             build::{StateMap, auth_state_keys},
             pdu::Pdu,
             pipeline::{Arrival, PduOutcome},
+            restricted::AUTHORISED_VIA,
         },
     },
 };
@@ -40,21 +41,21 @@ const MAX_JOIN_EVENTS: usize = 200_000;
 /// Most events read for the auth chain of a `send_join` answer.
 const MAX_AUTH_CHAIN: i64 = 200_000;
 
-fn to_raw(object: &CanonicalJsonObject) -> Result<Box<RawValue>> {
+pub(super) fn to_raw(object: &CanonicalJsonObject) -> Result<Box<RawValue>> {
     RawValue::from_string(serde_json::to_string(object).map_err(Error::internal)?).map_err(Error::internal)
 }
 
-fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
+pub(super) fn parse_object(raw: &RawValue) -> Result<CanonicalJsonObject> {
     serde_json::from_str(raw.get()).map_err(|e| Error::bad_json(format!("An event is not canonical JSON: {e}")))
 }
 
-fn event_id_of(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
+pub(super) fn event_id_of(object: &CanonicalJsonObject, rules: &RoomVersionRules) -> Result<OwnedEventId> {
     let hash = ruma::signatures::reference_hash(object, rules)
         .map_err(|e| Error::bad_json(format!("Cannot compute an event id: {e}")))?;
     OwnedEventId::try_from(format!("${hash}")).map_err(Error::internal)
 }
 
-fn str_field<'a>(object: &'a CanonicalJsonObject, key: &str) -> Option<&'a str> {
+pub(super) fn str_field<'a>(object: &'a CanonicalJsonObject, key: &str) -> Option<&'a str> {
     object.get(key).and_then(|v| v.as_str())
 }
 
@@ -89,10 +90,10 @@ impl Services {
         self.membership_template(origin, room_id, user, "join", Some(versions)).await
     }
 
-    /// A template of `user`'s own `membership` event (join, leave) for their server
-    /// `origin`, built on the room's head and checked; `versions` are the room versions
-    /// the asking server supports, when it says.
-    async fn membership_template(
+    /// A template of `user`'s own `membership` event (join, leave, knock) for their
+    /// server `origin`, built on the room's head and checked; `versions` are the room
+    /// versions the asking server supports, when it says.
+    pub(super) async fn membership_template(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -116,11 +117,25 @@ impl Services {
             ));
         }
         let rules = rules_for(&version)?;
+        if membership == "knock" && !rules.authorization.knocking {
+            return Err(Error::matrix(
+                StatusCode::BAD_REQUEST,
+                ErrorKind::IncompatibleRoomVersion(IncompatibleRoomVersionErrorData::new(version.clone())),
+                format!("Room version {version} does not support knocking"),
+            ));
+        }
+        let mut content = json!({ "membership": membership });
+        if membership == "join"
+            && let Some(via) = self.restricted_join_authoriser(room_id, user).await?
+        {
+            // A restricted room the user may join: one of our members vouches.
+            content[AUTHORISED_VIA] = json!(via);
+        }
         let event = LocalEvent {
             sender: user,
             kind: TimelineEventType::RoomMember,
             state_key: Some(user.to_string()),
-            content: json!({ "membership": membership }),
+            content,
             txn: None,
             redacts: None,
         };
@@ -166,7 +181,7 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
     ) -> Result<send_join::RoomState> {
-        self.accept_membership(origin, room_id, event_id, pdu, "join").await?;
+        let signed = self.accept_membership(origin, room_id, event_id, pdu, "join").await?;
         let stored =
             self.store.get_event(event_id.as_str()).await?.ok_or_else(|| Error::internal("the join vanished"))?;
         let group = self.state_group_before(&stored).await?.ok_or_else(|| Error::internal("no state before"))?;
@@ -186,6 +201,10 @@ impl Services {
         servers.push(self.server_name().to_string());
         servers.sort();
         room_state.servers_in_room = Some(servers);
+        if let Some(signed) = signed {
+            // A restricted join we vouched for: the joining server needs our signature.
+            room_state.event = Some(to_raw(&signed)?);
+        }
         Ok(room_state)
     }
 
@@ -198,39 +217,13 @@ impl Services {
         via: &[OwnedServerName],
         reason: Option<String>,
     ) -> Result<OwnedEventId> {
-        let mut tried = Vec::new();
-        let mut last_refusal: Option<Error> = None;
-        let mut found = None;
-        for server in via.iter().filter(|s| *s != self.server_name()) {
-            let mut request = make_join::Request::new(room_id.to_owned(), user.to_owned());
-            request.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
-            match self.send_federation_request(server, request).await {
-                Ok(response) => {
-                    found = Some((server.clone(), response));
-                    break;
-                }
-                Err(e) => {
-                    let e = e.relayed();
-                    tracing::info!(%room_id, %server, error = %e, "make_join failed");
-                    tried.push(format!("{server}: {}", e.message()));
-                    if matches!(&e, Error::Matrix { status, .. } if status.is_client_error()) {
-                        last_refusal = Some(e);
-                    } else {
-                        last_refusal = None;
-                    }
-                }
-            }
-        }
-        let Some((resident, template)) = found else {
-            return Err(match (tried.is_empty(), last_refusal) {
-                (true, _) => Error::not_found("No server to join this room through: give one (via or server_name)"),
-                // Refused (not unreachable) by the last server tried: its answer, with all of them.
-                (false, Some(Error::Matrix { status, kind, .. })) => {
-                    Error::matrix(status, kind, format!("No server let us join: {}", tried.join("; ")))
-                }
-                (false, _) => Error::federation(format!("No server let us join: {}", tried.join("; "))),
-            });
-        };
+        let (resident, template) = self
+            .first_template(via, "join", || {
+                let mut request = make_join::Request::new(room_id.to_owned(), user.to_owned());
+                request.ver = SUPPORTED_ROOM_VERSIONS.to_vec();
+                request
+            })
+            .await?;
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
         if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
             return Err(Error::matrix(
@@ -240,17 +233,7 @@ impl Services {
             ));
         }
         let rules = rules_for(&version)?;
-        let mut extra = serde_json::Map::new();
-        if let Some(reason) = reason {
-            extra.insert("reason".into(), json!(reason));
-        }
-        if let Some(profile) = self.store.get_profile(user.as_str()).await? {
-            for field in ["displayname", "avatar_url"] {
-                if let Some(value @ serde_json::Value::String(_)) = profile.get(field) {
-                    extra.insert(field.into(), value.clone());
-                }
-            }
-        }
+        let extra = self.own_membership_extra(user, reason).await?;
         let (event_id, mut event) = self.sign_template(&template.event, room_id, user, "join", &rules, extra)?;
         let request = send_join::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
         let answer = self.send_federation_request(&resident, request).await?.room_state;
@@ -367,23 +350,25 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
     ) -> Result<()> {
-        self.accept_membership(origin, room_id, event_id, pdu, "leave").await
+        self.accept_membership(origin, room_id, event_id, pdu, "leave").await.map(|_| ())
     }
 
-    /// A remote user's own signed `membership` event (join, leave) sent by its server:
-    /// checked, through the event pipeline, then passed on to the room's other servers.
-    async fn accept_membership(
+    /// A remote user's own signed `membership` event (join, leave, knock) sent by its
+    /// server: checked, through the event pipeline, then passed on to the room's other
+    /// servers. A restricted join that names one of our members as its voucher is
+    /// signed by us first (when the user may join: see `restricted.rs`), and answered.
+    pub(super) async fn accept_membership(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
         event_id: &ruma::EventId,
         pdu: &RawValue,
         membership: &str,
-    ) -> Result<()> {
+    ) -> Result<Option<CanonicalJsonObject>> {
         let version = self.room_version(room_id).await?;
         self.require_server_allowed(room_id, origin).await?;
         let rules = rules_for(&version)?;
-        let object = parse_object(pdu)?;
+        let mut object = parse_object(pdu)?;
         let sender = str_field(&object, "sender").unwrap_or_default().to_owned();
         check_membership_event(&object, room_id, &sender, membership)?;
         let sender_id = UserId::parse(&sender).map_err(|e| Error::bad_json(format!("Bad sender: {e}")))?;
@@ -393,6 +378,15 @@ impl Services {
         if event_id_of(&object, &rules)? != event_id {
             return Err(Error::bad_json("The event id does not match the event"));
         }
+        let mut signed = None;
+        if membership == "join" && self.vouched_here(&object) {
+            if self.restricted_join_authoriser(room_id, &sender_id).await?.is_none() {
+                return Err(Error::forbidden("The join names a voucher, but the room's join rules need none"));
+            }
+            ruma::signatures::sign_event(self.server_name().as_str(), &self.signing_key, &mut object, &rules.redaction)
+                .map_err(|e| Error::internal(format!("cannot sign the join: {e}")))?;
+            signed = Some(object.clone());
+        }
         match self.handle_pdu(room_id, &version, object, Arrival::Live).await? {
             PduOutcome::Accepted { position, .. } => {
                 // The other servers in the room hear of it from us.
@@ -401,9 +395,9 @@ impl Services {
                         self.room_remote_servers(room_id).await?.iter().filter(|s| *s != origin).cloned().collect();
                     self.send_pdu(&others, position, event_id.as_str()).await?;
                 }
-                Ok(())
+                Ok(signed)
             }
-            PduOutcome::Duplicate { .. } => Ok(()),
+            PduOutcome::Duplicate { .. } => Ok(signed),
             PduOutcome::Rejected { reason, .. } => {
                 Err(Error::forbidden(format!("The {membership} is not allowed: {reason}")))
             }
@@ -413,29 +407,117 @@ impl Services {
         }
     }
 
-    /// Leaves (or declines an invite to) a room this server is not in, through
-    /// `server` (the inviter's): `make_leave`, sign, `send_leave`.
-    pub async fn leave_remote_room(&self, room_id: &RoomId, user: &UserId, server: &ServerName) -> Result<()> {
-        let template =
-            self.send_federation_request(server, make_leave::Request::new(room_id.to_owned(), user.to_owned())).await?;
+    /// Leaves a room this server is not in (declines an invite, retracts a knock)
+    /// through the first of `servers` that answers: `make_leave`, sign, `send_leave`.
+    /// Answers the leave's id and the signed event.
+    pub async fn leave_remote_room(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        servers: &[OwnedServerName],
+        reason: Option<String>,
+    ) -> Result<(OwnedEventId, CanonicalJsonObject)> {
+        let (server, template) = self
+            .first_template(servers, "leave", || make_leave::Request::new(room_id.to_owned(), user.to_owned()))
+            .await?;
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
         if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
             return Err(Error::federation(format!("{server} answered room version {version}")));
         }
         let rules = rules_for(&version)?;
-        let (event_id, event) =
-            self.sign_template(&template.event, room_id, user, "leave", &rules, serde_json::Map::new())?;
-        self.send_federation_request(server, send_leave::Request::new(room_id.to_owned(), event_id, to_raw(&event)?))
-            .await?;
-        Ok(())
+        let mut extra = serde_json::Map::new();
+        if let Some(reason) = reason {
+            extra.insert("reason".into(), json!(reason));
+        }
+        let (event_id, event) = self.sign_template(&template.event, room_id, user, "leave", &rules, extra)?;
+        let request = send_leave::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
+        self.send_federation_request(&server, request).await?;
+        Ok((event_id, event))
     }
 }
 
 impl Services {
+    /// Whether a join names a user of this server as its voucher (a restricted join).
+    fn vouched_here(&self, join: &CanonicalJsonObject) -> bool {
+        let via = match join.get("content") {
+            Some(CanonicalJsonValue::Object(content)) => content.get(AUTHORISED_VIA).and_then(|v| v.as_str()),
+            _ => None,
+        };
+        via.and_then(|v| UserId::parse(v).ok()).is_some_and(|u| u.server_name() == self.server_name())
+    }
+
+    /// What a user's own join or knock carries besides the membership: the reason
+    /// given, and the user's profile (clients show members by it).
+    pub(super) async fn own_membership_extra(
+        &self,
+        user: &UserId,
+        reason: Option<String>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
+        let mut extra = serde_json::Map::new();
+        if let Some(reason) = reason {
+            extra.insert("reason".into(), json!(reason));
+        }
+        if let Some(profile) = self.store.get_profile(user.as_str()).await? {
+            for field in ["displayname", "avatar_url"] {
+                if let Some(value @ serde_json::Value::String(_)) = profile.get(field) {
+                    extra.insert(field.into(), value.clone());
+                }
+            }
+        }
+        Ok(extra)
+    }
+
+    /// Asks `servers` in turn (this one left out) for a template of a `what` (join,
+    /// knock) with the request `ask` makes for each, and answers the first server that
+    /// gave one, with its answer. When none did: `M_NOT_FOUND` if there was no server
+    /// to ask; the last server's refusal (a 4xx: banned, not allowed, wrong room
+    /// version) relayed, naming every server's answer; else `502`.
+    pub(super) async fn first_template<T>(
+        &self,
+        servers: &[OwnedServerName],
+        what: &str,
+        ask: impl Fn() -> T,
+    ) -> Result<(OwnedServerName, T::IncomingResponse)>
+    where
+        T: ruma::api::OutgoingRequest<
+                EndpointError = ruma::api::error::Error,
+                PathBuilder = ruma::api::path_builder::SinglePath,
+            > + Send,
+        T::Authentication: super::client::OutboundAuth,
+    {
+        let mut tried = Vec::new();
+        let mut last_refusal: Option<Error> = None;
+        for server in servers.iter().filter(|s| *s != self.server_name()) {
+            match self.send_federation_request(server, ask()).await {
+                Ok(response) => return Ok((server.clone(), response)),
+                Err(e) => {
+                    let e = e.relayed();
+                    tracing::info!(%server, error = %e, "make_{what} failed");
+                    tried.push(format!("{server}: {}", e.message()));
+                    if matches!(&e, Error::Matrix { status, .. } if status.is_client_error()) {
+                        last_refusal = Some(e);
+                    } else {
+                        last_refusal = None;
+                    }
+                }
+            }
+        }
+        Err(match (tried.is_empty(), last_refusal) {
+            (true, _) => {
+                Error::not_found(format!("No server to {what} this room through: give one (via or server_name)"))
+            }
+            // Refused (not unreachable) by the last server tried: its answer, with all of them.
+            (false, Some(Error::Matrix { status, kind, .. })) => {
+                Error::matrix(status, kind, format!("No server let us {what}: {}", tried.join("; ")))
+            }
+            (false, _) => Error::federation(format!("No server let us {what}: {}", tried.join("; "))),
+        })
+    }
+
     /// Fills in a resident server's template of `user`'s own `membership` event: checks
     /// it is that, adds `extra` to its content and the time, hashes and signs it.
     /// Answers its id and the signed event.
-    fn sign_template(
+    pub(super) fn sign_template(
         &self,
         template: &RawValue,
         room_id: &RoomId,

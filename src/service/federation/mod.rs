@@ -15,10 +15,13 @@ pub mod edus;
 pub mod events;
 pub mod invites;
 pub mod keys;
+pub mod knocks;
 pub mod membership;
+pub mod out_of_band;
 pub mod prev_state;
 pub mod queries;
 pub mod sender;
+pub mod timestamp;
 pub mod transactions;
 pub mod visibility;
 

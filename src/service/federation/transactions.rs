@@ -137,6 +137,12 @@ impl Services {
         if !may {
             return Ok((event_id, Err(format!("The room's server ACL denies {origin}"))));
         }
+        // A refused knock or rescinded invite of a local user, in a room we are not in.
+        if let Some(result) =
+            self.receive_out_of_band_membership(origin, &room_id, &version, event_id.as_str(), &object).await?
+        {
+            return Ok((event_id, result));
+        }
         self.fill_gap(origin, &room_id, &version, &event_id, &object).await;
         let result = match self.handle_remote_pdu(origin, &room_id, &version, object).await {
             Ok(PduOutcome::Rejected { reason, .. }) => Err(reason),

@@ -1,6 +1,7 @@
-//! Membership changes: join, invite, leave, kick, ban, unban, forget. Each is an
+//! Membership changes: join, knock, invite, leave, kick, ban, unban, forget. Each is an
 //! `m.room.member` event appended through `append_event`, so the room version's auth
-//! rules decide who may do what.
+//! rules decide who may do what; in rooms this server is not in, joins, knocks and
+//! leaves go through another server (`federation/`).
 
 use ruma::{OwnedUserId, RoomId, UserId, events::TimelineEventType};
 use serde_json::{Value as JsonValue, json};
@@ -37,7 +38,7 @@ impl Services {
                 // user's server hears of them.
                 _ => {}
             }
-        } else if matches!(membership.as_str(), "join" | "invite") {
+        } else if matches!(membership.as_str(), "join" | "invite" | "knock") {
             // Members carry their profile in the room, as clients expect.
             if let Some(profile) = self.store.get_profile(target.as_str()).await? {
                 for field in ["displayname", "avatar_url"] {
@@ -72,6 +73,10 @@ impl Services {
             // Joining again is allowed; it refreshes the profile in the room.
             content.insert("membership".into(), json!("join"));
         }
+        // A restricted room: a member here with the power to invite vouches for the join.
+        if let Some(via) = self.restricted_join_authoriser(room_id, user).await? {
+            content.insert(super::restricted::AUTHORISED_VIA.into(), json!(via));
+        }
         self.set_membership(room_id, user, user, content).await
     }
 
@@ -102,6 +107,38 @@ impl Services {
         Ok(())
     }
 
+    /// Knocks on a room for `user` (asks to be invited): here when a local user is in
+    /// it, else through another server (`via`, the room id's server). Who is joined,
+    /// invited or banned cannot knock; the join rules must allow knocking (`knock`, or
+    /// `knock_restricted` in room versions 10 and later), which the auth rules check.
+    pub async fn knock_room_via(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        reason: Option<String>,
+        via: &[ruma::OwnedServerName],
+    ) -> Result<()> {
+        if let Some(current) = self.membership(room_id, user).await? {
+            match current.membership.as_str() {
+                "join" => return Err(Error::forbidden("You are already in this room")),
+                "invite" => return Err(Error::forbidden("You are already invited to this room: join it")),
+                "ban" => return Err(Error::forbidden("You are banned from this room")),
+                _ => {}
+            }
+        }
+        if self.is_out_of_band(room_id).await? {
+            let servers = crate::service::federation::membership::join_candidates(room_id, via);
+            self.knock_remote_room(room_id, user, &servers, reason).await?;
+            return Ok(());
+        }
+        let version = self.room_version(room_id).await?;
+        if !super::append::rules_for(&version)?.authorization.knocking {
+            return Err(Error::forbidden(format!("Room version {version} does not allow knocking")));
+        }
+        self.set_membership(room_id, user, user, membership_content("knock", reason)).await?;
+        Ok(())
+    }
+
     pub async fn invite(
         &self,
         room_id: &RoomId,
@@ -126,18 +163,10 @@ impl Services {
 
     pub async fn leave_room(&self, room_id: &RoomId, user: &UserId, reason: Option<String>) -> Result<Appended> {
         match self.membership(room_id, user).await? {
-            Some(m) if m.membership == "invite" && self.joined_local_members(room_id).await?.is_empty() => {
-                // An invite to a room of another server: declined through the inviter's
-                // server (it may be unreachable: the invite is declined here anyway).
-                if let Some(invite) = self.store.get_event(&m.event_id).await?
-                    && let Ok(inviter) = OwnedUserId::try_from(invite.sender)
-                    && let Err(e) = self.leave_remote_room(room_id, user, inviter.server_name()).await
-                {
-                    tracing::info!(%room_id, error = %e, "could not tell the inviting server of a declined invite");
-                }
-                let stream_pos = self.store.decline_remote_invite(room_id.as_str(), user.as_str(), &m.event_id).await?;
-                self.notifier.notify_users(&[user.to_owned()]);
-                let event_id = ruma::OwnedEventId::try_from(m.event_id).map_err(Error::internal)?;
+            Some(m) if matches!(m.membership.as_str(), "invite" | "knock") && self.is_out_of_band(room_id).await? => {
+                // An invite to, or a knock on, a room of another server: declined or
+                // retracted through a server of the room.
+                let (event_id, stream_pos) = self.leave_out_of_band(room_id, user, &m, reason).await?;
                 return Ok(Appended { event_id, room_id: room_id.to_owned(), stream_pos });
             }
             Some(m) if matches!(m.membership.as_str(), "join" | "invite" | "knock") => {}

@@ -11,7 +11,9 @@ pub mod membership;
 pub mod messages;
 pub mod pdu;
 pub mod pipeline;
+pub mod restricted;
 pub mod state;
+pub mod timestamp;
 pub mod validate;
 pub mod visibility;
 

@@ -18,8 +18,8 @@ use ruma::{
     api::client::sync::sync_events::{
         UnreadNotificationsCount,
         v3::{
-            Ephemeral, GlobalAccountData, InviteState, InvitedRoom, JoinedRoom, LeftRoom, Presence, Response,
-            RoomAccountData, RoomSummary, State, StateEvents, Timeline,
+            Ephemeral, GlobalAccountData, InviteState, InvitedRoom, JoinedRoom, KnockState, KnockedRoom, LeftRoom,
+            Presence, Response, RoomAccountData, RoomSummary, State, StateEvents, Timeline,
         },
     },
 };
@@ -153,6 +153,7 @@ fn parse_since(token: &str) -> Result<Since> {
 fn is_empty(r: &Response) -> bool {
     r.rooms.join.is_empty()
         && r.rooms.invite.is_empty()
+        && r.rooms.knock.is_empty()
         && r.rooms.leave.is_empty()
         && r.account_data.events.is_empty()
         && r.presence.events.is_empty()
@@ -264,6 +265,11 @@ impl Services {
                     let mut invited = InvitedRoom::new();
                     invited.invite_state = InviteState::from(self.stripped_state(&room_id, &m.event_id).await?);
                     response.rooms.invite.insert(room_id, invited);
+                }
+                "knock" if since.is_none() || membership_changed => {
+                    let mut state = KnockState::new();
+                    state.events = self.stripped_state(&room_id, &m.event_id).await?;
+                    response.rooms.knock.insert(room_id, KnockedRoom::from(state));
                 }
                 "leave" | "ban"
                     if (since.is_some() && membership_changed) || (since.is_none() && filter.include_leave) =>
@@ -558,8 +564,19 @@ impl Services {
         filter: &SyncFilter,
     ) -> Result<LeftRoom> {
         // The timeline runs up to the leave (or ban) event, not past it.
-        let (timeline, state) =
+        let (mut timeline, state) =
             self.room_timeline(session, room_id, since, m.stream_ordering, since == 0, false, filter).await?;
+        // A room this server is not in (a refused knock, a rescinded invite, a declined
+        // one): the event that ended the membership is an outlier, outside the stream.
+        if let Some(event) = self.store.get_event(&m.event_id).await?.filter(|e| e.position.is_none())
+            && event.state_key.as_deref() == Some(session.user_id.as_str())
+            && membership_of(&event.json) == m.membership
+        {
+            let viewer = Viewer { user_id: &session.user_id, device_id: Some(&session.device_id) };
+            for shown in self.client_events(std::slice::from_ref(&event), Some(viewer), false).await? {
+                timeline.events.push(to_raw(shown)?);
+            }
+        }
         let mut left = LeftRoom::new();
         left.timeline = timeline;
         left.state = State::Before(state);
@@ -598,14 +615,16 @@ impl Services {
         Ok(summary)
     }
 
-    /// Stripped state for an invite: a few room state events, and the invite itself.
+    /// Stripped state for an invite or a knock: a few room state events, and the invite
+    /// or knock itself.
     async fn stripped_state(
         &self,
         room_id: &RoomId,
         invite_event_id: &str,
     ) -> Result<Vec<ruma::serde::Raw<ruma::events::AnyStrippedStateEvent>>> {
         if let Some(state) = self.store.get_invite_state(invite_event_id).await? {
-            // An invite from another server: the state it sent along, and the invite.
+            // An invite from another server, or a knock on a room of another server: the
+            // state that came along, and the invite or knock.
             let mut stripped: Vec<JsonValue> = serde_json::from_str(&state).map_err(Error::internal)?;
             if let Some(invite) = self.store.get_event(invite_event_id).await? {
                 let pdu: JsonValue = serde_json::from_str(&invite.json).map_err(Error::internal)?;
