@@ -1,6 +1,6 @@
 //! Rooms this server learns of from other servers (joined through federation).
 
-use super::{Store, on_pool};
+use super::{Store, on_pool, stream};
 use crate::error::Result;
 
 /// An invite from another server to a room this server is not in.
@@ -39,9 +39,10 @@ impl Store {
             rejected_reason: None,
         }])
         .await?;
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = super::events::next_stream_position!(tx);
             sqlx::query(
                 "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten)
                  VALUES ($1, $2, 'invite', $3, $4, FALSE)
@@ -64,7 +65,7 @@ impl Store {
             .bind(invite.stripped_state)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(pos)
         })
     }
@@ -83,9 +84,10 @@ impl Store {
     /// Marks a remote invite declined here (the user left it before joining): the
     /// membership becomes `leave` at a new stream position.
     pub async fn decline_remote_invite(&self, room_id: &str, user_id: &str, event_id: &str) -> Result<i64> {
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = super::events::next_stream_position!(tx);
             sqlx::query(
                 "UPDATE memberships SET membership = 'leave', stream_ordering = $4
                  WHERE room_id = $1 AND user_id = $2 AND event_id = $3 AND membership = 'invite'",
@@ -96,7 +98,7 @@ impl Store {
             .bind(pos)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(pos)
         })
     }

@@ -21,5 +21,6 @@ mod push;
 mod register;
 mod room_events;
 mod rooms;
+mod stream;
 mod sync;
 mod transport;

@@ -244,9 +244,9 @@ impl Services {
             match self.send_batch(server, &batch).await {
                 Ok(()) => {
                     retry = FIRST_RETRY.min(max_retry);
-                    let pdu_until = batch.pdus.last().map(|p| p.0);
-                    let edu_until = batch.edus.last().map(|e| e.0);
-                    if let Err(e) = self.store.delete_federation_sent(server.as_str(), pdu_until, edu_until).await {
+                    let pdus: Vec<i64> = batch.pdus.iter().map(|p| p.0).collect();
+                    let edus: Vec<i64> = batch.edus.iter().map(|e| e.0).collect();
+                    if let Err(e) = self.store.delete_federation_sent(server.as_str(), &pdus, &edus).await {
                         tracing::warn!(destination = %server, error = %e, "cannot dequeue a sent transaction");
                     }
                 }
