@@ -4,18 +4,6 @@
 use super::{Store, on_pool, stream};
 use crate::error::Result;
 
-/// Locks a local user's row until the transaction ends (PostgreSQL; SQLite has one
-/// writer): writers of the user's account data and keys take it first, so that
-/// read-modify-writes of them run one after the other.
-macro_rules! lock_user {
-    ($tx:expr, $user_id:expr) => {
-        sqlx::query("UPDATE users SET created_ts = created_ts WHERE user_id = $1")
-            .bind($user_id)
-            .execute(&mut *$tx)
-            .await?
-    };
-}
-
 /// Writes one entry at stream position `$pos`, inside transaction `$tx`.
 macro_rules! upsert_account_data {
     ($tx:expr, $user_id:expr, $room_id:expr, $data_type:expr, $content:expr, $pos:expr) => {
@@ -57,7 +45,7 @@ impl Store {
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            lock_user!(tx, user_id);
+            super::users::lock_user!(&mut *tx, user_id);
             upsert_account_data!(tx, user_id, room_id, data_type, content, pos);
             stream::commit(tx, Some(positions)).await?;
             Ok(pos)
@@ -66,9 +54,9 @@ impl Store {
 
     /// Reads, changes and writes one entry in one transaction: `change` gets the
     /// current JSON content (if any) and answers the new one, or `None` to leave it.
-    /// The user's row is locked first (PostgreSQL: a row lock; SQLite: the single
-    /// writer), so concurrent writes of the user's account data run one after the
-    /// other and none is lost. Returns the new stream position.
+    /// The user's lock is taken first (`users::lock_user`), so concurrent writes of
+    /// the user's account data run one after the other and none is lost. Returns the
+    /// new stream position.
     pub async fn update_account_data<F>(
         &self,
         user_id: &str,
@@ -83,7 +71,7 @@ impl Store {
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            lock_user!(tx, user_id);
+            super::users::lock_user!(&mut *tx, user_id);
             let current: Option<(String,)> = sqlx::query_as(
                 "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
             )

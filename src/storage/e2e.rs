@@ -7,12 +7,12 @@ use crate::error::Result;
 
 /// Records on the stream, at position `$pos`, that `user`'s device list changed,
 /// inside the caller's transaction (`$conn` is a `&mut` connection of it); other users'
-/// syncs report it. It first locks a local user's row (PostgreSQL; SQLite has one
-/// writer), as every writer of a user's keys and devices does, so that concurrent
-/// changes of them run one after the other and none is lost.
+/// syncs report it. It first takes the user's lock (`users::lock_user`), as every
+/// writer of a user's keys and devices does, so that concurrent changes of them run
+/// one after the other and none is lost.
 macro_rules! record_device_list_change {
     ($conn:expr, $user:expr, $pos:expr) => {{
-        sqlx::query("UPDATE users SET created_ts = created_ts WHERE user_id = $1").bind($user).execute($conn).await?;
+        $crate::storage::users::lock_user!($conn, $user);
         sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind($user)
             .bind($pos)

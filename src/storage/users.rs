@@ -33,6 +33,25 @@ pub struct UserAuth {
     pub deactivated: bool,
 }
 
+/// Takes the lock of `$user_id`'s account data, keys and devices until the transaction
+/// ends, so that read-modify-writes of them run one after the other and none is lost:
+/// on PostgreSQL an advisory transaction lock on the user id (any user id, with or
+/// without a row); SQLite has a single writer and needs none. `$conn` is a `&mut`
+/// connection of the transaction.
+macro_rules! lock_user {
+    ($conn:expr, $user_id:expr) => {{
+        if $crate::storage::users::is_postgres_conn(&*$conn) {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind($user_id).execute($conn).await?;
+        }
+    }};
+}
+pub(crate) use lock_user;
+
+/// Whether a connection is PostgreSQL's.
+pub(crate) fn is_postgres_conn<C: sqlx::Connection>(_: &C) -> bool {
+    <C::Database as sqlx::Database>::NAME == "PostgreSQL"
+}
+
 impl Store {
     /// Creates a user; `M_USER_IN_USE` if the id is taken (also by a deactivated user).
     pub async fn create_user(&self, new: NewUser<'_>) -> Result<()> {
