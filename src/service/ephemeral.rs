@@ -233,7 +233,8 @@ impl Services {
     }
 
     /// The `m.receipt` events of each room for a sync: receipts after `since` (up to
-    /// `until`) in the user's joined rooms, the user's own private receipts included, others' left out.
+    /// `until`) in the user's joined rooms, the user's own private receipts included,
+    /// others' left out.
     /// A user's unthreaded and threaded receipts on one event do not fit in one content
     /// map (one slot per event, type and user), so the second goes in another event.
     pub async fn receipt_events(
