@@ -232,12 +232,18 @@ impl Services {
         Ok(())
     }
 
-    /// The `m.receipt` events of each room for a sync: receipts after `since` in the
-    /// user's joined rooms, the user's own private receipts included, others' left out.
+    /// The `m.receipt` events of each room for a sync: receipts after `since` (up to
+    /// `until`) in the user's joined rooms, the user's own private receipts included,
+    /// others' left out.
     /// A user's unthreaded and threaded receipts on one event do not fit in one content
     /// map (one slot per event, type and user), so the second goes in another event.
-    pub async fn receipt_events(&self, user: &UserId, since: i64) -> Result<HashMap<String, Vec<JsonValue>>> {
-        let receipts = self.store.get_receipts_for_user_rooms(user.as_str(), since).await?;
+    pub async fn receipt_events(
+        &self,
+        user: &UserId,
+        since: i64,
+        until: i64,
+    ) -> Result<HashMap<String, Vec<JsonValue>>> {
+        let receipts = self.store.get_receipts_for_user_rooms(user.as_str(), since, until).await?;
         let mut by_room: HashMap<String, Vec<JsonValue>> = HashMap::new();
         for r in receipts.iter().filter(|r| r.receipt_type != "m.read.private" || r.user_id == user.as_str()) {
             let mut entry = json!({"ts": r.ts});
@@ -316,12 +322,12 @@ impl Services {
         })
     }
 
-    /// Presence events for a sync.
-    pub async fn presence_events(&self, user: &UserId, since: i64) -> Result<Vec<JsonValue>> {
+    /// Presence events for a sync: changes after `since`, up to `until`.
+    pub async fn presence_events(&self, user: &UserId, since: i64, until: i64) -> Result<Vec<JsonValue>> {
         let now = now_ms();
         Ok(self
             .store
-            .get_presence_since(user.as_str(), since)
+            .get_presence_since(user.as_str(), since, until)
             .await?
             .iter()
             .map(|p| json!({"type": "m.presence", "sender": p.user_id, "content": presence_content(p, now)}))

@@ -111,6 +111,7 @@ impl Services {
             &format!("ed25519:{}", signing_key.version()),
             &signing_key.public_key(),
         ));
+        let notifier = Box::new(LocalNotifier::new(store.stream_watch()));
         Ok(Arc::new(Services {
             federation,
             known_keys,
@@ -120,7 +121,7 @@ impl Services {
             public_baseurl,
             hashing,
             signing_key,
-            notifier: Box::new(LocalNotifier::default()),
+            notifier,
             waiting_syncs: Default::default(),
             room_locks: RoomLocks::default(),
             room_heads: Default::default(),

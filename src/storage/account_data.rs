@@ -1,7 +1,7 @@
 //! Storage of account data, global (`room_id` = '') and per room. Each change takes a
 //! stream position, so incremental sync can find it.
 
-use super::{Store, events::next_stream_position, on_pool};
+use super::{Store, on_pool, stream};
 use crate::error::Result;
 
 /// Writes one entry at stream position `$pos`, inside transaction `$tx`.
@@ -38,22 +38,25 @@ impl Store {
         })
     }
 
-    /// Sets an entry; returns its stream position.
+    /// Sets an entry; returns its stream position. Takes the user's lock (see
+    /// `update_account_data`), so that it lands before or after a change, not inside it.
     pub async fn set_account_data(&self, user_id: &str, room_id: &str, data_type: &str, content: &str) -> Result<i64> {
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = next_stream_position!(tx);
+            super::users::lock_user!(&mut *tx, user_id);
             upsert_account_data!(tx, user_id, room_id, data_type, content, pos);
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(pos)
         })
     }
 
     /// Reads, changes and writes one entry in one transaction: `change` gets the
     /// current JSON content (if any) and answers the new one, or `None` to leave it.
-    /// The stream position is taken first, and taking it locks its row (PostgreSQL)
-    /// or holds the single writer (SQLite), so concurrent changes of the same entry
-    /// run one after the other and none is lost. Returns the new stream position.
+    /// The user's lock is taken first (`users::lock_user`), so concurrent writes of
+    /// the user's account data run one after the other and none is lost. Returns the
+    /// new stream position.
     pub async fn update_account_data<F>(
         &self,
         user_id: &str,
@@ -64,9 +67,11 @@ impl Store {
     where
         F: FnOnce(Option<&str>) -> Result<Option<String>>,
     {
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = next_stream_position!(tx);
+            super::users::lock_user!(&mut *tx, user_id);
             let current: Option<(String,)> = sqlx::query_as(
                 "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3",
             )
@@ -79,19 +84,26 @@ impl Store {
                 return Ok(None);
             };
             upsert_account_data!(tx, user_id, room_id, data_type, &content, pos);
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(Some(pos))
         })
     }
 
-    /// Entries changed after `since`: (room id or '', type, JSON content).
-    pub async fn get_account_data_since(&self, user_id: &str, since: i64) -> Result<Vec<(String, String, String)>> {
+    /// Entries changed after `since`, up to `until`: (room id or '', type, JSON content).
+    pub async fn get_account_data_since(
+        &self,
+        user_id: &str,
+        since: i64,
+        until: i64,
+    ) -> Result<Vec<(String, String, String)>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(
-                "SELECT room_id, data_type, content FROM account_data WHERE user_id = $1 AND stream_pos > $2",
+                "SELECT room_id, data_type, content FROM account_data
+                 WHERE user_id = $1 AND stream_pos > $2 AND stream_pos <= $3",
             )
             .bind(user_id)
             .bind(since)
+            .bind(until)
             .fetch_all(pool)
             .await?)
         })

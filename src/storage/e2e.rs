@@ -2,19 +2,20 @@
 
 use std::collections::HashMap;
 
-use super::{Store, on_pool};
+use super::{Store, on_pool, stream};
 use crate::error::Result;
 
-/// Records on the stream that `user`'s device list changed, inside the caller's
-/// transaction (`$conn` is a `&mut` connection of it). Other users' syncs report it.
+/// Records on the stream, at position `$pos`, that `user`'s device list changed,
+/// inside the caller's transaction (`$conn` is a `&mut` connection of it); other users'
+/// syncs report it. It first takes the user's lock (`users::lock_user`), as every
+/// writer of a user's keys and devices does, so that concurrent changes of them run
+/// one after the other and none is lost.
 macro_rules! record_device_list_change {
-    ($conn:expr, $user:expr) => {{
-        let (pos,): (i64,) = sqlx::query_as("UPDATE stream_position SET pos = pos + 1 WHERE id = 1 RETURNING pos")
-            .fetch_one($conn)
-            .await?;
-        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2)")
+    ($conn:expr, $user:expr, $pos:expr) => {{
+        $crate::storage::users::lock_user!($conn, $user);
+        sqlx::query("INSERT INTO device_list_changes (user_id, stream_pos) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind($user)
-            .bind(pos)
+            .bind($pos)
             .execute($conn)
             .await?;
     }};
@@ -51,12 +52,16 @@ impl Store {
         one_time: &[NewKey<'_>],
         fallback: &[NewKey<'_>],
     ) -> Result<()> {
+        let positions = match device_keys {
+            Some(_) => Some(self.take_positions(1).await?),
+            None => None,
+        };
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            if let Some(json) = device_keys {
-                // The stream position first, as every writer of device keys does
+            if let (Some(json), Some(positions)) = (device_keys, &positions) {
+                // The user's lock first, as every writer of device keys takes it
                 // (one lock order, no deadlock).
-                record_device_list_change!(&mut *tx, user_id);
+                record_device_list_change!(&mut *tx, user_id, positions.first());
                 sqlx::query(
                     "INSERT INTO e2e_device_keys (user_id, device_id, json) VALUES ($1, $2, $3)
                      ON CONFLICT (user_id, device_id) DO UPDATE SET json = excluded.json",
@@ -96,7 +101,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, positions).await?;
             Ok(())
         })
     }
@@ -245,6 +250,8 @@ impl Store {
         event_type: &str,
         messages: &[NewToDevice<'_>],
     ) -> Result<Option<i64>> {
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let fresh = sqlx::query(
@@ -260,7 +267,6 @@ impl Store {
             if !fresh {
                 return Ok(None);
             }
-            let pos = super::events::next_stream_position!(tx);
             let rows: Vec<(i32, &NewToDevice<'_>)> = messages.iter().enumerate().map(|(i, m)| (i as i32, m)).collect();
             for chunk in rows.chunks(200) {
                 let mut query = sqlx::QueryBuilder::new(
@@ -278,7 +284,7 @@ impl Store {
                 });
                 query.build().execute(&mut *tx).await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(Some(pos))
         })
     }
@@ -433,17 +439,18 @@ impl Store {
 
     /// Reads a user's device keys and cross-signing keys (as (device id or key type,
     /// JSON)), lets `change` answer which to replace, and writes those, in one
-    /// transaction that takes the stream position first: concurrent changes of a
-    /// user's keys (signature uploads, key uploads, device deletions, which take the
-    /// position first too) run one after the other, and none is lost. `false` when
-    /// `change` replaced nothing.
+    /// transaction that locks the user first: concurrent changes of a user's keys
+    /// (signature uploads, key uploads, device deletions, which take the lock first
+    /// too) run one after the other, and none is lost. `false` when `change` replaced
+    /// nothing.
     pub async fn update_signed_keys<F>(&self, user_id: &str, change: F) -> Result<bool>
     where
         F: FnOnce(&[(String, String)], &[(String, String)]) -> Result<SignedKeyChanges>,
     {
+        let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            record_device_list_change!(&mut *tx, user_id);
+            record_device_list_change!(&mut *tx, user_id, positions.first());
             let devices: Vec<(String, String)> =
                 sqlx::query_as("SELECT device_id, json FROM e2e_device_keys WHERE user_id = $1 ORDER BY device_id")
                     .bind(user_id)
@@ -474,7 +481,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(true)
         })
     }
@@ -489,9 +496,10 @@ impl Store {
         keys: &[(&str, &str)],
         only_if_no_master: bool,
     ) -> Result<bool> {
+        let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            record_device_list_change!(&mut *tx, user_id);
+            record_device_list_change!(&mut *tx, user_id, positions.first());
             if only_if_no_master {
                 let master: Option<(i32,)> =
                     sqlx::query_as("SELECT 1 FROM e2e_cross_signing_keys WHERE user_id = $1 AND key_type = 'master'")
@@ -513,7 +521,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(true)
         })
     }
@@ -523,10 +531,11 @@ impl Store {
     /// Records that a remote user's devices or cross-signing keys changed (their server
     /// told us), so that local users who share a room with them re-query the keys.
     pub async fn record_remote_device_list_change(&self, user_id: &str) -> Result<()> {
+        let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            record_device_list_change!(&mut *tx, user_id);
-            tx.commit().await?;
+            record_device_list_change!(&mut *tx, user_id, positions.first());
+            stream::commit(tx, Some(positions)).await?;
             Ok(())
         })
     }

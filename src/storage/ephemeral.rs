@@ -1,6 +1,6 @@
 //! Storage of read receipts, presence and filters.
 
-use super::{Store, events::next_stream_position, on_pool};
+use super::{Store, on_pool, stream};
 use crate::error::Result;
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -24,9 +24,10 @@ pub struct PresenceRow {
 impl Store {
     /// Stores a receipt (replacing the user's previous one of that type and thread).
     pub async fn set_receipt(&self, r: &ReceiptRow) -> Result<i64> {
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = next_stream_position!(tx);
             sqlx::query(
                 "INSERT INTO receipts (room_id, user_id, receipt_type, thread_id, event_id, ts, stream_pos)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -42,7 +43,7 @@ impl Store {
             .bind(pos)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(pos)
         })
     }
@@ -81,9 +82,10 @@ impl Store {
         status_msg: Option<Option<&str>>,
         now: i64,
     ) -> Result<i64> {
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = next_stream_position!(tx);
             sqlx::query(
                 "INSERT INTO presence (user_id, state, status_msg, last_active_ts, stream_pos) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (user_id) DO UPDATE SET state = excluded.state,
@@ -98,7 +100,7 @@ impl Store {
             .bind(status_msg.is_some())
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(pos)
         })
     }
@@ -128,17 +130,19 @@ impl Store {
         })
     }
 
-    /// Presence changes after `since` of users who share a joined room with `user_id`.
-    pub async fn get_presence_since(&self, user_id: &str, since: i64) -> Result<Vec<PresenceRow>> {
+    /// Presence changes after `since` (up to `until`) of users who share a joined room
+    /// with `user_id`.
+    pub async fn get_presence_since(&self, user_id: &str, since: i64, until: i64) -> Result<Vec<PresenceRow>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(
                 "SELECT p.user_id, p.state, p.status_msg, p.last_active_ts FROM presence p
-                 WHERE p.stream_pos > $2 AND (p.user_id = $1 OR EXISTS (
+                 WHERE p.stream_pos > $2 AND p.stream_pos <= $3 AND (p.user_id = $1 OR EXISTS (
                      SELECT 1 FROM memberships a JOIN memberships b ON a.room_id = b.room_id
                      WHERE a.user_id = $1 AND a.membership = 'join' AND b.user_id = p.user_id AND b.membership = 'join'))",
             )
             .bind(user_id)
             .bind(since)
+            .bind(until)
             .fetch_all(pool)
             .await?)
         })
@@ -178,18 +182,20 @@ impl Store {
 
     /// The rooms with events after `since`: (room, latest position, latest position of
     /// a member event, if any), in one query.
-    pub async fn get_rooms_changed_since(&self, since: i64) -> Result<Vec<(String, i64, Option<i64>)>> {
+    pub async fn get_rooms_changed_since(&self, since: i64, until: i64) -> Result<Vec<(String, i64, Option<i64>)>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(
                 // Materialized, so that the planner takes the range of new events from the
                 // stream_ordering index instead of scanning every event by room.
                 "WITH recent AS MATERIALIZED (
-                     SELECT room_id, stream_ordering, event_type FROM events WHERE stream_ordering > $1)
+                     SELECT room_id, stream_ordering, event_type FROM events
+                     WHERE stream_ordering > $1 AND stream_ordering <= $2)
                  SELECT room_id, MAX(stream_ordering),
                         MAX(CASE WHEN event_type = 'm.room.member' THEN stream_ordering END)
                  FROM recent GROUP BY room_id",
             )
             .bind(since)
+            .bind(until)
             .fetch_all(pool)
             .await?)
         })
@@ -197,16 +203,18 @@ impl Store {
 }
 
 impl Store {
-    /// Receipts newer than `since` in every room `user_id` is joined to, in one query.
-    pub async fn get_receipts_for_user_rooms(&self, user_id: &str, since: i64) -> Result<Vec<ReceiptRow>> {
+    /// Receipts newer than `since` (up to `until`) in every room `user_id` is joined
+    /// to, in one query.
+    pub async fn get_receipts_for_user_rooms(&self, user_id: &str, since: i64, until: i64) -> Result<Vec<ReceiptRow>> {
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(
                 "SELECT r.room_id, r.user_id, r.receipt_type, r.thread_id, r.event_id, r.ts FROM receipts r
                  JOIN memberships m ON m.room_id = r.room_id AND m.user_id = $1 AND m.membership = 'join'
-                 WHERE r.stream_pos > $2",
+                 WHERE r.stream_pos > $2 AND r.stream_pos <= $3",
             )
             .bind(user_id)
             .bind(since)
+            .bind(until)
             .fetch_all(pool)
             .await?)
         })

@@ -52,17 +52,6 @@ macro_rules! event_columns {
     };
 }
 
-/// Positions in the stream are taken under a row lock, so they commit in order.
-macro_rules! next_stream_position {
-    ($tx:expr) => {{
-        let (pos,): (i64,) = sqlx::query_as("UPDATE stream_position SET pos = pos + 1 WHERE id = 1 RETURNING pos")
-            .fetch_one(&mut *$tx)
-            .await?;
-        pos
-    }};
-}
-pub(crate) use next_stream_position;
-
 /// The next value of one of the `dag_counters` (`state_group` counts up, `backfill`
 /// down), under the row's lock.
 macro_rules! next_counter {
@@ -535,11 +524,18 @@ impl Store {
         })
     }
 
-    /// The latest stream position handed out.
-    pub async fn current_stream_position(&self) -> Result<i64> {
+    /// A user's latest member event in a room at stream position `until` or before.
+    pub async fn get_member_event_at(&self, room_id: &str, user_id: &str, until: i64) -> Result<Option<StoredEvent>> {
         on_pool!(self, read, |pool| {
-            let (pos,): (i64,) = sqlx::query_as("SELECT pos FROM stream_position WHERE id = 1").fetch_one(pool).await?;
-            Ok(pos)
+            Ok(sqlx::query_as(select_events!(
+                "WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member' AND stream_ordering <= $3
+                 ORDER BY stream_ordering DESC LIMIT 1"
+            ))
+            .bind(room_id)
+            .bind(user_id)
+            .bind(until)
+            .fetch_optional(pool)
+            .await?)
         })
     }
 }

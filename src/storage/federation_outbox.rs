@@ -113,26 +113,22 @@ impl Store {
         })
     }
 
-    /// Deletes what a destination has taken: PDUs up to `pdu_until` and EDUs up to
-    /// `edu_until` (inclusive; `None`: none of that kind).
-    pub async fn delete_federation_sent(
-        &self,
-        destination: &str,
-        pdu_until: Option<i64>,
-        edu_until: Option<i64>,
-    ) -> Result<()> {
+    /// Deletes what a destination has taken: the PDUs and EDUs at these positions.
+    /// Exactly those: a PDU is queued after its event commits, so one with a lower
+    /// position may be queued after a batch was read, and must stay.
+    pub async fn delete_federation_sent(&self, destination: &str, pdus: &[i64], edus: &[i64]) -> Result<()> {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            for (kind, until) in [("pdu", pdu_until), ("edu", edu_until)] {
-                if let Some(until) = until {
-                    sqlx::query(
-                        "DELETE FROM federation_outbox WHERE destination = $1 AND kind = $2 AND position <= $3",
-                    )
-                    .bind(destination)
-                    .bind(kind)
-                    .bind(until)
-                    .execute(&mut *tx)
-                    .await?;
+            for (kind, positions) in [("pdu", pdus), ("edu", edus)] {
+                for chunk in positions.chunks(500) {
+                    let mut query = sqlx::QueryBuilder::new("DELETE FROM federation_outbox WHERE destination = ");
+                    query.push_bind(destination).push(" AND kind = ").push_bind(kind).push(" AND position IN (");
+                    let mut list = query.separated(", ");
+                    for position in chunk {
+                        list.push_bind(*position);
+                    }
+                    query.push(")");
+                    query.build().execute(&mut *tx).await?;
                 }
             }
             tx.commit().await?;

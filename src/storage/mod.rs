@@ -25,6 +25,7 @@ mod remote_rooms;
 mod server_info;
 mod server_keys;
 mod sessions;
+mod stream;
 mod uiaa;
 mod users;
 
@@ -52,6 +53,7 @@ pub use self::{
     remote_rooms::RemoteMembership,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
+    stream::{HeldPosition, StreamWatch},
     uiaa::UiaaSession,
     users::{NewUser, UserAuth},
 };
@@ -102,6 +104,8 @@ pub enum Dialect {
 /// The database behind Convo.
 pub struct Store {
     pub(crate) db: Db,
+    /// The live stream's positions and its persisted-up-to mark (`stream.rs`).
+    pub(crate) stream: stream::Stream,
 }
 
 impl From<sqlx::Error> for Error {
@@ -171,7 +175,11 @@ impl Store {
                 .connect_with(options)
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
-            let store = Store { db: Db::Sqlite { read, write } };
+            let (reserved,): (i64,) = sqlx::query_as(stream::RESERVED_SQL)
+                .fetch_one(&write)
+                .await
+                .map_err(|e| format!("cannot read the stream position: {e}"))?;
+            let store = Store { db: Db::Sqlite { read, write }, stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         } else {
@@ -189,7 +197,11 @@ impl Store {
                 .await
                 .map_err(|e| format!("database.url: cannot connect to PostgreSQL: {e}"))?;
             sqlx::migrate!().run(&pool).await.map_err(|e| format!("database migration failed: {e}"))?;
-            let store = Store { db: Db::Postgres(pool) };
+            let (reserved,): (i64,) = sqlx::query_as(stream::RESERVED_SQL)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| format!("cannot read the stream position: {e}"))?;
+            let store = Store { db: Db::Postgres(pool), stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         }

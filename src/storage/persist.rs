@@ -8,8 +8,9 @@
 
 use super::{
     Store,
-    events::{next_counter, next_stream_position},
+    events::next_counter,
     on_pool,
+    stream::{self, Positions},
 };
 use crate::error::{Error, Result};
 
@@ -308,14 +309,18 @@ macro_rules! insert_event_sql {
     };
 }
 
-/// Stores `$e` (a `NewEvent`) in transaction `$tx`. Evaluates to `Some(StoredAt)`, or
-/// `None` when the event id or transaction id was taken (the caller rolls back).
+/// Stores `$e` (a `NewEvent`) in transaction `$tx`, at live stream position `$live`
+/// (taken before the transaction for a `Position::Live` event). Evaluates to
+/// `Some(StoredAt)`, or `None` when the event id or transaction id was taken (the
+/// caller rolls back).
 macro_rules! insert_event {
-    ($tx:expr, $e:expr) => {{
+    ($tx:expr, $e:expr, $live:expr) => {{
         let e: &NewEvent<'_> = $e;
         let d = &e.dag;
         let pos: Option<i64> = match d.position {
-            Position::Live => Some(next_stream_position!($tx)),
+            Position::Live => {
+                Some($live.ok_or_else(|| Error::internal("a live event without a stream position"))?)
+            }
             Position::Backfill => Some(next_counter!($tx, "backfill", "-1")),
             Position::None => None,
         };
@@ -511,15 +516,9 @@ macro_rules! insert_event {
                         );
                         query.build().execute(&mut *$tx).await?;
                     }
-                    // The membership changes at this event's position, so that /sync sees it.
-                    let at = match pos {
-                        Some(p) => p,
-                        None => {
-                            let (p,): (i64,) =
-                                sqlx::query_as("SELECT pos FROM stream_position WHERE id = 1").fetch_one(&mut *$tx).await?;
-                            p
-                        }
-                    };
+                    // The membership changes at this event's position, so that /sync sees it
+                    // (an event that changes the current state is accepted: it has one).
+                    let at = pos.ok_or_else(|| Error::internal("a state change without a stream position"))?;
                     for chunk in memberships.chunks(SMALL_ROWS) {
                         let mut query = sqlx::QueryBuilder::new(
                             "INSERT INTO memberships (room_id, user_id, membership, event_id, stream_ordering, forgotten) ",
@@ -701,11 +700,14 @@ impl Store {
     /// with a transaction id the device already used on the same endpoint, changes
     /// nothing.
     pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<Persisted> {
+        let positions: Option<Positions> =
+            if e.dag.position == Position::Live { Some(self.take_positions(1).await?) } else { None };
+        let live = positions.as_ref().map(Positions::first);
         let stored = on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            match insert_event!(tx, &e) {
+            match insert_event!(tx, &e, live) {
                 Some(at) => {
-                    tx.commit().await?;
+                    stream::commit(tx, positions).await?;
                     Some(at)
                 }
                 None => None,
@@ -795,6 +797,7 @@ impl Store {
     /// one before; their `dag` is ignored), all in one transaction: a room is stored
     /// whole or not at all.
     pub async fn create_room(&self, room: NewRoom<'_>, events: &[NewEvent<'_>]) -> Result<RoomCreated> {
+        let positions = self.take_positions(events.len() as i64).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let inserted = sqlx::query(
@@ -827,20 +830,20 @@ impl Store {
                 }
             }
             let mut group = None;
-            let mut positions = Vec::with_capacity(events.len());
-            for e in events {
+            let mut stored_at = Vec::with_capacity(events.len());
+            for (i, e) in events.iter().enumerate() {
                 let e = NewEvent {
                     dag: Dag { state_before: group.map_or(StateBefore::None, StateBefore::Group), ..Dag::default() },
                     ..*e
                 };
-                let Some(at) = insert_event!(tx, &e) else {
+                let Some(at) = insert_event!(tx, &e, Some(positions.nth(i)?)) else {
                     return Err(Error::internal(format!("event {} of a new room is already stored", e.event_id)));
                 };
-                positions.push(at.position.unwrap_or(0));
+                stored_at.push(at.position.unwrap_or(0));
                 group = at.state_group;
             }
-            tx.commit().await?;
-            Ok(RoomCreated::Stored(positions, group.ok_or_else(|| Error::internal("a new room without state"))?))
+            stream::commit(tx, Some(positions)).await?;
+            Ok(RoomCreated::Stored(stored_at, group.ok_or_else(|| Error::internal("a new room without state"))?))
         })
     }
 }

@@ -2,7 +2,7 @@
 //! memberships of local users in rooms this server is not in: invites received, knocks
 //! sent, and what ends them (a declined invite, a retracted or refused knock).
 
-use super::{Store, on_pool};
+use super::{Store, on_pool, stream};
 use crate::error::Result;
 
 /// A local user's membership event in a room this server is not in (no state to place
@@ -47,9 +47,10 @@ impl Store {
             rejected_reason: None,
         }])
         .await?;
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = super::events::next_stream_position!(tx);
             let sql = if m.only_if_pending {
                 "UPDATE memberships SET membership = $3, event_id = $4, stream_ordering = $5, forgotten = FALSE
                  WHERE room_id = $1 AND user_id = $2 AND membership IN ('invite', 'knock') AND event_id <> $4"
@@ -84,7 +85,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(Some(pos))
         })
     }
@@ -104,9 +105,10 @@ impl Store {
     /// (the user left it before joining): the membership becomes `leave`, keeping its
     /// event, at a new stream position.
     pub async fn decline_remote_membership(&self, room_id: &str, user_id: &str, event_id: &str) -> Result<i64> {
+        let positions = self.take_positions(1).await?;
+        let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let pos = super::events::next_stream_position!(tx);
             sqlx::query(
                 "UPDATE memberships SET membership = 'leave', stream_ordering = $4
                  WHERE room_id = $1 AND user_id = $2 AND event_id = $3 AND membership IN ('invite', 'knock')",
@@ -117,7 +119,7 @@ impl Store {
             .bind(pos)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(pos)
         })
     }

@@ -1,6 +1,6 @@
 //! Storage of devices, access tokens and refresh tokens.
 
-use super::{Store, on_pool};
+use super::{Store, on_pool, stream};
 use crate::error::Result;
 
 /// A device and its first access token (and refresh token), stored together.
@@ -83,11 +83,12 @@ macro_rules! insert_session_tx {
 
 /// Deletes a user's devices (all, or all but one) with their tokens.
 macro_rules! delete_devices_tx {
-    ($tx:expr, $user_id:expr, $only:expr, $except:expr) => {{
+    ($tx:expr, $user_id:expr, $only:expr, $except:expr, $pos:expr) => {{
         let (user_id, only, except): (&str, Option<&str>, Option<&str>) = ($user_id, $only, $except);
-        // Other users' clients must learn that this user's devices changed. The stream
-        // position is taken first, as by every writer of device keys (one lock order).
-        super::e2e::record_device_list_change!(&mut **$tx, user_id);
+        // Other users' clients must learn that this user's devices changed (at stream
+        // position `$pos`). The user's lock first, as by every writer of device keys
+        // (one lock order).
+        super::e2e::record_device_list_change!(&mut **$tx, user_id, $pos);
         for sql in [
             "DELETE FROM access_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
             "DELETE FROM refresh_tokens WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
@@ -106,7 +107,10 @@ macro_rules! delete_devices_tx {
 /// The transaction operations other storage files share, for each backend's transaction.
 pub(crate) trait SessionTx {
     async fn insert_session(&mut self, session: &NewSession<'_>) -> Result<()>;
-    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()>;
+    /// Deletes devices (`only` one, or all but `except`), recording the change at
+    /// stream position `pos`.
+    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>, pos: i64)
+    -> Result<()>;
 }
 
 impl SessionTx for sqlx::Transaction<'_, sqlx::Sqlite> {
@@ -114,8 +118,14 @@ impl SessionTx for sqlx::Transaction<'_, sqlx::Sqlite> {
         insert_session_tx!(self, session);
         Ok(())
     }
-    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()> {
-        delete_devices_tx!(self, user_id, only, except);
+    async fn delete_devices(
+        &mut self,
+        user_id: &str,
+        only: Option<&str>,
+        except: Option<&str>,
+        pos: i64,
+    ) -> Result<()> {
+        delete_devices_tx!(self, user_id, only, except, pos);
         Ok(())
     }
 }
@@ -125,8 +135,14 @@ impl SessionTx for sqlx::Transaction<'_, sqlx::Postgres> {
         insert_session_tx!(self, session);
         Ok(())
     }
-    async fn delete_devices(&mut self, user_id: &str, only: Option<&str>, except: Option<&str>) -> Result<()> {
-        delete_devices_tx!(self, user_id, only, except);
+    async fn delete_devices(
+        &mut self,
+        user_id: &str,
+        only: Option<&str>,
+        except: Option<&str>,
+        pos: i64,
+    ) -> Result<()> {
+        delete_devices_tx!(self, user_id, only, except, pos);
         Ok(())
     }
 }
@@ -315,22 +331,24 @@ impl Store {
 
     /// Deletes the given devices of a user and every token they hold.
     pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<()> {
+        let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             for device_id in device_ids {
-                tx.delete_devices(user_id, Some(device_id), None).await?;
+                tx.delete_devices(user_id, Some(device_id), None, positions.first()).await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(())
         })
     }
 
     /// Deletes all of a user's devices and tokens (`logout/all`).
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<()> {
+        let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            tx.delete_devices(user_id, None, None).await?;
-            tx.commit().await?;
+            tx.delete_devices(user_id, None, None, positions.first()).await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(())
         })
     }

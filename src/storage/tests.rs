@@ -247,7 +247,7 @@ async fn federation_outbox_keeps_order_limits_and_expiry(store: &Store) {
     assert!(batch.pdus.is_empty());
     assert_eq!(batch.edus.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(batch.edus[0].1, "{\"n\":1}");
-    store.delete_federation_sent("a.test", None, Some(3)).await.unwrap();
+    store.delete_federation_sent("a.test", &[], &[1, 2, 3]).await.unwrap();
     let batch = store.get_federation_batch("a.test", 50, 100, 5_000).await.unwrap();
     assert_eq!(batch.edus.iter().map(|e| e.0).collect::<Vec<_>>(), vec![4, 5, 7]);
     // The other destination's queue is its own.
@@ -255,14 +255,49 @@ async fn federation_outbox_keeps_order_limits_and_expiry(store: &Store) {
     let (pending, max_edu) = store.get_federation_outbox_state().await.unwrap();
     assert_eq!(pending, vec!["a.test".to_owned(), "b.test".to_owned()]);
     assert_eq!(max_edu, 7);
-    store.delete_federation_sent("a.test", Some(100), Some(100)).await.unwrap();
+    store.delete_federation_sent("a.test", &[], &[4, 5, 7]).await.unwrap();
     assert!(store.get_federation_batch("a.test", 50, 100, 5_000).await.unwrap().is_empty());
     // Queuing the same item twice keeps one copy.
     store.enqueue_federation_edu(&both[1..], 5, "{}", None).await.unwrap();
     assert_eq!(store.count_federation_outbox("b.test").await.unwrap(), 5);
 }
 
+/// PDUs are queued after their events commit, and positions commit out of order: a
+/// PDU with a lower position queued while a batch is out stays queued.
+async fn federation_outbox_keeps_what_was_queued_behind_a_batch(store: &Store) {
+    let dest = vec!["a.test".to_owned()];
+    store.enqueue_federation_pdu(&dest, 10, "$ten").await.unwrap();
+    store.enqueue_federation_pdu(&dest, 12, "$twelve").await.unwrap();
+    // The batch joins on the events table: store the three events' rows.
+    for id in ["$ten", "$eleven", "$twelve"] {
+        store
+            .persist_outliers(&[super::Outlier {
+                event_id: id,
+                room_id: "!r:x",
+                sender: "@s:x",
+                event_type: "m.room.message",
+                state_key: None,
+                depth: 1,
+                origin_server_ts: 1,
+                json: "{}",
+                prev_events: &[],
+                auth_events: &[],
+                rejected_reason: None,
+            }])
+            .await
+            .unwrap();
+    }
+    let batch = store.get_federation_batch("a.test", 50, 100, 0).await.unwrap();
+    assert_eq!(batch.pdus.iter().map(|p| p.0).collect::<Vec<_>>(), vec![10, 12]);
+    // The event at 11 committed last: its PDU is queued while the batch is out.
+    store.enqueue_federation_pdu(&dest, 11, "$eleven").await.unwrap();
+    store.delete_federation_sent("a.test", &[10, 12], &[]).await.unwrap();
+    let batch = store.get_federation_batch("a.test", 50, 100, 0).await.unwrap();
+    assert_eq!(batch.pdus.iter().map(|p| (p.0, p.1.as_str())).collect::<Vec<_>>(), vec![(11, "$eleven")]);
+}
+
 storage_tests!(
+    federation_outbox_keeps_what_was_queued_behind_a_batch,
     federation_outbox_keeps_order_limits_and_expiry,
     duplicate_user_is_user_in_use,
     registration_token_uses_are_taken_atomically,

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value as JsonValue;
 
-use super::{Store, is_unique_violation, on_pool, sessions::SessionTx};
+use super::{Store, is_unique_violation, on_pool, sessions::SessionTx, stream};
 use crate::{
     error::{Error, Result},
     storage::NewSession,
@@ -31,6 +31,25 @@ pub struct UserAuth {
     pub password_hash: Option<String>,
     pub is_admin: bool,
     pub deactivated: bool,
+}
+
+/// Takes the lock of `$user_id`'s account data, keys and devices until the transaction
+/// ends, so that read-modify-writes of them run one after the other and none is lost:
+/// on PostgreSQL an advisory transaction lock on the user id (any user id, with or
+/// without a row); SQLite has a single writer and needs none. `$conn` is a `&mut`
+/// connection of the transaction.
+macro_rules! lock_user {
+    ($conn:expr, $user_id:expr) => {{
+        if $crate::storage::users::is_postgres_conn(&*$conn) {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind($user_id).execute($conn).await?;
+        }
+    }};
+}
+pub(crate) use lock_user;
+
+/// Whether a connection is PostgreSQL's.
+pub(crate) fn is_postgres_conn<C: sqlx::Connection>(_: &C) -> bool {
+    <C::Database as sqlx::Database>::NAME == "PostgreSQL"
 }
 
 impl Store {
@@ -127,6 +146,7 @@ impl Store {
         logout: bool,
         keep_device: Option<&str>,
     ) -> Result<bool> {
+        let positions = if logout { Some(self.take_positions(1).await?) } else { None };
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1 AND NOT deactivated")
@@ -138,10 +158,10 @@ impl Store {
             if updated == 0 {
                 return Ok(false);
             }
-            if logout {
-                tx.delete_devices(user_id, None, keep_device).await?;
+            if let Some(positions) = &positions {
+                tx.delete_devices(user_id, None, keep_device, positions.first()).await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, positions).await?;
             Ok(true)
         })
     }
@@ -149,19 +169,20 @@ impl Store {
     /// Deactivates a user: no password, no devices or tokens, no profile; with
     /// `erase`, no account data either. The id stays taken.
     pub async fn deactivate_user(&self, user_id: &str, erase: bool) -> Result<()> {
+        let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             sqlx::query("UPDATE users SET deactivated = TRUE, password_hash = NULL WHERE user_id = $1")
                 .bind(user_id)
                 .execute(&mut *tx)
                 .await?;
-            tx.delete_devices(user_id, None, None).await?;
+            tx.delete_devices(user_id, None, None, positions.first()).await?;
             sqlx::query("DELETE FROM profile_fields WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM uiaa_sessions WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
             if erase {
                 sqlx::query("DELETE FROM account_data WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
             }
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(())
         })
     }

@@ -307,9 +307,11 @@ impl Services {
                 }
                 Err(e) => return Err(e),
             }
-            let pdu_until = part.pdus.last().map(|p| p.0);
-            let edu_until = part.edus.last().map(|e| e.0);
-            if let Err(e) = self.store.delete_federation_sent(server.as_str(), pdu_until, edu_until).await {
+            // Exactly the positions sent: an item queued meanwhile with a lower position
+            // (its event committed later) stays queued.
+            let pdus: Vec<i64> = part.pdus.iter().map(|p| p.0).collect();
+            let edus: Vec<i64> = part.edus.iter().map(|e| e.0).collect();
+            if let Err(e) = self.store.delete_federation_sent(server.as_str(), &pdus, &edus).await {
                 tracing::warn!(destination = %server, error = %e, "cannot dequeue a sent transaction");
             }
         }
@@ -354,8 +356,7 @@ fn batch_len(batch: &OutboxBatch) -> usize {
 }
 
 /// A batch cut in two, PDUs then EDUs, the first half the larger: each half holds the
-/// oldest items of each kind before the other half's, so that dequeuing each half up to
-/// its last positions, in order, dequeues exactly what was sent.
+/// oldest items of each kind before the other half's.
 fn halves(mut batch: OutboxBatch) -> (OutboxBatch, OutboxBatch) {
     let first_len = batch_len(&batch).div_ceil(2);
     let first_pdus = first_len.min(batch.pdus.len());

@@ -4,6 +4,9 @@
 //!
 //! Tokens are `s{stream position}_{typing serial}`: everything persistent (events,
 //! account data, receipts, presence) shares the stream, so tokens survive restarts.
+//! A response covers the stream up to its persisted-up-to mark, never past it (a
+//! position past it may commit before one below it), and so does its token; the
+//! notifier wakes a waiting request once the mark covers what woke it.
 
 pub mod notifier;
 
@@ -200,7 +203,7 @@ impl Services {
         let changed_rooms: Option<BTreeMap<String, Option<i64>>> = match since {
             Some(s) => Some(
                 self.store
-                    .get_rooms_changed_since(s.pos)
+                    .get_rooms_changed_since(s.pos, head)
                     .await?
                     .into_iter()
                     .map(|(room, _, member)| (room, member))
@@ -213,15 +216,13 @@ impl Services {
             filter.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room))
                 && !filter.not_rooms.iter().any(|x| x == room)
         };
-        let memberships: Vec<MembershipRow> = self.store.get_user_memberships(user.as_str()).await?;
-        let room_account_data = self.store.get_account_data_since(user.as_str(), since_pos).await?;
-        let mut receipts_by_room = self.receipt_events(user, since_pos).await?;
+        let memberships = self.memberships_at(user, head).await?;
+        let room_account_data = self.store.get_account_data_since(user.as_str(), since_pos, head).await?;
+        let mut receipts_by_room = self.receipt_events(user, since_pos, head).await?;
         // Rooms whose join row changed only because the user changed their profile
         // there: not new to the client.
         let mut already_joined = HashSet::new();
-        let own_joins_changed = memberships
-            .iter()
-            .any(|m| m.stream_ordering > since_pos && m.stream_ordering <= head && m.membership == "join");
+        let own_joins_changed = memberships.iter().any(|m| m.stream_ordering > since_pos && m.membership == "join");
         if since.is_some() && own_joins_changed {
             for (room, before) in self.store.get_joined_rooms_changed_since(user.as_str(), since_pos).await? {
                 if before.is_some_and(|json| membership_of(&json) == "join") {
@@ -233,7 +234,7 @@ impl Services {
         // Joined rooms are built concurrently (each is a few independent queries); the
         // rest in order.
         let mut joined_work = Vec::new();
-        for m in memberships.iter().filter(|m| wanted(&m.room_id) && m.stream_ordering <= head) {
+        for m in memberships.iter().filter(|m| wanted(&m.room_id)) {
             let room_id = OwnedRoomId::try_from(m.room_id.as_str()).map_err(Error::internal)?;
             let membership_changed = m.stream_ordering > since_pos;
             match m.membership.as_str() {
@@ -324,12 +325,33 @@ impl Services {
         response.device_unused_fallback_key_types = Some(fallback_keys);
         let mut presence = Vec::new();
         if filter.presence.matches_type("m.presence") {
-            presence = self.presence_events(user, since_pos).await?;
+            presence = self.presence_events(user, since_pos, head).await?;
             presence.retain(|p| p["sender"].as_str().is_some_and(|s| filter.presence.matches_sender(s)));
         }
         response.presence = Presence::new();
         response.presence.events = presence.into_iter().map(to_raw).collect::<Result<_>>()?;
         Ok(response)
+    }
+
+    /// The user's memberships as of stream position `head`. A membership whose change
+    /// lies past `head` (committed, but the mark has not reached it) is read as it was
+    /// at `head`: from the user's latest member event up to there, or left out when
+    /// there is none. Read as it is now, it would drop the room (or show a change) from
+    /// a response whose token then skips the room's events up to `head`.
+    async fn memberships_at(&self, user: &ruma::UserId, head: i64) -> Result<Vec<MembershipRow>> {
+        let mut memberships = self.store.get_user_memberships(user.as_str()).await?;
+        for m in memberships.iter_mut().filter(|m| m.stream_ordering > head) {
+            match self.store.get_member_event_at(&m.room_id, user.as_str(), head).await? {
+                Some(event) => {
+                    m.membership = membership_of(&event.json);
+                    m.event_id = event.event_id;
+                    m.stream_ordering = event.stream_ordering;
+                }
+                None => m.membership.clear(),
+            }
+        }
+        memberships.retain(|m| !m.membership.is_empty());
+        Ok(memberships)
     }
 
     /// One room of the `join` section.

@@ -3,25 +3,60 @@
 //! behind a small trait so that a later backend (PostgreSQL LISTEN/NOTIFY) can carry
 //! the same wake-ups between several Convo processes.
 //!
+//! A wake-up is for a write that has committed, but `/sync` reads only up to the
+//! stream's persisted-up-to mark, which a transaction with a lower position still open
+//! holds back. So a wake-up waits until the mark covers every write finished when it
+//! was asked for: woken earlier, a request would find nothing, wait again, and miss
+//! the write until something else woke it.
+//!
 //! `WaitingSyncs` counts the requests parked here, so that a test can wait until a
 //! long-poll is waiting instead of sleeping and hoping.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use ruma::{OwnedUserId, UserId};
 use tokio::sync::watch;
 
+use crate::storage::StreamWatch;
+
 pub trait Notifier: Send + Sync {
     /// A receiver that changes whenever something for `user` happens from now on.
     fn subscribe(&self, user: &UserId) -> watch::Receiver<u64>;
-    /// Wakes every waiting request of these users.
+    /// Wakes every waiting request of these users, once the stream's mark covers what
+    /// has been written so far.
     fn notify_users(&self, users: &[OwnedUserId]);
 }
 
+/// The users with a waiting request, each with a watch channel.
+type Waiters = Arc<Mutex<HashMap<OwnedUserId, watch::Sender<u64>>>>;
+
 /// The in-process notifier: one watch channel per user with a waiting request.
-#[derive(Default)]
 pub struct LocalNotifier {
-    users: Mutex<HashMap<OwnedUserId, watch::Sender<u64>>>,
+    users: Waiters,
+    stream: StreamWatch,
+}
+
+impl LocalNotifier {
+    /// A notifier whose wake-ups wait for `stream`'s mark.
+    pub fn new(stream: StreamWatch) -> Self {
+        LocalNotifier { users: Arc::default(), stream }
+    }
+}
+
+fn wake(users: &Waiters, to_wake: &[OwnedUserId]) {
+    let mut users = users.lock().unwrap_or_else(|e| e.into_inner());
+    for user in to_wake {
+        if let Some(sender) = users.get(user) {
+            if sender.receiver_count() == 0 {
+                users.remove(user);
+            } else {
+                sender.send_modify(|n| *n += 1);
+            }
+        }
+    }
 }
 
 impl Notifier for LocalNotifier {
@@ -31,15 +66,18 @@ impl Notifier for LocalNotifier {
     }
 
     fn notify_users(&self, to_wake: &[OwnedUserId]) {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        for user in to_wake {
-            if let Some(sender) = users.get(user) {
-                if sender.receiver_count() == 0 {
-                    users.remove(user);
-                } else {
-                    sender.send_modify(|n| *n += 1);
-                }
+        // The write behind this wake-up has finished, so it is at or below `finished`.
+        let finished = self.stream.finished();
+        let runtime = tokio::runtime::Handle::try_current();
+        match runtime {
+            Ok(runtime) if self.stream.mark() < finished => {
+                let (users, stream, to_wake) = (Arc::clone(&self.users), self.stream.clone(), to_wake.to_vec());
+                runtime.spawn(async move {
+                    stream.reached(finished).await;
+                    wake(&users, &to_wake);
+                });
             }
+            _ => wake(&self.users, to_wake),
         }
     }
 }
@@ -99,7 +137,7 @@ mod tests {
 
     #[tokio::test]
     async fn wakes_only_the_named_users() {
-        let notifier = LocalNotifier::default();
+        let notifier = LocalNotifier::new(StreamWatch::default());
         let alice: OwnedUserId = "@alice:x".try_into().unwrap();
         let bob: OwnedUserId = "@bob:x".try_into().unwrap();
         let mut a = notifier.subscribe(&alice);
