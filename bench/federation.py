@@ -141,7 +141,7 @@ class Bench:
                 b.start()
                 built = rooms[ka]
                 extra = ["--join-room", built["room_id"], "--join-room-member", built["creator"],
-                         "--join-via", built["via"]]
+                         "--join-via", built["via"], "--join-last-message", built["last_message"]]
                 r = self.load(a_of[ka], b, "federation-join", f"join-{ka}-{kb}-{run}", extra)
                 for res in r["results"]:
                     self.results.append({"pair": (ka, kb), "scenario": "join", "run": run, "load": r["load"], **res})
@@ -186,20 +186,23 @@ def table(results: list[dict], info: dict, args) -> str:
     builds = {r["pair"][0]: r for r in results if r["scenario"] == "build"}
     lines += ["", f"### Joining a room of {args.members:,} members and {args.events:,} events over federation", "",
               "| A → B (room on A, joined from a fresh B) | join returns ms | room in B's /sync ms | "
-              "50 latest events on B ms | state events in that sync | members seen on B | CPU s A / B | load averages |",
-              "|---|---|---|---|---|---|---|---|"]
+              "50 latest events on B ms | state events in that sync | members seen on B | newest message on B "
+              "| CPU s A / B | load averages |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for ka, kb in args.pairs:
         rs = [r for r in results if r["scenario"] == "join" and r["pair"] == (ka, kb) and "error" not in r]
         errs = [r for r in results if r["scenario"] == "join" and r["pair"] == (ka, kb) and "error" in r]
         if not rs:
-            lines.append(f"| {NAME[ka]} → {NAME[kb]} | failed: {errs[0]['error'][:80] if errs else 'no run'} |||||||")
+            lines.append(f"| {NAME[ka]} → {NAME[kb]} | failed: {errs[0]['error'][:80] if errs else 'no run'} ||||||||")
             continue
         cpu = f"{spread([r.get('server_cpu_s') for r in rs], 's')} / {spread([r.get('remote_server_cpu_s') for r in rs], 's')}"
         members = "/".join(str(r["joined_members_on_b"]) for r in rs)
         state = "/".join(str(r["sync_state_events"]) for r in rs)
+        newest = f"{sum(1 for r in rs if r.get('last_message_seen'))}/{len(rs)} runs"
         lines.append(
             f"| {NAME[ka]} → {NAME[kb]} | {spread([r['join_ms'] for r in rs])} | {spread([r['sync_seen_ms'] for r in rs])} | "
-            f"{spread([r['messages_50_ms'] for r in rs])} | {state} | {members} | {cpu} | {'; '.join(r['load'] for r in rs)} |"
+            f"{spread([r['messages_50_ms'] for r in rs])} | {state} | {members} | {newest} | {cpu} | "
+            f"{'; '.join(r['load'] for r in rs)} |"
             + (f" ({len(errs)} failed)" if errs else ""))
     lines += ["", "Building the room on A (once per A, before the joins):", ""]
     for ka, r in builds.items():

@@ -9,7 +9,7 @@
 //!   within the drain time is counted as lost. It is the `fanout` measurement
 //!   (`scenario_fanout`) with senders and receivers on different servers.
 //! - `federation-join`: a room on A with many members (users of A, registered and joined
-//!   in parallel) and many events (messages and a few topic changes), or an existing one
+//!   in parallel) and many events (notices and a few topic changes), or an existing one
 //!   (`--join-room`); then a fresh user of B joins it through A (`via`). Timed: until the
 //!   join returns, until the room is in B's `/sync`, and until `/messages` on B has given
 //!   the 50 latest events (B fetches them from A: backfill).
@@ -47,8 +47,9 @@ pub(crate) struct FedArgs {
     /// federation-fanout: seconds of sending at each rate.
     #[arg(long, default_value_t = 30)]
     fed_fanout_seconds: u64,
-    /// federation-fanout: seconds to wait for late deliveries after the last send.
-    #[arg(long, default_value_t = 15)]
+    /// federation-fanout: most seconds to wait for late deliveries after the last send
+    /// (the wait ends as soon as every message has been seen).
+    #[arg(long, default_value_t = 60)]
     fed_fanout_drain_seconds: u64,
     /// federation-fanout: number of rooms.
     #[arg(long, default_value_t = 10)]
@@ -70,6 +71,12 @@ pub(crate) struct FedArgs {
     /// federation-join: how many of those events are topic changes (state), spread evenly.
     #[arg(long, default_value_t = 20)]
     join_state_changes: usize,
+    /// federation-join: the msgtype of those messages. `m.notice` by default: the default
+    /// push rules notify nobody of notices, so no server writes a push action per member
+    /// for each of them (with `m.text` a message in a room of 1,000 members costs both
+    /// servers 1,000 of them, and building the room takes many minutes).
+    #[arg(long, default_value = "m.notice")]
+    join_msgtype: String,
     /// federation-join: concurrent registrations, joins and sends while building the room.
     #[arg(long, default_value_t = 8)]
     join_build_concurrency: usize,
@@ -84,6 +91,10 @@ pub(crate) struct FedArgs {
     /// `creator` figure of the build), to confirm on A that B's user has left.
     #[arg(long)]
     join_room_member: Option<String>,
+    /// federation-join: with `--join-room`, the body of the room's newest message (the
+    /// `last_message` figure of the build), which B must show among the latest events.
+    #[arg(long)]
+    join_last_message: Option<String>,
     /// federation-join: the server to join through (default: A's server name, from the
     /// user ids A hands out).
     #[arg(long)]
@@ -309,9 +320,9 @@ async fn build_room(api: &Api, a: &Args, run: &str, out: &mut Outcome) -> Res<Bu
     let n = f.join_events;
     let stride = n.checked_div(f.join_state_changes).map_or(usize::MAX, |s| s.max(1));
     let tag = format!("{run}-j");
-    let (u3, r3, a3, tag3) = (users.clone(), room_c.clone(), api_c.clone(), tag.clone());
+    let (u3, r3, a3, tag3, m3) = (users.clone(), room_c.clone(), api_c.clone(), tag.clone(), f.join_msgtype.clone());
     parallel(n, conc, move |i| {
-        let (users, room, api, tag) = (u3.clone(), r3.clone(), a3.clone(), tag3.clone());
+        let (users, room, api, tag, msgtype) = (u3.clone(), r3.clone(), a3.clone(), tag3.clone(), m3.clone());
         async move {
             if i % stride == stride - 1 {
                 let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic", enc(&room));
@@ -319,8 +330,14 @@ async fn build_room(api: &Api, a: &Args, run: &str, out: &mut Outcome) -> Res<Bu
                 api.ok(reqwest::Method::PUT, &path, Some(&users[0].token), Some(&topic)).await.map(|_| ())
             } else {
                 let u = &users[i % users.len()];
-                let body = format!("history message {i}: lorem ipsum dolor sit amet");
-                api.send(u, &room, &format!("{tag}{i}"), &body).await.map(|_| ())
+                let path = format!(
+                    "/_matrix/client/v3/rooms/{}/send/m.room.message/{}",
+                    enc(&room),
+                    enc(&format!("{tag}{i}"))
+                );
+                let content =
+                    json!({"msgtype": msgtype, "body": format!("history message {i}: lorem ipsum dolor sit amet")});
+                api.ok(reqwest::Method::PUT, &path, Some(&u.token), Some(&content)).await.map(|_| ())
             }
         }
     })
@@ -337,6 +354,7 @@ async fn build_room(api: &Api, a: &Args, run: &str, out: &mut Outcome) -> Res<Bu
     out.put("build_events", n + 1);
     out.put("build_topic_changes", if stride == usize::MAX { 0 } else { n / stride });
     out.put("creator", creator.user_id.trim_start_matches('@').split(':').next().unwrap_or_default());
+    out.put("last_message", marker.clone());
     Ok(BuiltRoom { room, via: server_of(&creator)?, marker: Some(marker), member: Some(creator) })
 }
 
@@ -364,7 +382,7 @@ async fn scenario_join(
                 (None, Some(m)) => server_of(m)?,
                 (None, None) => server_of(&a_api.register(&format!("{run}jx")).await?)?,
             };
-            BuiltRoom { room: room.clone(), via, marker: None, member }
+            BuiltRoom { room: room.clone(), via, marker: f.join_last_message.clone(), member }
         }
     };
     let room = built.room.clone();
