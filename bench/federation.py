@@ -30,8 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "federation-tests"))
-# Quiet servers: debug logging would be measured too.
-os.environ.setdefault("FEDTEST_CONVO_LOG", "warn")
+# Quiet servers: debug logging would be measured too. Convo logs how long each step of
+# a remote join took (joiner, info) and of a send_join answer (resident, debug).
+os.environ.setdefault("FEDTEST_CONVO_LOG", "warn,convo::service::federation::membership=debug")
 os.environ.setdefault("FEDTEST_SYNAPSE_LOG", "WARNING")
 
 import harness  # noqa: E402  (after the environment above: the harness reads it)
