@@ -1,7 +1,6 @@
 //! `convo-load`: a small load generator for any Matrix homeserver (Convo, Synapse, ...).
 //!
-//! It registers fresh users with open registration (UIA `m.login.dummy`), then runs
-//! bounded scenarios against the client-server API and prints a table (and, with
+//! It registers fresh users, then runs bounded scenarios against the client-server API and prints a table (and, with
 //! `--json FILE`, the same figures as JSON):
 //!
 //! - `sends`: N users in one room (or `--sends-rooms` rooms), C concurrent senders, a
@@ -16,6 +15,13 @@
 //! - `initial-sync`: one user in R rooms of M messages; time of a full initial `/sync`
 //!   (several repetitions, median).
 //! - `messages`: pages of 50 backwards over a room with many messages; pages per second.
+//! - `federation-fanout` and `federation-join` (`federation.rs`): two homeservers
+//!   (`--base-url` is A, `--remote-url` is B) federating; send-to-remote-sync latency,
+//!   and the time for a user of B to join a large room of A.
+//!
+//! Users are registered with open registration (UIA `m.login.dummy`), or, given
+//! `--registration-shared-secret` (`--remote-registration-shared-secret` for B), with
+//! Synapse's shared-secret admin registration.
 //!
 //! With `--server-pid PID` each scenario also reports the server's CPU time
 //! (utime+stime from /proc/PID/stat, before/after the measured phase), its peak RSS
@@ -37,6 +43,9 @@ use std::{
 use clap::Parser;
 use serde_json::{Value, json};
 
+#[path = "convo-load/federation.rs"]
+mod federation;
+
 const PASSWORD: &str = "Correct-Horse-42";
 
 #[derive(Parser, Debug, Clone)]
@@ -51,9 +60,14 @@ struct Args {
     /// A label for the report (e.g. "convo" or "synapse").
     #[arg(long, default_value = "server")]
     label: String,
-    /// Scenarios to run, comma separated: sends, fanout, initial-sync, messages.
+    /// Scenarios to run, comma separated: sends, fanout, initial-sync, messages,
+    /// federation-fanout, federation-join (the last two need `--remote-url`).
     #[arg(long, value_delimiter = ',', default_value = "sends,fanout,initial-sync,messages")]
     scenarios: Vec<String>,
+    /// Synapse's `registration_shared_secret` of the server at `--base-url`: register
+    /// through `/_synapse/admin/v1/register` instead of open registration.
+    #[arg(long)]
+    registration_shared_secret: Option<String>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<String>,
@@ -125,13 +139,15 @@ struct Args {
     /// messages: concurrent paginating clients.
     #[arg(long, default_value_t = 1)]
     messages_concurrency: usize,
+
+    #[command(flatten)]
+    fed: federation::FedArgs,
 }
 
 type Res<T> = Result<T, String>;
 
 #[derive(Clone, Debug)]
 struct User {
-    #[allow(dead_code)] // kept for debugging output
     user_id: String,
     token: String,
 }
@@ -140,6 +156,8 @@ struct User {
 struct Api {
     http: reqwest::Client,
     base: String,
+    /// Synapse's registration shared secret, when registration goes through its admin API.
+    shared_secret: Option<String>,
 }
 
 fn enc(s: &str) -> String {
@@ -200,6 +218,9 @@ impl Api {
     }
 
     async fn register(&self, username: &str) -> Res<User> {
+        if let Some(secret) = &self.shared_secret {
+            return self.register_with_shared_secret(username, secret).await;
+        }
         let mut body = json!({
             "username": username,
             "password": PASSWORD,
@@ -219,6 +240,23 @@ impl Api {
             }
             _ => return Err(format!("register {username}: HTTP {status}: {v}")),
         };
+        let token = v["access_token"].as_str().ok_or_else(|| format!("register {username}: no access_token: {v}"))?;
+        let user_id = v["user_id"].as_str().ok_or_else(|| format!("register {username}: no user_id"))?;
+        Ok(User { user_id: user_id.to_owned(), token: token.to_owned() })
+    }
+
+    /// Synapse's shared-secret registration: a nonce, then the user with an HMAC-SHA1
+    /// over `nonce NUL username NUL password NUL notadmin`.
+    async fn register_with_shared_secret(&self, username: &str, secret: &str) -> Res<User> {
+        use hmac::{Hmac, KeyInit, Mac};
+        let path = "/_synapse/admin/v1/register";
+        let v = self.ok(reqwest::Method::GET, path, None, None).await?;
+        let nonce = v["nonce"].as_str().ok_or_else(|| format!("register {username}: no nonce: {v}"))?;
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).map_err(|e| e.to_string())?;
+        mac.update(format!("{nonce}\0{username}\0{PASSWORD}\0notadmin").as_bytes());
+        let digest: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        let body = json!({"nonce": nonce, "username": username, "password": PASSWORD, "admin": false, "mac": digest});
+        let v = self.ok(reqwest::Method::POST, path, None, Some(&body)).await?;
         let token = v["access_token"].as_str().ok_or_else(|| format!("register {username}: no access_token: {v}"))?;
         let user_id = v["user_id"].as_str().ok_or_else(|| format!("register {username}: no user_id"))?;
         Ok(User { user_id: user_id.to_owned(), token: token.to_owned() })
@@ -403,6 +441,8 @@ struct Meter {
     machine0: Option<(f64, f64)>,
     t0: Instant,
     rss0_mb: Option<f64>,
+    /// The second server of a federation scenario, and its CPU time at the start.
+    remote: Option<(u32, f64)>,
 }
 
 struct Measured {
@@ -418,6 +458,8 @@ struct Measured {
     tool_cpu_s: Option<f64>,
     /// CPU seconds used on the machine by everything else (not server, not tool).
     other_cpu_s: Option<f64>,
+    /// CPU seconds of the second server (federation scenarios), not in `other_cpu_s`.
+    remote_cpu_s: Option<f64>,
 }
 
 impl Meter {
@@ -434,7 +476,13 @@ impl Meter {
             machine0: machine_jiffies(),
             t0: Instant::now(),
             rss0_mb: rss0.map(|k| k as f64 / 1024.0),
+            remote: None,
         }
+    }
+    /// Also measures the CPU time of a second server (B of a federation scenario).
+    fn with_remote(mut self, pid: Option<u32>) -> Meter {
+        self.remote = pid.and_then(|p| Some((p, proc_cpu(p, self.tck)?)));
+        self
     }
     fn stop(&self) -> Measured {
         let wall_s = self.t0.elapsed().as_secs_f64();
@@ -446,8 +494,11 @@ impl Meter {
             (Some(b), Some(a)) => Some(b - a),
             _ => None,
         };
+        let remote_cpu_s = self.remote.and_then(|(p, c0)| Some(proc_cpu(p, self.tck)? - c0));
         let other_cpu_s = match (machine_jiffies(), self.machine0, cpu_s, tool_cpu_s) {
-            (Some((b, _)), Some((a, _)), Some(c), Some(t)) => Some(((b - a) / self.tck - c - t).max(0.0)),
+            (Some((b, _)), Some((a, _)), Some(c), Some(t)) => {
+                Some(((b - a) / self.tck - c - t - remote_cpu_s.unwrap_or(0.0)).max(0.0))
+            }
             _ => None,
         };
         let rss_mb = self.pid.and_then(|p| proc_status_kb(p, "VmRSS:")).map(|k| k as f64 / 1024.0);
@@ -456,7 +507,17 @@ impl Meter {
             (Some(_), Some(s)) => Some(s.peak_mb().max(rss_mb.unwrap_or(0.0))),
             _ => None,
         };
-        Measured { rss_start_mb: self.rss0_mb, wall_s, cpu_s, peak_rss_mb, hwm_mb, rss_mb, tool_cpu_s, other_cpu_s }
+        Measured {
+            rss_start_mb: self.rss0_mb,
+            wall_s,
+            cpu_s,
+            peak_rss_mb,
+            hwm_mb,
+            rss_mb,
+            tool_cpu_s,
+            other_cpu_s,
+            remote_cpu_s,
+        }
     }
 }
 
@@ -492,6 +553,9 @@ impl Outcome {
             m.insert("server_rss_start_mb".into(), json!(x.rss_start_mb));
             m.insert("tool_cpu_s".into(), json!(x.tool_cpu_s));
             m.insert("other_cpu_s".into(), json!(x.other_cpu_s));
+            if x.remote_cpu_s.is_some() {
+                m.insert("remote_server_cpu_s".into(), json!(x.remote_cpu_s));
+            }
         }
         if let Some(e) = &self.error {
             m.insert("error".into(), json!(e));
@@ -605,39 +669,75 @@ fn timeline_bodies(v: &Value) -> Vec<String> {
     out
 }
 
+/// A fan-out set-up: rooms, the users in them (each with the API of its own server),
+/// and for each room who sends into it and who long-polls for it. On one server every
+/// member does both; across federation users of A send and users of B receive.
 struct Fanout {
-    users: Vec<User>,
+    users: Vec<(Api, User)>,
     rooms: Vec<String>,
-    room_size: usize,
+    /// Per room, indices into `users`.
+    senders: Vec<Vec<usize>>,
+    receivers: Vec<Vec<usize>>,
 }
 
 async fn fanout_setup(api: &Api, a: &Args, run: &str) -> Res<Fanout> {
     let n = a.fanout_rooms * a.fanout_room_size;
     let users = api.register_many(&format!("{run}f"), n, a.register_concurrency).await?;
     let mut rooms = Vec::new();
+    let mut members = Vec::new();
     for r in 0..a.fanout_rooms {
-        let members = &users[r * a.fanout_room_size..(r + 1) * a.fanout_room_size];
-        let room = api.create_room(&members[0], &format!("fanout {r}")).await?;
-        for u in &members[1..] {
-            api.join(u, &room).await?;
+        let idx: Vec<usize> = (r * a.fanout_room_size..(r + 1) * a.fanout_room_size).collect();
+        let room = api.create_room(&users[idx[0]], &format!("fanout {r}")).await?;
+        for &u in &idx[1..] {
+            api.join(&users[u], &room).await?;
         }
         rooms.push(room);
+        members.push(idx);
     }
-    Ok(Fanout { users, rooms, room_size: a.fanout_room_size })
+    Ok(Fanout {
+        users: users.into_iter().map(|u| (api.clone(), u)).collect(),
+        rooms,
+        senders: members.clone(),
+        receivers: members,
+    })
 }
 
-async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, tck: f64) -> Res<Outcome> {
-    let mut out = Outcome::new(&format!("fanout@{rate}/s"));
-    let filter = json!({"room": {"timeline": {"limit": a.fanout_timeline_limit}}}).to_string();
+/// One measured fan-out phase: `rate` messages per second for `seconds`, then up to
+/// `drain_seconds` for the last deliveries.
+struct FanoutPhase {
+    name: String,
+    rate: f64,
+    seconds: u64,
+    drain_seconds: u64,
+    timeline_limit: u32,
+}
+
+async fn scenario_fanout(
+    f: &Fanout,
+    p: &FanoutPhase,
+    pids: (Option<u32>, Option<u32>),
+    run: &str,
+    tck: f64,
+) -> Res<Outcome> {
+    let rate = p.rate;
+    let mut out = Outcome::new(&p.name);
+    let filter = json!({"room": {"timeline": {"limit": p.timeline_limit}}}).to_string();
     // `run` is unique per rate in the list (a repeated rate must not reuse txn ids).
     let tag = format!("{run}-r{rate}:");
-    // Initial sync of every user, for its next_batch.
+    // Every user that long-polls, once.
+    let mut listeners: Vec<usize> = f.receivers.iter().flatten().copied().collect();
+    listeners.sort_unstable();
+    listeners.dedup();
+    // Initial sync of every listener, for its next_batch.
     let mut since = Vec::new();
-    for u in &f.users {
+    for &ui in &listeners {
+        let (api, u) = &f.users[ui];
         let v = api.sync(u, None, 0, Some(&filter)).await?;
         since.push(v["next_batch"].as_str().ok_or("sync: no next_batch")?.to_owned());
     }
-    let sent_at: Arc<Mutex<HashMap<u64, (Instant, usize)>>> = Arc::new(Mutex::new(HashMap::new()));
+    // Message number -> (send start, sender, room).
+    type SentAt = HashMap<u64, (Instant, usize, usize)>;
+    let sent_at: Arc<Mutex<SentAt>> = Arc::new(Mutex::new(HashMap::new()));
     let received: Arc<Mutex<Vec<(usize, u64, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let syncs = Arc::new(AtomicU64::new(0));
@@ -645,9 +745,9 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     let limited = Arc::new(AtomicU64::new(0));
     let presence = Arc::new(AtomicU64::new(0));
     let mut loops = Vec::new();
-    for (ui, (u, s)) in f.users.iter().cloned().zip(since).enumerate() {
-        let (api, filter, tag, received, stop, syncs, sync_errors, limited, presence) = (
-            api.clone(),
+    for (&ui, s) in listeners.iter().zip(since) {
+        let (api, u) = f.users[ui].clone();
+        let (filter, tag, received, stop, syncs, sync_errors, limited, presence) = (
             filter.clone(),
             tag.clone(),
             received.clone(),
@@ -705,33 +805,28 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     limited.store(0, Ordering::Relaxed);
     presence.store(0, Ordering::Relaxed);
 
-    let total = (rate * a.fanout_seconds as f64).round() as u64;
+    let total = (rate * p.seconds as f64).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / rate);
     let send_errors = Arc::new(AtomicUsize::new(0));
     let send_lat: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
     let acked: Arc<Mutex<HashSet<u64>>> = Arc::new(Mutex::new(HashSet::new()));
-    let meter = Meter::start(a.server_pid, tck);
+    let meter = Meter::start(pids.0, tck).with_remote(pids.1);
     let t0 = tokio::time::Instant::now();
     let phase_start = Instant::now();
     let mut senders = Vec::new();
     for i in 0..total {
         tokio::time::sleep_until(t0 + interval * i as u32).await;
         let r = (i as usize) % f.rooms.len();
-        let si = r * f.room_size + (i as usize / f.rooms.len()) % f.room_size;
-        let (api, u, room, sent_at, send_errors, send_lat, acked) = (
-            api.clone(),
-            f.users[si].clone(),
-            f.rooms[r].clone(),
-            sent_at.clone(),
-            send_errors.clone(),
-            send_lat.clone(),
-            acked.clone(),
-        );
+        let in_room = &f.senders[r];
+        let si = in_room[(i as usize / f.rooms.len()) % in_room.len()];
+        let (api, u) = f.users[si].clone();
+        let (room, sent_at, send_errors, send_lat, acked) =
+            (f.rooms[r].clone(), sent_at.clone(), send_errors.clone(), send_lat.clone(), acked.clone());
         let body = format!("{tag}{i} fan-out message");
         let txn = format!("{tag}{i}");
         senders.push(tokio::spawn(async move {
             let t = Instant::now();
-            sent_at.lock().unwrap().insert(i, (t, si));
+            sent_at.lock().unwrap().insert(i, (t, si, r));
             match api.send(&u, &room, &txn, &body).await {
                 Ok(_) => {
                     send_lat.lock().unwrap().push(ms(t.elapsed()));
@@ -756,18 +851,24 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
         }
     }
     let send_wait = t0.elapsed().as_secs_f64() - send_phase;
-    // Only acknowledged sends are expected to be delivered.
+    // Only acknowledged sends are expected to be delivered, to each receiver of the
+    // room but the sender.
     sent_at.lock().unwrap().retain(|i, _| acked.lock().unwrap().contains(i));
     let sent_ok = sent_at.lock().unwrap().len() as u64;
-    let expected = sent_ok * (f.room_size as u64 - 1);
+    let expected: u64 = sent_at
+        .lock()
+        .unwrap()
+        .values()
+        .map(|&(_, si, r)| f.receivers[r].iter().filter(|&&u| u != si).count() as u64)
+        .sum();
     // Wait (bounded) for the last deliveries.
-    let drain_deadline = Instant::now() + Duration::from_secs(a.fanout_drain_seconds);
+    let drain_deadline = Instant::now() + Duration::from_secs(p.drain_seconds);
     loop {
         let delivered = {
             let sa = sent_at.lock().unwrap();
             let rec = received.lock().unwrap();
             rec.iter()
-                .filter(|(u, s, _)| sa.get(s).is_some_and(|(_, si)| si != u))
+                .filter(|(u, s, _)| sa.get(s).is_some_and(|(_, si, _)| si != u))
                 .map(|(u, s, _)| (*u, *s))
                 .collect::<HashSet<_>>()
                 .len() as u64
@@ -792,7 +893,7 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     // When (seconds into the phase) the messages were sent whose delivery took > 50 ms.
     let mut slow: Vec<f64> = Vec::new();
     for (u, s, at) in rec {
-        let Some((t, si)) = sa.get(&s) else { continue };
+        let Some((t, si, _)) = sa.get(&s) else { continue };
         if *si == u {
             continue;
         }
@@ -808,6 +909,18 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     }
     let lat = sorted(lat);
     let slat = sorted(send_lat.lock().unwrap().clone());
+    // The lost deliveries, by message: "message(room): receivers that never saw it".
+    let mut lost_detail = Vec::new();
+    let mut seqs: Vec<&u64> = sa.keys().collect();
+    seqs.sort_unstable();
+    for s in seqs {
+        let (_, si, r) = sa[s];
+        let missing: Vec<String> =
+            f.receivers[r].iter().filter(|&&u| u != si && !seen.contains(&(u, *s))).map(|u| u.to_string()).collect();
+        if !missing.is_empty() {
+            lost_detail.push(format!("{s}(room {r}): {}", missing.join(",")));
+        }
+    }
     out.put("rate_per_s", rate);
     out.put("send_phase_s", r2(send_phase));
     out.put("sent_ok", sent_ok);
@@ -817,8 +930,16 @@ async fn scenario_fanout(api: &Api, a: &Args, f: &Fanout, run: &str, rate: f64, 
     out.put("expected", expected);
     out.put("delivered", lat.len());
     out.put("delivered_pct", r2(100.0 * lat.len() as f64 / expected.max(1) as f64));
+    // (message, receiver) pairs never seen in a timeline within the drain time.
+    out.put("lost", expected.saturating_sub(lat.len() as u64));
+    if !lost_detail.is_empty() {
+        out.put("lost_messages", lost_detail.len());
+        let shown: Vec<String> = lost_detail.into_iter().take(20).collect();
+        out.put("lost_first_20", shown.join("; "));
+    }
     out.put("duplicates", duplicates);
     out.put("delivery_p50_ms", r2(pct(&lat, 50.0)));
+    out.put("delivery_p90_ms", r2(pct(&lat, 90.0)));
     out.put("delivery_p99_ms", r2(pct(&lat, 99.0)));
     out.put("delivery_max_ms", r2(pct(&lat, 100.0)));
     out.put("deliveries_over_50ms", slow.len());
@@ -1009,6 +1130,9 @@ fn print_table(label: &str, base: &str, outs: &[Outcome]) {
             rows.push(("server_rss_mb (end)".into(), m.rss_mb.map_or("-".into(), |c| format!("{c:.1}"))));
             rows.push(("load_tool_cpu_s".into(), m.tool_cpu_s.map_or("-".into(), |c| format!("{c:.2}"))));
             rows.push(("other_processes_cpu_s".into(), m.other_cpu_s.map_or("-".into(), |c| format!("{c:.2}"))));
+            if let Some(c) = m.remote_cpu_s {
+                rows.push(("remote_server_cpu_s".into(), format!("{c:.2}")));
+            }
         }
         if let Some(e) = &o.error {
             rows.push(("ERROR".into(), e.clone()));
@@ -1048,7 +1172,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let api = Api { http, base: a.base_url.trim_end_matches('/').to_owned() };
+    let api = Api {
+        http: http.clone(),
+        base: a.base_url.trim_end_matches('/').to_owned(),
+        shared_secret: a.registration_shared_secret.clone(),
+    };
     match api.call(reqwest::Method::GET, "/_matrix/client/versions", None, None).await {
         Ok((200, _)) => {}
         other => {
@@ -1072,15 +1200,18 @@ async fn main() -> std::process::ExitCode {
                 match setup {
                     Ok(Ok(f)) => {
                         for (k, &rate) in a.fanout_rates.iter().enumerate() {
-                            let name = format!("fanout@{rate}/s");
+                            let phase = FanoutPhase {
+                                name: format!("fanout@{rate}/s"),
+                                rate,
+                                seconds: a.fanout_seconds,
+                                drain_seconds: a.fanout_drain_seconds,
+                                timeline_limit: a.fanout_timeline_limit,
+                            };
                             let secs = a.fanout_seconds + a.fanout_drain_seconds + 180;
+                            let pids = (a.server_pid, None);
+                            let run = format!("{run}x{k}");
                             outs.push(
-                                with_deadline(
-                                    &name,
-                                    secs,
-                                    scenario_fanout(&api, &a, &f, &format!("{run}x{k}"), rate, tck),
-                                )
-                                .await,
+                                with_deadline(&phase.name, secs, scenario_fanout(&f, &phase, pids, &run, tck)).await,
                             );
                         }
                     }
@@ -1094,7 +1225,12 @@ async fn main() -> std::process::ExitCode {
             "messages" => {
                 outs.push(with_deadline("messages", a.scenario_timeout, scenario_messages(&api, &a, &run, tck)).await)
             }
-            other => eprintln!("unknown scenario {other:?} (sends, fanout, initial-sync, messages)"),
+            "federation-fanout" | "federation-join" => {
+                outs.extend(federation::run(s, &api, &http, &a, &run, tck).await)
+            }
+            other => eprintln!(
+                "unknown scenario {other:?} (sends, fanout, initial-sync, messages, federation-fanout, federation-join)"
+            ),
         }
     }
     print_table(&a.label, &api.base, &outs);
@@ -1103,6 +1239,8 @@ async fn main() -> std::process::ExitCode {
             "label": a.label,
             "base_url": api.base,
             "server_pid": a.server_pid,
+            "remote_url": a.fed.remote_url,
+            "remote_server_pid": a.fed.remote_server_pid,
             "results": outs.iter().map(Outcome::to_json).collect::<Vec<_>>(),
         });
         if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default()) {

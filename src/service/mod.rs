@@ -80,6 +80,9 @@ pub struct Services {
     /// `/sync` requests waiting on the notifier (tests wait on it).
     pub waiting_syncs: WaitingSyncs,
     pub room_locks: RoomLocks,
+    /// Held while a local user joins a room through another server, so that a second
+    /// local user waits and then joins here instead of running a second send_join.
+    pub remote_joins: RoomLocks,
     /// Each room's forward extremities and state group, kept under the room lock.
     pub room_heads: rooms::append::RoomHeads,
     pub member_cache: MemberCache,
@@ -124,6 +127,7 @@ impl Services {
             notifier,
             waiting_syncs: Default::default(),
             room_locks: RoomLocks::default(),
+            remote_joins: RoomLocks::default(),
             room_heads: Default::default(),
             member_cache: MemberCache::default(),
             typing: Typing::default(),

@@ -406,7 +406,9 @@ macro_rules! insert_event {
             }
             if let (Some(group), Some(state_key)) = (after.filter(|_| e.state_key.is_some()), e.state_key) {
                 // The new group is a delta on the group before, or every so often (and for
-                // the first) a full snapshot copied from it.
+                // the first) a full snapshot copied from it: the newest entry of each key
+                // along the chain (a window, not a correlated NOT EXISTS, which SQLite ran
+                // as a scan of every group's entries per entry copied).
                 let (snapshot,): (bool,) = sqlx::query_as(
                     "INSERT INTO state_groups (group_id, room_id, prev_group, is_snapshot, chain_length)
                      SELECT $1, $2, $3, COALESCE(p.chain_length + 1 >= $4, TRUE),
@@ -430,12 +432,12 @@ macro_rules! insert_event {
                              FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
                          )
                          INSERT INTO state_group_entries (group_id, event_type, state_key, event_id)
-                         SELECT $1, s.event_type, s.state_key, s.event_id
-                         FROM state_group_entries s JOIN chain c ON s.group_id = c.group_id
-                         WHERE NOT (s.event_type = $3 AND s.state_key = $4)
-                           AND NOT EXISTS (
-                               SELECT 1 FROM state_group_entries s2 JOIN chain c2 ON s2.group_id = c2.group_id
-                               WHERE s2.event_type = s.event_type AND s2.state_key = s.state_key AND c2.n < c.n)",
+                         SELECT $1, event_type, state_key, event_id FROM (
+                             SELECT s.event_type, s.state_key, s.event_id, ROW_NUMBER() OVER (
+                                 PARTITION BY s.event_type, s.state_key ORDER BY c.n) AS newest
+                             FROM chain c JOIN state_group_entries s ON s.group_id = c.group_id
+                         ) ranked
+                         WHERE newest = 1 AND NOT (event_type = $3 AND state_key = $4)",
                     )
                     .bind(group)
                     .bind(before)

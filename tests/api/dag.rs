@@ -982,4 +982,46 @@ backend_tests!(
     parallel_pdus_and_local_sends_keep_the_head_true,
     backfilled_history_follows_the_visibility_in_its_state,
     joining_a_remote_room,
+    a_state_snapshot_costs_the_rooms_state_not_the_servers,
 );
+
+/// Every 64th state event of a room starts a new full copy of the room's state (a
+/// snapshot group) from the chain of deltas before it. That copy must cost the size of
+/// the room's state, not of every state entry on the server: it runs in the writer's
+/// transaction. (It used to be a correlated `NOT EXISTS` that SQLite planned as a scan of
+/// all of `state_group_entries` for each entry copied: over a second in a room of 600
+/// members, growing with the server's history.)
+async fn a_state_snapshot_costs_the_rooms_state_not_the_servers(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let services = server.running.as_ref().unwrap().services.clone();
+    // Other rooms' state on the server: 60,000 entries.
+    for g in 0..12 {
+        let entries: Vec<(String, String, String)> = (0..5000)
+            .map(|i| ("m.room.member".to_owned(), format!("@u{i}:elsewhere.test"), format!("$g{g}e{i}")))
+            .collect();
+        services.store.insert_state_group(&format!("!other{g}:elsewhere.test"), &entries).await.unwrap();
+    }
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    // 320 state events of distinct keys: the room's state grows to 325 entries, and a
+    // snapshot is made every 64 of them.
+    let mut slowest = std::time::Duration::ZERO;
+    for i in 0..320 {
+        let t = std::time::Instant::now();
+        let path = format!("/_matrix/client/v3/rooms/{room}/state/org.example.setting/key{i}");
+        let (status, body) = server.put(&path, Some(&alice), json!({"value": i})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(slowest < std::time::Duration::from_secs(2), "the slowest state event took {slowest:?}");
+    // The room's newest group, snapshot or delta, holds the whole state.
+    let head = services.store.get_room_head(&room).await.unwrap();
+    let state = services.store.get_state_group(head[0].2, None, None).await.unwrap();
+    assert_eq!(state.iter().filter(|(t, _, _)| t == "org.example.setting").count(), 320);
+    let last = state.iter().find(|(t, k, _)| t == "org.example.setting" && k == "key319").map(|(_, _, id)| id.clone());
+    assert_eq!(last, Some(head[0].0.clone()), "{state:?}");
+    for kind in ["m.room.create", "m.room.power_levels", "m.room.join_rules", "m.room.history_visibility"] {
+        assert!(state.iter().any(|(t, _, _)| t == kind), "{kind} in {state:?}");
+    }
+    assert!(state.iter().any(|(t, k, _)| t == "m.room.member" && k.starts_with("@alice:")), "{state:?}");
+}

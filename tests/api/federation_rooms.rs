@@ -79,7 +79,65 @@ backend_tests!(
     bad_pdus_are_refused_and_the_room_is_unaffected,
     a_server_the_acl_denies_is_not_heard,
     conflicting_state_sent_at_once_resolves_the_same_everywhere,
+    users_joining_a_remote_room_at_once_all_get_its_messages,
 );
+
+/// Several users of B join a room of A at the same moment (B is not in the room yet).
+/// Each must end up joined on both servers with its join in B's history, and get the
+/// room's next message in `/sync`. (Two remote joins at once used to both go through
+/// send_join: the second answer's state carried the first join as an outlier, without a
+/// stream position, and that user's `/sync` never showed the room's new messages.)
+async fn users_joining_a_remote_room_at_once_all_get_its_messages(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let mut bobs = Vec::new();
+    for i in 0..4 {
+        bobs.push(b.register(&format!("bob{i}")).await);
+    }
+    let path = format!("/_matrix/client/v3/join/{room}?via={}", name(&a));
+    let joins = bobs.iter().map(|(_, token, _)| b.post(&path, Some(token), json!({})));
+    for (status, body) in futures_util::future::join_all(joins).await {
+        assert_eq!(status, StatusCode::OK, "join through A: {body}");
+    }
+    let members = format!("/_matrix/client/v3/rooms/{room}/joined_members");
+    let (_, on_b) = b.get(&members, Some(&bobs[0].1)).await;
+    for (bob, _, _) in &bobs {
+        assert!(on_b["joined"].get(bob).is_some(), "{bob} joined on B: {on_b}");
+    }
+    // A hears of the joins B made on its own through /send: wait for all four.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, on_a) = a.get(&members, Some(&alice_token)).await;
+        if bobs.iter().all(|(bob, _, _)| on_a["joined"].get(bob).is_some()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every bob joined on A within 20 s: {on_a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = a.send_text(&alice_token, &room, "hello all").await;
+    for (bob, token, _) in &bobs {
+        let seen = wait_for_message(&b, token, &room, "hello all").await;
+        assert!(seen.iter().any(|e| e["event_id"] == sent.as_str()), "{bob} got A's event id");
+        // Its own join is in the room's history on B, as the others see it.
+        let (status, body) =
+            b.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(token)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let joins: Vec<&Value> = body["chunk"]
+            .as_array()
+            .map(|c| c.iter().filter(|e| e["type"] == "m.room.member").collect())
+            .unwrap_or_default();
+        for (other, _, _) in &bobs {
+            assert!(
+                joins.iter().any(|e| e["state_key"] == other.as_str() && e["content"]["membership"] == "join"),
+                "{bob} sees {other}'s join in /messages on B: {body}"
+            );
+        }
+    }
+    a.stop().await;
+    b.stop().await;
+}
 
 /// Syncs until the user has an invite to `room`; answers its stripped state.
 async fn wait_for_invite(server: &TestServer, token: &str, room: &str) -> Vec<Value> {

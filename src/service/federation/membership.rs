@@ -181,7 +181,9 @@ impl Services {
         event_id: &ruma::EventId,
         pdu: &RawValue,
     ) -> Result<send_join::RoomState> {
+        let started = std::time::Instant::now();
         let signed = self.accept_membership(origin, room_id, event_id, pdu, "join").await?;
+        let accepted_ms = started.elapsed().as_millis() as u64;
         let stored =
             self.store.get_event(event_id.as_str()).await?.ok_or_else(|| Error::internal("the join vanished"))?;
         let group = self.state_group_before(&stored).await?.ok_or_else(|| Error::internal("no state before"))?;
@@ -205,6 +207,8 @@ impl Services {
             // A restricted join we vouched for: the joining server needs our signature.
             room_state.event = Some(to_raw(&signed)?);
         }
+        tracing::debug!(%room_id, %origin, state = room_state.state.len(), auth_chain = room_state.auth_chain.len(),
+            accept_ms = accepted_ms, total_ms = started.elapsed().as_millis() as u64, "answered a send_join");
         Ok(room_state)
     }
 
@@ -217,6 +221,7 @@ impl Services {
         via: &[OwnedServerName],
         reason: Option<String>,
     ) -> Result<OwnedEventId> {
+        let started = std::time::Instant::now();
         let (resident, template) = self
             .first_template(via, "join", || {
                 let mut request = make_join::Request::new(room_id.to_owned(), user.to_owned());
@@ -235,8 +240,11 @@ impl Services {
         let rules = rules_for(&version)?;
         let extra = self.own_membership_extra(user, reason).await?;
         let (event_id, mut event) = self.sign_template(&template.event, room_id, user, "join", &rules, extra)?;
+        let make_join_ms = started.elapsed().as_millis() as u64;
         let request = send_join::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
         let answer = self.send_federation_request(&resident, request).await?.room_state;
+        let send_join_ms = started.elapsed().as_millis() as u64 - make_join_ms;
+        let (state_len, chain_len) = (answer.state.len(), answer.auth_chain.len());
         if let Some(signed) = &answer.event {
             // A restricted join comes back signed by the resident too.
             let signed = parse_object(signed)?;
@@ -244,12 +252,17 @@ impl Services {
                 event = signed;
             }
         }
-        self.store_joined_state(room_id, &version, &rules, answer, event).await?;
+        let [outliers_ms, state_group_ms, join_event_ms] =
+            self.store_joined_state(room_id, &version, &rules, answer, event).await?;
+        tracing::info!(%room_id, %resident, state = state_len, auth_chain = chain_len, make_join_ms, send_join_ms,
+            outliers_ms, state_group_ms, join_event_ms, total_ms = started.elapsed().as_millis() as u64,
+            "joined a remote room");
         Ok(event_id)
     }
 
     /// Stores a `send_join` answer: the room, its state and auth chain as outliers (each
     /// checked), the state as a group, and our join on top of it as the room's head.
+    /// Answers how long each of the three took, in milliseconds.
     async fn store_joined_state(
         &self,
         room_id: &RoomId,
@@ -257,7 +270,9 @@ impl Services {
         rules: &RoomVersionRules,
         answer: send_join::RoomState,
         join: CanonicalJsonObject,
-    ) -> Result<()> {
+    ) -> Result<[u64; 3]> {
+        let started = std::time::Instant::now();
+        let lap = || started.elapsed().as_millis() as u64;
         if answer.state.len() + answer.auth_chain.len() > MAX_JOIN_EVENTS {
             return Err(Error::federation("The room's state is too large to join"));
         }
@@ -286,6 +301,7 @@ impl Services {
         self.ensure_remote_room(room_id, version, &creator).await?;
 
         let outcomes = self.handle_outliers(room_id, version, outliers).await?;
+        let outliers_ms = lap();
         let mut accepted: BTreeSet<OwnedEventId> = BTreeSet::new();
         for outcome in outcomes {
             match outcome {
@@ -316,6 +332,7 @@ impl Services {
             state.iter().map(|((t, k), id)| (t.clone(), k.clone(), id.clone())).collect();
         entries.sort();
         let group = self.store_state_group(room_id, &entries).await?;
+        let state_group_ms = lap() - outliers_ms;
 
         // Our join, checked against that state like any PDU, becomes the room's head.
         match self.handle_join_pdu(room_id, version, join, group).await? {
@@ -325,7 +342,7 @@ impl Services {
             }
             PduOutcome::SoftFailed { .. } => return Err(Error::forbidden("The room's state does not allow the join")),
         }
-        Ok(())
+        Ok([outliers_ms, state_group_ms, lap() - outliers_ms - state_group_ms])
     }
 }
 

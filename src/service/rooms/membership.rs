@@ -81,7 +81,8 @@ impl Services {
     }
 
     /// Joins `user` to a room: here when a local user is in it, else through another
-    /// server (`via`, the room id's server, the server of whoever invited the user).
+    /// server (`via`, the room id's server, the server of whoever invited the user), one
+    /// such join per room at a time.
     pub async fn join_room_via(
         &self,
         room_id: &RoomId,
@@ -89,6 +90,10 @@ impl Services {
         reason: Option<String>,
         via: &[ruma::OwnedServerName],
     ) -> Result<()> {
+        // One remote join per room at a time: a user who asks while another local user's
+        // join is under way waits for it, and then joins here. (Two send_joins at once
+        // would each set the room's state from their own answer.)
+        let _joining = self.remote_joins.lock(room_id).await;
         let known = self.room_version(room_id).await.is_ok();
         if known && !self.joined_local_members(room_id).await?.is_empty() {
             self.join_room(room_id, user, reason).await?;
