@@ -54,7 +54,8 @@ def machine() -> dict:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src", "Cargo.toml", "Cargo.lock",
                             "migrations"]).returncode != 0
-    synapse = subprocess.run([sys.executable, "-c", "import synapse; print(synapse.__version__)"],
+    # (its version string carries the git state of the folder it is installed in: dropped)
+    synapse = subprocess.run([sys.executable, "-c", "import synapse; print(synapse.__version__.split()[0])"],
                              capture_output=True, text=True, cwd="/").stdout.strip()
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "nproc": os.cpu_count(), "cpu": cpu,
             "memory_gib": round(mem_kb / 1048576, 1), "kernel": platform.release(),
