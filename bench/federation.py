@@ -31,8 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "federation-tests"))
 # Quiet servers: debug logging would be measured too. Convo logs how long each step of
-# a remote join took (joiner, info) and of a send_join answer (resident, debug).
-os.environ.setdefault("FEDTEST_CONVO_LOG", "warn,convo::service::federation::membership=debug")
+# a remote join took (joiner, info), a send_join answer (resident) and a backfill.
+os.environ.setdefault("FEDTEST_CONVO_LOG", "warn,convo::service::federation::membership=debug,"
+                      "convo::service::federation::backfill=debug")
 os.environ.setdefault("FEDTEST_SYNAPSE_LOG", "WARNING")
 
 import harness  # noqa: E402  (after the environment above: the harness reads it)
@@ -53,7 +54,8 @@ def machine() -> dict:
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src", "Cargo.toml", "Cargo.lock",
                             "migrations"]).returncode != 0
-    synapse = subprocess.run([sys.executable, "-c", "import synapse; print(synapse.__version__)"],
+    # (its version string carries the git state of the folder it is installed in: dropped)
+    synapse = subprocess.run([sys.executable, "-c", "import synapse; print(synapse.__version__.split()[0])"],
                              capture_output=True, text=True, cwd="/").stdout.strip()
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "nproc": os.cpu_count(), "cpu": cpu,
             "memory_gib": round(mem_kb / 1048576, 1), "kernel": platform.release(),
@@ -81,7 +83,7 @@ class Bench:
         """The A servers of the pairs, not started."""
         return {k: self.server(k, f"{k}_a") for k in sorted({a for a, _ in self.args.pairs})}
 
-    def load(self, a: Server, b: Server, scenario: str, tag: str, extra: list[str]) -> dict:
+    def load(self, a: Server, b: Server, scenario: str, tag: str, extra: list[str], timeout: int = 0) -> dict:
         """One convo-load run from A to B; its JSON results (and the table in a file)."""
         json_path = self.out / f"{tag}.json"
         cmd = [self.args.load_bin, "--base-url", a.client_url, "--remote-url", b.client_url,
@@ -90,7 +92,8 @@ class Bench:
         load = loadavg()
         t = time.monotonic()
         with open(self.out / f"{tag}.txt", "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=self.args.run_timeout).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                timeout=timeout or self.args.run_timeout).returncode
         doc = json.loads(json_path.read_text()) if json_path.exists() else {"results": []}
         print(f"  {tag}: exit {rc} in {time.monotonic() - t:.0f} s (load average before: {load})", flush=True)
         for r in doc["results"]:
@@ -114,7 +117,8 @@ class Bench:
             for ka, kb in self.args.pairs:
                 r = self.load(a_of[ka], b_of[kb], "federation-fanout", f"fanout-{ka}-{kb}-{run}", extra)
                 for res in r["results"]:
-                    self.results.append({"pair": (ka, kb), "scenario": "fanout", "run": run, "load": r["load"], **res})
+                    self.results.append({**res, "tool_scenario": res["scenario"], "pair": (ka, kb), "scenario": "fanout",
+                                         "run": run, "load": r["load"]})
         # The join runs reuse the A servers; the fan-out B servers are done.
         for s in b_of.values():
             s.stop()
@@ -127,11 +131,13 @@ class Bench:
         rooms = {}
         for ka, a in a_of.items():
             # Any running server serves as "B" for the build (the tool checks it answers).
-            r = self.load(a, a, "federation-join", f"build-{ka}", size + ["--join-build-only"])
+            r = self.load(a, a, "federation-join", f"build-{ka}",
+                          size + ["--join-build-only", "--scenario-timeout", str(self.args.build_timeout)],
+                          timeout=self.args.build_timeout + 120)
             built = next((x for x in r["results"] if "room_id" in x), None)
             if built is None:
                 raise RuntimeError(f"building the room on {ka} failed: see {self.out}/build-{ka}.txt")
-            self.results.append({"pair": (ka, ka), "scenario": "build", "run": 1, "load": r["load"], **built})
+            self.results.append({**built, "pair": (ka, ka), "scenario": "build", "run": 1, "load": r["load"]})
             rooms[ka] = built
         # Each join is from a fresh B (it has never seen the room). B's user leaves
         # afterwards, and B keeps running until the end: the room's state now holds its
@@ -139,13 +145,21 @@ class Bench:
         for run in range(1, self.args.runs + 1):
             for ka, kb in self.args.pairs:
                 b = self.server(kb, f"join_{kb}_b_{ka}_{run}")
-                b.start()
+                # BENCH_JOINER_CONVO_LOG: another log filter for the joining Convo servers
+                # only (e.g. "warn,sqlx::query=debug" to see each statement of the join).
+                saved = os.environ.get("FEDTEST_CONVO_LOG")
+                os.environ["FEDTEST_CONVO_LOG"] = os.environ.get("BENCH_JOINER_CONVO_LOG", saved or "warn")
+                try:
+                    b.start()
+                finally:
+                    os.environ["FEDTEST_CONVO_LOG"] = saved or "warn"
                 built = rooms[ka]
                 extra = ["--join-room", built["room_id"], "--join-room-member", built["creator"],
                          "--join-via", built["via"], "--join-last-message", built["last_message"]]
                 r = self.load(a_of[ka], b, "federation-join", f"join-{ka}-{kb}-{run}", extra)
                 for res in r["results"]:
-                    self.results.append({"pair": (ka, kb), "scenario": "join", "run": run, "load": r["load"], **res})
+                    self.results.append({**res, "tool_scenario": res["scenario"], "pair": (ka, kb), "scenario": "join",
+                                     "run": run, "load": r["load"]})
 
     def stop(self):
         stop_all(self.servers)
@@ -226,10 +240,20 @@ def main():
     p.add_argument("--members", type=int, default=1000)
     p.add_argument("--events", type=int, default=10000)
     p.add_argument("--run-timeout", type=int, default=1200, help="seconds allowed for one convo-load run")
+    p.add_argument("--build-timeout", type=int, default=2400, help="seconds allowed for building a room")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of the results already in --out (results.json, machine.json)")
     args = p.parse_args()
     args.pairs = [tuple(x.split("-")) for x in args.pairs.split(",")]
     if not all(len(x) == 2 and set(x) <= set(NAME) for x in args.pairs):
         p.error("--pairs: A-B pairs of convo and synapse, e.g. convo-synapse")
+    if args.table_only:
+        out = Path(args.out)
+        results = json.loads((out / "results.json").read_text())
+        for r in results:
+            r["pair"] = tuple(r["pair"])
+        print(table(results, json.loads((out / "machine.json").read_text()), args))
+        return 0
     info = machine()
     print(json.dumps(info, indent=2), flush=True)
     bench = Bench(args)

@@ -11,7 +11,7 @@
 #   e.g. bench/federation.sh --runs 1 --scenarios fanout
 # Environment:
 #   BENCH_OUT          output folder (default <repo>/bench/results/federation-<UTC time>)
-#   BENCH_FED_TIMEOUT_S  the whole run's limit in seconds (default 5400)
+#   BENCH_FED_TIMEOUT_S  the whole run's limit in seconds (default 7200)
 #   CARGO_TARGET_DIR   cargo target dir (default <repo>/target)
 # Every server it starts is stopped on exit (the harness's teardown, then its atexit kill).
 set -euo pipefail
@@ -33,5 +33,5 @@ fi
 export TEST_CONVO_BIN=$CARGO_TARGET_DIR/release/convo
 mkdir -p "$OUT"
 echo "== results in $OUT"
-exec timeout --kill-after=30 "${BENCH_FED_TIMEOUT_S:-5400}" "$VENV/bin/python" "$ROOT/bench/federation.py" \
+exec timeout --kill-after=30 "${BENCH_FED_TIMEOUT_S:-7200}" "$VENV/bin/python" "$ROOT/bench/federation.py" \
     --load-bin "$CARGO_TARGET_DIR/release/convo-load" --out "$OUT" "$@"

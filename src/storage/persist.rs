@@ -154,6 +154,9 @@ pub enum ExtremityChange {
     /// one unless a stored event names it as prev (a child that arrived first); prevs not
     /// stored become backward extremities, and it stops being one.
     General,
+    /// Backfilled history: as `General`, but it never becomes a forward extremity itself
+    /// (it is older than the room's head, and its children come after it).
+    Backward,
     /// Outliers, rejected and soft-failed events leave forward extremities alone (a stored
     /// event still stops being a backward extremity).
     Unchanged,
@@ -593,7 +596,7 @@ macro_rules! insert_event {
                             .await?;
                     }
                 }
-                ExtremityChange::General => {
+                ExtremityChange::General | ExtremityChange::Backward => {
                     for prev in e.prev_events {
                         sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
                             .bind(e.room_id)
@@ -611,18 +614,20 @@ macro_rules! insert_event {
                         .execute(&mut *$tx)
                         .await?;
                     }
-                    sqlx::query(
-                        "INSERT INTO forward_extremities (room_id, event_id)
-                         SELECT $1, $2 WHERE NOT EXISTS (
-                             SELECT 1 FROM event_edges c JOIN events e ON e.event_id = c.event_id
-                             WHERE c.prev_event_id = $2 AND NOT e.outlier AND e.rejected_reason IS NULL
-                               AND NOT e.soft_failed)
-                         ON CONFLICT DO NOTHING",
-                    )
-                    .bind(e.room_id)
-                    .bind(e.event_id)
-                    .execute(&mut *$tx)
-                    .await?;
+                    if d.extremities == ExtremityChange::General {
+                        sqlx::query(
+                            "INSERT INTO forward_extremities (room_id, event_id)
+                             SELECT $1, $2 WHERE NOT EXISTS (
+                                 SELECT 1 FROM event_edges c JOIN events e ON e.event_id = c.event_id
+                                 WHERE c.prev_event_id = $2 AND NOT e.outlier AND e.rejected_reason IS NULL
+                                   AND NOT e.soft_failed)
+                             ON CONFLICT DO NOTHING",
+                        )
+                        .bind(e.room_id)
+                        .bind(e.event_id)
+                        .execute(&mut *$tx)
+                        .await?;
+                    }
                 }
                 ExtremityChange::Unchanged => {}
             }

@@ -303,6 +303,7 @@ async fn build_room(api: &Api, a: &Args, run: &str, out: &mut Outcome) -> Res<Bu
     let t0 = Instant::now();
     let users = api.register_many(&format!("{run}ja"), f.join_members.max(1), conc).await?;
     let t_reg = t0.elapsed();
+    eprintln!("federation-join: {} users registered on A in {:.0} s", users.len(), t_reg.as_secs_f64());
     let creator = users[0].clone();
     let body = json!({"preset": "public_chat", "name": "federation join", "topic": "topic 0"});
     let v = api.ok(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&creator.token), Some(&body)).await?;
@@ -316,6 +317,7 @@ async fn build_room(api: &Api, a: &Args, run: &str, out: &mut Outcome) -> Res<Bu
     })
     .await?;
     let t_joins = t1.elapsed();
+    eprintln!("federation-join: {} joins in {:.0} s", users.len() - 1, t_joins.as_secs_f64());
     let t2 = Instant::now();
     let n = f.join_events;
     let stride = n.checked_div(f.join_state_changes).map_or(usize::MAX, |s| s.max(1));
@@ -346,6 +348,7 @@ async fn build_room(api: &Api, a: &Args, run: &str, out: &mut Outcome) -> Res<Bu
     let marker = format!("last message of {run}");
     api.send(&creator, &room, &format!("{tag}-last"), &marker).await?;
     let t_events = t2.elapsed();
+    eprintln!("federation-join: {} events in {:.0} s", n + 1, t_events.as_secs_f64());
     out.put("build_s", r2(t0.elapsed().as_secs_f64()));
     out.put("build_registrations_s", r2(t_reg.as_secs_f64()));
     out.put("build_joins_s", r2(t_joins.as_secs_f64()));

@@ -105,6 +105,7 @@ impl Services {
         let servers = self.room_remote_servers(room_id).await?;
         let mut stored = 0;
         for server in servers.iter().take(MAX_SERVERS) {
+            let started = Instant::now();
             let request = get_backfill::Request::new(
                 room_id.to_owned(),
                 from.clone(),
@@ -117,6 +118,7 @@ impl Services {
                     continue;
                 }
             };
+            let request_ms = started.elapsed().as_millis() as u64;
             for pdu in super::oldest_first(&response.pdus, MAX_BACKFILL) {
                 match self.handle_pdu(room_id, &version, pdu, Arrival::Backfill).await {
                     Ok(PduOutcome::Accepted { .. }) => stored += 1,
@@ -124,6 +126,8 @@ impl Services {
                     Err(e) => tracing::debug!(%room_id, %server, error = %e, "a backfilled event was refused"),
                 }
             }
+            tracing::debug!(%room_id, %server, received = response.pdus.len(), stored, request_ms,
+                stored_ms = started.elapsed().as_millis() as u64 - request_ms, "backfilled");
             if stored > 0 {
                 break;
             }

@@ -95,9 +95,13 @@ impl Services {
         let state_key = e.pdu.state_key.as_deref();
         let depth = i64::try_from(u64::from(e.pdu.depth)).unwrap_or(i64::MAX);
 
-        // The forward extremities after it.
+        // The forward extremities after it: its prevs are no longer any. Backfilled
+        // history never becomes one: it comes oldest first, ahead of its children, and
+        // is older than the room's head.
         let mut extremities: Vec<(String, i64)> = head.extremities.clone();
-        let becomes_extremity = accepted && (e.local || !self.store.has_stored_children(e.event_id).await?);
+        let backfilled = matches!(e.position, Position::Backfill);
+        let becomes_extremity =
+            accepted && !backfilled && (e.local || !self.store.has_stored_children(e.event_id).await?);
         if accepted {
             extremities.retain(|(id, _)| !prevs.contains(id));
             if becomes_extremity {
@@ -222,10 +226,11 @@ impl Services {
                     group: current_group.as_deref(),
                 }
             },
-            extremities: match (accepted, e.local && !resolve_current) {
-                (false, _) => ExtremityChange::Unchanged,
-                (true, true) => ExtremityChange::Linear,
-                (true, false) => ExtremityChange::General,
+            extremities: match (accepted, backfilled, e.local && !resolve_current) {
+                (false, _, _) => ExtremityChange::Unchanged,
+                (true, true, _) => ExtremityChange::Backward,
+                (true, false, true) => ExtremityChange::Linear,
+                (true, false, false) => ExtremityChange::General,
             },
             replaces_state,
             from_outlier: e.from_outlier,
