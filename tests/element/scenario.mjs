@@ -245,8 +245,13 @@ async function newUser(browser, name, elementUrl, convoUrl, label = name) {
       status: response.status(),
     };
     if (request.method() !== "GET") {
-      const body = request.postData();
-      if (body) entry.request = redact(body.slice(0, BODY_LIMIT));
+      const type = request.headers()["content-type"] || "";
+      if (type && !/json|text/.test(type)) {
+        entry.request = `<${type}, ${request.postDataBuffer()?.length ?? 0} bytes>`;
+      } else {
+        const body = request.postData();
+        if (body) entry.request = redact(body.slice(0, BODY_LIMIT));
+      }
     }
     user.network.push(entry);
     const type = response.headers()["content-type"] || "";
@@ -339,8 +344,11 @@ const steps = [];
 let blockedBy = null;
 /** The server's URL, for the feature probes; set by main(). */
 let probeUrl = null;
+/** When the running step times out: `until` gives up then, so that a timed-out step's
+ * polling does not go on into the next step. */
+let stepDeadline = Infinity;
 
-async function step(name, fn, { critical = true, users = [], feature = null } = {}) {
+async function step(name, fn, { critical = true, users = [], feature = null, timeout = STEP_TIMEOUT_MS } = {}) {
   const entry = { step: steps.length + 1, name, result: "skipped" };
   if (feature) entry.feature = feature;
   steps.push(entry);
@@ -374,12 +382,16 @@ async function step(name, fn, { critical = true, users = [], feature = null } = 
     return;
   }
   const started = Date.now();
+  stepDeadline = started + timeout;
   let timer;
   try {
+    const run = Promise.resolve().then(fn);
+    // A step that timed out may still fail later on: that is no longer news.
+    run.catch(() => {});
     entry.details = await Promise.race([
-      fn(),
+      run,
       new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${STEP_TIMEOUT_MS} ms`)), STEP_TIMEOUT_MS);
+        timer = setTimeout(() => reject(new Error(`timed out after ${timeout} ms`)), timeout);
       }),
     ]);
     entry.result = "ok";
@@ -400,12 +412,26 @@ async function step(name, fn, { critical = true, users = [], feature = null } = 
       }
     }
     if (critical) blockedBy = entry.step;
+    else for (const u of users) await settle(u.page);
   } finally {
     clearTimeout(timer);
   }
 }
 
-/** An error that carries evidence for the report. */
+/** After a failed step that later steps do not depend on: closes what it left open (an
+ * error dialog, a menu), so that the next step starts from the page as a person would.
+ * `keep` dialogs stay open (the settings, under an error). */
+async function settle(page, keep = 0) {
+  for (let i = 0; i < 5; i++) {
+    const open = await page.locator(".mx_Dialog, [role=menu]").count().catch(() => 0);
+    if (open <= keep) return;
+    await page.keyboard.press("Escape").catch(() => {});
+    await sleep(300);
+  }
+  console.log(`     (${await page.locator(".mx_Dialog").count().catch(() => "?")} dialogs still open)`);
+}
+
+/** An error that carries evidence for the report; `until` gives up at once on one. */
 function failure(message, details) {
   const err = new Error(message);
   err.details = details;
@@ -414,13 +440,14 @@ function failure(message, details) {
 
 /** Polls `check` (which returns a truthy value when done) until it holds or the step times out. */
 async function until(what, check, { timeout = STEP_TIMEOUT_MS - 5_000, interval = 250 } = {}) {
-  const deadline = Date.now() + timeout;
+  const deadline = Math.min(Date.now() + timeout, stepDeadline);
   let last;
   for (;;) {
     try {
       const value = await check();
       if (value) return value;
     } catch (err) {
+      if (err.details) throw err;
       last = err;
     }
     if (Date.now() > deadline) {
@@ -681,16 +708,50 @@ async function loadedImage(img, what) {
 
 /** Chooses `file` through the composer's "Attachment" button (in "More options" when narrow). */
 async function attach(page, file) {
-  const chooser = page.waitForEvent("filechooser", WAIT);
   const composerBar = page.locator(".mx_RoomView_body .mx_MessageComposer");
   const button = composerBar.getByRole("button", { name: "Attachment" });
-  if (await button.isVisible()) {
-    await button.click();
-  } else {
+  let opener = button;
+  if (!(await button.isVisible())) {
     await composerBar.getByRole("button", { name: "More options" }).click();
-    await page.getByRole("menuitem", { name: "Attachment" }).click();
+    opener = page.getByRole("menuitem", { name: "Attachment" });
   }
-  await (await chooser).setFiles(file);
+  await chooseFile(page, opener, file);
+}
+
+/** Clicks `opener`, which opens a file chooser, and chooses `file`. */
+async function chooseFile(page, opener, file) {
+  const [chooser] = await Promise.all([page.waitForEvent("filechooser", WAIT), opener.click()]);
+  await chooser.setFiles(file);
+}
+
+/** Element's error dialogs after an upload ("Upload Failed", "Upload Error"), as text. */
+async function uploadError(page) {
+  const dialog = page.locator(".mx_Dialog").filter({ hasText: /Upload Failed|Upload Error|failed to upload/ });
+  return (await dialog.count()) ? (await dialog.first().innerText()).replace(/\s+/g, " ").trim() : null;
+}
+
+/** Throws at once when `user`'s Element got an error answer (4xx, 5xx, no answer) since
+ * `since` (seconds, as `elapsed()`) to a request whose path matches `pattern`, unless
+ * `expected(entry)` says the answer is one Element expects. */
+function noErrorAnswer(user, pattern, since, what, expected = () => false) {
+  const bad = user.network.filter(
+    (e) => e.t >= since && pattern.test(e.path) && (e.status >= 400 || e.failed) && !expected(e),
+  );
+  if (bad.length) {
+    const last = bad.at(-1);
+    throw failure(`${what}: ${last.method} ${last.path.split("?")[0]} answered ${last.status ?? last.failed}`, {
+      requests: bad.slice(-3),
+    });
+  }
+}
+
+/** Waits for `locator`, failing at once when the server answers `user`'s requests matching
+ * `pattern` with an error (so that a missing endpoint says so, not a time-out). */
+async function waitForUnlessError(locator, user, pattern, since, what) {
+  await until(what, async () => {
+    noErrorAnswer(user, pattern, since, what);
+    return locator.isVisible();
+  });
 }
 
 /** Closes the right panel (room info, threads) when it is open. */
@@ -704,7 +765,8 @@ async function closeRightPanel(page) {
 /** Opens the room header's button `name` ("Room info", "Threads") unless its card shows. */
 async function openRightPanel(page, name, card) {
   if (await page.locator(card).isVisible()) return;
-  await page.locator(".mx_RoomHeader").getByRole("button", { name, exact: true }).click();
+  // "Room info" is both the room's name and an icon: the icon is the last.
+  await page.locator(".mx_RoomHeader").getByRole("button", { name, exact: true }).last().click();
   await page.locator(card).waitFor(WAIT);
 }
 
@@ -716,6 +778,15 @@ async function openSettings(page, tab) {
   await dialog.waitFor(WAIT);
   await dialog.getByRole("tab", { name: tab }).click();
   return dialog;
+}
+
+/** A step's clean-up, whose own failure is logged and does not hide the step's. */
+async function tidy(page, fn) {
+  try {
+    await fn();
+  } catch (err) {
+    console.log(`     (clean-up: ${String(err?.message || err).split("\n")[0]})`);
+  }
 }
 
 async function closeDialog(page, dialog) {
@@ -942,6 +1013,7 @@ async function main() {
     await step(
       "alice sends an image (a 1200×900 PNG); bob sees it as a thumbnail the server made (at most 800×600)",
       async () => {
+        const since = Number(elapsed());
         const name = "convo-test-image.png";
         const image = png(1200, 900, (x, y) => [(x * 255) / 1199, (y * 255) / 899, 96]);
         await openRoom(alice.page, GROUP_ROOM);
@@ -952,7 +1024,13 @@ async function main() {
         const shown = {};
         for (const u of both) {
           const img = u.page.locator(`.mx_RoomView_MessageList .mx_MImageBody img.mx_MImageBody_thumbnail[alt="${name}"]`);
-          await img.first().waitFor(WAIT);
+          await until(`the image in ${u.name}'s timeline`, async () => {
+            noErrorAnswer(alice, /\/upload|\/create/, since, "alice's upload");
+            const error = await uploadError(alice.page);
+            if (error) throw failure("Element could not upload the image", { dialog: error });
+            noErrorAnswer(u, /\/thumbnail|\/download/, since, `${u.name}'s Element fetching the image`);
+            return (await img.count()) > 0;
+          });
           shown[u.name] = await loadedImage(img.first(), `the image to load for ${u.name}`);
         }
         const { width, height, src } = shown.bob;
@@ -969,17 +1047,29 @@ async function main() {
       "alice sets an avatar in Settings; bob sees it beside her next message",
       async () => {
         const page = alice.page;
+        const since = Number(elapsed());
         const dialog = await openSettings(page, "Account");
         try {
-          const chooser = page.waitForEvent("filechooser", WAIT);
-          await dialog.getByRole("group", { name: "User avatar" }).click();
-          await page.getByRole("menuitem", { name: "Upload file" }).click();
+          await dialog.locator(".mx_UserProfileSettings .mx_AvatarSetting_avatar").click();
           const avatar = png(256, 256, (x, y) => ((x >> 5) + (y >> 5)) % 2 ? [200, 40, 90] : [250, 220, 60]);
-          await (await chooser).setFiles({ name: "avatar.png", mimeType: "image/png", buffer: avatar });
+          await chooseFile(page, page.getByRole("menuitem", { name: "Upload file" }), {
+            name: "avatar.png",
+            mimeType: "image/png",
+            buffer: avatar,
+          });
           // The settings show the new avatar once Element has uploaded it and set avatar_url.
-          await loadedImage(dialog.locator("img.mx_AvatarSetting_avatarDisplay"), "the new avatar in alice's settings");
+          await until("the new avatar in alice's settings", async () => {
+            noErrorAnswer(alice, /\/upload|\/create|\/avatar_url/, since, "alice's new avatar");
+            const error = await uploadError(page);
+            if (error) throw failure("Element could not upload the avatar", { dialog: error });
+            const img = dialog.locator("img.mx_AvatarSetting_avatarDisplay");
+            return (await img.count()) && (await img.evaluate((i) => i.complete && i.naturalWidth > 0));
+          });
         } finally {
-          await closeDialog(page, dialog);
+          await tidy(page, async () => {
+            await settle(page, 1);
+            await closeDialog(page, dialog);
+          });
         }
         const mxc = await until("alice's avatar_url", () =>
           page.evaluate(() => {
@@ -995,8 +1085,9 @@ async function main() {
         const img = messageTile(bob.page, text).locator(".mx_EventTile_avatar img");
         const shown = await until("alice's avatar beside her message, for bob", async () => {
           if (!(await img.count())) return null;
-          const i = await loadedImage(img.first(), "alice's avatar to load for bob");
-          return i.src.includes(mediaId) ? i : null;
+          noErrorAnswer(bob, /\/thumbnail|\/download/, since, "bob's Element fetching alice's avatar");
+          const i = await img.first().evaluate((i) => ({ loaded: i.complete && i.naturalWidth > 0, src: i.currentSrc }));
+          return i.loaded && i.src.includes(mediaId) ? i : null;
         }).catch(async (err) => {
           throw failure(err.message, { mxc, avatar: await messageTile(bob.page, text).locator(".mx_EventTile_avatar").innerHTML() });
         });
@@ -1008,6 +1099,7 @@ async function main() {
     await step(
       'alice replies in a thread to "hello from bob"; bob sees the reply in the Threads panel',
       async () => {
+        const since = Number(elapsed());
         const root = "hello from bob";
         const reply = "a reply in a thread";
         await openRoom(alice.page, GROUP_ROOM);
@@ -1031,12 +1123,20 @@ async function main() {
         await openRightPanel(page, "Threads", ".mx_ThreadPanel");
         try {
           const listed = page.locator(".mx_ThreadPanel .mx_EventTile", { hasText: root }).first();
-          await listed.waitFor(WAIT);
+          await waitForUnlessError(listed, bob, /\/threads|\/relations\//, since, "the thread in bob's Threads panel").catch(
+            async (err) => {
+              if (err.details) throw err;
+              throw failure("the Threads panel does not list the thread", {
+                panel: (await page.locator(".mx_ThreadPanel").innerText()).replace(/\s+/g, " ").trim(),
+                requests: bob.network.filter((e) => e.path.includes("/threads")).slice(-3),
+              });
+            },
+          );
           await listed.click();
           await page.locator(".mx_ThreadView .mx_EventTile_body", { hasText: reply }).first().waitFor(WAIT);
           return { summary: (await summary.innerText()).replace(/\s+/g, " ").trim() };
         } finally {
-          await closeRightPanel(page);
+          await tidy(page, () => closeRightPanel(page));
         }
       },
       { critical: false, users: both, feature: "threads" },
@@ -1046,6 +1146,7 @@ async function main() {
       'bob searches the room for "please" and finds alice\'s earlier message "please read this"',
       async () => {
         const page = bob.page;
+        const since = Number(elapsed());
         await openRoom(page, GROUP_ROOM);
         await openRightPanel(page, "Room info", ".mx_RoomSummaryCard");
         const input = page.locator(".mx_RoomSummaryCard_search input");
@@ -1054,10 +1155,12 @@ async function main() {
           const results = page.locator(".mx_RoomView_searchResultsPanel");
           const hit = results.locator(".mx_EventTile", { hasText: "please read this" }).first();
           try {
-            await hit.waitFor(WAIT);
-          } catch {
+            await waitForUnlessError(hit, bob, /\/search/, since, 'the search result "please read this"');
+          } catch (err) {
+            if (err.details) throw err;
             throw failure('no search result "please read this"', {
               results: (await results.count()) ? await results.innerText() : null,
+              requests: bob.network.filter((e) => e.path.includes("/search")).slice(-3),
             });
           }
           const highlighted = await hit.locator(".mx_EventTile_searchHighlight").allInnerTexts();
@@ -1070,10 +1173,13 @@ async function main() {
             summary: (await header.count()) ? (await header.innerText()).replace(/\s+/g, " ").trim() : null,
           };
         } finally {
-          // Escape in the search field ends the search and shows the timeline again.
-          await input.press("Escape").catch(() => {});
-          await page.locator(".mx_RoomView_searchResultsPanel").waitFor({ state: "hidden", timeout: 5_000 }).catch(() => {});
-          await closeRightPanel(page);
+          // Back to the timeline: the search bar's Cancel, then the room info closed.
+          await tidy(page, async () => {
+            await settle(page); // "Search failed", when it failed
+            await page.locator(".mx_RoomSearchAuxPanel").getByRole("button", { name: "Cancel" }).click({ timeout: 10_000 });
+            await page.locator(".mx_RoomView_searchResultsPanel").waitFor({ state: "hidden", timeout: 5_000 });
+            await closeRightPanel(page);
+          });
         }
       },
       { critical: false, users: [bob], feature: "search" },
@@ -1208,6 +1314,7 @@ async function main() {
       'alice sets up Secure Backup (Settings, Security & Privacy, "Set up", a generated Security Key); her DM\'s room keys reach the server',
       async () => {
         const page = alice.page;
+        const since = Number(elapsed());
         const dialog = await openSettings(page, "Security & Privacy");
         await dialog.getByRole("button", { name: "Set up", exact: true }).first().click();
         const seen = [];
@@ -1219,6 +1326,8 @@ async function main() {
           for (const d of await page.locator(".mx_Dialog").filter({ hasNot: page.locator(".mx_UserSettingsDialog") }).all()) {
             if (await d.isVisible()) open.push(d);
           }
+          // "No backup yet" (404 M_NOT_FOUND on the version) is what Element asks first.
+          noErrorAnswer(alice, /\/room_keys\//, since, "alice's key backup", (e) => e.status === 404 && /M_NOT_FOUND/.test(e.response ?? ""));
           // Done when the last of Element's dialogs has closed.
           if (!open.length) return seen.includes("Secure Backup successful");
           for (const top of open) {
@@ -1232,9 +1341,7 @@ async function main() {
             } else if (text.includes("Save your Security Key")) {
               saw("Save your Security Key");
               backup.securityKey = (await top.locator(".mx_CreateSecretStorageDialog_recoveryKey code").innerText()).trim();
-              const download = page.waitForEvent("download", WAIT);
-              await top.getByRole("button", { name: "Download" }).click();
-              await download;
+              await Promise.all([page.waitForEvent("download", WAIT), top.getByRole("button", { name: "Download" }).click()]);
               await top.getByRole("button", { name: "Continue" }).click();
             } else if (await top.locator("input[type=password]").isVisible()) {
               saw("password");
@@ -1267,7 +1374,7 @@ async function main() {
         });
         return { seen, dmRoomId, backup: state };
       },
-      { users: [alice], feature: "backup" },
+      { users: [alice], feature: "backup", timeout: 2 * STEP_TIMEOUT_MS },
     );
 
     await step(
@@ -1307,7 +1414,7 @@ async function main() {
         }
         return { infos, crossSigning: await crossSigningState(page) };
       },
-      { users: [alice], feature: "backup" },
+      { users: [alice], feature: "backup", timeout: 2 * STEP_TIMEOUT_MS },
     );
   } finally {
     writeResults(resultUsers);
@@ -1370,6 +1477,9 @@ function writeResults(users) {
   };
   writeFileSync(path.join(RESULTS, "summary.json"), JSON.stringify(summary, null, 2) + "\n");
 }
+
+// A promise of a step that already failed or timed out: reported, not fatal.
+process.on("unhandledRejection", (err) => console.log(`     (after its step: ${String(err?.message || err).split("\n")[0]})`));
 
 // run.sh's time limit (ELEMENT_SCENARIO_TIMEOUT) ends the run with SIGTERM: keep what was seen.
 process.on("SIGTERM", () => {
