@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -422,6 +423,19 @@ class Convo(Server):
         }
         env.pop("RUST_LOG", None)
         return env
+
+    def wait_outbox_drained(self, destination: str, deadline_s: float = 20):
+        """Waits until this server (on SQLite) has nothing queued for `destination`."""
+        db = self.workdir / "data" / "convo.db"
+        deadline = time.monotonic() + deadline_s
+        while True:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                (left,) = conn.execute("SELECT COUNT(*) FROM federation_outbox WHERE destination = ?",
+                                       (destination,)).fetchone()
+            if left == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert left == 0, f"{left} items still queued on {self.label} for {destination}"
 
 
 SYNAPSE_LOG_CONFIG = """\

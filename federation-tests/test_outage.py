@@ -5,7 +5,6 @@ up, so Convo fills the gap with get_missing_events); and state changed on both s
 they could not talk (power levels and a membership) ends the same on both after state
 resolution."""
 
-import sqlite3
 import time
 from urllib.parse import quote
 
@@ -13,20 +12,6 @@ import pytest
 
 from clients import User, unique
 from test_rooms import is_member, is_text
-
-
-def wait_outbox_drained(server, destination: str, deadline_s: float = 20):
-    """Waits until `server` (a Convo on SQLite) has nothing queued for `destination`."""
-    db = server.workdir / "data" / "convo.db"
-    deadline = time.monotonic() + deadline_s
-    while True:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            (left,) = conn.execute("SELECT COUNT(*) FROM federation_outbox WHERE destination = ?",
-                                   (destination,)).fetchone()
-        if left == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert left == 0, f"{left} items still queued on {server.label} for {destination}"
 
 
 def state_ids(user: User, room: str) -> dict[tuple[str, str], str]:
@@ -76,7 +61,7 @@ def test_synapse_that_was_down_gets_every_message_from_convo(fed):
         assert guest.wait_for_event(room, is_text(body))["event_id"] == event_id
     order = [e["event_id"] for e in guest.messages(room) if e["type"] == "m.room.message"]
     assert order[-5:] == sent
-    wait_outbox_drained(fed.convo_a, fed.synapse.name)
+    fed.convo_a.wait_outbox_drained(fed.synapse.name)
 
 
 def test_convo_that_was_down_gets_every_message_from_synapse(fed):

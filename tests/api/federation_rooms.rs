@@ -73,6 +73,7 @@ backend_tests!(
     a_direct_chat_with_a_user_of_another_server,
     a_declined_remote_invite_goes_away,
     a_late_joiner_pages_back_through_earlier_history,
+    a_late_joiner_gets_what_users_banned_since_said,
     events_and_state_are_served_to_servers_in_the_room,
     history_a_server_may_not_see_comes_redacted,
     a_gap_in_what_arrives_is_filled_from_the_sender,
@@ -243,6 +244,15 @@ async fn a_late_joiner_pages_back_through_earlier_history(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{body}");
 
     // Paging back from now reaches what was said before Bob's server was in the room.
+    let seen = messages_paging_back(&b, &bob_token, &room).await;
+    assert_eq!(seen, sent, "every earlier message, oldest first, with the ids Alice's server gave them");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The ids of the room's messages as `token`'s user pages back through them from now
+/// (backfilling), oldest first.
+async fn messages_paging_back(server: &TestServer, token: &str, room: &str) -> Vec<String> {
     let mut seen: Vec<String> = Vec::new();
     let mut from: Option<String> = None;
     for _ in 0..10 {
@@ -250,7 +260,7 @@ async fn a_late_joiner_pages_back_through_earlier_history(backend: Backend) {
         if let Some(from) = &from {
             path.push_str(&format!("&from={from}"));
         }
-        let (status, page) = b.get(&path, Some(&bob_token)).await;
+        let (status, page) = server.get(&path, Some(token)).await;
         assert_eq!(status, StatusCode::OK, "{page}");
         for event in page["chunk"].as_array().unwrap() {
             if event["type"] == "m.room.message" {
@@ -263,13 +273,52 @@ async fn a_late_joiner_pages_back_through_earlier_history(backend: Backend) {
         }
     }
     seen.reverse();
-    assert_eq!(seen, sent, "every earlier message, oldest first, with the ids Alice's server gave them");
+    seen
+}
+
+/// History backfilled by a late joiner is checked against the state at each event, not
+/// the room's state now: what Carol said before she was banned is part of the history
+/// Bob's server pages back through. (Backfilled events whose prevs had no state here
+/// were checked against the current state, where Carol is banned, and rejected; so was
+/// the create event, and all that followed it.)
+async fn a_late_joiner_gets_what_users_banned_since_said(backend: Backend) {
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (carol, carol_token, _) = a.register("carol").await;
+    let (_, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    // More than one backfill's worth before Carol comes: the first backfill's oldest
+    // event has prevs B has never seen, and B asks A for the state there.
+    let mut sent = Vec::new();
+    for i in 0..110 {
+        sent.push(a.send_text(&alice_token, &room, &format!("before carol {i}")).await);
+    }
+    let (status, body) = a.post(&format!("/_matrix/client/v3/join/{room}"), Some(&carol_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for i in 0..30 {
+        let (token, who) = if i % 3 == 0 { (&carol_token, "carol") } else { (&alice_token, "alice") };
+        sent.push(a.send_text(token, &room, &format!("{who} {i}")).await);
+    }
+    let (status, body) =
+        a.post(&format!("/_matrix/client/v3/rooms/{room}/ban"), Some(&alice_token), json!({"user_id": carol})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for i in 30..35 {
+        sent.push(a.send_text(&alice_token, &room, &format!("alice {i}")).await);
+    }
+    let (status, body) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let seen = messages_paging_back(&b, &bob_token, &room).await;
+    assert_eq!(seen, sent, "every earlier message, Carol's included, oldest first");
     a.stop().await;
     b.stop().await;
 }
 
 /// With `joined` history, what was said before a server's users joined reaches that
-/// server only redacted (backfill, get_missing_events), and `event` refuses it.
+/// server only redacted (backfill, get_missing_events), and `event` and
+/// `timestamp_to_event` refuse it.
 async fn history_a_server_may_not_see_comes_redacted(backend: Backend) {
     use reqwest::Method;
 
@@ -319,6 +368,17 @@ async fn history_a_server_may_not_see_comes_redacted(backend: Backend) {
     assert_eq!(redacted.len(), 1, "the hidden message is in the backfill, redacted: {body}");
     // Still signed and hashed as the original: the receiver can check it.
     assert!(redacted[0]["hashes"]["sha256"].is_string() && redacted[0]["signatures"].is_object(), "{body}");
+
+    // timestamp_to_event never names it either way.
+    let (status, hidden) = a.get(&format!("/_matrix/client/v3/rooms/{room}/event/{secret}"), Some(&alice_token)).await;
+    assert_eq!(status, StatusCode::OK, "{hidden}");
+    let at = hidden["origin_server_ts"].as_i64().unwrap();
+    for dir in ["f", "b"] {
+        let (status, body) =
+            ask(Method::GET, format!("/_matrix/federation/v1/timestamp_to_event/{room}?ts={at}&dir={dir}"), None).await;
+        assert!(status == StatusCode::OK || status == StatusCode::NOT_FOUND, "{status} {body}");
+        assert_ne!(body["event_id"], secret.as_str(), "dir={dir}: the hidden event was named: {body}");
+    }
 
     let missing = json!({"earliest_events": [], "latest_events": [open], "limit": 50, "min_depth": 0});
     let (status, body) =

@@ -5,8 +5,9 @@
 //! for a few, `/state` for many) and stored as outliers, and the state after the prev
 //! is that state plus the prev itself when it is a state event. The pipeline resolves
 //! those states with the states after the PDU's other prevs; the missing prevs become
-//! backward extremities. Bounded in count and time; when the state cannot be had, the
-//! PDU is refused (nothing stored) rather than placed on a state it does not have.
+//! backward extremities. Bounded in count and time; when the state cannot be had, a
+//! live PDU is refused (nothing stored) rather than placed on a state it does not have;
+//! backfilled history is placed on the current state, checked by its auth events only.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -37,16 +38,18 @@ const CONCURRENT_FETCHES: usize = 10;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 impl Services {
-    /// Checks and stores a PDU `origin` sent (live), first getting from `origin` the
-    /// state at those of its prevs this server has no state for (see the module
-    /// comment). `Err`: refused, nothing stored (as `handle_pdu`), or the state before
-    /// it could not be had.
+    /// Checks and stores a PDU `origin` sent (live, or by backfill), first getting from
+    /// `origin` the state at those of its prevs this server has no state for (see the
+    /// module comment). `Err`: refused, nothing stored (as `handle_pdu`), or the state
+    /// before it could not be had. Backfilled history whose state cannot be had is
+    /// still stored, checked against its auth events only (`handle_pdu`).
     pub(crate) async fn handle_remote_pdu(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
         version: &RoomVersionId,
         pdu: CanonicalJsonObject,
+        arrival: Arrival,
     ) -> Result<PduOutcome> {
         let prevs: Vec<OwnedEventId> = match pdu.get("prev_events") {
             Some(CanonicalJsonValue::Array(ids)) => {
@@ -60,7 +63,7 @@ impl Services {
             .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok());
         let stateless = self.prevs_without_state(event_id.as_ref(), &prevs).await?;
         if stateless.is_empty() {
-            return self.handle_pdu(room_id, version, pdu, Arrival::Live).await;
+            return self.handle_pdu(room_id, version, pdu, arrival).await;
         }
         let states = tokio::time::timeout(DEADLINE, async {
             let mut states = Vec::with_capacity(stateless.len());
@@ -70,13 +73,23 @@ impl Services {
             Ok::<_, Error>(states)
         })
         .await
-        .unwrap_or_else(|_| Err(Error::federation("it took too long")))
-        .map_err(|e| match e {
+        .unwrap_or_else(|_| Err(Error::federation("it took too long")));
+        let states = match states {
+            Ok(states) => states,
             // The database does not answer: the whole transaction fails, and comes again.
-            e @ Error::Unavailable(_) => e,
-            e => Error::federation(format!("Cannot get the state before the event from {origin}: {}", e.message())),
-        })?;
-        self.handle_pdu_with_prev_states(room_id, version, pdu, Arrival::Live, states).await
+            Err(e @ Error::Unavailable(_)) => return Err(e),
+            Err(e) if arrival == Arrival::Backfill => {
+                tracing::debug!(%origin, %room_id, error = %e, "no state before a backfilled event");
+                return self.handle_pdu(room_id, version, pdu, arrival).await;
+            }
+            Err(e) => {
+                return Err(Error::federation(format!(
+                    "Cannot get the state before the event from {origin}: {}",
+                    e.message()
+                )));
+            }
+        };
+        self.handle_pdu_with_prev_states(room_id, version, pdu, arrival, states).await
     }
 
     /// Those of `prevs` without a state here: not stored, or stored as outliers

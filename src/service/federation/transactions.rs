@@ -17,7 +17,7 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use crate::{
     error::{Error, Result},
-    service::{Services, now_ms},
+    service::{Services, now_ms, rooms::pipeline::Arrival},
 };
 
 /// Most PDUs and EDUs one transaction may hold (the spec's limits).
@@ -144,7 +144,7 @@ impl Services {
             return Ok((event_id, result));
         }
         self.fill_gap(origin, &room_id, &version, &event_id, &object).await;
-        let result = match self.handle_remote_pdu(origin, &room_id, &version, object).await {
+        let result = match self.handle_remote_pdu(origin, &room_id, &version, object, Arrival::Live).await {
             Ok(PduOutcome::Rejected { reason, .. }) => Err(reason),
             Ok(_) => Ok(()),
             Err(e @ Error::Unavailable(_)) => return Err(e),
@@ -204,7 +204,7 @@ impl Services {
             // The oldest may need the state at its own prevs, fetched from the origin.
             // When one fails, so would the next (built on it): the PDU itself then asks
             // for the state at its prevs.
-            if let Err(e) = self.handle_remote_pdu(origin, room_id, version, pdu).await {
+            if let Err(e) = self.handle_remote_pdu(origin, room_id, version, pdu, Arrival::Live).await {
                 tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
                 break;
             }

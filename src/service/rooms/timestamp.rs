@@ -19,6 +19,16 @@ const PAGE: i64 = 100;
 /// Most events read for one answer (a user who may see little of a long history).
 const MAX_SCANNED: usize = 2000;
 
+/// Who asks, and so which events count.
+#[derive(Clone, Copy)]
+enum Viewer<'a> {
+    /// A user, with their memberships in the room.
+    User(&'a UserId, &'a Visibility),
+    /// Another server: the events it may see by the state at each
+    /// (`federation/visibility.rs`).
+    Server(&'a ServerName),
+}
+
 /// The nearest event found, as answered: its id and time.
 pub type Nearest = (OwnedEventId, MilliSecondsSinceUnixEpoch);
 
@@ -47,7 +57,7 @@ impl Services {
         if vis.memberships.is_empty() {
             return Err(Error::forbidden("You are not a member of this room"));
         }
-        let local = self.nearest_event(room_id, ts, forwards, Some((user, &vis))).await?;
+        let local = self.nearest_event(room_id, ts, forwards, Viewer::User(user, &vis)).await?;
         // Events missing before a stored one could be nearer: ask the room's servers.
         let gap = match &local {
             None => self.store.has_gap_between(room_id.as_str(), i64::MIN, i64::MAX).await?,
@@ -69,7 +79,7 @@ impl Services {
     }
 
     /// `GET /timestamp_to_event/{roomId}` for `origin`, a server in the room: the
-    /// nearest event of the room's history here.
+    /// nearest event of the room's history here that it may see.
     pub async fn serve_timestamp_to_event(
         &self,
         origin: &ServerName,
@@ -78,27 +88,31 @@ impl Services {
         forwards: bool,
     ) -> Result<Nearest> {
         self.require_server_in_room(origin, room_id).await?;
-        let nearest = self.nearest_event(room_id, ts, forwards, None).await?;
+        let nearest = self.nearest_event(room_id, ts, forwards, Viewer::Server(origin)).await?;
         nearest.as_ref().map(answer).transpose()?.ok_or_else(|| not_found(ts, forwards))
     }
 
     /// The event of the room's history here nearest `ts` in the direction (see the
-    /// module comment), and, for a user, the nearest one they may see.
+    /// module comment) that `viewer` may see.
     async fn nearest_event(
         &self,
         room_id: &RoomId,
         ts: i64,
         forwards: bool,
-        viewer: Option<(&UserId, &Visibility)>,
+        viewer: Viewer<'_>,
     ) -> Result<Option<StoredEvent>> {
         let mut from = (ts, if forwards { i64::MIN } else { i64::MAX });
         let mut scanned = 0;
         while scanned < MAX_SCANNED {
             let batch = self.store.get_room_events_by_time(room_id.as_str(), from, forwards, PAGE).await?;
             scanned += batch.len();
-            let Some((user, vis)) = viewer else { return Ok(batch.into_iter().next()) };
-            let candidates: Vec<&StoredEvent> = batch.iter().filter(|e| vis.may_see(user, e)).collect();
-            let visible = self.visible_by_state(user, vis, &candidates).await?;
+            let visible = match viewer {
+                Viewer::User(user, vis) => {
+                    let candidates: Vec<&StoredEvent> = batch.iter().filter(|e| vis.may_see(user, e)).collect();
+                    self.visible_by_state(user, vis, &candidates).await?
+                }
+                Viewer::Server(server) => self.visible_to_server(server, &batch).await?,
+            };
             if let Some(found) = batch.iter().find(|e| visible.contains(&e.event_id)) {
                 return Ok(Some(found.clone()));
             }

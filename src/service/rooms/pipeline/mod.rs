@@ -193,8 +193,11 @@ impl Services {
         }
         prev_groups.sort_unstable();
         prev_groups.dedup();
+        let mut state_assumed = false;
         let before = match (prev_groups.as_slice(), prev_states) {
             _ if state_before.is_some() => Before::Group(state_before.unwrap_or_default()),
+            // The create event (by backfill: the room was joined late): nothing before it.
+            _ if parsed.prev_events.is_empty() => Before::Resolved(IdState::new()),
             // The states the sender gave for the prevs we have no state for, with those
             // of the others.
             (groups, Some(mut states)) if !states.is_empty() => {
@@ -203,9 +206,13 @@ impl Services {
                 }
                 Before::Resolved(self.resolve_states(room_id, &rules, states, None).await?)
             }
-            // No prev's state is known and none was fetched (backfill, or a caller that
-            // does not fetch): the room's current state stands in for it.
-            ([], _) => Before::Group(head.state_group),
+            // No prev's state is known and none was fetched (backfill whose sender would
+            // not give it, or a caller that does not fetch): the room's current state
+            // stands in for it.
+            ([], _) => {
+                state_assumed = true;
+                Before::Group(head.state_group)
+            }
             ([one], _) => Before::Group(*one),
             (several, _) => {
                 let mut states = Vec::with_capacity(several.len());
@@ -217,7 +224,10 @@ impl Services {
         };
         // Only the entries the auth rules read are loaded (the room may have many members).
         let keys = auth_keys(&rules, &parsed)?;
-        if rejected.is_none() {
+        // Backfilled history on a stand-in state is checked against its auth events
+        // only: the room's state now says nothing of what was allowed then (a user
+        // banned since would have all they said rejected).
+        if rejected.is_none() && !(state_assumed && arrival == Arrival::Backfill) {
             let state = match &before {
                 Before::Group(group) => {
                     let ids: Vec<String> =
