@@ -1120,6 +1120,8 @@ async function main() {
         // The root's tile in the timeline says "1 reply".
         const summary = messageTile(page, root).locator(".mx_ThreadSummary");
         await summary.getByText(/1 reply/).waitFor(WAIT);
+        // Read now: with the thread open, the last tile of the root is the thread view's.
+        const summaryText = (await summary.innerText()).replace(/\s+/g, " ").trim();
         await openRightPanel(page, "Threads", ".mx_ThreadPanel");
         try {
           const listed = page.locator(".mx_ThreadPanel .mx_EventTile", { hasText: root }).first();
@@ -1134,7 +1136,7 @@ async function main() {
           );
           await listed.click();
           await page.locator(".mx_ThreadView .mx_EventTile_body", { hasText: reply }).first().waitFor(WAIT);
-          return { summary: (await summary.innerText()).replace(/\s+/g, " ").trim() };
+          return { summary: summaryText };
         } finally {
           await tidy(page, () => closeRightPanel(page));
         }
