@@ -253,17 +253,18 @@ async function newUser(browser, name, elementUrl, convoUrl, label = name) {
         if (body) entry.request = redact(body.slice(0, BODY_LIMIT));
       }
     }
-    user.network.push(entry);
     const type = response.headers()["content-type"] || "";
     if (type && !/json|text/.test(type)) {
       entry.response = `<${type}>`;
-      return;
+    } else {
+      try {
+        entry.response = redact((await response.text()).slice(0, BODY_LIMIT));
+      } catch {
+        // the page went away, or a body that is not text
+      }
     }
-    try {
-      entry.response = redact((await response.text()).slice(0, BODY_LIMIT));
-    } catch {
-      // the page went away, or a body that is not text
-    }
+    // Listed once complete: the steps read the errcode of error answers.
+    user.network.push(entry);
   });
   page.on("requestfailed", (request) => {
     if (request.url().startsWith(convoUrl)) {
@@ -1317,7 +1318,7 @@ async function main() {
       async () => {
         const page = alice.page;
         const since = Number(elapsed());
-        const dialog = await openSettings(page, "Security & Privacy");
+        let dialog = await openSettings(page, "Security & Privacy");
         await dialog.getByRole("button", { name: "Set up", exact: true }).first().click();
         const seen = [];
         const saw = (what) => seen.at(-1) !== what && seen.push(what);
@@ -1363,8 +1364,19 @@ async function main() {
           throw failure(err.message, { seen });
         });
         if (!backup.securityKey) throw failure("Element showed no Security Key", { seen });
-        await dialog.getByText("This session is backing up your keys.").waitFor(WAIT);
-        await closeDialog(page, dialog);
+        // Element closes its settings with the last of its dialogs: open them again to see
+        // what they say now.
+        if (!(await dialog.isVisible())) dialog = await openSettings(page, "Security & Privacy");
+        try {
+          await dialog.getByText("This session is backing up your keys.").waitFor(WAIT);
+        } catch {
+          throw failure('Settings do not say "This session is backing up your keys."', {
+            seen,
+            settings: (await dialog.innerText()).replace(/\s+/g, " ").slice(0, 2000),
+          });
+        } finally {
+          await tidy(page, () => closeDialog(page, dialog));
+        }
         // Element backs up keys in the background: wait until the server holds both DM
         // sessions (alice's and bob's) in the backup.
         const dmRoomId = await roomIdByName(page, "bob");
@@ -1379,11 +1391,12 @@ async function main() {
       { users: [alice], feature: "backup", timeout: 2 * STEP_TIMEOUT_MS },
     );
 
+    // A second browser context: a new login, a new device.
+    const second = ENABLED.has("backup") ? await newUser(browser, "alice", element.url, convo.url, "alice-2") : null;
+    if (second) resultUsers.push(second);
     await step(
       "alice logs in a second time, verifies the new login with her Security Key and reads the DM's history, restored from the backup",
       async () => {
-        const second = await newUser(browser, "alice", element.url, convo.url, "alice-second-login");
-        resultUsers.push(second);
         const page = second.page;
         await page.goto(`${element.url}/#/login`);
         await page.locator("#mx_LoginForm_username").waitFor(WAIT);
@@ -1396,8 +1409,16 @@ async function main() {
         await keyDialog.locator("#mx_securityKey").fill(backup.securityKey);
         await keyDialog.getByText("Looks good!").waitFor(WAIT);
         await keyDialog.getByRole("button", { name: "Continue" }).click();
-        await page.locator(".mx_CompleteSecurity").getByRole("button", { name: "Done" }).click(WAIT);
-        await page.locator(".mx_RoomList").waitFor(WAIT);
+        // "Your new device is now verified", then Done.
+        const seen = [];
+        await until("the verified login's home page", async () => {
+          const done = page.getByRole("button", { name: "Done", exact: true });
+          if (await done.isVisible()) {
+            seen.push((await page.locator(".mx_AuthPage").innerText()).replace(/\s+/g, " ").trim());
+            await done.click();
+          }
+          return page.locator(".mx_RoomList").isVisible();
+        });
         await dismissToasts(page);
         await roomTile(page, "bob").first().click();
         const texts = [dm.aliceText, dm.bobText];
@@ -1414,9 +1435,9 @@ async function main() {
             crossSigning: await crossSigningState(page),
           });
         }
-        return { infos, crossSigning: await crossSigningState(page) };
+        return { completeSecurity: seen, infos, crossSigning: await crossSigningState(page) };
       },
-      { users: [alice], feature: "backup", timeout: 2 * STEP_TIMEOUT_MS },
+      { users: second ? [second] : [], feature: "backup", timeout: 2 * STEP_TIMEOUT_MS },
     );
   } finally {
     writeResults(resultUsers);
