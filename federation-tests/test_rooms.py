@@ -139,6 +139,23 @@ def test_a_declined_invite_reaches_the_inviting_server(fed, inviter_server, invi
     alice.wait_for_event(room, is_member(bob.user_id, "leave"))
 
 
+@pytest.mark.parametrize("inviter_server,invitee_server", [("synapse", "convo_a"), ("convo_a", "synapse")])
+def test_an_invite_to_a_version_12_room_shows_its_create_event(fed, inviter_server, invitee_server):
+    """Since Matrix 1.16 the state sent with an invite is the room's signed PDUs, which a
+    receiver checks in version 12 rooms (Convo refuses the invite when a check fails):
+    the invite is taken, shown with the room's create event, and can be joined."""
+    alice = fed.by_label(inviter_server).register(unique("alice"))
+    bob = fed.by_label(invitee_server).register(unique("bob"))
+    room = alice.create_room(preset="private_chat", room_version="12", name="v12 invite", invite=[bob.user_id])
+    bob.wait_for_event(room, is_member(bob.user_id, "invite"), section="invite")
+    sync = bob.get("/_matrix/client/v3/sync").json()
+    shown = sync["rooms"]["invite"][room]["invite_state"]["events"]
+    assert any(e["type"] == "m.room.create" and e.get("content", {}).get("room_version") == "12" for e in shown), shown
+    assert any(e["type"] == "m.room.name" and e["content"].get("name") == "v12 invite" for e in shown), shown
+    bob.join(room)
+    alice.wait_for_event(room, is_member(bob.user_id, "join"))
+
+
 @pytest.mark.parametrize("version", ["6", "7", "8", "9", "10", "11", "12"])
 @pytest.mark.parametrize("home,guest_server", [("convo_a", "synapse"), ("synapse", "convo_a")])
 def test_every_room_version_federates(fed, version, home, guest_server):

@@ -838,7 +838,7 @@ async fn backfilled_history_follows_the_visibility_in_its_state(backend: Backend
 }
 
 /// Signs a PDU as `server` with `key`; answers its id and the PDU.
-fn sign_pdu(
+pub(crate) fn sign_pdu(
     server: &str,
     key: &Ed25519KeyPair,
     value: Value,

@@ -72,6 +72,7 @@ backend_tests!(
     a_user_joins_a_room_on_another_server_and_they_chat,
     a_direct_chat_with_a_user_of_another_server,
     a_declined_remote_invite_goes_away,
+    the_stripped_state_of_an_invite_is_checked,
     a_late_joiner_pages_back_through_earlier_history,
     a_late_joiner_gets_what_users_banned_since_said,
     events_and_state_are_served_to_servers_in_the_room,
@@ -753,6 +754,76 @@ async fn conflicting_state_sent_at_once_resolves_the_same_everywhere(backend: Ba
         let (_, topic) = server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic"), Some(token)).await;
         assert_eq!(topic["topic"], "old", "the topic on {}", name(server));
     }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// In a room of version 12, the state another server sends with an invite must be
+/// the room's own signed PDUs, the create event among them (Matrix 1.16):
+/// `M_INVALID_PARAM` otherwise, and the invite is not shown to the user.
+async fn the_stripped_state_of_an_invite_is_checked(backend: Backend) {
+    use reqwest::Method;
+    use ruma::RoomVersionId;
+
+    use crate::{
+        dag::sign_pdu,
+        federation::{fed_request, services, sign},
+    };
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (alice, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "private_chat", "room_version": "12"})).await;
+    let create_id = format!("${}", room.trim_start_matches('!'));
+    let create_json = services(&a).store.get_event(&create_id).await.unwrap().expect("the create event").json;
+    let create: Value = serde_json::from_str(&create_json).unwrap();
+    let a_name = name(&a).to_string();
+    let b_name = name(&b).to_string();
+    let invite_with = |state: Vec<Value>, n: i64| {
+        let (event_id, pdu) = sign_pdu(
+            &a_name,
+            &services(&a).signing_key,
+            json!({"type": "m.room.member", "state_key": bob, "sender": alice, "room_id": room,
+                   "content": {"membership": "invite"}, "origin_server_ts": 1_700_000_000_000i64 + n,
+                   "depth": 5, "prev_events": [create_id], "auth_events": []}),
+            &RoomVersionId::V12,
+        );
+        let body = json!({"room_version": "12", "event": pdu, "invite_room_state": state});
+        (format!("/_matrix/federation/v2/invite/{room}/{event_id}"), body)
+    };
+    let put = |(path, body): (String, Value)| {
+        let header = sign(&a, &b_name, "PUT", &path, Some(&body));
+        let b = &b;
+        async move { fed_request(b, Method::PUT, &path, Some(&body), Some(&header)).await }
+    };
+
+    let mut tampered = create.clone();
+    tampered["content"]["room_version"] = json!("11");
+    let stripped = json!({"type": "m.room.create", "state_key": "", "sender": alice, "content": create["content"]});
+    let mut other_room = create.clone();
+    other_room["room_id"] = json!("!elsewhere:example.org");
+    for (n, (state, why)) in [
+        (vec![], "no create event"),
+        (vec![tampered], "a create event whose content was changed"),
+        (vec![stripped], "a stripped event, not a PDU"),
+        (vec![create.clone(), other_room], "a PDU said to be of another room"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (status, body) = put(invite_with(state, n as i64)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}: {body}");
+        assert_eq!(body["errcode"], "M_INVALID_PARAM", "{why}: {body}");
+    }
+    let sync = b.sync(&bob_token, None, "").await;
+    assert!(sync["rooms"]["invite"].get(&room).is_none(), "a refused invite was shown: {sync}");
+
+    // The room's own create event, as signed: the invite is taken, and shown with it.
+    let (status, body) = put(invite_with(vec![create.clone()], 10)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let sync = b.sync(&bob_token, None, "").await;
+    let shown = sync["rooms"]["invite"][&room]["invite_state"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(shown.iter().any(|e| e["type"] == "m.room.create"), "{sync}");
     a.stop().await;
     b.stop().await;
 }

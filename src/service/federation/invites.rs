@@ -142,6 +142,7 @@ impl Services {
             self.room_version(room_id).await.is_ok() && !self.joined_local_members(room_id).await?.is_empty();
         if !resident {
             // No local state to show: keep what the inviting server sent along.
+            self.check_stripped_state_pdus(room_id, version, invite_room_state).await?;
             let (state, creator) = super::out_of_band::stripped_state_of(room_id, invite_room_state)?;
             let creator = creator.unwrap_or_else(|| sender.to_string());
             self.store.insert_room_if_missing(room_id.as_str(), version.as_str(), &creator).await?;

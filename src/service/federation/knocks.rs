@@ -89,6 +89,7 @@ impl Services {
         let (event_id, event) = self.sign_template(&template.event, room_id, user, "knock", &rules, extra)?;
         let request = send_knock::Request::new(room_id.to_owned(), event_id.clone(), to_raw(&event)?);
         let answer = self.send_federation_request(&resident, request).await?;
+        self.check_stripped_state_pdus(room_id, &version, &answer.knock_room_state).await?;
         let (state, creator) = stripped_state_of(room_id, &answer.knock_room_state)?;
         // The room's creator as its create event in the stripped state says (the spec
         // requires it there; the column is only a record for a room of another server).

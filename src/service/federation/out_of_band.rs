@@ -59,7 +59,67 @@ pub(crate) fn stripped_state_of(room_id: &RoomId, state: &[RawStrippedState]) ->
     Ok((serde_json::to_string(&state).map_err(Error::internal)?, creator))
 }
 
+/// Room versions for which the spec leaves checking stripped state optional (1 to 11);
+/// every later one gets the checks of `check_stripped_state_pdus`.
+fn stripped_state_checks_optional(version: &RoomVersionId) -> bool {
+    use RoomVersionId::*;
+    matches!(version, V1 | V2 | V3 | V4 | V5 | V6 | V7 | V8 | V9 | V10 | V11)
+}
+
 impl Services {
+    /// The checks Matrix 1.16 asks of the stripped state sent with an invite or a knock
+    /// (`invite_room_state`, `knock_room_state`) in room versions after 11: the room's
+    /// create event is there, each entry is a PDU of the room version's format, of this
+    /// room (the create event's own id names the room since version 12), and signed
+    /// by the servers that must sign it, with a content hash that matches.
+    /// `M_INVALID_PARAM` when one fails. Earlier versions are not checked (the
+    /// spec's "MAY"; servers sent stripped events there).
+    pub(crate) async fn check_stripped_state_pdus(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        state: &[RawStrippedState],
+    ) -> Result<()> {
+        if stripped_state_checks_optional(version) {
+            return Ok(());
+        }
+        let rules = rules_for(version)?;
+        let invalid = |why: String| Error::invalid_param(format!("Invalid stripped state: {why}"));
+        let mut has_create = false;
+        for (i, entry) in state.iter().enumerate().take(MAX_STRIPPED_STATE) {
+            let RawStrippedState::Pdu(raw) = entry else {
+                return Err(invalid(format!("entry {i} is not a PDU")));
+            };
+            let object: CanonicalJsonObject =
+                serde_json::from_str(raw.get()).map_err(|e| invalid(format!("entry {i}: {e}")))?;
+            ruma::state_res::check_pdu_format(&object, &rules.event_format)
+                .map_err(|e| invalid(format!("entry {i}: {e}")))?;
+            let is_create = field(&object, "type") == Some("m.room.create") && field(&object, "state_key") == Some("");
+            let of_room = if is_create && rules.authorization.room_create_event_id_as_room_id {
+                ruma::signatures::reference_hash(&object, &rules)
+                    .is_ok_and(|hash| room_id.as_str().strip_prefix('!') == Some(hash.as_str()))
+            } else {
+                field(&object, "room_id") == Some(room_id.as_str())
+            };
+            if !of_room {
+                return Err(invalid(format!("entry {i} is not of room {room_id}")));
+            }
+            has_create |= is_create;
+            let servers = ruma::signatures::required_server_signatures_to_verify_event(&object, &rules.signatures)
+                .map_err(|e| invalid(format!("entry {i}: {e}")))?;
+            let keys = self.event_signing_keys(&servers).await?;
+            match ruma::signatures::verify_event(&keys, &object, &rules) {
+                Ok(Verified::All) => {}
+                Ok(Verified::Signatures) => return Err(invalid(format!("entry {i}'s content hash does not match"))),
+                Err(e) => return Err(invalid(format!("entry {i} has a bad signature: {e}"))),
+            }
+        }
+        if !has_create {
+            return Err(invalid("it lacks the room's create event".to_owned()));
+        }
+        Ok(())
+    }
+
     /// Stores `event`, a signed membership event of local `user` in a room this server
     /// is not in (see the module comment), and wakes the user's `/sync`. `stripped`:
     /// the state to show with an invite or a knock. `only_if_pending`: change the
