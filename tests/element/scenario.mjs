@@ -462,6 +462,8 @@ async function until(what, check, { timeout = STEP_TIMEOUT_MS - 5_000, interval 
 // Element's UI, as the scenario uses it.
 
 const WAIT = { timeout: STEP_TIMEOUT_MS - 5_000 };
+/** Clicks inside a polling loop: a button that goes away must not hold the loop for long. */
+const CLICK = { timeout: 5_000 };
 
 async function registerThroughForm(user, elementUrl) {
   const page = user.page;
@@ -485,9 +487,11 @@ async function registerThroughForm(user, elementUrl) {
       throw failure("Element: Unable to set up keys", { seen: [...seen] });
     }
     const skip = page.locator(".mx_UseCaseSelection").getByRole("button", { name: "Skip" });
-    if (await skip.isVisible()) {
+    // Once only: the choice stays on screen for 1.5 s after the click, and a second click
+    // would wait for a button that is gone (30 s, the cause of slow registrations).
+    if (!seen.has("use case selection") && (await skip.isVisible())) {
       seen.add("use case selection");
-      await skip.click();
+      await skip.click({ timeout: 5_000 });
     }
     const home = page.locator(".mx_HomePage, .mx_UserOnboardingPage").first();
     return (await home.isVisible()) && (await page.locator(".mx_RoomList").isVisible());
@@ -507,7 +511,8 @@ async function dismissToasts(page) {
   for (let i = 0; i < 5; i++) {
     const button = page.locator(".mx_Toast_buttons").getByRole("button", { name: /^(Dismiss|Later)$/ }).first();
     if (!(await button.isVisible())) return;
-    await button.click();
+    // A toast may go by itself (another replaces it): then there is nothing to click.
+    await button.click(CLICK).catch(() => {});
     await sleep(200);
   }
 }
@@ -1340,22 +1345,22 @@ async function main() {
             }
             if (text.includes("Generate a Security Key")) {
               saw("choose a Security Key");
-              await top.getByRole("button", { name: "Continue" }).click();
+              await top.getByRole("button", { name: "Continue" }).click(CLICK);
             } else if (text.includes("Save your Security Key")) {
               saw("Save your Security Key");
               backup.securityKey = (await top.locator(".mx_CreateSecretStorageDialog_recoveryKey code").innerText()).trim();
-              await Promise.all([page.waitForEvent("download", WAIT), top.getByRole("button", { name: "Download" }).click()]);
-              await top.getByRole("button", { name: "Continue" }).click();
+              await Promise.all([page.waitForEvent("download", WAIT), top.getByRole("button", { name: "Download" }).click(CLICK)]);
+              await top.getByRole("button", { name: "Continue" }).click(CLICK);
             } else if (await top.locator("input[type=password]").isVisible()) {
               saw("password");
               await top.locator("input[type=password]").fill(PASSWORD);
-              await top.getByRole("button", { name: "Continue" }).click();
+              await top.getByRole("button", { name: "Continue" }).click(CLICK);
             } else if (text.includes("Secure Backup successful")) {
               saw("Secure Backup successful");
-              await top.getByRole("button", { name: "Done" }).click();
+              await top.getByRole("button", { name: "Done" }).click(CLICK);
             } else if (text.includes("Success!")) {
               saw("Success!");
-              await top.getByRole("button", { name: "OK" }).click();
+              await top.getByRole("button", { name: "OK" }).click(CLICK);
             }
           }
           return false;
@@ -1415,7 +1420,7 @@ async function main() {
           const done = page.getByRole("button", { name: "Done", exact: true });
           if (await done.isVisible()) {
             seen.push((await page.locator(".mx_AuthPage").innerText()).replace(/\s+/g, " ").trim());
-            await done.click();
+            await done.click(CLICK);
           }
           return page.locator(".mx_RoomList").isVisible();
         });
