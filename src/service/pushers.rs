@@ -45,6 +45,8 @@ impl Services {
             PusherAction::Delete(ids) => {
                 if self.store.delete_pusher(user, &ids.app_id, &ids.pushkey).await? {
                     tracing::debug!(user, app_id = %ids.app_id, "pusher deleted");
+                    // Its task finds it gone, and ends.
+                    self.wake_pushers(std::iter::once(user));
                 }
                 return Ok(());
             }

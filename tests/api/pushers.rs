@@ -235,6 +235,14 @@ async fn bad_pushers_are_refused(backend: Backend) {
         let result = set(pusher(url, "org.example.app", "k")).await;
         assert_error(&result, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
     }
+    // An http pusher without `data.url`, or without the fields a pusher needs.
+    let mut no_url = pusher("https://push.example.org/_matrix/push/v1/notify", "org.example.app", "k");
+    no_url["data"] = json!({"format": "event_id_only"});
+    let result = set(no_url).await;
+    assert_eq!(result.0, StatusCode::BAD_REQUEST, "{}", result.1);
+    assert!(matches!(result.1["errcode"].as_str(), Some("M_BAD_JSON" | "M_MISSING_PARAM")), "{}", result.1);
+    let result = set(json!({"kind": "http", "app_id": "a", "pushkey": "k", "data": {"url": "https://push.example.org/_matrix/push/v1/notify"}})).await;
+    assert_eq!(result.0, StatusCode::BAD_REQUEST, "{}", result.1);
     let long_app = pusher("https://push.example.org/_matrix/push/v1/notify", &"a".repeat(65), "k");
     assert_error(&set(long_app).await, StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
     let long_key = pusher("https://push.example.org/_matrix/push/v1/notify", "org.example.app", &"k".repeat(513));
