@@ -196,7 +196,7 @@ pub struct Presence {
     pub visible_without_shared_room: bool,
 }
 
-/// Push notifications: how pushes reach push gateways (`service/pusher.rs`).
+/// Push notifications: how pushes reach push gateways (`service/push_sender.rs`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Push {

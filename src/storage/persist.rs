@@ -563,7 +563,7 @@ macro_rules! insert_event {
                             .push_bind(&a.actions);
                     });
                     query.build().execute(&mut *$tx).await?;
-                    // The pushes to send for it, in the same transaction (`service/pusher.rs`).
+                    // The pushes to send for it, in the same transaction (`service/push_sender.rs`).
                     super::pushers::enqueue_event_pushes!($tx, chunk, e.room_id, e.event_id, pos);
                 }
             }

@@ -1,5 +1,5 @@
 //! Storage of pushers (`POST /pushers/set`), of the push queue the HTTP pusher sends
-//! from (`service/pusher.rs`: rows written in the notifying event's own transaction,
+//! from (`service/push_sender.rs`: rows written in the notifying event's own transaction,
 //! by `persist_event`), and the reads of `/notifications` and of a push's badge count.
 
 use super::{Store, on_pool, users::lock_user};
