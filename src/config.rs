@@ -212,6 +212,9 @@ pub struct Push {
     pub max_retry_interval_ms: u64,
     /// Attempts at one push before it is given up (and logged); the next one is tried.
     pub max_attempts: u32,
+    /// Most pushers one account may have (each notifying event is posted to each): a
+    /// further `POST /pushers/set` answers `403 M_FORBIDDEN`.
+    pub max_pushers_per_user: u32,
 }
 
 impl Default for Push {
@@ -222,6 +225,7 @@ impl Default for Push {
             retry_initial_ms: 1_000,
             max_retry_interval_ms: 3_600_000,
             max_attempts: 30,
+            max_pushers_per_user: 100,
         }
     }
 }
@@ -614,6 +618,7 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("push.retry_initial_ms", 10.0, 3_600_000.0),
     ("push.max_retry_interval_ms", 10.0, 7.0 * 86_400_000.0),
     ("push.max_attempts", 1.0, 1000.0),
+    ("push.max_pushers_per_user", 1.0, 10_000.0),
 ];
 const TEN_YEARS_MS: f64 = 10.0 * 365.0 * 86_400_000.0;
 

@@ -87,7 +87,12 @@ impl Services {
             device_id: session.device_id.to_string(),
             pushkey_ts: now_ms(),
         };
-        self.store.set_pusher(&row, append).await?;
+        let max = self.config.push.max_pushers_per_user;
+        if !self.store.set_pusher(&row, append, i64::from(max)).await? {
+            return Err(Error::forbidden(format!(
+                "This account has {max} pushers, the most this server allows: delete one first"
+            )));
+        }
         self.start_pusher(user, &row.app_id, &row.pushkey);
         Ok(())
     }

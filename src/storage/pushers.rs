@@ -85,11 +85,25 @@ impl Store {
     /// Adds or updates a pusher (keyed by user, app id and pushkey). Without `append`,
     /// the same app id and pushkey of other users go, in the same transaction (under
     /// a lock on the pair, so that two users setting it at once leave one of them).
-    pub async fn set_pusher(&self, p: &PusherRow, append: bool) -> Result<()> {
+    /// False (nothing changed) when it would be one more than the user's `max` pushers
+    /// (counted under the user's lock).
+    pub async fn set_pusher(&self, p: &PusherRow, append: bool, max: i64) -> Result<bool> {
         let pair = format!("pusher {} {}", p.app_id, p.pushkey);
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             lock_user!(&mut *tx, &pair);
+            lock_user!(&mut *tx, &p.user_id);
+            let (others,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM pushers WHERE user_id = $1 AND NOT (app_id = $2 AND pushkey = $3)",
+            )
+            .bind(&p.user_id)
+            .bind(&p.app_id)
+            .bind(&p.pushkey)
+            .fetch_one(&mut *tx)
+            .await?;
+            if others >= max {
+                return Ok(false);
+            }
             if !append {
                 for sql in [
                     "DELETE FROM push_queue WHERE app_id = $1 AND pushkey = $2 AND user_id <> $3",
@@ -122,7 +136,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(())
+            Ok(true)
         })
     }
 

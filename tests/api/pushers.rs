@@ -316,6 +316,30 @@ async fn concurrent_pusher_sets_leave_one_owner(backend: Backend) {
     server.stop().await;
 }
 
+/// At most `push.max_pushers_per_user` pushers per account, also when set at once.
+async fn pushers_per_user_are_bounded(backend: Backend) {
+    let server = TestServer::start_with(backend, |c| c.push.max_pushers_per_user = 3).await;
+    let (_, alice, _) = server.register("alice").await;
+    let url = "https://push.example.org/_matrix/push/v1/notify";
+    let sets = (0..6)
+        .map(|i| server.post("/_matrix/client/v3/pushers/set", Some(&alice), pusher(url, "app", &format!("k{i}"))));
+    let results = futures_util::future::join_all(sets).await;
+    let ok = results.iter().filter(|r| r.0 == StatusCode::OK).count();
+    assert_eq!(ok, 3, "{results:?}");
+    for result in results.iter().filter(|r| r.0 != StatusCode::OK) {
+        assert_error(result, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    }
+    let listed = pushers(&server, &alice).await;
+    assert_eq!(listed.len(), 3);
+    // Replacing one of them is not one more.
+    let key = listed[0]["pushkey"].as_str().unwrap();
+    set_pusher(&server, &alice, pusher(url, "app", key)).await;
+    set_pusher(&server, &alice, json!({"kind": null, "app_id": "app", "pushkey": key})).await;
+    set_pusher(&server, &alice, pusher(url, "app", "k-new")).await;
+    assert_eq!(pushers(&server, &alice).await.len(), 3);
+    server.stop().await;
+}
+
 async fn a_message_is_pushed_to_the_gateway(backend: Backend) {
     let gateway = Gateway::start().await;
     let server = push_server(backend, 30).await;
@@ -579,6 +603,7 @@ backend_tests!(
     bad_pushers_are_refused,
     pushers_go_with_their_device,
     concurrent_pusher_sets_leave_one_owner,
+    pushers_per_user_are_bounded,
     a_message_is_pushed_to_the_gateway,
     a_rejected_pushkey_removes_the_pusher,
     queued_pushes_survive_a_restart,
