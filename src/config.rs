@@ -36,6 +36,7 @@ pub struct Config {
     pub federation: Federation,
     pub voip: Voip,
     pub presence: Presence,
+    pub push: Push,
 }
 
 /// Where Convo listens and how clients find it.
@@ -195,6 +196,40 @@ pub struct Presence {
     pub visible_without_shared_room: bool,
 }
 
+/// Push notifications: how pushes reach push gateways (`service/push_sender.rs`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Push {
+    /// Allow pushers whose gateway URL names (or resolves to) a private or loopback
+    /// address (tests, or a gateway on the same network). Off: such pushes are refused.
+    pub allow_private_destinations: bool,
+    /// Longest time one request to a push gateway may take in all, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// The first wait before retrying a push that failed, in milliseconds; each further
+    /// failure of the same pusher doubles it, up to `max_retry_interval_ms`.
+    pub retry_initial_ms: u64,
+    /// The longest wait between retries of a failing pusher, in milliseconds.
+    pub max_retry_interval_ms: u64,
+    /// Attempts at one push before it is given up (and logged); the next one is tried.
+    pub max_attempts: u32,
+    /// Most pushers one account may have (each notifying event is posted to each): a
+    /// further `POST /pushers/set` answers `403 M_FORBIDDEN`.
+    pub max_pushers_per_user: u32,
+}
+
+impl Default for Push {
+    fn default() -> Self {
+        Self {
+            allow_private_destinations: false,
+            request_timeout_ms: 10_000,
+            retry_initial_ms: 1_000,
+            max_retry_interval_ms: 3_600_000,
+            max_attempts: 30,
+            max_pushers_per_user: 100,
+        }
+    }
+}
+
 /// Request limits.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -314,6 +349,7 @@ impl Default for Config {
             federation: Federation::default(),
             voip: Voip::default(),
             presence: Presence::default(),
+            push: Push::default(),
         }
     }
 }
@@ -578,6 +614,11 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("federation.read_timeout_ms", 100.0, 3_600_000.0),
     ("federation.request_timeout_ms", 100.0, 3_600_000.0),
     ("federation.max_response_body", 1024.0, 1_073_741_824.0),
+    ("push.request_timeout_ms", 100.0, 600_000.0),
+    ("push.retry_initial_ms", 10.0, 3_600_000.0),
+    ("push.max_retry_interval_ms", 10.0, 7.0 * 86_400_000.0),
+    ("push.max_attempts", 1.0, 1000.0),
+    ("push.max_pushers_per_user", 1.0, 10_000.0),
 ];
 const TEN_YEARS_MS: f64 = 10.0 * 365.0 * 86_400_000.0;
 

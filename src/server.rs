@@ -170,6 +170,7 @@ pub async fn start(config: Config) -> Result<RunningServer, String> {
     let services = open_services(config.clone(), client_addr).await?;
     let first_registration_token = services.ensure_first_registration_token().await.map_err(|e| e.to_string())?;
     services.start_federation_sender().await.map_err(|e| format!("federation queues: {e}"))?;
+    services.start_push_sender().await.map_err(|e| format!("push queues: {e}"))?;
     let federation_listener = if config.listeners.federation_tls_certificate.as_os_str().is_empty() {
         None
     } else {

@@ -202,7 +202,9 @@ impl Services {
         if receipt_type == "m.fully_read" {
             return self.set_fully_read(room_id, user, event_id).await;
         }
-        self.store
+        let unread_before = self.unread_for_badge(user).await;
+        let position = self
+            .store
             .set_receipt(&ReceiptRow {
                 room_id: room_id.to_string(),
                 user_id: user.to_string(),
@@ -212,6 +214,7 @@ impl Services {
                 ts: now_ms(),
             })
             .await?;
+        self.push_badge_after_read(user, unread_before, position).await;
         let to_wake = if receipt_type == "m.read.private" {
             vec![user.to_owned()]
         } else {

@@ -14,6 +14,8 @@ mod openid;
 mod password;
 mod profile;
 mod push;
+mod push_sender;
+mod pushers;
 mod ratelimit;
 pub mod rooms;
 mod server_keys;
@@ -95,6 +97,7 @@ pub struct Services {
     pub push_members_cache: notifications::PushMembersCache,
     /// The outbound federation queues' senders, one per destination.
     pub federation_sender: federation::sender::FederationSender,
+    pub push_sender: push_sender::PushSender,
     /// Federation: the outbound client and the key fetcher.
     pub federation: federation::Federation,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
@@ -109,6 +112,7 @@ impl Services {
         let hashing = Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
         let signing_key = server_keys::load_or_generate(&config.data_dir.join("signing.key"))?;
         let federation = federation::Federation::new(&config.federation)?;
+        let push_sender = push_sender::PushSender::new(&config.push)?;
         let known_keys = Arc::new(rooms::pipeline::KnownKeys::new(
             config.server_name.as_str(),
             &format!("ed25519:{}", signing_key.version()),
@@ -135,6 +139,7 @@ impl Services {
             ruleset_cache: Default::default(),
             push_members_cache: Default::default(),
             federation_sender: Default::default(),
+            push_sender,
             shutting_down: tokio::sync::watch::channel(false).0,
         }))
     }

@@ -1,7 +1,7 @@
 //! Notifications: each new room event is run through the push rules of the room's
 //! local members (other than its sender); who it notifies, and for whom it highlights,
-//! is recorded with the event, and `/sync` counts those records after the user's read
-//! receipt (`storage/push.rs`).
+//! is recorded with the event (with the actions of the rule that matched), and `/sync`
+//! counts those records after the user's read receipt (`storage/push.rs`).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,7 +22,10 @@ use ruma::{
 use serde_json::{Value as JsonValue, value::RawValue};
 
 use super::{Services, rooms::pdu::Pdu};
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    storage::PushActionRow,
+};
 
 /// Rulesets of users who recently received events, so that every event does not
 /// read each recipient's `m.push_rules` again. Dropped for a user whose rules change.
@@ -89,7 +92,7 @@ impl Services {
         pdu_json: &str,
         state: &HashMap<(StateEventType, String), Pdu>,
         rules: &RoomVersionRules,
-    ) -> Result<Vec<(String, bool)>> {
+    ) -> Result<Vec<PushActionRow>> {
         let members = self.room_push_members(room_id).await?;
         if members.names.keys().all(|u| u.as_str() == sender.as_str()) {
             return Ok(Vec::new());
@@ -105,7 +108,11 @@ impl Services {
             ctx.power_levels = Some(power_levels.clone());
             let actions = rules.get_actions(&event, &ctx).await;
             if actions.iter().any(Action::should_notify) {
-                notified.push((user.to_string(), actions.iter().any(Action::is_highlight)));
+                notified.push(PushActionRow {
+                    user_id: user.to_string(),
+                    highlight: actions.iter().any(Action::is_highlight),
+                    actions: serde_json::to_string(actions).map_err(Error::internal)?,
+                });
             }
         }
         Ok(notified)

@@ -161,6 +161,8 @@ impl Services {
     pub async fn logout_all(&self, user_id: &str) -> Result<()> {
         let devices = self.store.list_devices(user_id).await?;
         self.store.delete_all_devices(user_id).await?;
+        // The tasks of the pushers that went with the devices end.
+        self.wake_pushers(std::iter::once(user_id));
         self.federate_deleted_devices(user_id, devices.iter().map(|d| d.device_id.as_str())).await;
         Ok(())
     }
@@ -195,6 +197,7 @@ impl Services {
 
     pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<()> {
         self.store.delete_devices(user_id, device_ids).await?;
+        self.wake_pushers(std::iter::once(user_id));
         self.federate_deleted_devices(user_id, device_ids.iter().copied()).await;
         Ok(())
     }

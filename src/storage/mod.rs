@@ -18,6 +18,7 @@ mod memberships;
 mod openid;
 mod persist;
 mod push;
+mod pushers;
 mod redactions;
 mod registration_tokens;
 mod remote_devices;
@@ -48,6 +49,7 @@ pub use self::{
         CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, Redaction,
         RoomCreated, StateBefore, StateEntry, StoredAt,
     },
+    pushers::{NotificationRow, PushActionRow, PusherRow, QueuedPush},
     registration_tokens::RegistrationTokenInfo,
     remote_devices::{DeviceUpdate, RemoteDeviceList},
     remote_rooms::RemoteMembership,

@@ -32,8 +32,9 @@ pub struct NewEvent<'a> {
     pub redactions: &'a [Redaction<'a>],
     /// A client send's transaction: device, scope (the endpoint's path) and id.
     pub txn: Option<EventTxn<'a>>,
-    /// Local users the event notifies, with whether it highlights for them.
-    pub push_actions: &'a [(String, bool)],
+    /// Local users the event notifies, with whether it highlights for them and the
+    /// actions of the rule that matched.
+    pub push_actions: &'a [super::PushActionRow],
     /// Where the event goes in the DAG, the stream and the room's state.
     pub dag: Dag<'a>,
 }
@@ -551,16 +552,19 @@ macro_rules! insert_event {
             if let Some(pos) = pos {
                 for chunk in e.push_actions.chunks(BATCH_ROWS) {
                     let mut query = sqlx::QueryBuilder::new(
-                        "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight) ",
+                        "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight, actions) ",
                     );
-                    query.push_values(chunk, |mut row, (user, highlight)| {
-                        row.push_bind(user)
+                    query.push_values(chunk, |mut row, a| {
+                        row.push_bind(&a.user_id)
                             .push_bind(e.room_id)
                             .push_bind(pos)
                             .push_bind(e.event_id)
-                            .push_bind(i32::from(*highlight));
+                            .push_bind(i32::from(a.highlight))
+                            .push_bind(&a.actions);
                     });
                     query.build().execute(&mut *$tx).await?;
+                    // The pushes to send for it, in the same transaction (`service/push_sender.rs`).
+                    super::pushers::enqueue_event_pushes!($tx, chunk, e.room_id, e.event_id, pos);
                 }
             }
             match d.extremities {

@@ -98,6 +98,11 @@ macro_rules! delete_devices_tx {
             "DELETE FROM e2e_fallback_keys WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
             "DELETE FROM to_device_messages WHERE recipient_user = $1 AND ($2 IS NULL OR recipient_device = $2)
              AND ($3 IS NULL OR recipient_device <> $3)",
+            // The pushers the devices' access tokens set go with them (their queues first).
+            "DELETE FROM push_queue WHERE user_id = $1 AND EXISTS (SELECT 1 FROM pushers p
+             WHERE p.user_id = push_queue.user_id AND p.app_id = push_queue.app_id AND p.pushkey = push_queue.pushkey
+             AND ($2 IS NULL OR p.device_id = $2) AND ($3 IS NULL OR p.device_id <> $3))",
+            "DELETE FROM pushers WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
         ] {
             sqlx::query(sql).bind(user_id).bind(only).bind(except).execute(&mut **$tx).await?;
         }

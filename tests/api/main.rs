@@ -22,6 +22,7 @@ mod openid;
 mod operations;
 mod profile;
 mod push;
+mod pushers;
 mod register;
 mod room_events;
 mod rooms;

@@ -1,12 +1,13 @@
-//! Push rules, pushers and third-party protocols.
+//! Push rules, pushers, notifications and third-party protocols.
 
 use std::collections::BTreeMap;
 
 use axum::{Router, extract::State};
 use ruma::api::client::{
     push::{
-        delete_pushrule, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all,
-        get_pushrules_global_scope, set_pushrule, set_pushrule_actions, set_pushrule_enabled,
+        delete_pushrule, get_notifications, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled,
+        get_pushrules_all, get_pushrules_global_scope, set_pusher, set_pushrule, set_pushrule_actions,
+        set_pushrule_enabled,
     },
     thirdparty::get_protocols,
 };
@@ -117,11 +118,33 @@ async fn set_pushrule_actions(
 
 /// # `GET /_matrix/client/v3/pushers`
 /// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3pushers>
-///
-/// Convo does not send pushes to push gateways yet: there are no pushers.
-async fn get_pushers(req: Ruma<get_pushers::v3::Request>) -> Result<RumaResponse<get_pushers::v3::Response>> {
-    req.session()?;
-    Ok(get_pushers::v3::Response::new(Vec::new()).into())
+async fn get_pushers(
+    State(services): State<AppState>,
+    req: Ruma<get_pushers::v3::Request>,
+) -> Result<RumaResponse<get_pushers::v3::Response>> {
+    Ok(get_pushers::v3::Response::new(services.get_pushers(&req.session()?.user_id).await?).into())
+}
+
+/// # `POST /_matrix/client/v3/pushers/set`
+/// <https://spec.matrix.org/v1.19/client-server-api/#post_matrixclientv3pushersset>
+async fn set_pusher(
+    State(services): State<AppState>,
+    req: Ruma<set_pusher::v3::Request>,
+) -> Result<RumaResponse<set_pusher::v3::Response>> {
+    let session = req.session()?.clone();
+    services.set_pusher(&session, req.body.action).await?;
+    Ok(set_pusher::v3::Response::new().into())
+}
+
+/// # `GET /_matrix/client/v3/notifications`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv3notifications>
+async fn get_notifications(
+    State(services): State<AppState>,
+    req: Ruma<get_notifications::v3::Request>,
+) -> Result<RumaResponse<get_notifications::v3::Response>> {
+    let b = &req.body;
+    let user = &req.session()?.user_id;
+    Ok(services.notifications(user, b.from.as_deref(), b.limit, b.only.as_deref()).await?.into())
 }
 
 /// # `GET /_matrix/client/v3/thirdparty/protocols`
@@ -144,5 +167,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = route::<get_pushrule_actions::v3::Request, _, _>(router, get_pushrule_actions);
     let router = route::<set_pushrule_actions::v3::Request, _, _>(router, set_pushrule_actions);
     let router = route::<get_pushers::v3::Request, _, _>(router, get_pushers);
+    let router = route::<set_pusher::v3::Request, _, _>(router, set_pusher);
+    let router = route::<get_notifications::v3::Request, _, _>(router, get_notifications);
     route::<get_protocols::v3::Request, _, _>(router, get_protocols)
 }

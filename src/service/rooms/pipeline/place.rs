@@ -21,7 +21,7 @@ pub(crate) struct Placing<'a> {
     pub membership: Option<&'a str>,
     pub redactions: &'a [Redaction<'a>],
     pub txn: Option<crate::storage::EventTxn<'a>>,
-    pub push_actions: &'a [(String, bool)],
+    pub push_actions: &'a [crate::storage::PushActionRow],
     pub position: Position,
     pub rejected_reason: Option<&'a str>,
     pub soft_failed: bool,
@@ -258,6 +258,8 @@ impl Services {
             .await;
         match &persisted {
             Ok(Persisted::Stored(StoredAt { state_group, current_group, .. })) => {
+                // Its pushes are queued (committed): their pushers send them.
+                self.wake_pushers(e.push_actions.iter().map(|a| a.user_id.as_str()));
                 if accepted {
                     let state_group = if linear || (extremities.len() == 1 && becomes_extremity) {
                         state_group.unwrap_or(head.state_group)
