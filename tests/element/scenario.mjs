@@ -93,6 +93,10 @@ async function startConvo() {
     proc.on("exit", (code, signal) => resolve((exited = { code, signal })));
     proc.on("error", (error) => resolve((exited = { error: String(error) })));
   });
+  // However this process ends (a crash included), the server goes with it.
+  process.on("exit", () => {
+    if (!exited) proc.kill("SIGKILL");
+  });
   const url = `http://127.0.0.1:${port}`;
   const stop = async () => {
     if (exited) return;
