@@ -20,8 +20,10 @@ mod persist;
 mod push;
 mod redactions;
 mod registration_tokens;
+mod relations;
 mod remote_devices;
 mod remote_rooms;
+mod reports;
 mod server_info;
 mod server_keys;
 mod sessions;
@@ -49,8 +51,10 @@ pub use self::{
         RoomCreated, StateBefore, StateEntry, StoredAt,
     },
     registration_tokens::RegistrationTokenInfo,
+    relations::{BundledRelations, RelationQuery, ThreadSummary},
     remote_devices::{DeviceUpdate, RemoteDeviceList},
     remote_rooms::RemoteMembership,
+    reports::ReportRow,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     stream::{HeldPosition, StreamWatch},
@@ -181,6 +185,7 @@ impl Store {
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
             let store = Store { db: Db::Sqlite { read, write }, stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
@@ -203,6 +208,7 @@ impl Store {
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
             let store = Store { db: Db::Postgres(pool), stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         }
     }
