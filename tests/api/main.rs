@@ -23,6 +23,7 @@ mod operations;
 mod profile;
 mod push;
 mod register;
+mod relations;
 mod room_events;
 mod rooms;
 mod stream;
