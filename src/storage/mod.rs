@@ -235,4 +235,6 @@ impl Store {
 #[cfg(test)]
 mod dag_tests;
 #[cfg(test)]
+mod relations_tests;
+#[cfg(test)]
 mod tests;

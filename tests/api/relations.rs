@@ -49,17 +49,17 @@ fn ids(chunk: &Value) -> Vec<String> {
 }
 
 /// Two users in a public room.
-async fn room_of_two(server: &TestServer) -> (String, String, String, String) {
+async fn room_of_two(server: &TestServer) -> (String, String, String) {
     let (_, alice, _) = server.register("alice").await;
     let (_, bob, _) = server.register("bob").await;
     let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
     server.join(&bob, &room).await;
-    (alice, bob, room, String::new())
+    (alice, bob, room)
 }
 
 async fn relations_are_paged_and_filtered(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let (_, carol, _) = server.register("carol").await;
     let root = server.send_text(&alice, &room, "root").await;
     let mut replies = Vec::new();
@@ -118,7 +118,7 @@ async fn relations_are_paged_and_filtered(backend: Backend) {
     assert_eq!(ids(&body["chunk"]), newest_first);
     assert!(body["next_batch"].is_null(), "{body}");
     let (_, body) = server.get(&format!("{base}/m.annotation/m.reaction"), Some(&bob)).await;
-    assert_eq!(ids(&body["chunk"]), [reaction.clone()]);
+    assert_eq!(ids(&body["chunk"]), [reaction.as_str()]);
     let (_, body) = server.get(&format!("{base}/m.annotation/m.room.message"), Some(&bob)).await;
     assert_eq!(ids(&body["chunk"]), Vec::<String>::new());
 
@@ -133,7 +133,7 @@ async fn relations_are_paged_and_filtered(backend: Backend) {
     )
     .await;
     let (_, body) = server.get(&format!("{base}/m.annotation"), Some(&bob)).await;
-    assert_eq!(ids(&body["chunk"]), [reaction.clone()]);
+    assert_eq!(ids(&body["chunk"]), [reaction.as_str()]);
     let (_, body) = server.get(&format!("{base}/m.annotation?recurse=true"), Some(&bob)).await;
     assert_eq!(ids(&body["chunk"]), [grandchild, reaction.clone()]);
     assert_eq!(body["recursion_depth"], 3);
@@ -188,7 +188,7 @@ async fn history_visibility_hides_relations(backend: Backend) {
 
 async fn thread_aggregation_after_replies(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let (_, carol, _) = server.register("carol").await;
     server.join(&carol, &room).await;
     let root = server.send_text(&alice, &room, "root").await;
@@ -230,7 +230,7 @@ async fn thread_aggregation_after_replies(backend: Backend) {
 
 async fn edits_and_references_are_bundled(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let original = server.send_text(&alice, &room, "helo").await;
     let first = edit(&server, &alice, &room, &original, "hello").await;
     let second = edit(&server, &alice, &room, &original, "hello!").await;
@@ -266,7 +266,7 @@ async fn edits_and_references_are_bundled(backend: Backend) {
 
 async fn threads_list_by_latest_activity(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let (_, carol, _) = server.register("carol").await;
     let older = server.send_text(&alice, &room, "thread 1").await;
     let newer = server.send_text(&alice, &room, "thread 2").await;
@@ -286,7 +286,7 @@ async fn threads_list_by_latest_activity(backend: Backend) {
     assert_eq!(ids(&page1["chunk"]), [older.clone(), third.clone()]);
     let next = page1["next_batch"].as_str().expect("a next page");
     let (_, page2) = server.get(&format!("{base}?limit=2&from={next}"), Some(&bob)).await;
-    assert_eq!(ids(&page2["chunk"]), [newer.clone()]);
+    assert_eq!(ids(&page2["chunk"]), [newer.as_str()]);
     assert!(page2["next_batch"].is_null());
     // Bob took part in `older` (a reply) and `third` (its root) only.
     let (_, body) = server.get(&format!("{base}?include=participated"), Some(&bob)).await;
@@ -303,7 +303,7 @@ fn counts(sync: &Value, room: &str) -> (Value, Value) {
 
 async fn thread_aware_unread_counts(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let root = server.send_text(&alice, &room, "root").await;
     server.send_text(&alice, &room, "main 2").await;
     thread_reply(&server, &alice, &room, &root, "t1").await;
@@ -459,7 +459,7 @@ async fn upgrade_copies_state_and_tombstones(backend: Backend) {
 
 async fn reports_are_stored_and_listed(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let (_, carol, _) = server.register("carol").await;
     let event = server.send_text(&alice, &room, "spam").await;
     let (status, body) = server
@@ -497,7 +497,7 @@ async fn reports_are_stored_and_listed(backend: Backend) {
 
 async fn concurrent_reports_get_distinct_ids(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let event = server.send_text(&alice, &room, "spam").await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..8 {
@@ -528,7 +528,7 @@ async fn concurrent_reports_get_distinct_ids(backend: Backend) {
 
 async fn mutual_rooms_lists_shared_joined_rooms(backend: Backend) {
     let server = TestServer::start(backend).await;
-    let (alice, bob, room, _) = room_of_two(&server).await;
+    let (alice, bob, room) = room_of_two(&server).await;
     let (carol_id, carol, _) = server.register("carol").await;
     let _alone = server.create_room(&alice, json!({})).await;
     let left = server.create_room(&alice, json!({"preset": "public_chat"})).await;
