@@ -553,6 +553,56 @@ async fn mutual_rooms_lists_shared_joined_rooms(backend: Backend) {
     server.stop().await;
 }
 
+async fn room_summaries_for_members_and_open_rooms(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let public = server
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "name": "Lobby", "topic": "Hi", "room_alias_name": "lobby"}),
+        )
+        .await;
+    let private = server.create_room(&alice, json!({"preset": "private_chat", "name": "Secret"})).await;
+    for path in [
+        format!("/_matrix/client/v1/room_summary/{public}"),
+        "/_matrix/client/v1/room_summary/%23lobby:localhost".to_owned(),
+        format!("/_matrix/client/unstable/im.nheko.summary/rooms/{public}/summary"),
+    ] {
+        let (status, body) = server.get(&path, Some(&bob)).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_eq!(body["room_id"], public.as_str());
+        assert_eq!(body["name"], "Lobby");
+        assert_eq!(body["topic"], "Hi");
+        assert_eq!(body["canonical_alias"], "#lobby:localhost");
+        assert_eq!(body["num_joined_members"], 1);
+        // ruma leaves out `public`, the field's default.
+        assert!(body["join_rule"] == "public" || body.get("join_rule").is_none(), "{body}");
+        assert_eq!(body["world_readable"], false);
+        assert_eq!(body["membership"], "leave", "{body}");
+        assert!(body["room_version"].is_string(), "{body}");
+    }
+    // Without a token: open rooms only, and no membership.
+    let (status, body) = server.get(&format!("/_matrix/client/v1/room_summary/{public}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.get("membership").is_none(), "{body}");
+    let private_path = format!("/_matrix/client/v1/room_summary/{private}");
+    assert_error(&server.get(&private_path, None).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    // A private room: not for outsiders, but for the invited.
+    assert_error(&server.get(&private_path, Some(&bob)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    let (status, _) = server
+        .post(&format!("/_matrix/client/v3/rooms/{private}/invite"), Some(&alice), json!({"user_id": bob_id}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = server.get(&private_path, Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["membership"], "invite");
+    assert_eq!(body["join_rule"], "invite");
+    let unknown = "/_matrix/client/v1/room_summary/%23nowhere:localhost";
+    assert_error(&server.get(unknown, Some(&bob)).await, StatusCode::NOT_FOUND, "M_NOT_FOUND");
+    server.stop().await;
+}
+
 backend_tests!(
     relations_are_paged_and_filtered,
     history_visibility_hides_relations,
@@ -564,4 +614,5 @@ backend_tests!(
     reports_are_stored_and_listed,
     concurrent_reports_get_distinct_ids,
     mutual_rooms_lists_shared_joined_rooms,
+    room_summaries_for_members_and_open_rooms,
 );

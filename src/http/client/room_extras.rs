@@ -1,9 +1,10 @@
-//! Room upgrades, reports of events and rooms, and mutual rooms (MSC2666).
+//! Room upgrades, reports of events and rooms, mutual rooms (MSC2666) and room
+//! summaries (MSC3266).
 
 use axum::{Router, extract::State};
 use ruma::api::client::{
     membership::get_mutual_rooms,
-    room::{report_content, report_room, upgrade_room},
+    room::{get_summary, report_content, report_room, upgrade_room},
 };
 
 use crate::{
@@ -76,7 +77,21 @@ async fn get_mutual_rooms_v1(
     Ok(response.into())
 }
 
+/// # `GET /_matrix/client/v1/room_summary/{roomIdOrAlias}`
+/// <https://spec.matrix.org/v1.19/client-server-api/#get_matrixclientv1room_summaryroomidoralias>
+async fn get_summary(
+    State(services): State<AppState>,
+    req: Ruma<get_summary::v1::Request>,
+) -> Result<RumaResponse<get_summary::v1::Response>> {
+    let user = req.session.as_ref().map(|s| &*s.user_id);
+    let (summary, membership) = services.room_summary_for(user, &req.body.room_id_or_alias).await?;
+    let mut response = get_summary::v1::Response::new(summary);
+    response.membership = membership;
+    Ok(response.into())
+}
+
 pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    let router = route::<get_summary::v1::Request, _, _>(router, get_summary);
     let router = route::<upgrade_room::v3::Request, _, _>(router, upgrade_room);
     let router = route::<report_content::v3::Request, _, _>(router, report_content);
     let router = route::<report_room::v3::Request, _, _>(router, report_room);

@@ -15,6 +15,7 @@ pub mod relations;
 pub mod reports;
 pub mod restricted;
 pub mod state;
+pub mod summary;
 pub mod timestamp;
 pub mod upgrade;
 pub mod validate;
