@@ -1,4 +1,5 @@
-//! `convo admin ...`: account and registration-token administration, run against
+//! `convo admin ...`: account and registration-token administration, and users'
+//! reports of events and rooms, run against
 //! the same configuration (and database) as the server.
 
 use std::{io::Read, sync::Arc};
@@ -29,6 +30,12 @@ pub enum AdminCommand {
     /// Manage registration tokens.
     #[command(subcommand)]
     RegistrationToken(TokenCommand),
+    /// List users' reports of events and rooms, newest first.
+    Reports {
+        /// How many to list.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +143,20 @@ pub async fn run(config: Config, command: AdminCommand) -> Result<String, String
                 return Err(format!("no registration token {token}"));
             }
             format!("revoked {token}")
+        }
+        AdminCommand::Reports { limit } => {
+            let reports = services.store.list_reports(i64::from(limit)).await.map_err(describe)?;
+            let mut out = String::from("id\treceived_ts\troom_id\tevent_id\treporter\treason");
+            for r in reports {
+                // One line per report: tabs and line breaks in a reason would break it.
+                let reason = r.reason.unwrap_or_default().replace(['\t', '\n', '\r'], " ");
+                let event = r.event_id.unwrap_or_else(|| "-".into());
+                out.push_str(&format!(
+                    "\n{}\t{}\t{}\t{event}\t{}\t{reason}",
+                    r.report_id, r.received_ts, r.room_id, r.reporter
+                ));
+            }
+            out
         }
     };
     services.store.close().await;

@@ -190,3 +190,17 @@ impl Store {
         Ok(rows.into_iter().map(|(id, name, avatar)| (id, unquote(name), unquote(avatar))).collect())
     }
 }
+
+impl Store {
+    /// Points every local alias of `from` at `to` (a room upgrade); returns how many.
+    pub async fn move_room_aliases(&self, from: &str, to: &str) -> Result<u64> {
+        on_pool!(self, write, |pool| {
+            Ok(sqlx::query("UPDATE room_aliases SET room_id = $2 WHERE room_id = $1")
+                .bind(from)
+                .bind(to)
+                .execute(pool)
+                .await?
+                .rows_affected())
+        })
+    }
+}

@@ -73,6 +73,36 @@ impl Store {
         Ok(positions)
     }
 
+    /// The stream position of the user's latest read receipt per thread (`""`:
+    /// unthreaded, `"main"`, or a thread root) in each of `room_ids`: (room, thread,
+    /// position).
+    pub async fn get_thread_read_positions(
+        &self,
+        user_id: &str,
+        room_ids: &[&str],
+    ) -> Result<Vec<(String, String, i64)>> {
+        let mut positions = Vec::new();
+        for chunk in room_ids.chunks(500) {
+            let rows: Vec<(String, String, i64)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT r.room_id, r.thread_id, MAX(e.stream_ordering) FROM receipts r
+                     JOIN events e ON e.event_id = r.event_id
+                     WHERE e.stream_ordering IS NOT NULL AND r.user_id = ",
+                );
+                query.push_bind(user_id);
+                query.push(" AND r.room_id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(") GROUP BY r.room_id, r.thread_id");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            positions.extend(rows);
+        }
+        Ok(positions)
+    }
+
     /// Sets a user's presence; `status_msg` `None` keeps the stored message (in the
     /// same statement, so a concurrent change of it is not undone).
     pub async fn set_presence(

@@ -157,3 +157,21 @@ impl Store {
         })
     }
 }
+
+impl Store {
+    /// The rooms both users are joined to, by room id (MSC2666 mutual rooms).
+    pub async fn get_mutual_rooms(&self, a: &str, b: &str) -> Result<Vec<String>> {
+        on_pool!(self, read, |pool| {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT m1.room_id FROM memberships m1 JOIN memberships m2 ON m2.room_id = m1.room_id
+                 WHERE m1.user_id = $1 AND m2.user_id = $2 AND m1.membership = 'join' AND m2.membership = 'join'
+                 ORDER BY m1.room_id",
+            )
+            .bind(a)
+            .bind(b)
+            .fetch_all(pool)
+            .await?;
+            Ok(rows.into_iter().map(|r| r.0).collect())
+        })
+    }
+}

@@ -21,8 +21,10 @@ mod push;
 mod pushers;
 mod redactions;
 mod registration_tokens;
+mod relations;
 mod remote_devices;
 mod remote_rooms;
+mod reports;
 mod server_info;
 mod server_keys;
 mod sessions;
@@ -51,8 +53,10 @@ pub use self::{
     },
     pushers::{NotificationRow, PushActionRow, PusherRow, QueuedPush},
     registration_tokens::RegistrationTokenInfo,
+    relations::{BundledRelations, RelationQuery, ThreadSummary},
     remote_devices::{DeviceUpdate, RemoteDeviceList},
     remote_rooms::RemoteMembership,
+    reports::ReportRow,
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     stream::{HeldPosition, StreamWatch},
@@ -183,6 +187,7 @@ impl Store {
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
             let store = Store { db: Db::Sqlite { read, write }, stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
@@ -205,6 +210,7 @@ impl Store {
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
             let store = Store { db: Db::Postgres(pool), stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         }
     }
@@ -230,5 +236,7 @@ impl Store {
 
 #[cfg(test)]
 mod dag_tests;
+#[cfg(test)]
+mod relations_tests;
 #[cfg(test)]
 mod tests;

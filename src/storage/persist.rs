@@ -4,12 +4,13 @@
 //! and auth chain); `create_room` stores a new room's first events, all or nothing.
 //! Each is one transaction: stream positions, the event rows, prev and auth edges,
 //! state groups, `current_state` and memberships (by delta), forward and backward
-//! extremities, push actions and redactions.
+//! extremities, push actions, relations (`event_relations`) and redactions.
 
 use super::{
     Store,
     events::next_counter,
     on_pool,
+    relations::insert_relation,
     stream::{self, Positions},
 };
 use crate::error::{Error, Result};
@@ -653,6 +654,11 @@ macro_rules! insert_event {
                         .bind(e.event_id)
                         .execute(&mut *$tx)
                         .await?;
+                        // A redacted event has no `m.relates_to`: it leaves its parent's relations.
+                        sqlx::query("DELETE FROM event_relations WHERE event_id = $1")
+                            .bind(target)
+                            .execute(&mut *$tx)
+                            .await?;
                     }
                     Redaction::Hold { target } if has_state && !d.soft_failed => {
                         sqlx::query(
@@ -681,6 +687,9 @@ macro_rules! insert_event {
                     }
                     Redaction::Apply { .. } | Redaction::Hold { .. } => {}
                 }
+            }
+            if pos.is_some() {
+                insert_relation!($tx, e);
             }
             // The room's current state at this position, where it is not the event's own.
             let current_after = match &d.current {

@@ -41,6 +41,7 @@ impl Store {
                 .bind(by)
                 .execute(&mut *tx)
                 .await?;
+                sqlx::query("DELETE FROM event_relations WHERE event_id = $1").bind(target).execute(&mut *tx).await?;
             }
             sqlx::query("DELETE FROM pending_redactions WHERE target_id = $1").bind(target).execute(&mut *tx).await?;
             tx.commit().await?;

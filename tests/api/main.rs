@@ -24,6 +24,7 @@ mod profile;
 mod push;
 mod pushers;
 mod register;
+mod relations;
 mod room_events;
 mod rooms;
 mod stream;

@@ -13,6 +13,8 @@ mod message;
 mod profile;
 mod push;
 mod register;
+mod relations;
+mod room_extras;
 mod rooms;
 mod session;
 mod sync;
@@ -40,5 +42,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = push::routes(router);
     let router = keys::routes(router);
     let router = tags::routes(router);
+    let router = relations::routes(router);
+    let router = room_extras::routes(router);
     voip::routes(router)
 }

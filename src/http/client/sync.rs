@@ -45,6 +45,7 @@ fn sync_filter(def: &FilterDefinition) -> SyncFilter {
         room_account_data: event_filter(&room.account_data),
         account_data: type_filter(&def.account_data),
         presence: type_filter(&def.presence),
+        unread_thread_notifications: room.timeline.unread_thread_notifications,
     }
 }
 

@@ -155,6 +155,7 @@ impl Services {
                 }
                 other => other.map(drop)?,
             }
+            self.check_thread_root(room_id, &content).await?;
             let event = LocalEvent {
                 sender,
                 kind: TimelineEventType::from(event_type),

@@ -11,9 +11,13 @@ pub mod membership;
 pub mod messages;
 pub mod pdu;
 pub mod pipeline;
+pub mod relations;
+pub mod reports;
 pub mod restricted;
 pub mod state;
+pub mod summary;
 pub mod timestamp;
+pub mod upgrade;
 pub mod validate;
 pub mod visibility;
 

@@ -60,6 +60,9 @@ pub struct SyncFilter {
     pub account_data: EventFilter,
     /// `presence`, by type and sender.
     pub presence: EventFilter,
+    /// `room.timeline.unread_thread_notifications`: unread counts per thread, apart
+    /// from the main timeline's.
+    pub unread_thread_notifications: bool,
 }
 
 impl Default for SyncFilter {
@@ -76,6 +79,7 @@ impl Default for SyncFilter {
             room_account_data: EventFilter::default(),
             account_data: EventFilter::default(),
             presence: EventFilter::default(),
+            unread_thread_notifications: false,
         }
     }
 }
@@ -101,8 +105,11 @@ struct JoinedWork {
     full_state: bool,
     /// Joined and invited members.
     members: (i64, i64),
-    /// Notifying and highlighting events since the user's read receipt.
+    /// Notifying and highlighting events since the user's read receipt (of the main
+    /// timeline only, when counts per thread are asked for).
     unread: (i64, i64),
+    /// Unread counts per thread root, when the filter asks for them.
+    thread_unread: Vec<(String, (i64, i64))>,
     initial: bool,
     has_events: bool,
     typing: Option<Vec<OwnedUserId>>,
@@ -260,6 +267,7 @@ impl Services {
                         account,
                         members: (0, 0),
                         unread: (0, 0),
+                        thread_unread: Vec::new(),
                     });
                 }
                 "invite" if since.is_none() || membership_changed => {
@@ -281,7 +289,7 @@ impl Services {
                 _ => {}
             }
         }
-        self.fill_counts(user, &mut joined_work).await?;
+        self.fill_counts(user, &mut joined_work, req.filter.unread_thread_notifications).await?;
         let joined: Vec<(OwnedRoomId, JoinedRoom)> = stream::iter(joined_work)
             .map(|work| self.joined_room(session, work, since_pos, head, filter))
             .buffered(JOINED_ROOMS_AT_ONCE)
@@ -363,8 +371,19 @@ impl Services {
         head: i64,
         filter: &SyncFilter,
     ) -> Result<(OwnedRoomId, JoinedRoom)> {
-        let JoinedWork { room_id, initial, full_state, has_events, typing, receipts, account, members, unread, .. } =
-            work;
+        let JoinedWork {
+            room_id,
+            initial,
+            full_state,
+            has_events,
+            typing,
+            receipts,
+            account,
+            members,
+            unread,
+            thread_unread,
+            ..
+        } = work;
         let user = &session.user_id;
         let mut joined = JoinedRoom::new();
         if initial || full_state || has_events {
@@ -391,6 +410,13 @@ impl Services {
         counts.notification_count = UInt::new(unread.0.max(0) as u64);
         counts.highlight_count = UInt::new(unread.1.max(0) as u64);
         joined.unread_notifications = counts;
+        for (root, (notifications, highlights)) in thread_unread {
+            let Ok(root) = ruma::OwnedEventId::try_from(root) else { continue };
+            let mut counts = UnreadNotificationsCount::new();
+            counts.notification_count = UInt::new(notifications.max(0) as u64);
+            counts.highlight_count = UInt::new(highlights.max(0) as u64);
+            joined.unread_thread_notifications.insert(root, counts);
+        }
         Ok((room_id, joined))
     }
 
@@ -607,12 +633,18 @@ impl Services {
 
     /// Member counts and unread counts of every room about to be built, a few queries
     /// for all of them instead of several per room.
-    async fn fill_counts(&self, user: &ruma::UserId, work: &mut [JoinedWork]) -> Result<()> {
+    async fn fill_counts(&self, user: &ruma::UserId, work: &mut [JoinedWork], by_thread: bool) -> Result<()> {
         if work.is_empty() {
             return Ok(());
         }
         let room_ids: Vec<&str> = work.iter().map(|w| w.room_id.as_str()).collect();
         let members = self.store.count_members_in_rooms(&room_ids).await?;
+        if by_thread {
+            for w in work.iter_mut() {
+                w.members = members.get(w.room_id.as_str()).copied().unwrap_or_default();
+            }
+            return self.fill_thread_counts(user, work, &room_ids_owned(work)).await;
+        }
         let read: HashMap<String, i64> =
             self.store.get_read_positions(user.as_str(), &room_ids).await?.into_iter().collect();
         let after: Vec<(&str, i64)> = work
@@ -623,6 +655,40 @@ impl Services {
         for w in work.iter_mut() {
             w.members = members.get(w.room_id.as_str()).copied().unwrap_or_default();
             w.unread = unread.get(w.room_id.as_str()).copied().unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    /// Unread counts by thread: an unthreaded receipt (or the join) is where every count
+    /// starts; a `main` receipt moves the main timeline's start, a receipt in a thread
+    /// that thread's. Two queries for all the rooms.
+    async fn fill_thread_counts(
+        &self,
+        user: &ruma::UserId,
+        work: &mut [JoinedWork],
+        room_ids: &[String],
+    ) -> Result<()> {
+        let room_ids: Vec<&str> = room_ids.iter().map(String::as_str).collect();
+        let receipts = self.store.get_thread_read_positions(user.as_str(), &room_ids).await?;
+        let mut floors: HashMap<&str, i64> = work.iter().map(|w| (w.room_id.as_str(), w.joined_at)).collect();
+        for (room, thread, pos) in &receipts {
+            if thread.is_empty()
+                && let Some(floor) = floors.get_mut(room.as_str())
+            {
+                *floor = (*floor).max(*pos);
+            }
+        }
+        let cuts: Vec<(&str, &str, i64)> = receipts
+            .iter()
+            .filter(|(room, thread, pos)| !thread.is_empty() && floors.get(room.as_str()).is_some_and(|f| pos > f))
+            .map(|(room, thread, pos)| (room.as_str(), if thread == "main" { "" } else { thread.as_str() }, *pos))
+            .collect();
+        let floor_list: Vec<(&str, i64)> = floors.iter().map(|(room, pos)| (*room, *pos)).collect();
+        let mut counts = self.store.count_thread_notifications_in_rooms(user.as_str(), &floor_list, &cuts).await?;
+        for w in work.iter_mut() {
+            let mut rooms_counts = counts.remove(w.room_id.as_str()).unwrap_or_default();
+            w.unread = rooms_counts.remove("").unwrap_or_default();
+            w.thread_unread = rooms_counts.into_iter().collect();
         }
         Ok(())
     }
@@ -716,4 +782,9 @@ impl Services {
         let json = self.store.get_filter(user.as_str(), id).await?.ok_or_else(|| Error::not_found("No such filter"))?;
         serde_json::from_str(&json).map_err(Error::internal)
     }
+}
+
+/// The room ids of the rooms about to be built.
+fn room_ids_owned(work: &[JoinedWork]) -> Vec<String> {
+    work.iter().map(|w| w.room_id.to_string()).collect()
 }
