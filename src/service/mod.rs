@@ -16,6 +16,7 @@ mod profile;
 mod push;
 mod ratelimit;
 pub mod rooms;
+mod search;
 mod server_keys;
 mod sessions;
 pub mod sync;

@@ -22,6 +22,7 @@ mod redactions;
 mod registration_tokens;
 mod remote_devices;
 mod remote_rooms;
+pub(crate) mod search;
 mod server_info;
 mod server_keys;
 mod sessions;
@@ -51,6 +52,7 @@ pub use self::{
     registration_tokens::RegistrationTokenInfo,
     remote_devices::{DeviceUpdate, RemoteDeviceList},
     remote_rooms::RemoteMembership,
+    search::{MAX_SEARCH_RANGES, SEARCH_KEYS, SearchHit, SearchOrder, SearchQuery},
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     stream::{HeldPosition, StreamWatch},
@@ -181,6 +183,7 @@ impl Store {
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
             let store = Store { db: Db::Sqlite { read, write }, stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
@@ -203,6 +206,7 @@ impl Store {
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
             let store = Store { db: Db::Postgres(pool), stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         }
     }

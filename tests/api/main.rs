@@ -25,6 +25,7 @@ mod push;
 mod register;
 mod room_events;
 mod rooms;
+mod search;
 mod stream;
 mod sync;
 mod timestamp;

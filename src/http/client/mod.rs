@@ -14,6 +14,7 @@ mod profile;
 mod push;
 mod register;
 mod rooms;
+mod search;
 mod session;
 mod sync;
 mod tags;
@@ -40,5 +41,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = push::routes(router);
     let router = keys::routes(router);
     let router = tags::routes(router);
+    let router = search::routes(router);
     voip::routes(router)
 }
