@@ -18,4 +18,3 @@ CREATE TABLE event_search (
     search_key      TEXT NOT NULL,              -- content.body, content.name or content.topic
     value           TEXT NOT NULL
 );
-CREATE INDEX event_search_by_room ON event_search (room_id, stream_ordering);

@@ -116,30 +116,94 @@ fn tsquery_text(words: &[String]) -> String {
     words.iter().map(|w| format!("'{}':*", w.replace('\\', "").replace('\'', "''"))).collect::<Vec<_>>().join(" & ")
 }
 
-/// Writes the `FROM ... WHERE ...` of a search (both the page and its count).
-fn push_search_body<DB: sqlx::Database>(query: &mut sqlx::QueryBuilder<DB>, q: &SearchQuery<'_>, dialect: Dialect)
+/// What a search statement answers: a page of matches, or how many there are.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Page,
+    Count,
+}
+
+/// Writes a search statement. The stretches the user may see are a `VALUES` list
+/// (`r`). On SQLite FTS5 drives the loop (`CROSS JOIN` keeps SQLite's order), newest
+/// first by rowid (the stream position), so a recent-order page stops early. On
+/// PostgreSQL the matches are taken once from the GIN index (`m`, materialized: the
+/// planner would otherwise also scan the room's rows for each stretch) and then kept
+/// to the stretches.
+fn push_search<DB: sqlx::Database>(
+    query: &mut sqlx::QueryBuilder<DB>,
+    q: &SearchQuery<'_>,
+    answer: Answer,
+    dialect: Dialect,
+) where
+    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    query.push("WITH r(room_id, lo, hi) AS (VALUES ");
+    for (i, (room, lo, hi)) in q.ranges.iter().enumerate() {
+        query.push(if i == 0 { "(" } else { ", (" });
+        query.push_bind(room.clone());
+        query.push(", ");
+        query.push_bind(*lo);
+        query.push(", ");
+        query.push_bind(*hi);
+        query.push(")");
+    }
+    query.push(")");
+    let before = if answer == Answer::Page { q.before } else { None };
+    match dialect {
+        Dialect::Sqlite => {
+            query.push(match answer {
+                Answer::Page => {
+                    " SELECT s.event_id, s.room_id, s.stream_ordering, -event_search_fts.rank AS rank, s.value"
+                }
+                Answer::Count => " SELECT COUNT(*)",
+            });
+            query.push(" FROM event_search_fts CROSS JOIN event_search s CROSS JOIN r WHERE event_search_fts MATCH ");
+            query.push_bind(fts5_match(q.words));
+            query.push(" AND s.stream_ordering = event_search_fts.rowid");
+            push_conditions(query, q, before);
+            query.push(" AND r.room_id = s.room_id AND s.stream_ordering > r.lo AND s.stream_ordering <= r.hi");
+        }
+        Dialect::Postgres => {
+            query.push(
+                ", m AS MATERIALIZED (SELECT s.event_id, s.room_id, s.stream_ordering, s.value,
+                     CAST(ts_rank(s.vector, t.query) AS DOUBLE PRECISION) AS rank
+                 FROM event_search s, (SELECT to_tsquery('simple', ",
+            );
+            query.push_bind(tsquery_text(q.words));
+            query.push(") AS query) t WHERE s.vector @@ t.query");
+            push_conditions(query, q, before);
+            query.push(")");
+            query.push(match answer {
+                Answer::Page => " SELECT s.event_id, s.room_id, s.stream_ordering, s.rank, s.value",
+                Answer::Count => " SELECT COUNT(*)",
+            });
+            query.push(
+                " FROM m s JOIN r ON r.room_id = s.room_id AND s.stream_ordering > r.lo AND s.stream_ordering <= r.hi",
+            );
+        }
+    }
+    if answer == Answer::Count {
+        return;
+    }
+    query.push(match (q.order, dialect) {
+        (SearchOrder::Recent, Dialect::Sqlite) => " ORDER BY event_search_fts.rowid DESC",
+        (SearchOrder::Rank, Dialect::Sqlite) => " ORDER BY event_search_fts.rank, s.stream_ordering DESC",
+        (SearchOrder::Recent, Dialect::Postgres) => " ORDER BY s.stream_ordering DESC",
+        (SearchOrder::Rank, Dialect::Postgres) => " ORDER BY s.rank DESC, s.stream_ordering DESC",
+    });
+    query.push(" LIMIT ");
+    query.push_bind(q.limit);
+    query.push(" OFFSET ");
+    query.push_bind(q.offset);
+}
+
+/// The conditions on an `event_search s` row: keys, senders, and (recent order) before.
+fn push_conditions<DB: sqlx::Database>(query: &mut sqlx::QueryBuilder<DB>, q: &SearchQuery<'_>, before: Option<i64>)
 where
     String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
     i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
 {
-    match dialect {
-        // FTS5 drives the loop (CROSS JOIN keeps SQLite's order): newest first by rowid
-        // (the stream position), so a recent-order page stops early.
-        Dialect::Sqlite => {
-            query.push(
-                " FROM event_search_fts CROSS JOIN event_search s CROSS JOIN r
-                 WHERE event_search_fts MATCH ",
-            );
-            query.push_bind(fts5_match(q.words));
-            query.push(" AND s.stream_ordering = event_search_fts.rowid");
-        }
-        Dialect::Postgres => {
-            query.push(" FROM event_search s JOIN r ON TRUE WHERE s.vector @@ to_tsquery('simple', ");
-            query.push_bind(tsquery_text(q.words));
-            query.push(")");
-        }
-    }
-    query.push(" AND r.room_id = s.room_id AND s.stream_ordering > r.lo AND s.stream_ordering <= r.hi");
     query.push(" AND s.search_key IN (");
     let mut keys = query.separated(", ");
     for key in q.keys {
@@ -162,34 +226,10 @@ where
         }
         query.push(")");
     }
-    if let Some(before) = q.before {
+    if let Some(before) = before {
         query.push(" AND s.stream_ordering < ");
         query.push_bind(before);
     }
-}
-
-/// Writes the `WITH r(room_id, lo, hi) AS (VALUES ...)` of a search.
-fn push_ranges<DB: sqlx::Database>(query: &mut sqlx::QueryBuilder<DB>, q: &SearchQuery<'_>)
-where
-    String: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
-{
-    query.push("WITH r(room_id, lo, hi) AS (VALUES ");
-    let mut first = true;
-    for (room, lo, hi) in q.ranges {
-        if !first {
-            query.push(", ");
-        }
-        first = false;
-        query.push("(");
-        query.push_bind(room.clone());
-        query.push(", ");
-        query.push_bind(*lo);
-        query.push(", ");
-        query.push_bind(*hi);
-        query.push(")");
-    }
-    query.push(")");
 }
 
 impl Store {
@@ -205,38 +245,10 @@ impl Store {
         let dialect = self.dialect();
         on_pool!(self, read, |pool| {
             let mut page = sqlx::QueryBuilder::new("");
-            push_ranges(&mut page, q);
-            page.push(match dialect {
-                Dialect::Sqlite => {
-                    " SELECT s.event_id, s.room_id, s.stream_ordering, -event_search_fts.rank AS rank, s.value"
-                }
-                Dialect::Postgres => {
-                    " SELECT s.event_id, s.room_id, s.stream_ordering,
-                         CAST(ts_rank(s.vector, to_tsquery('simple', "
-                }
-            });
-            if dialect == Dialect::Postgres {
-                page.push_bind(tsquery_text(q.words));
-                page.push(")) AS DOUBLE PRECISION) AS rank, s.value");
-            }
-            push_search_body(&mut page, q, dialect);
-            page.push(match (q.order, dialect) {
-                (SearchOrder::Recent, Dialect::Sqlite) => " ORDER BY event_search_fts.rowid DESC",
-                (SearchOrder::Recent, Dialect::Postgres) => " ORDER BY s.stream_ordering DESC",
-                (SearchOrder::Rank, Dialect::Sqlite) => " ORDER BY event_search_fts.rank, s.stream_ordering DESC",
-                (SearchOrder::Rank, Dialect::Postgres) => " ORDER BY rank DESC, s.stream_ordering DESC",
-            });
-            page.push(" LIMIT ");
-            page.push_bind(q.limit);
-            page.push(" OFFSET ");
-            page.push_bind(q.offset);
+            push_search(&mut page, q, Answer::Page, dialect);
             let hits: Vec<SearchHit> = page.build_query_as().fetch_all(pool).await?;
-
             let mut count = sqlx::QueryBuilder::new("");
-            push_ranges(&mut count, q);
-            count.push(" SELECT COUNT(*)");
-            let unbounded = SearchQuery { before: None, ..*q };
-            push_search_body(&mut count, &unbounded, dialect);
+            push_search(&mut count, q, Answer::Count, dialect);
             let (total,): (i64,) = count.build_query_as().fetch_one(pool).await?;
             Ok((hits, total))
         })
