@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use futures_util::{StreamExt, TryStreamExt, stream};
+
 use ruma::{
     DeviceId, OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     api::client::search::search_events::v3::{
@@ -36,6 +38,8 @@ const MAX_CONTEXT: u64 = 20;
 /// Words of a search term that count, and characters of a word.
 const MAX_WORDS: usize = 16;
 const MAX_WORD_CHARS: usize = 100;
+/// Results whose context is read at the same time.
+const CONTEXTS_AT_ONCE: usize = 4;
 /// Most highlights returned.
 const MAX_HIGHLIGHTS: usize = 50;
 
@@ -222,14 +226,28 @@ impl Services {
         let context = &criteria.event_context;
         let (before, after) =
             (u64::from(context.before_limit).min(MAX_CONTEXT), u64::from(context.after_limit).min(MAX_CONTEXT));
+        // The contexts, a few at a time (each is a handful of reads on its own connection);
+        // boxed, as the borrowing futures are otherwise not `Send` for every lifetime.
+        let reads: Vec<std::pin::Pin<Box<dyn Future<Output = Result<EventContextResult>> + Send + '_>>> = found
+            .iter()
+            .map(|event| {
+                Box::pin(self.search_context(
+                    user,
+                    viewer,
+                    event,
+                    before as usize,
+                    after as usize,
+                    context.include_profile,
+                )) as _
+            })
+            .collect();
+        let contexts: Vec<EventContextResult> = stream::iter(reads).buffered(CONTEXTS_AT_ONCE).try_collect().await?;
         let mut results = Vec::with_capacity(found.len());
-        for ((event, json), hit) in found.iter().zip(formatted).zip(&hits) {
+        for ((json, hit), context) in formatted.into_iter().zip(&hits).zip(contexts) {
             let mut result = SearchResult::new();
             result.rank = Some(hit.rank);
             result.result = Some(to_raw(json)?);
-            result.context = self
-                .search_context(user, viewer, event, before as usize, after as usize, context.include_profile)
-                .await?;
+            result.context = context;
             results.push(result);
         }
 
