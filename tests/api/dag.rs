@@ -985,6 +985,7 @@ backend_tests!(
     a_state_snapshot_costs_the_rooms_state_not_the_servers,
     backfilled_events_never_become_forward_extremities,
     remote_and_backfilled_messages_are_searchable_as_their_state_allows,
+    soft_failed_messages_are_not_searchable,
 );
 
 /// Backfill brings history oldest first, so each backfilled event arrives before its
@@ -1102,4 +1103,30 @@ async fn remote_and_backfilled_messages_are_searchable_as_their_state_allows(bac
     // Bob joined after both, and the room shows history to members only: the backfilled
     // one's position sorts before his join, but its state says he was not a member.
     assert!(search(bob.clone()).await.is_empty());
+}
+
+/// A soft-failed message is stored but never shown: search does not find it either.
+async fn soft_failed_messages_are_not_searchable(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let old_levels = remote.state_id("m.room.power_levels", "").await;
+    let (_, mut levels) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice)).await;
+    levels["events"]["m.room.message"] = json!(50);
+    let (status, body) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice), levels).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut draft = remote.message("rita", "okapi from the past", vec![join.clone()], now()).await;
+    draft.auth = vec![old_levels, join.clone()];
+    let (id, pdu) = remote.sign(draft).await;
+    assert_eq!(remote.feed(pdu, Arrival::Live).await, PduOutcome::SoftFailed { event_id: id.try_into().unwrap() });
+    server.send_text(&alice, &room, "okapi from alice").await;
+
+    let body = json!({"search_categories": {"room_events": {"search_term": "okapi"}}});
+    let (status, found) = server.post("/_matrix/client/v3/search", Some(&alice), body).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    let found = &found["search_categories"]["room_events"];
+    assert_eq!(found["count"], 1, "{found}");
+    assert_eq!(found["results"][0]["result"]["content"]["body"], "okapi from alice", "{found}");
 }
