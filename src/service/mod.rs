@@ -18,6 +18,7 @@ mod push_sender;
 mod pushers;
 mod ratelimit;
 pub mod rooms;
+mod search;
 mod server_keys;
 mod sessions;
 pub mod sync;

@@ -25,6 +25,7 @@ mod relations;
 mod remote_devices;
 mod remote_rooms;
 mod reports;
+pub(crate) mod search;
 mod server_info;
 mod server_keys;
 mod sessions;
@@ -57,6 +58,7 @@ pub use self::{
     remote_devices::{DeviceUpdate, RemoteDeviceList},
     remote_rooms::RemoteMembership,
     reports::ReportRow,
+    search::{MAX_SEARCH_RANGES, SEARCH_KEYS, SearchHit, SearchOrder, SearchQuery},
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     stream::{HeldPosition, StreamWatch},
@@ -188,6 +190,7 @@ impl Store {
             let store = Store { db: Db::Sqlite { read, write }, stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
@@ -211,6 +214,7 @@ impl Store {
             let store = Store { db: Db::Postgres(pool), stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         }
     }

@@ -27,6 +27,7 @@ mod register;
 mod relations;
 mod room_events;
 mod rooms;
+mod search;
 mod stream;
 mod sync;
 mod timestamp;

@@ -16,6 +16,7 @@ mod register;
 mod relations;
 mod room_extras;
 mod rooms;
+mod search;
 mod session;
 mod sync;
 mod tags;
@@ -44,5 +45,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = tags::routes(router);
     let router = relations::routes(router);
     let router = room_extras::routes(router);
+    let router = search::routes(router);
     voip::routes(router)
 }
