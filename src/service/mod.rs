@@ -9,6 +9,7 @@ pub mod e2e;
 mod ephemeral;
 pub mod federation;
 mod ids;
+mod key_backups;
 mod notifications;
 mod openid;
 mod password;

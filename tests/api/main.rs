@@ -15,6 +15,7 @@ mod federation_edus;
 mod federation_events;
 mod federation_rooms;
 mod federation_sender;
+mod key_backups;
 mod keys;
 mod knock;
 mod login;

@@ -7,6 +7,7 @@ mod devices;
 pub(crate) mod directory;
 mod discovery;
 mod ephemeral;
+mod key_backups;
 mod keys;
 mod membership;
 mod message;
@@ -39,6 +40,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = directory::routes(router);
     let router = push::routes(router);
     let router = keys::routes(router);
+    let router = key_backups::routes(router);
     let router = tags::routes(router);
     voip::routes(router)
 }
