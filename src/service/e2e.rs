@@ -154,8 +154,36 @@ impl Services {
         Ok(found)
     }
 
+    /// Adds `unsigned.device_display_name` to the device keys of this server's users, as
+    /// a local user's `/keys/query` shows them (for their own devices and others'; other
+    /// servers are not told device names).
+    pub async fn add_device_display_names(&self, found: &mut QueriedKeys) -> Result<()> {
+        let local: Vec<&str> =
+            found.device_keys.keys().filter(|u| u.server_name() == self.server_name()).map(|u| u.as_str()).collect();
+        if local.is_empty() {
+            return Ok(());
+        }
+        let names = self.store.get_device_names_of_users(&local).await?;
+        for (user, device_id, name) in names {
+            let Ok(user) = OwnedUserId::try_from(user) else { continue };
+            let Some(keys) = found.device_keys.get_mut(&user).and_then(|d| d.get_mut(device_id.as_str())) else {
+                continue;
+            };
+            let mut json: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(keys.json().get()).map_err(Error::internal)?;
+            let unsigned = json.entry("unsigned").or_insert_with(|| serde_json::json!({}));
+            if !unsigned.is_object() {
+                *unsigned = serde_json::json!({});
+            }
+            unsigned["device_display_name"] = serde_json::Value::String(name);
+            *keys = raw_from_json(serde_json::to_string(&json).map_err(Error::internal)?)?;
+        }
+        Ok(())
+    }
+
     /// `POST /keys/claim`: one key per named device, a one-time key while any is left,
-    /// else the device's fallback key; all in one transaction.
+    /// else the device's fallback key; all in one transaction. The devices' waiting
+    /// `/sync`s answer with their new key counts.
     pub async fn claim_keys(
         &self,
         wanted: &BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, ruma::OneTimeKeyAlgorithm>>,
@@ -181,7 +209,16 @@ impl Services {
                     .insert(device.clone(), BTreeMap::from([(key_id, raw_from_json(json)?)]));
             }
         }
+        // Wake the devices' syncs: they answer with the new counts, so the clients
+        // upload more keys.
+        self.notifier.notify_users(&claimed.keys().cloned().collect::<Vec<_>>());
         Ok(claimed)
+    }
+
+    /// Whether the device's keys were claimed after the stream position `since`.
+    pub async fn keys_claimed_after(&self, session: &Session, since: i64) -> Result<bool> {
+        let pos = self.store.get_key_claim_position(session.user_id.as_str(), session.device_id.as_str()).await?;
+        Ok(pos > since)
     }
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`: queues the messages for their devices

@@ -26,6 +26,7 @@ mod push;
 mod register;
 mod room_events;
 mod rooms;
+mod signatures;
 mod stream;
 mod sync;
 mod timestamp;
