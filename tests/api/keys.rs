@@ -468,7 +468,54 @@ async fn first_master_key_is_set_once(backend: Backend) {
     server.stop().await;
 }
 
+async fn claimed_device_is_woken(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let upload = json!({
+        "device_keys": device_keys(&alice_id, &alice_dev),
+        "one_time_keys": {"signed_curve25519:AAAAAQ": otk("one"), "signed_curve25519:AAAAAg": otk("two")},
+    });
+    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
+    let since = server.sync(&alice, None, "").await["next_batch"].as_str().unwrap().to_owned();
+    let claim = json!({"one_time_keys": {alice_id.clone(): {alice_dev.clone(): "signed_curve25519"}}});
+
+    // Alice's device waits for news; bob's claim wakes it with the new count.
+    let waiting = {
+        let (http, base, token, since) = (reqwest::Client::new(), server.base.clone(), alice.clone(), since.clone());
+        tokio::spawn(async move {
+            let url = format!("{base}/_matrix/client/v3/sync?since={since}&timeout=60000");
+            http.get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap()
+        })
+    };
+    server.wait_for_waiting_syncs(&alice_id, 1).await;
+    let started = std::time::Instant::now();
+    assert_eq!(server.post("/_matrix/client/v3/keys/claim", Some(&bob), claim.clone()).await.0, StatusCode::OK);
+    let sync = tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the claim, not by its 60 s timeout")
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(sync["device_one_time_keys_count"], json!({"signed_curve25519": 1}), "{sync}");
+
+    // A claim between two syncs: the next one answers at once.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    assert_eq!(server.post("/_matrix/client/v3/keys/claim", Some(&bob), claim).await.0, StatusCode::OK);
+    let sync =
+        tokio::time::timeout(std::time::Duration::from_secs(20), server.sync(&alice, Some(&since), "timeout=60000"))
+            .await
+            .expect("answered at once");
+    assert!(sync["device_one_time_keys_count"].as_object().is_none_or(|c| c.is_empty()), "{sync}");
+    // Nothing new after that: the sync waits its (short) timeout.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    server.sync(&alice, Some(&since), "timeout=500").await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500), "a claim wakes a sync once");
+    server.stop().await;
+}
+
 backend_tests!(
+    claimed_device_is_woken,
     first_master_key_is_set_once,
     upload_query_claim,
     send_to_device,
