@@ -44,7 +44,7 @@ pub struct QueriedKeys {
     pub user_signing_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
 }
 
-fn new_keys(rows: &[(String, String, String)]) -> Vec<NewKey<'_>> {
+pub(super) fn new_keys(rows: &[(String, String, String)]) -> Vec<NewKey<'_>> {
     rows.iter().map(|(id, alg, json)| NewKey { key_id: id, algorithm: alg, json }).collect()
 }
 
@@ -285,11 +285,7 @@ impl Services {
         }
         rows.into_iter()
             .filter(|r| since.is_none_or(|acked| r.0 > acked))
-            .map(|(_, sender, event_type, content)| {
-                let sender = serde_json::to_string(&sender).map_err(Error::internal)?;
-                let event_type = serde_json::to_string(&event_type).map_err(Error::internal)?;
-                raw_from_json(format!(r#"{{"sender":{sender},"type":{event_type},"content":{content}}}"#))
-            })
+            .map(|(_, sender, event_type, content)| to_device_event(&sender, &event_type, &content))
             .collect()
     }
 
@@ -331,6 +327,13 @@ impl Services {
         let ids = |users: BTreeSet<String>| users.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect();
         Ok((ids(changed.difference(&left).cloned().collect()), ids(left)))
     }
+}
+
+/// A queued to-device message as clients receive it.
+pub(super) fn to_device_event(sender: &str, event_type: &str, content: &str) -> Result<Raw<AnyToDeviceEvent>> {
+    let sender = serde_json::to_string(sender).map_err(Error::internal)?;
+    let event_type = serde_json::to_string(event_type).map_err(Error::internal)?;
+    raw_from_json(format!(r#"{{"sender":{sender},"type":{event_type},"content":{content}}}"#))
 }
 
 /// The `message_id` of a `sendToDevice` request's EDUs: unique per device and

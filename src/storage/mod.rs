@@ -8,6 +8,7 @@
 //! writers queue in process instead of failing with `SQLITE_BUSY`.
 
 mod account_data;
+mod dehydrated_devices;
 mod directory;
 mod e2e;
 mod ephemeral;

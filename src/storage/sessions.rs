@@ -98,6 +98,7 @@ macro_rules! delete_devices_tx {
             "DELETE FROM e2e_fallback_keys WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
             "DELETE FROM to_device_messages WHERE recipient_user = $1 AND ($2 IS NULL OR recipient_device = $2)
              AND ($3 IS NULL OR recipient_device <> $3)",
+            "DELETE FROM dehydrated_devices WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
         ] {
             sqlx::query(sql).bind(user_id).bind(only).bind(except).execute(&mut **$tx).await?;
         }

@@ -7,6 +7,7 @@ mod account;
 mod bad_input;
 mod cli;
 mod dag;
+mod dehydrated_devices;
 mod devices;
 mod discovery;
 mod ephemeral;

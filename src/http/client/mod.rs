@@ -3,6 +3,7 @@
 
 mod account;
 mod account_data;
+mod dehydrated_devices;
 mod devices;
 pub(crate) mod directory;
 mod discovery;
@@ -41,6 +42,7 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = push::routes(router);
     let router = keys::routes(router);
     let router = key_backups::routes(router);
+    let router = dehydrated_devices::routes(router);
     let router = tags::routes(router);
     voip::routes(router)
 }
