@@ -8,12 +8,14 @@
 //! writers queue in process instead of failing with `SQLITE_BUSY`.
 
 mod account_data;
+mod dehydrated_devices;
 mod directory;
 mod e2e;
 mod ephemeral;
 mod event_times;
 mod events;
 mod federation_outbox;
+mod key_backups;
 mod memberships;
 mod openid;
 mod persist;
@@ -47,6 +49,7 @@ pub use self::{
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,
     federation_outbox::OutboxBatch,
+    key_backups::{BackupKey, BackupScope, BackupVersion, BackupWriteRefused},
     memberships::MembershipRow,
     persist::{
         CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, Redaction,
