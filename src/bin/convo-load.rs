@@ -45,6 +45,8 @@ use serde_json::{Value, json};
 
 #[path = "convo-load/federation.rs"]
 mod federation;
+#[path = "convo-load/search.rs"]
+mod search;
 
 const PASSWORD: &str = "Correct-Horse-42";
 
@@ -61,7 +63,7 @@ struct Args {
     #[arg(long, default_value = "server")]
     label: String,
     /// Scenarios to run, comma separated: sends, fanout, initial-sync, messages,
-    /// federation-fanout, federation-join (the last two need `--remote-url`).
+    /// federation-fanout, federation-join (the last two need `--remote-url`), search.
     #[arg(long, value_delimiter = ',', default_value = "sends,fanout,initial-sync,messages")]
     scenarios: Vec<String>,
     /// Synapse's `registration_shared_secret` of the server at `--base-url`: register
@@ -142,6 +144,9 @@ struct Args {
 
     #[command(flatten)]
     fed: federation::FedArgs,
+
+    #[command(flatten)]
+    search: search::SearchArgs,
 }
 
 type Res<T> = Result<T, String>;
@@ -1228,8 +1233,22 @@ async fn main() -> std::process::ExitCode {
             "federation-fanout" | "federation-join" => {
                 outs.extend(federation::run(s, &api, &http, &a, &run, tck).await)
             }
+            "search" => {
+                let secs = a.search.search_timeout;
+                match tokio::time::timeout(Duration::from_secs(secs), search::scenario_search(&api, &a, &run, tck))
+                    .await
+                {
+                    Ok(Ok(found)) => outs.extend(found),
+                    Ok(Err(e)) => outs.push(with_deadline("search", 1, async { Err(e) }).await),
+                    Err(_) => {
+                        let e = format!("scenario did not finish within {secs} s");
+                        outs.push(with_deadline("search", 1, async { Err(e) }).await)
+                    }
+                }
+            }
             other => eprintln!(
-                "unknown scenario {other:?} (sends, fanout, initial-sync, messages, federation-fanout, federation-join)"
+                "unknown scenario {other:?} (sends, fanout, initial-sync, messages, federation-fanout, federation-join, \
+                 search)"
             ),
         }
     }

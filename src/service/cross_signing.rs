@@ -4,7 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use ruma::{OwnedUserId, api::client::uiaa::AuthData, encryption::CrossSigningKey, serde::Raw};
+use ruma::{
+    CanonicalJsonObject, OwnedUserId, SigningKeyAlgorithm,
+    api::client::uiaa::AuthData,
+    encryption::CrossSigningKey,
+    serde::{Base64, Raw, base64::Standard},
+};
 use serde_json::{Value as JsonValue, value::RawValue};
 
 use super::{Services, Session};
@@ -64,16 +69,27 @@ impl Services {
     }
 
     /// `POST /keys/signatures/upload`: merges the signatures the user made into the
-    /// stored keys they sign: their own devices and cross-signing keys, or another
-    /// user's master key (signed with the user-signing key). Returns failures by user
-    /// and key id. Each user's keys are read, merged and written in one transaction,
-    /// so concurrent uploads lose nothing.
+    /// stored keys they sign: their own devices (signed with their self-signing key),
+    /// their master key (signed by one of their devices or by itself), or another
+    /// user's master key (signed with their user-signing key). Each signature is
+    /// checked against the signing key; bad ones are not stored and come back as
+    /// failures by user and key id. Each user's keys are read, merged and written in
+    /// one transaction, so concurrent uploads lose nothing.
     pub async fn upload_signatures(
         &self,
         session: &Session,
         signed: &BTreeMap<OwnedUserId, Vec<(String, Box<RawValue>)>>,
     ) -> Result<BTreeMap<OwnedUserId, BTreeMap<String, JsonValue>>> {
         let mut failures: BTreeMap<OwnedUserId, BTreeMap<String, JsonValue>> = BTreeMap::new();
+        // The signer's own keys, for signatures of other users' keys (read once; the
+        // signer's keys are checked as they are at the time of the upload).
+        let (signer_devices, signer_cross) = if signed.keys().any(|u| u != &session.user_id) {
+            let devices = self.store.get_device_keys_of_users(&[session.user_id.as_str()]).await?;
+            let cross = self.store.get_cross_signing_keys(session.user_id.as_str()).await?;
+            (devices.into_iter().map(|(_, d, json)| (d, json)).collect(), cross.into_iter().collect())
+        } else {
+            (BTreeMap::new(), BTreeMap::new())
+        };
         for (user, objects) in signed {
             let mut user_failures = BTreeMap::new();
             let changed = self
@@ -81,7 +97,8 @@ impl Services {
                 .update_signed_keys(user.as_str(), |devices, cross| {
                     let devices: BTreeMap<String, String> = devices.iter().cloned().collect();
                     let cross: BTreeMap<String, String> = cross.iter().cloned().collect();
-                    let (merged, fails) = merge_signatures(session, user, objects, &devices, &cross)?;
+                    let signer_keys = (&signer_devices, &signer_cross);
+                    let (merged, fails) = merge_signatures(session, user, objects, &devices, &cross, signer_keys)?;
                     user_failures = fails;
                     Ok(merged)
                 })
@@ -97,17 +114,85 @@ impl Services {
     }
 }
 
-/// Merges the signer's signatures in `objects` into `user`'s stored keys; answers the
-/// changed keys and the failures by key id.
+/// The keys that may sign a key of `user` for `signer`, by key id (`ed25519:...`)
+/// and public key (unpadded base64): the signer's self-signing key for their own
+/// devices; for their own master key, their devices and the master key itself; the
+/// signer's user-signing key for another user's master key.
+fn allowed_signers(
+    own: bool,
+    is_device: bool,
+    signer_devices: &BTreeMap<String, String>,
+    signer_cross: &BTreeMap<String, String>,
+    target_master: Option<&JsonValue>,
+) -> BTreeMap<String, String> {
+    let ed25519_keys = |json: &JsonValue| -> Vec<(String, String)> {
+        json["keys"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(id, _)| id.starts_with("ed25519:"))
+            .filter_map(|(id, key)| Some((id.clone(), key.as_str()?.to_owned())))
+            .collect()
+    };
+    let cross_key = |key_type: &str| -> Vec<(String, String)> {
+        signer_cross
+            .get(key_type)
+            .and_then(|json| serde_json::from_str::<JsonValue>(json).ok())
+            .map(|k| ed25519_keys(&k))
+            .unwrap_or_default()
+    };
+    match (own, is_device) {
+        (true, true) => cross_key("self_signing").into_iter().collect(),
+        (true, false) => {
+            let mut allowed: BTreeMap<String, String> =
+                target_master.map(ed25519_keys).unwrap_or_default().into_iter().collect();
+            for (device_id, json) in signer_devices {
+                let Ok(keys) = serde_json::from_str::<JsonValue>(json) else { continue };
+                let id = format!("ed25519:{device_id}");
+                if let Some(key) = keys["keys"][&id].as_str() {
+                    allowed.insert(id, key.to_owned());
+                }
+            }
+            allowed
+        }
+        (false, _) => cross_key("user_signing").into_iter().collect(),
+    }
+}
+
+/// Checks one signature (`signature`, unpadded base64) by `public_key` over the
+/// stored key object without its `signatures` and `unsigned`.
+fn signature_verifies(stored: &JsonValue, public_key: &str, signature: &str) -> bool {
+    let Ok(object) = serde_json::from_value::<CanonicalJsonObject>(stored.clone()) else { return false };
+    let Ok(canonical) = ruma::signatures::to_canonical_json_string_for_signing(&object) else { return false };
+    let (Ok(public_key), Ok(signature)) = (Base64::<Standard>::parse(public_key), Base64::<Standard>::parse(signature))
+    else {
+        return false;
+    };
+    ruma::signatures::verify_canonical_json_bytes(
+        &SigningKeyAlgorithm::Ed25519,
+        public_key.as_bytes(),
+        signature.as_bytes(),
+        canonical.as_bytes(),
+    )
+    .is_ok()
+}
+
+/// Merges the signer's valid signatures in `objects` into `user`'s stored keys;
+/// answers the changed keys and the failures by key id. Each signature must be made by
+/// a key allowed to sign that key (see `allowed_signers`) and verify over the stored
+/// key, so a signature over anything else than what others will fetch is refused.
+/// A key with any bad signature keeps none of the upload's.
 fn merge_signatures(
     session: &Session,
     user: &OwnedUserId,
     objects: &[(String, Box<RawValue>)],
     devices: &BTreeMap<String, String>,
     cross: &BTreeMap<String, String>,
+    signer_keys: (&BTreeMap<String, String>, &BTreeMap<String, String>),
 ) -> Result<(SignedKeyChanges, BTreeMap<String, JsonValue>)> {
     let signer = session.user_id.as_str();
     let own = user == &session.user_id;
+    let (signer_devices, signer_cross) = if own { (devices, cross) } else { signer_keys };
     let mut failures = BTreeMap::new();
     // Keys being changed, by (is_cross, name), as merged so far.
     let mut changed: BTreeMap<(bool, String), JsonValue> = BTreeMap::new();
@@ -123,13 +208,14 @@ fn merge_signatures(
             fail("No signature of yours on it");
             continue;
         };
-        // The stored object this signs: a device of the user, or one of their
-        // cross-signing keys, named by its public key.
+        // The stored object this signs: a device of the user, or their master key
+        // (or, for the user's own keys, any of their cross-signing keys), named by its
+        // public key.
         let target = match devices.get(key_id.as_str()) {
             Some(json) if own => Some((false, key_id.clone(), json.clone())),
             _ => cross
                 .iter()
-                .filter(|(t, _)| own || t.as_str() == "master")
+                .filter(|(t, _)| t.as_str() == "master")
                 .find(|(_, json)| {
                     serde_json::from_str::<JsonValue>(json).is_ok_and(|k| {
                         k["keys"].as_object().is_some_and(|keys| keys.contains_key(&format!("ed25519:{key_id}")))
@@ -147,14 +233,35 @@ fn merge_signatures(
                 e.insert(serde_json::from_str(&json).map_err(Error::internal)?)
             }
         };
+        let allowed = allowed_signers(own, !is_cross, signer_devices, signer_cross, is_cross.then_some(&*stored));
+        let mut valid = Vec::new();
+        let mut bad = None;
+        for (sig_key, sig) in new_sigs {
+            let Some(public_key) = allowed.get(sig_key) else { continue };
+            let already = stored["signatures"][signer][sig_key] == *sig;
+            match sig.as_str() {
+                Some(sig) if already || signature_verifies(stored, public_key, sig) => {
+                    valid.push((sig_key.clone(), sig.to_owned()));
+                }
+                _ => bad = Some(sig_key.clone()),
+            }
+        }
+        if let Some(sig_key) = bad {
+            fail(&format!("The signature by {sig_key} does not verify"));
+            continue;
+        }
+        if valid.is_empty() {
+            fail("No signature by a key that may sign this key");
+            continue;
+        }
         if !stored["signatures"].is_object() {
             stored["signatures"] = serde_json::json!({});
         }
         if !stored["signatures"][signer].is_object() {
             stored["signatures"][signer] = serde_json::json!({});
         }
-        for (sig_key, sig) in new_sigs {
-            stored["signatures"][signer][sig_key] = sig.clone();
+        for (sig_key, sig) in valid {
+            stored["signatures"][signer][sig_key] = JsonValue::String(sig);
         }
     }
     let mut merged = SignedKeyChanges::default();

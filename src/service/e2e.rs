@@ -44,7 +44,7 @@ pub struct QueriedKeys {
     pub user_signing_keys: BTreeMap<OwnedUserId, Raw<CrossSigningKey>>,
 }
 
-fn new_keys(rows: &[(String, String, String)]) -> Vec<NewKey<'_>> {
+pub(super) fn new_keys(rows: &[(String, String, String)]) -> Vec<NewKey<'_>> {
     rows.iter().map(|(id, alg, json)| NewKey { key_id: id, algorithm: alg, json }).collect()
 }
 
@@ -154,8 +154,36 @@ impl Services {
         Ok(found)
     }
 
+    /// Adds `unsigned.device_display_name` to the device keys of this server's users, as
+    /// a local user's `/keys/query` shows them (for their own devices and others'; other
+    /// servers are not told device names).
+    pub async fn add_device_display_names(&self, found: &mut QueriedKeys) -> Result<()> {
+        let local: Vec<&str> =
+            found.device_keys.keys().filter(|u| u.server_name() == self.server_name()).map(|u| u.as_str()).collect();
+        if local.is_empty() {
+            return Ok(());
+        }
+        let names = self.store.get_device_names_of_users(&local).await?;
+        for (user, device_id, name) in names {
+            let Ok(user) = OwnedUserId::try_from(user) else { continue };
+            let Some(keys) = found.device_keys.get_mut(&user).and_then(|d| d.get_mut(device_id.as_str())) else {
+                continue;
+            };
+            let mut json: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(keys.json().get()).map_err(Error::internal)?;
+            let unsigned = json.entry("unsigned").or_insert_with(|| serde_json::json!({}));
+            if !unsigned.is_object() {
+                *unsigned = serde_json::json!({});
+            }
+            unsigned["device_display_name"] = serde_json::Value::String(name);
+            *keys = raw_from_json(serde_json::to_string(&json).map_err(Error::internal)?)?;
+        }
+        Ok(())
+    }
+
     /// `POST /keys/claim`: one key per named device, a one-time key while any is left,
-    /// else the device's fallback key; all in one transaction.
+    /// else the device's fallback key; all in one transaction. The devices' waiting
+    /// `/sync`s answer with their new key counts.
     pub async fn claim_keys(
         &self,
         wanted: &BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, ruma::OneTimeKeyAlgorithm>>,
@@ -181,7 +209,16 @@ impl Services {
                     .insert(device.clone(), BTreeMap::from([(key_id, raw_from_json(json)?)]));
             }
         }
+        // Wake the devices' syncs: they answer with the new counts, so the clients
+        // upload more keys.
+        self.notifier.notify_users(&claimed.keys().cloned().collect::<Vec<_>>());
         Ok(claimed)
+    }
+
+    /// Whether the device's keys were claimed after the stream position `since`.
+    pub async fn keys_claimed_after(&self, session: &Session, since: i64) -> Result<bool> {
+        let pos = self.store.get_key_claim_position(session.user_id.as_str(), session.device_id.as_str()).await?;
+        Ok(pos > since)
     }
 
     /// `PUT /sendToDevice/{eventType}/{txnId}`: queues the messages for their devices
@@ -248,11 +285,7 @@ impl Services {
         }
         rows.into_iter()
             .filter(|r| since.is_none_or(|acked| r.0 > acked))
-            .map(|(_, sender, event_type, content)| {
-                let sender = serde_json::to_string(&sender).map_err(Error::internal)?;
-                let event_type = serde_json::to_string(&event_type).map_err(Error::internal)?;
-                raw_from_json(format!(r#"{{"sender":{sender},"type":{event_type},"content":{content}}}"#))
-            })
+            .map(|(_, sender, event_type, content)| to_device_event(&sender, &event_type, &content))
             .collect()
     }
 
@@ -294,6 +327,13 @@ impl Services {
         let ids = |users: BTreeSet<String>| users.into_iter().filter_map(|u| OwnedUserId::try_from(u).ok()).collect();
         Ok((ids(changed.difference(&left).cloned().collect()), ids(left)))
     }
+}
+
+/// A queued to-device message as clients receive it.
+pub(super) fn to_device_event(sender: &str, event_type: &str, content: &str) -> Result<Raw<AnyToDeviceEvent>> {
+    let sender = serde_json::to_string(sender).map_err(Error::internal)?;
+    let event_type = serde_json::to_string(event_type).map_err(Error::internal)?;
+    raw_from_json(format!(r#"{{"sender":{sender},"type":{event_type},"content":{content}}}"#))
 }
 
 /// The `message_id` of a `sendToDevice` request's EDUs: unique per device and

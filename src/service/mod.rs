@@ -4,11 +4,13 @@
 
 mod account_data;
 mod cross_signing;
+mod dehydrated_devices;
 pub mod directory;
 pub mod e2e;
 mod ephemeral;
 pub mod federation;
 mod ids;
+mod key_backups;
 mod notifications;
 mod openid;
 mod password;
@@ -18,6 +20,7 @@ mod push_sender;
 mod pushers;
 mod ratelimit;
 pub mod rooms;
+mod search;
 mod server_keys;
 mod sessions;
 pub mod sync;
@@ -33,16 +36,17 @@ use std::{
 use ruma::{OwnedServerName, RoomVersionId};
 use tokio::sync::Semaphore;
 
-use self::{
-    ephemeral::Typing,
-    rooms::{MemberCache, RoomLocks},
-    sync::notifier::{LocalNotifier, Notifier, WaitingSyncs},
-};
 pub use self::{
+    dehydrated_devices::NewDehydratedDevice,
     ids::{generate_registration_token, hash_token},
     ratelimit::{RateLimitKind, RateLimiter},
     sessions::{IssuedSession, Session},
     users::{LoginRequest, RegisterOutcome, RegisterRequest},
+};
+use self::{
+    ephemeral::Typing,
+    rooms::{MemberCache, RoomLocks},
+    sync::notifier::{LocalNotifier, Notifier, WaitingSyncs},
 };
 use crate::{config::Config, storage::Store};
 

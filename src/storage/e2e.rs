@@ -106,6 +106,18 @@ impl Store {
         })
     }
 
+    /// The stream position of the latest claim of the device's keys (0: none).
+    pub async fn get_key_claim_position(&self, user_id: &str, device_id: &str) -> Result<i64> {
+        let row: Option<(i64,)> = on_pool!(self, read, |pool| {
+            sqlx::query_as("SELECT stream_pos FROM e2e_key_claims WHERE user_id = $1 AND device_id = $2")
+                .bind(user_id)
+                .bind(device_id)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row.map_or(0, |r| r.0))
+    }
+
     /// What a device's `/sync` reports of its keys, in one query: its unclaimed one-time
     /// keys by algorithm, and the algorithms of its fallback keys not handed out yet.
     pub async fn get_key_status(&self, user_id: &str, device_id: &str) -> Result<(HashMap<String, i64>, Vec<String>)> {
@@ -154,6 +166,28 @@ impl Store {
         Ok(keys)
     }
 
+    /// The display names of the devices of several users that have one, as (user id,
+    /// device id, name), in one query per 1,000 users.
+    pub async fn get_device_names_of_users(&self, user_ids: &[&str]) -> Result<Vec<(String, String, String)>> {
+        let mut names = Vec::new();
+        for chunk in user_ids.chunks(IN_LIST_CHUNK) {
+            let rows: Vec<(String, String, String)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT user_id, device_id, display_name FROM devices
+                     WHERE display_name IS NOT NULL AND user_id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(")");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            names.extend(rows);
+        }
+        Ok(names)
+    }
+
     /// Cross-signing keys of several users, as (user id, key type, JSON), in one query
     /// per 1,000 users.
     pub async fn get_cross_signing_keys_of_users(&self, user_ids: &[&str]) -> Result<Vec<(String, String, String)>> {
@@ -177,7 +211,8 @@ impl Store {
 
     /// Hands out one key of the given algorithm for each (user, device, algorithm), in
     /// one transaction: a one-time key (deleted as it is claimed), else the fallback
-    /// key (marked used). Answers (key id, JSON) or `None` for each, in order.
+    /// key (marked used), and records the claim at a stream position (`e2e_key_claims`).
+    /// Answers (key id, JSON) or `None` for each, in order.
     /// Devices are claimed from in sorted order, so concurrent claims lock rows in the
     /// same order (no deadlock); on PostgreSQL a one-time key another claim holds is
     /// skipped rather than waited for, so that claim does not fall back needlessly.
@@ -199,6 +234,7 @@ impl Store {
         };
         let mut order: Vec<usize> = (0..wanted.len()).collect();
         order.sort_by_key(|&i| wanted[i]);
+        let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let mut claimed = vec![None; wanted.len()];
@@ -225,8 +261,20 @@ impl Store {
                         .await?
                     }
                 };
+                if claimed[i].is_some() {
+                    // The device's `/sync` answers with its new counts.
+                    sqlx::query(
+                        "INSERT INTO e2e_key_claims (user_id, device_id, stream_pos) VALUES ($1, $2, $3)
+                         ON CONFLICT (user_id, device_id) DO UPDATE SET stream_pos = excluded.stream_pos",
+                    )
+                    .bind(user_id)
+                    .bind(device_id)
+                    .bind(positions.first())
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
-            tx.commit().await?;
+            stream::commit(tx, Some(positions)).await?;
             Ok(claimed)
         })
     }

@@ -8,12 +8,14 @@
 //! writers queue in process instead of failing with `SQLITE_BUSY`.
 
 mod account_data;
+mod dehydrated_devices;
 mod directory;
 mod e2e;
 mod ephemeral;
 mod event_times;
 mod events;
 mod federation_outbox;
+mod key_backups;
 mod memberships;
 mod openid;
 mod persist;
@@ -25,6 +27,7 @@ mod relations;
 mod remote_devices;
 mod remote_rooms;
 mod reports;
+pub(crate) mod search;
 mod server_info;
 mod server_keys;
 mod sessions;
@@ -46,6 +49,7 @@ pub use self::{
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,
     federation_outbox::OutboxBatch,
+    key_backups::{BackupKey, BackupScope, BackupVersion, BackupWriteRefused},
     memberships::MembershipRow,
     persist::{
         CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, Redaction,
@@ -57,6 +61,7 @@ pub use self::{
     remote_devices::{DeviceUpdate, RemoteDeviceList},
     remote_rooms::RemoteMembership,
     reports::ReportRow,
+    search::{MAX_SEARCH_RANGES, SEARCH_KEYS, SearchHit, SearchOrder, SearchQuery},
     server_keys::{StoredKeyResponse, StoredServerKey},
     sessions::{DeviceInfo, NewSession, TokenInfo},
     stream::{HeldPosition, StreamWatch},
@@ -188,6 +193,7 @@ impl Store {
             let store = Store { db: Db::Sqlite { read, write }, stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
@@ -211,6 +217,7 @@ impl Store {
             let store = Store { db: Db::Postgres(pool), stream: stream::Stream::new(reserved) };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         }
     }

@@ -4,13 +4,15 @@
 //! and auth chain); `create_room` stores a new room's first events, all or nothing.
 //! Each is one transaction: stream positions, the event rows, prev and auth edges,
 //! state groups, `current_state` and memberships (by delta), forward and backward
-//! extremities, push actions, relations (`event_relations`) and redactions.
+//! extremities, push actions, relations (`event_relations`), redactions and the search
+//! index (`search.rs`).
 
 use super::{
     Store,
     events::next_counter,
     on_pool,
     relations::insert_relation,
+    search::{index_for_search, unindex_for_search},
     stream::{self, Positions},
 };
 use crate::error::{Error, Result};
@@ -409,6 +411,10 @@ macro_rules! insert_event {
             if !postgres && !d.from_outlier {
                 insert_edges!($tx, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
             }
+            // Searchable: events in the room's history that clients see (`event_search`).
+            if let (Some(p), true) = (pos, has_state && !d.soft_failed) {
+                index_for_search!($tx, e, p);
+            }
             if let (Some(group), Some(state_key)) = (after.filter(|_| e.state_key.is_some()), e.state_key) {
                 // The new group is a delta on the group before, or every so often (and for
                 // the first) a full snapshot copied from it: the newest entry of each key
@@ -659,6 +665,7 @@ macro_rules! insert_event {
                             .bind(target)
                             .execute(&mut *$tx)
                             .await?;
+                        unindex_for_search!($tx, target);
                     }
                     Redaction::Hold { target } if has_state && !d.soft_failed => {
                         sqlx::query(
@@ -684,6 +691,7 @@ macro_rules! insert_event {
                             .bind(e.event_id)
                             .execute(&mut *$tx)
                             .await?;
+                        unindex_for_search!($tx, e.event_id);
                     }
                     Redaction::Apply { .. } | Redaction::Hold { .. } => {}
                 }

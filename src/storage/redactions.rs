@@ -1,8 +1,9 @@
 //! Redactions held until the event they redact arrives (`pending_redactions`). They are
 //! written with the redaction (`persist_event`, `Redaction::Hold`) and taken when the
 //! target is stored live (`Redaction::HeldBy`) or as an outlier (`apply_held_redaction`).
+//! A redaction applied takes its target out of the search index.
 
-use super::{Store, on_pool};
+use super::{Store, on_pool, search::unindex_for_search};
 use crate::error::Result;
 
 impl Store {
@@ -42,6 +43,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query("DELETE FROM event_relations WHERE event_id = $1").bind(target).execute(&mut *tx).await?;
+                unindex_for_search!(tx, target);
             }
             sqlx::query("DELETE FROM pending_redactions WHERE target_id = $1").bind(target).execute(&mut *tx).await?;
             tx.commit().await?;

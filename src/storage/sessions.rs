@@ -103,6 +103,7 @@ macro_rules! delete_devices_tx {
              WHERE p.user_id = push_queue.user_id AND p.app_id = push_queue.app_id AND p.pushkey = push_queue.pushkey
              AND ($2 IS NULL OR p.device_id = $2) AND ($3 IS NULL OR p.device_id <> $3))",
             "DELETE FROM pushers WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
+            "DELETE FROM dehydrated_devices WHERE user_id = $1 AND ($2 IS NULL OR device_id = $2) AND ($3 IS NULL OR device_id <> $3)",
         ] {
             sqlx::query(sql).bind(user_id).bind(only).bind(except).execute(&mut **$tx).await?;
         }

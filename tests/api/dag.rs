@@ -984,6 +984,8 @@ backend_tests!(
     joining_a_remote_room,
     a_state_snapshot_costs_the_rooms_state_not_the_servers,
     backfilled_events_never_become_forward_extremities,
+    remote_and_backfilled_messages_are_searchable_as_their_state_allows,
+    soft_failed_messages_are_not_searchable,
 );
 
 /// Backfill brings history oldest first, so each backfilled event arrives before its
@@ -1064,4 +1066,67 @@ async fn a_state_snapshot_costs_the_rooms_state_not_the_servers(backend: Backend
         assert!(state.iter().any(|(t, _, _)| t == kind), "{kind} in {state:?}");
     }
     assert!(state.iter().any(|(t, k, _)| t == "m.room.member" && k.starts_with("@alice:")), "{state:?}");
+}
+
+/// `POST /search` finds messages from another server, live and backfilled (indexed in
+/// their own transaction like local ones), each as its own state allows.
+async fn remote_and_backfilled_messages_are_searchable_as_their_state_allows(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(
+        &server,
+        json!({"initial_state": [{"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "joined"}}]}),
+    )
+    .await;
+    let join = remote.join("rita", now()).await;
+    let (parent, parent_pdu) =
+        remote.sign(remote.message("rita", "narwhal older", vec![join.clone()], now()).await).await;
+    let parent_depth = parent_pdu.get("depth").and_then(|d| d.as_integer()).map(i64::from).unwrap();
+    let draft = remote.message("rita", "narwhal newer", vec![parent.clone()], now() + 1).await;
+    let (child, child_pdu) = remote.sign_at(&remote.key, draft, Some(parent_depth + 1)).await;
+    assert!(matches!(remote.feed(child_pdu, Arrival::Live).await, PduOutcome::Accepted { .. }));
+    let (_, bob, _) = server.register("bob").await;
+    server.join(&bob, &room).await;
+    assert!(matches!(remote.feed(parent_pdu, Arrival::Backfill).await, PduOutcome::Accepted { .. }));
+
+    let search = |token: String| {
+        let server = &server;
+        async move {
+            let body = json!({"search_categories": {"room_events": {"search_term": "narwhal", "order_by": "recent"}}});
+            let (status, found) = server.post("/_matrix/client/v3/search", Some(&token), body).await;
+            assert_eq!(status, StatusCode::OK, "{found}");
+            let results = found["search_categories"]["room_events"]["results"].as_array().cloned().unwrap_or_default();
+            results.iter().map(|r| r["result"]["event_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        }
+    };
+    // Alice was there: the live one, then the backfilled one (its position is older).
+    assert_eq!(search(alice.clone()).await, [child.clone(), parent.clone()]);
+    // Bob joined after both, and the room shows history to members only: the backfilled
+    // one's position sorts before his join, but its state says he was not a member.
+    assert!(search(bob.clone()).await.is_empty());
+}
+
+/// A soft-failed message is stored but never shown: search does not find it either.
+async fn soft_failed_messages_are_not_searchable(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, room, remote) = public_room(&server, json!({})).await;
+    let join = remote.join("rita", now()).await;
+    let old_levels = remote.state_id("m.room.power_levels", "").await;
+    let (_, mut levels) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice)).await;
+    levels["events"]["m.room.message"] = json!(50);
+    let (status, body) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.power_levels/"), Some(&alice), levels).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut draft = remote.message("rita", "okapi from the past", vec![join.clone()], now()).await;
+    draft.auth = vec![old_levels, join.clone()];
+    let (id, pdu) = remote.sign(draft).await;
+    assert_eq!(remote.feed(pdu, Arrival::Live).await, PduOutcome::SoftFailed { event_id: id.try_into().unwrap() });
+    server.send_text(&alice, &room, "okapi from alice").await;
+
+    let body = json!({"search_categories": {"room_events": {"search_term": "okapi"}}});
+    let (status, found) = server.post("/_matrix/client/v3/search", Some(&alice), body).await;
+    assert_eq!(status, StatusCode::OK, "{found}");
+    let found = &found["search_categories"]["room_events"];
+    assert_eq!(found["count"], 1, "{found}");
+    assert_eq!(found["results"][0]["result"]["content"]["body"], "okapi from alice", "{found}");
 }

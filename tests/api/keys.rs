@@ -257,30 +257,6 @@ async fn cross_signing(backend: Backend) {
     let (_, own) = server.post("/_matrix/client/v3/keys/query", Some(&alice), query.clone()).await;
     assert_eq!(own["user_signing_keys"][&alice_id]["usage"], json!(["user_signing"]));
 
-    // Alice signs her device with her self-signing key; an unknown key fails.
-    let mut signed_device = device_keys(&alice_id, &alice_dev);
-    signed_device["signatures"][&alice_id]["ed25519:SELFpub"] = json!("sig-by-self-signing");
-    let signatures = json!({alice_id.clone(): {alice_dev.clone(): signed_device, "NOPE": {"signatures": {alice_id.clone(): {"ed25519:SELFpub": "x"}}}}});
-    let (status, body) = server.post("/_matrix/client/v3/keys/signatures/upload", Some(&alice), signatures).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["failures"][&alice_id]["NOPE"]["errcode"], "M_INVALID_SIGNATURE");
-    assert!(body["failures"][&alice_id].get(&alice_dev).is_none(), "{body}");
-    let (_, seen) = server.post("/_matrix/client/v3/keys/query", Some(&bob), query.clone()).await;
-    let sigs = &seen["device_keys"][&alice_id][&alice_dev]["signatures"][&alice_id];
-    assert_eq!(sigs["ed25519:SELFpub"], "sig-by-self-signing", "{seen}");
-    assert!(sigs[format!("ed25519:{alice_dev}")].is_string(), "the device's own signature stays");
-
-    // Bob may sign alice's master key (with his user-signing key), not her devices.
-    let mut master = cross_key(&alice_id, "master", "MASTERpub");
-    master["signatures"] = json!({bob_id.clone(): {"ed25519:BOBUSERpub": "bob-trusts-alice"}});
-    let mut device = device_keys(&alice_id, &alice_dev);
-    device["signatures"] = json!({bob_id.clone(): {"ed25519:BOBUSERpub": "nope"}});
-    let signatures = json!({alice_id.clone(): {"MASTERpub": master, alice_dev.clone(): device}});
-    let (_, body) = server.post("/_matrix/client/v3/keys/signatures/upload", Some(&bob), signatures).await;
-    assert!(body["failures"][&alice_id].get("MASTERpub").is_none(), "{body}");
-    assert_eq!(body["failures"][&alice_id][&alice_dev]["errcode"], "M_INVALID_SIGNATURE");
-    let (_, seen) = server.post("/_matrix/client/v3/keys/query", Some(&alice), query).await;
-    assert_eq!(seen["master_keys"][&alice_id]["signatures"][&bob_id]["ed25519:BOBUSERpub"], "bob-trusts-alice");
     server.stop().await;
 }
 
@@ -474,33 +450,6 @@ async fn parallel_claims_get_distinct_keys(backend: Backend) {
     server.stop().await;
 }
 
-async fn parallel_signature_uploads_all_survive(backend: Backend) {
-    let server = TestServer::start(backend).await;
-    let (alice_id, alice, alice_dev) = server.register("alice").await;
-    let upload = json!({"device_keys": device_keys(&alice_id, &alice_dev)});
-    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
-    // Ten signatures of alice's device by her own keys, uploaded at once.
-    let uploads = (0..10).map(|i| {
-        let mut signed = device_keys(&alice_id, &alice_dev);
-        signed["signatures"][&alice_id] = json!({format!("ed25519:KEY{i}"): format!("sig{i}")});
-        let body = json!({alice_id.clone(): {alice_dev.clone(): signed}});
-        server.post("/_matrix/client/v3/keys/signatures/upload", Some(&alice), body)
-    });
-    for (status, body) in futures_util::future::join_all(uploads).await {
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(body["failures"], json!({}), "{body}");
-    }
-    let (_, seen) = server
-        .post("/_matrix/client/v3/keys/query", Some(&alice), json!({"device_keys": {alice_id.clone(): []}}))
-        .await;
-    let sigs = seen["device_keys"][&alice_id][&alice_dev]["signatures"][&alice_id].as_object().unwrap().clone();
-    for i in 0..10 {
-        assert_eq!(sigs[&format!("ed25519:KEY{i}")], format!("sig{i}"), "{seen}");
-    }
-    assert!(sigs.contains_key(&format!("ed25519:{alice_dev}")), "the device's own signature stays");
-    server.stop().await;
-}
-
 async fn first_master_key_is_set_once(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (alice_id, alice, _) = server.register("alice").await;
@@ -519,7 +468,54 @@ async fn first_master_key_is_set_once(backend: Backend) {
     server.stop().await;
 }
 
+async fn claimed_device_is_woken(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, alice_dev) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let upload = json!({
+        "device_keys": device_keys(&alice_id, &alice_dev),
+        "one_time_keys": {"signed_curve25519:AAAAAQ": otk("one"), "signed_curve25519:AAAAAg": otk("two")},
+    });
+    assert_eq!(server.post("/_matrix/client/v3/keys/upload", Some(&alice), upload).await.0, StatusCode::OK);
+    let since = server.sync(&alice, None, "").await["next_batch"].as_str().unwrap().to_owned();
+    let claim = json!({"one_time_keys": {alice_id.clone(): {alice_dev.clone(): "signed_curve25519"}}});
+
+    // Alice's device waits for news; bob's claim wakes it with the new count.
+    let waiting = {
+        let (http, base, token, since) = (reqwest::Client::new(), server.base.clone(), alice.clone(), since.clone());
+        tokio::spawn(async move {
+            let url = format!("{base}/_matrix/client/v3/sync?since={since}&timeout=60000");
+            http.get(url).bearer_auth(token).send().await.unwrap().json::<Value>().await.unwrap()
+        })
+    };
+    server.wait_for_waiting_syncs(&alice_id, 1).await;
+    let started = std::time::Instant::now();
+    assert_eq!(server.post("/_matrix/client/v3/keys/claim", Some(&bob), claim.clone()).await.0, StatusCode::OK);
+    let sync = tokio::time::timeout(std::time::Duration::from_secs(20), waiting)
+        .await
+        .expect("woken by the claim, not by its 60 s timeout")
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(sync["device_one_time_keys_count"], json!({"signed_curve25519": 1}), "{sync}");
+
+    // A claim between two syncs: the next one answers at once.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    assert_eq!(server.post("/_matrix/client/v3/keys/claim", Some(&bob), claim).await.0, StatusCode::OK);
+    let sync =
+        tokio::time::timeout(std::time::Duration::from_secs(20), server.sync(&alice, Some(&since), "timeout=60000"))
+            .await
+            .expect("answered at once");
+    assert!(sync["device_one_time_keys_count"].as_object().is_none_or(|c| c.is_empty()), "{sync}");
+    // Nothing new after that: the sync waits its (short) timeout.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    server.sync(&alice, Some(&since), "timeout=500").await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500), "a claim wakes a sync once");
+    server.stop().await;
+}
+
 backend_tests!(
+    claimed_device_is_woken,
     first_master_key_is_set_once,
     upload_query_claim,
     send_to_device,
@@ -529,5 +525,4 @@ backend_tests!(
     device_lists_new_encrypted_peers,
     key_queries_and_claims_are_bounded,
     parallel_claims_get_distinct_keys,
-    parallel_signature_uploads_all_survive,
 );

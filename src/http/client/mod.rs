@@ -3,10 +3,12 @@
 
 mod account;
 mod account_data;
+mod dehydrated_devices;
 mod devices;
 pub(crate) mod directory;
 mod discovery;
 mod ephemeral;
+mod key_backups;
 mod keys;
 mod membership;
 mod message;
@@ -16,6 +18,7 @@ mod register;
 mod relations;
 mod room_extras;
 mod rooms;
+mod search;
 mod session;
 mod sync;
 mod tags;
@@ -41,8 +44,11 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = directory::routes(router);
     let router = push::routes(router);
     let router = keys::routes(router);
+    let router = key_backups::routes(router);
+    let router = dehydrated_devices::routes(router);
     let router = tags::routes(router);
     let router = relations::routes(router);
     let router = room_extras::routes(router);
+    let router = search::routes(router);
     voip::routes(router)
 }

@@ -49,6 +49,7 @@ impl Services {
         wait: Duration,
     ) -> Result<(crate::service::e2e::QueriedKeys, BTreeMap<String, JsonValue>)> {
         let mut found = self.query_keys(requester, requested).await?;
+        self.add_device_display_names(&mut found).await?;
         let (remote, failures) = self.query_remote_keys(requested, wait).await;
         for (server, response) in remote {
             let theirs = |u: &OwnedUserId| u.server_name() == server && requested.contains_key(u);

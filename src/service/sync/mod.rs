@@ -187,6 +187,13 @@ impl Services {
             if since.is_none() || req.full_state || !is_empty(&response) || Instant::now() >= deadline {
                 return Ok(response);
             }
+            // A claim of the device's one-time keys changed its counts: answer, so the
+            // client uploads more.
+            if let Some(since) = &since
+                && self.keys_claimed_after(session, since.pos).await?
+            {
+                return Ok(response);
+            }
             let _waiting = self.waiting_syncs.enter(&session.user_id);
             tokio::select! {
                 woken = tokio::time::timeout_at(deadline.into(), wake.changed()) => {
