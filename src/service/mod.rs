@@ -9,6 +9,7 @@ pub mod e2e;
 mod ephemeral;
 pub mod federation;
 mod ids;
+pub mod media;
 mod notifications;
 mod openid;
 mod password;
@@ -97,6 +98,8 @@ pub struct Services {
     pub federation_sender: federation::sender::FederationSender,
     /// Federation: the outbound client and the key fetcher.
     pub federation: federation::Federation,
+    /// The media repository: files, upload waiters, thumbnailing.
+    pub media: media::Media,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
     /// Keys trusted without asking: our own, and those tests add. Other servers' keys
@@ -116,6 +119,7 @@ impl Services {
         ));
         let notifier = Box::new(LocalNotifier::new(store.stream_watch()));
         Ok(Arc::new(Services {
+            media: media::Media::new(&config.media),
             federation,
             known_keys,
             rate_limiter: RateLimiter::new(config.rate_limits.clone()),

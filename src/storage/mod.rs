@@ -14,6 +14,7 @@ mod ephemeral;
 mod event_times;
 mod events;
 mod federation_outbox;
+mod media;
 mod memberships;
 mod openid;
 mod persist;
@@ -43,6 +44,7 @@ pub use self::{
     ephemeral::{PresenceRow, ReceiptRow},
     events::StoredEvent,
     federation_outbox::OutboxBatch,
+    media::{MediaItem, MediaThumbnail, NewContent, UploadRefusal},
     memberships::MembershipRow,
     persist::{
         CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, Redaction,

@@ -18,6 +18,7 @@ mod federation_sender;
 mod keys;
 mod knock;
 mod login;
+mod media;
 mod openid;
 mod operations;
 mod profile;

@@ -8,6 +8,7 @@ pub(crate) mod directory;
 mod discovery;
 mod ephemeral;
 mod keys;
+pub(crate) mod media;
 mod membership;
 mod message;
 mod profile;
@@ -40,5 +41,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = push::routes(router);
     let router = keys::routes(router);
     let router = tags::routes(router);
+    let router = media::routes(router);
     voip::routes(router)
 }
