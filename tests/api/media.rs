@@ -27,6 +27,7 @@ backend_tests!(
     avatars_are_seen_by_others,
     quarantine_delete_and_list,
     remote_media_over_federation,
+    url_previews_read_public_pages_only,
 );
 
 /// Uploads `bytes`; answers the `mxc://` URI.
@@ -596,4 +597,95 @@ async fn remote_media_over_federation(backend: Backend) {
     let (status, _, got) = fetch(&b, &download_path(&mxc), Some(&bob)).await;
     assert_eq!((status, got), (StatusCode::OK, bytes));
     b.stop().await;
+}
+
+/// A tiny web server on loopback: each path answers its content type and body.
+async fn web_server(pages: Vec<(&'static str, &'static str, Vec<u8>)>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let pages = pages.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let path = head.split_whitespace().nth(1).unwrap_or("/");
+                let answer = match pages.iter().find(|(p, _, _)| *p == path) {
+                    Some((_, content_type, body)) => {
+                        let mut out = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
+                        out.extend_from_slice(body);
+                        out
+                    }
+                    None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                };
+                let _ = socket.write_all(&answer).await;
+            });
+        }
+    });
+    base
+}
+
+async fn url_previews_read_public_pages_only(backend: Backend) {
+    let image = picture(120, 60, ImageFormat::Png);
+    let page = br#"<html><head><title>Fallback</title>
+        <meta property="og:title" content="Hello &amp; welcome">
+        <meta property="og:description" content="A page about things">
+        <meta property="og:image" content="/picture.png"></head><body>hi</body></html>"#;
+    let late =
+        format!("<html><head>{}<meta property=\"og:title\" content=\"Too late\"></head></html>", " ".repeat(4096));
+    let web = web_server(vec![
+        ("/page", "text/html; charset=utf-8", page.to_vec()),
+        ("/picture.png", "image/png", image.clone()),
+        ("/late", "text/html", late.into_bytes()),
+    ])
+    .await;
+    async fn preview(server: &TestServer, token: &str, url: String) -> (StatusCode, Value) {
+        let url = form_urlencoded::byte_serialize(url.as_bytes()).collect::<String>();
+        server.get(&format!("/_matrix/client/v1/media/preview_url?url={url}"), Some(token)).await
+    }
+
+    // Loopback is allowed only on test networks (`allow_private_destinations`).
+    let server = TestServer::start_with(backend.clone(), |c| {
+        c.media.url_preview_enabled = true;
+        c.media.url_preview_max_size = 2048;
+        c.federation.allow_private_destinations = true;
+    })
+    .await;
+    let (_, alice, _) = server.register("alice").await;
+    let (status, body) = preview(&server, &alice, format!("{web}/page")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["og:title"], "Hello & welcome");
+    assert_eq!(body["og:description"], "A page about things");
+    assert_eq!(body["matrix:image:size"], image.len());
+    let (status, _, bytes) = fetch(&server, &download_path(body["og:image"].as_str().unwrap()), Some(&alice)).await;
+    assert_eq!((status, bytes), (StatusCode::OK, image));
+    // Only the first url_preview_max_size bytes are read.
+    let (status, body) = preview(&server, &alice, format!("{web}/late")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.get("og:title").is_none(), "{body}");
+    let bad = preview(&server, &alice, "file:///etc/passwd".to_owned()).await;
+    assert_error(&bad, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let missing = preview(&server, &alice, format!("{web}/missing")).await;
+    assert_error(&missing, StatusCode::BAD_GATEWAY, "M_UNKNOWN");
+    server.stop().await;
+
+    let server = TestServer::start_with(backend, |c| c.media.url_preview_enabled = true).await;
+    let (_, alice, _) = server.register("alice").await;
+    let refused = preview(&server, &alice, format!("{web}/page")).await;
+    assert_error(&refused, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    let by_name = preview(&server, &alice, format!("{}/page", web.replace("127.0.0.1", "localhost"))).await;
+    assert_error(&by_name, StatusCode::FORBIDDEN, "M_FORBIDDEN");
+    server.stop().await;
 }

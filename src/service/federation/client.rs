@@ -288,7 +288,7 @@ fn remote_error(destination: &ServerName, error: ruma::api::error::Error) -> Err
 
 /// The system's trusted CA certificates, or Mozilla's (`webpki-roots`) when the
 /// system has none (a container without `ca-certificates`).
-fn system_roots() -> rustls::RootCertStore {
+pub(crate) fn system_roots() -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _) = roots.add_parsable_certificates(native.certs);
