@@ -150,6 +150,14 @@ async fn upload_and_download(backend: Backend) {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["content-disposition"], "inline; filename=other.txt");
 
+    // Uploads are not bound by the JSON body limit (1 MiB): 3 MB goes through whole.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let big_mxc = upload(&server, &alice, big.clone(), "application/octet-stream", None).await;
+    let (status, headers, bytes) = fetch(&server, &download_path(&big_mxc), Some(&bob)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(bytes == big, "the same 3 MB come back");
+    assert_eq!(headers["content-disposition"], "attachment");
+
     // HTML and SVG are attachments, never inline.
     for (content_type, name) in [("text/html", "page.html"), ("image/svg+xml", "x.svg")] {
         let mxc = upload(&server, &alice, b"<script>alert(1)</script>".to_vec(), content_type, Some(name)).await;
