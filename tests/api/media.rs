@@ -331,9 +331,9 @@ async fn downloads_wait_for_a_created_upload(backend: Backend) {
     let waiting_path = format!("{}?timeout_ms=20000", download_path(&mxc));
     let waiting = fetch(&server, &waiting_path, Some(&alice));
     let upload = async {
-        // The upload follows the download's first look (the wait is on the server's
-        // notification, not on this sleep: the download would get it either way).
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The upload comes once the download waits for it.
+        let waiting = services(&server).media.wait_for_waiting_downloads(1);
+        tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("the download waits");
         put_upload(&server, &alice, &mxc, b"finally".to_vec()).await
     };
     let ((status, _, bytes), uploaded) = tokio::join!(waiting, upload);

@@ -44,16 +44,24 @@ pub struct Media {
     placing: RwLock<()>,
     /// Wakes downloads waiting for the upload of a created id.
     uploaded: Notify,
+    /// How many downloads wait for an upload right now (tests wait on it).
+    waiting: tokio::sync::watch::Sender<usize>,
     /// Bounds concurrent thumbnail decoding (each holds a core and its memory).
     thumbnailing: Semaphore,
 }
 
 impl Media {
+    /// Resolves once `n` downloads wait for the upload of a created id.
+    pub async fn wait_for_waiting_downloads(&self, n: usize) {
+        let _ = self.waiting.subscribe().wait_for(|w| *w >= n).await;
+    }
+
     pub fn new(config: &MediaConfig) -> Self {
         Self {
             files: MediaFiles::new(config.path.clone()),
             placing: RwLock::new(()),
             uploaded: Notify::new(),
+            waiting: tokio::sync::watch::channel(0).0,
             thumbnailing: Semaphore::new(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
         }
     }
@@ -279,7 +287,10 @@ impl Services {
             if item.unused_expires_ts.is_none_or(|at| at <= now_ms()) {
                 return Err(not_found());
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            self.media.waiting.send_modify(|w| *w += 1);
+            let woken = tokio::time::timeout_at(deadline, notified).await;
+            self.media.waiting.send_modify(|w| *w -= 1);
+            if woken.is_err() {
                 return Err(Error::matrix(
                     StatusCode::GATEWAY_TIMEOUT,
                     ErrorKind::NotYetUploaded,
