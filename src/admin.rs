@@ -36,6 +36,34 @@ pub enum AdminCommand {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Manage media: quarantine, delete, list a user's uploads.
+    #[command(subcommand)]
+    Media(MediaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MediaCommand {
+    /// Quarantine a media item: it is then not found, here and for other servers.
+    Quarantine {
+        /// `mxc://server/mediaId`
+        mxc: String,
+        /// Release it from quarantine instead.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Delete a media item and its thumbnails (its file too, if no other item has the same bytes).
+    Delete {
+        /// `mxc://server/mediaId`
+        mxc: String,
+    },
+    /// List a user's uploads, newest first.
+    List {
+        /// `@alice:your.server` or `alice`.
+        user: String,
+        /// How many at most.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -158,9 +186,41 @@ pub async fn run(config: Config, command: AdminCommand) -> Result<String, String
             }
             out
         }
+        AdminCommand::Media(command) => media(&services, command).await?,
     };
     services.store.close().await;
     Ok(out)
+}
+
+async fn media(services: &crate::service::Services, command: MediaCommand) -> Result<String, String> {
+    Ok(match command {
+        MediaCommand::Quarantine { mxc, release } => {
+            services.quarantine_media(&mxc, !release).await.map_err(describe)?;
+            format!("{} {mxc}", if release { "released" } else { "quarantined" })
+        }
+        MediaCommand::Delete { mxc } => {
+            services.delete_media(&mxc).await.map_err(describe)?;
+            format!("deleted {mxc}")
+        }
+        MediaCommand::List { user, limit } => {
+            let user_id = if user.starts_with('@') { user } else { format!("@{user}:{}", services.server_name()) };
+            let items = services.list_user_media(&user_id, i64::from(limit)).await.map_err(describe)?;
+            let mut out = String::from("mxc\tsize\tcontent_type\tfile_name\tcreated_ts\tquarantined");
+            for m in items {
+                out.push_str(&format!(
+                    "\nmxc://{}/{}\t{}\t{}\t{}\t{}\t{}",
+                    m.server_name,
+                    m.media_id,
+                    m.size,
+                    m.content_type.as_deref().unwrap_or("-"),
+                    m.file_name.as_deref().unwrap_or("-"),
+                    m.created_ts,
+                    m.quarantined
+                ));
+            }
+            out
+        }
+    })
 }
 
 fn describe(e: crate::error::Error) -> String {

@@ -152,8 +152,38 @@ pub struct Rooms {
 pub struct Media {
     /// Empty: `data_dir` + `/media`.
     pub path: PathBuf,
-    /// Largest upload, in bytes.
+    /// Largest upload, in bytes (`413 M_TOO_LARGE` past it, checked while the body
+    /// streams in). Also the largest remote media fetched over federation.
     pub max_upload_size: u64,
+    /// Most bytes of media each local user may have stored (the sum of their uploads).
+    /// 0: no quota. Past it an upload gets `403 M_FORBIDDEN`.
+    pub user_quota_bytes: u64,
+    /// Most ids a user may hold from `POST /_matrix/media/v1/create` that are neither
+    /// uploaded nor expired (`429 M_LIMIT_EXCEEDED` past it).
+    pub max_pending_uploads: u32,
+    /// How long an id from `POST /_matrix/media/v1/create` waits for its upload, in
+    /// milliseconds (`unused_expires_at`).
+    pub unused_expiry_ms: u64,
+    /// Serve the legacy unauthenticated `/_matrix/media/v3/download`, `/thumbnail`
+    /// and `/config` (frozen by Matrix 1.11; older clients still use them). Off: they
+    /// answer `404 M_NOT_FOUND`, and only `/_matrix/client/v1/media/*` serves media.
+    pub legacy_unauthenticated: bool,
+    /// Largest width or height, in pixels, of an image Convo decodes to make a
+    /// thumbnail. Larger images get no thumbnail (`400`).
+    pub max_image_dimension: u32,
+    /// Most memory, in bytes, that decoding one image may allocate (a decompression
+    /// bomb is refused before it is decoded).
+    pub max_image_alloc: u64,
+    /// Longest time fetching one remote media item may take, in milliseconds.
+    pub remote_fetch_timeout_ms: u64,
+    /// URL previews (`/_matrix/client/v1/media/preview_url`). Off: that endpoint
+    /// answers `404 M_NOT_FOUND`. On: only public addresses are fetched (unless
+    /// `federation.allow_private_destinations`), within the size and time below.
+    pub url_preview_enabled: bool,
+    /// Largest page read for a URL preview, in bytes.
+    pub url_preview_max_size: u64,
+    /// Longest time a URL preview may take, in milliseconds.
+    pub url_preview_timeout_ms: u64,
 }
 
 /// Voice and video calls: the TURN server that relays call media between clients
@@ -270,6 +300,8 @@ pub struct RateLimits {
     /// Wrong passwords (at `/login` and in user-interactive auth), per user and per
     /// client address: past it, password checks answer `429 M_LIMIT_EXCEEDED`.
     pub failed_password: Bucket,
+    /// Media uploads (`/upload` and `/create`), per user.
+    pub media_upload: Bucket,
 }
 
 /// A token bucket: `burst` requests at once, refilled at `per_second`.
@@ -412,7 +444,20 @@ impl Default for Rooms {
 
 impl Default for Media {
     fn default() -> Self {
-        Self { path: PathBuf::new(), max_upload_size: 50 * 1024 * 1024 }
+        Self {
+            path: PathBuf::new(),
+            max_upload_size: 50 * 1024 * 1024,
+            user_quota_bytes: 0,
+            max_pending_uploads: 10,
+            unused_expiry_ms: 86_400_000,
+            legacy_unauthenticated: true,
+            max_image_dimension: 12_000,
+            max_image_alloc: 256 * 1024 * 1024,
+            remote_fetch_timeout_ms: 60_000,
+            url_preview_enabled: false,
+            url_preview_max_size: 1024 * 1024,
+            url_preview_timeout_ms: 10_000,
+        }
     }
 }
 
@@ -436,6 +481,7 @@ impl Default for RateLimits {
             login: Bucket { per_second: 0.2, burst: 5 },
             registration: Bucket { per_second: 0.1, burst: 3 },
             failed_password: Bucket { per_second: 0.1, burst: 5 },
+            media_upload: Bucket { per_second: 1.0, burst: 20 },
         }
     }
 }
@@ -597,6 +643,14 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("password_hashing.parallelism", 1.0, 64.0),
     ("sessions.access_token_lifetime_ms", 1_000.0, TEN_YEARS_MS),
     ("media.max_upload_size", 1.0, 1_099_511_627_776.0),
+    ("media.user_quota_bytes", 0.0, 1_125_899_906_842_624.0),
+    ("media.max_pending_uploads", 1.0, 100_000.0),
+    ("media.unused_expiry_ms", 1_000.0, 30.0 * 86_400_000.0),
+    ("media.max_image_dimension", 1.0, 100_000.0),
+    ("media.max_image_alloc", 1_048_576.0, 17_179_869_184.0),
+    ("media.remote_fetch_timeout_ms", 100.0, 3_600_000.0),
+    ("media.url_preview_max_size", 1024.0, 104_857_600.0),
+    ("media.url_preview_timeout_ms", 100.0, 600_000.0),
     ("limits.max_request_body", 256.0, 1_073_741_824.0),
     ("limits.max_federation_request_body", 65_536.0, 1_073_741_824.0),
     ("limits.header_read_timeout_ms", 100.0, 3_600_000.0),

@@ -72,7 +72,7 @@ impl<T> Ruma<T> {
 }
 
 /// The access token from `Authorization: Bearer` or the deprecated `access_token` query parameter.
-fn access_token(parts: &axum::http::request::Parts) -> Result<Option<String>> {
+pub(super) fn access_token(parts: &axum::http::request::Parts) -> Result<Option<String>> {
     if let Some(value) = parts.headers.get(AUTHORIZATION) {
         let value = value.to_str().map_err(|_| Error::unknown_token(false))?;
         let token = value.strip_prefix("Bearer ").ok_or_else(|| Error::unknown_token(false))?;

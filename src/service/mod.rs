@@ -11,6 +11,7 @@ mod ephemeral;
 pub mod federation;
 mod ids;
 mod key_backups;
+pub mod media;
 mod notifications;
 mod openid;
 mod password;
@@ -104,6 +105,8 @@ pub struct Services {
     pub push_sender: push_sender::PushSender,
     /// Federation: the outbound client and the key fetcher.
     pub federation: federation::Federation,
+    /// The media repository: files, upload waiters, thumbnailing.
+    pub media: media::Media,
     /// Turns true when the server begins to shut down: waiting `/sync`s answer at once.
     shutting_down: tokio::sync::watch::Sender<bool>,
     /// Keys trusted without asking: our own, and those tests add. Other servers' keys
@@ -124,6 +127,7 @@ impl Services {
         ));
         let notifier = Box::new(LocalNotifier::new(store.stream_watch()));
         Ok(Arc::new(Services {
+            media: media::Media::new(&config.media),
             federation,
             known_keys,
             rate_limiter: RateLimiter::new(config.rate_limits.clone()),

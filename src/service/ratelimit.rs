@@ -21,6 +21,8 @@ pub enum RateLimitKind {
     Registration,
     /// Password checks that fail (`/login` and UIA), per user and per client address.
     FailedPassword,
+    /// Media uploads and reserved media ids, per user.
+    MediaUpload,
 }
 
 pub struct RateLimiter {
@@ -51,6 +53,7 @@ impl RateLimiter {
             RateLimitKind::Login => &self.config.login,
             RateLimitKind::Registration => &self.config.registration,
             RateLimitKind::FailedPassword => &self.config.failed_password,
+            RateLimitKind::MediaUpload => &self.config.media_upload,
         }
     }
 
@@ -122,6 +125,7 @@ mod tests {
             login: Bucket { per_second: 0.001, burst: 2 },
             registration: Bucket { per_second: 1.0, burst: 1 },
             failed_password: Bucket { per_second: 0.001, burst: 2 },
+            media_upload: Bucket { per_second: 1.0, burst: 1 },
         })
     }
 

@@ -16,6 +16,7 @@ mod event_times;
 mod events;
 mod federation_outbox;
 mod key_backups;
+mod media;
 mod memberships;
 mod openid;
 mod persist;
@@ -50,6 +51,7 @@ pub use self::{
     events::StoredEvent,
     federation_outbox::OutboxBatch,
     key_backups::{BackupKey, BackupScope, BackupVersion, BackupWriteRefused},
+    media::{MediaItem, MediaThumbnail, NewContent, UploadRefusal},
     memberships::MembershipRow,
     persist::{
         CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, Redaction,

@@ -170,3 +170,54 @@ async fn admin_commands() {
     assert_eq!(server.get("/_matrix/client/v3/account/whoami", Some(&token)).await.0, StatusCode::UNAUTHORIZED);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn admin_media_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = convo(dir.path()).args(["admin", "media"]).args(args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        (out.status.success(), stdout, stderr)
+    };
+    // A server on the data the commands use (the default data_dir, in `dir`).
+    let data = dir.path().join("convo-data");
+    let server = TestServer::start_with(crate::common::Backend::Sqlite, |c| c.data_dir = data.clone()).await;
+    let (_, alice, _) = server.register("alice").await;
+    let response = server
+        .http
+        .post(format!("{}/_matrix/media/v3/upload?filename=cat.txt", server.base))
+        .bearer_auth(&alice)
+        .header("content-type", "text/plain")
+        .body("meow")
+        .send()
+        .await
+        .unwrap();
+    let mxc = response.json::<serde_json::Value>().await.unwrap()["content_uri"].as_str().unwrap().to_owned();
+    let (_, id) = mxc.strip_prefix("mxc://").unwrap().split_once('/').unwrap();
+    let download = format!("/_matrix/client/v1/media/download/localhost/{id}");
+
+    let (ok, list, err) = run(&["list", "alice"]);
+    assert!(ok, "{err}");
+    assert!(list.contains(&format!("{mxc}\t4\ttext/plain\tcat.txt\t")), "{list}");
+
+    let (ok, _, err) = run(&["quarantine", &mxc]);
+    assert!(ok, "{err}");
+    let (status, body) = server.get(&download, Some(&alice)).await;
+    assert_eq!((status, body["errcode"].as_str()), (StatusCode::NOT_FOUND, Some("M_NOT_FOUND")));
+    let (ok, _, err) = run(&["quarantine", &mxc, "--release"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        server.http.get(format!("{}{download}", server.base)).bearer_auth(&alice).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    let (ok, out, err) = run(&["delete", &mxc]);
+    assert!(ok && out.contains("deleted"), "{err}");
+    assert_eq!(server.get(&download, Some(&alice)).await.0, StatusCode::NOT_FOUND);
+    let (ok, _, err) = run(&["delete", &mxc]);
+    assert!(!ok && err.contains("No media"), "{err}");
+    let (ok, _, err) = run(&["quarantine", "not-an-mxc"]);
+    assert!(!ok && err.contains("mxc"), "{err}");
+    server.stop().await;
+}

@@ -20,6 +20,7 @@ mod key_backups;
 mod keys;
 mod knock;
 mod login;
+mod media;
 mod openid;
 mod operations;
 mod profile;

@@ -10,6 +10,7 @@ mod discovery;
 mod ephemeral;
 mod key_backups;
 mod keys;
+pub(crate) mod media;
 mod membership;
 mod message;
 mod profile;
@@ -50,5 +51,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = relations::routes(router);
     let router = room_extras::routes(router);
     let router = search::routes(router);
+    let router = media::routes(router);
     voip::routes(router)
 }

@@ -6,6 +6,7 @@ mod backfill;
 mod e2e;
 mod events;
 mod keys;
+mod media;
 mod membership;
 mod queries;
 mod transactions;
@@ -31,5 +32,6 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
     let router = backfill::routes(router);
     let router = events::routes(router);
     let router = membership::routes(router);
+    let router = media::routes(router);
     queries::routes(router)
 }

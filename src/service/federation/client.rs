@@ -160,13 +160,32 @@ impl FederationClient {
     /// requires it, and parses the answer. An error answer from the other server becomes
     /// `Error::Remote` with its status and errcode (shown to clients as `Error::relayed`
     /// says); failing to reach it or a bad answer is `502 M_UNKNOWN`.
-    #[tracing::instrument(skip_all, fields(%destination))]
     pub async fn send<T>(
         &self,
         origin: &ServerName,
         key: &Ed25519KeyPair,
         destination: &ServerName,
         request: T,
+    ) -> Result<T::IncomingResponse>
+    where
+        T: OutgoingRequest<EndpointError = ruma::api::error::Error, PathBuilder = ruma::api::path_builder::SinglePath>
+            + Send,
+        T::Authentication: OutboundAuth,
+    {
+        self.send_with_limit(origin, key, destination, request, None).await
+    }
+
+    /// `send`, with the response body cut at `limit` bytes (media) instead of
+    /// `federation.max_response_body`: past it the answer is `502 M_TOO_LARGE`, and the
+    /// rest of the body is not read.
+    #[tracing::instrument(skip_all, fields(%destination))]
+    pub async fn send_with_limit<T>(
+        &self,
+        origin: &ServerName,
+        key: &Ed25519KeyPair,
+        destination: &ServerName,
+        request: T,
+        limit: Option<u64>,
     ) -> Result<T::IncomingResponse>
     where
         T: OutgoingRequest<EndpointError = ruma::api::error::Error, PathBuilder = ruma::api::path_builder::SinglePath>
@@ -199,11 +218,14 @@ impl FederationClient {
         let response =
             outbound.send().await.map_err(|e| Error::federation(format!("{destination}: {}", describe(&e))))?;
         let status = response.status();
-        let body = self.read_body(destination, response).await?;
-        let http_response = http::Response::builder()
+        // The headers too: a media answer's `Content-Type` names its multipart boundary.
+        let headers = response.headers().clone();
+        let body = self.read_body(destination, response, limit).await?;
+        let mut http_response = http::Response::builder()
             .status(status)
             .body(body.as_slice())
             .map_err(|e| Error::federation(format!("{destination}: bad response: {e}")))?;
+        *http_response.headers_mut() = headers;
         T::IncomingResponse::try_from_http_response(http_response).map_err(|e| match e {
             FromHttpResponseError::Server(error) => remote_error(destination, error),
             other => Error::federation(format!(
@@ -212,18 +234,32 @@ impl FederationClient {
         })
     }
 
-    /// Reads a response body up to `max_response_body` bytes.
-    async fn read_body(&self, destination: &ServerName, mut response: reqwest::Response) -> Result<Vec<u8>> {
-        let limit = self.max_response_body;
+    /// Reads a response body up to `limit` bytes (else `max_response_body`).
+    async fn read_body(
+        &self,
+        destination: &ServerName,
+        mut response: reqwest::Response,
+        limit: Option<u64>,
+    ) -> Result<Vec<u8>> {
+        let media = limit.is_some();
+        let limit = limit.unwrap_or(self.max_response_body);
+        let too_large = |limit: u64| {
+            let message = format!("{destination} sent a response over {limit} bytes");
+            if media {
+                Error::matrix(http::StatusCode::BAD_GATEWAY, ErrorKind::TooLarge, message)
+            } else {
+                Error::federation(message)
+            }
+        };
         if response.content_length().is_some_and(|length| length > limit) {
-            return Err(Error::federation(format!("{destination} sent a response over {limit} bytes")));
+            return Err(too_large(limit));
         }
         let mut body = Vec::new();
         while let Some(chunk) =
             response.chunk().await.map_err(|e| Error::federation(format!("{destination}: {}", describe(&e))))?
         {
             if body.len() as u64 + chunk.len() as u64 > limit {
-                return Err(Error::federation(format!("{destination} sent a response over {limit} bytes")));
+                return Err(too_large(limit));
             }
             body.extend_from_slice(&chunk);
         }
