@@ -300,7 +300,7 @@ const FEATURES = {
 };
 
 /** The features whose steps run when ELEMENT_STEPS is not set: those on main. */
-const ON_BY_DEFAULT = ["threads", "search", "backup"];
+const ON_BY_DEFAULT = ["media", "avatar", "threads", "search", "backup"];
 
 /** ELEMENT_STEPS: a comma-separated list of FEATURES, "all" or "none". */
 function enabledFeatures() {
