@@ -13,7 +13,7 @@ async fn versions_well_known_and_capabilities(backend: Backend) {
     let (status, body) = server.get("/_matrix/client/versions", None).await;
     assert_eq!(status, StatusCode::OK);
     let versions: Vec<&str> = body["versions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    assert!(versions.contains(&"v1.1") && versions.contains(&"v1.10"), "{versions:?}");
+    assert!(versions.contains(&"v1.1") && versions.contains(&"v1.11"), "{versions:?}");
     // Element sets up cross-signing only when this is advertised; nothing unimplemented is.
     assert_eq!(body["unstable_features"], json!({"org.matrix.e2e_cross_signing": true}), "{body}");
 

@@ -31,7 +31,7 @@ use crate::{
 
 /// The spec versions whose client-server API Convo follows, for the modules it has.
 const SPEC_VERSIONS: &[&str] =
-    &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10"];
+    &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
 
 /// Unstable features Convo implements, as clients look them up in `/versions`. Only
 /// what works belongs here: Element Web sets up cross-signing (and so stops marking
