@@ -45,6 +45,8 @@ use serde_json::{Value, json};
 
 #[path = "convo-load/federation.rs"]
 mod federation;
+#[path = "convo-load/media.rs"]
+mod media;
 #[path = "convo-load/search.rs"]
 mod search;
 
@@ -63,7 +65,8 @@ struct Args {
     #[arg(long, default_value = "server")]
     label: String,
     /// Scenarios to run, comma separated: sends, fanout, initial-sync, messages,
-    /// federation-fanout, federation-join (the last two need `--remote-url`), search.
+    /// federation-fanout, federation-join (the last two need `--remote-url`), search,
+    /// media.
     #[arg(long, value_delimiter = ',', default_value = "sends,fanout,initial-sync,messages")]
     scenarios: Vec<String>,
     /// Synapse's `registration_shared_secret` of the server at `--base-url`: register
@@ -147,6 +150,9 @@ struct Args {
 
     #[command(flatten)]
     search: search::SearchArgs,
+
+    #[command(flatten)]
+    media: media::MediaArgs,
 }
 
 type Res<T> = Result<T, String>;
@@ -1246,9 +1252,22 @@ async fn main() -> std::process::ExitCode {
                     }
                 }
             }
+            "media" => match tokio::time::timeout(
+                Duration::from_secs(a.scenario_timeout),
+                media::scenario_media(&api, &a, &run, tck),
+            )
+            .await
+            {
+                Ok(Ok(found)) => outs.extend(found),
+                Ok(Err(e)) => outs.push(with_deadline("media", 1, async { Err(e) }).await),
+                Err(_) => {
+                    let e = format!("scenario did not finish within {} s", a.scenario_timeout);
+                    outs.push(with_deadline("media", 1, async { Err(e) }).await)
+                }
+            },
             other => eprintln!(
                 "unknown scenario {other:?} (sends, fanout, initial-sync, messages, federation-fanout, federation-join, \
-                 search)"
+                 search, media)"
             ),
         }
     }
