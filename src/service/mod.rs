@@ -90,6 +90,9 @@ pub struct Services {
     /// Held while a local user joins a room through another server, so that a second
     /// local user waits and then joins here instead of running a second send_join.
     pub remote_joins: RoomLocks,
+    /// Held while a room is upgraded, so that upgrades of one room run one at a time
+    /// (a second one finds the first's tombstone).
+    pub upgrades: RoomLocks,
     /// Each room's forward extremities and state group, kept under the room lock.
     pub room_heads: rooms::append::RoomHeads,
     pub member_cache: MemberCache,
@@ -140,6 +143,7 @@ impl Services {
             waiting_syncs: Default::default(),
             room_locks: RoomLocks::default(),
             remote_joins: RoomLocks::default(),
+            upgrades: RoomLocks::default(),
             room_heads: Default::default(),
             member_cache: MemberCache::default(),
             typing: Typing::default(),

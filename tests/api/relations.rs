@@ -611,8 +611,35 @@ backend_tests!(
     threads_list_by_latest_activity,
     thread_aware_unread_counts,
     upgrade_copies_state_and_tombstones,
+    upgrades_sent_at_once_make_one_room,
     reports_are_stored_and_listed,
     concurrent_reports_get_distinct_ids,
     mutual_rooms_lists_shared_joined_rooms,
     room_summaries_for_members_and_open_rooms,
 );
+
+/// Several upgrades of one room at once make one new room: every answer names it, and
+/// the old room has one tombstone.
+async fn upgrades_sent_at_once_make_one_room(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({"preset": "private_chat", "room_version": "10"})).await;
+    let path = format!("/_matrix/client/v3/rooms/{room}/upgrade");
+    let answers =
+        futures_util::future::join_all((0..4).map(|_| server.post(&path, Some(&alice), json!({"new_version": "11"}))))
+            .await;
+    let mut new_rooms: Vec<String> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, StatusCode::OK, "{body}");
+            body["replacement_room"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    new_rooms.dedup();
+    assert_eq!(new_rooms.len(), 1, "one new room for all: {new_rooms:?}");
+    let (status, messages) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{messages}");
+    let tombstones = messages["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.tombstone").count();
+    assert_eq!(tombstones, 1, "{messages}");
+}

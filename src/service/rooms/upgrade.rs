@@ -3,7 +3,9 @@
 //! (name, topic, avatar, join rules, history visibility, guest access, encryption,
 //! server ACL, power levels with the users' levels) and bans; the old room's local
 //! aliases, canonical alias and directory listing move over; a tombstone ends the old
-//! room, whose power levels are then raised so that only moderators can talk.
+//! room, whose power levels are then raised so that only moderators can talk. Upgrades
+//! of one room run one at a time; once a room is tombstoned, upgrading it again answers
+//! its replacement.
 
 use ruma::{OwnedRoomId, RoomId, RoomVersionId, UserId};
 use serde_json::{Map, Value as JsonValue, json};
@@ -49,6 +51,15 @@ impl Services {
         let membership = self.store.get_membership(old_room.as_str(), user.as_str()).await?;
         if membership.is_none_or(|m| m.membership != "join") {
             return Err(Error::forbidden("You are not in this room"));
+        }
+        // One upgrade of a room at a time; a room already upgraded answers the room
+        // that replaced it (upgrades sent at once make one new room).
+        let _upgrading = self.upgrades.lock(old_room).await;
+        if let Some(tombstone) =
+            self.store.get_current_state_events(old_room.as_str(), &["m.room.tombstone"]).await?.first()
+            && let Some(replacement) = content_of(&tombstone.json)?["replacement_room"].as_str()
+        {
+            return OwnedRoomId::try_from(replacement).map_err(Error::internal);
         }
         // The power to send the tombstone, checked up front (the tombstone itself is
         // sent last, and the auth rules check it again then).
