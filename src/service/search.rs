@@ -7,10 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use futures_util::{StreamExt, TryStreamExt, stream};
-
 use ruma::{
-    DeviceId, OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
+    DeviceId, OwnedMxcUri, OwnedRoomId, OwnedUserId, UInt, UserId,
     api::client::search::search_events::v3::{
         Criteria, EventContextResult, GroupingKey, OrderBy, ResultGroup, ResultGroupMap, ResultRoomEvents, SearchKeys,
         SearchResult, UserProfile,
@@ -25,6 +23,7 @@ use crate::{
         rooms::{
             format::{Viewer, to_raw},
             messages::EventFilter,
+            visibility::Visibility,
         },
     },
     storage::{MAX_SEARCH_RANGES, SEARCH_KEYS, SearchHit, SearchOrder, SearchQuery, StoredEvent},
@@ -38,8 +37,6 @@ const MAX_CONTEXT: u64 = 20;
 /// Words of a search term that count, and characters of a word.
 const MAX_WORDS: usize = 16;
 const MAX_WORD_CHARS: usize = 100;
-/// Results whose context is read at the same time.
-const CONTEXTS_AT_ONCE: usize = 4;
 /// Most highlights returned.
 const MAX_HIGHLIGHTS: usize = 50;
 
@@ -226,22 +223,17 @@ impl Services {
         let context = &criteria.event_context;
         let (before, after) =
             (u64::from(context.before_limit).min(MAX_CONTEXT), u64::from(context.after_limit).min(MAX_CONTEXT));
-        // The contexts, a few at a time (each is a handful of reads on its own connection);
-        // boxed, as the borrowing futures are otherwise not `Send` for every lifetime.
-        let reads: Vec<std::pin::Pin<Box<dyn Future<Output = Result<EventContextResult>> + Send + '_>>> = found
-            .iter()
-            .map(|event| {
-                Box::pin(self.search_context(
-                    user,
-                    viewer,
-                    event,
-                    before as usize,
-                    after as usize,
-                    context.include_profile,
-                )) as _
-            })
-            .collect();
-        let contexts: Vec<EventContextResult> = stream::iter(reads).buffered(CONTEXTS_AT_ONCE).try_collect().await?;
+        let contexts = self
+            .search_contexts(
+                user,
+                viewer,
+                &found,
+                &visibilities,
+                before as usize,
+                after as usize,
+                context.include_profile,
+            )
+            .await?;
         let mut results = Vec::with_capacity(found.len());
         for ((json, hit), context) in formatted.into_iter().zip(&hits).zip(contexts) {
             let mut result = SearchResult::new();
@@ -296,70 +288,161 @@ impl Services {
         Ok(response)
     }
 
-    /// The events around a result that the user may see, with pagination tokens, and
-    /// the senders' profiles as of the result (from the member events in the state at
-    /// it) when asked.
-    async fn search_context(
+    /// The events around each result that the user may see, with pagination tokens
+    /// (topological, as `/messages` takes them), and the senders' profiles as of each
+    /// result (from the member events in the state at it) when asked. Two indexed reads
+    /// per result; visibility, formatting and profiles once for all of them.
+    #[allow(clippy::too_many_arguments)]
+    async fn search_contexts(
         &self,
         user: &UserId,
         viewer: Option<Viewer<'_>>,
-        event: &StoredEvent,
+        found: &[StoredEvent],
+        visibilities: &HashMap<OwnedRoomId, Visibility>,
         before: usize,
         after: usize,
         include_profile: bool,
-    ) -> Result<EventContextResult> {
-        let mut context = EventContextResult::new();
-        let room_id = <&RoomId>::try_from(event.room_id.as_str()).map_err(Error::internal)?;
-        let none = EventFilter::default();
-        let mut senders = vec![event.sender.clone()];
-        if before > 0 {
-            let from = format!("t{}-{}", event.depth, event.stream_ordering - 1);
-            let page = self.messages(room_id, user, Some(&from), None, true, before, &none).await?;
-            senders.extend(page.chunk.iter().map(|e| e.sender.clone()));
-            context.events_before =
-                self.client_events(&page.chunk, viewer, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
-            context.start = page.end.or(Some(page.start));
+    ) -> Result<Vec<EventContextResult>> {
+        let mut contexts: Vec<EventContextResult> = found.iter().map(|_| EventContextResult::new()).collect();
+        if found.is_empty() {
+            return Ok(contexts);
         }
-        if after > 0 {
-            let from = format!("t{}-{}", event.depth, event.stream_ordering);
-            let page = self.messages(room_id, user, Some(&from), None, false, after, &none).await?;
-            senders.extend(page.chunk.iter().map(|e| e.sender.clone()));
-            context.events_after =
-                self.client_events(&page.chunk, viewer, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
-            context.end = page.end.or(Some(page.start));
-        }
-        if include_profile {
-            senders.sort_unstable();
-            senders.dedup();
-            let keys: Vec<(String, String)> = senders.iter().map(|s| ("m.room.member".to_owned(), s.clone())).collect();
-            let members = if event.state_group != 0 {
-                let ids: Vec<String> = self
-                    .store
-                    .get_state_group_entries(event.state_group, &keys)
-                    .await?
-                    .into_iter()
-                    .map(|e| e.2)
-                    .collect();
-                self.store.get_events_by_ids(&ids).await?
-            } else {
-                self.store.get_current_state_entries(room_id.as_str(), &keys).await?
-            };
-            for member in members {
-                let (Some(state_key), Ok(json)) =
-                    (member.state_key.as_deref(), serde_json::from_str::<JsonValue>(&member.json))
-                else {
+        // The candidates on either side of each result: a few more than asked, as some
+        // may be hidden from the user.
+        let ranges: HashMap<&str, Vec<(i64, i64)>> = visibilities
+            .iter()
+            .map(|(room, vis)| {
+                let ranges = vis.visible_ranges();
+                (room.as_str(), if ranges.len() <= 50 { ranges } else { Vec::new() })
+            })
+            .collect();
+        let mut sides: Vec<Vec<StoredEvent>> = Vec::with_capacity(found.len() * 2);
+        for event in found {
+            let ranges = ranges.get(event.room_id.as_str()).map_or(&[][..], Vec::as_slice);
+            for (backwards, wanted) in [(true, before), (false, after)] {
+                if wanted == 0 {
+                    sides.push(Vec::new());
                     continue;
+                }
+                let from = if backwards {
+                    (event.depth, event.stream_ordering - 1)
+                } else {
+                    (event.depth, event.stream_ordering)
                 };
-                let Ok(user_id) = OwnedUserId::try_from(state_key) else { continue };
-                let content = &json["content"];
-                let mut profile = UserProfile::new();
-                profile.displayname = content["displayname"].as_str().map(str::to_owned);
-                profile.avatar_url = content["avatar_url"].as_str().map(OwnedMxcUri::from);
-                context.profile_info.insert(user_id, profile);
+                let read = (wanted * 2 + 2) as i64;
+                sides.push(
+                    self.store.get_room_events_topological(&event.room_id, from, None, ranges, read, backwards).await?,
+                );
             }
         }
-        Ok(context)
+
+        // Which candidates the user may see: by the visibility changes, then by the
+        // state at each (one pass per room).
+        let mut visible = HashSet::new();
+        for (room_id, vis) in visibilities {
+            let candidates: Vec<&StoredEvent> =
+                sides.iter().flatten().filter(|e| e.room_id == room_id.as_str() && vis.may_see(user, e)).collect();
+            if !candidates.is_empty() {
+                visible.extend(self.visible_by_state(user, vis, &candidates).await?);
+            }
+        }
+
+        // Each side keeps its first visible events; its token continues after the last
+        // event looked at.
+        let mut shown: Vec<StoredEvent> = Vec::new();
+        let mut spans = Vec::with_capacity(found.len());
+        for (i, event) in found.iter().enumerate() {
+            let mut span = [(0, 0), (0, 0)];
+            for (side, (backwards, wanted)) in [(true, before), (false, after)].into_iter().enumerate() {
+                if wanted == 0 {
+                    continue;
+                }
+                let mut cursor = if backwards {
+                    (event.depth, event.stream_ordering - 1)
+                } else {
+                    (event.depth, event.stream_ordering)
+                };
+                let first = shown.len();
+                for candidate in &sides[i * 2 + side] {
+                    if shown.len() - first == wanted {
+                        break;
+                    }
+                    cursor = if backwards {
+                        (candidate.depth, candidate.stream_ordering - 1)
+                    } else {
+                        (candidate.depth, candidate.stream_ordering)
+                    };
+                    if visible.contains(&candidate.event_id) {
+                        shown.push(candidate.clone());
+                    }
+                }
+                span[side] = (first, shown.len());
+                let token = Some(format!("t{}-{}", cursor.0, cursor.1));
+                if backwards {
+                    contexts[i].start = token;
+                } else {
+                    contexts[i].end = token;
+                }
+            }
+            spans.push(span);
+        }
+        let formatted = self.client_events(&shown, viewer, true).await?;
+        let mut formatted: Vec<Option<JsonValue>> = formatted.into_iter().map(Some).collect();
+        for (context, [(b0, b1), (a0, a1)]) in contexts.iter_mut().zip(&spans) {
+            for i in *b0..*b1 {
+                context.events_before.extend(formatted[i].take().map(to_raw).transpose()?);
+            }
+            for i in *a0..*a1 {
+                context.events_after.extend(formatted[i].take().map(to_raw).transpose()?);
+            }
+        }
+
+        if include_profile {
+            // The senders of each result and its context, read once per state group.
+            let mut senders_by_group: BTreeMap<(i64, &str), Vec<String>> = BTreeMap::new();
+            for (event, [(b0, b1), (a0, a1)]) in found.iter().zip(&spans) {
+                let senders = senders_by_group.entry((event.state_group, event.room_id.as_str())).or_default();
+                senders.push(event.sender.clone());
+                senders.extend(shown[*b0..*b1].iter().chain(&shown[*a0..*a1]).map(|e| e.sender.clone()));
+            }
+            let mut profiles: HashMap<(i64, &str), BTreeMap<OwnedUserId, UserProfile>> = HashMap::new();
+            for ((group, room), mut senders) in senders_by_group {
+                senders.sort_unstable();
+                senders.dedup();
+                let keys: Vec<(String, String)> =
+                    senders.iter().map(|s| ("m.room.member".to_owned(), s.clone())).collect();
+                let members = if group != 0 {
+                    let ids: Vec<String> =
+                        self.store.get_state_group_entries(group, &keys).await?.into_iter().map(|e| e.2).collect();
+                    self.store.get_events_by_ids(&ids).await?
+                } else {
+                    self.store.get_current_state_entries(room, &keys).await?
+                };
+                profiles.insert((group, room), members.iter().filter_map(member_profile).collect());
+            }
+            for ((context, event), [(b0, b1), (a0, a1)]) in contexts.iter_mut().zip(found).zip(&spans) {
+                let Some(known) = profiles.get(&(event.state_group, event.room_id.as_str())) else { continue };
+                let senders = std::iter::once(event).chain(&shown[*b0..*b1]).chain(&shown[*a0..*a1]);
+                for sender in senders.map(|e| e.sender.as_str()) {
+                    if let Some((user_id, profile)) = known.iter().find(|(u, _)| u.as_str() == sender) {
+                        context.profile_info.insert(user_id.clone(), profile.clone());
+                    }
+                }
+            }
+        }
+        Ok(contexts)
     }
+}
+
+/// The profile a member event gives its user.
+fn member_profile(member: &StoredEvent) -> Option<(OwnedUserId, UserProfile)> {
+    let json = serde_json::from_str::<JsonValue>(&member.json).ok()?;
+    let user_id = OwnedUserId::try_from(member.state_key.as_deref()?).ok()?;
+    let content = &json["content"];
+    let mut profile = UserProfile::new();
+    profile.displayname = content["displayname"].as_str().map(str::to_owned);
+    profile.avatar_url = content["avatar_url"].as_str().map(OwnedMxcUri::from);
+    Some((user_id, profile))
 }
 
 #[cfg(test)]

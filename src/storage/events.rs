@@ -448,33 +448,34 @@ impl Store {
         on_pool!(self, read, |pool| {
             let mut query = sqlx::QueryBuilder::new(select_events!("WHERE room_id = "));
             query.push_bind(room_id);
-            query.push(" AND stream_ordering IS NOT NULL AND (depth ");
-            query.push(if backwards { "< " } else { "> " });
+            // Row values, so that both databases bound their scan of the topological
+            // index by the position (an OR of depth and stream conditions makes
+            // PostgreSQL filter the index from the room's end).
+            query.push(" AND stream_ordering IS NOT NULL AND (depth, stream_ordering) ");
+            query.push(if backwards { "<= (" } else { "> (" });
             query.push_bind(from.0);
-            query.push(" OR (depth = ");
-            query.push_bind(from.0);
-            query.push(if backwards { " AND stream_ordering <= " } else { " AND stream_ordering > " });
+            query.push(", ");
             query.push_bind(from.1);
-            query.push("))");
+            query.push(")");
             if let Some(to) = to {
-                query.push(" AND (depth ");
-                query.push(if backwards { "> " } else { "< " });
+                query.push(" AND (depth, stream_ordering) ");
+                query.push(if backwards { "> (" } else { "<= (" });
                 query.push_bind(to.0);
-                query.push(" OR (depth = ");
-                query.push_bind(to.0);
-                query.push(if backwards { " AND stream_ordering > " } else { " AND stream_ordering <= " });
+                query.push(", ");
                 query.push_bind(to.1);
-                query.push("))");
+                query.push(")");
             }
             if !ranges.is_empty() {
+                // `+`: the ranges filter; were they an index bound, SQLite would read the
+                // room's events by stream position and sort them all by depth.
                 query.push(" AND (");
                 for (i, (after, up_to)) in ranges.iter().enumerate() {
                     if i > 0 {
                         query.push(" OR ");
                     }
-                    query.push("(stream_ordering > ");
+                    query.push("(+stream_ordering > ");
                     query.push_bind(*after);
-                    query.push(" AND stream_ordering <= ");
+                    query.push(" AND +stream_ordering <= ");
                     query.push_bind(*up_to);
                     query.push(")");
                 }
