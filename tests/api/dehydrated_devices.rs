@@ -9,9 +9,9 @@ use crate::{
     common::{Backend, TestServer, assert_error},
 };
 
-const PATH: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";
+pub(crate) const PATH: &str = "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device";
 
-fn dehydrated(user: &str, device: &str, pickle: &str) -> Value {
+pub(crate) fn dehydrated(user: &str, device: &str, pickle: &str) -> Value {
     json!({
         "device_id": device,
         "initial_device_display_name": "Backup device",

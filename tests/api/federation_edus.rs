@@ -268,9 +268,48 @@ async fn messages_for_a_server_that_is_down_wait_for_it(backend: Backend) {
     b.stop().await;
 }
 
+/// Replacing a dehydrated device with one of another id: a user of another server
+/// who queries the keys sees the new device and no longer the old one.
+async fn a_replaced_dehydrated_device_leaves_remote_copies(backend: Backend) {
+    use crate::dehydrated_devices::{PATH, dehydrated};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let (status, body) = b.put(PATH, Some(&bob_token), dehydrated(&bob, "DEHYDRATED1", "one")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let query = json!({"device_keys": {bob.clone(): []}, "timeout": 5000});
+    let devices = |body: &Value| -> Vec<String> {
+        body["device_keys"][&bob].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default()
+    };
+    let (status, body) = a.post("/_matrix/client/v3/keys/query", Some(&alice_token), query.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(devices(&body), vec!["DEHYDRATED1"], "{body}");
+
+    let (status, body) = b.put(PATH, Some(&bob_token), dehydrated(&bob, "DEHYDRATED2", "two")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = a.post("/_matrix/client/v3/keys/query", Some(&alice_token), query.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if devices(&body) == vec!["DEHYDRATED2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replacement never reached alice: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
 backend_tests!(
     to_device_messages_reach_users_of_other_servers,
     keys_of_remote_users_are_queried_and_claimed,
     messages_for_a_server_that_is_down_wait_for_it,
     remote_device_lists_are_kept_current,
+    a_replaced_dehydrated_device_leaves_remote_copies,
 );
