@@ -202,6 +202,7 @@ impl Services {
         if receipt_type == "m.fully_read" {
             return self.set_fully_read(room_id, user, event_id).await;
         }
+        self.check_receipt_thread(event_id.as_str(), thread_id).await?;
         let unread_before = self.unread_for_badge(user).await;
         let position = self
             .store

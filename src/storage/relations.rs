@@ -106,6 +106,16 @@ pub struct BundledRelations {
 }
 
 impl Store {
+    /// The event `event_id` relates to, and how (`rel_type`), if it relates to one.
+    pub async fn get_relation_parent(&self, event_id: &str) -> Result<Option<(String, String)>> {
+        on_pool!(self, read, |pool| {
+            Ok(sqlx::query_as("SELECT relates_to, rel_type FROM event_relations WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(pool)
+                .await?)
+        })
+    }
+
     /// A page of the children of a parent event (with the filters of `q`), in stream
     /// order (newest first when backwards), at most `q.limit`.
     pub async fn get_relations(&self, q: &RelationQuery<'_>) -> Result<Vec<StoredEvent>> {

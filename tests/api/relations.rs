@@ -350,6 +350,39 @@ async fn thread_aware_unread_counts(backend: Backend) {
     // `main` was read at the root: the message after it still counts.
     let (main, _) = counts(&sync, &room);
     assert_eq!(main, 1, "{sync}");
+
+    // A threaded receipt names an event of its thread: the root, a reply, or an event
+    // relating to a reply; anything else is refused.
+    let reaction = send(
+        &server,
+        &alice,
+        &room,
+        "m.reaction",
+        json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": last_in_thread, "key": "+1"}}),
+    )
+    .await;
+    let main_message = server.send_text(&alice, &room, "main 3").await;
+    for (event, thread, ok) in [
+        (&root, root.as_str(), true),
+        (&last_in_thread, root.as_str(), true),
+        (&reaction, root.as_str(), true),
+        (&main_message, root.as_str(), false),
+        (&last_in_thread, main_message.as_str(), false),
+        (&main_message, "main", true),
+    ] {
+        let (status, body) = server
+            .post(
+                &format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event}"),
+                Some(&bob),
+                json!({"thread_id": thread}),
+            )
+            .await;
+        if ok {
+            assert_eq!(status, StatusCode::OK, "{event} in {thread}: {body}");
+        } else {
+            assert_error(&(status, body), StatusCode::BAD_REQUEST, "M_INVALID_PARAM");
+        }
+    }
     server.stop().await;
 }
 

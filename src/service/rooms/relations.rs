@@ -159,4 +159,33 @@ impl Services {
         }
         Ok(())
     }
+
+    /// Refuses a threaded receipt whose event is not in the thread it names (400
+    /// `M_INVALID_PARAM`): the root itself, or an event whose relations lead to the root
+    /// through an `m.thread` relation within three hops, as the spec counts threads.
+    /// Receipts for `main` are not checked: clients send them for thread roots and for
+    /// events whose thread they have not loaded.
+    pub(crate) async fn check_receipt_thread(&self, event_id: &str, thread_id: Option<&str>) -> Result<()> {
+        let Some(thread) = thread_id.filter(|t| *t != "main") else { return Ok(()) };
+        if thread.is_empty() {
+            return Err(Error::invalid_param("thread_id must be a non-empty string"));
+        }
+        if event_id == thread {
+            return Ok(());
+        }
+        let mut current = event_id.to_owned();
+        for _ in 0..3 {
+            match self.store.get_relation_parent(&current).await? {
+                Some((parent, rel_type)) if rel_type == "m.thread" => {
+                    if parent == thread {
+                        return Ok(());
+                    }
+                    break;
+                }
+                Some((parent, _)) => current = parent,
+                None => break,
+            }
+        }
+        Err(Error::invalid_param(format!("{event_id} is not in the thread {thread}")))
+    }
 }
