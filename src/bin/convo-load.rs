@@ -18,6 +18,10 @@
 //! - `federation-fanout` and `federation-join` (`federation.rs`): two homeservers
 //!   (`--base-url` is A, `--remote-url` is B) federating; send-to-remote-sync latency,
 //!   and the time for a user of B to join a large room of A.
+//! - `large-room`, `sync-cpu` and the `--prefill-events` set-up phase (`scale.rs`):
+//!   joins, sends and lazy-loading initial syncs in a room of 10,000 members against a
+//!   room of 10; the server CPU of one woken incremental `/sync`; a long unread history
+//!   for the measured users before the scenarios run.
 //!
 //! Users are registered with open registration (UIA `m.login.dummy`), or, given
 //! `--registration-shared-secret` (`--remote-registration-shared-secret` for B), with
@@ -1335,9 +1339,9 @@ async fn main() -> std::process::ExitCode {
                     outs.push(with_deadline("large-room", 1, async { Err(e) }).await)
                 }
             },
-            "sync-cpu" => {
-                outs.push(with_deadline("sync-cpu", a.scenario_timeout, scale::scenario_sync_cpu(&api, &a, &run, tck)).await)
-            }
+            "sync-cpu" => outs.push(
+                with_deadline("sync-cpu", a.scenario_timeout, scale::scenario_sync_cpu(&api, &a, &run, tck)).await,
+            ),
             other => eprintln!(
                 "unknown scenario {other:?} (sends, fanout, initial-sync, messages, federation-fanout, federation-join, \
                  search, media, large-room, sync-cpu)"

@@ -220,8 +220,7 @@ async fn one_at_a_time(
     api: &Api,
     a: &Args,
     tck: f64,
-    owner: &User,
-    room: &str,
+    (owner, room): (&User, &str),
     newcomers: &[User],
     label: &str,
     txn: &str,
@@ -351,8 +350,7 @@ pub(crate) async fn scenario_large_room(api: &Api, a: &Args, run: &str, tck: f64
         api,
         a,
         tck,
-        &owner,
-        &room,
+        (&owner, &room),
         new_large,
         &format!("large-room {total} members"),
         &format!("{run}-ll"),
@@ -366,8 +364,7 @@ pub(crate) async fn scenario_large_room(api: &Api, a: &Args, run: &str, tck: f64
         api,
         a,
         tck,
-        &owner,
-        &small_room,
+        (&owner, &small_room),
         new_small,
         &format!("large-room comparison: {small} members"),
         &format!("{run}-ls"),
@@ -433,7 +430,7 @@ pub(crate) async fn scenario_sync_cpu(api: &Api, a: &Args, run: &str, tck: f64) 
             since = v["next_batch"].as_str().ok_or("sync: no next_batch")?.to_owned();
             let bodies = super::timeline_bodies(&v);
             events += bodies.len();
-            if bodies.iter().any(|b| *b == body) {
+            if bodies.contains(&body) {
                 lat.push(ms(t.elapsed()));
                 break;
             }
