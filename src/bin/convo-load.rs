@@ -18,6 +18,10 @@
 //! - `federation-fanout` and `federation-join` (`federation.rs`): two homeservers
 //!   (`--base-url` is A, `--remote-url` is B) federating; send-to-remote-sync latency,
 //!   and the time for a user of B to join a large room of A.
+//! - `large-room`, `sync-cpu` and the `--prefill-events` set-up phase (`scale.rs`):
+//!   joins, sends and lazy-loading initial syncs in a room of 10,000 members against a
+//!   room of 10; the server CPU of one woken incremental `/sync`; a long unread history
+//!   for the measured users before the scenarios run.
 //!
 //! Users are registered with open registration (UIA `m.login.dummy`), or, given
 //! `--registration-shared-secret` (`--remote-registration-shared-secret` for B), with
@@ -47,6 +51,8 @@ use serde_json::{Value, json};
 mod federation;
 #[path = "convo-load/media.rs"]
 mod media;
+#[path = "convo-load/scale.rs"]
+mod scale;
 #[path = "convo-load/search.rs"]
 mod search;
 
@@ -66,7 +72,7 @@ struct Args {
     label: String,
     /// Scenarios to run, comma separated: sends, fanout, initial-sync, messages,
     /// federation-fanout, federation-join (the last two need `--remote-url`), search,
-    /// media.
+    /// media, large-room, sync-cpu.
     #[arg(long, value_delimiter = ',', default_value = "sends,fanout,initial-sync,messages")]
     scenarios: Vec<String>,
     /// Synapse's `registration_shared_secret` of the server at `--base-url`: register
@@ -153,6 +159,9 @@ struct Args {
 
     #[command(flatten)]
     media: media::MediaArgs,
+
+    #[command(flatten)]
+    scale: scale::ScaleArgs,
 }
 
 type Res<T> = Result<T, String>;
@@ -601,7 +610,7 @@ fn r2(x: f64) -> f64 {
 
 async fn scenario_sends(api: &Api, a: &Args, run: &str, tck: f64) -> Res<Outcome> {
     let mut out = Outcome::new("sends");
-    let users = api.register_many(&format!("{run}s"), a.sends_users.max(1), a.register_concurrency).await?;
+    let users = scale::users(api, &format!("{run}s"), a.sends_users.max(1), a.register_concurrency).await?;
     let mut rooms = Vec::new();
     for r in 0..a.sends_rooms.max(1) {
         let room = api.create_room(&users[0], &format!("sends {r}")).await?;
@@ -693,18 +702,23 @@ struct Fanout {
 
 async fn fanout_setup(api: &Api, a: &Args, run: &str) -> Res<Fanout> {
     let n = a.fanout_rooms * a.fanout_room_size;
-    let users = api.register_many(&format!("{run}f"), n, a.register_concurrency).await?;
-    let mut rooms = Vec::new();
-    let mut members = Vec::new();
-    for r in 0..a.fanout_rooms {
-        let idx: Vec<usize> = (r * a.fanout_room_size..(r + 1) * a.fanout_room_size).collect();
-        let room = api.create_room(&users[idx[0]], &format!("fanout {r}")).await?;
-        for &u in &idx[1..] {
-            api.join(&users[u], &room).await?;
+    let users = Arc::new(scale::users(api, &format!("{run}f"), n, a.register_concurrency).await?);
+    let size = a.fanout_room_size;
+    let members: Vec<Vec<usize>> = (0..a.fanout_rooms).map(|r| (r * size..(r + 1) * size).collect()).collect();
+    // Rooms are set up 16 at a time (1,000 users in 200 rooms take long one by one).
+    let (api2, users2) = (api.clone(), users.clone());
+    let rooms = scale::par_each(a.fanout_rooms, 16, move |r| {
+        let (api, users) = (api2.clone(), users2.clone());
+        async move {
+            let room = api.create_room(&users[r * size], &format!("fanout {r}")).await?;
+            for u in &users[r * size + 1..(r + 1) * size] {
+                api.join(u, &room).await?;
+            }
+            Ok(room)
         }
-        rooms.push(room);
-        members.push(idx);
-    }
+    })
+    .await?;
+    let users = Arc::try_unwrap(users).unwrap_or_else(|u| (*u).clone());
     Ok(Fanout {
         users: users.into_iter().map(|u| (api.clone(), u)).collect(),
         rooms,
@@ -739,13 +753,18 @@ async fn scenario_fanout(
     let mut listeners: Vec<usize> = f.receivers.iter().flatten().copied().collect();
     listeners.sort_unstable();
     listeners.dedup();
-    // Initial sync of every listener, for its next_batch.
-    let mut since = Vec::new();
-    for &ui in &listeners {
-        let (api, u) = &f.users[ui];
-        let v = api.sync(u, None, 0, Some(&filter)).await?;
-        since.push(v["next_batch"].as_str().ok_or("sync: no next_batch")?.to_owned());
-    }
+    // Initial sync of every listener, for its next_batch (8 at a time).
+    let who: Arc<Vec<(Api, User)>> = Arc::new(listeners.iter().map(|&ui| f.users[ui].clone()).collect());
+    let filter2 = filter.clone();
+    let since = scale::par_each(who.len(), 8, move |i| {
+        let (who, filter) = (who.clone(), filter2.clone());
+        async move {
+            let (api, u) = &who[i];
+            let v = api.sync(u, None, 0, Some(&filter)).await?;
+            v["next_batch"].as_str().map(str::to_owned).ok_or_else(|| "sync: no next_batch".to_owned())
+        }
+    })
+    .await?;
     // Message number -> (send start, sender, room).
     type SentAt = HashMap<u64, (Instant, usize, usize)>;
     let sent_at: Arc<Mutex<SentAt>> = Arc::new(Mutex::new(HashMap::new()));
@@ -755,9 +774,12 @@ async fn scenario_fanout(
     let sync_errors = Arc::new(AtomicU64::new(0));
     let limited = Arc::new(AtomicU64::new(0));
     let presence = Arc::new(AtomicU64::new(0));
+    // Long-polls requested at least once (every listener's first one is in flight).
+    let polling = Arc::new(AtomicUsize::new(0));
     let mut loops = Vec::new();
     for (&ui, s) in listeners.iter().zip(since) {
         let (api, u) = f.users[ui].clone();
+        let polling = polling.clone();
         let (filter, tag, received, stop, syncs, sync_errors, limited, presence) = (
             filter.clone(),
             tag.clone(),
@@ -771,9 +793,12 @@ async fn scenario_fanout(
         loops.push(tokio::spawn(async move {
             let mut since = s;
             // Bounded: at most 100000 syncs per user; stopped by the flag or by abort.
-            for _ in 0..100_000 {
+            for k in 0..100_000 {
                 if stop.load(Ordering::Relaxed) {
                     break;
+                }
+                if k == 0 {
+                    polling.fetch_add(1, Ordering::Relaxed);
                 }
                 match api.sync(&u, Some(&since), 30_000, Some(&filter)).await {
                     Ok(v) => {
@@ -810,7 +835,13 @@ async fn scenario_fanout(
             }
         }));
     }
-    // Let every long-poll park on the server.
+    // Let every long-poll park on the server: every first request sent (bounded), then 1 s.
+    for _ in 0..3000 {
+        if polling.load(Ordering::Relaxed) >= listeners.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     syncs.store(0, Ordering::Relaxed);
     limited.store(0, Ordering::Relaxed);
@@ -960,6 +991,15 @@ async fn scenario_fanout(
     }
     out.put("send_p50_ms", r2(pct(&slat, 50.0)));
     out.put("send_p99_ms", r2(pct(&slat, 99.0)));
+    out.put("listeners", listeners.len());
+    out.put("rooms", f.rooms.len());
+    if let Some(c) = m.cpu_s {
+        out.put("server_cpu_ms_per_message", r2(1000.0 * c / sent_ok.max(1) as f64));
+    }
+    if let Some(c) = m.tool_cpu_s {
+        // The load tool's own share of a core: it must stay well below the machine's.
+        out.put("load_tool_cpu_pct", r2(100.0 * c / m.wall_s));
+    }
     out.put("sync_returns", syncs_done);
     out.put("sync_errors", sync_errors.load(Ordering::Relaxed));
     // A limited timeline means the client would have to page back for what it missed.
@@ -1168,10 +1208,27 @@ async fn with_deadline<F: std::future::Future<Output = Res<Outcome>>>(name: &str
     })
 }
 
+/// 1,000 long-polling users need more sockets than the usual soft limit of 1,024: raise
+/// the soft limit of open files to the hard limit (Linux; elsewhere nothing happens).
+fn raise_open_files_limit() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                eprintln!("could not raise the open files limit");
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let a = Args::parse();
+    raise_open_files_limit();
     let http = match reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .pool_idle_timeout(Duration::from_secs(90))
@@ -1201,6 +1258,10 @@ async fn main() -> std::process::ExitCode {
     let run =
         format!("lt{}", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() % 100_000_000).unwrap_or(0));
     let mut outs = Vec::new();
+    if a.scale.prefill_events > 0 {
+        eprintln!("[{}] prefill: {} events ...", a.label, a.scale.prefill_events);
+        outs.push(with_deadline("prefill", a.scale.prefill_timeout, scale::prefill(&api, &a, &run, tck)).await);
+    }
     for s in &a.scenarios {
         eprintln!("[{}] running {s} ...", a.label);
         match s.as_str() {
@@ -1265,9 +1326,25 @@ async fn main() -> std::process::ExitCode {
                     outs.push(with_deadline("media", 1, async { Err(e) }).await)
                 }
             },
+            "large-room" => match tokio::time::timeout(
+                Duration::from_secs(a.scale.large_room_timeout),
+                scale::scenario_large_room(&api, &a, &run, tck),
+            )
+            .await
+            {
+                Ok(Ok(found)) => outs.extend(found),
+                Ok(Err(e)) => outs.push(with_deadline("large-room", 1, async { Err(e) }).await),
+                Err(_) => {
+                    let e = format!("scenario did not finish within {} s", a.scale.large_room_timeout);
+                    outs.push(with_deadline("large-room", 1, async { Err(e) }).await)
+                }
+            },
+            "sync-cpu" => outs.push(
+                with_deadline("sync-cpu", a.scenario_timeout, scale::scenario_sync_cpu(&api, &a, &run, tck)).await,
+            ),
             other => eprintln!(
                 "unknown scenario {other:?} (sends, fanout, initial-sync, messages, federation-fanout, federation-join, \
-                 search, media)"
+                 search, media, large-room, sync-cpu)"
             ),
         }
     }
