@@ -307,3 +307,102 @@ async fn parallel_sends_and_receipts_keep_counts_exact(backend: Backend) {
     assert_eq!(counts(&server, &bob, &room, "").await.0, count_from_scratch(&url, &bob_id, &room).await);
     server.stop().await;
 }
+
+/// Measurement, not a check (run by hand): the cost of a woken incremental `/sync` for
+/// a user with 30,000 unread notifications and no receipt, on SQLite. The push actions
+/// are written straight into the database (copies of one message), the kept counts
+/// filled at start as for an upgraded server; the old count query is timed on the same
+/// data for the figure before.
+/// `cargo nextest run --run-ignored only -E 'test(unread_sync_cost)' --no-capture`
+#[tokio::test]
+#[ignore]
+async fn unread_sync_cost() {
+    use sqlx::Connection;
+    use std::time::Instant;
+    const N: i64 = 30_000;
+    let mut server = TestServer::start(Backend::Sqlite).await;
+    let (alice, bob_id, bob, room) = room_of_two(&server).await;
+    let model = server.send_text(&alice, &room, "model").await;
+    let url = server.config().database.url.clone();
+    server.pause().await;
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let columns: Vec<(String,)> =
+        sqlx::query_as("SELECT name FROM pragma_table_info('events')").fetch_all(&mut conn).await.unwrap();
+    let (base,): (i64,) = sqlx::query_as("SELECT pos FROM stream_position").fetch_one(&mut conn).await.unwrap();
+    let names: Vec<&str> = columns.iter().map(|c| c.0.as_str()).collect();
+    let values: Vec<String> = names
+        .iter()
+        .map(|c| match *c {
+            "event_id" => "'$fake' || n.i".to_owned(),
+            "stream_ordering" => format!("{base} + n.i"),
+            "txn_id" | "txn_device_id" | "txn_scope" => "NULL".to_owned(),
+            other => format!("e.{other}"),
+        })
+        .collect();
+    let statements = [
+        format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {N})
+             INSERT INTO events ({}) SELECT {} FROM n, events e WHERE e.event_id = '{model}'",
+            names.join(", "),
+            values.join(", ")
+        ),
+        format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {N})
+             INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight, actions)
+             SELECT '{bob_id}', '{room}', {base} + n.i, '$fake' || n.i, 0, '[\"notify\"]' FROM n"
+        ),
+        format!("UPDATE stream_position SET pos = {base} + {N} + 10"),
+        "DELETE FROM unread_counts".to_owned(),
+        "DELETE FROM server_info WHERE key = 'unread_counts'".to_owned(),
+    ];
+    for statement in &statements {
+        sqlx::query(sqlx::AssertSqlSafe(statement.as_str())).execute(&mut conn).await.unwrap();
+    }
+    // Before: the count /sync ran on every sync (count_notifications_in_rooms).
+    let old = "WITH after_pos (room_id, pos) AS (VALUES ($2, $3))
+         SELECT p.room_id, COUNT(*), COALESCE(SUM(p.highlight), 0) FROM event_push_actions p
+         JOIN after_pos a ON a.room_id = p.room_id JOIN events e ON e.stream_ordering = p.stream_pos
+         WHERE p.user_id = $1 AND p.stream_pos > a.pos AND e.redacted_by IS NULL GROUP BY p.room_id";
+    let started = Instant::now();
+    for _ in 0..10 {
+        let _: Vec<(String, i64, i64)> =
+            sqlx::query_as(old).bind(&bob_id).bind(&room).bind(0_i64).fetch_all(&mut conn).await.unwrap();
+    }
+    let old_ms = started.elapsed().as_secs_f64() * 100.0;
+    conn.close().await.unwrap();
+    let started = Instant::now();
+    server.resume().await;
+    println!("start with the fill of {N} notifications: {:?}", started.elapsed());
+    let sync = server.sync(&bob, None, "").await;
+    assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], N + 1);
+    let mut since = sync["next_batch"].as_str().unwrap().to_owned();
+    let mut total = Duration::ZERO;
+    for i in 0..20 {
+        server.send_text(&alice, &room, &format!("new {i}")).await;
+        let started = Instant::now();
+        let sync = server.sync(&bob, Some(&since), "").await;
+        total += started.elapsed();
+        assert_eq!(sync["rooms"]["join"][&room]["unread_notifications"]["notification_count"], N + 2 + i);
+        since = sync["next_batch"].as_str().unwrap().to_owned();
+    }
+    let url = server.config().database.url.clone();
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let new = "SELECT room_id, thread_id, notifs, highlights FROM unread_counts
+         WHERE user_id = $1 AND room_id IN ($2) AND thread_id = '' AND (notifs <> 0 OR highlights <> 0)";
+    let started = Instant::now();
+    for _ in 0..10 {
+        let _: Vec<(String, String, i64, i64)> =
+            sqlx::query_as(new).bind(&bob_id).bind(&room).fetch_all(&mut conn).await.unwrap();
+    }
+    let new_ms = started.elapsed().as_secs_f64() * 100.0;
+    let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {new}")))
+        .bind(&bob_id)
+        .bind(&room)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    println!("old count query: {old_ms:.3} ms; kept-count read: {new_ms:.3} ms; plan {plan:?}");
+    println!("woken incremental sync (20 runs, mean): {:?}", total / 20);
+    server.stop().await;
+}
