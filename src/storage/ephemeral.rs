@@ -1,6 +1,7 @@
-//! Storage of read receipts, presence and filters.
+//! Storage of read receipts, presence and filters. A read receipt recounts the user's
+//! kept unread counts in its room in the same transaction (`push.rs`).
 
-use super::{Store, on_pool, stream};
+use super::{Store, on_pool, push::recount_unread, stream};
 use crate::error::Result;
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -22,12 +23,23 @@ pub struct PresenceRow {
 }
 
 impl Store {
-    /// Stores a receipt (replacing the user's previous one of that type and thread).
+    /// Stores a receipt (replacing the user's previous one of that type and thread) and
+    /// recounts the user's unread counts in the room, in one transaction.
     pub async fn set_receipt(&self, r: &ReceiptRow) -> Result<i64> {
         let positions = self.take_positions(1).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
+            // The user's "" count row first: it is the lock an event's increment takes.
+            sqlx::query(
+                "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
+                 VALUES ($1, $2, '', 0, 0, 0)
+                 ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET notifs = unread_counts.notifs",
+            )
+            .bind(&r.user_id)
+            .bind(&r.room_id)
+            .execute(&mut *tx)
+            .await?;
             sqlx::query(
                 "INSERT INTO receipts (room_id, user_id, receipt_type, thread_id, event_id, ts, stream_pos)
                  VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -43,6 +55,7 @@ impl Store {
             .bind(pos)
             .execute(&mut *tx)
             .await?;
+            recount_unread!(tx, &r.user_id, &r.room_id);
             stream::commit(tx, Some(positions)).await?;
             Ok(pos)
         })

@@ -196,6 +196,7 @@ impl Store {
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.fill_unread_counts().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         } else {
             // One direct connection first: a pool hides the cause behind a timeout.
@@ -220,6 +221,7 @@ impl Store {
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
+            store.fill_unread_counts().await.map_err(|e| format!("database migration failed: {e}"))?;
             Ok(store)
         }
     }

@@ -11,6 +11,7 @@ use super::{
     Store,
     events::next_counter,
     on_pool,
+    push::{count_push_actions, forget_unread, uncount_redacted},
     relations::insert_relation,
     search::{index_for_search, unindex_for_search},
     stream::{self, Positions},
@@ -498,6 +499,9 @@ macro_rules! insert_event {
                         .bind(pos.unwrap_or(0))
                         .execute(&mut *$tx)
                         .await?;
+                        if membership != "join" {
+                            forget_unread!($tx, e.room_id, user_id);
+                        }
                     }
                 }
                 CurrentChange::Delta { set, removed, memberships, group } => {
@@ -514,6 +518,7 @@ macro_rules! insert_event {
                                 .bind(k)
                                 .execute(&mut *$tx)
                                 .await?;
+                            forget_unread!($tx, e.room_id, k);
                         }
                     }
                     // Multi-row upserts: a join to a remote room sets its whole state here.
@@ -550,6 +555,9 @@ macro_rules! insert_event {
                                 forgotten = FALSE",
                         );
                         query.build().execute(&mut *$tx).await?;
+                        for (user_id, _, _) in chunk.iter().filter(|(_, membership, _)| membership != "join") {
+                            forget_unread!($tx, e.room_id, user_id);
+                        }
                     }
                     if let Some(entries) = group {
                         current_group = Some(insert_snapshot_group!($tx, e.room_id, entries));
@@ -652,14 +660,19 @@ macro_rules! insert_event {
             for redaction in e.redactions {
                 match *redaction {
                     Redaction::Apply { target, redacted_json } if has_state && !d.soft_failed => {
-                        sqlx::query(
+                        if sqlx::query(
                             "UPDATE events SET json = $2, redacted_by = $3 WHERE event_id = $1 AND redacted_by IS NULL",
                         )
                         .bind(target)
                         .bind(redacted_json)
                         .bind(e.event_id)
                         .execute(&mut *$tx)
-                        .await?;
+                        .await?
+                        .rows_affected()
+                            == 1
+                        {
+                            uncount_redacted!($tx, target);
+                        }
                         // A redacted event has no `m.relates_to`: it leaves its parent's relations.
                         sqlx::query("DELETE FROM event_relations WHERE event_id = $1")
                             .bind(target)
@@ -698,6 +711,15 @@ macro_rules! insert_event {
             }
             if pos.is_some() {
                 insert_relation!($tx, e);
+            }
+            // The kept unread counts, unless the event came redacted (a held redaction).
+            if let Some(pos) = pos
+                && !e.push_actions.is_empty()
+                && !e.redactions.iter().any(|r| matches!(r, Redaction::HeldBy { .. }))
+            {
+                let thread = super::relations::relation_of(e.json)
+                    .and_then(|(parent, rel_type)| (rel_type == "m.thread").then_some(parent));
+                count_push_actions!($tx, e.room_id, pos, thread.as_deref(), e.push_actions);
             }
             // The room's current state at this position, where it is not the event's own.
             let current_after = match &d.current {

@@ -1,86 +1,360 @@
 //! Storage of push actions: which events notify, and which highlight, which users
-//! (written with the event, in `persist_event`).
-
-use std::collections::HashMap;
+//! (written with the event, in `persist_event`), and the unread counts kept from them
+//! (`unread_counts`, migration 0024): incremented in the event's transaction
+//! (`count_push_actions!`), decremented when a counted event is redacted
+//! (`uncount_redacted!`), recomputed when a read receipt moves (`recount_unread!`),
+//! dropped when a membership stops being a join (`forget_unread!`), and read by `/sync`
+//! (`get_unread_counts`).
+//!
+//! Rows: thread `""` is the whole room, counted after the latest of the join and every
+//! read receipt of the user there; `"main"` the main timeline and a thread root's id
+//! that thread, each counted after the latest of the join, the unthreaded receipt and
+//! that thread's receipt. `after_pos` is where a row counts from. Whoever changes a
+//! user's rows in a room first writes (and so locks, on PostgreSQL) the user's `""` row
+//! there, so that a receipt's recount and an event's increment never interleave.
 
 use super::{Store, on_pool};
 use crate::error::Result;
 
-impl Store {
-    /// Notification and highlight counts of a user in several rooms at once, each
-    /// room counted after its own position (read receipt or join).
-    pub async fn count_notifications_in_rooms(
-        &self,
-        user_id: &str,
-        after: &[(&str, i64)],
-    ) -> Result<HashMap<String, (i64, i64)>> {
-        let mut counts = HashMap::new();
-        for chunk in after.chunks(400) {
-            let rows: Vec<(String, i64, i64)> = on_pool!(self, read, |pool| {
-                let mut query = sqlx::QueryBuilder::new("WITH after_pos (room_id, pos) AS (");
-                query.push_values(chunk, |mut row, (room, pos)| {
-                    row.push_bind(*room).push_bind(*pos);
+/// Users per statement when counting an event's push actions.
+pub(crate) const COUNT_ROWS: usize = 2_000;
+
+/// Counts a new event's push actions (`$actions`, at stream position `$pos`, in thread
+/// `$thread`: `Some(root)`, or `None` for the main timeline) in its users' unread
+/// counts, in the event's transaction. Each user's `""` row is written (locked) first;
+/// a row counts the event only if it is after the row's position, and a missing row is
+/// made with the position the receipts and the membership give (backfilled history is
+/// before it: it never counts).
+macro_rules! count_push_actions {
+    ($tx:expr, $room:expr, $pos:expr, $thread:expr, $actions:expr) => {{
+        let room: &str = $room;
+        let pos: i64 = $pos;
+        let thread: &str = $thread.unwrap_or("main");
+        let actions: &[$crate::storage::PushActionRow] = $actions;
+        for highlight in [true, false] {
+            let mut users: Vec<&str> =
+                actions.iter().filter(|a| a.highlight == highlight).map(|a| a.user_id.as_str()).collect();
+            users.sort_unstable();
+            users.dedup();
+            for chunk in users.chunks($crate::storage::push::COUNT_ROWS) {
+                for scope in ["", thread] {
+                    let mut query = sqlx::QueryBuilder::new(
+                        "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
+                         SELECT user_id, room_id, ",
+                    );
+                    query.push_bind(scope);
+                    if scope.is_empty() {
+                        // Every user's row, counting or not: the lock a receipt's recount waits on.
+                        query.push(", floor, CASE WHEN floor < ");
+                        query.push_bind(pos);
+                        query.push(" THEN 1 ELSE 0 END, CASE WHEN floor < ");
+                        query.push_bind(pos);
+                        query.push(" THEN ");
+                        query.push_bind(i64::from(highlight));
+                        query.push(" ELSE 0 END");
+                    } else {
+                        query.push(", floor, 1, ");
+                        query.push_bind(i64::from(highlight));
+                    }
+                    query.push(
+                        " FROM (SELECT m.user_id, m.room_id, (SELECT MAX(x) FROM (
+                             SELECT m.stream_ordering AS x
+                             UNION ALL SELECT e.stream_ordering FROM receipts r JOIN events e ON e.event_id = r.event_id
+                             WHERE r.room_id = m.room_id AND r.user_id = m.user_id",
+                    );
+                    if !scope.is_empty() {
+                        query.push(" AND r.thread_id IN ('', ");
+                        query.push_bind(scope);
+                        query.push(")");
+                    }
+                    query.push(") f) AS floor FROM memberships m WHERE m.room_id = ");
+                    query.push_bind(room);
+                    query.push(" AND m.user_id IN (");
+                    let mut list = query.separated(", ");
+                    for user in chunk {
+                        list.push_bind(*user);
+                    }
+                    if scope.is_empty() {
+                        query.push(
+                            ")) w WHERE TRUE
+                             ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET
+                             notifs = unread_counts.notifs + CASE WHEN unread_counts.after_pos < ",
+                        );
+                        query.push_bind(pos);
+                        query.push(
+                            " THEN 1 ELSE 0 END,
+                             highlights = unread_counts.highlights + CASE WHEN unread_counts.after_pos < ",
+                        );
+                        query.push_bind(pos);
+                        query.push(" THEN ");
+                        query.push_bind(i64::from(highlight));
+                        query.push(" ELSE 0 END");
+                    } else {
+                        query.push(")) w WHERE floor < ");
+                        query.push_bind(pos);
+                        query.push(
+                            " ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET
+                             notifs = unread_counts.notifs + 1, highlights = unread_counts.highlights + ",
+                        );
+                        query.push_bind(i64::from(highlight));
+                        query.push(" WHERE unread_counts.after_pos < ");
+                        query.push_bind(pos);
+                    }
+                    query.build().execute(&mut *$tx).await?;
+                }
+            }
+        }
+    }};
+}
+pub(crate) use count_push_actions;
+
+/// Takes event `$target`, just redacted, out of the unread counts that count it (call
+/// before its relations go). The `""` rows of all its users are written first (locked).
+macro_rules! uncount_redacted {
+    ($tx:expr, $target:expr) => {{
+        let target: &str = $target;
+        let at: Option<(String, Option<i64>)> =
+            sqlx::query_as("SELECT room_id, stream_ordering FROM events WHERE event_id = $1")
+                .bind(target)
+                .fetch_optional(&mut *$tx)
+                .await?;
+        if let Some((room, Some(pos))) = at {
+            let thread: Option<(String,)> =
+                sqlx::query_as("SELECT relates_to FROM event_relations WHERE event_id = $1 AND rel_type = 'm.thread'")
+                    .bind(target)
+                    .fetch_optional(&mut *$tx)
+                    .await?;
+            let thread = thread.map_or_else(|| "main".to_owned(), |t| t.0);
+            for scope in ["", thread.as_str()] {
+                sqlx::query(
+                    "UPDATE unread_counts SET
+                         notifs = notifs - CASE WHEN unread_counts.after_pos < $3 THEN 1 ELSE 0 END,
+                         highlights = highlights - CASE WHEN unread_counts.after_pos < $3 THEN p.highlight ELSE 0 END
+                     FROM event_push_actions p
+                     WHERE unread_counts.room_id = $1 AND unread_counts.thread_id = $2
+                       AND ($2 = '' OR unread_counts.after_pos < $3)
+                       AND p.user_id = unread_counts.user_id AND p.room_id = $1 AND p.stream_pos = $3",
+                )
+                .bind(&room)
+                .bind(scope)
+                .bind(pos)
+                .execute(&mut *$tx)
+                .await?;
+            }
+        }
+    }};
+}
+pub(crate) use uncount_redacted;
+
+/// Drops a user's unread counts in a room (the membership stopped being a join: a
+/// rejoin counts from the join again).
+macro_rules! forget_unread {
+    ($tx:expr, $room:expr, $user:expr) => {{
+        sqlx::query("DELETE FROM unread_counts WHERE user_id = $1 AND room_id = $2")
+            .bind($user)
+            .bind($room)
+            .execute(&mut *$tx)
+            .await?;
+    }};
+}
+pub(crate) use forget_unread;
+
+/// Recounts a user's unread counts in a room from `event_push_actions` after the
+/// positions the receipts (as stored in this transaction) and the join give: one
+/// counting query bounded by what is after the earliest of them. The user's `""` row
+/// is written (locked) first, so that an event's increment waits for the recount or
+/// the recount sees it.
+macro_rules! recount_unread {
+    ($tx:expr, $user:expr, $room:expr) => {{
+        let user: &str = $user;
+        let room: &str = $room;
+        sqlx::query(
+            "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
+             VALUES ($1, $2, '', 0, 0, 0)
+             ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET notifs = unread_counts.notifs",
+        )
+        .bind(user)
+        .bind(room)
+        .execute(&mut *$tx)
+        .await?;
+        sqlx::query("DELETE FROM unread_counts WHERE user_id = $1 AND room_id = $2 AND thread_id <> ''")
+            .bind(user)
+            .bind(room)
+            .execute(&mut *$tx)
+            .await?;
+        let joined: Option<(i64,)> = sqlx::query_as(
+            "SELECT stream_ordering FROM memberships WHERE room_id = $1 AND user_id = $2 AND membership = 'join'",
+        )
+        .bind(room)
+        .bind(user)
+        .fetch_optional(&mut *$tx)
+        .await?;
+        match joined {
+            None => $crate::storage::push::forget_unread!($tx, room, user),
+            Some((joined,)) => {
+                let receipts: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT r.thread_id, MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
+                     WHERE r.room_id = $1 AND r.user_id = $2 AND e.stream_ordering IS NOT NULL GROUP BY r.thread_id",
+                )
+                .bind(room)
+                .bind(user)
+                .fetch_all(&mut *$tx)
+                .await?;
+                let floors = $crate::storage::push::UnreadFloors::new(joined, &receipts);
+                // Never an empty VALUES list: a row no thread matches.
+                let mut cut_rows: Vec<(&str, i64)> = vec![("", 0)];
+                cut_rows.extend(floors.cuts.iter().map(|(t, p)| (t.as_str(), *p)));
+                let mut query = sqlx::QueryBuilder::new("WITH cuts (thread, pos) AS (");
+                query.push_values(&cut_rows, |mut row, (thread, pos)| {
+                    row.push_bind(*thread).push_bind(*pos);
                 });
                 query.push(
-                    ") SELECT p.room_id, COUNT(*), COALESCE(SUM(p.highlight), 0) FROM event_push_actions p
-                     JOIN after_pos a ON a.room_id = p.room_id
-                     JOIN events e ON e.stream_ordering = p.stream_pos
-                     WHERE p.user_id = ",
+                    ") SELECT t.thread,
+                         COALESCE(SUM(CASE WHEN c.pos IS NULL OR t.stream_pos > c.pos THEN 1 ELSE 0 END), 0),
+                         COALESCE(SUM(CASE WHEN c.pos IS NULL OR t.stream_pos > c.pos THEN t.highlight ELSE 0 END), 0),
+                         COALESCE(SUM(CASE WHEN t.stream_pos > ",
+                );
+                query.push_bind(floors.room);
+                query.push(" THEN 1 ELSE 0 END), 0), COALESCE(SUM(CASE WHEN t.stream_pos > ");
+                query.push_bind(floors.room);
+                query.push(
+                    " THEN t.highlight ELSE 0 END), 0)
+                     FROM (SELECT COALESCE(r.relates_to, 'main') AS thread, p.stream_pos, p.highlight
+                           FROM event_push_actions p
+                           JOIN events e ON e.stream_ordering = p.stream_pos
+                           LEFT JOIN event_relations r ON r.event_id = p.event_id AND r.rel_type = 'm.thread'
+                           WHERE p.user_id = ",
+                );
+                query.push_bind(user);
+                query.push(" AND p.room_id = ");
+                query.push_bind(room);
+                query.push(" AND p.stream_pos > ");
+                query.push_bind(floors.base);
+                query.push(
+                    " AND e.redacted_by IS NULL) t
+                     LEFT JOIN cuts c ON c.thread = t.thread
+                     GROUP BY t.thread",
+                );
+                let rows: Vec<(String, i64, i64, i64, i64)> = query.build_query_as().fetch_all(&mut *$tx).await?;
+                let (mut room_n, mut room_h) = (0, 0);
+                for (thread, n, h, rn, rh) in &rows {
+                    room_n += rn;
+                    room_h += rh;
+                    if *n == 0 && *h == 0 {
+                        continue;
+                    }
+                    sqlx::query(
+                        "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
+                         VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(user)
+                    .bind(room)
+                    .bind(thread)
+                    .bind(floors.of(thread))
+                    .bind(n)
+                    .bind(h)
+                    .execute(&mut *$tx)
+                    .await?;
+                }
+                sqlx::query(
+                    "UPDATE unread_counts SET after_pos = $3, notifs = $4, highlights = $5
+                     WHERE user_id = $1 AND room_id = $2 AND thread_id = ''",
+                )
+                .bind(user)
+                .bind(room)
+                .bind(floors.room)
+                .bind(room_n)
+                .bind(room_h)
+                .execute(&mut *$tx)
+                .await?;
+            }
+        }
+    }};
+}
+pub(crate) use recount_unread;
+
+/// Where a user's unread counts in a room start: `room` for the whole room (the latest
+/// of the join and every receipt), `base` for the main timeline and threads (the latest
+/// of the join and the unthreaded receipt), and `cuts` the threads (`"main"` or a root)
+/// whose own receipt is later than `base`.
+pub(crate) struct UnreadFloors {
+    pub room: i64,
+    pub base: i64,
+    pub cuts: Vec<(String, i64)>,
+}
+
+impl UnreadFloors {
+    pub(crate) fn new(joined: i64, receipts: &[(String, i64)]) -> Self {
+        let room = receipts.iter().map(|(_, p)| *p).fold(joined, i64::max);
+        let base = receipts.iter().filter(|(t, _)| t.is_empty()).map(|(_, p)| *p).fold(joined, i64::max);
+        let cuts = receipts.iter().filter(|(t, p)| !t.is_empty() && *p > base).map(|(t, p)| (t.clone(), *p)).collect();
+        UnreadFloors { room, base, cuts }
+    }
+
+    /// Where the row of `thread` (`"main"` or a root) counts from.
+    pub(crate) fn of(&self, thread: &str) -> i64 {
+        self.cuts.iter().find(|(t, _)| t == thread).map_or(self.base, |(_, p)| *p)
+    }
+}
+
+impl Store {
+    /// A user's kept unread counts in several rooms at once, one indexed query per 500
+    /// rooms: (room, thread, notifications, highlights), rows that count only. Thread
+    /// `""` (the whole room) when `by_thread` is false; otherwise `"main"` and thread
+    /// roots.
+    pub async fn get_unread_counts(
+        &self,
+        user_id: &str,
+        room_ids: &[&str],
+        by_thread: bool,
+    ) -> Result<Vec<(String, String, i64, i64)>> {
+        let mut counts = Vec::new();
+        for chunk in room_ids.chunks(500) {
+            let rows: Vec<(String, String, i64, i64)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT room_id, thread_id, notifs, highlights FROM unread_counts WHERE user_id = ",
                 );
                 query.push_bind(user_id);
-                query.push(" AND p.stream_pos > a.pos AND e.redacted_by IS NULL GROUP BY p.room_id");
+                query.push(" AND room_id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(if by_thread { ") AND thread_id <> ''" } else { ") AND thread_id = ''" });
+                query.push(" AND (notifs <> 0 OR highlights <> 0)");
                 query.build_query_as().fetch_all(pool).await?
             });
-            counts.extend(rows.into_iter().map(|(room, n, h)| (room, (n, h))));
+            counts.extend(rows);
         }
         Ok(counts)
     }
 
-    /// Thread-aware notification and highlight counts of a user in several rooms at
-    /// once: by room, then by thread root (`""` for the main timeline: events in no
-    /// thread). `floors` gives each room's position counts start after (the user's
-    /// unthreaded receipt, or join); `cuts` (room, thread root or `""`, position) the
-    /// threaded receipts above it: a thread counts only after its own.
-    pub async fn count_thread_notifications_in_rooms(
-        &self,
-        user_id: &str,
-        floors: &[(&str, i64)],
-        cuts: &[(&str, &str, i64)],
-    ) -> Result<HashMap<String, HashMap<String, (i64, i64)>>> {
-        let mut counts: HashMap<String, HashMap<String, (i64, i64)>> = HashMap::new();
-        // Never an empty VALUES list: a row no room matches.
-        let mut cut_rows: Vec<(&str, &str, i64)> = vec![("", "", 0)];
-        cut_rows.extend_from_slice(cuts);
-        for chunk in floors.chunks(400) {
-            let rows: Vec<(String, String, i64, i64)> = on_pool!(self, read, |pool| {
-                let mut query = sqlx::QueryBuilder::new("WITH after_pos (room_id, pos) AS (");
-                query.push_values(chunk, |mut row, (room, pos)| {
-                    row.push_bind(*room).push_bind(*pos);
-                });
-                query.push("), cuts (room_id, thread, pos) AS (");
-                query.push_values(&cut_rows, |mut row, (room, thread, pos)| {
-                    row.push_bind(*room).push_bind(*thread).push_bind(*pos);
-                });
-                query.push(
-                    ") SELECT p.room_id, COALESCE(r.relates_to, '') AS thread, COUNT(*), COALESCE(SUM(p.highlight), 0)
-                     FROM event_push_actions p
-                     JOIN after_pos a ON a.room_id = p.room_id
-                     JOIN events e ON e.stream_ordering = p.stream_pos
-                     LEFT JOIN event_relations r ON r.event_id = p.event_id AND r.rel_type = 'm.thread'
-                     LEFT JOIN cuts c ON c.room_id = p.room_id AND c.thread = COALESCE(r.relates_to, '')
-                     WHERE p.user_id = ",
-                );
-                query.push_bind(user_id);
-                query.push(
-                    " AND p.stream_pos > a.pos AND (c.pos IS NULL OR p.stream_pos > c.pos) AND e.redacted_by IS NULL
-                     GROUP BY p.room_id, COALESCE(r.relates_to, '')",
-                );
-                query.build_query_as().fetch_all(pool).await?
-            });
-            for (room, thread, n, h) in rows {
-                counts.entry(room).or_default().insert(thread, (n, h));
+    /// Fills `unread_counts` for data stored before migration 0024, once (recorded as
+    /// `unread_counts` in `server_info`), at start: every joined user with push actions
+    /// in a room is recounted there, in one transaction.
+    pub(crate) async fn fill_unread_counts(&self) -> Result<()> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            let done: Option<(String,)> = sqlx::query_as("SELECT value FROM server_info WHERE key = 'unread_counts'")
+                .fetch_optional(&mut *tx)
+                .await?;
+            if done.is_some() {
+                return Ok(());
             }
-        }
-        Ok(counts)
+            let pairs: Vec<(String, String)> = sqlx::query_as(
+                "SELECT m.user_id, m.room_id FROM memberships m WHERE m.membership = 'join' AND EXISTS (
+                     SELECT 1 FROM event_push_actions p WHERE p.user_id = m.user_id AND p.room_id = m.room_id)",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            for (user, room) in &pairs {
+                recount_unread!(tx, user, room);
+            }
+            sqlx::query("INSERT INTO server_info (key, value) VALUES ('unread_counts', 'filled')")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 }

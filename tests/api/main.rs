@@ -36,3 +36,4 @@ mod stream;
 mod sync;
 mod timestamp;
 mod transport;
+mod unread;

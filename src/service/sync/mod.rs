@@ -99,8 +99,6 @@ const JOINED_ROOMS_AT_ONCE: usize = 4;
 /// What a joined room's sync entry is made from.
 struct JoinedWork {
     room_id: OwnedRoomId,
-    /// Stream position of the user's join (unread counts start there before a receipt).
-    joined_at: i64,
     /// `full_state` was asked for: the room's whole state, whatever `since` says.
     full_state: bool,
     /// Joined and invited members.
@@ -265,7 +263,6 @@ impl Services {
                     }
                     joined_work.push(JoinedWork {
                         room_id,
-                        joined_at: m.stream_ordering,
                         full_state: req.full_state,
                         initial,
                         has_events,
@@ -639,7 +636,8 @@ impl Services {
     }
 
     /// Member counts and unread counts of every room about to be built, a few queries
-    /// for all of them instead of several per room.
+    /// for all of them instead of several per room. The unread counts are the ones kept
+    /// at write time (`storage/push.rs`): nothing is counted here.
     async fn fill_counts(&self, user: &ruma::UserId, work: &mut [JoinedWork], by_thread: bool) -> Result<()> {
         if work.is_empty() {
             return Ok(());
@@ -652,13 +650,13 @@ impl Services {
             }
             return self.fill_thread_counts(user, work, &room_ids_owned(work)).await;
         }
-        let read: HashMap<String, i64> =
-            self.store.get_read_positions(user.as_str(), &room_ids).await?.into_iter().collect();
-        let after: Vec<(&str, i64)> = work
-            .iter()
-            .map(|w| (w.room_id.as_str(), read.get(w.room_id.as_str()).copied().unwrap_or(w.joined_at)))
+        let unread: HashMap<String, (i64, i64)> = self
+            .store
+            .get_unread_counts(user.as_str(), &room_ids, false)
+            .await?
+            .into_iter()
+            .map(|(room, _, n, h)| (room, (n, h)))
             .collect();
-        let unread = self.store.count_notifications_in_rooms(user.as_str(), &after).await?;
         for w in work.iter_mut() {
             w.members = members.get(w.room_id.as_str()).copied().unwrap_or_default();
             w.unread = unread.get(w.room_id.as_str()).copied().unwrap_or_default();
@@ -666,9 +664,9 @@ impl Services {
         Ok(())
     }
 
-    /// Unread counts by thread: an unthreaded receipt (or the join) is where every count
-    /// starts; a `main` receipt moves the main timeline's start, a receipt in a thread
-    /// that thread's. Two queries for all the rooms.
+    /// Unread counts by thread, as kept: an unthreaded receipt (or the join) is where
+    /// every count starts; a `main` receipt moves the main timeline's start, a receipt
+    /// in a thread that thread's. One query for all the rooms.
     async fn fill_thread_counts(
         &self,
         user: &ruma::UserId,
@@ -676,25 +674,13 @@ impl Services {
         room_ids: &[String],
     ) -> Result<()> {
         let room_ids: Vec<&str> = room_ids.iter().map(String::as_str).collect();
-        let receipts = self.store.get_thread_read_positions(user.as_str(), &room_ids).await?;
-        let mut floors: HashMap<&str, i64> = work.iter().map(|w| (w.room_id.as_str(), w.joined_at)).collect();
-        for (room, thread, pos) in &receipts {
-            if thread.is_empty()
-                && let Some(floor) = floors.get_mut(room.as_str())
-            {
-                *floor = (*floor).max(*pos);
-            }
+        let mut counts: HashMap<String, HashMap<String, (i64, i64)>> = HashMap::new();
+        for (room, thread, n, h) in self.store.get_unread_counts(user.as_str(), &room_ids, true).await? {
+            counts.entry(room).or_default().insert(thread, (n, h));
         }
-        let cuts: Vec<(&str, &str, i64)> = receipts
-            .iter()
-            .filter(|(room, thread, pos)| !thread.is_empty() && floors.get(room.as_str()).is_some_and(|f| pos > f))
-            .map(|(room, thread, pos)| (room.as_str(), if thread == "main" { "" } else { thread.as_str() }, *pos))
-            .collect();
-        let floor_list: Vec<(&str, i64)> = floors.iter().map(|(room, pos)| (*room, *pos)).collect();
-        let mut counts = self.store.count_thread_notifications_in_rooms(user.as_str(), &floor_list, &cuts).await?;
         for w in work.iter_mut() {
             let mut rooms_counts = counts.remove(w.room_id.as_str()).unwrap_or_default();
-            w.unread = rooms_counts.remove("").unwrap_or_default();
+            w.unread = rooms_counts.remove("main").unwrap_or_default();
             w.thread_unread = rooms_counts.into_iter().collect();
         }
         Ok(())
