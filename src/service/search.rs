@@ -389,11 +389,11 @@ impl Services {
         let formatted = self.client_events(&shown, viewer, true).await?;
         let mut formatted: Vec<Option<JsonValue>> = formatted.into_iter().map(Some).collect();
         for (context, [(b0, b1), (a0, a1)]) in contexts.iter_mut().zip(&spans) {
-            for i in *b0..*b1 {
-                context.events_before.extend(formatted[i].take().map(to_raw).transpose()?);
+            for event in &mut formatted[*b0..*b1] {
+                context.events_before.extend(event.take().map(to_raw).transpose()?);
             }
-            for i in *a0..*a1 {
-                context.events_after.extend(formatted[i].take().map(to_raw).transpose()?);
+            for event in &mut formatted[*a0..*a1] {
+                context.events_after.extend(event.take().map(to_raw).transpose()?);
             }
         }
 
