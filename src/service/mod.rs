@@ -96,6 +96,8 @@ pub struct Services {
     /// Each room's forward extremities and state group, kept under the room lock.
     pub room_heads: rooms::append::RoomHeads,
     pub member_cache: MemberCache,
+    /// The client forms of recently served events (`rooms/format.rs`).
+    pub client_forms: rooms::format::ClientForms,
     pub typing: Typing,
     /// Room versions, which never change, by room.
     pub room_versions: std::sync::Mutex<std::collections::HashMap<ruma::OwnedRoomId, RoomVersionId>>,
@@ -146,6 +148,7 @@ impl Services {
             upgrades: RoomLocks::default(),
             room_heads: Default::default(),
             member_cache: MemberCache::default(),
+            client_forms: rooms::format::ClientForms::default(),
             typing: Typing::default(),
             room_versions: Default::default(),
             ruleset_cache: Default::default(),

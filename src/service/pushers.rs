@@ -17,9 +17,8 @@ use ruma::{
     },
     push::{Action, HighlightTweakValue, HttpPusherData, Tweak},
 };
-use serde_json::Value as JsonValue;
 
-use super::{Services, Session, federation::discovery::is_public, now_ms, rooms::format::to_raw};
+use super::{Services, Session, federation::discovery::is_public, now_ms};
 use crate::{
     error::{Error, Result},
     storage::{NotificationRow, PusherRow},
@@ -169,19 +168,20 @@ impl Services {
         let ids: Vec<String> = rows.iter().map(|r| r.event_id.clone()).collect();
         let stored = self.store.get_events_by_ids(&ids).await?;
         let formatted = self.client_events(&stored, None, true).await?;
-        let events: std::collections::HashMap<&str, (&JsonValue, i64)> = stored
-            .iter()
-            .zip(&formatted)
-            .map(|(event, json)| (event.event_id.as_str(), (json, event.origin_server_ts)))
-            .collect();
+        let mut events: std::collections::HashMap<&str, (ruma::serde::Raw<ruma::events::AnySyncTimelineEvent>, i64)> =
+            stored
+                .iter()
+                .zip(formatted)
+                .map(|(event, json)| (event.event_id.as_str(), (json, event.origin_server_ts)))
+                .collect();
         let mut notifications = Vec::with_capacity(rows.len());
         for row in &rows {
-            let Some((json, ts)) = events.get(row.event_id.as_str()) else { continue };
+            let Some((json, ts)) = events.remove(row.event_id.as_str()) else { continue };
             let room_id = OwnedRoomId::try_from(row.room_id.as_str()).map_err(Error::internal)?;
-            let ts = MilliSecondsSinceUnixEpoch(UInt::new((*ts).max(0) as u64).unwrap_or_default());
+            let ts = MilliSecondsSinceUnixEpoch(UInt::new(ts.max(0) as u64).unwrap_or_default());
             notifications.push(get_notifications::v3::Notification::new(
                 stored_actions(row),
-                to_raw((*json).clone())?,
+                json,
                 row.read,
                 room_id,
                 ts,

@@ -20,11 +20,7 @@ use crate::{
     error::{Error, Result},
     service::{
         Services,
-        rooms::{
-            format::{Viewer, to_raw},
-            messages::EventFilter,
-            visibility::Visibility,
-        },
+        rooms::{format::Viewer, messages::EventFilter, visibility::Visibility},
     },
     storage::{MAX_SEARCH_RANGES, SEARCH_KEYS, SearchHit, SearchOrder, SearchQuery, StoredEvent},
 };
@@ -238,7 +234,7 @@ impl Services {
         for ((json, hit), context) in formatted.into_iter().zip(&hits).zip(contexts) {
             let mut result = SearchResult::new();
             result.rank = Some(hit.rank);
-            result.result = Some(to_raw(json)?);
+            result.result = Some(json);
             result.context = context;
             results.push(result);
         }
@@ -256,7 +252,7 @@ impl Services {
                 let room_id = OwnedRoomId::try_from(room).map_err(Error::internal)?;
                 let state = self.room_state_for(&room_id, user).await?;
                 let state = self.client_events(&state, viewer, true).await?;
-                response.state.insert(room_id, state.into_iter().map(to_raw).collect::<Result<_>>()?);
+                response.state.insert(room_id, state);
             }
         }
         for key in group_by {
@@ -387,14 +383,10 @@ impl Services {
             spans.push(span);
         }
         let formatted = self.client_events(&shown, viewer, true).await?;
-        let mut formatted: Vec<Option<JsonValue>> = formatted.into_iter().map(Some).collect();
+        let mut formatted: Vec<Option<ruma::serde::Raw<_>>> = formatted.into_iter().map(Some).collect();
         for (context, [(b0, b1), (a0, a1)]) in contexts.iter_mut().zip(&spans) {
-            for event in &mut formatted[*b0..*b1] {
-                context.events_before.extend(event.take().map(to_raw).transpose()?);
-            }
-            for event in &mut formatted[*a0..*a1] {
-                context.events_after.extend(event.take().map(to_raw).transpose()?);
-            }
+            context.events_before.extend(formatted[*b0..*b1].iter_mut().filter_map(Option::take));
+            context.events_after.extend(formatted[*a0..*a1].iter_mut().filter_map(Option::take));
         }
 
         if include_profile {

@@ -29,6 +29,9 @@ pub struct StoredEvent {
     pub replaces_state: Option<String>,
     /// Why it failed the auth rules (`None`: accepted).
     pub rejected_reason: Option<String>,
+    /// Whether an event relates to it (migration 0027): false means no bundled
+    /// aggregations, without asking.
+    pub related: bool,
 }
 
 macro_rules! select_events {
@@ -36,7 +39,7 @@ macro_rules! select_events {
         concat!(
             "SELECT COALESCE(stream_ordering, 0) AS stream_ordering, stream_ordering AS position, event_id, room_id, \
              sender, event_type, state_key, depth, origin_server_ts, COALESCE(state_group, 0) AS state_group, json, \
-             redacted_by, txn_device_id, txn_id, replaces_state, rejected_reason FROM events ",
+             redacted_by, txn_device_id, txn_id, replaces_state, rejected_reason, related FROM events ",
             $tail
         )
     };
@@ -48,7 +51,7 @@ macro_rules! event_columns {
     () => {
         "COALESCE(e.stream_ordering, 0) AS stream_ordering, e.stream_ordering AS position, e.event_id, e.room_id, \
          e.sender, e.event_type, e.state_key, e.depth, e.origin_server_ts, COALESCE(e.state_group, 0) AS state_group, \
-         e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state, e.rejected_reason"
+         e.json, e.redacted_by, e.txn_device_id, e.txn_id, e.replaces_state, e.rejected_reason, e.related"
     };
 }
 

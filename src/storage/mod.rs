@@ -250,4 +250,6 @@ mod dag_tests;
 #[cfg(test)]
 mod relations_tests;
 #[cfg(test)]
+pub(crate) mod test_db;
+#[cfg(test)]
 mod tests;

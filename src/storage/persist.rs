@@ -308,11 +308,11 @@ macro_rules! insert_event_sql {
     () => {
         "INSERT INTO events (stream_ordering, event_id, room_id, sender, event_type, state_key, depth,
              origin_server_ts, state_group, json, redacted_by, txn_device_id, txn_scope, txn_id, replaces_state,
-             outlier, rejected_reason, soft_failed)
+             outlier, rejected_reason, soft_failed, related)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, NULL, $11, $12, $13,
              CASE WHEN $14 THEN (SELECT event_id FROM current_state
                  WHERE room_id = $3 AND event_type = $5 AND state_key = $6) ELSE $15 END,
-             $16, $17, $18)
+             $16, $17, $18, EXISTS (SELECT 1 FROM event_relations WHERE relates_to = $2))
          ON CONFLICT DO NOTHING"
     };
 }
@@ -386,7 +386,8 @@ macro_rules! insert_event {
         let inserted = if d.from_outlier {
             sqlx::query(
                 "UPDATE events SET stream_ordering = $2, state_group = $3, outlier = FALSE, rejected_reason = $4,
-                     soft_failed = $5, replaces_state = $6
+                     soft_failed = $5, replaces_state = $6,
+                     related = EXISTS (SELECT 1 FROM event_relations WHERE relates_to = $1)
                  WHERE event_id = $1 AND outlier",
             )
             .bind(e.event_id)

@@ -4,7 +4,9 @@
 //! redacted); this file reads them: a parent's children a page at a time (`/relations`),
 //! a room's threads by latest activity (`/threads`), and the aggregations bundled into
 //! a page of events (`unsigned.m.relations`). Only events in the room's history count
-//! (outliers, rejected and soft-failed events have no stream position).
+//! (outliers, rejected and soft-failed events have no stream position). A parent's
+//! `related` flag (migration 0027) is set with its first relation row, so that pages
+//! nobody relates to skip the bundled read.
 
 use std::collections::HashMap;
 
@@ -55,13 +57,17 @@ macro_rules! insert_relation {
                  ON CONFLICT DO NOTHING",
             )
             .bind(e.event_id)
-            .bind(parent)
+            .bind(&parent)
             .bind(rel_type)
             .bind(e.event_type)
             .bind(e.sender)
             .bind(e.room_id)
             .execute(&mut *$tx)
             .await?;
+            sqlx::query("UPDATE events SET related = TRUE WHERE event_id = $1 AND NOT related")
+                .bind(parent)
+                .execute(&mut *$tx)
+                .await?;
         }
     }};
 }
@@ -313,6 +319,13 @@ impl Store {
                     .await?;
                 }
             }
+            // The parents' flags (migration 0027 set those of the rows it found).
+            sqlx::query(
+                "UPDATE events SET related = TRUE WHERE NOT related
+                 AND event_id IN (SELECT relates_to FROM event_relations)",
+            )
+            .execute(&mut *tx)
+            .await?;
             sqlx::query("INSERT INTO server_info (key, value) VALUES ('relations', 'filled')")
                 .execute(&mut *tx)
                 .await?;

@@ -22,7 +22,7 @@ use crate::{
         AppState, route,
         ruma::{Ruma, RumaResponse},
     },
-    service::rooms::format::{Viewer, to_raw},
+    service::rooms::format::Viewer,
 };
 
 /// # `POST /_matrix/client/v3/rooms/{roomId}/join`
@@ -173,15 +173,15 @@ async fn get_member_events(
     let events = services.room_members(&b.room_id, &session.user_id, b.at.as_deref()).await?;
     let viewer = Some(Viewer { user_id: &session.user_id, device_id: Some(&session.device_id) });
     let mut chunk = Vec::new();
-    for event in services.client_events(&events, viewer, true).await? {
-        let membership = event["content"]["membership"].as_str().unwrap_or_default().to_owned();
+    for (stored, event) in events.iter().zip(services.client_events(&events, viewer, true).await?) {
+        let membership = crate::service::rooms::messages::membership_of(&stored.json);
         if b.membership.as_ref().is_some_and(|m| m.as_str() != membership) {
             continue;
         }
         if b.not_membership.as_ref().is_some_and(|m| m.as_str() == membership) {
             continue;
         }
-        chunk.push(to_raw(event)?);
+        chunk.push(event);
     }
     Ok(get_member_events::v3::Response::new(chunk).into())
 }

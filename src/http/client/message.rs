@@ -18,7 +18,7 @@ use crate::{
         AppState, route,
         ruma::{Ruma, RumaResponse},
     },
-    service::rooms::format::{Viewer, to_raw},
+    service::rooms::format::Viewer,
 };
 
 fn content_of(raw: &serde_json::value::RawValue) -> Result<JsonValue> {
@@ -74,12 +74,12 @@ async fn get_state_event_for_key(
     let b = &req.body;
     let event =
         services.room_state_event_for(&b.room_id, &session.user_id, &b.event_type.to_string(), &b.state_key).await?;
-    let json = if b.format == get_state_event_for_key::v3::StateEventFormat::Event {
-        services.client_event(&event, None, true).await?
+    let raw = if b.format == get_state_event_for_key::v3::StateEventFormat::Event {
+        services.client_event::<()>(&event, None, true).await?.into_json()
     } else {
-        serde_json::from_str::<JsonValue>(&event.json).map_err(Error::internal)?["content"].take()
+        let json = serde_json::from_str::<JsonValue>(&event.json).map_err(Error::internal)?["content"].take();
+        serde_json::value::to_raw_value(&json).map_err(Error::internal)?
     };
-    let raw = serde_json::value::to_raw_value(&json).map_err(Error::internal)?;
     Ok(get_state_event_for_key::v3::Response::new(raw).into())
 }
 
@@ -91,7 +91,7 @@ async fn get_state_events(
 ) -> Result<RumaResponse<get_state_events::v3::Response>> {
     let session = req.session()?;
     let events = services.room_state_for(&req.body.room_id, &session.user_id).await?;
-    let raw = services.client_events(&events, None, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
+    let raw = services.client_events(&events, None, true).await?;
     Ok(get_state_events::v3::Response::new(raw).into())
 }
 
@@ -144,10 +144,8 @@ async fn get_message_events(
     let mut response = get_message_events::v3::Response::new();
     response.start = page.start;
     response.end = page.end;
-    response.chunk =
-        services.client_events(&page.chunk, viewer, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
-    response.state =
-        services.client_events(&page.state, viewer, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
+    response.chunk = services.client_events(&page.chunk, viewer, true).await?;
+    response.state = services.client_events(&page.state, viewer, true).await?;
     Ok(response.into())
 }
 

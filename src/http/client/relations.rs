@@ -26,7 +26,7 @@ use crate::{
     service::{
         Services,
         rooms::{
-            format::{Viewer, to_raw},
+            format::Viewer,
             relations::{RECURSION_DEPTH, RelationsRequest},
         },
     },
@@ -53,7 +53,7 @@ async fn relations_page<T>(
 }
 
 async fn format<T>(services: &Services, events: &[StoredEvent], viewer: Option<Viewer<'_>>) -> Result<Vec<Raw<T>>> {
-    services.client_events(events, viewer, true).await?.into_iter().map(to_raw).collect()
+    services.client_events(events, viewer, true).await
 }
 
 fn limit(limit: Option<ruma::UInt>) -> usize {

@@ -18,11 +18,7 @@ use crate::{
         AppState, route,
         ruma::{Ruma, RumaResponse},
     },
-    service::rooms::{
-        create::CreateRoom,
-        format::{Viewer, to_raw},
-        messages::EventFilter,
-    },
+    service::rooms::{create::CreateRoom, format::Viewer, messages::EventFilter},
 };
 
 /// Converts the spec's room event filter into what the services honour.
@@ -95,8 +91,8 @@ async fn get_room_event(
     let session = req.session()?;
     let event = services.get_event_for(&req.body.room_id, &session.user_id, &req.body.event_id).await?;
     let viewer = Viewer { user_id: &session.user_id, device_id: Some(&session.device_id) };
-    let json = services.client_event(&event, Some(viewer), true).await?;
-    Ok(get_room_event::v3::Response::new(to_raw(json)?).into())
+    let raw = services.client_event(&event, Some(viewer), true).await?;
+    Ok(get_room_event::v3::Response::new(raw).into())
 }
 
 /// # `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`
@@ -112,11 +108,9 @@ async fn get_context(
         services.context(&b.room_id, &session.user_id, &b.event_id, limit, &event_filter(&b.filter)).await?;
     let viewer = Some(Viewer { user_id: &session.user_id, device_id: Some(&session.device_id) });
     let mut response = get_context::v3::Response::new();
-    response.event = Some(to_raw(services.client_event(&event, viewer, true).await?)?);
-    response.events_before =
-        services.client_events(&before.chunk, viewer, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
-    response.events_after =
-        services.client_events(&after.chunk, viewer, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
+    response.event = Some(services.client_event(&event, viewer, true).await?);
+    response.events_before = services.client_events(&before.chunk, viewer, true).await?;
+    response.events_after = services.client_events(&after.chunk, viewer, true).await?;
     response.start = before.end.or(Some(before.start));
     response.end = after.end.or(Some(after.start));
     let state = if !b.filter.lazy_load_options.is_disabled() {
@@ -127,8 +121,7 @@ async fn get_context(
     } else {
         state
     };
-    response.state =
-        services.client_events(&state, viewer, true).await?.into_iter().map(to_raw).collect::<Result<_>>()?;
+    response.state = services.client_events(&state, viewer, true).await?;
     Ok(response.into())
 }
 

@@ -525,9 +525,9 @@ impl Services {
         let mut timeline = Timeline::new();
         timeline.limited = scan.limited;
         timeline.prev_batch = Some(format!("t{start}"));
-        timeline.events = timeline_events.into_iter().map(to_raw).collect::<Result<_>>()?;
+        timeline.events = timeline_events;
         let mut state = StateEvents::new();
-        state.events = state_events.into_iter().map(to_raw).collect::<Result<_>>()?;
+        state.events = state_events;
         Ok((timeline, state))
     }
 
@@ -625,9 +625,7 @@ impl Services {
             && membership_of(&event.json) == m.membership
         {
             let viewer = Viewer { user_id: &session.user_id, device_id: Some(&session.device_id) };
-            for shown in self.client_events(std::slice::from_ref(&event), Some(viewer), false).await? {
-                timeline.events.push(to_raw(shown)?);
-            }
+            timeline.events.extend(self.client_events(std::slice::from_ref(&event), Some(viewer), false).await?);
         }
         let mut left = LeftRoom::new();
         left.timeline = timeline;
