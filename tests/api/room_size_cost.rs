@@ -1,0 +1,132 @@
+//! What a send and a join cost as a room grows (issue 13): a measurement run by hand,
+//! not a pass/fail test (`#[ignore]`d, so CI's time budget does not carry it).
+//!
+//! ```sh
+//! ROOM_SIZES=10,2000 cargo nextest run --run-ignored only -E 'test(/room_size_cost/)' --no-capture
+//! ```
+//!
+//! Members are made through the store (no password, no HTTP) and joined through the
+//! membership service; the timed sends and joins go through HTTP like a client's. It
+//! prints, per room size, the median time and the SQL statements (sqlx's statement
+//! events) of a send, of a join, and of the first send after a join. `BENCH_POSTGRES=1`
+//! runs it on PostgreSQL (`TEST_POSTGRES_URL`).
+
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tracing_subscriber::{Layer, layer::SubscriberExt};
+
+use crate::common::{Backend, TestServer};
+
+static STATEMENTS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts sqlx's statement events (each statement run logs one under `sqlx::query`).
+struct CountStatements;
+
+impl<S: tracing::Subscriber> Layer<S> for CountStatements {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() == "sqlx::query" {
+            STATEMENTS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn median(mut v: Vec<(Duration, usize)>) -> (f64, usize) {
+    v.sort();
+    let (d, n) = v[v.len() / 2];
+    (d.as_secs_f64() * 1000.0, n)
+}
+
+async fn timed<F: std::future::Future<Output = ()>>(f: F) -> (Duration, usize) {
+    let before = STATEMENTS.load(Ordering::Relaxed);
+    let start = Instant::now();
+    f.await;
+    (start.elapsed(), STATEMENTS.load(Ordering::Relaxed) - before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn room_size_cost() {
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry().with(CountStatements));
+    let sizes: Vec<usize> = std::env::var("ROOM_SIZES")
+        .unwrap_or_else(|_| "10,2000".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("ROOM_SIZES: numbers"))
+        .collect();
+    let backend = if std::env::var("BENCH_POSTGRES").as_deref() == Ok("1") {
+        Backend::postgres().expect("TEST_POSTGRES_URL")
+    } else {
+        Backend::Sqlite
+    };
+    let server = TestServer::start(backend).await;
+    let services = server.running.as_ref().unwrap().services.clone();
+    let (_, token, _) = server.register("owner").await;
+    let room = server.create_room(&token, json!({"preset": "public_chat"})).await;
+    let room_id = ruma::OwnedRoomId::try_from(room.as_str()).unwrap();
+    // Joiners with tokens, for the timed joins through HTTP.
+    let mut joiners = Vec::new();
+    for i in 0..5 * sizes.len() {
+        joiners.push(server.register(&format!("joiner{i}")).await.1);
+    }
+    let mut joiners = joiners.into_iter();
+    let mut members = 1;
+    let setup = Instant::now();
+    for &size in &sizes {
+        while members < size {
+            let user = format!("@member{members}:localhost");
+            services
+                .store
+                .create_user(convo::storage::NewUser {
+                    user_id: &user,
+                    password_hash: None,
+                    is_admin: false,
+                    displayname: Some(&format!("Member {members}")),
+                    created_ts: 0,
+                    session: None,
+                    registration_token: None,
+                    uiaa_session: None,
+                })
+                .await
+                .unwrap();
+            let user = ruma::OwnedUserId::try_from(user).unwrap();
+            services.join_room(&room_id, &user, None).await.unwrap();
+            members += 1;
+            if members % 250 == 0 {
+                eprintln!("  {members} members after {:.1} s", setup.elapsed().as_secs_f64());
+            }
+        }
+        let mut sends = Vec::new();
+        for i in 0..15 {
+            sends.push(
+                timed(async {
+                    server.send_text(&token, &room, &format!("hello {i}")).await;
+                })
+                .await,
+            );
+        }
+        let mut joins = Vec::new();
+        let mut after_join = Vec::new();
+        for _ in 0..5 {
+            let joiner = joiners.next().unwrap();
+            joins.push(timed(server.join(&joiner, &room)).await);
+            after_join.push(
+                timed(async {
+                    server.send_text(&token, &room, "after a join").await;
+                })
+                .await,
+            );
+            members += 1;
+        }
+        let (send_ms, send_n) = median(sends);
+        let (join_ms, join_n) = median(joins);
+        let (after_ms, after_n) = median(after_join);
+        eprintln!(
+            "N = {size}: send {send_ms:.1} ms ({send_n} statements), join {join_ms:.1} ms ({join_n} statements), \
+             send after a join {after_ms:.1} ms ({after_n} statements)"
+        );
+    }
+    server.stop().await;
+}
