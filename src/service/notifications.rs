@@ -441,7 +441,8 @@ mod tests {
             rules.set_enabled(RuleKind::Override, ".m.rule.master", true).unwrap();
             rules
         };
-        let users: Vec<(&str, &str, Box<dyn Fn(&UserId) -> Ruleset>)> = vec![
+        type MakeRules = Box<dyn Fn(&UserId) -> Ruleset>;
+        let users: Vec<(&str, &str, MakeRules)> = vec![
             ("@alice:localhost", "Alice", Box::new(Ruleset::server_default)),
             ("@bob:localhost", "Bob", Box::new(Ruleset::server_default)),
             ("@carol:localhost", "Carol", Box::new(Ruleset::server_default)),
