@@ -31,12 +31,30 @@ use crate::{
 /// read each recipient's `m.push_rules` again. Dropped for a user whose rules change.
 #[derive(Default)]
 pub struct RulesetCache {
-    users: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
+    users: Mutex<HashMap<OwnedUserId, Arc<UserRules>>>,
+    /// Templates (a ruleset as JSON with its user's id taken out) by their number: users
+    /// whose templates are equal have the same rules but for their own id.
+    templates: Mutex<HashMap<Arc<str>, u64>>,
+}
+
+/// A user's ruleset, with what grouping users by their rules needs to know of it.
+pub struct UserRules {
+    rules: Ruleset,
+    /// The number of the ruleset's template, or `None` when this user's rules are
+    /// always evaluated on their own (an id with glob or JSON-escaped characters).
+    template: Option<u64>,
+    /// Whether a rule has a `contains_display_name` condition (then the display name
+    /// matters too).
+    uses_display_name: bool,
+    /// The user id, lower-cased as push rule matching compares (see `fold`).
+    folded_id: String,
 }
 
 /// Per room: the joined count and the local members' display names in the room.
+#[derive(Clone)]
 pub struct RoomPushMembers {
-    joined_count: UInt,
+    /// `None` when a remote user's membership changed since it was counted.
+    joined_count: Option<UInt>,
     names: HashMap<OwnedUserId, String>,
 }
 
@@ -53,6 +71,28 @@ impl PushMembersCache {
         rooms.remove(room_id);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
+
+    /// One user's membership changed (see `Services::member_changed`): the entry of
+    /// the room, when cached, is changed in place.
+    pub fn member_changed(&self, room_id: &RoomId, user: &UserId, local: bool, joined: bool, name: Option<String>) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let Some(members) = rooms.get_mut(room_id) else { return };
+        let members = Arc::make_mut(members);
+        if local {
+            let was_joined = members.names.remove(user).is_some();
+            if joined {
+                members.names.insert(user.to_owned(), name.unwrap_or_else(|| user.localpart().to_owned()));
+            }
+            members.joined_count = match (members.joined_count, was_joined, joined) {
+                (Some(n), false, true) => n.checked_add(UInt::from(1u32)),
+                (Some(n), true, false) => n.checked_sub(UInt::from(1u32)),
+                (count, _, _) => count,
+            };
+        } else {
+            members.joined_count = None;
+        }
+    }
 }
 
 /// Cached rulesets at most; the cache starts over beyond this (memory stays bounded).
@@ -67,12 +107,152 @@ impl RulesetCache {
     }
 }
 
+/// Numbers of templates, never reused.
+static NEXT_TEMPLATE: AtomicU64 = AtomicU64::new(1);
+
+impl RulesetCache {
+    /// Wraps a user's ruleset with its template number.
+    fn prepare(&self, user: &UserId, rules: Ruleset) -> Result<UserRules> {
+        let json = serde_json::to_string(&rules).map_err(Error::internal)?;
+        let uses_display_name = json.contains("\"contains_display_name\"");
+        let id = user.as_str();
+        // The user id must appear in the JSON exactly as in the events' strings (no
+        // escaped characters) and be matched literally (no glob characters); the
+        // placeholder (a NUL) must not be in the JSON already.
+        let plain = !id.contains(['*', '?', '"', '\\']) && !id.chars().any(char::is_control);
+        let template = if plain && !json.contains('\0') && !json.contains("\\u0000") {
+            let template: Arc<str> = json.replace(id, "\0").into();
+            let mut templates = self.templates.lock().unwrap_or_else(|e| e.into_inner());
+            if templates.len() >= RULESET_CACHE_MAX {
+                templates.clear();
+            }
+            Some(*templates.entry(template).or_insert_with(|| NEXT_TEMPLATE.fetch_add(1, Ordering::Relaxed)))
+        } else {
+            None
+        };
+        Ok(UserRules { rules, template, uses_display_name, folded_id: fold(id) })
+    }
+}
+
+/// Lower-cases as push rule matching does, with the final sigma (the one character
+/// whose lower case depends on what follows it) made the ordinary one, so that a string
+/// holds a folded part exactly when its folding holds it.
+fn fold(s: &str) -> String {
+    s.to_lowercase().replace('ς', "σ")
+}
+
+/// What of an event can make its push rules answer differently for two users with the
+/// same template: the strings it holds (values and keys, folded, NUL-separated).
+struct EventText {
+    strings: String,
+    has_at: bool,
+    body: Option<String>,
+}
+
+impl EventText {
+    fn of(event: &JsonValue) -> Self {
+        fn walk(value: &JsonValue, out: &mut String) {
+            match value {
+                JsonValue::String(s) => {
+                    out.push_str(&fold(s));
+                    out.push('\0');
+                }
+                JsonValue::Array(items) => items.iter().for_each(|v| walk(v, out)),
+                JsonValue::Object(map) => {
+                    for (k, v) in map {
+                        out.push_str(&fold(k));
+                        out.push('\0');
+                        walk(v, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut strings = String::new();
+        walk(event, &mut strings);
+        let body = event["content"]["body"].as_str().map(fold);
+        EventText { has_at: strings.contains('@'), strings, body }
+    }
+
+    /// Whether the event may concern this user in particular (their id is in one of its
+    /// strings, or their display name in its body when their rules look at it): then
+    /// their rules are evaluated for them alone.
+    fn singles_out(&self, rules: &UserRules, display_name: &str) -> bool {
+        if rules.template.is_none() || (self.has_at && self.strings.contains(rules.folded_id.as_str())) {
+            return true;
+        }
+        rules.uses_display_name
+            && (display_name.is_empty()
+                || display_name.contains(['*', '?'])
+                || self.body.as_deref().is_some_and(|b| b.contains(fold(display_name).as_str())))
+    }
+}
+
+/// A local member as push rule evaluation sees them.
+pub(crate) struct PushMember<'a> {
+    pub user: &'a UserId,
+    pub display_name: &'a str,
+    pub rules: Arc<UserRules>,
+}
+
+/// Evaluates an event for members: once per template for the members it does not
+/// single out (their answers are the same: the rules differ only by the user's own id,
+/// which the event does not hold, and the display name, which its body does not hold or
+/// the rules do not look at), and on its own for each member it singles out.
+pub(crate) async fn evaluate_grouped(
+    members: &[PushMember<'_>],
+    event: &Raw<JsonValue>,
+    event_json: &JsonValue,
+    base: &PushConditionRoomCtx,
+) -> Result<Vec<PushActionRow>> {
+    let text = EventText::of(event_json);
+    let mut by_template: HashMap<u64, Option<(bool, Arc<str>)>> = HashMap::new();
+    let mut notified = Vec::new();
+    for member in members {
+        let outcome = if text.singles_out(&member.rules, member.display_name) {
+            evaluate_one(member, event, base).await?
+        } else {
+            let template = member.rules.template.expect("a member not singled out has a template");
+            match by_template.get(&template) {
+                Some(outcome) => outcome.clone(),
+                None => {
+                    let outcome = evaluate_one(member, event, base).await?;
+                    by_template.insert(template, outcome.clone());
+                    outcome
+                }
+            }
+        };
+        if let Some((highlight, actions)) = outcome {
+            notified.push(PushActionRow { user_id: member.user.to_string(), highlight, actions: actions.to_string() });
+        }
+    }
+    Ok(notified)
+}
+
+/// One member's evaluation: `None` when the event does not notify them, else whether
+/// it highlights and the actions (JSON).
+async fn evaluate_one(
+    member: &PushMember<'_>,
+    event: &Raw<JsonValue>,
+    base: &PushConditionRoomCtx,
+) -> Result<Option<(bool, Arc<str>)>> {
+    let mut ctx = base.clone();
+    ctx.user_id = member.user.to_owned();
+    ctx.user_display_name = member.display_name.to_owned();
+    let actions = member.rules.rules.get_actions(event, &ctx).await;
+    if !actions.iter().any(Action::should_notify) {
+        return Ok(None);
+    }
+    let json = serde_json::to_string(actions).map_err(Error::internal)?;
+    Ok(Some((actions.iter().any(Action::is_highlight), json.into())))
+}
+
 impl Services {
-    async fn cached_push_rules(&self, user: &UserId) -> Result<Arc<Ruleset>> {
+    async fn cached_push_rules(&self, user: &UserId) -> Result<Arc<UserRules>> {
         if let Some(rules) = self.ruleset_cache.users.lock().unwrap_or_else(|e| e.into_inner()).get(user) {
             return Ok(rules.clone());
         }
-        let rules = Arc::new(self.push_rules(user).await?);
+        let rules = Arc::new(self.ruleset_cache.prepare(user, self.push_rules(user).await?)?);
         let mut cache = self.ruleset_cache.users.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= RULESET_CACHE_MAX {
             cache.clear();
@@ -84,7 +264,9 @@ impl Services {
     /// Evaluates a new event for each local member of its room (other than its
     /// sender): the members it notifies, with whether it highlights for them. `state`
     /// is the room state the event is authorized against (it holds the create and
-    /// power levels events); the caller stores the result with the event.
+    /// power levels events); the caller stores the result with the event. Members
+    /// with the same rules (but for their own ids) are evaluated once together
+    /// (`evaluate_grouped`).
     pub(crate) async fn push_actions_for(
         &self,
         room_id: &RoomId,
@@ -93,29 +275,36 @@ impl Services {
         state: &HashMap<(StateEventType, String), Pdu>,
         rules: &RoomVersionRules,
     ) -> Result<Vec<PushActionRow>> {
-        let members = self.room_push_members(room_id).await?;
+        let mut members = self.room_push_members(room_id).await?;
+        let joined_count = match members.joined_count {
+            Some(count) => count,
+            None => {
+                let (joined, _) = self.store.count_room_members(room_id.as_str()).await?;
+                let count = UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX);
+                let mut cache = self.push_members_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(cached) = cache.get_mut(room_id)
+                    && Arc::ptr_eq(cached, &members)
+                {
+                    drop(members);
+                    Arc::make_mut(cached).joined_count = Some(count);
+                    members = cached.clone();
+                }
+                count
+            }
+        };
         if members.names.keys().all(|u| u.as_str() == sender.as_str()) {
             return Ok(Vec::new());
         }
         let event: Raw<JsonValue> =
             Raw::from_json(RawValue::from_string(pdu_json.to_owned()).map_err(Error::internal)?);
-        let power_levels = push_power_levels(state, rules);
-        let mut notified = Vec::new();
+        let event_json: JsonValue = serde_json::from_str(pdu_json).map_err(Error::internal)?;
+        let mut base = PushConditionRoomCtx::new(room_id.to_owned(), joined_count, sender.to_owned(), String::new());
+        base.power_levels = Some(push_power_levels(state, rules));
+        let mut recipients = Vec::with_capacity(members.names.len());
         for (user, name) in members.names.iter().filter(|(u, _)| u.as_str() != sender.as_str()) {
-            let rules = self.cached_push_rules(user).await?;
-            let mut ctx =
-                PushConditionRoomCtx::new(room_id.to_owned(), members.joined_count, user.clone(), name.clone());
-            ctx.power_levels = Some(power_levels.clone());
-            let actions = rules.get_actions(&event, &ctx).await;
-            if actions.iter().any(Action::should_notify) {
-                notified.push(PushActionRow {
-                    user_id: user.to_string(),
-                    highlight: actions.iter().any(Action::is_highlight),
-                    actions: serde_json::to_string(actions).map_err(Error::internal)?,
-                });
-            }
+            recipients.push(PushMember { user, display_name: name, rules: self.cached_push_rules(user).await? });
         }
-        Ok(notified)
+        evaluate_grouped(&recipients, &event, &event_json, &base).await
     }
 
     /// The room's joined count and its local members' display names, cached until the
@@ -133,7 +322,7 @@ impl Services {
         let users: Vec<&OwnedUserId> = local.iter().collect();
         let mut names = self.display_names(room_id, &users).await?;
         let members = Arc::new(RoomPushMembers {
-            joined_count: UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX),
+            joined_count: Some(UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX)),
             names: local
                 .iter()
                 .map(|u| (u.clone(), names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned())))
@@ -194,4 +383,139 @@ fn push_power_levels(
         notifications,
         RoomPowerLevelsRules::new(&rules.authorization, creators),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::{
+        owned_room_id, owned_user_id,
+        push::{
+            Action, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, PushCondition, RuleKind, Ruleset, Tweak,
+        },
+        room_version_rules::RoomVersionRules,
+    };
+    use serde_json::json;
+
+    use super::*;
+
+    fn ctx(member_count: u32) -> PushConditionRoomCtx {
+        let sender = owned_user_id!("@sender:localhost");
+        let mut ctx = PushConditionRoomCtx::new(
+            owned_room_id!("!room:localhost"),
+            UInt::from(member_count),
+            sender.clone(),
+            String::new(),
+        );
+        let notifications: NotificationPowerLevels = serde_json::from_value(json!({})).unwrap();
+        ctx.power_levels = Some(PushConditionPowerLevelsCtx::new(
+            BTreeMap::from([(sender.clone(), Int::from(100))]),
+            Int::from(0),
+            notifications,
+            RoomPowerLevelsRules::new(&RoomVersionRules::V11.authorization, vec![sender]),
+        ));
+        ctx
+    }
+
+    /// Users with default rules, with the same custom rules, with rules that look at
+    /// display names, and with notifications off.
+    fn members(cache: &RulesetCache) -> Vec<(OwnedUserId, String, Arc<UserRules>)> {
+        let keyword = |user: &UserId| {
+            let mut rules = Ruleset::server_default(user);
+            let rule = NewPatternedPushRule::new("pizza".into(), "pizza".into(), vec![Action::Notify]);
+            rules.insert(NewPushRule::Content(rule), None, None).unwrap();
+            rules
+        };
+        let by_name = |user: &UserId| {
+            let mut rules = Ruleset::server_default(user);
+            #[allow(deprecated)]
+            let rule = NewConditionalPushRule::new(
+                "by_name".into(),
+                vec![PushCondition::ContainsDisplayName],
+                vec![Action::Notify, Action::SetTweak(Tweak::Highlight(true.into()))],
+            );
+            rules.insert(NewPushRule::Override(rule), None, None).unwrap();
+            rules
+        };
+        let silent = |user: &UserId| {
+            let mut rules = Ruleset::server_default(user);
+            rules.set_enabled(RuleKind::Override, ".m.rule.master", true).unwrap();
+            rules
+        };
+        type MakeRules = Box<dyn Fn(&UserId) -> Ruleset>;
+        let users: Vec<(&str, &str, MakeRules)> = vec![
+            ("@alice:localhost", "Alice", Box::new(Ruleset::server_default)),
+            ("@bob:localhost", "Bob", Box::new(Ruleset::server_default)),
+            ("@carol:localhost", "Carol", Box::new(Ruleset::server_default)),
+            ("@dave:localhost", "Dave", Box::new(keyword)),
+            ("@erin:localhost", "Erin", Box::new(keyword)),
+            ("@frank:localhost", "Frank", Box::new(by_name)),
+            ("@grace:localhost", "Grace", Box::new(by_name)),
+            ("@heidi:localhost", "", Box::new(by_name)),
+            ("@ivan:localhost", "Ivan", Box::new(silent)),
+            ("@Judy:localhost", "Σίσυφος", Box::new(by_name)),
+        ];
+        users
+            .into_iter()
+            .map(|(user, name, rules)| {
+                let user = OwnedUserId::try_from(user).unwrap();
+                let rules = Arc::new(cache.prepare(&user, rules(&user)).unwrap());
+                (user, name.to_owned(), rules)
+            })
+            .collect()
+    }
+
+    fn events() -> Vec<JsonValue> {
+        let message = |content: JsonValue| json!({"type": "m.room.message", "sender": "@sender:localhost", "room_id": "!room:localhost", "content": content});
+        vec![
+            message(json!({"msgtype": "m.text", "body": "hello"})),
+            message(json!({"msgtype": "m.notice", "body": "a notice"})),
+            message(json!({"msgtype": "m.text", "body": "hi", "m.mentions": {"user_ids": ["@bob:localhost"]}})),
+            message(json!({"msgtype": "m.text", "body": "hi BOB", "m.mentions": {"user_ids": ["@BOB:localhost"]}})),
+            message(json!({"msgtype": "m.text", "body": "hi", "m.mentions": {"room": true}})),
+            message(json!({"msgtype": "m.text", "body": "Frank, Carol and grace: lunch?"})),
+            message(json!({"msgtype": "m.text", "body": "σίσυφος wants pizza"})),
+            message(json!({"msgtype": "m.text", "body": "PIZZA for @alice:localhost"})),
+            message(json!({"msgtype": "m.text", "body": "pizza", "m.mentions": {}})),
+            message(json!({"msgtype": "m.text", "body": "", "m.mentions": {"user_ids": ["@judy:localhost"]}})),
+            json!({"type": "m.room.encrypted", "sender": "@sender:localhost", "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x"}}),
+            json!({"type": "m.room.member", "sender": "@sender:localhost", "state_key": "@alice:localhost", "content": {"membership": "invite"}}),
+            json!({"type": "m.room.member", "sender": "@sender:localhost", "state_key": "@sender:localhost", "content": {"membership": "join"}}),
+            json!({"type": "m.reaction", "sender": "@sender:localhost", "content": {}}),
+            json!({"type": "m.room.tombstone", "sender": "@sender:localhost", "state_key": "", "content": {"body": "moved"}}),
+        ]
+    }
+
+    /// Grouping members by template answers exactly what evaluating each member's rules
+    /// on their own answers, in a one-to-one room and in a group.
+    #[tokio::test]
+    async fn grouped_evaluation_equals_one_by_one() {
+        let cache = RulesetCache::default();
+        let members = members(&cache);
+        assert_eq!(members[0].2.template, members[1].2.template, "default rules share a template");
+        assert_eq!(members[3].2.template, members[4].2.template, "equal custom rules share a template");
+        assert_ne!(members[0].2.template, members[3].2.template);
+        let recipients: Vec<PushMember<'_>> = members
+            .iter()
+            .map(|(user, name, rules)| PushMember { user, display_name: name, rules: rules.clone() })
+            .collect();
+        let mut highlights = 0;
+        for member_count in [2, 10] {
+            let base = ctx(member_count);
+            for event_json in events() {
+                let event: Raw<JsonValue> = Raw::from_json(RawValue::from_string(event_json.to_string()).unwrap());
+                let grouped = evaluate_grouped(&recipients, &event, &event_json, &base).await.unwrap();
+                let mut alone = Vec::new();
+                for member in &recipients {
+                    if let Some((highlight, actions)) = evaluate_one(member, &event, &base).await.unwrap() {
+                        alone.push((member.user.to_string(), highlight, actions.to_string()));
+                    }
+                }
+                let grouped: Vec<(String, bool, String)> =
+                    grouped.into_iter().map(|r| (r.user_id, r.highlight, r.actions)).collect();
+                assert_eq!(grouped, alone, "event {event_json}, {member_count} members");
+                highlights += alone.iter().filter(|r| r.1).count();
+            }
+        }
+        assert!(highlights > 5, "the events highlight for some members");
+    }
 }

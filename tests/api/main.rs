@@ -29,6 +29,7 @@ mod pushers;
 mod register;
 mod relations;
 mod room_events;
+mod room_size_cost;
 mod rooms;
 mod search;
 mod signatures;

@@ -113,6 +113,33 @@ impl Services {
         self.forget_room_servers(room_id);
     }
 
+    /// A membership event of a local or remote `user` became the room's current state
+    /// on top of the state before it (nothing else changed): the member caches take the
+    /// change in place (a map update) rather than being read again from all members.
+    pub(crate) fn member_changed(&self, room_id: &RoomId, user: &str, membership: &str, content: &str) {
+        let Ok(user) = OwnedUserId::try_from(user) else { return self.forget_member_cache(room_id) };
+        let joined = membership == "join";
+        let local = user.server_name() == self.server_name();
+        let mut cache = self.member_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        self.member_cache.generation.fetch_add(1, Ordering::AcqRel);
+        if local && let Some(members) = cache.get_mut(room_id) {
+            let members = Arc::make_mut(members);
+            members.retain(|m| *m != user);
+            if joined {
+                members.push(user.clone());
+            }
+        }
+        drop(cache);
+        let display_name = serde_json::from_str::<serde_json::Value>(content)
+            .ok()
+            .and_then(|c| c["displayname"].as_str().map(str::to_owned));
+        self.push_members_cache.member_changed(room_id, &user, local, joined, display_name);
+        if !local {
+            // Whether the user's server is still in the room depends on its other users.
+            self.forget_room_servers(room_id);
+        }
+    }
+
     /// Grows with every membership change: a list of members read when it was `n` is
     /// stale once it is not `n` any more.
     pub(crate) fn member_generation(&self) -> u64 {

@@ -269,7 +269,13 @@ impl Services {
                     self.room_heads.set(room_id, RoomHead { extremities, state_group });
                 }
                 if accepted && (e.membership.is_some() || !memberships.is_empty()) {
-                    self.forget_member_cache(room_id);
+                    match (state_key, e.membership) {
+                        // The event is the room's state on top of the state before it.
+                        (Some(user), Some(m)) if linear && memberships.is_empty() => {
+                            self.member_changed(room_id, user, m, e.pdu.content.get())
+                        }
+                        _ => self.forget_member_cache(room_id),
+                    }
                     let mut changed: Vec<(&str, &str)> =
                         memberships.iter().map(|(u, m, _)| (u.as_str(), m.as_str())).collect();
                     if let (Some(user), Some(m)) = (state_key, e.membership) {
