@@ -97,6 +97,8 @@ pub struct Services {
     pub room_heads: rooms::append::RoomHeads,
     pub member_cache: MemberCache,
     pub typing: Typing,
+    /// Local users' presence as last written or read (`ephemeral.rs`).
+    pub presence_seen: ephemeral::PresenceSeen,
     /// Room versions, which never change, by room.
     pub room_versions: std::sync::Mutex<std::collections::HashMap<ruma::OwnedRoomId, RoomVersionId>>,
     /// Push rulesets of recent recipients of events.
@@ -147,6 +149,7 @@ impl Services {
             room_heads: Default::default(),
             member_cache: MemberCache::default(),
             typing: Typing::default(),
+            presence_seen: ephemeral::PresenceSeen::default(),
             room_versions: Default::default(),
             ruleset_cache: Default::default(),
             push_members_cache: Default::default(),

@@ -7,6 +7,7 @@
 //! extremities, push actions, relations (`event_relations`), redactions and the search
 //! index (`search.rs`).
 
+use super::changes::{Change, Kind};
 use super::{
     Store,
     events::next_counter,
@@ -728,8 +729,11 @@ impl Store {
     /// with a transaction id the device already used on the same endpoint, changes
     /// nothing.
     pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<Persisted> {
-        let positions: Option<Positions> =
-            if e.dag.position == Position::Live { Some(self.take_positions(1).await?) } else { None };
+        let positions: Option<Positions> = if e.dag.position == Position::Live {
+            Some(self.take_positions_for(1, &[Change::new(Kind::Room, e.room_id)]).await?)
+        } else {
+            None
+        };
         let live = positions.as_ref().map(Positions::first);
         let stored = on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -825,7 +829,7 @@ impl Store {
     /// one before; their `dag` is ignored), all in one transaction: a room is stored
     /// whole or not at all.
     pub async fn create_room(&self, room: NewRoom<'_>, events: &[NewEvent<'_>]) -> Result<RoomCreated> {
-        let positions = self.take_positions(events.len() as i64).await?;
+        let positions = self.take_positions_for(events.len() as i64, &[Change::new(Kind::Room, room.room_id)]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let inserted = sqlx::query(

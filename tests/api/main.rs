@@ -34,5 +34,6 @@ mod search;
 mod signatures;
 mod stream;
 mod sync;
+mod sync_skip;
 mod timestamp;
 mod transport;
