@@ -63,14 +63,39 @@ async fn woken_sync_with_one_message_reads_little(backend: Backend) {
     since = token(&server.sync(&bob, Some(&since), "timeout=0").await);
     since = token(&server.sync(&bob, Some(&since), "timeout=0").await);
 
-    server.send_text(&alice, &room_id, "one").await;
-    let before = statements(&server);
-    let sync = server.sync(&bob, Some(&since), "timeout=0").await;
-    let used = statements(&server) - before;
-    assert_eq!(bodies(&sync["rooms"]["join"][&room_id]["timeline"]["events"]), vec!["one"]);
-    assert!(sync["rooms"]["join"].get(&quiet).is_none(), "{sync}");
-    eprintln!("statements of one incremental sync with one message: {used}");
-    assert!(used <= 100, "{used} statements");
+    // The same sync with the change index answering "may have changed" to all (every
+    // stream read, as before it), then with it; a few rounds of each, timed.
+    let changes = server.running.as_ref().unwrap().services.store.changes();
+    let mut used = [0u64; 2];
+    let mut took = [Duration::ZERO; 2];
+    const ROUNDS: u32 = 20;
+    for i in 0..ROUNDS {
+        // Alternated, so that the room's growth weighs on both alike.
+        for (mode, off) in [(0, true), (1, false)] {
+            changes.set_off(off);
+            let text = format!("message {mode}.{i}");
+            server.send_text(&alice, &room_id, &text).await;
+            let before = statements(&server);
+            let started = Instant::now();
+            tracing::debug!("counted sync {i} {mode} begins");
+            let sync = server.sync(&bob, Some(&since), "timeout=0").await;
+            tracing::debug!("counted sync {i} {mode} ends");
+            took[mode] += started.elapsed();
+            used[mode] = statements(&server) - before;
+            assert_eq!(bodies(&sync["rooms"]["join"][&room_id]["timeline"]["events"]), vec![text]);
+            assert!(sync["rooms"]["join"].get(&quiet).is_none(), "{sync}");
+            since = token(&sync);
+        }
+    }
+    eprintln!(
+        "one incremental sync with one new message: {} statements, {:?} each without the change index; {} statements, {:?} each with it",
+        used[0],
+        took[0] / ROUNDS,
+        used[1],
+        took[1] / ROUNDS
+    );
+    assert!(used[1] < used[0], "the index saves statements: {used:?}");
+    assert!(used[1] <= 12, "{} statements", used[1]);
     server.stop().await;
 }
 
