@@ -287,7 +287,47 @@ async fn unchanged_presence_is_not_written(backend: Backend) {
     server.stop().await;
 }
 
+/// A sync of a user whose presence is unchanged but whose stored activity is older than
+/// the refresh interval refreshes it in place: the stream does not move and nobody is
+/// woken, yet what others read shows the fresh activity.
+async fn activity_refresh_wakes_nobody(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let room_id = server.create_room(&alice, json!({"invite": [bob_id.clone()]})).await;
+    server.join(&bob, &room_id).await;
+    // Alice was last active four minutes ago, online (stored as by an earlier process).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let store = &server.running.as_ref().unwrap().services.store;
+    store.set_presence(&alice_id, "online", Some(None), now - 4 * 60 * 1000).await.unwrap();
+    server.restart().await;
+    let mut since = token(&server.sync(&bob, None, "").await);
+    since = token(&server.sync(&bob, Some(&since), "timeout=0").await);
+    let store = &server.running.as_ref().unwrap().services.store;
+    let status = format!("/_matrix/client/v3/presence/{alice_id}/status");
+    let (_, stale) = server.get(&status, Some(&bob)).await;
+    assert!(stale["last_active_ago"].as_i64().unwrap() >= 4 * 60 * 1000, "{stale}");
+
+    let waiting = spawn_sync(&server, &bob, &since);
+    server.wait_for_waiting_syncs(&bob_id, 1).await;
+    let before = store.current_stream_position().await.unwrap();
+    // Alice's first sync since the restart (online, as stored).
+    server.sync(&alice, None, "").await;
+    assert_eq!(store.current_stream_position().await.unwrap(), before, "a refresh takes no stream position");
+    let (_, fresh) = server.get(&status, Some(&bob)).await;
+    assert!(fresh["last_active_ago"].as_i64().unwrap() < 60 * 1000, "refreshed: {fresh}");
+    assert_eq!((&fresh["presence"], &fresh["currently_active"]), (&json!("online"), &json!(true)));
+    // Bob's sync was not woken for it: it is still waiting.
+    assert_eq!(
+        server.running.as_ref().unwrap().services.waiting_syncs.count(&ruma::UserId::parse(&bob_id).unwrap()),
+        1
+    );
+    waiting.abort();
+    server.stop().await;
+}
+
 backend_tests!(
+    activity_refresh_wakes_nobody,
     woken_sync_with_one_message_reads_little,
     every_stream_wakes_a_waiting_sync,
     since_from_before_a_restart_reads_everything,
