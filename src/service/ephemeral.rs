@@ -35,6 +35,43 @@ pub struct Typing {
     worker_started: AtomicBool,
 }
 
+/// A user's activity (`last_active_ts`) is written again when what is stored is older
+/// than this; sooner, an unchanged presence writes nothing. Below `IDLE_AFTER_MS`, so
+/// that a syncing user never reads as idle.
+const ACTIVITY_REFRESH_MS: i64 = 3 * 60 * 1000;
+
+/// Local users' presence as this process last wrote or read it, so that a `/sync`
+/// that changes nothing reads nothing either. Bounded: past `PRESENCE_SEEN_MAX` users
+/// it starts again empty (a miss costs one read).
+#[derive(Default)]
+pub struct PresenceSeen {
+    rows: Mutex<HashMap<OwnedUserId, PresenceRow>>,
+}
+
+const PRESENCE_SEEN_MAX: usize = 100_000;
+
+impl PresenceSeen {
+    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<OwnedUserId, PresenceRow>> {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, user: &UserId) -> Option<PresenceRow> {
+        self.rows().get(user).cloned()
+    }
+
+    fn put(&self, user: &UserId, row: PresenceRow) {
+        let mut rows = self.rows();
+        if rows.len() >= PRESENCE_SEEN_MAX && !rows.contains_key(user) {
+            rows.clear();
+        }
+        rows.insert(user.to_owned(), row);
+    }
+
+    fn forget(&self, user: &UserId) {
+        self.rows().remove(user);
+    }
+}
+
 /// Longest presence `status_msg`, in bytes.
 const MAX_STATUS_MSG_BYTES: usize = 1024;
 /// Longest typing timeout honoured.
@@ -284,21 +321,50 @@ impl Services {
             return Err(Error::invalid_param(format!("status_msg is {MAX_STATUS_MSG_BYTES} bytes at most")));
         }
         let now = now_ms();
-        let current = self.store.get_presence(user.as_str()).await?;
+        let current = match self.presence_seen.get(user) {
+            Some(row) => Some(row),
+            None => {
+                let row = self.store.get_presence(user.as_str()).await?;
+                if let Some(row) = &row {
+                    self.presence_seen.put(user, row.clone());
+                }
+                row
+            }
+        };
         let msg = match (status_msg, &current) {
             (Some(m), _) => m.map(str::to_owned),
             (None, Some(c)) => c.status_msg.clone(),
             (None, None) => None,
         };
-        let unchanged = current.as_ref().is_some_and(|c| {
-            effective_state(c, now) == state && c.status_msg == msg && now - c.last_active_ts < 60_000
-        });
-        if unchanged {
-            return Ok(());
+        if let Some(c) = current.filter(|c| effective_state(c, now) == state && c.status_msg == msg) {
+            if now - c.last_active_ts < ACTIVITY_REFRESH_MS {
+                return Ok(());
+            }
+            // Only the activity is older: refresh it where it is stored, without a
+            // stream position and without waking anyone (what clients show of it,
+            // `last_active_ago`, is computed when read).
+            if self.store.refresh_presence(user.as_str(), &c.state, c.status_msg.as_deref(), now).await? {
+                self.presence_seen.put(user, PresenceRow { last_active_ts: now, ..c });
+                if let Err(e) = self.federate_presence(user, state, msg.as_deref()).await {
+                    tracing::warn!(%user, error = %e, "could not queue presence for other servers");
+                }
+                return Ok(());
+            }
+            // The stored presence is not what this process last saw: write it whole.
         }
+        self.presence_seen.forget(user);
         // A sync's refresh (`status_msg` not given) keeps whatever message is stored
         // when it writes, not the one read above, so it cannot undo a concurrent change.
         self.store.set_presence(user.as_str(), state, status_msg.map(|_| msg.as_deref()), now).await?;
+        if status_msg.is_some() {
+            let row = PresenceRow {
+                user_id: user.to_string(),
+                state: state.to_owned(),
+                status_msg: msg.clone(),
+                last_active_ts: now,
+            };
+            self.presence_seen.put(user, row);
+        }
         if let Err(e) = self.federate_presence(user, state, msg.as_deref()).await {
             tracing::warn!(%user, error = %e, "could not queue presence for other servers");
         }

@@ -99,6 +99,8 @@ pub struct Services {
     /// The client forms of recently served events (`rooms/format.rs`).
     pub client_forms: rooms::format::ClientForms,
     pub typing: Typing,
+    /// Local users' presence as last written or read (`ephemeral.rs`).
+    pub presence_seen: ephemeral::PresenceSeen,
     /// Room versions, which never change, by room.
     pub room_versions: std::sync::Mutex<std::collections::HashMap<ruma::OwnedRoomId, RoomVersionId>>,
     /// Push rulesets of recent recipients of events.
@@ -150,6 +152,7 @@ impl Services {
             member_cache: MemberCache::default(),
             client_forms: rooms::format::ClientForms::default(),
             typing: Typing::default(),
+            presence_seen: ephemeral::PresenceSeen::default(),
             room_versions: Default::default(),
             ruleset_cache: Default::default(),
             push_members_cache: Default::default(),

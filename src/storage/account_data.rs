@@ -1,6 +1,7 @@
 //! Storage of account data, global (`room_id` = '') and per room. Each change takes a
 //! stream position, so incremental sync can find it.
 
+use super::changes::{Change, Kind};
 use super::{Store, on_pool, stream};
 use crate::error::Result;
 
@@ -41,7 +42,7 @@ impl Store {
     /// Sets an entry; returns its stream position. Takes the user's lock (see
     /// `update_account_data`), so that it lands before or after a change, not inside it.
     pub async fn set_account_data(&self, user_id: &str, room_id: &str, data_type: &str, content: &str) -> Result<i64> {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::AccountData, user_id)]).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -67,7 +68,7 @@ impl Store {
     where
         F: FnOnce(Option<&str>) -> Result<Option<String>>,
     {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::AccountData, user_id)]).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::changes::{Change, Kind};
 use super::{Store, on_pool, stream};
 use crate::error::Result;
 
@@ -53,7 +54,7 @@ impl Store {
         fallback: &[NewKey<'_>],
     ) -> Result<()> {
         let positions = match device_keys {
-            Some(_) => Some(self.take_positions(1).await?),
+            Some(_) => Some(self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?),
             None => None,
         };
         on_pool!(self, write, |pool| {
@@ -234,7 +235,8 @@ impl Store {
         };
         let mut order: Vec<usize> = (0..wanted.len()).collect();
         order.sort_by_key(|&i| wanted[i]);
-        let positions = self.take_positions(1).await?;
+        let claims: Vec<Change> = wanted.iter().map(|w| Change::new(Kind::KeyClaims, w.0)).collect();
+        let positions = self.take_positions_for(1, &claims).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let mut claimed = vec![None; wanted.len()];
@@ -298,7 +300,8 @@ impl Store {
         event_type: &str,
         messages: &[NewToDevice<'_>],
     ) -> Result<Option<i64>> {
-        let positions = self.take_positions(1).await?;
+        let recipients: Vec<Change> = messages.iter().map(|m| Change::new(Kind::ToDevice, m.user_id)).collect();
+        let positions = self.take_positions_for(1, &recipients).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -495,7 +498,7 @@ impl Store {
     where
         F: FnOnce(&[(String, String)], &[(String, String)]) -> Result<SignedKeyChanges>,
     {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             record_device_list_change!(&mut *tx, user_id, positions.first());
@@ -544,7 +547,7 @@ impl Store {
         keys: &[(&str, &str)],
         only_if_no_master: bool,
     ) -> Result<bool> {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             record_device_list_change!(&mut *tx, user_id, positions.first());
@@ -579,7 +582,7 @@ impl Store {
     /// Records that a remote user's devices or cross-signing keys changed (their server
     /// told us), so that local users who share a room with them re-query the keys.
     pub async fn record_remote_device_list_change(&self, user_id: &str) -> Result<()> {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             record_device_list_change!(&mut *tx, user_id, positions.first());

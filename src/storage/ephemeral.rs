@@ -1,6 +1,7 @@
 //! Storage of read receipts, presence and filters. A read receipt recounts the user's
 //! kept unread counts in its room in the same transaction (`push.rs`).
 
+use super::changes::{Change, Kind};
 use super::{Store, on_pool, push::recount_unread, stream};
 use crate::error::Result;
 
@@ -26,7 +27,7 @@ impl Store {
     /// Stores a receipt (replacing the user's previous one of that type and thread) and
     /// recounts the user's unread counts in the room, in one transaction.
     pub async fn set_receipt(&self, r: &ReceiptRow) -> Result<i64> {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::Receipts, &r.room_id)]).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -125,7 +126,7 @@ impl Store {
         status_msg: Option<Option<&str>>,
         now: i64,
     ) -> Result<i64> {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::Presence, "")]).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -145,6 +146,33 @@ impl Store {
             .await?;
             stream::commit(tx, Some(positions)).await?;
             Ok(pos)
+        })
+    }
+
+    /// Moves a user's `last_active_ts` to `now` without a new stream position (nobody
+    /// is told: a refresh of activity is not news), if their stored state and message
+    /// are still `state` and `status_msg`. `false` when they are not (a full
+    /// `set_presence` is then due).
+    pub async fn refresh_presence(
+        &self,
+        user_id: &str,
+        state: &str,
+        status_msg: Option<&str>,
+        now: i64,
+    ) -> Result<bool> {
+        on_pool!(self, write, |pool| {
+            let updated = sqlx::query(
+                "UPDATE presence SET last_active_ts = $4
+                 WHERE user_id = $1 AND state = $2 AND status_msg IS NOT DISTINCT FROM $3 AND last_active_ts <= $4",
+            )
+            .bind(user_id)
+            .bind(state)
+            .bind(status_msg)
+            .bind(now)
+            .execute(pool)
+            .await?
+            .rows_affected();
+            Ok(updated == 1)
         })
     }
 

@@ -8,6 +8,7 @@
 //! writers queue in process instead of failing with `SQLITE_BUSY`.
 
 mod account_data;
+pub mod changes;
 mod dehydrated_devices;
 mod directory;
 mod e2e;
@@ -75,7 +76,8 @@ use crate::error::Error;
 /// Runs `$body` with `$pool` bound to the right pool of the store's backend.
 /// `read` uses the shared pool; `write` uses the SQLite writer (or the PostgreSQL pool).
 macro_rules! on_pool {
-    ($store:expr, read, |$pool:ident| $body:expr) => {
+    ($store:expr, read, |$pool:ident| $body:expr) => {{
+        $store.statements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &$store.db {
             $crate::storage::Db::Sqlite { read, .. } => {
                 let $pool = read;
@@ -86,8 +88,9 @@ macro_rules! on_pool {
                 $body
             }
         }
-    };
-    ($store:expr, write, |$pool:ident| $body:expr) => {
+    }};
+    ($store:expr, write, |$pool:ident| $body:expr) => {{
+        $store.statements.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &$store.db {
             $crate::storage::Db::Sqlite { write, .. } => {
                 let $pool = write;
@@ -98,7 +101,7 @@ macro_rules! on_pool {
                 $body
             }
         }
-    };
+    }};
 }
 pub(crate) use on_pool;
 
@@ -119,6 +122,11 @@ pub struct Store {
     pub(crate) db: Db,
     /// The live stream's positions and its persisted-up-to mark (`stream.rs`).
     pub(crate) stream: stream::Stream,
+    /// Database round trips begun (`on_pool!` uses), for tests that pin how many
+    /// statements a path runs.
+    pub(crate) statements: std::sync::atomic::AtomicU64,
+    /// What changed where, for `/sync` to skip streams that did not move (`changes.rs`).
+    pub(crate) changes: changes::ChangeIndex,
 }
 
 impl From<sqlx::Error> for Error {
@@ -155,6 +163,13 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 impl Store {
+    /// How many database round trips (`on_pool!` blocks: one statement, or one
+    /// transaction) this store has begun: tests pin a path's cost with it.
+    #[doc(hidden)]
+    pub fn statements_run(&self) -> u64 {
+        self.statements.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Opens (creating if needed) the database at `url` and runs the migrations.
     pub async fn open(url: &str, pool_size: u32) -> Result<Self, String> {
         Self::open_with(url, pool_size, Duration::from_secs(3)).await
@@ -192,7 +207,12 @@ impl Store {
                 .fetch_one(&write)
                 .await
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
-            let store = Store { db: Db::Sqlite { read, write }, stream: stream::Stream::new(reserved) };
+            let store = Store {
+                db: Db::Sqlite { read, write },
+                stream: stream::Stream::new(reserved),
+                changes: changes::ChangeIndex::new(reserved),
+                statements: Default::default(),
+            };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;
@@ -217,7 +237,12 @@ impl Store {
                 .fetch_one(&pool)
                 .await
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
-            let store = Store { db: Db::Postgres(pool), stream: stream::Stream::new(reserved) };
+            let store = Store {
+                db: Db::Postgres(pool),
+                stream: stream::Stream::new(reserved),
+                changes: changes::ChangeIndex::new(reserved),
+                statements: Default::default(),
+            };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;

@@ -7,6 +7,7 @@
 //! extremities, push actions, relations (`event_relations`), redactions and the search
 //! index (`search.rs`).
 
+use super::changes::{Change, Kind};
 use super::{
     Store,
     events::next_counter,
@@ -746,13 +747,31 @@ macro_rules! insert_event {
     }};
 }
 
+/// What storing `events` changes for `/sync` (`changes.rs`): their rooms, and device
+/// lists when a room turns encrypted (its members become new to track).
+fn event_changes(events: &[NewEvent<'_>]) -> Vec<Change> {
+    let mut changes: Vec<Change> = Vec::new();
+    for e in events {
+        if !changes.iter().any(|c| c.kind == Kind::Room && c.key == e.room_id) {
+            changes.push(Change::new(Kind::Room, e.room_id));
+        }
+        if e.event_type == "m.room.encryption" {
+            changes.push(Change::new(Kind::DeviceLists, ""));
+        }
+    }
+    changes
+}
+
 impl Store {
     /// Stores an event where `e.dag` says. Storing the same event again, or another event
     /// with a transaction id the device already used on the same endpoint, changes
     /// nothing.
     pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<Persisted> {
-        let positions: Option<Positions> =
-            if e.dag.position == Position::Live { Some(self.take_positions(1).await?) } else { None };
+        let positions: Option<Positions> = if e.dag.position == Position::Live {
+            Some(self.take_positions_for(1, &event_changes(std::slice::from_ref(&e))).await?)
+        } else {
+            None
+        };
         let live = positions.as_ref().map(Positions::first);
         let stored = on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -848,7 +867,7 @@ impl Store {
     /// one before; their `dag` is ignored), all in one transaction: a room is stored
     /// whole or not at all.
     pub async fn create_room(&self, room: NewRoom<'_>, events: &[NewEvent<'_>]) -> Result<RoomCreated> {
-        let positions = self.take_positions(events.len() as i64).await?;
+        let positions = self.take_positions_for(events.len() as i64, &event_changes(events)).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let inserted = sqlx::query(

@@ -1,5 +1,6 @@
 //! Storage of devices, access tokens and refresh tokens.
 
+use super::changes::{Change, Kind};
 use super::{Store, on_pool, stream};
 use crate::error::Result;
 
@@ -337,7 +338,7 @@ impl Store {
 
     /// Deletes the given devices of a user and every token they hold.
     pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<()> {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             for device_id in device_ids {
@@ -350,7 +351,7 @@ impl Store {
 
     /// Deletes all of a user's devices and tokens (`logout/all`).
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<()> {
-        let positions = self.take_positions(1).await?;
+        let positions = self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             tx.delete_devices(user_id, None, None, positions.first()).await?;

@@ -26,7 +26,11 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{Store, on_pool};
+use super::{
+    Store,
+    changes::{self, Change, Kind},
+    on_pool,
+};
 use crate::error::{Error, Result};
 
 /// Positions reserved in the database at a time: one short write per `BLOCK` positions,
@@ -248,7 +252,21 @@ pub(crate) async fn commit<DB: sqlx::Database>(
 impl Store {
     /// Takes `n` (at least 1) consecutive live stream positions for a write about to
     /// begin: take them before `pool.begin()`, and commit with `stream::commit`.
+    /// It records an unclassified change (`changes.rs`): writers of what `/sync` reads
+    /// say what they write with `take_positions_for`.
     pub(crate) async fn take_positions(&self, n: i64) -> Result<Positions> {
+        self.take_positions_for(n, &[Change::new(Kind::Any, "")]).await
+    }
+
+    /// `take_positions`, recording `changes` at the batch's last position in the
+    /// change index before the write begins (so before the mark can pass it).
+    pub(crate) async fn take_positions_for(&self, n: i64, changes: &[Change]) -> Result<Positions> {
+        let positions = self.take_positions_unrecorded(n).await?;
+        self.changes.record(changes, positions.first + positions.count - 1);
+        Ok(positions)
+    }
+
+    async fn take_positions_unrecorded(&self, n: i64) -> Result<Positions> {
         if n < 1 {
             return Err(Error::internal(format!("{n} stream positions asked for")));
         }
@@ -284,6 +302,11 @@ impl Store {
     #[doc(hidden)]
     pub async fn hold_stream_position(&self) -> Result<HeldPosition> {
         Ok(HeldPosition(self.take_positions(1).await?))
+    }
+
+    /// The change index (`changes.rs`): read the mark first, then ask it.
+    pub fn changes(&self) -> &changes::ChangeIndex {
+        &self.changes
     }
 
     /// The mark, to wait on.

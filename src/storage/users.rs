@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value as JsonValue;
 
+use super::changes::{Change, Kind};
 use super::{Store, is_unique_violation, on_pool, sessions::SessionTx, stream};
 use crate::{
     error::{Error, Result},
@@ -146,7 +147,8 @@ impl Store {
         logout: bool,
         keep_device: Option<&str>,
     ) -> Result<bool> {
-        let positions = if logout { Some(self.take_positions(1).await?) } else { None };
+        let positions =
+            if logout { Some(self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?) } else { None };
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1 AND NOT deactivated")

@@ -35,6 +35,7 @@ mod search;
 mod signatures;
 mod stream;
 mod sync;
+mod sync_skip;
 mod timestamp;
 mod transport;
 mod unread;

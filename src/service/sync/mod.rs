@@ -37,7 +37,10 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    storage::{MembershipRow, StoredEvent},
+    storage::{
+        MembershipRow, StoredEvent,
+        changes::{ChangeIndex, Kind},
+    },
 };
 
 /// The parts of a filter that sync honours.
@@ -158,6 +161,52 @@ fn parse_since(token: &str) -> Result<Since> {
     Ok(Since { pos, typing })
 }
 
+/// The streams one sync need not read: nothing changed in them for its user (or the
+/// user's joined rooms) after `since`. All `false` for an initial sync.
+struct Skip {
+    rooms: bool,
+    account_data: bool,
+    receipts: bool,
+    to_device: bool,
+    device_lists: bool,
+    presence: bool,
+}
+
+impl Skip {
+    fn new(changes: &ChangeIndex, session: &Session, since: Option<&Since>, memberships: &[MembershipRow]) -> Self {
+        let user = &session.user_id;
+        let Some(since) = since else {
+            return Skip {
+                rooms: false,
+                account_data: false,
+                receipts: false,
+                to_device: false,
+                device_lists: false,
+                presence: false,
+            };
+        };
+        let joined = || memberships.iter().filter(|m| m.membership == "join").map(|m| m.room_id.as_str());
+        let unchanged = |kind, keys: &mut dyn Iterator<Item = &str>| changes.unchanged(kind, keys, since.pos);
+        Skip {
+            rooms: unchanged(Kind::Room, &mut joined()),
+            account_data: unchanged(Kind::AccountData, &mut std::iter::once(user.as_str())),
+            receipts: unchanged(Kind::Receipts, &mut joined()),
+            // Read, unless nothing is stored for the device: nothing came after the
+            // `since` its messages were last deleted up to.
+            to_device: changes
+                .noted(Kind::ToDeviceAcked, &to_device_key(session))
+                .is_some_and(|acked| changes.unchanged(Kind::ToDevice, [user.as_str()], acked)),
+            device_lists: unchanged(Kind::DeviceLists, &mut std::iter::once("")),
+            presence: unchanged(Kind::Presence, &mut std::iter::once("")),
+        }
+    }
+}
+
+/// The change index's key of a device's acknowledged to-device messages.
+fn to_device_key(session: &Session) -> String {
+    format!("{} {}", session.user_id, session.device_id)
+}
+
 fn is_empty(r: &Response) -> bool {
     r.rooms.join.is_empty()
         && r.rooms.invite.is_empty()
@@ -188,6 +237,7 @@ impl Services {
             // A claim of the device's one-time keys changed its counts: answer, so the
             // client uploads more.
             if let Some(since) = &since
+                && !self.store.changes().unchanged(Kind::KeyClaims, [session.user_id.as_str()], since.pos)
                 && self.keys_claimed_after(session, since.pos).await?
             {
                 return Ok(response);
@@ -210,9 +260,15 @@ impl Services {
         let head = self.store.current_stream_position().await?;
         let since_pos = since.map(|s| s.pos).unwrap_or(0);
         let mut response = Response::new(format!("s{head}_{typing_serial}"));
+        let memberships = self.memberships_at(user, head).await?;
+        // Streams that did not move past `since` for this user or their rooms are not
+        // read (the change index is asked after `head` was read: it covers every write
+        // up to `head`).
+        let skip = Skip::new(self.store.changes(), session, since, &memberships);
 
         // Rooms with new events, and the latest member event of each (if any).
         let changed_rooms: Option<BTreeMap<String, Option<i64>>> = match since {
+            Some(_) if skip.rooms => Some(BTreeMap::new()),
             Some(s) => Some(
                 self.store
                     .get_rooms_changed_since(s.pos, head)
@@ -228,9 +284,13 @@ impl Services {
             filter.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room))
                 && !filter.not_rooms.iter().any(|x| x == room)
         };
-        let memberships = self.memberships_at(user, head).await?;
-        let room_account_data = self.store.get_account_data_since(user.as_str(), since_pos, head).await?;
-        let mut receipts_by_room = self.receipt_events(user, since_pos, head).await?;
+        let room_account_data = if skip.account_data {
+            Vec::new()
+        } else {
+            self.store.get_account_data_since(user.as_str(), since_pos, head).await?
+        };
+        let mut receipts_by_room =
+            if skip.receipts { HashMap::new() } else { self.receipt_events(user, since_pos, head).await? };
         // Rooms whose join row changed only because the user changed their profile
         // there: not new to the client.
         let mut already_joined = HashSet::new();
@@ -318,7 +378,12 @@ impl Services {
         }
         response.account_data = GlobalAccountData::new();
         response.account_data.events = global;
-        response.to_device.events = self.to_device_events(session, since.map(|s| s.pos), head).await?;
+        if !skip.to_device {
+            response.to_device.events = self.to_device_events(session, since.map(|s| s.pos), head).await?;
+            if let Some(since) = since {
+                self.store.changes().note(Kind::ToDeviceAcked, &to_device_key(session), since.pos);
+            }
+        }
         if let Some(since) = since {
             // Who shares an encrypted room with the user changes only with membership:
             // the user's own, or a member event in one of their rooms. Most syncs (a
@@ -328,15 +393,17 @@ impl Services {
                     || (m.membership == "join"
                         && changed_rooms.as_ref().and_then(|c| c.get(&m.room_id)).is_some_and(Option::is_some))
             });
-            let (changed, left) = self.device_list_changes(user, since.pos, head, memberships_moved).await?;
-            response.device_lists.changed = changed;
-            response.device_lists.left = left;
+            if memberships_moved || !skip.device_lists {
+                let (changed, left) = self.device_list_changes(user, since.pos, head, memberships_moved).await?;
+                response.device_lists.changed = changed;
+                response.device_lists.left = left;
+            }
         }
         let (one_time_keys, fallback_keys) = self.key_status(session).await?;
         response.device_one_time_keys_count = one_time_keys;
         response.device_unused_fallback_key_types = Some(fallback_keys);
         let mut presence = Vec::new();
-        if filter.presence.matches_type("m.presence") {
+        if filter.presence.matches_type("m.presence") && !skip.presence {
             presence = self.presence_events(user, since_pos, head).await?;
             presence.retain(|p| p["sender"].as_str().is_some_and(|s| filter.presence.matches_sender(s)));
         }
