@@ -11,20 +11,8 @@ use crate::{
     backend_tests,
     common::{Backend, TestServer},
     federation::{TRUSTING, federating, name, services},
+    keys::device_keys,
 };
-
-fn device_keys(user: &str, device: &str) -> Value {
-    json!({
-        "user_id": user,
-        "device_id": device,
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-        "keys": {
-            format!("curve25519:{device}"): "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
-            format!("ed25519:{device}"): "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI",
-        },
-        "signatures": {user: {format!("ed25519:{device}"): "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}},
-    })
-}
 
 /// Syncs (long-polling) until the device's to-device events are not empty, for at
 /// most 20 s; answers them.

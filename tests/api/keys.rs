@@ -8,7 +8,9 @@ use crate::{
     common::{Backend, TestServer, assert_error},
 };
 
-fn device_keys(user: &str, device: &str) -> Value {
+/// Device keys as a client uploads them (fixed, well-formed key strings; the signature
+/// is not checked by these tests). Shared by the tests that upload keys.
+pub(crate) fn device_keys(user: &str, device: &str) -> Value {
     json!({
         "user_id": user,
         "device_id": device,

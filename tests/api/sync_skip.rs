@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::{
     backend_tests,
     common::{Backend, TestServer, bodies},
+    keys::device_keys,
 };
 
 fn statements(server: &TestServer) -> u64 {
@@ -32,19 +33,6 @@ fn spawn_sync(server: &TestServer, token: &str, since: &str) -> tokio::task::Joi
 
 fn ephemeral<'a>(sync: &'a Value, room_id: &str, kind: &str) -> Option<&'a Value> {
     sync["rooms"]["join"][room_id]["ephemeral"]["events"].as_array()?.iter().find(|e| e["type"] == kind)
-}
-
-fn device_keys(user: &str, device: &str) -> Value {
-    json!({
-        "user_id": user,
-        "device_id": device,
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-        "keys": {
-            format!("curve25519:{device}"): "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI",
-            format!("ed25519:{device}"): "lEuiRJBit0IG6nUf5pUzWTUEsRVVe/HJkoKuEww9ULI",
-        },
-        "signatures": {user: {format!("ed25519:{device}"): "dSO80A01XiigH3uBiDVx/EjzaoycHcjq9lfQX0uWsqxl2giMIiSPR8a4d291W1ihKJL/a+myXS367WT6NAIcBA"}},
-    })
 }
 
 /// An incremental sync that carries one new message in one of the user's rooms (what a
