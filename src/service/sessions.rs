@@ -70,11 +70,11 @@ impl Services {
             self.store.retire_previous_refresh(&hash, prev).await?;
         }
         if info.last_seen_ts.is_none_or(|seen| now - seen > LAST_SEEN_GRANULARITY_MS) {
-            self.store.touch_device(&info.user_id, &info.device_id, now, client_ip).await?;
+            self.store.touch_device(&hash, &info.user_id, &info.device_id, now, client_ip).await?;
         }
         Ok(Session {
-            user_id: OwnedUserId::try_from(info.user_id).map_err(Error::internal)?,
-            device_id: info.device_id.into(),
+            user_id: OwnedUserId::try_from(info.user_id.as_str()).map_err(Error::internal)?,
+            device_id: info.device_id.as_str().into(),
         })
     }
 

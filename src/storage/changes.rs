@@ -37,6 +37,9 @@ pub enum Kind {
     AccountData,
     /// Read receipts (key: room id).
     Receipts,
+    /// A room's memberships (key: room id): a member event, or a state change that may
+    /// change members; what the room summary (member counts, heroes) depends on.
+    RoomMembers,
     /// To-device messages (key: recipient user id).
     ToDevice,
     /// Device-list changes of anyone (one key, "").

@@ -16,6 +16,7 @@ impl Store {
         device_data: &str,
         created_ts: i64,
     ) -> Result<()> {
+        let _writing = self.devices_writing();
         let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -68,6 +69,7 @@ impl Store {
     /// Deletes the user's dehydrated device (the device, its keys and messages); answers
     /// its id, `None` if there was none.
     pub async fn delete_dehydrated_device(&self, user_id: &str) -> Result<Option<String>> {
+        let _writing = self.devices_writing();
         let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;

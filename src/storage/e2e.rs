@@ -53,6 +53,7 @@ impl Store {
         one_time: &[NewKey<'_>],
         fallback: &[NewKey<'_>],
     ) -> Result<()> {
+        let _writing = self.caches.key_status.begin();
         let positions = match device_keys {
             Some(_) => Some(self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?),
             None => None,
@@ -121,7 +122,13 @@ impl Store {
 
     /// What a device's `/sync` reports of its keys, in one query: its unclaimed one-time
     /// keys by algorithm, and the algorithms of its fallback keys not handed out yet.
+    /// Kept in the key status cache (`read_cache.rs`).
     pub async fn get_key_status(&self, user_id: &str, device_id: &str) -> Result<(HashMap<String, i64>, Vec<String>)> {
+        let key = (user_id.to_owned(), device_id.to_owned());
+        if let Some(status) = self.caches.key_status.get(&key) {
+            return Ok(status);
+        }
+        let epoch = self.caches.key_status.epoch();
         let rows: Vec<(String, String, i64)> = on_pool!(self, read, |pool| {
             sqlx::query_as(
                 "SELECT 'one_time', algorithm, COUNT(*) FROM e2e_one_time_keys WHERE user_id = $1 AND device_id = $2
@@ -144,6 +151,7 @@ impl Store {
             }
         }
         fallback.sort();
+        self.caches.key_status.keep(key, (counts.clone(), fallback.clone()), epoch);
         Ok((counts, fallback))
     }
 
@@ -218,6 +226,7 @@ impl Store {
     /// same order (no deadlock); on PostgreSQL a one-time key another claim holds is
     /// skipped rather than waited for, so that claim does not fall back needlessly.
     pub async fn claim_keys(&self, wanted: &[(&str, &str, &str)]) -> Result<Vec<Option<(String, String)>>> {
+        let _writing = self.caches.key_status.begin();
         let claim_one_time = match self.dialect() {
             super::Dialect::Sqlite => {
                 "DELETE FROM e2e_one_time_keys WHERE (user_id, device_id, key_id) IN (

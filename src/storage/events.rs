@@ -548,10 +548,20 @@ impl Store {
     /// What decides which events of a room a user may see, in one query, oldest first:
     /// (stream position, type, JSON) of the user's member events and of the room's
     /// history visibility changes.
-    pub async fn get_visibility_events(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String, String)>> {
-        on_pool!(self, read, |pool| {
+    /// Kept in the visibility cache (`read_cache.rs`).
+    pub async fn get_visibility_events(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<std::sync::Arc<Vec<(i64, String, String)>>> {
+        let key = (room_id.to_owned(), user_id.to_owned());
+        if let Some(rows) = self.caches.visibility.get(&key) {
+            return Ok(rows);
+        }
+        let epoch = self.caches.visibility.epoch();
+        let rows: Vec<(i64, String, String)> = on_pool!(self, read, |pool| {
             // Two indexed reads merged (an OR would make SQLite scan the room's events).
-            Ok(sqlx::query_as(
+            sqlx::query_as(
                 "SELECT stream_ordering, event_type, json FROM events
                  WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member' AND stream_ordering IS NOT NULL
                  UNION ALL
@@ -563,7 +573,10 @@ impl Store {
             .bind(room_id)
             .bind(user_id)
             .fetch_all(pool)
-            .await?)
-        })
+            .await?
+        });
+        let rows = std::sync::Arc::new(rows);
+        self.caches.visibility.keep(key, rows.clone(), epoch);
+        Ok(rows)
     }
 }

@@ -18,15 +18,27 @@ pub struct MembershipRow {
 impl Store {
     /// A user's rooms (not forgotten), with membership.
     pub async fn get_user_memberships(&self, user_id: &str) -> Result<Vec<MembershipRow>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
+        Ok(self.get_user_memberships_shared(user_id).await?.as_ref().clone())
+    }
+
+    /// `get_user_memberships`, shared (kept in the memberships cache, `read_cache.rs`).
+    pub async fn get_user_memberships_shared(&self, user_id: &str) -> Result<std::sync::Arc<Vec<MembershipRow>>> {
+        if let Some(rows) = self.caches.memberships.get(user_id) {
+            return Ok(rows);
+        }
+        let epoch = self.caches.memberships.epoch();
+        let rows: Vec<MembershipRow> = on_pool!(self, read, |pool| {
+            sqlx::query_as(
                 "SELECT room_id, user_id, membership, event_id, stream_ordering FROM memberships
                  WHERE user_id = $1 AND NOT forgotten",
             )
             .bind(user_id)
             .fetch_all(pool)
-            .await?)
-        })
+            .await?
+        });
+        let rows = std::sync::Arc::new(rows);
+        self.caches.memberships.keep(user_id.to_owned(), rows.clone(), epoch);
+        Ok(rows)
     }
 
     pub async fn get_membership(&self, room_id: &str, user_id: &str) -> Result<Option<MembershipRow>> {
@@ -120,6 +132,7 @@ impl Store {
 
     /// Marks a left room as forgotten for a user.
     pub async fn forget_room(&self, room_id: &str, user_id: &str) -> Result<()> {
+        let _writing = self.caches.memberships.begin();
         on_pool!(self, write, |pool| {
             sqlx::query("UPDATE memberships SET forgotten = TRUE WHERE room_id = $1 AND user_id = $2")
                 .bind(room_id)

@@ -23,6 +23,7 @@ mod openid;
 mod persist;
 mod push;
 mod pushers;
+pub(crate) mod read_cache;
 mod redactions;
 mod registration_tokens;
 mod relations;
@@ -37,7 +38,7 @@ mod stream;
 mod uiaa;
 mod users;
 
-use std::{str::FromStr, time::Duration};
+use std::{collections::HashMap, str::FromStr, time::Duration};
 
 use sqlx::{
     Connection,
@@ -127,6 +128,63 @@ pub struct Store {
     pub(crate) statements: std::sync::atomic::AtomicU64,
     /// What changed where, for `/sync` to skip streams that did not move (`changes.rs`).
     pub(crate) changes: changes::ChangeIndex,
+    /// Hot reads kept in memory (`read_cache.rs`).
+    pub(crate) caches: ReadCaches,
+}
+
+/// How long a cached access token answers without asking the database again.
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// The store's read caches (`read_cache.rs`), with what each holds.
+pub(crate) struct ReadCaches {
+    /// Access token hash -> what the token stands for. Written by logins, logouts,
+    /// refreshes, device changes, password changes and deactivations.
+    pub(crate) tokens: read_cache::ReadCache<String, std::sync::Arc<TokenInfo>>,
+    /// User -> their memberships. Written with state events and by remote invites,
+    /// rejections and forgetting.
+    pub(crate) memberships: read_cache::ReadCache<String, std::sync::Arc<Vec<MembershipRow>>>,
+    /// (room, user) -> the events that decide what the user may see there (their
+    /// member events, the room's history visibility). Written with state events.
+    pub(crate) visibility: read_cache::ReadCache<(String, String), std::sync::Arc<Vec<(i64, String, String)>>>,
+    /// (user, device) -> unclaimed one-time keys by algorithm, unused fallback key
+    /// algorithms. Written by uploads, claims and device deletions.
+    pub(crate) key_status: read_cache::ReadCache<(String, String), (HashMap<String, i64>, Vec<String>)>,
+}
+
+/// A write of sessions or devices in flight: the token and key status caches hold
+/// nothing until it ends (`read_cache.rs`).
+pub(crate) type DevicesWriting<'a> = (
+    read_cache::Writing<'a, String, std::sync::Arc<TokenInfo>>,
+    read_cache::Writing<'a, (String, String), (HashMap<String, i64>, Vec<String>)>,
+);
+
+/// A write of memberships or state events in flight (`read_cache.rs`).
+pub(crate) type StateWriting<'a> = (
+    read_cache::Writing<'a, String, std::sync::Arc<Vec<MembershipRow>>>,
+    read_cache::Writing<'a, (String, String), std::sync::Arc<Vec<(i64, String, String)>>>,
+);
+
+impl Store {
+    pub(crate) fn devices_writing(&self) -> DevicesWriting<'_> {
+        (self.caches.tokens.begin(), self.caches.key_status.begin())
+    }
+
+    pub(crate) fn state_writing(&self) -> StateWriting<'_> {
+        (self.caches.memberships.begin(), self.caches.visibility.begin())
+    }
+}
+
+impl Default for ReadCaches {
+    fn default() -> Self {
+        ReadCaches {
+            // `convo admin reset-password` ends sessions from another process: a
+            // running server stops taking them within this time.
+            tokens: read_cache::ReadCache::new(100_000, Some(TOKEN_CACHE_TTL)),
+            memberships: read_cache::ReadCache::new(50_000, None),
+            visibility: read_cache::ReadCache::new(100_000, None),
+            key_status: read_cache::ReadCache::new(100_000, None),
+        }
+    }
 }
 
 impl From<sqlx::Error> for Error {
@@ -212,6 +270,7 @@ impl Store {
                 stream: stream::Stream::new(reserved),
                 changes: changes::ChangeIndex::new(reserved),
                 statements: Default::default(),
+                caches: ReadCaches::default(),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
@@ -242,6 +301,7 @@ impl Store {
                 stream: stream::Stream::new(reserved),
                 changes: changes::ChangeIndex::new(reserved),
                 statements: Default::default(),
+                caches: ReadCaches::default(),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;

@@ -758,6 +758,10 @@ fn event_changes(events: &[NewEvent<'_>]) -> Vec<Change> {
         if e.event_type == "m.room.encryption" {
             changes.push(Change::new(Kind::DeviceLists, ""));
         }
+        let members_change = e.membership.is_some() || matches!(e.dag.current, CurrentChange::Delta { .. });
+        if members_change && !changes.iter().any(|c| c.kind == Kind::RoomMembers && c.key == e.room_id) {
+            changes.push(Change::new(Kind::RoomMembers, e.room_id));
+        }
     }
     changes
 }
@@ -767,6 +771,9 @@ impl Store {
     /// with a transaction id the device already used on the same endpoint, changes
     /// nothing.
     pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<Persisted> {
+        // Memberships and what decides visibility change only with state (read caches).
+        let _writing =
+            (e.state_key.is_some() || !matches!(e.dag.current, CurrentChange::Unchanged)).then(|| self.state_writing());
         let positions: Option<Positions> = if e.dag.position == Position::Live {
             Some(self.take_positions_for(1, &event_changes(std::slice::from_ref(&e))).await?)
         } else {
@@ -867,6 +874,7 @@ impl Store {
     /// one before; their `dag` is ignored), all in one transaction: a room is stored
     /// whole or not at all.
     pub async fn create_room(&self, room: NewRoom<'_>, events: &[NewEvent<'_>]) -> Result<RoomCreated> {
+        let _writing = self.state_writing();
         let positions = self.take_positions_for(events.len() as i64, &event_changes(events)).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;

@@ -47,6 +47,7 @@ impl Store {
             rejected_reason: None,
         }])
         .await?;
+        let _writing = self.state_writing();
         let positions = self.take_positions(1).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {
@@ -105,6 +106,7 @@ impl Store {
     /// (the user left it before joining): the membership becomes `leave`, keeping its
     /// event, at a new stream position.
     pub async fn decline_remote_membership(&self, room_id: &str, user_id: &str, event_id: &str) -> Result<i64> {
+        let _writing = self.state_writing();
         let positions = self.take_positions(1).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {

@@ -19,7 +19,7 @@ pub struct NewSession<'a> {
 }
 
 /// What an access token stands for.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct TokenInfo {
     pub user_id: String,
     pub device_id: String,
@@ -157,6 +157,7 @@ impl SessionTx for sqlx::Transaction<'_, sqlx::Postgres> {
 impl Store {
     /// Stores a new login: the device (new or reused) and its tokens.
     pub async fn create_session(&self, session: NewSession<'_>) -> Result<()> {
+        let _writing = self.devices_writing();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             tx.insert_session(&session).await?;
@@ -165,10 +166,14 @@ impl Store {
         })
     }
 
-    /// Looks up an access token by its hash.
-    pub async fn find_access_token(&self, token_hash: &str) -> Result<Option<TokenInfo>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(
+    /// Looks up an access token by its hash (kept in the token cache, `read_cache.rs`).
+    pub async fn find_access_token(&self, token_hash: &str) -> Result<Option<std::sync::Arc<TokenInfo>>> {
+        if let Some(info) = self.caches.tokens.get(token_hash) {
+            return Ok(Some(info));
+        }
+        let epoch = self.caches.tokens.epoch();
+        let info: Option<TokenInfo> = on_pool!(self, read, |pool| {
+            sqlx::query_as(
                 "SELECT t.user_id, t.device_id, t.expires_ts, t.prev_refresh_hash, d.last_seen_ts, u.deactivated
                  FROM access_tokens t
                  JOIN devices d ON d.user_id = t.user_id AND d.device_id = t.device_id
@@ -177,13 +182,19 @@ impl Store {
             )
             .bind(token_hash)
             .fetch_optional(pool)
-            .await?)
-        })
+            .await?
+        });
+        Ok(info.map(|info| {
+            let info = std::sync::Arc::new(info);
+            self.caches.tokens.keep(token_hash.to_owned(), info.clone(), epoch);
+            info
+        }))
     }
 
     /// The first use of a token obtained by refreshing revokes the refresh token it
     /// replaced, and the access tokens issued with that one.
     pub async fn retire_previous_refresh(&self, token_hash: &str, prev_refresh_hash: &str) -> Result<()> {
+        let _writing = self.devices_writing();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             sqlx::query("DELETE FROM access_tokens WHERE refresh_token_hash = $1")
@@ -223,6 +234,7 @@ impl Store {
         expires_ts: i64,
         now: i64,
     ) -> Result<Option<(String, String)>> {
+        let _writing = self.devices_writing();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let row: Option<(String, String, Option<String>)> = sqlx::query_as(
@@ -281,8 +293,16 @@ impl Store {
         })
     }
 
-    /// Records when and from where a device was last seen.
-    pub async fn touch_device(&self, user_id: &str, device_id: &str, ts: i64, ip: Option<&str>) -> Result<()> {
+    /// Records when and from where a device was last seen (and so in the cached entry of
+    /// the token `token_hash` that was used: only the time changes, so the caches stay).
+    pub async fn touch_device(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        device_id: &str,
+        ts: i64,
+        ip: Option<&str>,
+    ) -> Result<()> {
         on_pool!(self, write, |pool| {
             sqlx::query(
                 "UPDATE devices SET last_seen_ts = $3, last_seen_ip = $4 WHERE user_id = $1 AND device_id = $2",
@@ -293,8 +313,10 @@ impl Store {
             .bind(ip)
             .execute(pool)
             .await?;
-            Ok(())
-        })
+            Ok::<(), crate::error::Error>(())
+        })?;
+        self.caches.tokens.update(token_hash, |info| std::sync::Arc::make_mut(info).last_seen_ts = Some(ts));
+        Ok(())
     }
 
     pub async fn list_devices(&self, user_id: &str) -> Result<Vec<DeviceInfo>> {
@@ -338,6 +360,7 @@ impl Store {
 
     /// Deletes the given devices of a user and every token they hold.
     pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<()> {
+        let _writing = self.devices_writing();
         let positions = self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
@@ -351,6 +374,7 @@ impl Store {
 
     /// Deletes all of a user's devices and tokens (`logout/all`).
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<()> {
+        let _writing = self.devices_writing();
         let positions = self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;

@@ -147,6 +147,7 @@ impl Store {
         logout: bool,
         keep_device: Option<&str>,
     ) -> Result<bool> {
+        let _writing = self.devices_writing();
         let positions =
             if logout { Some(self.take_positions_for(1, &[Change::new(Kind::DeviceLists, "")]).await?) } else { None };
         on_pool!(self, write, |pool| {
@@ -171,6 +172,7 @@ impl Store {
     /// Deactivates a user: no password, no devices or tokens, no profile; with
     /// `erase`, no account data either. The id stays taken.
     pub async fn deactivate_user(&self, user_id: &str, erase: bool) -> Result<()> {
+        let _writing = self.devices_writing();
         let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;

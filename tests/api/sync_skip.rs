@@ -83,7 +83,9 @@ async fn woken_sync_with_one_message_reads_little(backend: Backend) {
         took[1] / ROUNDS
     );
     assert!(used[1] < used[0], "the index saves statements: {used:?}");
-    assert!(used[1] <= 12, "{} statements", used[1]);
+    // The rooms that moved, the timeline, the unread counts, and two more; the access
+    // token, memberships, visibility and key counts come from the store's read caches.
+    assert!(used[1] <= 5, "{} statements", used[1]);
     server.stop().await;
 }
 

@@ -97,11 +97,11 @@ impl Services {
     /// Loads what decides which events of a room `user` may see, in one query.
     pub async fn visibility_for(&self, room_id: &RoomId, user: &UserId) -> Result<Visibility> {
         let (mut memberships, mut changes) = (Vec::new(), Vec::new());
-        for (pos, event_type, json) in self.store.get_visibility_events(room_id.as_str(), user.as_str()).await? {
+        for (pos, event_type, json) in self.store.get_visibility_events(room_id.as_str(), user.as_str()).await?.iter() {
             if event_type == "m.room.member" {
-                memberships.push((pos, content_field(&json, "membership")));
+                memberships.push((*pos, content_field(json, "membership")));
             } else {
-                changes.push((pos, content_field(&json, "history_visibility")));
+                changes.push((*pos, content_field(json, "history_visibility")));
             }
         }
         Ok(Visibility { memberships, changes })

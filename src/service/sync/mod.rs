@@ -113,6 +113,9 @@ struct JoinedWork {
     thread_unread: Vec<(String, (i64, i64))>,
     initial: bool,
     has_events: bool,
+    /// The room summary is sent: the room is new to the client, or its members may
+    /// have changed since `since` (the spec lets an unchanged summary be left out).
+    summary: bool,
     typing: Option<Vec<OwnedUserId>>,
     receipts: Vec<JsonValue>,
     account: Vec<(String, String, String)>,
@@ -321,11 +324,15 @@ impl Services {
                     if !initial && !req.full_state && quiet {
                         continue;
                     }
+                    let summary = initial
+                        || req.full_state
+                        || !self.store.changes().unchanged(Kind::RoomMembers, [m.room_id.as_str()], since_pos);
                     joined_work.push(JoinedWork {
                         room_id,
                         full_state: req.full_state,
                         initial,
                         has_events,
+                        summary,
                         typing,
                         receipts,
                         account,
@@ -447,6 +454,7 @@ impl Services {
             initial,
             full_state,
             has_events,
+            summary,
             typing,
             receipts,
             account,
@@ -476,7 +484,9 @@ impl Services {
         joined.ephemeral.events = ephemeral;
         let account: Vec<_> = account.iter().filter(|(_, t, _)| filter.room_account_data.matches_type(t)).collect();
         joined.account_data = room_account_data_section(&account)?;
-        joined.summary = self.room_summary(&room_id, user, members).await?;
+        if summary {
+            joined.summary = self.room_summary(&room_id, user, members).await?;
+        }
         let mut counts = UnreadNotificationsCount::new();
         counts.notification_count = UInt::new(unread.0.max(0) as u64);
         counts.highlight_count = UInt::new(unread.1.max(0) as u64);
@@ -708,7 +718,9 @@ impl Services {
             return Ok(());
         }
         let room_ids: Vec<&str> = work.iter().map(|w| w.room_id.as_str()).collect();
-        let members = self.store.count_members_in_rooms(&room_ids).await?;
+        let summarised: Vec<&str> = work.iter().filter(|w| w.summary).map(|w| w.room_id.as_str()).collect();
+        let members =
+            if summarised.is_empty() { HashMap::new() } else { self.store.count_members_in_rooms(&summarised).await? };
         if by_thread {
             for w in work.iter_mut() {
                 w.members = members.get(w.room_id.as_str()).copied().unwrap_or_default();
