@@ -135,6 +135,11 @@ pub struct Store {
 /// How long a cached access token answers without asking the database again.
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// The events that decide what a user may see in a room: (position, type, JSON).
+pub(crate) type VisibilityRows = std::sync::Arc<Vec<(i64, String, String)>>;
+/// A device's unclaimed one-time keys by algorithm and unused fallback key algorithms.
+pub(crate) type KeyStatus = (HashMap<String, i64>, Vec<String>);
+
 /// The store's read caches (`read_cache.rs`), with what each holds.
 pub(crate) struct ReadCaches {
     /// Access token hash -> what the token stands for. Written by logins, logouts,
@@ -145,23 +150,21 @@ pub(crate) struct ReadCaches {
     pub(crate) memberships: read_cache::ReadCache<String, std::sync::Arc<Vec<MembershipRow>>>,
     /// (room, user) -> the events that decide what the user may see there (their
     /// member events, the room's history visibility). Written with state events.
-    pub(crate) visibility: read_cache::ReadCache<(String, String), std::sync::Arc<Vec<(i64, String, String)>>>,
+    pub(crate) visibility: read_cache::ReadCache<(String, String), VisibilityRows>,
     /// (user, device) -> unclaimed one-time keys by algorithm, unused fallback key
     /// algorithms. Written by uploads, claims and device deletions.
-    pub(crate) key_status: read_cache::ReadCache<(String, String), (HashMap<String, i64>, Vec<String>)>,
+    pub(crate) key_status: read_cache::ReadCache<(String, String), KeyStatus>,
 }
 
 /// A write of sessions or devices in flight: the token and key status caches hold
 /// nothing until it ends (`read_cache.rs`).
-pub(crate) type DevicesWriting<'a> = (
-    read_cache::Writing<'a, String, std::sync::Arc<TokenInfo>>,
-    read_cache::Writing<'a, (String, String), (HashMap<String, i64>, Vec<String>)>,
-);
+pub(crate) type DevicesWriting<'a> =
+    (read_cache::Writing<'a, String, std::sync::Arc<TokenInfo>>, read_cache::Writing<'a, (String, String), KeyStatus>);
 
 /// A write of memberships or state events in flight (`read_cache.rs`).
 pub(crate) type StateWriting<'a> = (
     read_cache::Writing<'a, String, std::sync::Arc<Vec<MembershipRow>>>,
-    read_cache::Writing<'a, (String, String), std::sync::Arc<Vec<(i64, String, String)>>>,
+    read_cache::Writing<'a, (String, String), VisibilityRows>,
 );
 
 impl Store {
