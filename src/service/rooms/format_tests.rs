@@ -483,7 +483,7 @@ async fn format_cpu_per_event() {
         std::hint::black_box(serde_json::value::to_raw_value(&value).unwrap());
     }
     let old = start.elapsed();
-    let forms = super::ClientForms::default();
+    let forms = super::ClientForms::with_bound(64 << 20);
     let refs: Vec<&StoredEvent> = events.iter().collect();
     let start = std::time::Instant::now();
     let made = forms.get(&refs).unwrap();
