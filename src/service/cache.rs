@@ -283,6 +283,51 @@ pub fn heap_str(s: &str) -> usize {
     if s.is_empty() { 0 } else { s.len().next_multiple_of(16) + 16 }
 }
 
+/// Live heap bytes of the unit tests' process, to check the caches' estimates against
+/// what their entries really take. nextest runs each test in its own process; a test
+/// that measures does it on one thread, between two readings.
+#[cfg(test)]
+pub(crate) mod heap {
+    use std::{
+        alloc::{GlobalAlloc, Layout, System},
+        sync::atomic::{AtomicIsize, Ordering},
+    };
+
+    struct Counting;
+
+    static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+    // SAFETY: every call goes to the system allocator unchanged; only the sizes are counted.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    /// The heap bytes that `make`'s result holds (it is kept until the second reading).
+    pub fn bytes_of<T>(make: impl FnOnce() -> T) -> usize {
+        let before = LIVE.load(Ordering::Relaxed);
+        let value = make();
+        let after = LIVE.load(Ordering::Relaxed);
+        drop(value);
+        (after - before).max(0) as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,3 +205,94 @@ impl Services {
         self.member_cache.rooms.stamp()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ruma::{owned_room_id, room_id};
+
+    use super::*;
+
+    /// A room's entry goes when its lock is let go and nobody waits; it stays while
+    /// someone waits, and one left by a waiter that gave up is swept.
+    #[tokio::test]
+    async fn room_locks_keep_only_rooms_in_use() {
+        let locks = RoomLocks::default();
+        for i in 0..3000 {
+            let room = OwnedRoomId::try_from(format!("!room{i}:example.org")).unwrap();
+            drop(locks.lock(&room).await);
+        }
+        assert_eq!(locks.len(), 0);
+
+        let room = room_id!("!busy:example.org");
+        let held = locks.lock(room).await;
+        let waiter = async { drop(locks.lock(room).await) };
+        // The waiter gives up while the lock is held: its clone goes without a guard.
+        assert!(tokio::time::timeout(Duration::from_millis(20), waiter).await.is_err());
+        let second = locks.lock(room_id!("!other:example.org"));
+        let second = second.await;
+        assert_eq!(locks.len(), 2);
+        drop(second);
+        drop(held);
+        assert_eq!(locks.len(), 0);
+
+        // One held while another task waits: the entry stays for the waiter.
+        let held = locks.lock(room).await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiting = async {
+            let guard = locks.lock(room).await;
+            tx.send(locks.len()).unwrap();
+            drop(guard);
+        };
+        let release = async {
+            tokio::task::yield_now().await;
+            drop(held);
+        };
+        tokio::join!(waiting, release);
+        assert_eq!(rx.await.unwrap(), 1);
+        assert_eq!(locks.len(), 0);
+    }
+
+    /// Entries left behind past the sweep size are swept (a waiter that gave up).
+    #[tokio::test]
+    async fn room_locks_sweep_what_was_left_behind() {
+        let locks = RoomLocks::default();
+        let mut held = Vec::new();
+        for i in 0..LOCKS_SWEEP_MIN + 10 {
+            let room = OwnedRoomId::try_from(format!("!room{i}:example.org")).unwrap();
+            // Left behind: a clone taken, then dropped without locking.
+            let lock = locks.map().rooms.entry(room.clone()).or_default().clone();
+            drop(lock);
+            if i < 5 {
+                held.push(locks.lock(&room).await);
+            }
+        }
+        assert_eq!(locks.len(), LOCKS_SWEEP_MIN + 10);
+        drop(locks.lock(&owned_room_id!("!new:example.org")).await);
+        assert_eq!(locks.len(), 5, "only the held ones stay");
+        drop(held);
+        assert_eq!(locks.len(), 0);
+    }
+
+    /// The estimate of a member list is not below the heap it takes, nor far above.
+    #[test]
+    fn member_list_estimate_is_not_below_the_heap_taken() {
+        use crate::service::cache::heap::bytes_of;
+        for n in [0, 1, 10, 1000] {
+            let mut estimate = 0;
+            let taken = bytes_of(|| {
+                let room = owned_room_id!("!abcdefghijklmnop:example.org");
+                let members: Arc<Vec<OwnedUserId>> =
+                    Arc::new((0..n).map(|i| OwnedUserId::try_from(format!("@user{i}:example.org")).unwrap()).collect());
+                estimate = weigh_members(&room, &members);
+                (room, members)
+            });
+            eprintln!("{n} members: estimate {estimate}, taken {taken}");
+            assert!(
+                estimate >= taken && estimate < 3 * taken.max(64),
+                "{n} members: estimate {estimate}, taken {taken}"
+            );
+        }
+    }
+}
