@@ -260,6 +260,11 @@ impl ClientForms {
     pub fn bytes(&self) -> usize {
         self.forms.bytes()
     }
+
+    /// The bound, in estimated bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.forms.max_bytes()
+    }
 }
 
 /// `m.relations` of one event.
