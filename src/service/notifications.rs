@@ -105,11 +105,12 @@ pub struct PushMembersCache {
 }
 
 fn weigh_push_members(room_id: &OwnedRoomId, members: &Arc<RoomPushMembers>) -> usize {
-    // Per member: the boxed id, the name's string, and the map's slot (a box and a
-    // string: 40 bytes, with the table's spare capacity and control byte about 56); a
-    // table has 4 slots at least.
-    let names: usize = members.names.iter().map(|(user, name)| heap_str(user.as_str()) + heap_str(name) + 56).sum();
-    heap_str(room_id.as_str()) + names + 4 * 56 + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
+    // Per member: the boxed id and the name's string; per slot of the map's capacity
+    // (which may have grown by changes in place), a box and a string (40 bytes) with
+    // the table's spare room and control byte, about 56; a table has 4 slots at least.
+    let names: usize = members.names.iter().map(|(user, name)| heap_str(user.as_str()) + heap_str(name)).sum();
+    let slots = members.names.capacity().max(4) * 56;
+    heap_str(room_id.as_str()) + names + slots + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
 }
 
 impl PushMembersCache {

@@ -176,3 +176,56 @@ async fn sends_syncs_and_pushes_stay_right_while_caches_evict(backend: Backend) 
     scenario(backend.clone(), 0.15).await;
     scenario(backend, 64.0).await;
 }
+
+/// The estimated bytes each cache holds after a load (users in rooms of 5, every user
+/// sending and then syncing once), with the default ceiling and with 1 MiB:
+/// `MEMCAP_ROOMS=40 cargo nextest run -E 'test(cache_bytes_after_a_load)' --run-ignored
+/// only --no-capture` (SQLite).
+#[tokio::test]
+#[ignore = "a measurement"]
+async fn cache_bytes_after_a_load() {
+    let rooms: usize = std::env::var("MEMCAP_ROOMS").ok().and_then(|n| n.parse().ok()).unwrap_or(40);
+    for memory_mb in [64.0, 1.0] {
+        let server = TestServer::start_with(Backend::Sqlite, |config| config.caches.memory_mb = memory_mb).await;
+        let mut tokens = Vec::new();
+        let started = std::time::Instant::now();
+        for r in 0..rooms {
+            let mut members = Vec::new();
+            for i in 0..5 {
+                members.push(server.register(&format!("user{r}x{i}")).await.1);
+            }
+            let room = server.create_room(&members[0], json!({"preset": "public_chat"})).await;
+            for token in &members[1..] {
+                server.join(token, &room).await;
+            }
+            for (i, token) in members.iter().cycle().take(25).enumerate() {
+                send(&server, token, &room, json!({"msgtype": "m.text", "body": format!("message {i}")})).await;
+            }
+            tokens.extend(members);
+        }
+        for token in &tokens {
+            server.sync(token, None, "").await;
+        }
+        let services = server.services();
+        let [rules, templates] = services.ruleset_cache.bytes();
+        println!(
+            "memory_mb {memory_mb}, {} users in {rooms} rooms, {} messages, {:.1} s: client forms {} of {}, \
+             push rulesets {} of {}, templates {} of {}, push members {} of {}, room members {} of {} (bytes)",
+            tokens.len(),
+            rooms * 25,
+            started.elapsed().as_secs_f64(),
+            services.client_forms.bytes(),
+            services.client_forms.max_bytes(),
+            rules.0,
+            rules.1,
+            templates.0,
+            templates.1,
+            services.push_members_cache.bytes().0,
+            services.push_members_cache.bytes().1,
+            services.member_cache.bytes().0,
+            services.member_cache.bytes().1,
+        );
+        assert_under_bounds(&server, "after the load");
+        server.stop().await;
+    }
+}
