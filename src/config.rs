@@ -37,6 +37,7 @@ pub struct Config {
     pub voip: Voip,
     pub presence: Presence,
     pub push: Push,
+    pub caches: Caches,
 }
 
 /// Where Convo listens and how clients find it.
@@ -260,6 +261,25 @@ impl Default for Push {
     }
 }
 
+/// In-memory caches (`service/cache.rs`): one ceiling for all of them, in estimated bytes.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Caches {
+    /// The most the caches may hold together, in MiB (estimated: each cache weighs its
+    /// entries). It is shared out as: served events' client form 50%, push rulesets 20%,
+    /// their templates 5%, rooms' members for push rules 15%, rooms' joined local
+    /// members 10%. Past its share a cache forgets its least recently used entries (two
+    /// generations), which are read from the database again when next needed. May be
+    /// fractional; 0 caches nothing.
+    pub memory_mb: f64,
+}
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self { memory_mb: 64.0 }
+    }
+}
+
 /// Request limits.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -382,6 +402,7 @@ impl Default for Config {
             voip: Voip::default(),
             presence: Presence::default(),
             push: Push::default(),
+            caches: Caches::default(),
         }
     }
 }
@@ -673,6 +694,7 @@ const NUMERIC_RANGES: &[(&str, f64, f64)] = &[
     ("push.max_retry_interval_ms", 10.0, 7.0 * 86_400_000.0),
     ("push.max_attempts", 1.0, 1000.0),
     ("push.max_pushers_per_user", 1.0, 10_000.0),
+    ("caches.memory_mb", 0.0, 1_048_576.0),
 ];
 const TEN_YEARS_MS: f64 = 10.0 * 365.0 * 86_400_000.0;
 

@@ -3,6 +3,7 @@
 //! file adds the methods of one area (users, sessions, UIA, profile, account data).
 
 mod account_data;
+pub mod cache;
 mod cross_signing;
 mod dehydrated_devices;
 pub mod directory;
@@ -133,6 +134,7 @@ impl Services {
             &signing_key.public_key(),
         ));
         let notifier = Box::new(LocalNotifier::new(store.stream_watch()));
+        let budget = cache::CacheBudget::new(&config.caches);
         Ok(Arc::new(Services {
             media: media::Media::new(&config.media),
             federation,
@@ -149,13 +151,16 @@ impl Services {
             remote_joins: RoomLocks::default(),
             upgrades: RoomLocks::default(),
             room_heads: Default::default(),
-            member_cache: MemberCache::default(),
-            client_forms: rooms::format::ClientForms::default(),
+            member_cache: MemberCache::new(budget.bytes(cache::shares::ROOM_MEMBERS)),
+            client_forms: rooms::format::ClientForms::with_bound(budget.bytes(cache::shares::CLIENT_FORMS)),
             typing: Typing::default(),
             presence_seen: ephemeral::PresenceSeen::default(),
             room_versions: Default::default(),
-            ruleset_cache: Default::default(),
-            push_members_cache: Default::default(),
+            ruleset_cache: notifications::RulesetCache::new(
+                budget.bytes(cache::shares::PUSH_RULESETS),
+                budget.bytes(cache::shares::PUSH_TEMPLATES),
+            ),
+            push_members_cache: notifications::PushMembersCache::new(budget.bytes(cache::shares::PUSH_MEMBERS)),
             federation_sender: Default::default(),
             push_sender,
             shutting_down: tokio::sync::watch::channel(false).0,

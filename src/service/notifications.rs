@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -21,7 +21,11 @@ use ruma::{
 };
 use serde_json::{Value as JsonValue, value::RawValue};
 
-use super::{Services, rooms::pdu::Pdu};
+use super::{
+    Services,
+    cache::{ByteCache, ENTRY_OVERHEAD, heap_str},
+    rooms::pdu::Pdu,
+};
 use crate::{
     error::{Error, Result},
     storage::PushActionRow,
@@ -29,12 +33,37 @@ use crate::{
 
 /// Rulesets of users who recently received events, so that every event does not
 /// read each recipient's `m.push_rules` again. Dropped for a user whose rules change.
-#[derive(Default)]
+/// Both maps are bounded in estimated bytes (`cache::shares`).
 pub struct RulesetCache {
-    users: Mutex<HashMap<OwnedUserId, Arc<UserRules>>>,
+    users: ByteCache<OwnedUserId, Arc<UserRules>>,
     /// Templates (a ruleset as JSON with its user's id taken out) by their number: users
-    /// whose templates are equal have the same rules but for their own id.
-    templates: Mutex<HashMap<Arc<str>, u64>>,
+    /// whose templates are equal have the same rules but for their own id. A template
+    /// forgotten and seen again gets a new number: users with equal rules may then have
+    /// two numbers for a while, which only evaluates their rules once more.
+    templates: ByteCache<Arc<str>, u64>,
+}
+
+fn weigh_rules(user: &OwnedUserId, rules: &Arc<UserRules>) -> usize {
+    heap_str(user.as_str()) + rules.bytes + ENTRY_OVERHEAD
+}
+
+fn weigh_template(template: &Arc<str>, _: &u64) -> usize {
+    // The text in its `Arc` (two counters), and the number.
+    heap_str(template) + 16 + 8 + ENTRY_OVERHEAD
+}
+
+impl RulesetCache {
+    pub fn new(rules_bytes: usize, template_bytes: usize) -> Self {
+        RulesetCache {
+            users: ByteCache::new(rules_bytes, weigh_rules),
+            templates: ByteCache::new(template_bytes, weigh_template),
+        }
+    }
+
+    /// Estimated bytes held by the rulesets and the templates, with their bounds (tests).
+    pub fn bytes(&self) -> [(usize, usize); 2] {
+        [(self.users.bytes(), self.users.max_bytes()), (self.templates.bytes(), self.templates.max_bytes())]
+    }
 }
 
 /// A user's ruleset, with what grouping users by their rules needs to know of it.
@@ -48,6 +77,17 @@ pub struct UserRules {
     uses_display_name: bool,
     /// The user id, lower-cased as push rule matching compares (see `fold`).
     folded_id: String,
+    /// Bytes held, estimated (see `ruleset_bytes`).
+    bytes: usize,
+}
+
+/// What a `Ruleset` holds in memory, estimated from its JSON: its strings (rule ids,
+/// patterns, condition keys) and, for each rule, the vectors of conditions and actions
+/// and the index set's slot. Measured with a counting allocator (`estimates_are_not_
+/// below_the_heap_taken`): the server's default ruleset takes about 1.4 times its
+/// JSON's length; counted as twice, plus the fixed part.
+fn ruleset_bytes(json_len: usize, folded_id: &str) -> usize {
+    2 * json_len + heap_str(folded_id) + std::mem::size_of::<UserRules>() + 16
 }
 
 /// Per room: the joined count and the local members' display names in the room.
@@ -58,52 +98,80 @@ pub struct RoomPushMembers {
     names: HashMap<OwnedUserId, String>,
 }
 
-/// `RoomPushMembers` by room; dropped, like the member cache, on membership changes.
-#[derive(Default)]
+/// `RoomPushMembers` by room, bounded in estimated bytes (`cache::shares::PUSH_MEMBERS`);
+/// changed in place or dropped, like the member cache, on membership changes.
 pub struct PushMembersCache {
-    rooms: Mutex<HashMap<OwnedRoomId, Arc<RoomPushMembers>>>,
-    generation: AtomicU64,
+    rooms: ByteCache<OwnedRoomId, Arc<RoomPushMembers>>,
+}
+
+fn weigh_push_members(room_id: &OwnedRoomId, members: &Arc<RoomPushMembers>) -> usize {
+    // Per member: the boxed id and the name's string; per slot of the map's capacity
+    // (which may have grown by changes in place), a box and a string (40 bytes) with
+    // the table's spare room and control byte, about 56; a table has 4 slots at least.
+    let names: usize = members.names.iter().map(|(user, name)| heap_str(user.as_str()) + heap_str(name)).sum();
+    let slots = members.names.capacity().max(4) * 56;
+    heap_str(room_id.as_str()) + names + slots + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
 }
 
 impl PushMembersCache {
+    pub fn new(max_bytes: usize) -> Self {
+        PushMembersCache { rooms: ByteCache::new(max_bytes, weigh_push_members) }
+    }
+
+    /// Estimated bytes held, and the bound (tests).
+    pub fn bytes(&self) -> (usize, usize) {
+        (self.rooms.bytes(), self.rooms.max_bytes())
+    }
+
     pub fn forget(&self, room_id: &RoomId) {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        rooms.remove(room_id);
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.rooms.remove(room_id);
     }
 
     /// One user's membership changed (see `Services::member_changed`): the entry of
     /// the room, when cached, is changed in place.
     pub fn member_changed(&self, room_id: &RoomId, user: &UserId, local: bool, joined: bool, name: Option<String>) {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        let Some(members) = rooms.get_mut(room_id) else { return };
-        let members = Arc::make_mut(members);
-        if local {
-            let was_joined = members.names.remove(user).is_some();
-            if joined {
-                members.names.insert(user.to_owned(), name.unwrap_or_else(|| user.localpart().to_owned()));
+        self.rooms.update(room_id, |members| {
+            let members = Arc::make_mut(members);
+            if local {
+                let was_joined = members.names.remove(user).is_some();
+                if joined {
+                    members.names.insert(user.to_owned(), name.unwrap_or_else(|| user.localpart().to_owned()));
+                }
+                members.joined_count = match (members.joined_count, was_joined, joined) {
+                    (Some(n), false, true) => n.checked_add(UInt::from(1u32)),
+                    (Some(n), true, false) => n.checked_sub(UInt::from(1u32)),
+                    (count, _, _) => count,
+                };
+            } else {
+                members.joined_count = None;
             }
-            members.joined_count = match (members.joined_count, was_joined, joined) {
-                (Some(n), false, true) => n.checked_add(UInt::from(1u32)),
-                (Some(n), true, false) => n.checked_sub(UInt::from(1u32)),
-                (count, _, _) => count,
-            };
-        } else {
-            members.joined_count = None;
-        }
+        });
+    }
+
+    /// Records the room's joined count, counted again after a remote membership change,
+    /// in the room's entry if it is still `members` (else a change came since): the entry
+    /// as it is now, or `members` when it is not cached.
+    fn set_joined_count(&self, room_id: &RoomId, members: Arc<RoomPushMembers>, count: UInt) -> Arc<RoomPushMembers> {
+        let mut members = Some(members);
+        let mut updated = None;
+        self.rooms.update(room_id, |cached| {
+            if members.as_ref().is_some_and(|m| Arc::ptr_eq(cached, m)) {
+                // Let go of it first, so that `make_mut` changes it rather than a copy.
+                members = None;
+                Arc::make_mut(cached).joined_count = Some(count);
+                updated = Some(cached.clone());
+            }
+        });
+        updated.or(members).expect("one of them is set")
     }
 }
-
-/// Cached rulesets at most; the cache starts over beyond this (memory stays bounded).
-const RULESET_CACHE_MAX: usize = 4096;
 
 /// Member events looked up per query when collecting display names.
 const MEMBER_CHUNK: usize = 200;
 
 impl RulesetCache {
     pub fn forget(&self, user: &UserId) {
-        self.users.lock().unwrap_or_else(|e| e.into_inner()).remove(user);
+        self.users.remove(user);
     }
 }
 
@@ -122,15 +190,13 @@ impl RulesetCache {
         let plain = !id.contains(['*', '?', '"', '\\']) && !id.chars().any(char::is_control);
         let template = if plain && !json.contains('\0') && !json.contains("\\u0000") {
             let template: Arc<str> = json.replace(id, "\0").into();
-            let mut templates = self.templates.lock().unwrap_or_else(|e| e.into_inner());
-            if templates.len() >= RULESET_CACHE_MAX {
-                templates.clear();
-            }
-            Some(*templates.entry(template).or_insert_with(|| NEXT_TEMPLATE.fetch_add(1, Ordering::Relaxed)))
+            Some(self.templates.get_or_insert_with(template, || NEXT_TEMPLATE.fetch_add(1, Ordering::Relaxed)))
         } else {
             None
         };
-        Ok(UserRules { rules, template, uses_display_name, folded_id: fold(id) })
+        let folded_id = fold(id);
+        let bytes = ruleset_bytes(json.len(), &folded_id);
+        Ok(UserRules { rules, template, uses_display_name, folded_id, bytes })
     }
 }
 
@@ -249,15 +315,13 @@ async fn evaluate_one(
 
 impl Services {
     async fn cached_push_rules(&self, user: &UserId) -> Result<Arc<UserRules>> {
-        if let Some(rules) = self.ruleset_cache.users.lock().unwrap_or_else(|e| e.into_inner()).get(user) {
-            return Ok(rules.clone());
+        if let Some(rules) = self.ruleset_cache.users.get(user) {
+            return Ok(rules);
         }
+        // Rules changed after this stamp are not kept as read below (see `ByteCache`).
+        let stamp = self.ruleset_cache.users.stamp();
         let rules = Arc::new(self.ruleset_cache.prepare(user, self.push_rules(user).await?)?);
-        let mut cache = self.ruleset_cache.users.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= RULESET_CACHE_MAX {
-            cache.clear();
-        }
-        cache.insert(user.to_owned(), rules.clone());
+        self.ruleset_cache.users.insert_at(stamp, user.to_owned(), rules.clone());
         Ok(rules)
     }
 
@@ -281,14 +345,7 @@ impl Services {
             None => {
                 let (joined, _) = self.store.count_room_members(room_id.as_str()).await?;
                 let count = UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX);
-                let mut cache = self.push_members_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(cached) = cache.get_mut(room_id)
-                    && Arc::ptr_eq(cached, &members)
-                {
-                    drop(members);
-                    Arc::make_mut(cached).joined_count = Some(count);
-                    members = cached.clone();
-                }
+                members = self.push_members_cache.set_joined_count(room_id, members, count);
                 count
             }
         };
@@ -310,13 +367,11 @@ impl Services {
     /// The room's joined count and its local members' display names, cached until the
     /// room's membership changes (see `forget_member_cache`).
     async fn room_push_members(&self, room_id: &RoomId) -> Result<Arc<RoomPushMembers>> {
-        let generation = {
-            let cache = self.push_members_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(members) = cache.get(room_id) {
-                return Ok(members.clone());
-            }
-            self.push_members_cache.generation.load(Ordering::Acquire)
-        };
+        if let Some(members) = self.push_members_cache.rooms.get(room_id) {
+            return Ok(members);
+        }
+        // A membership change after this stamp may make what is read below stale.
+        let stamp = self.push_members_cache.rooms.stamp();
         let local = self.joined_local_members(room_id).await?;
         let (joined, _) = self.store.count_room_members(room_id.as_str()).await?;
         let users: Vec<&OwnedUserId> = local.iter().collect();
@@ -328,10 +383,7 @@ impl Services {
                 .map(|u| (u.clone(), names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned())))
                 .collect(),
         });
-        let mut cache = self.push_members_cache.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        if self.push_members_cache.generation.load(Ordering::Acquire) == generation {
-            cache.insert(room_id.to_owned(), members.clone());
-        }
+        self.push_members_cache.rooms.insert_at(stamp, room_id.to_owned(), members.clone());
         Ok(members)
     }
 
@@ -485,11 +537,80 @@ mod tests {
         ]
     }
 
+    /// The estimates of what a ruleset and a room's push members take are not below the
+    /// heap they really take (counted by the tests' allocator), nor far above it.
+    #[test]
+    fn estimates_are_not_below_the_heap_taken() {
+        use crate::service::cache::heap::bytes_of;
+        let cache = RulesetCache::new(1 << 20, 1 << 20);
+        let user = |i: usize| OwnedUserId::try_from(format!("@user{i}:example.org")).unwrap();
+        // The first makes the template; the others share it.
+        cache.prepare(&user(0), Ruleset::server_default(&user(0))).unwrap();
+        for i in 1..4 {
+            let mut estimate = 0;
+            let taken = bytes_of(|| {
+                let rules = Arc::new(cache.prepare(&user(i), Ruleset::server_default(&user(i))).unwrap());
+                estimate = weigh_rules(&user(i), &rules);
+                rules
+            });
+            eprintln!("ruleset: estimate {estimate}, taken {taken}");
+            assert!(estimate >= taken && estimate < 3 * taken, "ruleset: estimate {estimate}, taken {taken}");
+        }
+        for n in [1, 10, 300] {
+            let mut estimate = 0;
+            let taken = bytes_of(|| {
+                let members = Arc::new(RoomPushMembers {
+                    joined_count: Some(UInt::from(n as u32)),
+                    names: (0..n).map(|i| (user(i), format!("User number {i}"))).collect(),
+                });
+                let room = owned_room_id!("!abcdefghijklmnop:example.org");
+                estimate = weigh_push_members(&room, &members);
+                (room, members)
+            });
+            eprintln!("{n} push members: estimate {estimate}, taken {taken}");
+            assert!(estimate >= taken && estimate < 3 * taken, "{n} push members: estimate {estimate}, taken {taken}");
+        }
+    }
+
+    /// Filled past their bounds, both maps stay under them, and a user's rules (and
+    /// template) come back the same when prepared again after eviction.
+    #[test]
+    fn ruleset_cache_stays_under_its_bounds() {
+        let cache = RulesetCache::new(40_000, 10_000);
+        let user = |i: usize| OwnedUserId::try_from(format!("@user{i}:example.org")).unwrap();
+        let mut first = None;
+        for i in 0..50 {
+            let mut rules = Ruleset::server_default(&user(i));
+            // Every fifth user has rules of their own (a template of their own).
+            if i % 5 == 0 {
+                let rule = NewPatternedPushRule::new(format!("word{i}"), format!("word{i}"), vec![Action::Notify]);
+                rules.insert(NewPushRule::Content(rule), None, None).unwrap();
+            }
+            let prepared = Arc::new(cache.prepare(&user(i), rules).unwrap());
+            cache.users.insert(user(i), prepared.clone());
+            first.get_or_insert(prepared);
+            for (bytes, bound) in cache.bytes() {
+                assert!(bytes <= bound, "{bytes} bytes over {bound}");
+            }
+        }
+        assert!(cache.users.get(&user(0)).is_none(), "the first user's rules were evicted");
+        let again = cache.prepare(&user(0), {
+            let mut rules = Ruleset::server_default(&user(0));
+            let rule = NewPatternedPushRule::new("word0".into(), "word0".into(), vec![Action::Notify]);
+            rules.insert(NewPushRule::Content(rule), None, None).unwrap();
+            rules
+        });
+        let (first, again) = (first.unwrap(), again.unwrap());
+        assert_eq!(serde_json::to_string(&first.rules).unwrap(), serde_json::to_string(&again.rules).unwrap());
+        assert_eq!((first.bytes, &first.folded_id), (again.bytes, &again.folded_id));
+        assert!(again.template.is_some());
+    }
+
     /// Grouping members by template answers exactly what evaluating each member's rules
     /// on their own answers, in a one-to-one room and in a group.
     #[tokio::test]
     async fn grouped_evaluation_equals_one_by_one() {
-        let cache = RulesetCache::default();
+        let cache = RulesetCache::new(1 << 20, 1 << 20);
         let members = members(&cache);
         assert_eq!(members[0].2.template, members[1].2.template, "default rules share a template");
         assert_eq!(members[3].2.template, members[4].2.template, "equal custom rules share a template");

@@ -165,6 +165,11 @@ impl TestServer {
         &self.config
     }
 
+    /// The running server's services, for tests that look at its in-memory state.
+    pub fn services(&self) -> &std::sync::Arc<convo::service::Services> {
+        &self.running.as_ref().expect("the server is running").services
+    }
+
     pub async fn stop(mut self) {
         if let Some(running) = self.running.take() {
             running.stop().await;

@@ -21,6 +21,7 @@ mod keys;
 mod knock;
 mod login;
 mod media;
+mod memcap;
 mod openid;
 mod operations;
 mod profile;

@@ -18,10 +18,7 @@
 //! (two queries) only for pages holding an event that something relates to, which the
 //! event row says (`related`, migration 0027).
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::{collections::HashMap, sync::Arc};
 
 use ruma::{DeviceId, UserId, serde::Raw};
 use serde::{Deserialize, Deserializer, Serialize, Serializer, ser::SerializeMap};
@@ -29,7 +26,11 @@ use serde_json::value::{RawValue, to_raw_value};
 
 use crate::{
     error::{Error, Result},
-    service::{Services, now_ms},
+    service::{
+        Services,
+        cache::{ByteCache, ENTRY_OVERHEAD, heap_str},
+        now_ms,
+    },
     storage::StoredEvent,
 };
 
@@ -112,10 +113,12 @@ impl ClientForm {
         self.json_len == event.json.len() && self.redacted == event.redacted_by.is_some()
     }
 
-    /// Bytes held, roughly (for the cache's bound).
+    /// Bytes held, estimated: each field's text in its own box (rounded up as the
+    /// allocator does, plus its header), and the form itself in its `Arc`.
     fn size(&self) -> usize {
-        // The fields are at most the PDU; the rest is the boxes and the map entry.
-        self.json_len + 128
+        let fields = [&self.kind, &self.content, &self.sender, &self.origin_server_ts, &self.state_key, &self.redacts];
+        let boxes: usize = fields.iter().filter_map(|f| f.as_deref()).map(|v| heap_str(v.get())).sum();
+        boxes + std::mem::size_of::<ClientForm>() + 32
     }
 }
 
@@ -205,59 +208,31 @@ fn serve(event: &StoredEvent, form: &ClientForm, with_room_id: bool, unsigned: &
     to_raw_value(&served).map_err(Error::internal)
 }
 
-/// Client forms of recently served events, by event id, bounded in bytes: two
-/// generations, the older dropped when the newer fills half the bound (an entry used
-/// from the older moves to the newer).
+/// Client forms of recently served events, by event id, bounded in estimated bytes
+/// (`[caches] memory_mb`, `cache::shares::CLIENT_FORMS`) by a `ByteCache`. A form is
+/// made from immutable data (checked with `made_from` at each hit), so it is kept
+/// without a stamp.
 pub struct ClientForms {
-    generations: Mutex<Generations>,
-    max_bytes: usize,
+    forms: ByteCache<String, Arc<ClientForm>>,
 }
 
-#[derive(Default)]
-struct Generations {
-    current: HashMap<String, Arc<ClientForm>>,
-    previous: HashMap<String, Arc<ClientForm>>,
-    current_bytes: usize,
-}
-
-/// The default bound of `ClientForms`: about 60,000 events of 1 KiB.
-const CLIENT_FORMS_BYTES: usize = 64 << 20;
-
-impl Default for ClientForms {
-    fn default() -> Self {
-        ClientForms::with_bound(CLIENT_FORMS_BYTES)
-    }
+#[allow(clippy::ptr_arg)] // the signature `ByteCache::new` takes
+fn weigh_form(event_id: &String, form: &Arc<ClientForm>) -> usize {
+    heap_str(event_id) + form.size() + ENTRY_OVERHEAD
 }
 
 impl ClientForms {
     pub fn with_bound(max_bytes: usize) -> Self {
-        ClientForms { generations: Mutex::default(), max_bytes }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Generations> {
-        self.generations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        ClientForms { forms: ByteCache::new(max_bytes, weigh_form) }
     }
 
     /// The forms of `events`, made for those not cached (outside the lock).
     fn get(&self, events: &[&StoredEvent]) -> Result<Vec<Arc<ClientForm>>> {
-        let mut found: Vec<Option<Arc<ClientForm>>> = Vec::with_capacity(events.len());
-        {
-            let mut g = self.lock();
-            for event in events {
-                let hit = match g.current.get(&event.event_id) {
-                    Some(form) => Some(form.clone()),
-                    None => g.previous.remove(&event.event_id).inspect(|form| {
-                        g.current_bytes += form.size();
-                        g.current.insert(event.event_id.clone(), form.clone());
-                    }),
-                };
-                found.push(hit.filter(|form| form.made_from(event)));
-            }
-        }
         let mut made = Vec::new();
         let mut out = Vec::with_capacity(events.len());
-        for (event, hit) in events.iter().zip(found) {
-            match hit {
+        let cached = self.forms.get_many(events.iter().map(|e| e.event_id.as_str()));
+        for (event, cached) in events.iter().zip(cached) {
+            match cached.filter(|form| form.made_from(event)) {
                 Some(form) => out.push(form),
                 None => {
                     let form = Arc::new(ClientForm::of(event)?);
@@ -267,28 +242,28 @@ impl ClientForms {
             }
         }
         if !made.is_empty() {
-            let mut g = self.lock();
-            for (id, form) in made {
-                let size = form.size() + id.len();
-                if g.current_bytes + size > self.max_bytes / 2 {
-                    g.previous = std::mem::take(&mut g.current);
-                    g.current_bytes = 0;
-                }
-                g.current_bytes += size;
-                g.current.insert(id, form);
-            }
+            self.forms.insert_many(made);
         }
         Ok(out)
     }
 
     /// How many forms are held (tests).
     pub fn len(&self) -> usize {
-        let g = self.lock();
-        g.current.len() + g.previous.len()
+        self.forms.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Estimated bytes held.
+    pub fn bytes(&self) -> usize {
+        self.forms.bytes()
+    }
+
+    /// The bound, in estimated bytes.
+    pub fn max_bytes(&self) -> usize {
+        self.forms.max_bytes()
     }
 }
 

@@ -436,6 +436,66 @@ async fn same_as_before(postgres: bool) {
     db.drop_database().await;
 }
 
+/// Filled past its bound (a few events' worth), the cache stays under it and serves the
+/// same forms as one that keeps everything; the estimate of a form is not below the heap
+/// it takes (counted by the tests' allocator), nor far above it.
+#[test]
+fn client_forms_stay_under_their_bound() {
+    use crate::service::cache::heap::bytes_of;
+    let rows = rows();
+    let events: Vec<StoredEvent> = (0..400)
+        .map(|i| {
+            let row = &rows[i % rows.len()];
+            StoredEvent {
+                stream_ordering: i as i64,
+                position: Some(i as i64),
+                event_id: format!("$event{i}"),
+                room_id: "!r:x".into(),
+                sender: row.sender.into(),
+                event_type: row.kind.into(),
+                state_key: row.state_key.clone(),
+                depth: i as i64,
+                origin_server_ts: 1,
+                state_group: 1,
+                json: pdu(row, 1),
+                redacted_by: None,
+                txn_device_id: None,
+                txn_id: None,
+                replaces_state: None,
+                rejected_reason: None,
+                related: false,
+            }
+        })
+        .collect();
+    let small = super::ClientForms::with_bound(8_000);
+    let large = super::ClientForms::with_bound(64 << 20);
+    let json = |form: &super::ClientForm, event: &StoredEvent, unsigned: &super::Unsigned<'_>| {
+        super::serve(event, form, true, unsigned).unwrap().get().to_owned()
+    };
+    for round in 0..3 {
+        for chunk in events.chunks(7) {
+            let refs: Vec<&StoredEvent> = chunk.iter().collect();
+            let (got, want) = (small.get(&refs).unwrap(), large.get(&refs).unwrap());
+            for ((event, got), want) in chunk.iter().zip(&got).zip(&want) {
+                let unsigned = super::Unsigned::base(event, None);
+                assert_eq!(json(got, event, &unsigned), json(want, event, &unsigned), "round {round}");
+            }
+            assert!(small.bytes() <= 8_000, "{} bytes", small.bytes());
+        }
+    }
+    assert!(small.len() < 60 && large.len() == 400, "{} and {}", small.len(), large.len());
+    for event in events.iter().take(30) {
+        let mut estimate = 0;
+        let taken = bytes_of(|| {
+            let form = std::sync::Arc::new(super::ClientForm::of(event).unwrap());
+            estimate = form.size();
+            form
+        });
+        eprintln!("{}: estimate {estimate}, taken {taken}", event.event_type);
+        assert!(estimate >= taken && estimate < 3 * taken, "{}: estimate {estimate}, taken {taken}", event.event_type);
+    }
+}
+
 #[tokio::test]
 async fn sqlite_client_forms_serve_the_json_of_before() {
     same_as_before(false).await;
@@ -483,7 +543,7 @@ async fn format_cpu_per_event() {
         std::hint::black_box(serde_json::value::to_raw_value(&value).unwrap());
     }
     let old = start.elapsed();
-    let forms = super::ClientForms::default();
+    let forms = super::ClientForms::with_bound(64 << 20);
     let refs: Vec<&StoredEvent> = events.iter().collect();
     let start = std::time::Instant::now();
     let made = forms.get(&refs).unwrap();
