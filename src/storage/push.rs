@@ -22,22 +22,52 @@ pub(crate) const COUNT_ROWS: usize = 2_000;
 /// Counts a new event's push actions (`$actions`, at stream position `$pos`, in thread
 /// `$thread`: `Some(root)`, or `None` for the main timeline) in its users' unread
 /// counts, in the event's transaction. Each user's `""` row is written (locked) first;
-/// a row counts the event only if it is after the row's position, and a missing row is
-/// made with the position the receipts and the membership give (backfilled history is
-/// before it: it never counts).
+/// a row counts the event only if it is after the row's position. Rows that exist are
+/// updated by one statement per scope (the usual case: nothing else is read); a missing
+/// row is made with the position the receipts and the membership give (backfilled
+/// history is before it: it never counts).
 macro_rules! count_push_actions {
     ($tx:expr, $room:expr, $pos:expr, $thread:expr, $actions:expr) => {{
         let room: &str = $room;
         let pos: i64 = $pos;
         let thread: &str = $thread.unwrap_or("main");
         let actions: &[$crate::storage::PushActionRow] = $actions;
+        let mut groups: Vec<(bool, Vec<&str>)> = Vec::with_capacity(2);
         for highlight in [true, false] {
             let mut users: Vec<&str> =
                 actions.iter().filter(|a| a.highlight == highlight).map(|a| a.user_id.as_str()).collect();
             users.sort_unstable();
             users.dedup();
-            for chunk in users.chunks($crate::storage::push::COUNT_ROWS) {
-                for scope in ["", thread] {
+            if !users.is_empty() {
+                groups.push((highlight, users));
+            }
+        }
+        for scope in ["", thread] {
+            for (highlight, users) in &groups {
+                let highlight = i64::from(*highlight);
+                for chunk in users.chunks($crate::storage::push::COUNT_ROWS) {
+                    let mut query =
+                        sqlx::QueryBuilder::new("UPDATE unread_counts SET notifs = notifs + CASE WHEN after_pos < ");
+                    query.push_bind(pos);
+                    query.push(" THEN 1 ELSE 0 END, highlights = highlights + CASE WHEN after_pos < ");
+                    query.push_bind(pos);
+                    query.push(" THEN ");
+                    query.push_bind(highlight);
+                    query.push(" ELSE 0 END WHERE room_id = ");
+                    query.push_bind(room);
+                    query.push(" AND thread_id = ");
+                    query.push_bind(scope);
+                    query.push(" AND user_id IN (");
+                    let mut list = query.separated(", ");
+                    for user in chunk {
+                        list.push_bind(*user);
+                    }
+                    query.push(")");
+                    let updated = query.build().execute(&mut *$tx).await?.rows_affected();
+                    if updated >= chunk.len() as u64 {
+                        continue;
+                    }
+                    // The users without a row: made from the receipts and the membership.
                     let mut query = sqlx::QueryBuilder::new(
                         "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
                          SELECT user_id, room_id, ",
@@ -50,11 +80,11 @@ macro_rules! count_push_actions {
                         query.push(" THEN 1 ELSE 0 END, CASE WHEN floor < ");
                         query.push_bind(pos);
                         query.push(" THEN ");
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                         query.push(" ELSE 0 END");
                     } else {
                         query.push(", floor, 1, ");
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                     }
                     query.push(
                         " FROM (SELECT m.user_id, m.room_id, (SELECT MAX(x) FROM (
@@ -74,6 +104,13 @@ macro_rules! count_push_actions {
                     for user in chunk {
                         list.push_bind(*user);
                     }
+                    query.push(
+                        ") AND NOT EXISTS (SELECT 1 FROM unread_counts u
+                             WHERE u.user_id = m.user_id AND u.room_id = m.room_id AND u.thread_id = ",
+                    );
+                    query.push_bind(scope);
+                    // A row made meanwhile by another transaction (PostgreSQL) is updated
+                    // as above.
                     if scope.is_empty() {
                         query.push(
                             ")) w WHERE TRUE
@@ -87,7 +124,7 @@ macro_rules! count_push_actions {
                         );
                         query.push_bind(pos);
                         query.push(" THEN ");
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                         query.push(" ELSE 0 END");
                     } else {
                         query.push(")) w WHERE floor < ");
@@ -96,7 +133,7 @@ macro_rules! count_push_actions {
                             " ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET
                              notifs = unread_counts.notifs + 1, highlights = unread_counts.highlights + ",
                         );
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                         query.push(" WHERE unread_counts.after_pos < ");
                         query.push_bind(pos);
                     }

@@ -21,6 +21,7 @@ backend_tests!(
     unread_counts_filled_for_data_from_before_the_table,
     unread_counts_restart_after_a_rejoin,
     parallel_sends_and_receipts_keep_counts_exact,
+    one_send_counts_once_for_users_with_and_without_rows,
 );
 
 const THREADED: &str = "filter={\"room\":{\"timeline\":{\"unread_thread_notifications\":true}}}";
@@ -404,5 +405,42 @@ async fn unread_sync_cost() {
     conn.close().await.unwrap();
     println!("old count query: {old_ms:.3} ms; kept-count read: {new_ms:.3} ms; plan {plan:?}");
     println!("woken incremental sync (20 runs, mean): {:?}", total / 20);
+    server.stop().await;
+}
+
+/// One send counts once for every user it notifies, whether the user's rows exist (they
+/// are updated) or not (they are made from the receipts and the join), with users of
+/// both kinds, highlighted or not, in the same send, in the room and in a thread.
+async fn one_send_counts_once_for_users_with_and_without_rows(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob_id, bob, room) = room_of_two(&server).await;
+    let (carol_id, carol, _) = server.register("carol").await;
+    let first = server.send_text(&alice, &room, "one").await;
+    // Bob has rows; carol, who joins now, has none.
+    server.join(&carol, &room).await;
+    mention(&server, &alice, &room, &carol_id).await;
+    assert_eq!(counts(&server, &bob, &room, "").await.0, (2, 0));
+    assert_eq!(counts(&server, &carol, &room, "").await.0, (1, 1));
+    // A receipt recounts bob's rows (his thread rows go); a thread reply then makes
+    // the thread rows of both, and a mention of bob in the thread highlights for him.
+    receipt(&server, &bob, &room, "m.read", &first, None).await;
+    assert_eq!(counts(&server, &bob, &room, "").await.0, (1, 0));
+    thread_reply(&server, &alice, &room, &first).await;
+    let content = json!({"msgtype": "m.text", "body": "bob?", "m.mentions": {"user_ids": [bob_id]},
+        "m.relates_to": {"rel_type": "m.thread", "event_id": first}});
+    send(&server, &alice, &room, content).await;
+    assert_eq!(counts(&server, &bob, &room, "").await.0, (3, 1));
+    assert_eq!(counts(&server, &carol, &room, "").await.0, (3, 1));
+    let ((main, _), threads) = counts(&server, &bob, &room, THREADED).await;
+    assert_eq!(main, 1, "{threads}");
+    assert_eq!(threads[&first]["notification_count"], 2, "{threads}");
+    assert_eq!(threads[&first]["highlight_count"], 1, "{threads}");
+    let ((main, highlights), threads) = counts(&server, &carol, &room, THREADED).await;
+    assert_eq!((main, highlights), (1, 1), "{threads}");
+    assert_eq!(threads[&first]["notification_count"], 2, "{threads}");
+    assert_eq!(threads[&first]["highlight_count"], 0, "{threads}");
+    let url = server.config().database.url.clone();
+    assert_eq!(count_from_scratch(&url, &bob_id, &room).await, (3, 1));
+    assert_eq!(count_from_scratch(&url, &carol_id, &room).await, (3, 1));
     server.stop().await;
 }
