@@ -66,7 +66,7 @@ enum Rules {
     /// The user's rules are their template's with their own id.
     Shared(Arc<Template>),
     /// Rules always evaluated on their own (an id with glob or JSON-escaped characters).
-    Own(Ruleset),
+    Own(Box<Ruleset>),
 }
 
 impl UserRules {
@@ -186,7 +186,7 @@ impl RulesetCache {
             });
             Rules::Shared(template.clone())
         } else {
-            Rules::Own(rules)
+            Rules::Own(Box::new(rules))
         };
         Ok(UserRules { rules, uses_display_name, folded_id })
     }
@@ -381,8 +381,19 @@ impl Services {
         let event_json: JsonValue = serde_json::from_str(pdu_json).map_err(Error::internal)?;
         let mut base = PushConditionRoomCtx::new(room_id.to_owned(), joined_count, sender.to_owned(), String::new());
         base.power_levels = Some(push_power_levels(state, rules));
+        // The cached rules of all members under one lock; then those not cached.
         let mut recipients = Vec::with_capacity(members.names.len());
-        for (user, name) in members.names.iter().filter(|(u, _)| u.as_str() != sender.as_str()) {
+        let mut missing = Vec::new();
+        {
+            let cache = self.ruleset_cache.users.lock().unwrap_or_else(|e| e.into_inner());
+            for (user, name) in members.names.iter().filter(|(u, _)| u.as_str() != sender.as_str()) {
+                match cache.get(user.as_ref() as &UserId) {
+                    Some(rules) => recipients.push(PushMember { user, display_name: name, rules: rules.clone() }),
+                    None => missing.push((user, name)),
+                }
+            }
+        }
+        for (user, name) in missing {
             recipients.push(PushMember { user, display_name: name, rules: self.cached_push_rules(user).await? });
         }
         evaluate_grouped(&recipients, &event, &event_json, &base).await

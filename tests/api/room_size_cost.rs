@@ -169,6 +169,7 @@ async fn room_size_cost() {
         print_statement_times(&format!("N = {size}, 15 sends"));
         let mut joins = Vec::new();
         let mut after_join = Vec::new();
+        start_statement_times();
         for _ in 0..5 {
             let joiner = joiners.next().unwrap();
             joins.push(timed(server.join(&joiner, &room)).await);
@@ -180,6 +181,7 @@ async fn room_size_cost() {
             );
             members += 1;
         }
+        print_statement_times(&format!("N = {size}, 5 joins and 5 sends"));
         let (send_ms, send_n) = median(sends);
         let (join_ms, join_n) = median(joins);
         let (after_ms, after_n) = median(after_join);
