@@ -22,6 +22,7 @@ backend_tests!(
     unread_counts_restart_after_a_rejoin,
     parallel_sends_and_receipts_keep_counts_exact,
     one_send_counts_once_for_users_with_and_without_rows,
+    counts_and_notifications_follow_each_members_rules,
 );
 
 const THREADED: &str = "filter={\"room\":{\"timeline\":{\"unread_thread_notifications\":true}}}";
@@ -442,5 +443,132 @@ async fn one_send_counts_once_for_users_with_and_without_rows(backend: Backend) 
     let url = server.config().database.url.clone();
     assert_eq!(count_from_scratch(&url, &bob_id, &room).await, (3, 1));
     assert_eq!(count_from_scratch(&url, &carol_id, &room).await, (3, 1));
+    server.stop().await;
+}
+
+async fn put_rule(server: &TestServer, token: &str, path: &str, body: Value) {
+    let (status, body) = server.put(&format!("/_matrix/client/v3/pushrules/global/{path}"), Some(token), body).await;
+    assert_eq!(status, StatusCode::OK, "push rule {path}: {body}");
+}
+
+/// `/notifications` of a user: (event id, highlight), newest first.
+async fn notifications(server: &TestServer, token: &str) -> Vec<(String, bool)> {
+    let (status, body) = server.get("/_matrix/client/v3/notifications", Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let highlights = |n: &Value| {
+        n["actions"].as_array().unwrap().iter().any(|a| a["set_tweak"] == "highlight" && a["value"] != false)
+    };
+    body["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["event"]["event_id"].as_str().unwrap().to_owned(), highlights(n)))
+        .collect()
+}
+
+/// Counts (whole room and by thread) and `/notifications` of users whose rules differ,
+/// each as that member's own rules answer: default rules, a muted room, a keyword rule,
+/// a display name rule (the name in this room), a mention by id, a user who mutes the
+/// room mid-history, one who leaves and rejoins; with threads, receipts (unthreaded
+/// and in a thread) and a redaction. Users with equal rules are evaluated together
+/// (`evaluate_grouped`): every answer here is what each member's rules give alone.
+async fn counts_and_notifications_follow_each_members_rules(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let mut users = Vec::new();
+    for name in ["bob", "carol", "dave", "erin", "frank", "gina"] {
+        let (id, token, _) = server.register(name).await;
+        users.push((id, token));
+    }
+    let [(bob_id, bob), (_, carol), (dave_id, dave), (_, erin), (frank_id, frank), (_, gina)] = &users[..] else {
+        unreachable!()
+    };
+    let (status, body) = server
+        .put(
+            &format!("/_matrix/client/v3/profile/{frank_id}/displayname"),
+            Some(frank),
+            json!({"displayname": "Frankie"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (_, token) in &users {
+        server.join(token, &room).await;
+    }
+    put_rule(&server, carol, &format!("room/{room}"), json!({"actions": []})).await;
+    put_rule(
+        &server,
+        dave,
+        "content/pizza",
+        json!({"pattern": "pizza", "actions": ["notify", {"set_tweak": "highlight"}]}),
+    )
+    .await;
+    put_rule(
+        &server,
+        frank,
+        "override/by_name",
+        json!({"conditions": [{"kind": "contains_display_name"}], "actions": ["notify", {"set_tweak": "highlight"}]}),
+    )
+    .await;
+
+    let e1 = server.send_text(&alice, &room, "hello").await;
+    let e2 = server.send_text(&alice, &room, "pizza time").await;
+    server.leave(gina, &room).await;
+    let e3 = mention(&server, &alice, &room, bob_id).await;
+    server.join(gina, &room).await;
+    put_rule(&server, erin, &format!("room/{room}"), json!({"actions": []})).await;
+    let e4 = server.send_text(&alice, &room, "lunch, Frankie?").await;
+    let e5 = server.send_text(&alice, &room, "frank is here").await;
+    let e6 = thread_reply(&server, &alice, &room, &e1).await;
+    let content = json!({"msgtype": "m.text", "body": "you?", "m.mentions": {"user_ids": [dave_id]},
+        "m.relates_to": {"rel_type": "m.thread", "event_id": e1}});
+    let e7 = send(&server, &alice, &room, content).await;
+    receipt(&server, bob, &room, "m.read", &e3, None).await;
+    receipt(&server, dave, &room, "m.read", &e6, Some(&e1)).await;
+    let (status, _) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{e5}/r1"), Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The whole room: after the latest of the join and every receipt.
+    let expected_room =
+        [(bob, (3, 0)), (carol, (0, 0)), (dave, (1, 1)), (erin, (3, 0)), (frank, (6, 1)), (gina, (3, 0))];
+    for (i, (token, expected)) in expected_room.iter().enumerate() {
+        assert_eq!(counts(&server, token, &room, "").await.0, *expected, "room counts of user {i}");
+    }
+    let url = server.config().database.url.clone();
+    for ((id, _), (_, expected)) in users.iter().zip(&expected_room) {
+        assert_eq!(count_from_scratch(&url, id, &room).await, *expected, "{id} from scratch");
+    }
+    // By thread: the main timeline, and the thread of e1.
+    let expected_threads = [
+        (bob, (1, 0), Some((2, 0))),
+        (carol, (0, 0), None),
+        (dave, (4, 1), Some((1, 1))),
+        (erin, (3, 0), None),
+        (frank, (4, 1), Some((2, 0))),
+        (gina, (1, 0), Some((2, 0))),
+    ];
+    for (i, (token, main, thread)) in expected_threads.iter().enumerate() {
+        let (got_main, threads) = counts(&server, token, &room, THREADED).await;
+        assert_eq!(got_main, *main, "main counts of user {i}: {threads}");
+        let got_thread = threads
+            .get(&e1)
+            .map(|t| (t["notification_count"].as_u64().unwrap_or(0), t["highlight_count"].as_u64().unwrap_or(0)));
+        assert_eq!(got_thread, *thread, "thread counts of user {i}: {threads}");
+    }
+    // What notified whom, newest first (the redacted event left out; gina's from
+    // before she left stay).
+    let n = |ids: &[(&String, bool)]| ids.iter().map(|(id, h)| ((*id).clone(), *h)).collect::<Vec<_>>();
+    let expected = [
+        (bob, n(&[(&e7, false), (&e6, false), (&e4, false), (&e3, true), (&e2, false), (&e1, false)])),
+        (carol, n(&[])),
+        (dave, n(&[(&e7, true), (&e6, false), (&e4, false), (&e3, false), (&e2, true), (&e1, false)])),
+        (erin, n(&[(&e3, false), (&e2, false), (&e1, false)])),
+        (frank, n(&[(&e7, false), (&e6, false), (&e4, true), (&e3, false), (&e2, false), (&e1, false)])),
+        (gina, n(&[(&e7, false), (&e6, false), (&e4, false), (&e2, false), (&e1, false)])),
+    ];
+    for (i, (token, expected)) in expected.iter().enumerate() {
+        assert_eq!(notifications(&server, token).await, *expected, "notifications of user {i}");
+    }
     server.stop().await;
 }
