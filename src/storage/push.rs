@@ -9,7 +9,8 @@
 //! Rows: thread `""` is the whole room, counted after the latest of the join and every
 //! read receipt of the user there; `"main"` the main timeline and a thread root's id
 //! that thread, each counted after the latest of the join, the unthreaded receipt and
-//! that thread's receipt. `after_pos` is where a row counts from. Whoever changes a
+//! that thread's receipt. `after_pos` is where a row counts from. A recount keeps the
+//! `""` and `"main"` rows (at zero too) and the threads' rows that count. Whoever changes a
 //! user's rows in a room first writes (and so locks, on PostgreSQL) the user's `""` row
 //! there, so that a receipt's recount and an event's increment never interleave.
 
@@ -23,9 +24,10 @@ pub(crate) const COUNT_ROWS: usize = 2_000;
 /// `$thread`: `Some(root)`, or `None` for the main timeline) in its users' unread
 /// counts, in the event's transaction. Each user's `""` row is written (locked) first;
 /// a row counts the event only if it is after the row's position. Rows that exist are
-/// updated by one statement per scope (the usual case: nothing else is read); a missing
-/// row is made with the position the receipts and the membership give (backfilled
-/// history is before it: it never counts).
+/// updated by one statement per scope (the usual case: a receipt's recount keeps the
+/// `""` and `"main"` rows, so only a new member's rows and a thread's first rows are
+/// missing); a missing row is made with the position the receipts and the membership
+/// give (backfilled history is before it: it never counts).
 macro_rules! count_push_actions {
     ($tx:expr, $room:expr, $pos:expr, $thread:expr, $actions:expr) => {{
         let room: &str = $room;
@@ -62,12 +64,16 @@ macro_rules! count_push_actions {
                     for user in chunk {
                         list.push_bind(*user);
                     }
-                    query.push(")");
-                    let updated = query.build().execute(&mut *$tx).await?.rows_affected();
-                    if updated >= chunk.len() as u64 {
+                    query.push(") RETURNING user_id");
+                    let updated: Vec<(String,)> = query.build_query_as().fetch_all(&mut *$tx).await?;
+                    if updated.len() >= chunk.len() {
                         continue;
                     }
-                    // The users without a row: made from the receipts and the membership.
+                    // The users without a row: made from the receipts and the membership
+                    // (a row another transaction made meanwhile, on PostgreSQL, is
+                    // updated as above).
+                    let updated: std::collections::HashSet<&str> = updated.iter().map(|u| u.0.as_str()).collect();
+                    let missing: Vec<&str> = chunk.iter().copied().filter(|u| !updated.contains(u)).collect();
                     let mut query = sqlx::QueryBuilder::new(
                         "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
                          SELECT user_id, room_id, ",
@@ -101,16 +107,9 @@ macro_rules! count_push_actions {
                     query.push_bind(room);
                     query.push(" AND m.user_id IN (");
                     let mut list = query.separated(", ");
-                    for user in chunk {
+                    for user in &missing {
                         list.push_bind(*user);
                     }
-                    query.push(
-                        ") AND NOT EXISTS (SELECT 1 FROM unread_counts u
-                             WHERE u.user_id = m.user_id AND u.room_id = m.room_id AND u.thread_id = ",
-                    );
-                    query.push_bind(scope);
-                    // A row made meanwhile by another transaction (PostgreSQL) is updated
-                    // as above.
                     if scope.is_empty() {
                         query.push(
                             ")) w WHERE TRUE
@@ -272,12 +271,17 @@ macro_rules! recount_unread {
                      LEFT JOIN cuts c ON c.thread = t.thread
                      GROUP BY t.thread",
                 );
-                let rows: Vec<(String, i64, i64, i64, i64)> = query.build_query_as().fetch_all(&mut *$tx).await?;
+                let mut rows: Vec<(String, i64, i64, i64, i64)> = query.build_query_as().fetch_all(&mut *$tx).await?;
                 let (mut room_n, mut room_h) = (0, 0);
+                if !rows.iter().any(|r| r.0 == "main") {
+                    // The main timeline's row is kept even at zero: the next event there
+                    // updates it rather than making it.
+                    rows.push(("main".to_owned(), 0, 0, 0, 0));
+                }
                 for (thread, n, h, rn, rh) in &rows {
                     room_n += rn;
                     room_h += rh;
-                    if *n == 0 && *h == 0 {
+                    if *n == 0 && *h == 0 && thread != "main" {
                         continue;
                     }
                     sqlx::query(

@@ -23,6 +23,7 @@ backend_tests!(
     parallel_sends_and_receipts_keep_counts_exact,
     one_send_counts_once_for_users_with_and_without_rows,
     counts_and_notifications_follow_each_members_rules,
+    parallel_sends_and_new_members_first_receipts_keep_counts_exact,
 );
 
 const THREADED: &str = "filter={\"room\":{\"timeline\":{\"unread_thread_notifications\":true}}}";
@@ -569,6 +570,55 @@ async fn counts_and_notifications_follow_each_members_rules(backend: Backend) {
     ];
     for (i, (token, expected)) in expected.iter().enumerate() {
         assert_eq!(notifications(&server, token).await, *expected, "notifications of user {i}");
+    }
+    server.stop().await;
+}
+
+/// Members who join while messages are sent, and send their first receipts at once:
+/// their first rows are made by an event's count or by a receipt's recount, whichever
+/// comes first, and each message counts exactly once.
+async fn parallel_sends_and_new_members_first_receipts_keep_counts_exact(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let seed = server.send_text(&alice, &room, "seed").await;
+    let sent = std::sync::Mutex::new(vec![seed]);
+    let mut members = Vec::new();
+    for i in 0..6 {
+        let (id, token, _) = server.register(&format!("new{i}")).await;
+        members.push((id, token));
+    }
+    let sender = async {
+        for i in 0..30 {
+            let id = server.send_text(&alice, &room, &format!("m{i}")).await;
+            sent.lock().unwrap().push(id);
+        }
+    };
+    let joiners = members.iter().map(|(_, token)| {
+        let (server, sent, room) = (&server, &sent, &room);
+        async move {
+            server.join(token, room).await;
+            for _ in 0..3 {
+                let newest = sent.lock().unwrap().last().unwrap().clone();
+                receipt(server, token, room, "m.read", &newest, None).await;
+            }
+        }
+    });
+    let all = async {
+        tokio::join!(sender, futures_util::future::join_all(joiners));
+    };
+    tokio::time::timeout(Duration::from_secs(120), all).await.expect("sends, joins and receipts within 120 s");
+    let url = server.config().database.url.clone();
+    for (id, token) in &members {
+        let expected = count_from_scratch(&url, id, &room).await;
+        assert_eq!(counts(&server, token, &room, "").await.0, expected, "{id}");
+    }
+    // And with more messages after it all.
+    server.send_text(&alice, &room, "last").await;
+    for (id, token) in &members {
+        let expected = count_from_scratch(&url, id, &room).await;
+        assert!(expected.0 >= 1, "{id}");
+        assert_eq!(counts(&server, token, &room, "").await.0, expected, "{id}");
     }
     server.stop().await;
 }
