@@ -64,16 +64,27 @@ macro_rules! count_push_actions {
                     for user in chunk {
                         list.push_bind(*user);
                     }
-                    query.push(") RETURNING user_id");
-                    let updated: Vec<(String,)> = query.build_query_as().fetch_all(&mut *$tx).await?;
-                    if updated.len() >= chunk.len() {
-                        continue;
-                    }
-                    // The users without a row: made from the receipts and the membership
-                    // (a row another transaction made meanwhile, on PostgreSQL, is
-                    // updated as above).
-                    let updated: std::collections::HashSet<&str> = updated.iter().map(|u| u.0.as_str()).collect();
-                    let missing: Vec<&str> = chunk.iter().copied().filter(|u| !updated.contains(u)).collect();
+                    // The users without a row are made from the receipts and the membership.
+                    // A `""` row may be made meanwhile by a receipt's recount (on
+                    // PostgreSQL; it did not see this event): the rows updated here are
+                    // returned, and the others are inserted with `ON CONFLICT` counting
+                    // the event. A thread's row cannot be (the user's `""` row is locked
+                    // by now): the rows that exist are left out of the insert.
+                    let missing: Vec<&str> = if scope.is_empty() {
+                        query.push(") RETURNING user_id");
+                        let updated: Vec<(String,)> = query.build_query_as().fetch_all(&mut *$tx).await?;
+                        if updated.len() >= chunk.len() {
+                            continue;
+                        }
+                        let updated: std::collections::HashSet<&str> = updated.iter().map(|u| u.0.as_str()).collect();
+                        chunk.iter().copied().filter(|u| !updated.contains(u)).collect()
+                    } else {
+                        query.push(")");
+                        if query.build().execute(&mut *$tx).await?.rows_affected() >= chunk.len() as u64 {
+                            continue;
+                        }
+                        chunk.to_vec()
+                    };
                     let mut query = sqlx::QueryBuilder::new(
                         "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
                          SELECT user_id, room_id, ",
@@ -109,6 +120,13 @@ macro_rules! count_push_actions {
                     let mut list = query.separated(", ");
                     for user in &missing {
                         list.push_bind(*user);
+                    }
+                    if !scope.is_empty() {
+                        query.push(
+                            ") AND NOT EXISTS (SELECT 1 FROM unread_counts u
+                                 WHERE u.user_id = m.user_id AND u.room_id = m.room_id AND u.thread_id = ",
+                        );
+                        query.push_bind(scope);
                     }
                     if scope.is_empty() {
                         query.push(
