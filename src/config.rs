@@ -266,8 +266,8 @@ impl Default for Push {
 #[serde(deny_unknown_fields, default)]
 pub struct Caches {
     /// The most the caches may hold together, in MiB (estimated: each cache weighs its
-    /// entries). It is shared out as: served events' client form 50%, push rulesets 20%,
-    /// their templates 5%, rooms' members for push rules 15%, rooms' joined local
+    /// entries). It is shared out as: served events' client form 50%, push rulesets 10%,
+    /// their templates 15%, rooms' members for push rules 15%, rooms' joined local
     /// members 10%. Past its share a cache forgets its least recently used entries (two
     /// generations), which are read from the database again when next needed. May be
     /// fractional; 0 caches nothing.

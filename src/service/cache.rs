@@ -251,9 +251,10 @@ pub mod shares {
     /// `rooms/format.rs`: the client form of recently served events.
     pub const CLIENT_FORMS: u64 = 50;
     /// `notifications.rs`: push rulesets of recent recipients of events.
-    pub const PUSH_RULESETS: u64 = 20;
-    /// `notifications.rs`: the distinct ruleset templates.
-    pub const PUSH_TEMPLATES: u64 = 5;
+    pub const PUSH_RULESETS: u64 = 10;
+    /// `notifications.rs`: the distinct ruleset templates (the parsed rules, shared by
+    /// the users whose rules are equal but for their ids).
+    pub const PUSH_TEMPLATES: u64 = 15;
     /// `notifications.rs`: each room's joined count and local members' display names.
     pub const PUSH_MEMBERS: u64 = 15;
     /// `rooms/mod.rs`: each room's joined local members.

@@ -4,6 +4,7 @@
 //! counts those records after the user's read receipt (`storage/push.rs`).
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     sync::{
         Arc,
@@ -33,23 +34,45 @@ use crate::{
 
 /// Rulesets of users who recently received events, so that every event does not
 /// read each recipient's `m.push_rules` again. Dropped for a user whose rules change.
-/// Both maps are bounded in estimated bytes (`cache::shares`).
+/// Both maps are bounded in estimated bytes (`cache::shares`). A user's entry is small
+/// (an id and a shared template): the parsed rules are kept once per template, so that
+/// a room of tens of thousands of members stays cached.
 pub struct RulesetCache {
     users: ByteCache<OwnedUserId, Arc<UserRules>>,
-    /// Templates (a ruleset as JSON with its user's id taken out) by their number: users
+    /// Templates (a ruleset as JSON with its user's id taken out) by their JSON: users
     /// whose templates are equal have the same rules but for their own id. A template
     /// forgotten and seen again gets a new number: users with equal rules may then have
     /// two numbers for a while, which only evaluates their rules once more.
-    templates: ByteCache<Arc<str>, u64>,
+    templates: ByteCache<Arc<str>, Arc<Template>>,
+}
+
+/// Rules shared by users whose rulesets are equal but for their own ids.
+pub struct Template {
+    number: u64,
+    /// The ruleset as JSON, the user's id replaced by a NUL.
+    json: Arc<str>,
+    /// The ruleset of the user it was made from (`user`): a member's own ruleset
+    /// answers as this one for events that hold neither id (see `evaluate_grouped`).
+    rules: Ruleset,
+    user: OwnedUserId,
+    folded_id: String,
 }
 
 fn weigh_rules(user: &OwnedUserId, rules: &Arc<UserRules>) -> usize {
     heap_str(user.as_str()) + rules.bytes + ENTRY_OVERHEAD
 }
 
-fn weigh_template(template: &Arc<str>, _: &u64) -> usize {
-    // The text in its `Arc` (two counters), and the number.
-    heap_str(template) + 16 + 8 + ENTRY_OVERHEAD
+fn weigh_template(key: &Arc<str>, template: &Arc<Template>) -> usize {
+    // The text in its `Arc` (two counters, shared by the key and `json`), the parsed
+    // rules (see `ruleset_bytes`), the maker's id.
+    heap_str(key)
+        + 16
+        + 2 * key.len()
+        + heap_str(template.user.as_str())
+        + heap_str(&template.folded_id)
+        + std::mem::size_of::<Template>()
+        + 16
+        + ENTRY_OVERHEAD
 }
 
 impl RulesetCache {
@@ -68,10 +91,7 @@ impl RulesetCache {
 
 /// A user's ruleset, with what grouping users by their rules needs to know of it.
 pub struct UserRules {
-    rules: Ruleset,
-    /// The number of the ruleset's template, or `None` when this user's rules are
-    /// always evaluated on their own (an id with glob or JSON-escaped characters).
-    template: Option<u64>,
+    rules: Rules,
     /// Whether a rule has a `contains_display_name` condition (then the display name
     /// matters too).
     uses_display_name: bool,
@@ -88,6 +108,36 @@ pub struct UserRules {
 /// JSON's length; counted as twice, plus the fixed part.
 fn ruleset_bytes(json_len: usize, folded_id: &str) -> usize {
     2 * json_len + heap_str(folded_id) + std::mem::size_of::<UserRules>() + 16
+}
+
+enum Rules {
+    /// The user's rules are their template's with their own id.
+    Shared(Arc<Template>),
+    /// Rules always evaluated on their own (an id with glob or JSON-escaped characters).
+    Own(Box<Ruleset>),
+}
+
+impl UserRules {
+    /// The number of the ruleset's template, or `None` when this user's rules are
+    /// always evaluated on their own.
+    fn template(&self) -> Option<u64> {
+        match &self.rules {
+            Rules::Shared(t) => Some(t.number),
+            Rules::Own(_) => None,
+        }
+    }
+
+    /// The user's own ruleset: their template's when they made it, else read from the
+    /// template's JSON with their id put back (exactly their ruleset's JSON).
+    fn own(&self, user: &UserId) -> Result<Cow<'_, Ruleset>> {
+        match &self.rules {
+            Rules::Own(rules) => Ok(Cow::Borrowed(rules)),
+            Rules::Shared(t) if t.user == user => Ok(Cow::Borrowed(&t.rules)),
+            Rules::Shared(t) => {
+                Ok(Cow::Owned(serde_json::from_str(&t.json.replace('\0', user.as_str())).map_err(Error::internal)?))
+            }
+        }
+    }
 }
 
 /// Per room: the joined count and the local members' display names in the room.
@@ -179,24 +229,45 @@ impl RulesetCache {
 static NEXT_TEMPLATE: AtomicU64 = AtomicU64::new(1);
 
 impl RulesetCache {
-    /// Wraps a user's ruleset with its template number.
+    /// Wraps a user's ruleset with its template (shared with the users whose rules are
+    /// equal but for their ids).
     fn prepare(&self, user: &UserId, rules: Ruleset) -> Result<UserRules> {
         let json = serde_json::to_string(&rules).map_err(Error::internal)?;
         let uses_display_name = json.contains("\"contains_display_name\"");
         let id = user.as_str();
+        let folded_id = fold(id);
         // The user id must appear in the JSON exactly as in the events' strings (no
         // escaped characters) and be matched literally (no glob characters); the
         // placeholder (a NUL) must not be in the JSON already.
         let plain = !id.contains(['*', '?', '"', '\\']) && !id.chars().any(char::is_control);
-        let template = if plain && !json.contains('\0') && !json.contains("\\u0000") {
-            let template: Arc<str> = json.replace(id, "\0").into();
-            Some(self.templates.get_or_insert_with(template, || NEXT_TEMPLATE.fetch_add(1, Ordering::Relaxed)))
+        let shared = plain && !json.contains('\0') && !json.contains("\\u0000");
+        let rules = if shared {
+            let key: Arc<str> = json.replace(id, "\0").into();
+            let template = self.templates.get_or_insert_with(key.clone(), || {
+                Arc::new(Template {
+                    number: NEXT_TEMPLATE.fetch_add(1, Ordering::Relaxed),
+                    json: key,
+                    rules,
+                    user: user.to_owned(),
+                    folded_id: folded_id.clone(),
+                })
+            });
+            Rules::Shared(template)
         } else {
-            None
+            Rules::Own(Box::new(rules))
         };
-        let folded_id = fold(id);
-        let bytes = ruleset_bytes(json.len(), &folded_id);
-        Ok(UserRules { rules, template, uses_display_name, folded_id, bytes })
+        // A shared entry holds its id and a pointer; the template holds the rules.
+        let bytes = if shared {
+            heap_str(&folded_id) + std::mem::size_of::<UserRules>() + 16
+        } else {
+            ruleset_bytes(json.len(), &folded_id)
+        };
+        Ok(UserRules { rules, uses_display_name, folded_id, bytes })
+    }
+
+    #[cfg(test)]
+    fn get(&self, user: &UserId) -> Option<Arc<UserRules>> {
+        self.users.get(user)
     }
 }
 
@@ -240,11 +311,16 @@ impl EventText {
         EventText { has_at: strings.contains('@'), strings, body }
     }
 
+    /// Whether one of the event's strings holds this (folded) user id.
+    fn holds(&self, folded_id: &str) -> bool {
+        self.has_at && self.strings.contains(folded_id)
+    }
+
     /// Whether the event may concern this user in particular (their id is in one of its
     /// strings, or their display name in its body when their rules look at it): then
     /// their rules are evaluated for them alone.
     fn singles_out(&self, rules: &UserRules, display_name: &str) -> bool {
-        if rules.template.is_none() || (self.has_at && self.strings.contains(rules.folded_id.as_str())) {
+        if rules.template().is_none() || self.holds(&rules.folded_id) {
             return true;
         }
         rules.uses_display_name
@@ -265,6 +341,11 @@ pub(crate) struct PushMember<'a> {
 /// single out (their answers are the same: the rules differ only by the user's own id,
 /// which the event does not hold, and the display name, which its body does not hold or
 /// the rules do not look at), and on its own for each member it singles out.
+///
+/// A template's shared ruleset is its first user's: for a member the event does not
+/// single out, it answers as the member's own when the event does not hold that first
+/// user's id either (a condition that reads an id matches only an event that holds
+/// it); otherwise the member's own ruleset is read back from the template.
 pub(crate) async fn evaluate_grouped(
     members: &[PushMember<'_>],
     event: &Raw<JsonValue>,
@@ -275,18 +356,22 @@ pub(crate) async fn evaluate_grouped(
     let mut by_template: HashMap<u64, Option<(bool, Arc<str>)>> = HashMap::new();
     let mut notified = Vec::new();
     for member in members {
-        let outcome = if text.singles_out(&member.rules, member.display_name) {
-            evaluate_one(member, event, base).await?
-        } else {
-            let template = member.rules.template.expect("a member not singled out has a template");
-            match by_template.get(&template) {
-                Some(outcome) => outcome.clone(),
-                None => {
-                    let outcome = evaluate_one(member, event, base).await?;
-                    by_template.insert(template, outcome.clone());
-                    outcome
+        let outcome = match &member.rules.rules {
+            Rules::Shared(template) if !text.singles_out(&member.rules, member.display_name) => {
+                match by_template.get(&template.number) {
+                    Some(outcome) => outcome.clone(),
+                    None => {
+                        let outcome = if text.holds(&template.folded_id) {
+                            evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?
+                        } else {
+                            evaluate_one(member, &template.rules, event, base).await?
+                        };
+                        by_template.insert(template.number, outcome.clone());
+                        outcome
+                    }
                 }
             }
+            _ => evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?,
         };
         if let Some((highlight, actions)) = outcome {
             notified.push(PushActionRow { user_id: member.user.to_string(), highlight, actions: actions.to_string() });
@@ -295,17 +380,18 @@ pub(crate) async fn evaluate_grouped(
     Ok(notified)
 }
 
-/// One member's evaluation: `None` when the event does not notify them, else whether
-/// it highlights and the actions (JSON).
+/// One member's evaluation with `rules`: `None` when the event does not notify them,
+/// else whether it highlights and the actions (JSON).
 async fn evaluate_one(
     member: &PushMember<'_>,
+    rules: &Ruleset,
     event: &Raw<JsonValue>,
     base: &PushConditionRoomCtx,
 ) -> Result<Option<(bool, Arc<str>)>> {
     let mut ctx = base.clone();
     ctx.user_id = member.user.to_owned();
     ctx.user_display_name = member.display_name.to_owned();
-    let actions = member.rules.rules.get_actions(event, &ctx).await;
+    let actions = rules.get_actions(event, &ctx).await;
     if !actions.iter().any(Action::should_notify) {
         return Ok(None);
     }
@@ -357,8 +443,21 @@ impl Services {
         let event_json: JsonValue = serde_json::from_str(pdu_json).map_err(Error::internal)?;
         let mut base = PushConditionRoomCtx::new(room_id.to_owned(), joined_count, sender.to_owned(), String::new());
         base.power_levels = Some(push_power_levels(state, rules));
+        // The cached rules of all members under one lock; then those not cached.
         let mut recipients = Vec::with_capacity(members.names.len());
-        for (user, name) in members.names.iter().filter(|(u, _)| u.as_str() != sender.as_str()) {
+        let mut missing = Vec::new();
+        {
+            let others: Vec<(&OwnedUserId, &String)> =
+                members.names.iter().filter(|(u, _)| u.as_str() != sender.as_str()).collect();
+            let cached = self.ruleset_cache.users.get_many(others.iter().map(|(u, _)| u.as_ref() as &UserId));
+            for ((user, name), rules) in others.into_iter().zip(cached) {
+                match rules {
+                    Some(rules) => recipients.push(PushMember { user, display_name: name, rules }),
+                    None => missing.push((user, name)),
+                }
+            }
+        }
+        for (user, name) in missing {
             recipients.push(PushMember { user, display_name: name, rules: self.cached_push_rules(user).await? });
         }
         evaluate_grouped(&recipients, &event, &event_json, &base).await
@@ -442,7 +541,8 @@ mod tests {
     use ruma::{
         owned_room_id, owned_user_id,
         push::{
-            Action, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, PushCondition, RuleKind, Ruleset, Tweak,
+            Action, EventMatchConditionData, NewConditionalPushRule, NewPatternedPushRule, NewPushRule, PushCondition,
+            RuleKind, Ruleset, Tweak,
         },
         room_version_rules::RoomVersionRules,
     };
@@ -470,7 +570,7 @@ mod tests {
 
     /// Users with default rules, with the same custom rules, with rules that look at
     /// display names, and with notifications off.
-    fn members(cache: &RulesetCache) -> Vec<(OwnedUserId, String, Arc<UserRules>)> {
+    fn members(cache: &RulesetCache) -> Vec<(OwnedUserId, String, Arc<UserRules>, Ruleset)> {
         let keyword = |user: &UserId| {
             let mut rules = Ruleset::server_default(user);
             let rule = NewPatternedPushRule::new("pizza".into(), "pizza".into(), vec![Action::Notify]);
@@ -483,6 +583,20 @@ mod tests {
             let rule = NewConditionalPushRule::new(
                 "by_name".into(),
                 vec![PushCondition::ContainsDisplayName],
+                vec![Action::Notify, Action::SetTweak(Tweak::Highlight(true.into()))],
+            );
+            rules.insert(NewPushRule::Override(rule), None, None).unwrap();
+            rules
+        };
+        // A rule that names its own user: equal templates, rulesets that differ.
+        let own_id = |user: &UserId| {
+            let mut rules = Ruleset::server_default(user);
+            let rule = NewConditionalPushRule::new(
+                "own_id".into(),
+                vec![PushCondition::EventMatch(EventMatchConditionData::new(
+                    "content.body".into(),
+                    format!("*{user}*"),
+                ))],
                 vec![Action::Notify, Action::SetTweak(Tweak::Highlight(true.into()))],
             );
             rules.insert(NewPushRule::Override(rule), None, None).unwrap();
@@ -505,13 +619,17 @@ mod tests {
             ("@heidi:localhost", "", Box::new(by_name)),
             ("@ivan:localhost", "Ivan", Box::new(silent)),
             ("@Judy:localhost", "Σίσυφος", Box::new(by_name)),
+            ("@kim:localhost", "Kim", Box::new(own_id)),
+            ("@lee:localhost", "Lee", Box::new(own_id)),
+            ("@judy:localhost", "Judy", Box::new(by_name)),
         ];
         users
             .into_iter()
             .map(|(user, name, rules)| {
                 let user = OwnedUserId::try_from(user).unwrap();
-                let rules = Arc::new(cache.prepare(&user, rules(&user)).unwrap());
-                (user, name.to_owned(), rules)
+                let own = rules(&user);
+                let rules = Arc::new(cache.prepare(&user, own.clone()).unwrap());
+                (user, name.to_owned(), rules, own)
             })
             .collect()
     }
@@ -529,6 +647,8 @@ mod tests {
             message(json!({"msgtype": "m.text", "body": "PIZZA for @alice:localhost"})),
             message(json!({"msgtype": "m.text", "body": "pizza", "m.mentions": {}})),
             message(json!({"msgtype": "m.text", "body": "", "m.mentions": {"user_ids": ["@judy:localhost"]}})),
+            message(json!({"msgtype": "m.text", "body": "ask @kim:localhost"})),
+            message(json!({"msgtype": "m.text", "body": "ask @LEE:localhost"})),
             json!({"type": "m.room.encrypted", "sender": "@sender:localhost", "content": {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "x"}}),
             json!({"type": "m.room.member", "sender": "@sender:localhost", "state_key": "@alice:localhost", "content": {"membership": "invite"}}),
             json!({"type": "m.room.member", "sender": "@sender:localhost", "state_key": "@sender:localhost", "content": {"membership": "join"}}),
@@ -576,10 +696,11 @@ mod tests {
     /// template) come back the same when prepared again after eviction.
     #[test]
     fn ruleset_cache_stays_under_its_bounds() {
-        let cache = RulesetCache::new(40_000, 10_000);
+        // A user's entry is small (the rules are their template's): 400 users fill it.
+        let cache = RulesetCache::new(20_000, 10_000);
         let user = |i: usize| OwnedUserId::try_from(format!("@user{i}:example.org")).unwrap();
         let mut first = None;
-        for i in 0..50 {
+        for i in 0..400 {
             let mut rules = Ruleset::server_default(&user(i));
             // Every fifth user has rules of their own (a template of their own).
             if i % 5 == 0 {
@@ -601,9 +722,12 @@ mod tests {
             rules
         });
         let (first, again) = (first.unwrap(), again.unwrap());
-        assert_eq!(serde_json::to_string(&first.rules).unwrap(), serde_json::to_string(&again.rules).unwrap());
+        assert_eq!(
+            serde_json::to_string(&*first.own(&user(0)).unwrap()).unwrap(),
+            serde_json::to_string(&*again.own(&user(0)).unwrap()).unwrap()
+        );
         assert_eq!((first.bytes, &first.folded_id), (again.bytes, &again.folded_id));
-        assert!(again.template.is_some());
+        assert!(again.template().is_some());
     }
 
     /// Grouping members by template answers exactly what evaluating each member's rules
@@ -612,12 +736,13 @@ mod tests {
     async fn grouped_evaluation_equals_one_by_one() {
         let cache = RulesetCache::new(1 << 20, 1 << 20);
         let members = members(&cache);
-        assert_eq!(members[0].2.template, members[1].2.template, "default rules share a template");
-        assert_eq!(members[3].2.template, members[4].2.template, "equal custom rules share a template");
-        assert_ne!(members[0].2.template, members[3].2.template);
+        assert_eq!(members[0].2.template(), members[1].2.template(), "default rules share a template");
+        assert_eq!(members[3].2.template(), members[4].2.template(), "equal custom rules share a template");
+        assert_ne!(members[0].2.template(), members[3].2.template());
+        assert_eq!(members[10].2.template(), members[11].2.template(), "rules naming their own users");
         let recipients: Vec<PushMember<'_>> = members
             .iter()
-            .map(|(user, name, rules)| PushMember { user, display_name: name, rules: rules.clone() })
+            .map(|(user, name, rules, _)| PushMember { user, display_name: name, rules: rules.clone() })
             .collect();
         let mut highlights = 0;
         for member_count in [2, 10] {
@@ -626,8 +751,8 @@ mod tests {
                 let event: Raw<JsonValue> = Raw::from_json(RawValue::from_string(event_json.to_string()).unwrap());
                 let grouped = evaluate_grouped(&recipients, &event, &event_json, &base).await.unwrap();
                 let mut alone = Vec::new();
-                for member in &recipients {
-                    if let Some((highlight, actions)) = evaluate_one(member, &event, &base).await.unwrap() {
+                for (member, (.., own)) in recipients.iter().zip(&members) {
+                    if let Some((highlight, actions)) = evaluate_one(member, own, &event, &base).await.unwrap() {
                         alone.push((member.user.to_string(), highlight, actions.to_string()));
                     }
                 }
@@ -638,5 +763,38 @@ mod tests {
             }
         }
         assert!(highlights > 5, "the events highlight for some members");
+    }
+
+    /// A room of ten thousand members stays cached (the cache does not start over on
+    /// every event), and users with equal rules share one parsed ruleset.
+    #[test]
+    fn ten_thousand_users_stay_cached_and_share_their_rules() {
+        // The default shares of the default `[caches] memory_mb`.
+        let budget = crate::service::cache::CacheBudget::new(&crate::config::Caches::default());
+        let cache = RulesetCache::new(
+            budget.bytes(crate::service::cache::shares::PUSH_RULESETS),
+            budget.bytes(crate::service::cache::shares::PUSH_TEMPLATES),
+        );
+        let users: Vec<OwnedUserId> =
+            (0..10_000).map(|i| OwnedUserId::try_from(format!("@member{i}:localhost")).unwrap()).collect();
+        for user in &users {
+            let rules = Arc::new(cache.prepare(user, Ruleset::server_default(user)).unwrap());
+            cache.users.insert(user.clone(), rules);
+        }
+        let first = cache.get(&users[0]).expect("the first user is still cached");
+        for user in &users {
+            let rules = cache.get(user).expect("every user is still cached");
+            match (&rules.rules, &first.rules) {
+                (Rules::Shared(a), Rules::Shared(b)) => assert!(Arc::ptr_eq(&a, b), "{user} shares the ruleset"),
+                _ => panic!("default rules have a template"),
+            }
+        }
+        assert_eq!(cache.templates.len(), 1);
+        // A user's own ruleset, read back from the template, is theirs.
+        let own = cache.get(&users[7]).unwrap().own(&users[7]).unwrap().into_owned();
+        assert_eq!(
+            serde_json::to_value(own).unwrap(),
+            serde_json::to_value(Ruleset::server_default(&users[7])).unwrap()
+        );
     }
 }

@@ -9,7 +9,8 @@
 //! Rows: thread `""` is the whole room, counted after the latest of the join and every
 //! read receipt of the user there; `"main"` the main timeline and a thread root's id
 //! that thread, each counted after the latest of the join, the unthreaded receipt and
-//! that thread's receipt. `after_pos` is where a row counts from. Whoever changes a
+//! that thread's receipt. `after_pos` is where a row counts from. A recount keeps the
+//! `""` and `"main"` rows (at zero too) and the threads' rows that count. Whoever changes a
 //! user's rows in a room first writes (and so locks, on PostgreSQL) the user's `""` row
 //! there, so that a receipt's recount and an event's increment never interleave.
 
@@ -22,22 +23,68 @@ pub(crate) const COUNT_ROWS: usize = 2_000;
 /// Counts a new event's push actions (`$actions`, at stream position `$pos`, in thread
 /// `$thread`: `Some(root)`, or `None` for the main timeline) in its users' unread
 /// counts, in the event's transaction. Each user's `""` row is written (locked) first;
-/// a row counts the event only if it is after the row's position, and a missing row is
-/// made with the position the receipts and the membership give (backfilled history is
-/// before it: it never counts).
+/// a row counts the event only if it is after the row's position. Rows that exist are
+/// updated by one statement per scope (the usual case: a receipt's recount keeps the
+/// `""` and `"main"` rows, so only a new member's rows and a thread's first rows are
+/// missing); a missing row is made with the position the receipts and the membership
+/// give (backfilled history is before it: it never counts).
 macro_rules! count_push_actions {
     ($tx:expr, $room:expr, $pos:expr, $thread:expr, $actions:expr) => {{
         let room: &str = $room;
         let pos: i64 = $pos;
         let thread: &str = $thread.unwrap_or("main");
         let actions: &[$crate::storage::PushActionRow] = $actions;
+        let mut groups: Vec<(bool, Vec<&str>)> = Vec::with_capacity(2);
         for highlight in [true, false] {
             let mut users: Vec<&str> =
                 actions.iter().filter(|a| a.highlight == highlight).map(|a| a.user_id.as_str()).collect();
             users.sort_unstable();
             users.dedup();
-            for chunk in users.chunks($crate::storage::push::COUNT_ROWS) {
-                for scope in ["", thread] {
+            if !users.is_empty() {
+                groups.push((highlight, users));
+            }
+        }
+        for scope in ["", thread] {
+            for (highlight, users) in &groups {
+                let highlight = i64::from(*highlight);
+                for chunk in users.chunks($crate::storage::push::COUNT_ROWS) {
+                    let mut query =
+                        sqlx::QueryBuilder::new("UPDATE unread_counts SET notifs = notifs + CASE WHEN after_pos < ");
+                    query.push_bind(pos);
+                    query.push(" THEN 1 ELSE 0 END, highlights = highlights + CASE WHEN after_pos < ");
+                    query.push_bind(pos);
+                    query.push(" THEN ");
+                    query.push_bind(highlight);
+                    query.push(" ELSE 0 END WHERE room_id = ");
+                    query.push_bind(room);
+                    query.push(" AND thread_id = ");
+                    query.push_bind(scope);
+                    query.push(" AND user_id IN (");
+                    let mut list = query.separated(", ");
+                    for user in chunk {
+                        list.push_bind(*user);
+                    }
+                    // The users without a row are made from the receipts and the membership.
+                    // A `""` row may be made meanwhile by a receipt's recount (on
+                    // PostgreSQL; it did not see this event): the rows updated here are
+                    // returned, and the others are inserted with `ON CONFLICT` counting
+                    // the event. A thread's row cannot be (the user's `""` row is locked
+                    // by now): the rows that exist are left out of the insert.
+                    let missing: Vec<&str> = if scope.is_empty() {
+                        query.push(") RETURNING user_id");
+                        let updated: Vec<(String,)> = query.build_query_as().fetch_all(&mut *$tx).await?;
+                        if updated.len() >= chunk.len() {
+                            continue;
+                        }
+                        let updated: std::collections::HashSet<&str> = updated.iter().map(|u| u.0.as_str()).collect();
+                        chunk.iter().copied().filter(|u| !updated.contains(u)).collect()
+                    } else {
+                        query.push(")");
+                        if query.build().execute(&mut *$tx).await?.rows_affected() >= chunk.len() as u64 {
+                            continue;
+                        }
+                        chunk.to_vec()
+                    };
                     let mut query = sqlx::QueryBuilder::new(
                         "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
                          SELECT user_id, room_id, ",
@@ -50,11 +97,11 @@ macro_rules! count_push_actions {
                         query.push(" THEN 1 ELSE 0 END, CASE WHEN floor < ");
                         query.push_bind(pos);
                         query.push(" THEN ");
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                         query.push(" ELSE 0 END");
                     } else {
                         query.push(", floor, 1, ");
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                     }
                     query.push(
                         " FROM (SELECT m.user_id, m.room_id, (SELECT MAX(x) FROM (
@@ -71,8 +118,15 @@ macro_rules! count_push_actions {
                     query.push_bind(room);
                     query.push(" AND m.user_id IN (");
                     let mut list = query.separated(", ");
-                    for user in chunk {
+                    for user in &missing {
                         list.push_bind(*user);
+                    }
+                    if !scope.is_empty() {
+                        query.push(
+                            ") AND NOT EXISTS (SELECT 1 FROM unread_counts u
+                                 WHERE u.user_id = m.user_id AND u.room_id = m.room_id AND u.thread_id = ",
+                        );
+                        query.push_bind(scope);
                     }
                     if scope.is_empty() {
                         query.push(
@@ -87,7 +141,7 @@ macro_rules! count_push_actions {
                         );
                         query.push_bind(pos);
                         query.push(" THEN ");
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                         query.push(" ELSE 0 END");
                     } else {
                         query.push(")) w WHERE floor < ");
@@ -96,7 +150,7 @@ macro_rules! count_push_actions {
                             " ON CONFLICT (user_id, room_id, thread_id) DO UPDATE SET
                              notifs = unread_counts.notifs + 1, highlights = unread_counts.highlights + ",
                         );
-                        query.push_bind(i64::from(highlight));
+                        query.push_bind(highlight);
                         query.push(" WHERE unread_counts.after_pos < ");
                         query.push_bind(pos);
                     }
@@ -235,12 +289,17 @@ macro_rules! recount_unread {
                      LEFT JOIN cuts c ON c.thread = t.thread
                      GROUP BY t.thread",
                 );
-                let rows: Vec<(String, i64, i64, i64, i64)> = query.build_query_as().fetch_all(&mut *$tx).await?;
+                let mut rows: Vec<(String, i64, i64, i64, i64)> = query.build_query_as().fetch_all(&mut *$tx).await?;
                 let (mut room_n, mut room_h) = (0, 0);
+                if !rows.iter().any(|r| r.0 == "main") {
+                    // The main timeline's row is kept even at zero: the next event there
+                    // updates it rather than making it.
+                    rows.push(("main".to_owned(), 0, 0, 0, 0));
+                }
                 for (thread, n, h, rn, rh) in &rows {
                     room_n += rn;
                     room_h += rh;
-                    if *n == 0 && *h == 0 {
+                    if *n == 0 && *h == 0 && thread != "main" {
                         continue;
                     }
                     sqlx::query(

@@ -10,7 +10,8 @@
 //! membership service; the timed sends and joins go through HTTP like a client's. It
 //! prints, per room size, the median time and the SQL statements (sqlx's statement
 //! events) of a send, of a join, and of the first send after a join. `BENCH_POSTGRES=1`
-//! runs it on PostgreSQL (`TEST_POSTGRES_URL`).
+//! runs it on PostgreSQL (`TEST_POSTGRES_URL`); `ROOM_SIZE_STATEMENTS=1` also prints
+//! the statements the sends spent most time in.
 
 use std::{
     sync::atomic::{AtomicUsize, Ordering},
@@ -25,14 +26,69 @@ use crate::common::{Backend, TestServer};
 
 static STATEMENTS: AtomicUsize = AtomicUsize::new(0);
 
+/// With `ROOM_SIZE_STATEMENTS=1`: time spent per statement text (its first 120
+/// characters): runs and seconds.
+static STATEMENT_TIMES: std::sync::Mutex<Option<std::collections::HashMap<String, (usize, f64)>>> =
+    std::sync::Mutex::new(None);
+
 /// Counts sqlx's statement events (each statement run logs one under `sqlx::query`).
 struct CountStatements;
+
+/// Reads a statement event's text and time.
+#[derive(Default)]
+struct StatementFields {
+    text: String,
+    secs: f64,
+}
+
+impl tracing::field::Visit for StatementFields {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        if field.name() == "elapsed_secs" {
+            self.secs = value;
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if (field.name() == "db.statement" && !value.trim().is_empty())
+            || (field.name() == "summary" && self.text.is_empty())
+        {
+            self.text = value.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(120).collect();
+        }
+    }
+
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
 
 impl<S: tracing::Subscriber> Layer<S> for CountStatements {
     fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
         if event.metadata().target() == "sqlx::query" {
             STATEMENTS.fetch_add(1, Ordering::Relaxed);
+            let mut times = STATEMENT_TIMES.lock().unwrap();
+            if let Some(times) = times.as_mut() {
+                let mut fields = StatementFields::default();
+                event.record(&mut fields);
+                let entry = times.entry(fields.text).or_default();
+                entry.0 += 1;
+                entry.1 += fields.secs;
+            }
         }
+    }
+}
+
+/// Starts timing statements, when asked (`ROOM_SIZE_STATEMENTS=1`).
+fn start_statement_times() {
+    if std::env::var("ROOM_SIZE_STATEMENTS").as_deref() == Ok("1") {
+        *STATEMENT_TIMES.lock().unwrap() = Some(Default::default());
+    }
+}
+
+/// Prints the statements that took the most time since `start_statement_times`.
+fn print_statement_times(what: &str) {
+    let Some(times) = STATEMENT_TIMES.lock().unwrap().take() else { return };
+    let mut times: Vec<(String, (usize, f64))> = times.into_iter().collect();
+    times.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+    for (text, (runs, secs)) in times.into_iter().take(8) {
+        eprintln!("    {what}: {:.1} ms in {runs} runs: {text}", secs * 1000.0);
     }
 }
 
@@ -101,6 +157,7 @@ async fn room_size_cost() {
             }
         }
         let mut sends = Vec::new();
+        start_statement_times();
         for i in 0..15 {
             sends.push(
                 timed(async {
@@ -109,8 +166,10 @@ async fn room_size_cost() {
                 .await,
             );
         }
+        print_statement_times(&format!("N = {size}, 15 sends"));
         let mut joins = Vec::new();
         let mut after_join = Vec::new();
+        start_statement_times();
         for _ in 0..5 {
             let joiner = joiners.next().unwrap();
             joins.push(timed(server.join(&joiner, &room)).await);
@@ -122,6 +181,7 @@ async fn room_size_cost() {
             );
             members += 1;
         }
+        print_statement_times(&format!("N = {size}, 5 joins and 5 sends"));
         let (send_ms, send_n) = median(sends);
         let (join_ms, join_n) = median(joins);
         let (after_ms, after_n) = median(after_join);

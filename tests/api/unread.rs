@@ -21,6 +21,9 @@ backend_tests!(
     unread_counts_filled_for_data_from_before_the_table,
     unread_counts_restart_after_a_rejoin,
     parallel_sends_and_receipts_keep_counts_exact,
+    one_send_counts_once_for_users_with_and_without_rows,
+    counts_and_notifications_follow_each_members_rules,
+    parallel_sends_and_new_members_first_receipts_keep_counts_exact,
 );
 
 const THREADED: &str = "filter={\"room\":{\"timeline\":{\"unread_thread_notifications\":true}}}";
@@ -404,5 +407,218 @@ async fn unread_sync_cost() {
     conn.close().await.unwrap();
     println!("old count query: {old_ms:.3} ms; kept-count read: {new_ms:.3} ms; plan {plan:?}");
     println!("woken incremental sync (20 runs, mean): {:?}", total / 20);
+    server.stop().await;
+}
+
+/// One send counts once for every user it notifies, whether the user's rows exist (they
+/// are updated) or not (they are made from the receipts and the join), with users of
+/// both kinds, highlighted or not, in the same send, in the room and in a thread.
+async fn one_send_counts_once_for_users_with_and_without_rows(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob_id, bob, room) = room_of_two(&server).await;
+    let (carol_id, carol, _) = server.register("carol").await;
+    let first = server.send_text(&alice, &room, "one").await;
+    // Bob has rows; carol, who joins now, has none.
+    server.join(&carol, &room).await;
+    mention(&server, &alice, &room, &carol_id).await;
+    assert_eq!(counts(&server, &bob, &room, "").await.0, (2, 0));
+    assert_eq!(counts(&server, &carol, &room, "").await.0, (1, 1));
+    // A receipt recounts bob's rows (his thread rows go); a thread reply then makes
+    // the thread rows of both, and a mention of bob in the thread highlights for him.
+    receipt(&server, &bob, &room, "m.read", &first, None).await;
+    assert_eq!(counts(&server, &bob, &room, "").await.0, (1, 0));
+    thread_reply(&server, &alice, &room, &first).await;
+    let content = json!({"msgtype": "m.text", "body": "bob?", "m.mentions": {"user_ids": [bob_id]},
+        "m.relates_to": {"rel_type": "m.thread", "event_id": first}});
+    send(&server, &alice, &room, content).await;
+    assert_eq!(counts(&server, &bob, &room, "").await.0, (3, 1));
+    assert_eq!(counts(&server, &carol, &room, "").await.0, (3, 1));
+    let ((main, _), threads) = counts(&server, &bob, &room, THREADED).await;
+    assert_eq!(main, 1, "{threads}");
+    assert_eq!(threads[&first]["notification_count"], 2, "{threads}");
+    assert_eq!(threads[&first]["highlight_count"], 1, "{threads}");
+    let ((main, highlights), threads) = counts(&server, &carol, &room, THREADED).await;
+    assert_eq!((main, highlights), (1, 1), "{threads}");
+    assert_eq!(threads[&first]["notification_count"], 2, "{threads}");
+    assert_eq!(threads[&first]["highlight_count"], 0, "{threads}");
+    let url = server.config().database.url.clone();
+    assert_eq!(count_from_scratch(&url, &bob_id, &room).await, (3, 1));
+    assert_eq!(count_from_scratch(&url, &carol_id, &room).await, (3, 1));
+    server.stop().await;
+}
+
+async fn put_rule(server: &TestServer, token: &str, path: &str, body: Value) {
+    let (status, body) = server.put(&format!("/_matrix/client/v3/pushrules/global/{path}"), Some(token), body).await;
+    assert_eq!(status, StatusCode::OK, "push rule {path}: {body}");
+}
+
+/// `/notifications` of a user: (event id, highlight), newest first.
+async fn notifications(server: &TestServer, token: &str) -> Vec<(String, bool)> {
+    let (status, body) = server.get("/_matrix/client/v3/notifications", Some(token)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let highlights = |n: &Value| {
+        n["actions"].as_array().unwrap().iter().any(|a| a["set_tweak"] == "highlight" && a["value"] != false)
+    };
+    body["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| (n["event"]["event_id"].as_str().unwrap().to_owned(), highlights(n)))
+        .collect()
+}
+
+/// Counts (whole room and by thread) and `/notifications` of users whose rules differ,
+/// each as that member's own rules answer: default rules, a muted room, a keyword rule,
+/// a display name rule (the name in this room), a mention by id, a user who mutes the
+/// room mid-history, one who leaves and rejoins; with threads, receipts (unthreaded
+/// and in a thread) and a redaction. Users with equal rules are evaluated together
+/// (`evaluate_grouped`): every answer here is what each member's rules give alone.
+async fn counts_and_notifications_follow_each_members_rules(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let mut users = Vec::new();
+    for name in ["bob", "carol", "dave", "erin", "frank", "gina"] {
+        let (id, token, _) = server.register(name).await;
+        users.push((id, token));
+    }
+    let [(bob_id, bob), (_, carol), (dave_id, dave), (_, erin), (frank_id, frank), (_, gina)] = &users[..] else {
+        unreachable!()
+    };
+    let (status, body) = server
+        .put(
+            &format!("/_matrix/client/v3/profile/{frank_id}/displayname"),
+            Some(frank),
+            json!({"displayname": "Frankie"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (_, token) in &users {
+        server.join(token, &room).await;
+    }
+    put_rule(&server, carol, &format!("room/{room}"), json!({"actions": []})).await;
+    put_rule(
+        &server,
+        dave,
+        "content/pizza",
+        json!({"pattern": "pizza", "actions": ["notify", {"set_tweak": "highlight"}]}),
+    )
+    .await;
+    put_rule(
+        &server,
+        frank,
+        "override/by_name",
+        json!({"conditions": [{"kind": "contains_display_name"}], "actions": ["notify", {"set_tweak": "highlight"}]}),
+    )
+    .await;
+
+    let e1 = server.send_text(&alice, &room, "hello").await;
+    let e2 = server.send_text(&alice, &room, "pizza time").await;
+    server.leave(gina, &room).await;
+    let e3 = mention(&server, &alice, &room, bob_id).await;
+    server.join(gina, &room).await;
+    put_rule(&server, erin, &format!("room/{room}"), json!({"actions": []})).await;
+    let e4 = server.send_text(&alice, &room, "lunch, Frankie?").await;
+    let e5 = server.send_text(&alice, &room, "frank is here").await;
+    let e6 = thread_reply(&server, &alice, &room, &e1).await;
+    let content = json!({"msgtype": "m.text", "body": "you?", "m.mentions": {"user_ids": [dave_id]},
+        "m.relates_to": {"rel_type": "m.thread", "event_id": e1}});
+    let e7 = send(&server, &alice, &room, content).await;
+    receipt(&server, bob, &room, "m.read", &e3, None).await;
+    receipt(&server, dave, &room, "m.read", &e6, Some(&e1)).await;
+    let (status, _) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{e5}/r1"), Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // The whole room: after the latest of the join and every receipt.
+    let expected_room =
+        [(bob, (3, 0)), (carol, (0, 0)), (dave, (1, 1)), (erin, (3, 0)), (frank, (6, 1)), (gina, (3, 0))];
+    for (i, (token, expected)) in expected_room.iter().enumerate() {
+        assert_eq!(counts(&server, token, &room, "").await.0, *expected, "room counts of user {i}");
+    }
+    let url = server.config().database.url.clone();
+    for ((id, _), (_, expected)) in users.iter().zip(&expected_room) {
+        assert_eq!(count_from_scratch(&url, id, &room).await, *expected, "{id} from scratch");
+    }
+    // By thread: the main timeline, and the thread of e1.
+    let expected_threads = [
+        (bob, (1, 0), Some((2, 0))),
+        (carol, (0, 0), None),
+        (dave, (4, 1), Some((1, 1))),
+        (erin, (3, 0), None),
+        (frank, (4, 1), Some((2, 0))),
+        (gina, (1, 0), Some((2, 0))),
+    ];
+    for (i, (token, main, thread)) in expected_threads.iter().enumerate() {
+        let (got_main, threads) = counts(&server, token, &room, THREADED).await;
+        assert_eq!(got_main, *main, "main counts of user {i}: {threads}");
+        let got_thread = threads
+            .get(&e1)
+            .map(|t| (t["notification_count"].as_u64().unwrap_or(0), t["highlight_count"].as_u64().unwrap_or(0)));
+        assert_eq!(got_thread, *thread, "thread counts of user {i}: {threads}");
+    }
+    // What notified whom, newest first (the redacted event left out; gina's from
+    // before she left stay).
+    let n = |ids: &[(&String, bool)]| ids.iter().map(|(id, h)| ((*id).clone(), *h)).collect::<Vec<_>>();
+    let expected = [
+        (bob, n(&[(&e7, false), (&e6, false), (&e4, false), (&e3, true), (&e2, false), (&e1, false)])),
+        (carol, n(&[])),
+        (dave, n(&[(&e7, true), (&e6, false), (&e4, false), (&e3, false), (&e2, true), (&e1, false)])),
+        (erin, n(&[(&e3, false), (&e2, false), (&e1, false)])),
+        (frank, n(&[(&e7, false), (&e6, false), (&e4, true), (&e3, false), (&e2, false), (&e1, false)])),
+        (gina, n(&[(&e7, false), (&e6, false), (&e4, false), (&e2, false), (&e1, false)])),
+    ];
+    for (i, (token, expected)) in expected.iter().enumerate() {
+        assert_eq!(notifications(&server, token).await, *expected, "notifications of user {i}");
+    }
+    server.stop().await;
+}
+
+/// Members who join while messages are sent, and send their first receipts at once:
+/// their first rows are made by an event's count or by a receipt's recount, whichever
+/// comes first, and each message counts exactly once.
+async fn parallel_sends_and_new_members_first_receipts_keep_counts_exact(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let seed = server.send_text(&alice, &room, "seed").await;
+    let sent = std::sync::Mutex::new(vec![seed]);
+    let mut members = Vec::new();
+    for i in 0..6 {
+        let (id, token, _) = server.register(&format!("new{i}")).await;
+        members.push((id, token));
+    }
+    let sender = async {
+        for i in 0..30 {
+            let id = server.send_text(&alice, &room, &format!("m{i}")).await;
+            sent.lock().unwrap().push(id);
+        }
+    };
+    let joiners = members.iter().map(|(_, token)| {
+        let (server, sent, room) = (&server, &sent, &room);
+        async move {
+            server.join(token, room).await;
+            for _ in 0..3 {
+                let newest = sent.lock().unwrap().last().unwrap().clone();
+                receipt(server, token, room, "m.read", &newest, None).await;
+            }
+        }
+    });
+    let all = async {
+        tokio::join!(sender, futures_util::future::join_all(joiners));
+    };
+    tokio::time::timeout(Duration::from_secs(120), all).await.expect("sends, joins and receipts within 120 s");
+    let url = server.config().database.url.clone();
+    for (id, token) in &members {
+        let expected = count_from_scratch(&url, id, &room).await;
+        assert_eq!(counts(&server, token, &room, "").await.0, expected, "{id}");
+    }
+    // And with more messages after it all.
+    server.send_text(&alice, &room, "last").await;
+    for (id, token) in &members {
+        let expected = count_from_scratch(&url, id, &room).await;
+        assert!(expected.0 >= 1, "{id}");
+        assert_eq!(counts(&server, token, &room, "").await.0, expected, "{id}");
+    }
     server.stop().await;
 }
