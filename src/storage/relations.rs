@@ -111,6 +111,22 @@ pub struct BundledRelations {
     pub references: HashMap<String, Vec<String>>,
 }
 
+/// Adds ` AND r.sender NOT IN (...)` to `$query` for a viewer's ignored users
+/// (`$ignored`; nothing when none).
+macro_rules! push_not_ignored {
+    ($query:expr, $ignored:expr) => {{
+        let ignored: &[String] = $ignored;
+        if !ignored.is_empty() {
+            $query.push(" AND r.sender NOT IN (");
+            let mut list = $query.separated(", ");
+            for user in ignored {
+                list.push_bind(user);
+            }
+            $query.push(")");
+        }
+    }};
+}
+
 impl Store {
     /// The event `event_id` relates to, and how (`rel_type`), if it relates to one.
     pub async fn get_relation_parent(&self, event_id: &str) -> Result<Option<(String, String)>> {
@@ -174,12 +190,14 @@ impl Store {
 
     /// A page of a room's thread roots, by latest activity (the stream position of the
     /// thread's newest event), newest first, below `before`; with `participant`, only
-    /// the threads that user started or posted in. Returns (root id, latest position).
+    /// the threads that user started or posted in. Events of `ignored` senders do not
+    /// count (a thread with only theirs is left out). Returns (root id, latest position).
     pub async fn get_threads(
         &self,
         room_id: &str,
         before: Option<i64>,
         participant: Option<&str>,
+        ignored: &[String],
         limit: i64,
     ) -> Result<Vec<(String, i64)>> {
         on_pool!(self, read, |pool| {
@@ -189,9 +207,9 @@ impl Store {
                  WHERE r.room_id = ",
             );
             query.push_bind(room_id);
-            query.push(
-                " AND r.rel_type = 'm.thread' AND e.stream_ordering IS NOT NULL GROUP BY r.relates_to HAVING 1 = 1",
-            );
+            query.push(" AND r.rel_type = 'm.thread' AND e.stream_ordering IS NOT NULL");
+            push_not_ignored!(query, ignored);
+            query.push(" GROUP BY r.relates_to HAVING 1 = 1");
             if let Some(before) = before {
                 query.push(" AND MAX(e.stream_ordering) < ").push_bind(before);
             }
@@ -207,8 +225,14 @@ impl Store {
     }
 
     /// The thread summaries, replacements and references of a page of events, for a
-    /// viewer (who may have taken part in a thread): two queries for the whole page.
-    pub async fn get_bundled_relations(&self, parents: &[String], viewer: Option<&str>) -> Result<BundledRelations> {
+    /// viewer (who may have taken part in a thread, and whose `ignored` users' thread
+    /// events neither count nor are the latest): two queries for the whole page.
+    pub async fn get_bundled_relations(
+        &self,
+        parents: &[String],
+        viewer: Option<&str>,
+        ignored: &[String],
+    ) -> Result<BundledRelations> {
         let mut out = BundledRelations::default();
         for chunk in parents.chunks(400) {
             let threads: Vec<(String, i64, i64, i64)> = on_pool!(self, read, |pool| {
@@ -224,7 +248,9 @@ impl Store {
                 for id in chunk {
                     list.push_bind(id);
                 }
-                query.push(") GROUP BY r.relates_to");
+                query.push(")");
+                push_not_ignored!(query, ignored);
+                query.push(" GROUP BY r.relates_to");
                 query.build_query_as().fetch_all(pool).await?
             });
             for (root, count, latest_position, mine) in threads {
