@@ -13,7 +13,7 @@ use super::{
     events::next_counter,
     on_pool,
     push::{count_push_actions, forget_unread, uncount_redacted},
-    relations::insert_relation,
+    relations::{insert_relation, unrelate},
     search::{index_for_search, unindex_for_search},
     stream::{self, Positions},
 };
@@ -676,10 +676,7 @@ macro_rules! insert_event {
                             uncount_redacted!($tx, target);
                         }
                         // A redacted event has no `m.relates_to`: it leaves its parent's relations.
-                        sqlx::query("DELETE FROM event_relations WHERE event_id = $1")
-                            .bind(target)
-                            .execute(&mut *$tx)
-                            .await?;
+                        unrelate!($tx, target);
                         unindex_for_search!($tx, target);
                     }
                     Redaction::Hold { target } if has_state && !d.soft_failed => {

@@ -6,7 +6,8 @@
 //! a page of events (`unsigned.m.relations`). Only events in the room's history count
 //! (outliers, rejected and soft-failed events have no stream position). A parent's
 //! `related` flag (migration 0027) is set with its first relation row, so that pages
-//! nobody relates to skip the bundled read.
+//! nobody relates to skip the bundled read, and cleared when its last child is
+//! redacted (`unrelate!`).
 
 use std::collections::HashMap;
 
@@ -64,14 +65,66 @@ macro_rules! insert_relation {
             .bind(e.room_id)
             .execute(&mut *$tx)
             .await?;
-            sqlx::query("UPDATE events SET related = TRUE WHERE event_id = $1 AND NOT related")
-                .bind(parent)
-                .execute(&mut *$tx)
-                .await?;
+            // The parent's flag, read under a share lock on PostgreSQL: a redaction that
+            // clears it (`unrelate!`) holds the row's lock while it checks for children,
+            // so either it sees this child or this read sees its cleared flag.
+            let postgres = super::relations::is_postgres(&$tx);
+            let related: Option<(bool,)> = sqlx::query_as(if postgres {
+                "SELECT related FROM events WHERE event_id = $1 FOR SHARE"
+            } else {
+                "SELECT related FROM events WHERE event_id = $1"
+            })
+            .bind(&parent)
+            .fetch_optional(&mut *$tx)
+            .await?;
+            if related == Some((false,)) {
+                sqlx::query("UPDATE events SET related = TRUE WHERE event_id = $1")
+                    .bind(&parent)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
         }
     }};
 }
 pub(crate) use insert_relation;
+
+/// Whether a transaction is PostgreSQL's (the row locks that SQLite, one writer, has no
+/// syntax for).
+pub(crate) fn is_postgres<DB: sqlx::Database>(_: &sqlx::Transaction<'_, DB>) -> bool {
+    DB::NAME == "PostgreSQL"
+}
+
+/// Removes the relation row of `$target`, just redacted in transaction `$tx` (a
+/// redacted event has no `m.relates_to`), and clears its parent's `related` flag when
+/// that was the parent's last child. On PostgreSQL the parent's row is locked first, and
+/// the check runs in a statement of its own (a fresh snapshot): a child being added at
+/// the same time either committed before it (and is seen) or waits on the lock in
+/// `insert_relation!` and sets the flag again.
+macro_rules! unrelate {
+    ($tx:expr, $target:expr) => {{
+        let parent: Option<(String,)> =
+            sqlx::query_as("DELETE FROM event_relations WHERE event_id = $1 RETURNING relates_to")
+                .bind($target)
+                .fetch_optional(&mut *$tx)
+                .await?;
+        if let Some((parent,)) = parent {
+            if $crate::storage::relations::is_postgres(&$tx) {
+                sqlx::query("SELECT 1 FROM events WHERE event_id = $1 FOR NO KEY UPDATE")
+                    .bind(&parent)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+            sqlx::query(
+                "UPDATE events SET related = FALSE WHERE event_id = $1 AND related
+                 AND NOT EXISTS (SELECT 1 FROM event_relations WHERE relates_to = $1)",
+            )
+            .bind(&parent)
+            .execute(&mut *$tx)
+            .await?;
+        }
+    }};
+}
+pub(crate) use unrelate;
 
 /// Which children of a parent `/relations` asks for.
 pub struct RelationQuery<'a> {

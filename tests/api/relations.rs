@@ -686,6 +686,61 @@ async fn ignored_users_leave_threads(backend: Backend) {
     server.stop().await;
 }
 
+/// Whether the stored event says something relates to it (`events.related`).
+async fn related_flag(server: &TestServer, event: &str) -> bool {
+    crate::federation::services(server).store.get_event(event).await.unwrap().unwrap().related
+}
+
+async fn redact(server: &TestServer, token: &str, room: &str, event: &str) {
+    let txn = convo::service::generate_registration_token();
+    let (status, body) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{event}/{txn}"), Some(token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The `related` flag is cleared when the last child of an event is redacted (not
+/// before), set again by a new child, and a child sent while the last one is redacted
+/// (in parallel) always leaves it set; the bundled aggregations follow.
+async fn the_related_flag_follows_redacted_children(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob, room) = room_of_two(&server).await;
+    let root = server.send_text(&alice, &room, "root").await;
+    assert!(!related_flag(&server, &root).await);
+    let reply = thread_reply(&server, &bob, &room, &root, "reply").await;
+    let reference = send(
+        &server,
+        &bob,
+        &room,
+        "m.room.message",
+        json!({"msgtype": "m.text", "body": "ref", "m.relates_to": {"rel_type": "m.reference", "event_id": root}}),
+    )
+    .await;
+    assert!(related_flag(&server, &root).await);
+    redact(&server, &bob, &room, &reply).await;
+    assert!(related_flag(&server, &root).await, "one child left");
+    let event = get_event(&server, &alice, &room, &root).await;
+    assert!(event["unsigned"]["m.relations"].get("m.thread").is_none(), "{event}");
+    assert_eq!(event["unsigned"]["m.relations"]["m.reference"]["chunk"], json!([{"event_id": reference}]));
+    redact(&server, &bob, &room, &reference).await;
+    assert!(!related_flag(&server, &root).await, "no child left");
+    let event = get_event(&server, &alice, &room, &root).await;
+    assert!(event["unsigned"].get("m.relations").is_none(), "{event}");
+
+    // A new child while the last one is redacted, at once: the flag stays with the new one.
+    let mut last = thread_reply(&server, &bob, &room, &root, "again").await;
+    for i in 0..8 {
+        let text = format!("round {i}");
+        let ((), next) =
+            tokio::join!(redact(&server, &alice, &room, &last), thread_reply(&server, &bob, &room, &root, &text));
+        last = next;
+        assert!(related_flag(&server, &root).await, "round {i}");
+        let event = get_event(&server, &bob, &room, &root).await;
+        let thread = &event["unsigned"]["m.relations"]["m.thread"];
+        assert_eq!((thread["count"].clone(), thread["latest_event"]["event_id"].clone()), (json!(1), json!(last)));
+    }
+    server.stop().await;
+}
+
 backend_tests!(
     relations_are_paged_and_filtered,
     history_visibility_hides_relations,
@@ -700,6 +755,7 @@ backend_tests!(
     mutual_rooms_lists_shared_joined_rooms,
     room_summaries_for_members_and_open_rooms,
     ignored_users_leave_threads,
+    the_related_flag_follows_redacted_children,
 );
 
 /// Several upgrades of one room at once make one new room: every answer names it, and
