@@ -364,9 +364,59 @@ async fn a_parent_that_arrives_after_its_child_is_flagged(backend: Backend) {
     b.stop().await;
 }
 
+/// The round trips to the database (`statements_run`: statements and transactions) of
+/// one `/send` carrying one message whose prev event is known: the fewest over five
+/// (background work can only add). The prev events are read once, not three times.
+async fn a_pdu_with_known_prevs_reads_them_once(backend: Backend) {
+    use crate::federation::{fed_request, sign};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, _) = b.register("bob").await;
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    join(&b, &bob_token, &room, &a, &alice_token).await;
+    let (_, page) = a.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1"), Some(&alice_token)).await;
+    let mut head = page["chunk"][0]["event_id"].as_str().unwrap().to_owned();
+    let power = state_id(&a, &alice_token, &room, "m.room.power_levels", "").await;
+    let member = state_id(&a, &alice_token, &room, "m.room.member", &bob).await;
+    let store = &services(&a).store;
+    let mut fewest = u64::MAX;
+    for i in 0..5 {
+        let (id, pdu) = build_pdu(
+            &b,
+            &room,
+            &bob,
+            "m.room.message",
+            None,
+            text(&format!("message {i}")),
+            &[&head],
+            &[&power, &member],
+        );
+        let path = format!("/_matrix/federation/v1/send/cost-{i}");
+        let body = json!({"origin": name(&b).as_str(), "origin_server_ts": convo::service::now_ms(), "pdus": [pdu]});
+        let auth_header = sign(&b, name(&a).as_str(), "PUT", &path, Some(&body));
+        let before = store.statements_run();
+        let (status, answer) = fed_request(&a, reqwest::Method::PUT, &path, Some(&body), Some(&auth_header)).await;
+        let used = store.statements_run() - before;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["pdus"][&id], json!({}), "{answer}");
+        fewest = fewest.min(used);
+        head = id;
+    }
+    println!("round trips of a /send of one message with known prevs: {fewest}");
+    assert!(fewest <= MAX_SEND_ROUND_TRIPS, "{fewest} round trips");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// What `a_pdu_with_known_prevs_reads_them_once` allows (15 when the prevs were read
+/// three times: by the gap check, the check for prevs without state, and the pipeline).
+const MAX_SEND_ROUND_TRIPS: u64 = 13;
+
 backend_tests!(
     missing_auth_events_are_fetched_from_the_room_servers,
     redactions_from_another_server_need_the_power_to_redact,
     the_state_at_a_gap_get_missing_events_cannot_fill_comes_from_the_sender,
     a_parent_that_arrives_after_its_child_is_flagged,
+    a_pdu_with_known_prevs_reads_them_once,
 );

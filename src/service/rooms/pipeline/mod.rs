@@ -33,7 +33,7 @@ use crate::service::rooms::{
 use crate::{
     error::Result,
     service::Services,
-    storage::{Persisted, Position, Redaction, StateEntry},
+    storage::{Persisted, Position, Redaction, StateEntry, StoredEvent},
 };
 
 use checks::{auth_keys, check_against, create_event_id};
@@ -96,7 +96,7 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None, None).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, None, None, None).await
     }
 
     /// `handle_pdu` for a PDU some of whose prev events this server has no state for
@@ -111,7 +111,24 @@ impl Services {
         arrival: Arrival,
         prev_states: Vec<IdState>,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None, Some(prev_states)).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, None, Some(prev_states), None).await
+    }
+
+    /// `handle_pdu` (with `prev_states` when some prevs have no state here) for a PDU
+    /// whose prev events were read already (`prevs`: those stored, read before the
+    /// room's lock, as the receiver of `/send` does to find what it lacks): they are
+    /// not read again. Safe as a stored event never loses its state group; one whose
+    /// state came after the read is covered by `prev_states`.
+    pub(crate) async fn handle_pdu_with_prevs(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        arrival: Arrival,
+        prev_states: Option<Vec<IdState>>,
+        prevs: Vec<StoredEvent>,
+    ) -> Result<PduOutcome> {
+        self.handle_pdu_at(room_id, version, pdu, arrival, None, prev_states, Some(prevs)).await
     }
 
     /// Stores this server's join to a remote room, from a `send_join` answer: call
@@ -128,7 +145,7 @@ impl Services {
         join: CanonicalJsonObject,
         state_before: i64,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before), None).await
+        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before), None, None).await
     }
 
     /// Records a remote room (its version and creator) before its first events are
@@ -145,6 +162,7 @@ impl Services {
         arrival: Arrival,
         state_before: Option<i64>,
         prev_states: Option<Vec<IdState>>,
+        read_prevs: Option<Vec<StoredEvent>>,
     ) -> Result<PduOutcome> {
         let rules = rules_for(version)?;
         let (event_id, json, parsed) = self.check_pdu(room_id, &rules, pdu, arrival)?.await_keys(self).await?;
@@ -177,7 +195,10 @@ impl Services {
             Err(e) => return Err(e),
         };
         let prev_ids: Vec<String> = parsed.prev_events.iter().map(|p| p.to_string()).collect();
-        let known = self.store.get_events_by_ids(&prev_ids).await?;
+        let known = match read_prevs {
+            Some(read) => read.into_iter().filter(|e| prev_ids.contains(&e.event_id)).collect(),
+            None => self.store.get_events_by_ids(&prev_ids).await?,
+        };
         if known.len() < prev_ids.len() {
             // Missing prevs are fetched before this, outside the room's lock, by the
             // receiver of `/send` (`get_missing_events`, then the state at those still
