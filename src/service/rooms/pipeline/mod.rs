@@ -84,6 +84,16 @@ fn to_entries(state: &IdState) -> Vec<StateEntry> {
     entries
 }
 
+/// What a caller of `handle_pdu_at` already has: the state group before the event (our
+/// join), the states after its prevs that have none here (from the sender), its prev
+/// events as stored (read before the room's lock).
+#[derive(Default)]
+struct Given {
+    state_before: Option<i64>,
+    prev_states: Option<Vec<IdState>>,
+    read_prevs: Option<Vec<StoredEvent>>,
+}
+
 impl Services {
     /// Checks and stores a PDU of a room this server knows (see the module comment).
     /// `Err` means the PDU was refused and nothing was stored: its format is wrong, it
@@ -96,7 +106,7 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None, None, None).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, Given::default()).await
     }
 
     /// `handle_pdu` for a PDU some of whose prev events this server has no state for
@@ -111,7 +121,8 @@ impl Services {
         arrival: Arrival,
         prev_states: Vec<IdState>,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None, Some(prev_states), None).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, Given { prev_states: Some(prev_states), ..Given::default() })
+            .await
     }
 
     /// `handle_pdu` (with `prev_states` when some prevs have no state here) for a PDU
@@ -128,7 +139,14 @@ impl Services {
         prev_states: Option<Vec<IdState>>,
         prevs: Vec<StoredEvent>,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None, prev_states, Some(prevs)).await
+        self.handle_pdu_at(
+            room_id,
+            version,
+            pdu,
+            arrival,
+            Given { prev_states, read_prevs: Some(prevs), ..Given::default() },
+        )
+        .await
     }
 
     /// Stores this server's join to a remote room, from a `send_join` answer: call
@@ -145,7 +163,14 @@ impl Services {
         join: CanonicalJsonObject,
         state_before: i64,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before), None, None).await
+        self.handle_pdu_at(
+            room_id,
+            version,
+            join,
+            Arrival::Live,
+            Given { state_before: Some(state_before), ..Given::default() },
+        )
+        .await
     }
 
     /// Records a remote room (its version and creator) before its first events are
@@ -160,10 +185,9 @@ impl Services {
         version: &RoomVersionId,
         pdu: CanonicalJsonObject,
         arrival: Arrival,
-        state_before: Option<i64>,
-        prev_states: Option<Vec<IdState>>,
-        read_prevs: Option<Vec<StoredEvent>>,
+        given: Given,
     ) -> Result<PduOutcome> {
+        let Given { state_before, prev_states, read_prevs } = given;
         let rules = rules_for(version)?;
         let (event_id, json, parsed) = self.check_pdu(room_id, &rules, pdu, arrival)?.await_keys(self).await?;
         if arrival == Arrival::Outlier {
