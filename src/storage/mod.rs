@@ -127,6 +127,8 @@ pub struct Store {
     pub(crate) statements: std::sync::atomic::AtomicU64,
     /// What changed where, for `/sync` to skip streams that did not move (`changes.rs`).
     pub(crate) changes: changes::ChangeIndex,
+    /// State group ids and backfill positions reserved ahead (PostgreSQL; `events.rs`).
+    pub(crate) counters: events::CounterBlocks,
 }
 
 impl From<sqlx::Error> for Error {
@@ -212,6 +214,7 @@ impl Store {
                 stream: stream::Stream::new(reserved),
                 changes: changes::ChangeIndex::new(reserved),
                 statements: Default::default(),
+                counters: Default::default(),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
@@ -242,6 +245,7 @@ impl Store {
                 stream: stream::Stream::new(reserved),
                 changes: changes::ChangeIndex::new(reserved),
                 statements: Default::default(),
+                counters: Default::default(),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
