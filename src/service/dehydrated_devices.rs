@@ -51,9 +51,15 @@ impl Services {
         }
         let now = super::now_ms();
         let device_id = new.device_id.as_str();
-        self.store
+        let replaced = self
+            .store
             .put_dehydrated_device(user.as_str(), device_id, new.display_name, new.device_data.json().get(), now)
             .await?;
+        // Other servers hear of the replaced device's deletion (each change they are
+        // told of is one they can chain the next to).
+        if let Some(replaced) = replaced {
+            self.federate_device_change(user, &replaced, None, true).await;
+        }
         let as_rows = |keys: &BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>| -> Vec<(String, String, String)> {
             keys.iter()
                 .map(|(id, key)| (id.to_string(), id.algorithm().to_string(), key.json().get().to_owned()))

@@ -45,10 +45,15 @@ async fn check_migrated(store: &Store, next_group: i64) {
     assert_eq!(chain, ["$create", "$join"]);
     assert!(store.has_stored_children("$join").await.unwrap(), "prev edges filled");
     assert!(!store.has_stored_children("$msg").await.unwrap());
-    // State groups count on from the highest one stored.
+    // State groups count on from the highest one stored (on PostgreSQL, past the block
+    // of ids the store before reserved: a restart leaves a gap).
     let group =
         store.insert_state_group("!r:x", &[("m.room.create".into(), String::new(), "$create".into())]).await.unwrap();
-    assert_eq!(group, next_group);
+    if store.dialect() == super::Dialect::Postgres {
+        assert!(group >= next_group, "{group} < {next_group}");
+    } else {
+        assert_eq!(group, next_group);
+    }
     assert_eq!(store.get_room_head("!r:x").await.unwrap(), [("$msg".to_owned(), 3, 2)]);
 }
 

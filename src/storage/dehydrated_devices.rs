@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 impl Store {
     /// Makes `device_id` the user's dehydrated device, replacing (deleting) the one
     /// before, in one transaction. `M_INVALID_PARAM` when the id names another device
-    /// of the user. Its keys are stored afterwards (`upload_e2e_keys`).
+    /// of the user. Its keys are stored afterwards (`upload_e2e_keys`). Answers the id
+    /// of the device replaced, when it was another.
     pub async fn put_dehydrated_device(
         &self,
         user_id: &str,
@@ -15,7 +16,7 @@ impl Store {
         display_name: Option<&str>,
         device_data: &str,
         created_ts: i64,
-    ) -> Result<()> {
+    ) -> Result<Option<String>> {
         let _writing = self.devices_writing();
         let positions = self.take_positions(1).await?;
         on_pool!(self, write, |pool| {
@@ -52,7 +53,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             stream::commit(tx, Some(positions)).await?;
-            Ok(())
+            Ok(previous.map(|p| p.0).filter(|p| p != device_id))
         })
     }
 

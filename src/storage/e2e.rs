@@ -605,19 +605,101 @@ impl Store {
     /// The position of the latest change to a user's device list (0: none), the
     /// `stream_id` other servers see.
     pub async fn get_device_list_stream_id(&self, user_id: &str) -> Result<i64> {
-        Ok(self.get_device_list_stream_ids(user_id).await?.0)
+        on_pool!(self, read, |pool| {
+            let (latest,): (Option<i64>,) =
+                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_one(pool)
+                    .await?;
+            Ok(latest.unwrap_or(0))
+        })
     }
 
-    /// The latest change to a user's device list (0: none) and the one before it.
-    pub async fn get_device_list_stream_ids(&self, user_id: &str) -> Result<(i64, Option<i64>)> {
-        on_pool!(self, read, |pool| {
-            let rows: Vec<(i64,)> = sqlx::query_as(
-                "SELECT stream_pos FROM device_list_changes WHERE user_id = $1 ORDER BY stream_pos DESC LIMIT 2",
+    /// The `stream_id` of a local user's device list as `/user/devices` gives it to
+    /// `destination` (the latest change, 0: none), recorded as the last id that server
+    /// was given (`device_list_sent`), in one transaction under the user's lock.
+    pub async fn give_device_list_stream_id(&self, user_id: &str, destination: &str) -> Result<i64> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            super::users::lock_user!(&mut *tx, user_id);
+            let (latest,): (Option<i64>,) =
+                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let latest = latest.unwrap_or(0);
+            sqlx::query(
+                "INSERT INTO device_list_sent (user_id, destination, stream_id) VALUES ($1, $2, $3)
+                 ON CONFLICT (user_id, destination) DO UPDATE SET stream_id = excluded.stream_id
+                 WHERE device_list_sent.stream_id < excluded.stream_id",
             )
             .bind(user_id)
-            .fetch_all(pool)
+            .bind(destination)
+            .bind(latest)
+            .execute(&mut *tx)
             .await?;
-            Ok((rows.first().map_or(0, |r| r.0), rows.get(1).map(|r| r.0)))
+            tx.commit().await?;
+            Ok(latest)
         })
+    }
+
+    /// The ids of a device list update of a local user for `destinations`: the latest
+    /// change's position, and for each destination the last id it was given (its
+    /// `prev_id`; none when it was never given one), which becomes the latest, in one
+    /// transaction under the user's lock. `None` (nothing recorded) when a destination
+    /// was already given the latest id: the update needs an id of its own
+    /// (`record_bare_device_list_change`), or the receiver would take it as already seen.
+    pub async fn take_device_list_update_ids(
+        &self,
+        user_id: &str,
+        destinations: &[String],
+    ) -> Result<Option<(i64, HashMap<String, i64>)>> {
+        on_pool!(self, write, |pool| {
+            let mut tx = pool.begin().await?;
+            super::users::lock_user!(&mut *tx, user_id);
+            let (latest,): (Option<i64>,) =
+                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            let latest = latest.unwrap_or(0);
+            let mut given = HashMap::new();
+            for chunk in destinations.chunks(IN_LIST_CHUNK) {
+                let mut query =
+                    sqlx::QueryBuilder::new("SELECT destination, stream_id FROM device_list_sent WHERE user_id = ");
+                query.push_bind(user_id);
+                query.push(" AND destination IN (");
+                let mut list = query.separated(", ");
+                for d in chunk {
+                    list.push_bind(d);
+                }
+                query.push(")");
+                let rows: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
+                given.extend(rows);
+            }
+            if given.values().any(|id| *id >= latest) {
+                return Ok(None);
+            }
+            for chunk in destinations.chunks(IN_LIST_CHUNK) {
+                let mut query =
+                    sqlx::QueryBuilder::new("INSERT INTO device_list_sent (user_id, destination, stream_id) ");
+                query.push_values(chunk, |mut row, d| {
+                    row.push_bind(user_id).push_bind(d).push_bind(latest);
+                });
+                query.push(
+                    " ON CONFLICT (user_id, destination) DO UPDATE SET stream_id = excluded.stream_id
+                     WHERE device_list_sent.stream_id < excluded.stream_id",
+                );
+                query.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(Some((latest, given)))
+        })
+    }
+
+    /// Records a change of a local user's device list that has no write of its own (a
+    /// device list update that needs an id of its own), at a new stream position.
+    pub async fn record_bare_device_list_change(&self, user_id: &str) -> Result<()> {
+        self.record_remote_device_list_change(user_id).await
     }
 }

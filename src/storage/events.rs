@@ -73,6 +73,98 @@ macro_rules! next_counter {
 }
 pub(crate) use next_counter;
 
+/// Ids taken from the `state_group` and `backfill` counters at a time, on PostgreSQL.
+const COUNTER_BLOCK: i64 = 64;
+
+/// `dag_counters` values reserved ahead, in blocks, on PostgreSQL: a transaction that
+/// took its state group id or backfill position with `next_counter!` held the
+/// counter's row lock until it committed, so persisting any state event (or backfilled
+/// event) waited for every other one in flight, in any room. The lock orders nothing
+/// that needs it: state group ids need only be unique, and backfill positions need
+/// only decrease within a room, whose events are persisted one at a time (the room's
+/// lock); a block is handed out in order, and the next block lies beyond it. Blocks
+/// are reserved in a statement of their own, before the transaction (`reserve`); a
+/// transaction that finds its block empty (others took it meanwhile) falls back to
+/// `next_counter!`. Ids left in a block at shutdown are never used (gaps are fine).
+/// SQLite, one writer, reserves nothing.
+#[derive(Default)]
+pub(crate) struct CounterBlocks {
+    /// (next value, values left) of `state_group` (counting up) and `backfill` (down).
+    state_group: std::sync::Mutex<(i64, i64)>,
+    backfill: std::sync::Mutex<(i64, i64)>,
+}
+
+impl CounterBlocks {
+    fn block(&self, name: &str) -> &std::sync::Mutex<(i64, i64)> {
+        if name == "backfill" { &self.backfill } else { &self.state_group }
+    }
+
+    /// The next reserved value of counter `name`, if one is left.
+    pub(crate) fn take(&self, name: &str) -> Option<i64> {
+        let mut block = self.block(name).lock().unwrap_or_else(|e| e.into_inner());
+        if block.1 == 0 {
+            return None;
+        }
+        let value = block.0;
+        block.0 += if name == "backfill" { -1 } else { 1 };
+        block.1 -= 1;
+        Some(value)
+    }
+
+    fn left(&self, name: &str) -> i64 {
+        self.block(name).lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+}
+
+/// The next value of counter `$name` (`"state_group"` or `"backfill"`): from the
+/// store's reserved block (`$blocks`, a `&CounterBlocks`) when it has one, else under
+/// the row's lock in the transaction (`next_counter!`).
+macro_rules! take_counter {
+    ($tx:expr, $blocks:expr, "state_group") => {{
+        match $blocks.take("state_group") {
+            Some(value) => value,
+            None => $crate::storage::events::next_counter!($tx, "state_group", "1"),
+        }
+    }};
+    ($tx:expr, $blocks:expr, "backfill") => {{
+        match $blocks.take("backfill") {
+            Some(value) => value,
+            None => $crate::storage::events::next_counter!($tx, "backfill", "-1"),
+        }
+    }};
+}
+pub(crate) use take_counter;
+
+impl Store {
+    /// On PostgreSQL, makes sure the reserved blocks hold at least `state_groups` state
+    /// group ids and `backfill` backfill positions, reserving a new block (one
+    /// statement, its own transaction) for a counter that has fewer. Call before the
+    /// transaction that takes them.
+    pub(crate) async fn reserve_counters(&self, state_groups: i64, backfill: i64) -> Result<()> {
+        if self.dialect() != super::Dialect::Postgres {
+            return Ok(());
+        }
+        for (name, needed) in [("state_group", state_groups), ("backfill", backfill)] {
+            if needed == 0 || self.counters.left(name) >= needed {
+                continue;
+            }
+            let size = needed.max(COUNTER_BLOCK);
+            let step = if name == "backfill" { -size } else { size };
+            let (last,): (i64,) = on_pool!(self, write, |pool| {
+                sqlx::query_as("UPDATE dag_counters SET value = value + $1 WHERE name = $2 RETURNING value")
+                    .bind(step)
+                    .bind(name)
+                    .fetch_one(pool)
+                    .await?
+            });
+            // The block is the values up to `last`, counted from the first.
+            let first = last - step + if name == "backfill" { -1 } else { 1 };
+            *self.counters.block(name).lock().unwrap_or_else(|e| e.into_inner()) = (first, size);
+        }
+        Ok(())
+    }
+}
+
 impl Store {
     pub async fn get_room_version(&self, room_id: &str) -> Result<Option<String>> {
         on_pool!(self, read, |pool| {

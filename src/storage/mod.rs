@@ -128,6 +128,8 @@ pub struct Store {
     pub(crate) statements: std::sync::atomic::AtomicU64,
     /// What changed where, for `/sync` to skip streams that did not move (`changes.rs`).
     pub(crate) changes: changes::ChangeIndex,
+    /// State group ids and backfill positions reserved ahead (PostgreSQL; `events.rs`).
+    pub(crate) counters: events::CounterBlocks,
     /// Hot reads kept in memory (`read_cache.rs`).
     pub(crate) caches: ReadCaches,
 }
@@ -273,6 +275,7 @@ impl Store {
                 stream: stream::Stream::new(reserved),
                 changes: changes::ChangeIndex::new(reserved),
                 statements: Default::default(),
+                counters: Default::default(),
                 caches: ReadCaches::default(),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
@@ -304,6 +307,7 @@ impl Store {
                 stream: stream::Stream::new(reserved),
                 changes: changes::ChangeIndex::new(reserved),
                 statements: Default::default(),
+                counters: Default::default(),
                 caches: ReadCaches::default(),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;

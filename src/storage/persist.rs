@@ -10,10 +10,10 @@
 use super::changes::{Change, Kind};
 use super::{
     Store,
-    events::next_counter,
+    events::take_counter,
     on_pool,
     push::{count_push_actions, forget_unread, uncount_redacted},
-    relations::insert_relation,
+    relations::{insert_relation, unrelate},
     search::{index_for_search, unindex_for_search},
     stream::{self, Positions},
 };
@@ -246,11 +246,11 @@ const SMALL_ROWS: usize = 5_000;
 const OUTLIERS_PER_TX: usize = 5_000;
 
 /// Writes `$entries` (`&[StateEntry]`) as a new snapshot state group of room `$room`;
-/// evaluates to its id.
+/// evaluates to its id (from the reserved blocks `$blocks` when they have one).
 macro_rules! insert_snapshot_group {
-    ($tx:expr, $room:expr, $entries:expr) => {{
+    ($tx:expr, $blocks:expr, $room:expr, $entries:expr) => {{
         let entries: &[StateEntry] = $entries;
-        let group = next_counter!($tx, "state_group", "1");
+        let group = take_counter!($tx, $blocks, "state_group");
         sqlx::query(
             "INSERT INTO state_groups (group_id, room_id, prev_group, is_snapshot, chain_length)
              VALUES ($1, $2, NULL, TRUE, 0)",
@@ -323,27 +323,27 @@ macro_rules! insert_event_sql {
 /// `Some(StoredAt)`, or `None` when the event id or transaction id was taken (the
 /// caller rolls back).
 macro_rules! insert_event {
-    ($tx:expr, $e:expr, $live:expr) => {{
+    ($tx:expr, $blocks:expr, $e:expr, $live:expr) => {{
         let e: &NewEvent<'_> = $e;
         let d = &e.dag;
         let pos: Option<i64> = match d.position {
             Position::Live => {
                 Some($live.ok_or_else(|| Error::internal("a live event without a stream position"))?)
             }
-            Position::Backfill => Some(next_counter!($tx, "backfill", "-1")),
+            Position::Backfill => Some(take_counter!($tx, $blocks, "backfill")),
             Position::None => None,
         };
         let before: Option<i64> = match d.state_before {
             StateBefore::None => None,
             StateBefore::Group(group) => Some(group),
-            StateBefore::Resolved(entries) => Some(insert_snapshot_group!($tx, e.room_id, entries)),
+            StateBefore::Resolved(entries) => Some(insert_snapshot_group!($tx, $blocks, e.room_id, entries)),
         };
         let has_state = !d.outlier && d.rejected_reason.is_none();
         // A state event starts a new group: the group before plus itself.
         let after: Option<i64> = match (has_state, e.state_key) {
             (false, _) => None,
             (true, None) => before,
-            (true, Some(_)) => Some(next_counter!($tx, "state_group", "1")),
+            (true, Some(_)) => Some(take_counter!($tx, $blocks, "state_group")),
         };
         let replaces_from_current = d.replaces_state.is_none() && e.state_key.is_some();
         // On PostgreSQL the event and its edges are one statement (one round trip, as
@@ -562,7 +562,7 @@ macro_rules! insert_event {
                         }
                     }
                     if let Some(entries) = group {
-                        current_group = Some(insert_snapshot_group!($tx, e.room_id, entries));
+                        current_group = Some(insert_snapshot_group!($tx, $blocks, e.room_id, entries));
                     }
                 }
             }
@@ -676,10 +676,7 @@ macro_rules! insert_event {
                             uncount_redacted!($tx, target);
                         }
                         // A redacted event has no `m.relates_to`: it leaves its parent's relations.
-                        sqlx::query("DELETE FROM event_relations WHERE event_id = $1")
-                            .bind(target)
-                            .execute(&mut *$tx)
-                            .await?;
+                        unrelate!($tx, target);
                         unindex_for_search!($tx, target);
                     }
                     Redaction::Hold { target } if has_state && !d.soft_failed => {
@@ -780,9 +777,12 @@ impl Store {
             None
         };
         let live = positions.as_ref().map(Positions::first);
+        // At most three state groups (before, after, the current state) and one
+        // backfill position, reserved outside the transaction (PostgreSQL).
+        self.reserve_counters(3, i64::from(e.dag.position == Position::Backfill)).await?;
         let stored = on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            match insert_event!(tx, &e, live) {
+            match insert_event!(tx, &self.counters, &e, live) {
                 Some(at) => {
                     stream::commit(tx, positions).await?;
                     Some(at)
@@ -862,9 +862,10 @@ impl Store {
     /// Writes a room state (a join event's state before, from a `send_join` answer) as
     /// a new snapshot state group; returns its id.
     pub async fn insert_state_group(&self, room_id: &str, entries: &[StateEntry]) -> Result<i64> {
+        self.reserve_counters(1, 0).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
-            let group = insert_snapshot_group!(tx, room_id, entries);
+            let group = insert_snapshot_group!(tx, &self.counters, room_id, entries);
             tx.commit().await?;
             Ok(group)
         })
@@ -876,6 +877,7 @@ impl Store {
     pub async fn create_room(&self, room: NewRoom<'_>, events: &[NewEvent<'_>]) -> Result<RoomCreated> {
         let _writing = self.state_writing();
         let positions = self.take_positions_for(events.len() as i64, &event_changes(events)).await?;
+        self.reserve_counters(events.len() as i64, 0).await?;
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             let inserted = sqlx::query(
@@ -914,7 +916,7 @@ impl Store {
                     dag: Dag { state_before: group.map_or(StateBefore::None, StateBefore::Group), ..Dag::default() },
                     ..*e
                 };
-                let Some(at) = insert_event!(tx, &e, Some(positions.nth(i)?)) else {
+                let Some(at) = insert_event!(tx, &self.counters, &e, Some(positions.nth(i)?)) else {
                     return Err(Error::internal(format!("event {} of a new room is already stored", e.event_id)));
                 };
                 stored_at.push(at.position.unwrap_or(0));

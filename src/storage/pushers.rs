@@ -300,20 +300,23 @@ impl Store {
         })
     }
 
-    /// A user's unread notifications in all joined rooms (each after the user's read
-    /// receipt there, or the join), and how many of them are call invites: the
-    /// `counts` of a push.
+    /// A user's unread notifications in all joined rooms, and how many of them are call
+    /// invites: the `counts` of a push. The first is the sum of the kept whole-room
+    /// unread counts (`unread_counts`, thread `''`: one row per room, dropped when the
+    /// user leaves); the second counts, in each of those rooms, the call invites after
+    /// the row's position that notified the user and are not redacted (index
+    /// `events_call_invites`, then the push action's primary key). Neither grows with
+    /// the unread history.
     pub async fn count_unread_for_push(&self, user_id: &str) -> Result<(i64, i64)> {
         on_pool!(self, read, |pool| {
             let (unread, calls): (i64, i64) = sqlx::query_as(
-                "SELECT COUNT(*), COALESCE(SUM(CASE WHEN e.event_type = 'm.call.invite' THEN 1 ELSE 0 END), 0)
-                 FROM event_push_actions p
-                 JOIN memberships m ON m.room_id = p.room_id AND m.user_id = p.user_id AND m.membership = 'join'
-                 JOIN events e ON e.stream_ordering = p.stream_pos
-                 WHERE p.user_id = $1 AND e.redacted_by IS NULL
-                   AND p.stream_pos > COALESCE((SELECT MAX(re.stream_ordering) FROM receipts r
-                       JOIN events re ON re.event_id = r.event_id
-                       WHERE r.user_id = p.user_id AND r.room_id = p.room_id), m.stream_ordering)",
+                "SELECT COALESCE((SELECT CAST(SUM(notifs) AS BIGINT) FROM unread_counts WHERE user_id = $1 AND thread_id = ''), 0),
+                    (SELECT COUNT(*) FROM unread_counts u
+                     JOIN events e ON e.room_id = u.room_id AND e.event_type = 'm.call.invite'
+                         AND e.stream_ordering > u.after_pos
+                     WHERE u.user_id = $1 AND u.thread_id = '' AND e.redacted_by IS NULL
+                       AND EXISTS (SELECT 1 FROM event_push_actions p WHERE p.user_id = u.user_id
+                           AND p.room_id = u.room_id AND p.stream_pos = e.stream_ordering))",
             )
             .bind(user_id)
             .fetch_one(pool)

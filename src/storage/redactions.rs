@@ -3,7 +3,7 @@
 //! target is stored live (`Redaction::HeldBy`) or as an outlier (`apply_held_redaction`).
 //! A redaction applied takes its target out of the search index.
 
-use super::{Store, on_pool, search::unindex_for_search};
+use super::{Store, on_pool, relations::unrelate, search::unindex_for_search};
 use crate::error::Result;
 
 impl Store {
@@ -42,7 +42,7 @@ impl Store {
                 .bind(by)
                 .execute(&mut *tx)
                 .await?;
-                sqlx::query("DELETE FROM event_relations WHERE event_id = $1").bind(target).execute(&mut *tx).await?;
+                unrelate!(tx, target);
                 unindex_for_search!(tx, target);
             }
             sqlx::query("DELETE FROM pending_redactions WHERE target_id = $1").bind(target).execute(&mut *tx).await?;

@@ -6,7 +6,8 @@
 //! a page of events (`unsigned.m.relations`). Only events in the room's history count
 //! (outliers, rejected and soft-failed events have no stream position). A parent's
 //! `related` flag (migration 0027) is set with its first relation row, so that pages
-//! nobody relates to skip the bundled read.
+//! nobody relates to skip the bundled read, and cleared when its last child is
+//! redacted (`unrelate!`).
 
 use std::collections::HashMap;
 
@@ -64,14 +65,66 @@ macro_rules! insert_relation {
             .bind(e.room_id)
             .execute(&mut *$tx)
             .await?;
-            sqlx::query("UPDATE events SET related = TRUE WHERE event_id = $1 AND NOT related")
-                .bind(parent)
-                .execute(&mut *$tx)
-                .await?;
+            // The parent's flag, read under a share lock on PostgreSQL: a redaction that
+            // clears it (`unrelate!`) holds the row's lock while it checks for children,
+            // so either it sees this child or this read sees its cleared flag.
+            let postgres = super::relations::is_postgres(&$tx);
+            let related: Option<(bool,)> = sqlx::query_as(if postgres {
+                "SELECT related FROM events WHERE event_id = $1 FOR SHARE"
+            } else {
+                "SELECT related FROM events WHERE event_id = $1"
+            })
+            .bind(&parent)
+            .fetch_optional(&mut *$tx)
+            .await?;
+            if related == Some((false,)) {
+                sqlx::query("UPDATE events SET related = TRUE WHERE event_id = $1")
+                    .bind(&parent)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
         }
     }};
 }
 pub(crate) use insert_relation;
+
+/// Whether a transaction is PostgreSQL's (the row locks that SQLite, one writer, has no
+/// syntax for).
+pub(crate) fn is_postgres<DB: sqlx::Database>(_: &sqlx::Transaction<'_, DB>) -> bool {
+    DB::NAME == "PostgreSQL"
+}
+
+/// Removes the relation row of `$target`, just redacted in transaction `$tx` (a
+/// redacted event has no `m.relates_to`), and clears its parent's `related` flag when
+/// that was the parent's last child. On PostgreSQL the parent's row is locked first, and
+/// the check runs in a statement of its own (a fresh snapshot): a child being added at
+/// the same time either committed before it (and is seen) or waits on the lock in
+/// `insert_relation!` and sets the flag again.
+macro_rules! unrelate {
+    ($tx:expr, $target:expr) => {{
+        let parent: Option<(String,)> =
+            sqlx::query_as("DELETE FROM event_relations WHERE event_id = $1 RETURNING relates_to")
+                .bind($target)
+                .fetch_optional(&mut *$tx)
+                .await?;
+        if let Some((parent,)) = parent {
+            if $crate::storage::relations::is_postgres(&$tx) {
+                sqlx::query("SELECT 1 FROM events WHERE event_id = $1 FOR NO KEY UPDATE")
+                    .bind(&parent)
+                    .execute(&mut *$tx)
+                    .await?;
+            }
+            sqlx::query(
+                "UPDATE events SET related = FALSE WHERE event_id = $1 AND related
+                 AND NOT EXISTS (SELECT 1 FROM event_relations WHERE relates_to = $1)",
+            )
+            .bind(&parent)
+            .execute(&mut *$tx)
+            .await?;
+        }
+    }};
+}
+pub(crate) use unrelate;
 
 /// Which children of a parent `/relations` asks for.
 pub struct RelationQuery<'a> {
@@ -109,6 +162,22 @@ pub struct BundledRelations {
     pub replacements: HashMap<String, Vec<(String, i64)>>,
     /// By parent: the events referencing it, oldest first.
     pub references: HashMap<String, Vec<String>>,
+}
+
+/// Adds ` AND r.sender NOT IN (...)` to `$query` for a viewer's ignored users
+/// (`$ignored`; nothing when none).
+macro_rules! push_not_ignored {
+    ($query:expr, $ignored:expr) => {{
+        let ignored: &[String] = $ignored;
+        if !ignored.is_empty() {
+            $query.push(" AND r.sender NOT IN (");
+            let mut list = $query.separated(", ");
+            for user in ignored {
+                list.push_bind(user);
+            }
+            $query.push(")");
+        }
+    }};
 }
 
 impl Store {
@@ -174,12 +243,14 @@ impl Store {
 
     /// A page of a room's thread roots, by latest activity (the stream position of the
     /// thread's newest event), newest first, below `before`; with `participant`, only
-    /// the threads that user started or posted in. Returns (root id, latest position).
+    /// the threads that user started or posted in. Events of `ignored` senders do not
+    /// count (a thread with only theirs is left out). Returns (root id, latest position).
     pub async fn get_threads(
         &self,
         room_id: &str,
         before: Option<i64>,
         participant: Option<&str>,
+        ignored: &[String],
         limit: i64,
     ) -> Result<Vec<(String, i64)>> {
         on_pool!(self, read, |pool| {
@@ -189,9 +260,9 @@ impl Store {
                  WHERE r.room_id = ",
             );
             query.push_bind(room_id);
-            query.push(
-                " AND r.rel_type = 'm.thread' AND e.stream_ordering IS NOT NULL GROUP BY r.relates_to HAVING 1 = 1",
-            );
+            query.push(" AND r.rel_type = 'm.thread' AND e.stream_ordering IS NOT NULL");
+            push_not_ignored!(query, ignored);
+            query.push(" GROUP BY r.relates_to HAVING 1 = 1");
             if let Some(before) = before {
                 query.push(" AND MAX(e.stream_ordering) < ").push_bind(before);
             }
@@ -207,8 +278,14 @@ impl Store {
     }
 
     /// The thread summaries, replacements and references of a page of events, for a
-    /// viewer (who may have taken part in a thread): two queries for the whole page.
-    pub async fn get_bundled_relations(&self, parents: &[String], viewer: Option<&str>) -> Result<BundledRelations> {
+    /// viewer (who may have taken part in a thread, and whose `ignored` users' thread
+    /// events neither count nor are the latest): two queries for the whole page.
+    pub async fn get_bundled_relations(
+        &self,
+        parents: &[String],
+        viewer: Option<&str>,
+        ignored: &[String],
+    ) -> Result<BundledRelations> {
         let mut out = BundledRelations::default();
         for chunk in parents.chunks(400) {
             let threads: Vec<(String, i64, i64, i64)> = on_pool!(self, read, |pool| {
@@ -224,7 +301,9 @@ impl Store {
                 for id in chunk {
                     list.push_bind(id);
                 }
-                query.push(") GROUP BY r.relates_to");
+                query.push(")");
+                push_not_ignored!(query, ignored);
+                query.push(" GROUP BY r.relates_to");
                 query.build_query_as().fetch_all(pool).await?
             });
             for (root, count, latest_position, mine) in threads {

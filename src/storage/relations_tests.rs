@@ -51,8 +51,8 @@ async fn check_filled(store: &Store) {
     };
     let children: Vec<String> = store.get_relations(&query).await.unwrap().into_iter().map(|e| e.event_id).collect();
     assert_eq!(children, ["$reply", "$edit"]);
-    assert_eq!(store.get_threads("!r:x", None, None, 10).await.unwrap(), [("$root".to_owned(), 2)]);
-    let bundled = store.get_bundled_relations(&["$root".to_owned()], Some("@b:x")).await.unwrap();
+    assert_eq!(store.get_threads("!r:x", None, None, &[], 10).await.unwrap(), [("$root".to_owned(), 2)]);
+    let bundled = store.get_bundled_relations(&["$root".to_owned()], Some("@b:x"), &[]).await.unwrap();
     let thread = &bundled.threads["$root"];
     assert_eq!((thread.count, thread.latest_position, thread.participated), (1, 2, true));
     assert_eq!(bundled.replacements["$root"], [("$edit".to_owned(), 5)]);

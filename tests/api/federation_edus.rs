@@ -294,10 +294,88 @@ async fn a_replaced_dehydrated_device_leaves_remote_copies(backend: Backend) {
     b.stop().await;
 }
 
+/// Waits until `user`'s copy in `store` (read without a query, which would fetch it)
+/// has `present` and not `gone`; it must never be stale meanwhile.
+async fn applied(store: &convo::storage::Store, user: &str, present: &str, gone: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let copy = store.get_remote_device_list(user).await.unwrap().unwrap();
+        assert!(!copy.stale, "the copy was marked stale (an update named an unknown prev_id): {copy:?}");
+        if copy.devices.contains(present) && gone.is_none_or(|g| !copy.devices.contains(g)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the update never reached the copy: {copy:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Device list updates name as `prev_id` only ids the receiver was given: an operation
+/// that records two changes (a dehydrated device: its row, then its keys) and one that
+/// replaces a device (a deletion, then a new device) reach the other server's copy as
+/// updates it applies, never marking it stale (which would fetch the whole list again).
+async fn device_list_updates_chain_without_a_refetch(backend: Backend) {
+    use crate::dehydrated_devices::{PATH, dehydrated};
+    let a = federating(backend.clone(), TRUSTING).await;
+    let b = federating(backend, TRUSTING).await;
+    let (_, alice_token, _) = a.register("alice").await;
+    let (bob, bob_token, bob_device) = b.register("bob").await;
+    let (status, _) = b
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            Some(&bob_token),
+            json!({"device_keys": device_keys(&bob, &bob_device)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let room = a.create_room(&alice_token, json!({"preset": "public_chat"})).await;
+    let (status, _) =
+        b.post(&format!("/_matrix/client/v3/join/{room}?via={}", name(&a)), Some(&bob_token), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let query = json!({"device_keys": {bob.clone(): []}, "timeout": 5000});
+    let (status, body) = a.post("/_matrix/client/v3/keys/query", Some(&alice_token), query).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let store = &services(&a).store;
+    assert!(!store.get_remote_device_list(&bob).await.unwrap().expect("a copy is kept").stale);
+
+    let (status, body) = b.put(PATH, Some(&bob_token), dehydrated(&bob, "DEHYDRATED1", "one")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    applied(store, &bob, "DEHYDRATED1", None).await;
+    let (status, body) = b.put(PATH, Some(&bob_token), dehydrated(&bob, "DEHYDRATED2", "two")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    applied(store, &bob, "DEHYDRATED2", Some("DEHYDRATED1")).await;
+    let (second_token, second_device) = b.login("bob", Some("SECOND")).await;
+    let (status, _) = b
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            Some(&second_token),
+            json!({"device_keys": device_keys(&bob, &second_device)}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    applied(store, &bob, "SECOND", None).await;
+    // Two devices' keys at once: each update gets an id of its own after the other's.
+    let (third_token, third_device) = b.login("bob", Some("THIRD")).await;
+    let (fourth_token, fourth_device) = b.login("bob", Some("FOURTH")).await;
+    let upload = |token: String, device: String| {
+        let (b, bob) = (&b, &bob);
+        async move {
+            let body = json!({"device_keys": device_keys(bob, &device)});
+            let (status, _) = b.post("/_matrix/client/v3/keys/upload", Some(&token), body).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+    };
+    tokio::join!(upload(third_token, third_device), upload(fourth_token, fourth_device));
+    applied(store, &bob, "THIRD", None).await;
+    applied(store, &bob, "FOURTH", None).await;
+    a.stop().await;
+    b.stop().await;
+}
+
 backend_tests!(
     to_device_messages_reach_users_of_other_servers,
     keys_of_remote_users_are_queried_and_claimed,
     messages_for_a_server_that_is_down_wait_for_it,
     remote_device_lists_are_kept_current,
     a_replaced_dehydrated_device_leaves_remote_copies,
+    device_list_updates_chain_without_a_refetch,
 );

@@ -598,6 +598,61 @@ async fn notifications_list_what_notified(backend: Backend) {
     server.stop().await;
 }
 
+/// The badge (`counts`) of each push is the user's unread notifications across joined
+/// rooms (as `/sync` counts them) and the missed calls among them: right after
+/// messages, a read receipt, a redaction, a call invite, and leaving and rejoining
+/// (counting then starts at the rejoin, not at the receipt before the leave).
+async fn the_badge_follows_reads_redactions_calls_and_rejoins(backend: Backend) {
+    let gateway = Gateway::start().await;
+    let server = push_server(backend, 30).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room_id).await;
+    set_pusher(&server, &bob, pusher(&gateway.url(), "org.example.app", "bob-key")).await;
+    let counts =
+        |n: &Value| (n["counts"]["unread"].as_u64().unwrap_or(0), n["counts"]["missed_calls"].as_u64().unwrap_or(0));
+
+    let first = server.send_text(&alice, &room_id, "one").await;
+    assert_eq!(counts(&gateway.wait_for_event(&first).await), (1, 0));
+    let (status, _) =
+        server.post(&format!("/_matrix/client/v3/rooms/{room_id}/receipt/m.read/{first}"), Some(&bob), json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let second = server.send_text(&alice, &room_id, "two").await;
+    assert_eq!(counts(&gateway.wait_for_event(&second).await), (1, 0), "after the receipt");
+    let third = server.send_text(&alice, &room_id, "three").await;
+    assert_eq!(counts(&gateway.wait_for_event(&third).await), (2, 0));
+
+    // A redacted message no longer counts.
+    let (status, body) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room_id}/redact/{second}/r1"), Some(&alice), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let fourth = server.send_text(&alice, &room_id, "four").await;
+    assert_eq!(counts(&gateway.wait_for_event(&fourth).await), (2, 0), "after the redaction");
+
+    // A call invite counts, and as a missed call.
+    let invite = json!({
+        "call_id": "c1", "lifetime": 60_000, "version": "1", "party_id": "p1",
+        "offer": {"type": "offer", "sdp": "v=0"},
+    });
+    let (status, body) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room_id}/send/m.call.invite/c1"), Some(&alice), invite).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let call = body["event_id"].as_str().unwrap().to_owned();
+    assert_eq!(counts(&gateway.wait_for_event(&call).await), (3, 1), "with the call");
+    let fifth = server.send_text(&alice, &room_id, "five").await;
+    assert_eq!(counts(&gateway.wait_for_event(&fifth).await), (4, 1));
+
+    // Bob leaves (his unread there go) and comes back: counting starts at the rejoin.
+    server.leave(&bob, &room_id).await;
+    server.join(&bob, &room_id).await;
+    let sixth = server.send_text(&alice, &room_id, "six").await;
+    assert_eq!(counts(&gateway.wait_for_event(&sixth).await), (1, 0), "after the rejoin");
+    let sync = server.sync(&bob, None, "").await;
+    assert_eq!(sync["rooms"]["join"][room_id.as_str()]["unread_notifications"]["notification_count"], 1, "{sync}");
+    server.stop().await;
+}
+
 backend_tests!(
     pushers_are_set_listed_replaced_and_removed,
     bad_pushers_are_refused,
@@ -610,4 +665,5 @@ backend_tests!(
     a_failing_push_is_given_up_after_its_attempts,
     a_slow_gateway_does_not_delay_others,
     notifications_list_what_notified,
+    the_badge_follows_reads_redactions_calls_and_rejoins,
 );

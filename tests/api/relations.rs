@@ -636,6 +636,111 @@ async fn room_summaries_for_members_and_open_rooms(backend: Backend) {
     server.stop().await;
 }
 
+/// A thread as a viewer who ignores a user sees it: that user's events neither count
+/// nor are the latest, a thread with only their replies is not listed, and a root they
+/// sent is listed redacted; other viewers see everything.
+async fn ignored_users_leave_threads(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob, room) = room_of_two(&server).await;
+    let (_, carol, _) = server.register("carol").await;
+    server.join(&carol, &room).await;
+    let root = server.send_text(&alice, &room, "root").await;
+    let carols_root = server.send_text(&carol, &room, "carol's root").await;
+    let only_carol = server.send_text(&alice, &room, "only carol answers").await;
+    let from_bob = thread_reply(&server, &bob, &room, &root, "bob").await;
+    thread_reply(&server, &bob, &room, &carols_root, "bob to carol").await;
+    let from_carol = thread_reply(&server, &carol, &room, &root, "carol").await;
+    thread_reply(&server, &carol, &room, &only_carol, "carol again").await;
+    let (status, body) = server
+        .put(
+            "/_matrix/client/v3/user/@alice:localhost/account_data/m.ignored_user_list",
+            Some(&alice),
+            json!({"ignored_users": {"@carol:localhost": {}}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let thread_of = |event: &Value| event["unsigned"]["m.relations"]["m.thread"].clone();
+    let seen = thread_of(&get_event(&server, &alice, &room, &root).await);
+    assert_eq!((seen["count"].clone(), seen["latest_event"]["event_id"].clone()), (json!(1), json!(from_bob)));
+    let seen = thread_of(&get_event(&server, &bob, &room, &root).await);
+    assert_eq!((seen["count"].clone(), seen["latest_event"]["event_id"].clone()), (json!(2), json!(from_carol)));
+    let event = get_event(&server, &alice, &room, &only_carol).await;
+    assert!(event["unsigned"]["m.relations"].get("m.thread").is_none(), "{event}");
+    // In a /messages page too.
+    let (_, body) = server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"), Some(&alice)).await;
+    let in_page = body["chunk"].as_array().unwrap().iter().find(|e| e["event_id"] == root.as_str()).unwrap();
+    assert_eq!(thread_of(in_page)["count"], 1, "{in_page}");
+
+    let base = format!("/_matrix/client/v1/rooms/{room}/threads");
+    let (status, body) = server.get(&base, Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(ids(&body["chunk"]), [carols_root.clone(), root.clone()], "by bob's latest replies");
+    assert_eq!(body["chunk"][0]["content"], json!({}), "carol's root redacted: {body}");
+    assert_eq!(body["chunk"][0]["sender"], "@carol:localhost");
+    let (_, body) = server.get(&base, Some(&bob)).await;
+    assert_eq!(ids(&body["chunk"]), [only_carol, root, carols_root.clone()]);
+    assert_eq!(body["chunk"][2]["content"]["body"], "carol's root", "{body}");
+    let event = get_event(&server, &bob, &room, &carols_root).await;
+    assert_eq!(event["content"]["body"], "carol's root", "{event}");
+    server.stop().await;
+}
+
+/// Whether the stored event says something relates to it (`events.related`).
+async fn related_flag(server: &TestServer, event: &str) -> bool {
+    crate::federation::services(server).store.get_event(event).await.unwrap().unwrap().related
+}
+
+async fn redact(server: &TestServer, token: &str, room: &str, event: &str) {
+    let txn = convo::service::generate_registration_token();
+    let (status, body) =
+        server.put(&format!("/_matrix/client/v3/rooms/{room}/redact/{event}/{txn}"), Some(token), json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// The `related` flag is cleared when the last child of an event is redacted (not
+/// before), set again by a new child, and a child sent while the last one is redacted
+/// (in parallel) always leaves it set; the bundled aggregations follow.
+async fn the_related_flag_follows_redacted_children(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice, bob, room) = room_of_two(&server).await;
+    let root = server.send_text(&alice, &room, "root").await;
+    assert!(!related_flag(&server, &root).await);
+    let reply = thread_reply(&server, &bob, &room, &root, "reply").await;
+    let reference = send(
+        &server,
+        &bob,
+        &room,
+        "m.room.message",
+        json!({"msgtype": "m.text", "body": "ref", "m.relates_to": {"rel_type": "m.reference", "event_id": root}}),
+    )
+    .await;
+    assert!(related_flag(&server, &root).await);
+    redact(&server, &bob, &room, &reply).await;
+    assert!(related_flag(&server, &root).await, "one child left");
+    let event = get_event(&server, &alice, &room, &root).await;
+    assert!(event["unsigned"]["m.relations"].get("m.thread").is_none(), "{event}");
+    assert_eq!(event["unsigned"]["m.relations"]["m.reference"]["chunk"], json!([{"event_id": reference}]));
+    redact(&server, &bob, &room, &reference).await;
+    assert!(!related_flag(&server, &root).await, "no child left");
+    let event = get_event(&server, &alice, &room, &root).await;
+    assert!(event["unsigned"].get("m.relations").is_none(), "{event}");
+
+    // A new child while the last one is redacted, at once: the flag stays with the new one.
+    let mut last = thread_reply(&server, &bob, &room, &root, "again").await;
+    for i in 0..8 {
+        let text = format!("round {i}");
+        let ((), next) =
+            tokio::join!(redact(&server, &alice, &room, &last), thread_reply(&server, &bob, &room, &root, &text));
+        last = next;
+        assert!(related_flag(&server, &root).await, "round {i}");
+        let event = get_event(&server, &bob, &room, &root).await;
+        let thread = &event["unsigned"]["m.relations"]["m.thread"];
+        assert_eq!((thread["count"].clone(), thread["latest_event"]["event_id"].clone()), (json!(1), json!(last)));
+    }
+    server.stop().await;
+}
+
 backend_tests!(
     relations_are_paged_and_filtered,
     history_visibility_hides_relations,
@@ -649,6 +754,8 @@ backend_tests!(
     concurrent_reports_get_distinct_ids,
     mutual_rooms_lists_shared_joined_rooms,
     room_summaries_for_members_and_open_rooms,
+    ignored_users_leave_threads,
+    the_related_flag_follows_redacted_children,
 );
 
 /// Several upgrades of one room at once make one new room: every answer names it, and

@@ -344,10 +344,57 @@ async fn state_events_carry_prev_content(backend: Backend) {
     server.stop().await;
 }
 
+async fn set_topic(server: &TestServer, token: &str, room: &str, topic: &str) -> StatusCode {
+    let path = format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic");
+    server.put(&path, Some(token), json!({"topic": topic})).await.0
+}
+
+/// State events in different rooms do not wait for each other's transactions: on
+/// PostgreSQL a transaction that holds the `dag_counters` rows (as each persisted state
+/// event did until it committed) does not hold up a state event in another room; on
+/// both backends state changes in parallel in several rooms all land, each room ending
+/// with one of its topics.
+async fn state_events_in_other_rooms_do_not_wait(backend: Backend) {
+    let postgres = matches!(backend, Backend::Postgres(_));
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let mut rooms = Vec::new();
+    for _ in 0..4 {
+        rooms.push(server.create_room(&alice, json!({})).await);
+    }
+    if postgres {
+        let pool = sqlx::PgPool::connect(&server.config().database.url).await.unwrap();
+        let mut held = pool.begin().await.unwrap();
+        sqlx::query("UPDATE dag_counters SET value = value WHERE name IN ('state_group', 'backfill')")
+            .execute(&mut *held)
+            .await
+            .unwrap();
+        let topic =
+            tokio::time::timeout(std::time::Duration::from_secs(10), set_topic(&server, &alice, &rooms[1], "t"));
+        assert_eq!(topic.await.expect("the state event waited for another transaction"), StatusCode::OK);
+        held.rollback().await.unwrap();
+        pool.close().await;
+    }
+    let topics: Vec<(&String, String)> =
+        (0..3).flat_map(|round| rooms.iter().map(move |room| (room, format!("{room} {round}")))).collect();
+    let tasks = topics.iter().map(|(room, topic)| set_topic(&server, &alice, room, topic));
+    for status in futures_util::future::join_all(tasks).await {
+        assert_eq!(status, StatusCode::OK);
+    }
+    for room in &rooms {
+        let (status, body) =
+            server.get(&format!("/_matrix/client/v3/rooms/{room}/state/m.room.topic"), Some(&alice)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body["topic"].as_str().unwrap().starts_with(room.as_str()), "{body}");
+    }
+    server.stop().await;
+}
+
 backend_tests!(
     concurrent_create_room_makes_distinct_rooms,
     failed_create_room_leaves_nothing,
     state_content_is_checked,
     transaction_ids_are_scoped_to_the_endpoint,
     state_events_carry_prev_content,
+    state_events_in_other_rooms_do_not_wait,
 );

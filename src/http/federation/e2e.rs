@@ -54,6 +54,6 @@ pub async fn get_user_devices(
     State(services): State<AppState>,
     request: Federated<get_devices::Request>,
 ) -> Result<RumaResponse<get_devices::Response>> {
-    request.origin()?;
-    Ok(RumaResponse(services.federation_user_devices(&request.body.user_id).await?))
+    let origin = request.origin()?.clone();
+    Ok(RumaResponse(services.federation_user_devices(&origin, &request.body.user_id).await?))
 }

@@ -120,7 +120,7 @@ impl Services {
             };
             let request_ms = started.elapsed().as_millis() as u64;
             for pdu in super::oldest_first(&response.pdus, MAX_BACKFILL) {
-                match self.handle_remote_pdu(server, room_id, &version, pdu, Arrival::Backfill).await {
+                match self.handle_remote_pdu(server, room_id, &version, pdu, Arrival::Backfill, None).await {
                     Ok(PduOutcome::Accepted { .. }) => stored += 1,
                     Ok(_) => {}
                     Err(e) => tracing::debug!(%room_id, %server, error = %e, "a backfilled event was refused"),

@@ -127,11 +127,17 @@ impl Services {
     /// `GET /_matrix/federation/v1/user/devices/{userId}`: a local user's devices with
     /// their keys, and the user's master and self-signing keys. Device names are not
     /// shared with other servers.
-    pub async fn federation_user_devices(&self, user: &UserId) -> Result<get_devices::Response> {
+    /// The `stream_id` given is recorded as the last one `origin` has (the next device
+    /// list update it gets names it as `prev_id`).
+    pub async fn federation_user_devices(
+        &self,
+        origin: &ruma::ServerName,
+        user: &UserId,
+    ) -> Result<get_devices::Response> {
         if user.server_name() != self.server_name() || !self.store.user_exists(user.as_str()).await? {
             return Err(Error::not_found("No such user on this server"));
         }
-        let stream_id = self.store.get_device_list_stream_id(user.as_str()).await?;
+        let stream_id = self.store.give_device_list_stream_id(user.as_str(), origin.as_str()).await?;
         let mut response =
             get_devices::Response::new(user.to_owned(), UInt::new(stream_id.max(0) as u64).unwrap_or_default());
         let keys = self.query_keys(user, &BTreeMap::from([(user.to_owned(), Vec::new())])).await?;

@@ -134,25 +134,46 @@ impl Services {
     }
 
     /// A local user's device appeared, changed keys or went away: the servers that
-    /// share a room with them hear of it (`m.device_list_update`, with the stream id
-    /// of the change and the one before, so that they notice a gap and ask again).
+    /// share a room with them hear of it (`m.device_list_update`, with the stream id of
+    /// the user's latest change and, as `prev_id`, the last id that server was given,
+    /// so that it notices a gap, and only a gap, and asks again). One EDU per distinct
+    /// `prev_id`.
     pub async fn federate_device_change(&self, user: &UserId, device_id: &str, keys: Option<&str>, deleted: bool) {
         let result = async {
             let servers = self.servers_sharing_rooms_with(user).await?;
             if servers.is_empty() {
                 return Ok(());
             }
-            let (stream_id, prev_id) = self.store.get_device_list_stream_ids(user.as_str()).await?;
+            let names: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+            let (stream_id, given) = match self.store.take_device_list_update_ids(user.as_str(), &names).await? {
+                Some(ids) => ids,
+                None => {
+                    // A server was given the latest id already (another update of the
+                    // user's devices at the same time): this one gets an id of its own.
+                    self.store.record_bare_device_list_change(user.as_str()).await?;
+                    self.store
+                        .take_device_list_update_ids(user.as_str(), &names)
+                        .await?
+                        .ok_or_else(|| Error::internal("no new device list id"))?
+                }
+            };
             let to_uint = |n: i64| UInt::new(n.max(0) as u64).unwrap_or_default();
-            let mut update = DeviceListUpdateContent::new(user.to_owned(), device_id.into(), to_uint(stream_id));
-            update.prev_id = prev_id.into_iter().map(to_uint).collect();
-            update.deleted = deleted.then_some(true);
-            if let Some(keys) = keys {
-                let raw = serde_json::value::RawValue::from_string(keys.to_owned()).map_err(Error::internal)?;
-                update.keys = Some(Raw::from_json(raw));
+            let mut by_prev: BTreeMap<Option<i64>, Vec<OwnedServerName>> = BTreeMap::new();
+            for server in servers {
+                by_prev.entry(given.get(server.as_str()).copied()).or_default().push(server);
             }
-            let edu = edu_json(Edu::DeviceListUpdate(update))?;
-            self.send_edu(&servers, &edu, None).await
+            for (prev_id, servers) in by_prev {
+                let mut update = DeviceListUpdateContent::new(user.to_owned(), device_id.into(), to_uint(stream_id));
+                update.prev_id = prev_id.into_iter().map(to_uint).collect();
+                update.deleted = deleted.then_some(true);
+                if let Some(keys) = keys {
+                    let raw = serde_json::value::RawValue::from_string(keys.to_owned()).map_err(Error::internal)?;
+                    update.keys = Some(Raw::from_json(raw));
+                }
+                let edu = edu_json(Edu::DeviceListUpdate(update))?;
+                self.send_edu(&servers, &edu, None).await?;
+            }
+            Ok::<_, Error>(())
         }
         .await;
         if let Err(e) = result {

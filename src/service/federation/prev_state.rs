@@ -23,6 +23,7 @@ use crate::{
         Services,
         rooms::pipeline::{Arrival, IdState, PduOutcome},
     },
+    storage::StoredEvent,
 };
 
 /// Most prevs of one PDU whose state is asked for (PDUs name at most 20 prevs).
@@ -43,6 +44,10 @@ impl Services {
     /// module comment). `Err`: refused, nothing stored (as `handle_pdu`), or the state
     /// before it could not be had. Backfilled history whose state cannot be had is
     /// still stored, checked against its auth events only (`handle_pdu`).
+    ///
+    /// `stored`: the PDU's prev events and itself as stored, when the caller read them
+    /// (`read_prevs`); they are read here otherwise. Either way once: the pipeline
+    /// reuses them.
     pub(crate) async fn handle_remote_pdu(
         &self,
         origin: &ServerName,
@@ -50,20 +55,20 @@ impl Services {
         version: &RoomVersionId,
         pdu: CanonicalJsonObject,
         arrival: Arrival,
+        stored: Option<Vec<StoredEvent>>,
     ) -> Result<PduOutcome> {
-        let prevs: Vec<OwnedEventId> = match pdu.get("prev_events") {
-            Some(CanonicalJsonValue::Array(ids)) => {
-                ids.iter().filter_map(|v| v.as_str()).filter_map(|id| OwnedEventId::try_from(id).ok()).collect()
-            }
-            _ => Vec::new(),
-        };
+        let prevs = prev_ids_of(&pdu);
         let rules = crate::service::rooms::append::rules_for(version)?;
         let event_id = ruma::signatures::reference_hash(&pdu, &rules)
             .ok()
             .and_then(|hash| OwnedEventId::try_from(format!("${hash}")).ok());
-        let stateless = self.prevs_without_state(event_id.as_ref(), &prevs).await?;
+        let stored = match stored {
+            Some(stored) => stored,
+            None => self.read_prevs(event_id.as_ref(), &prevs).await?,
+        };
+        let stateless = prevs_without_state(event_id.as_ref(), &prevs, &stored);
         if stateless.is_empty() {
-            return self.handle_pdu(room_id, version, pdu, arrival).await;
+            return self.handle_pdu_with_prevs(room_id, version, pdu, arrival, None, stored).await;
         }
         let states = tokio::time::timeout(DEADLINE, async {
             let mut states = Vec::with_capacity(stateless.len());
@@ -80,7 +85,7 @@ impl Services {
             Err(e @ Error::Unavailable(_)) => return Err(e),
             Err(e) if arrival == Arrival::Backfill => {
                 tracing::debug!(%origin, %room_id, error = %e, "no state before a backfilled event");
-                return self.handle_pdu(room_id, version, pdu, arrival).await;
+                return self.handle_pdu_with_prevs(room_id, version, pdu, arrival, None, stored).await;
             }
             Err(e) => {
                 return Err(Error::federation(format!(
@@ -89,34 +94,56 @@ impl Services {
                 )));
             }
         };
-        self.handle_pdu_with_prev_states(room_id, version, pdu, arrival, states).await
+        self.handle_pdu_with_prevs(room_id, version, pdu, arrival, Some(states), stored).await
     }
 
-    /// Those of `prevs` without a state here: not stored, or stored as outliers
-    /// (rejected ones have no state to give, and are left out). None when the event
-    /// itself is already in the room (it is a duplicate: nothing to fetch).
-    async fn prevs_without_state(
+    /// A PDU's prev events (`prevs`) and the event itself (`event_id`) as stored: one
+    /// read, which the pipeline reuses.
+    pub(crate) async fn read_prevs(
         &self,
         event_id: Option<&OwnedEventId>,
         prevs: &[OwnedEventId],
-    ) -> Result<Vec<OwnedEventId>> {
+    ) -> Result<Vec<StoredEvent>> {
         let ids: Vec<String> = prevs.iter().chain(event_id).map(|p| p.to_string()).collect();
-        let stored = self.store.get_events_by_ids(&ids).await?;
-        if let Some(id) = event_id
-            && stored.iter().any(|e| e.event_id == id.as_str() && (e.state_group != 0 || e.rejected_reason.is_some()))
-        {
-            return Ok(Vec::new());
-        }
-        Ok(prevs
-            .iter()
-            .filter(|p| match stored.iter().find(|e| e.event_id == p.as_str()) {
-                None => true,
-                Some(e) => e.state_group == 0 && e.rejected_reason.is_none(),
-            })
-            .cloned()
-            .collect())
+        self.store.get_events_by_ids(&ids).await
     }
+}
 
+/// The prev event ids a PDU names (those that are valid ids).
+pub(crate) fn prev_ids_of(pdu: &CanonicalJsonObject) -> Vec<OwnedEventId> {
+    match pdu.get("prev_events") {
+        Some(CanonicalJsonValue::Array(ids)) => {
+            ids.iter().filter_map(|v| v.as_str()).filter_map(|id| OwnedEventId::try_from(id).ok()).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Those of `prevs` without a state here (`stored`: as `read_prevs` read them): not
+/// stored, or stored as outliers (rejected ones have no state to give, and are left
+/// out). None when the event itself is already in the room (it is a duplicate: nothing
+/// to fetch).
+pub(crate) fn prevs_without_state(
+    event_id: Option<&OwnedEventId>,
+    prevs: &[OwnedEventId],
+    stored: &[StoredEvent],
+) -> Vec<OwnedEventId> {
+    if let Some(id) = event_id
+        && stored.iter().any(|e| e.event_id == id.as_str() && (e.state_group != 0 || e.rejected_reason.is_some()))
+    {
+        return Vec::new();
+    }
+    prevs
+        .iter()
+        .filter(|p| match stored.iter().find(|e| e.event_id == p.as_str()) {
+            None => true,
+            Some(e) => e.state_group == 0 && e.rejected_reason.is_none(),
+        })
+        .cloned()
+        .collect()
+}
+
+impl Services {
     /// The state after `event_id` as `origin` has it: `/state_ids` at it, the events of
     /// that state and its auth chain fetched and stored as outliers where missing, plus
     /// the event itself if it is a state event. `Err` when an event of the state could

@@ -143,8 +143,16 @@ impl Services {
         {
             return Ok((event_id, result));
         }
-        self.fill_gap(origin, &room_id, &version, &event_id, &object).await;
-        let result = match self.handle_remote_pdu(origin, &room_id, &version, object, Arrival::Live).await {
+        // The PDU's prev events and itself, read once: to see whether there is a gap,
+        // which of them lack a state, and by the pipeline (again only after a gap was
+        // filled, which stores some).
+        let prevs = super::prev_state::prev_ids_of(&object);
+        let mut stored = self.read_prevs(Some(&event_id), &prevs).await?;
+        if self.fill_gap(origin, &room_id, &version, &event_id, &prevs, &stored).await {
+            stored = self.read_prevs(Some(&event_id), &prevs).await?;
+        }
+        let result = match self.handle_remote_pdu(origin, &room_id, &version, object, Arrival::Live, Some(stored)).await
+        {
             Ok(PduOutcome::Rejected { reason, .. }) => Err(reason),
             Ok(_) => Ok(()),
             Err(e @ Error::Unavailable(_)) => return Err(e),
@@ -161,35 +169,27 @@ impl Services {
 const MAX_GAP: u32 = 20;
 
 impl Services {
-    /// When a PDU names prev events this server does not have, asks its origin for
-    /// the events between our forward extremities and it (`get_missing_events`), and
-    /// takes them in first, oldest first, so the PDU lands on its real history. A
-    /// failure here only means the PDU is placed without them.
+    /// When a PDU names prev events this server does not have (`stored`: its prevs as
+    /// stored), asks its origin for the events between our forward extremities and it
+    /// (`get_missing_events`), and takes them in first, oldest first, so the PDU lands
+    /// on its real history. A failure here only means the PDU is placed without them.
+    /// Answers whether it asked (and so may have stored some).
     async fn fill_gap(
         &self,
         origin: &ServerName,
         room_id: &ruma::RoomId,
         version: &ruma::RoomVersionId,
         event_id: &ruma::EventId,
-        object: &ruma::CanonicalJsonObject,
-    ) {
+        prevs: &[OwnedEventId],
+        stored: &[crate::storage::StoredEvent],
+    ) -> bool {
         use ruma::api::federation::event::get_missing_events::v1 as missing;
-        let prevs: Vec<String> = match object.get("prev_events") {
-            Some(ruma::CanonicalJsonValue::Array(ids)) => {
-                ids.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
-            }
-            _ => return,
-        };
-        let known = match self.store.stored_event_ids(&prevs).await {
-            Ok(known) => known,
-            Err(_) => return,
-        };
-        if prevs.iter().all(|p| known.contains(p)) {
-            return;
+        if prevs.iter().all(|p| stored.iter().any(|e| e.event_id == p.as_str())) {
+            return false;
         }
         let earliest: Vec<OwnedEventId> = match self.store.get_room_head(room_id.as_str()).await {
             Ok(head) => head.into_iter().filter_map(|(id, _, _)| OwnedEventId::try_from(id).ok()).collect(),
-            Err(_) => return,
+            Err(_) => return false,
         };
         let mut request = missing::Request::new(room_id.to_owned(), earliest, vec![event_id.to_owned()]);
         request.limit = MAX_GAP.into();
@@ -197,18 +197,19 @@ impl Services {
             Ok(response) => response.events,
             Err(e) => {
                 tracing::info!(%origin, %room_id, error = %e, "could not fetch the events before a PDU");
-                return;
+                return false;
             }
         };
         for pdu in super::oldest_first(&events, MAX_GAP as usize) {
             // The oldest may need the state at its own prevs, fetched from the origin.
             // When one fails, so would the next (built on it): the PDU itself then asks
             // for the state at its prevs.
-            if let Err(e) = self.handle_remote_pdu(origin, room_id, version, pdu, Arrival::Live).await {
+            if let Err(e) = self.handle_remote_pdu(origin, room_id, version, pdu, Arrival::Live, None).await {
                 tracing::info!(%origin, %room_id, error = %e, "a missing event was refused");
                 break;
             }
         }
+        true
     }
 }
 

@@ -392,7 +392,13 @@ impl Services {
         if parents.is_empty() {
             return Ok(HashMap::new());
         }
-        let found = self.store.get_bundled_relations(&parents, viewer.map(|v| v.user_id.as_str())).await?;
+        // Threads leave out the events of users the viewer ignores (one read, and only
+        // for pages with related events).
+        let ignored = match viewer {
+            Some(v) => self.ignored_users(v.user_id).await?,
+            None => Vec::new(),
+        };
+        let found = self.store.get_bundled_relations(&parents, viewer.map(|v| v.user_id.as_str()), &ignored).await?;
         // The latest edit of each event: the newest by origin_server_ts, then event id.
         let latest_edits: HashMap<&String, &String> = found
             .replacements

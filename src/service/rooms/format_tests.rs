@@ -131,7 +131,7 @@ impl Services {
         if parents.is_empty() {
             return Ok(HashMap::new());
         }
-        let found = self.store.get_bundled_relations(&parents, viewer.map(|v| v.user_id.as_str())).await?;
+        let found = self.store.get_bundled_relations(&parents, viewer.map(|v| v.user_id.as_str()), &[]).await?;
         // The latest edit of each event: the newest by origin_server_ts, then event id.
         let latest_edits: HashMap<&String, &String> = found
             .replacements

@@ -2,12 +2,15 @@
 //! for users who may see the parent, and only the children they may see), `/threads`
 //! (a room's thread roots by latest activity), and the check on sending that a thread
 //! does not start from an event that itself relates to another. The aggregations
-//! bundled into events are made where events are formatted (`format.rs`).
+//! bundled into events are made where events are formatted (`format.rs`). Threads are
+//! counted per viewer: the events of users the viewer ignores (`m.ignored_user_list`)
+//! neither count in a thread nor are its latest event, and a thread root such a user
+//! sent is listed redacted, as the spec asks.
 
-use ruma::{EventId, RoomId, UserId};
+use ruma::{CanonicalJsonObject, EventId, RoomId, UserId};
 use serde_json::Value as JsonValue;
 
-use super::messages::parse_position;
+use super::{append::rules_for, messages::parse_position};
 use crate::{
     error::{Error, Result},
     service::Services,
@@ -107,10 +110,11 @@ impl Services {
         let limit = limit.clamp(1, 100);
         let mut cursor = from.map(parse_position).transpose()?;
         let participant = participated.then_some(user.as_str());
+        let ignored = self.ignored_users(user).await?;
         let (mut chunk, mut scanned) = (Vec::new(), 0);
         loop {
             let batch_size = (limit * 2) as i64;
-            let threads = self.store.get_threads(room_id.as_str(), cursor, participant, batch_size).await?;
+            let threads = self.store.get_threads(room_id.as_str(), cursor, participant, &ignored, batch_size).await?;
             scanned += threads.len();
             let exhausted = (threads.len() as i64) < batch_size;
             let ids: Vec<String> = threads.iter().map(|(id, _)| id.clone()).collect();
@@ -125,8 +129,14 @@ impl Services {
             for (id, latest) in threads {
                 cursor = Some(latest);
                 if visible.contains(&id)
-                    && let Some(root) = roots.remove(&id)
+                    && let Some(mut root) = roots.remove(&id)
                 {
+                    if ignored.contains(&root.sender) {
+                        // Redacting only removes keys from canonical JSON: the result is
+                        // the same text or shorter, so the client form cache (checked by
+                        // length) never serves one for the other.
+                        root.json = self.redacted_json(room_id, &root.json).await?;
+                    }
                     chunk.push(root);
                     if chunk.len() == limit {
                         break;
@@ -138,6 +148,25 @@ impl Services {
                 return Ok(RelationsPage { chunk, next_batch: more.then(|| cursor.unwrap_or(0).to_string()) });
             }
         }
+    }
+
+    /// The users `user` ignores (the keys of `ignored_users` in its global
+    /// `m.ignored_user_list` account data; none when it is missing or malformed).
+    pub(crate) async fn ignored_users(&self, user: &UserId) -> Result<Vec<String>> {
+        let Some(content) = self.store.get_account_data(user.as_str(), "", "m.ignored_user_list").await? else {
+            return Ok(Vec::new());
+        };
+        let content: JsonValue = serde_json::from_str(&content).unwrap_or_default();
+        Ok(content["ignored_users"].as_object().map(|users| users.keys().cloned().collect()).unwrap_or_default())
+    }
+
+    /// An event's PDU JSON as redacted by its room's version (a thread root from an
+    /// ignored user).
+    async fn redacted_json(&self, room_id: &RoomId, json: &str) -> Result<String> {
+        let rules = rules_for(&self.room_version(room_id).await?)?;
+        let object: CanonicalJsonObject = serde_json::from_str(json).map_err(Error::internal)?;
+        let redacted = ruma::canonical_json::redact(object, &rules.redaction, None).map_err(Error::internal)?;
+        serde_json::to_string(&redacted).map_err(Error::internal)
     }
 
     /// Refuses a thread event whose root relates to another event (the spec's

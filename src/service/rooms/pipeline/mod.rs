@@ -33,7 +33,7 @@ use crate::service::rooms::{
 use crate::{
     error::Result,
     service::Services,
-    storage::{Persisted, Position, Redaction, StateEntry},
+    storage::{Persisted, Position, Redaction, StateEntry, StoredEvent},
 };
 
 use checks::{auth_keys, check_against, create_event_id};
@@ -84,6 +84,16 @@ fn to_entries(state: &IdState) -> Vec<StateEntry> {
     entries
 }
 
+/// What a caller of `handle_pdu_at` already has: the state group before the event (our
+/// join), the states after its prevs that have none here (from the sender), its prev
+/// events as stored (read before the room's lock).
+#[derive(Default)]
+struct Given {
+    state_before: Option<i64>,
+    prev_states: Option<Vec<IdState>>,
+    read_prevs: Option<Vec<StoredEvent>>,
+}
+
 impl Services {
     /// Checks and stores a PDU of a room this server knows (see the module comment).
     /// `Err` means the PDU was refused and nothing was stored: its format is wrong, it
@@ -96,7 +106,7 @@ impl Services {
         pdu: CanonicalJsonObject,
         arrival: Arrival,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None, None).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, Given::default()).await
     }
 
     /// `handle_pdu` for a PDU some of whose prev events this server has no state for
@@ -111,7 +121,32 @@ impl Services {
         arrival: Arrival,
         prev_states: Vec<IdState>,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, pdu, arrival, None, Some(prev_states)).await
+        self.handle_pdu_at(room_id, version, pdu, arrival, Given { prev_states: Some(prev_states), ..Given::default() })
+            .await
+    }
+
+    /// `handle_pdu` (with `prev_states` when some prevs have no state here) for a PDU
+    /// whose prev events were read already (`prevs`: those stored, read before the
+    /// room's lock, as the receiver of `/send` does to find what it lacks): they are
+    /// not read again. Safe as a stored event never loses its state group; one whose
+    /// state came after the read is covered by `prev_states`.
+    pub(crate) async fn handle_pdu_with_prevs(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: CanonicalJsonObject,
+        arrival: Arrival,
+        prev_states: Option<Vec<IdState>>,
+        prevs: Vec<StoredEvent>,
+    ) -> Result<PduOutcome> {
+        self.handle_pdu_at(
+            room_id,
+            version,
+            pdu,
+            arrival,
+            Given { prev_states, read_prevs: Some(prevs), ..Given::default() },
+        )
+        .await
     }
 
     /// Stores this server's join to a remote room, from a `send_join` answer: call
@@ -128,7 +163,14 @@ impl Services {
         join: CanonicalJsonObject,
         state_before: i64,
     ) -> Result<PduOutcome> {
-        self.handle_pdu_at(room_id, version, join, Arrival::Live, Some(state_before), None).await
+        self.handle_pdu_at(
+            room_id,
+            version,
+            join,
+            Arrival::Live,
+            Given { state_before: Some(state_before), ..Given::default() },
+        )
+        .await
     }
 
     /// Records a remote room (its version and creator) before its first events are
@@ -143,9 +185,9 @@ impl Services {
         version: &RoomVersionId,
         pdu: CanonicalJsonObject,
         arrival: Arrival,
-        state_before: Option<i64>,
-        prev_states: Option<Vec<IdState>>,
+        given: Given,
     ) -> Result<PduOutcome> {
+        let Given { state_before, prev_states, read_prevs } = given;
         let rules = rules_for(version)?;
         let (event_id, json, parsed) = self.check_pdu(room_id, &rules, pdu, arrival)?.await_keys(self).await?;
         if arrival == Arrival::Outlier {
@@ -177,7 +219,10 @@ impl Services {
             Err(e) => return Err(e),
         };
         let prev_ids: Vec<String> = parsed.prev_events.iter().map(|p| p.to_string()).collect();
-        let known = self.store.get_events_by_ids(&prev_ids).await?;
+        let known = match read_prevs {
+            Some(read) => read.into_iter().filter(|e| prev_ids.contains(&e.event_id)).collect(),
+            None => self.store.get_events_by_ids(&prev_ids).await?,
+        };
         if known.len() < prev_ids.len() {
             // Missing prevs are fetched before this, outside the room's lock, by the
             // receiver of `/send` (`get_missing_events`, then the state at those still
