@@ -785,7 +785,7 @@ mod tests {
         for user in &users {
             let rules = cache.get(user).expect("every user is still cached");
             match (&rules.rules, &first.rules) {
-                (Rules::Shared(a), Rules::Shared(b)) => assert!(Arc::ptr_eq(&a, b), "{user} shares the ruleset"),
+                (Rules::Shared(a), Rules::Shared(b)) => assert!(Arc::ptr_eq(a, b), "{user} shares the ruleset"),
                 _ => panic!("default rules have a template"),
             }
         }
