@@ -83,9 +83,10 @@ async fn woken_sync_with_one_message_reads_little(backend: Backend) {
         took[1] / ROUNDS
     );
     assert!(used[1] < used[0], "the index saves statements: {used:?}");
-    // The rooms that moved, the timeline, the unread counts, and two more; the access
-    // token, memberships, visibility and key counts come from the store's read caches.
-    assert!(used[1] <= 5, "{} statements", used[1]);
+    // The rooms that moved, the timeline and the unread counts; the access token,
+    // memberships, visibility and key counts come from the store's read caches (a
+    // message does not empty them).
+    assert!(used[1] <= 3, "{} statements", used[1]);
     server.stop().await;
 }
 
