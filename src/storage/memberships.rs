@@ -17,14 +17,10 @@ pub struct MembershipRow {
 
 impl Store {
     /// A user's rooms (not forgotten), with membership.
+    /// Kept in the memberships cache (`read_cache.rs`).
     pub async fn get_user_memberships(&self, user_id: &str) -> Result<Vec<MembershipRow>> {
-        Ok(self.get_user_memberships_shared(user_id).await?.as_ref().clone())
-    }
-
-    /// `get_user_memberships`, shared (kept in the memberships cache, `read_cache.rs`).
-    pub async fn get_user_memberships_shared(&self, user_id: &str) -> Result<std::sync::Arc<Vec<MembershipRow>>> {
         if let Some(rows) = self.caches.memberships.get(user_id) {
-            return Ok(rows);
+            return Ok(rows.as_ref().clone());
         }
         let epoch = self.caches.memberships.epoch();
         let rows: Vec<MembershipRow> = on_pool!(self, read, |pool| {
@@ -36,8 +32,7 @@ impl Store {
             .fetch_all(pool)
             .await?
         });
-        let rows = std::sync::Arc::new(rows);
-        self.caches.memberships.keep(user_id.to_owned(), rows.clone(), epoch);
+        self.caches.memberships.keep(user_id.to_owned(), std::sync::Arc::new(rows.clone()), epoch);
         Ok(rows)
     }
 

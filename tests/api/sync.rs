@@ -654,7 +654,37 @@ async fn own_profile_change_is_not_a_rejoin(backend: Backend) {
     server.stop().await;
 }
 
+/// An incremental sync sends a room's summary only when its members moved (the spec
+/// lets an unchanged summary be left out): not for a message, but for a join, also
+/// one placed by another user's request while the syncing user waited.
+async fn summary_only_when_members_move(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let (_, bob, _) = server.register("bob").await;
+    let (_, carol, _) = server.register("carol").await;
+    let room_id = server.create_room(&alice, json!({"invite": ["@bob:localhost", "@carol:localhost"]})).await;
+    server.join(&bob, &room_id).await;
+    let first = server.sync(&alice, None, "").await;
+    assert_eq!(room(&first, "join", &room_id)["summary"]["m.joined_member_count"], 2);
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+
+    server.send_text(&bob, &room_id, "hello").await;
+    let sync = server.sync(&alice, Some(&since), "timeout=5000").await;
+    let joined = room(&sync, "join", &room_id);
+    assert_eq!(joined["timeline"]["events"].as_array().map(Vec::len), Some(1), "{joined}");
+    assert!(joined["summary"].as_object().is_none_or(|s| s.is_empty()), "no summary for a message: {joined}");
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+
+    server.join(&carol, &room_id).await;
+    let sync = server.sync(&alice, Some(&since), "timeout=5000").await;
+    let summary = &room(&sync, "join", &room_id)["summary"];
+    assert_eq!(summary["m.joined_member_count"], 3, "{sync}");
+    assert_eq!(summary["m.invited_member_count"], 0, "{sync}");
+    server.stop().await;
+}
+
 backend_tests!(
+    summary_only_when_members_move,
     full_state_presence_and_threaded_receipts,
     long_poll_wakes_on_send_and_times_out,
     sections_invite_join_leave,
