@@ -601,18 +601,24 @@ impl Store {
     }
 }
 
+/// The position of the latest change to a user's device list (0: none), the
+/// `stream_id` other servers see.
+macro_rules! latest_device_list_change {
+    ($executor:expr, $user_id:expr) => {{
+        let (latest,): (Option<i64>,) =
+            sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
+                .bind($user_id)
+                .fetch_one($executor)
+                .await?;
+        latest.unwrap_or(0)
+    }};
+}
+
 impl Store {
     /// The position of the latest change to a user's device list (0: none), the
     /// `stream_id` other servers see.
     pub async fn get_device_list_stream_id(&self, user_id: &str) -> Result<i64> {
-        on_pool!(self, read, |pool| {
-            let (latest,): (Option<i64>,) =
-                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
-                    .bind(user_id)
-                    .fetch_one(pool)
-                    .await?;
-            Ok(latest.unwrap_or(0))
-        })
+        on_pool!(self, read, |pool| { Ok(latest_device_list_change!(pool, user_id)) })
     }
 
     /// The `stream_id` of a local user's device list as `/user/devices` gives it to
@@ -622,12 +628,7 @@ impl Store {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             super::users::lock_user!(&mut *tx, user_id);
-            let (latest,): (Option<i64>,) =
-                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
-                    .bind(user_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let latest = latest.unwrap_or(0);
+            let latest = latest_device_list_change!(&mut *tx, user_id);
             sqlx::query(
                 "INSERT INTO device_list_sent (user_id, destination, stream_id) VALUES ($1, $2, $3)
                  ON CONFLICT (user_id, destination) DO UPDATE SET stream_id = excluded.stream_id
@@ -657,12 +658,7 @@ impl Store {
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             super::users::lock_user!(&mut *tx, user_id);
-            let (latest,): (Option<i64>,) =
-                sqlx::query_as("SELECT MAX(stream_pos) FROM device_list_changes WHERE user_id = $1")
-                    .bind(user_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            let latest = latest.unwrap_or(0);
+            let latest = latest_device_list_change!(&mut *tx, user_id);
             let mut given = HashMap::new();
             for chunk in destinations.chunks(IN_LIST_CHUNK) {
                 let mut query =
