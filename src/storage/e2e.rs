@@ -618,7 +618,7 @@ impl Store {
     /// The position of the latest change to a user's device list (0: none), the
     /// `stream_id` other servers see.
     pub async fn get_device_list_stream_id(&self, user_id: &str) -> Result<i64> {
-        on_pool!(self, read, |pool| { Ok(latest_device_list_change!(pool, user_id)) })
+        on_pool!(self, read, |pool| Ok(latest_device_list_change!(pool, user_id)))
     }
 
     /// The `stream_id` of a local user's device list as `/user/devices` gives it to
