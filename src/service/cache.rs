@@ -291,27 +291,37 @@ pub fn heap_str(s: &str) -> usize {
 pub(crate) mod heap {
     use std::{
         alloc::{GlobalAlloc, Layout, System},
-        sync::atomic::{AtomicIsize, Ordering},
+        cell::Cell,
     };
 
     struct Counting;
 
-    static LIVE: AtomicIsize = AtomicIsize::new(0);
+    thread_local! {
+        /// Bytes live on this thread's account: other threads' allocations (the test
+        /// harness, runtimes of other tests) never move a reading taken here.
+        static LIVE: Cell<isize> = const { Cell::new(0) };
+    }
 
-    // SAFETY: every call goes to the system allocator unchanged; only the sizes are counted.
+    fn count(delta: isize) {
+        // `try_with` fails only while the thread is being torn down: not counted then.
+        let _ = LIVE.try_with(|live| live.set(live.get() + delta));
+    }
+
+    // SAFETY: every call goes to the system allocator unchanged; only the sizes are
+    // counted, in a const-initialised thread local that never allocates.
     unsafe impl GlobalAlloc for Counting {
         unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+            count(layout.size() as isize);
             unsafe { System.alloc(layout) }
         }
 
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+            count(-(layout.size() as isize));
             unsafe { System.dealloc(ptr, layout) }
         }
 
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-            LIVE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+            count(new_size as isize - layout.size() as isize);
             unsafe { System.realloc(ptr, layout, new_size) }
         }
     }
@@ -319,11 +329,12 @@ pub(crate) mod heap {
     #[global_allocator]
     static COUNTING: Counting = Counting;
 
-    /// The heap bytes that `make`'s result holds (it is kept until the second reading).
+    /// The heap bytes that `make`'s result holds (it is kept until the second reading),
+    /// as allocated on the calling thread.
     pub fn bytes_of<T>(make: impl FnOnce() -> T) -> usize {
-        let before = LIVE.load(Ordering::Relaxed);
+        let before = LIVE.with(Cell::get);
         let value = make();
-        let after = LIVE.load(Ordering::Relaxed);
+        let after = LIVE.with(Cell::get);
         drop(value);
         (after - before).max(0) as usize
     }
