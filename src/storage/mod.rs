@@ -8,6 +8,7 @@
 //! writers queue in process instead of failing with `SQLITE_BUSY`.
 
 mod account_data;
+mod batch;
 pub mod changes;
 mod dehydrated_devices;
 mod directory;

@@ -10,6 +10,7 @@
 use super::changes::{Change, Kind};
 use super::{
     Store,
+    batch::{Batch, batched, flush_batch},
     events::take_counter,
     on_pool,
     push::{count_push_actions, forget_unread, uncount_redacted},
@@ -272,29 +273,31 @@ macro_rules! insert_snapshot_group {
 }
 
 /// Writes the prev and auth edges of an event (or many: `$rows` is
-/// `&[(event_id, room_id, prevs, auths)]`).
+/// `&[(event_id, room_id, prevs, auths)]`), in `$batch` (`batch.rs`).
 macro_rules! insert_edges {
-    ($tx:expr, $rows:expr) => {{
+    ($tx:expr, $batch:expr, $rows:expr) => {{
         let rows: &[(&str, &str, &[String], &[String])] = $rows;
         let edges: Vec<(&str, &str, &str)> =
             rows.iter().flat_map(|(id, room, prevs, _)| prevs.iter().map(move |p| (*id, p.as_str(), *room))).collect();
         for chunk in edges.chunks(SMALL_ROWS) {
-            let mut query = sqlx::QueryBuilder::new("INSERT INTO event_edges (event_id, prev_event_id, room_id) ");
-            query.push_values(chunk, |mut row, (id, prev, room)| {
-                row.push_bind(*id).push_bind(*prev).push_bind(*room);
+            batched!($tx, $batch, |query: &mut sqlx::QueryBuilder<_>| {
+                query.push("INSERT INTO event_edges (event_id, prev_event_id, room_id) ");
+                query.push_values(chunk, |mut row, (id, prev, room)| {
+                    row.push_bind(*id).push_bind(*prev).push_bind(*room);
+                });
+                query.push(" ON CONFLICT DO NOTHING");
             });
-            query.push(" ON CONFLICT DO NOTHING");
-            query.build().execute(&mut *$tx).await?;
         }
         let auth: Vec<(&str, &str)> =
             rows.iter().flat_map(|(id, _, _, auths)| auths.iter().map(move |a| (*id, a.as_str()))).collect();
         for chunk in auth.chunks(SMALL_ROWS) {
-            let mut query = sqlx::QueryBuilder::new("INSERT INTO event_auth (event_id, auth_event_id) ");
-            query.push_values(chunk, |mut row, (id, auth)| {
-                row.push_bind(*id).push_bind(*auth);
+            batched!($tx, $batch, |query: &mut sqlx::QueryBuilder<_>| {
+                query.push("INSERT INTO event_auth (event_id, auth_event_id) ");
+                query.push_values(chunk, |mut row, (id, auth)| {
+                    row.push_bind(*id).push_bind(*auth);
+                });
+                query.push(" ON CONFLICT DO NOTHING");
             });
-            query.push(" ON CONFLICT DO NOTHING");
-            query.build().execute(&mut *$tx).await?;
         }
     }};
 }
@@ -411,12 +414,19 @@ macro_rules! insert_event {
         if inserted == 0 {
             None
         } else {
+            // What follows is gathered into as few round trips as the results read allow
+            // (`batch.rs`): a message is one.
+            let mut batch = Batch::of(&$tx);
             if !postgres && !d.from_outlier {
-                insert_edges!($tx, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
+                insert_edges!($tx, batch, &[(e.event_id, e.room_id, e.prev_events, e.auth_events)]);
             }
             // Searchable: events in the room's history that clients see (`event_search`).
             if let (Some(p), true) = (pos, has_state && !d.soft_failed) {
-                index_for_search!($tx, e, p);
+                index_for_search!($tx, batch, e, p);
+            }
+            // State events read what they write next.
+            if e.state_key.is_some() || matches!(d.current, CurrentChange::Delta { .. }) {
+                flush_batch!($tx, batch);
             }
             if let (Some(group), Some(state_key)) = (after.filter(|_| e.state_key.is_some()), e.state_key) {
                 // The new group is a delta on the group before, or every so often (and for
@@ -568,23 +578,47 @@ macro_rules! insert_event {
             }
             if let Some(pos) = pos {
                 for chunk in e.push_actions.chunks(BATCH_ROWS) {
-                    let mut query = sqlx::QueryBuilder::new(
-                        "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight, actions) ",
-                    );
-                    query.push_values(chunk, |mut row, a| {
-                        row.push_bind(&a.user_id)
-                            .push_bind(e.room_id)
-                            .push_bind(pos)
-                            .push_bind(e.event_id)
-                            .push_bind(i32::from(a.highlight))
-                            .push_bind(&a.actions);
+                    batched!($tx, batch, |query: &mut sqlx::QueryBuilder<_>| {
+                        query.push(
+                            "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight, actions) ",
+                        );
+                        query.push_values(chunk, |mut row, a| {
+                            row.push_bind(&a.user_id)
+                                .push_bind(e.room_id)
+                                .push_bind(pos)
+                                .push_bind(e.event_id)
+                                .push_bind(i32::from(a.highlight))
+                                .push_bind(&a.actions);
+                        });
                     });
-                    query.build().execute(&mut *$tx).await?;
                     // The pushes to send for it, in the same transaction (`service/push_sender.rs`).
-                    super::pushers::enqueue_event_pushes!($tx, chunk, e.room_id, e.event_id, pos);
+                    super::pushers::enqueue_event_pushes!($tx, batch, chunk, e.room_id, e.event_id, pos);
                 }
             }
             match d.extremities {
+                ExtremityChange::Linear if batch.together => {
+                    // Its prevs are replaced by it, in the batch: two statements, one
+                    // round trip with the rest.
+                    if !e.prev_events.is_empty() {
+                    batched!($tx, batch, |query: &mut sqlx::QueryBuilder<_>| {
+                        query.push("DELETE FROM forward_extremities WHERE room_id = ");
+                        query.push_bind(e.room_id);
+                        query.push(" AND event_id IN (");
+                        let mut prevs = query.separated(", ");
+                        for prev in e.prev_events {
+                            prevs.push_bind(prev);
+                        }
+                        query.push(")");
+                    });
+                    }
+                    batched!($tx, batch, |query: &mut sqlx::QueryBuilder<_>| {
+                        query.push("INSERT INTO forward_extremities (room_id, event_id) VALUES (");
+                        query.push_bind(e.room_id);
+                        query.push(", ");
+                        query.push_bind(e.event_id);
+                        query.push(")");
+                    });
+                }
                 ExtremityChange::Linear => {
                     // The usual case, one prev event that was the only extremity, is one statement.
                     let replaced = match e.prev_events {
@@ -618,6 +652,7 @@ macro_rules! insert_event {
                     }
                 }
                 ExtremityChange::General | ExtremityChange::Backward => {
+                    flush_batch!($tx, batch);
                     for prev in e.prev_events {
                         sqlx::query("DELETE FROM forward_extremities WHERE room_id = $1 AND event_id = $2")
                             .bind(e.room_id)
@@ -653,11 +688,15 @@ macro_rules! insert_event {
                 ExtremityChange::Unchanged => {}
             }
             if d.extremities != ExtremityChange::Linear && !d.outlier {
+                flush_batch!($tx, batch);
                 sqlx::query("DELETE FROM backward_extremities WHERE room_id = $1 AND event_id = $2")
                     .bind(e.room_id)
                     .bind(e.event_id)
                     .execute(&mut *$tx)
                     .await?;
+            }
+            if !e.redactions.is_empty() {
+                flush_batch!($tx, batch);
             }
             for redaction in e.redactions {
                 match *redaction {
@@ -709,7 +748,7 @@ macro_rules! insert_event {
                 }
             }
             if pos.is_some() {
-                insert_relation!($tx, e);
+                insert_relation!($tx, batch, e);
             }
             // The kept unread counts, unless the event came redacted (a held redaction).
             if let Some(pos) = pos
@@ -718,7 +757,7 @@ macro_rules! insert_event {
             {
                 let thread = super::relations::relation_of(e.json)
                     .and_then(|(parent, rel_type)| (rel_type == "m.thread").then_some(parent));
-                count_push_actions!($tx, e.room_id, pos, thread.as_deref(), e.push_actions);
+                count_push_actions!($tx, batch, e.room_id, pos, thread.as_deref(), e.push_actions);
             }
             // The room's current state at this position, where it is not the event's own.
             let current_after = match &d.current {
@@ -729,6 +768,7 @@ macro_rules! insert_event {
             if let (Some(p), Some(current), true) = (pos, current_after, has_state && !d.soft_failed)
                 && Some(current) != after
             {
+                flush_batch!($tx, batch);
                 sqlx::query(
                     "INSERT INTO room_current_groups (room_id, stream_ordering, group_id) VALUES ($1, $2, $3)
                      ON CONFLICT DO NOTHING",
@@ -739,6 +779,7 @@ macro_rules! insert_event {
                 .execute(&mut *$tx)
                 .await?;
             }
+            flush_batch!($tx, batch);
             Some(StoredAt { position: pos, state_group: after, current_group })
         }
     }};
@@ -834,7 +875,9 @@ impl Store {
                 }
                 let rows: Vec<(&str, &str, &[String], &[String])> =
                     batch.iter().map(|o| (o.event_id, o.room_id, o.prev_events, o.auth_events)).collect();
-                insert_edges!(tx, &rows);
+                let mut edges = Batch::of(&tx);
+                insert_edges!(tx, edges, &rows);
+                flush_batch!(tx, edges);
                 tx.commit().await?;
                 n
             });
@@ -972,7 +1015,9 @@ impl Store {
                     .iter()
                     .map(|(id, room, e)| (*id, *room, e.prev_events.as_slice(), e.auth_events.as_slice()))
                     .collect();
-                insert_edges!(tx, &rows);
+                let mut edges = Batch::of(&tx);
+                insert_edges!(tx, edges, &rows);
+                flush_batch!(tx, edges);
             }
             sqlx::query("INSERT INTO server_info (key, value) VALUES ('dag_edges', 'filled')")
                 .execute(&mut *tx)

@@ -29,7 +29,7 @@ pub(crate) const COUNT_ROWS: usize = 2_000;
 /// missing); a missing row is made with the position the receipts and the membership
 /// give (backfilled history is before it: it never counts).
 macro_rules! count_push_actions {
-    ($tx:expr, $room:expr, $pos:expr, $thread:expr, $actions:expr) => {{
+    ($tx:expr, $batch:expr, $room:expr, $pos:expr, $thread:expr, $actions:expr) => {{
         let room: &str = $room;
         let pos: i64 = $pos;
         let thread: &str = $thread.unwrap_or("main");
@@ -48,8 +48,19 @@ macro_rules! count_push_actions {
             for (highlight, users) in &groups {
                 let highlight = i64::from(*highlight);
                 for chunk in users.chunks($crate::storage::push::COUNT_ROWS) {
-                    let mut query =
-                        sqlx::QueryBuilder::new("UPDATE unread_counts SET notifs = notifs + CASE WHEN after_pos < ");
+                    // On SQLite (one writer) the rows that exist are counted by the update
+                    // and the others inserted where none is, both in the batch
+                    // (`batch.rs`), without reading which were updated.
+                    let together = $batch.together;
+                    let mut query = sqlx::QueryBuilder::new("");
+                    if together {
+                        if $batch.statements > 0 {
+                            $batch.query.push(";\n");
+                        }
+                        $batch.statements += 2;
+                    }
+                    let query = if together { &mut $batch.query } else { &mut query };
+                    query.push("UPDATE unread_counts SET notifs = notifs + CASE WHEN after_pos < ");
                     query.push_bind(pos);
                     query.push(" THEN 1 ELSE 0 END, highlights = highlights + CASE WHEN after_pos < ");
                     query.push_bind(pos);
@@ -70,7 +81,10 @@ macro_rules! count_push_actions {
                     // returned, and the others are inserted with `ON CONFLICT` counting
                     // the event. A thread's row cannot be (the user's `""` row is locked
                     // by now): the rows that exist are left out of the insert.
-                    let missing: Vec<&str> = if scope.is_empty() {
+                    let missing: Vec<&str> = if together {
+                        query.push(");\n");
+                        chunk.to_vec()
+                    } else if scope.is_empty() {
                         query.push(") RETURNING user_id");
                         let updated: Vec<(String,)> = query.build_query_as().fetch_all(&mut *$tx).await?;
                         if updated.len() >= chunk.len() {
@@ -85,7 +99,9 @@ macro_rules! count_push_actions {
                         }
                         chunk.to_vec()
                     };
-                    let mut query = sqlx::QueryBuilder::new(
+                    let mut insert = sqlx::QueryBuilder::new("");
+                    let query = if together { &mut $batch.query } else { &mut insert };
+                    query.push(
                         "INSERT INTO unread_counts (user_id, room_id, thread_id, after_pos, notifs, highlights)
                          SELECT user_id, room_id, ",
                     );
@@ -121,7 +137,7 @@ macro_rules! count_push_actions {
                     for user in &missing {
                         list.push_bind(*user);
                     }
-                    if !scope.is_empty() {
+                    if !scope.is_empty() || together {
                         query.push(
                             ") AND NOT EXISTS (SELECT 1 FROM unread_counts u
                                  WHERE u.user_id = m.user_id AND u.room_id = m.room_id AND u.thread_id = ",
@@ -154,7 +170,9 @@ macro_rules! count_push_actions {
                         query.push(" WHERE unread_counts.after_pos < ");
                         query.push_bind(pos);
                     }
-                    query.build().execute(&mut *$tx).await?;
+                    if !together {
+                        query.build().execute(&mut *$tx).await?;
+                    }
                 }
             }
         }

@@ -60,23 +60,24 @@ pub struct NotificationRow {
 /// Queues a push of a stored event (at stream position `$pos`) for every HTTP pusher
 /// of the users in `$chunk` (`PushActionRow`s), inside `persist_event`'s transaction.
 macro_rules! enqueue_event_pushes {
-    ($tx:expr, $chunk:expr, $room_id:expr, $event_id:expr, $pos:expr) => {{
-        let mut query = sqlx::QueryBuilder::new(
-            "INSERT INTO push_queue (user_id, app_id, pushkey, position, kind, room_id, event_id, attempts)
-             SELECT user_id, app_id, pushkey, ",
-        );
-        query.push_bind($pos);
-        query.push(", 'event', ");
-        query.push_bind($room_id);
-        query.push(", ");
-        query.push_bind($event_id);
-        query.push(", 0 FROM pushers WHERE kind = 'http' AND user_id IN (");
-        let mut users = query.separated(", ");
-        for a in $chunk {
-            users.push_bind(&a.user_id);
-        }
-        query.push(") ON CONFLICT DO NOTHING");
-        query.build().execute(&mut *$tx).await?;
+    ($tx:expr, $batch:expr, $chunk:expr, $room_id:expr, $event_id:expr, $pos:expr) => {{
+        $crate::storage::batch::batched!($tx, $batch, |query: &mut sqlx::QueryBuilder<_>| {
+            query.push(
+                "INSERT INTO push_queue (user_id, app_id, pushkey, position, kind, room_id, event_id, attempts)
+                 SELECT user_id, app_id, pushkey, ",
+            );
+            query.push_bind($pos);
+            query.push(", 'event', ");
+            query.push_bind($room_id);
+            query.push(", ");
+            query.push_bind($event_id);
+            query.push(", 0 FROM pushers WHERE kind = 'http' AND user_id IN (");
+            let mut users = query.separated(", ");
+            for a in $chunk {
+                users.push_bind(&a.user_id);
+            }
+            query.push(") ON CONFLICT DO NOTHING");
+        });
     }};
 }
 pub(crate) use enqueue_event_pushes;

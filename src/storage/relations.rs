@@ -48,9 +48,11 @@ pub(crate) fn relation_of(json: &str) -> Option<(String, String)> {
 /// Writes the relation row of an event just stored in transaction `$tx` (its `NewEvent`
 /// is `$e`), unless the event is redacted (a held redaction applied as it was stored).
 macro_rules! insert_relation {
-    ($tx:expr, $e:expr) => {{
+    ($tx:expr, $batch:expr, $e:expr) => {{
         let e: &NewEvent<'_> = $e;
         if let Some((parent, rel_type)) = super::relations::relation_of(e.json) {
+            // It reads what it writes: the batch goes first (`batch.rs`).
+            $crate::storage::batch::flush_batch!($tx, $batch);
             sqlx::query(
                 "INSERT INTO event_relations (event_id, relates_to, rel_type, event_type, sender, room_id)
                  SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (

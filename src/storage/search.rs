@@ -36,21 +36,18 @@ pub fn searchable_text(event_type: &str, json: &str) -> Option<(&'static str, St
 /// index if it has searchable text. One statement; the full-text index follows (a
 /// trigger on SQLite, a generated column on PostgreSQL).
 macro_rules! index_for_search {
-    ($tx:expr, $e:expr, $pos:expr) => {{
+    ($tx:expr, $batch:expr, $e:expr, $pos:expr) => {{
         let e: &NewEvent<'_> = $e;
         if let Some((key, text)) = $crate::storage::search::searchable_text(e.event_type, e.json) {
-            sqlx::query(
-                "INSERT INTO event_search (event_id, stream_ordering, room_id, sender, search_key, value)
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-            )
-            .bind(e.event_id)
-            .bind($pos)
-            .bind(e.room_id)
-            .bind(e.sender)
-            .bind(key)
-            .bind(text)
-            .execute(&mut *$tx)
-            .await?;
+            $crate::storage::batch::batched!($tx, $batch, |query: &mut sqlx::QueryBuilder<_>| {
+                query.push(
+                    "INSERT INTO event_search (event_id, stream_ordering, room_id, sender, search_key, value) VALUES (",
+                );
+                let mut values = query.separated(", ");
+                values.push_bind(e.event_id).push_bind($pos).push_bind(e.room_id).push_bind(e.sender);
+                values.push_bind(key).push_bind(text);
+                query.push(") ON CONFLICT DO NOTHING");
+            });
         }
     }};
 }
