@@ -99,6 +99,8 @@ pub struct Services {
     pub member_cache: MemberCache,
     /// The client forms of recently served events (`rooms/format.rs`).
     pub client_forms: rooms::format::ClientForms,
+    /// Membership and history visibility by (state group, user) (`rooms/visibility.rs`).
+    pub group_visibility: rooms::visibility::GroupVisibility,
     pub typing: Typing,
     /// Local users' presence as last written or read (`ephemeral.rs`).
     pub presence_seen: ephemeral::PresenceSeen,
@@ -153,6 +155,10 @@ impl Services {
             room_heads: Default::default(),
             member_cache: MemberCache::new(budget.bytes(cache::shares::ROOM_MEMBERS)),
             client_forms: rooms::format::ClientForms::with_bound(budget.bytes(cache::shares::CLIENT_FORMS)),
+            group_visibility: cache::ByteCache::new(
+                budget.bytes(cache::shares::GROUP_VISIBILITY),
+                rooms::visibility::weigh_group_visibility,
+            ),
             typing: Typing::default(),
             presence_seen: ephemeral::PresenceSeen::default(),
             room_versions: Default::default(),

@@ -1,6 +1,8 @@
 //! Reading rooms, events, state groups and current state. Events are written only by
 //! `persist.rs`.
 
+use std::sync::Arc;
+
 use super::{Store, on_pool};
 use crate::error::Result;
 
@@ -316,7 +318,8 @@ impl Store {
         })
     }
 
-    /// Current state events of the given (type, state key) pairs, in one query.
+    /// Current state events of the given (type, state key) pairs, in one query, or none
+    /// when the current state cache (`ReadCaches::current_state`) has them all.
     pub async fn get_current_state_entries(
         &self,
         room_id: &str,
@@ -325,7 +328,14 @@ impl Store {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        on_pool!(self, read, |pool| {
+        let cache = &self.caches.current_state;
+        let key = |(t, k): &(String, String)| (room_id.to_owned(), t.clone(), k.clone());
+        let cached: Option<Vec<Option<Arc<StoredEvent>>>> = keys.iter().map(|k| cache.get(&key(k))).collect();
+        if let Some(cached) = cached {
+            return Ok(cached.into_iter().flatten().map(|e| StoredEvent::clone(&e)).collect());
+        }
+        let epoch = cache.epoch();
+        let rows: Vec<StoredEvent> = on_pool!(self, read, |pool| {
             let mut query = sqlx::QueryBuilder::new(concat!(
                 "SELECT ",
                 event_columns!(),
@@ -344,18 +354,29 @@ impl Store {
                 query.push(")");
             }
             query.push(")");
-            Ok(query.build_query_as().fetch_all(pool).await?)
-        })
+            query.build_query_as().fetch_all(pool).await?
+        });
+        for k in keys {
+            let found = rows.iter().find(|e| e.event_type == k.0 && e.state_key.as_deref() == Some(k.1.as_str()));
+            cache.keep(key(k), found.map(|e| Arc::new(e.clone())), epoch);
+        }
+        Ok(rows)
     }
 
+    /// The current state event of (type, state key), through the current state cache.
     pub async fn get_current_state_event(
         &self,
         room_id: &str,
         event_type: &str,
         state_key: &str,
     ) -> Result<Option<StoredEvent>> {
-        on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(concat!(
+        let key = (room_id.to_owned(), event_type.to_owned(), state_key.to_owned());
+        if let Some(cached) = self.caches.current_state.get(&key) {
+            return Ok(cached.map(|e| StoredEvent::clone(&e)));
+        }
+        let epoch = self.caches.current_state.epoch();
+        let row: Option<StoredEvent> = on_pool!(self, read, |pool| {
+            sqlx::query_as(concat!(
                 "SELECT ",
                 event_columns!(),
                 " FROM current_state c JOIN events e ON e.event_id = c.event_id
@@ -365,8 +386,10 @@ impl Store {
             .bind(event_type)
             .bind(state_key)
             .fetch_optional(pool)
-            .await?)
-        })
+            .await?
+        });
+        self.caches.current_state.keep(key, row.clone().map(Arc::new), epoch);
+        Ok(row)
     }
 
     /// The state of a group as (type, state key, event id), optionally of one type

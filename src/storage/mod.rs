@@ -157,17 +157,25 @@ pub(crate) struct ReadCaches {
     /// (user, device) -> unclaimed one-time keys by algorithm, unused fallback key
     /// algorithms. Written by uploads, claims and device deletions.
     pub(crate) key_status: read_cache::ReadCache<(String, String), KeyStatus>,
+    /// (room, type, state key) -> the room's current state event there (`None`: none),
+    /// as the auth rules of every event sent read it. Written with state events and
+    /// redactions.
+    pub(crate) current_state: read_cache::ReadCache<StateKey, Option<std::sync::Arc<StoredEvent>>>,
 }
+
+/// (room, type, state key).
+pub(crate) type StateKey = (String, String, String);
 
 /// A write of sessions or devices in flight: the token and key status caches hold
 /// nothing until it ends (`read_cache.rs`).
 pub(crate) type DevicesWriting<'a> =
     (read_cache::Writing<'a, String, std::sync::Arc<TokenInfo>>, read_cache::Writing<'a, (String, String), KeyStatus>);
 
-/// A write of memberships or state events in flight (`read_cache.rs`).
+/// A write of memberships, state events or redactions in flight (`read_cache.rs`).
 pub(crate) type StateWriting<'a> = (
     read_cache::Writing<'a, String, std::sync::Arc<Vec<MembershipRow>>>,
     read_cache::Writing<'a, (String, String), VisibilityRows>,
+    read_cache::Writing<'a, StateKey, Option<std::sync::Arc<StoredEvent>>>,
 );
 
 impl Store {
@@ -176,7 +184,7 @@ impl Store {
     }
 
     pub(crate) fn state_writing(&self) -> StateWriting<'_> {
-        (self.caches.memberships.begin(), self.caches.visibility.begin())
+        (self.caches.memberships.begin(), self.caches.visibility.begin(), self.caches.current_state.begin())
     }
 }
 
@@ -189,6 +197,7 @@ impl Default for ReadCaches {
             memberships: read_cache::ReadCache::new(50_000, None),
             visibility: read_cache::ReadCache::new(100_000, None),
             key_status: read_cache::ReadCache::new(100_000, None),
+            current_state: read_cache::ReadCache::new(16_384, None),
         }
     }
 }

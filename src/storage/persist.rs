@@ -809,10 +809,12 @@ impl Store {
     /// with a transaction id the device already used on the same endpoint, changes
     /// nothing.
     pub async fn persist_event(&self, e: NewEvent<'_>) -> Result<Persisted> {
-        // Memberships and what decides visibility change only with state events, or by
-        // state resolution (read caches); a message appended changes neither.
-        let _writing = (e.state_key.is_some() || matches!(e.dag.current, CurrentChange::Delta { .. }))
-            .then(|| self.state_writing());
+        // Memberships, the current state and what decides visibility change only with
+        // state events, by state resolution, or (their JSON) by redactions (read caches);
+        // a message appended changes none.
+        let _writing =
+            (e.state_key.is_some() || matches!(e.dag.current, CurrentChange::Delta { .. }) || !e.redactions.is_empty())
+                .then(|| self.state_writing());
         let positions: Option<Positions> = if e.dag.position == Position::Live {
             Some(self.take_positions_for(1, &event_changes(std::slice::from_ref(&e))).await?)
         } else {

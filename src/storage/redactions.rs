@@ -31,6 +31,8 @@ impl Store {
     /// target's redacted form; `None`: the redactions held for it do not apply), and
     /// forgets the redactions held for it. One transaction.
     pub async fn apply_held_redaction(&self, target: &str, applied: Option<(&str, &str)>) -> Result<()> {
+        // A state event's JSON may change (the current state cache).
+        let _writing = self.state_writing();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             if let Some((by, redacted_json)) = applied {

@@ -360,7 +360,10 @@ impl Services {
                 cut_short = true;
                 break;
             }
-            let batch_size = (limit * 2).min(MAX_SCANNED - scanned) as i64;
+            // A page where everything is visible takes one read of `limit` events; one
+            // that skips some reads twice as many at a time after the first.
+            let wanted = if scanned == 0 { limit } else { limit * 2 };
+            let batch_size = wanted.min(MAX_SCANNED - scanned) as i64;
             let batch = self
                 .store
                 .get_room_events_topological(room_id.as_str(), cursor, to_pos, ranges, batch_size, backwards)

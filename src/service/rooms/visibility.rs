@@ -123,9 +123,19 @@ impl Services {
             ("m.room.member".to_owned(), user.as_str().to_owned()),
             ("m.room.history_visibility".to_owned(), String::new()),
         ];
+        // (membership, history visibility) in each state group: a group never changes, and
+        // a redaction keeps both fields, so what is cached stays true.
         let mut groups: std::collections::HashMap<i64, (Option<String>, Option<String>)> = Default::default();
+        let mut read: std::collections::HashMap<i64, (Option<String>, Option<String>)> = Default::default();
         for event in events {
-            if event.state_group == 0 || groups.contains_key(&event.state_group) {
+            if event.state_group == 0
+                || groups.contains_key(&event.state_group)
+                || read.contains_key(&event.state_group)
+            {
+                continue;
+            }
+            if let Some(known) = self.group_visibility.get(&(event.state_group, user.to_owned())) {
+                groups.insert(event.state_group, known);
                 continue;
             }
             let mut entry = (None, None);
@@ -136,14 +146,21 @@ impl Services {
                     entry.1 = Some(id);
                 }
             }
-            groups.insert(event.state_group, entry);
+            read.insert(event.state_group, entry);
         }
-        let ids: Vec<String> = groups.values().flat_map(|(m, h)| m.iter().chain(h)).cloned().collect();
-        let contents: std::collections::HashMap<String, String> =
-            self.store.get_events_by_ids(&ids).await?.into_iter().map(|e| (e.event_id, e.json)).collect();
-        let field = |id: &Option<String>, name: &str| {
-            id.as_ref().and_then(|id| contents.get(id)).map(|json| content_field(json, name))
-        };
+        if !read.is_empty() {
+            let ids: Vec<String> = read.values().flat_map(|(m, h)| m.iter().chain(h)).cloned().collect();
+            let contents: std::collections::HashMap<String, String> =
+                self.store.get_events_by_ids(&ids).await?.into_iter().map(|e| (e.event_id, e.json)).collect();
+            let field = |id: &Option<String>, name: &str| {
+                id.as_ref().and_then(|id| contents.get(id)).map(|json| content_field(json, name))
+            };
+            for (group, (member, history)) in read {
+                let known = (field(&member, "membership"), field(&history, "history_visibility"));
+                self.group_visibility.insert((group, user.to_owned()), known.clone());
+                groups.insert(group, known);
+            }
+        }
         let mut visible = std::collections::HashSet::new();
         for event in events {
             let own = event.event_type == "m.room.member" && event.state_key.as_deref() == Some(user.as_str());
@@ -154,11 +171,11 @@ impl Services {
                 || match groups.get(&event.state_group) {
                     // No state known: the stream's answer stands.
                     None => true,
-                    Some((member, history)) => {
-                        let membership = field(member, "membership").unwrap_or_else(|| "leave".to_owned());
-                        let history = field(history, "history_visibility").unwrap_or_else(|| "shared".to_owned());
+                    Some((membership, history)) => {
+                        let membership = membership.as_deref().unwrap_or("leave");
+                        let history = history.as_deref().unwrap_or("shared");
                         membership == "join"
-                            || match history.as_str() {
+                            || match history {
                                 "world_readable" => true,
                                 "invited" => membership == "invite",
                                 "joined" => false,
@@ -177,6 +194,27 @@ impl Services {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The estimates of a cache's entries are not below the heap the cache takes (its
+    /// map's slots included), nor far above.
+    #[test]
+    fn group_visibility_estimate_is_not_below_the_heap_taken() {
+        use crate::service::cache::heap::bytes_of;
+        let values = [(None, None), (Some("join"), Some("shared")), (Some("leave"), None)];
+        let mut estimate = 0;
+        let taken = bytes_of(|| {
+            let cache = GroupVisibility::new(usize::MAX, weigh_group_visibility);
+            for i in 0..3_000 {
+                let key = (i as i64, ruma::OwnedUserId::try_from(format!("@user{i}:example.org")).unwrap());
+                let (membership, history) = values[i % 3];
+                let value = (membership.map(str::to_owned), history.map(str::to_owned));
+                estimate += weigh_group_visibility(&key, &value);
+                cache.insert(key, value);
+            }
+            cache
+        });
+        assert!(estimate >= taken && estimate < 3 * taken, "estimate {estimate}, taken {taken}");
+    }
 
     fn vis(memberships: &[(i64, &str)], changes: &[(i64, &str)]) -> Visibility {
         let own = |list: &[(i64, &str)]| list.iter().map(|(p, s)| (*p, (*s).to_owned())).collect();
@@ -210,4 +248,15 @@ mod tests {
         let v = vis(&[(30, "join"), (60, "leave")], &[(5, "world_readable"), (20, "joined")]);
         assert_eq!(v.visible_ranges(), vec![(i64::MIN, 20), (29, 60)]);
     }
+}
+
+/// (state group, user) -> the user's membership and the room's history visibility in
+/// that group (`None`: no such state), bounded in bytes (`cache::shares::GROUP_VISIBILITY`).
+pub type GroupVisibility = crate::service::cache::ByteCache<(i64, ruma::OwnedUserId), (Option<String>, Option<String>)>;
+
+/// What an entry of `GroupVisibility` takes, roughly.
+pub fn weigh_group_visibility(key: &(i64, ruma::OwnedUserId), value: &(Option<String>, Option<String>)) -> usize {
+    use crate::service::cache::{ENTRY_OVERHEAD, heap_str};
+    let text = |s: &Option<String>| s.as_deref().map_or(0, heap_str);
+    heap_str(key.1.as_str()) + text(&value.0) + text(&value.1) + 64 + ENTRY_OVERHEAD
 }
