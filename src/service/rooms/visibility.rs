@@ -191,6 +191,17 @@ impl Services {
     }
 }
 
+/// (state group, user) -> the user's membership and the room's history visibility in
+/// that group (`None`: no such state), bounded in bytes (`cache::shares::GROUP_VISIBILITY`).
+pub type GroupVisibility = crate::service::cache::ByteCache<(i64, ruma::OwnedUserId), (Option<String>, Option<String>)>;
+
+/// What an entry of `GroupVisibility` takes, roughly.
+pub fn weigh_group_visibility(key: &(i64, ruma::OwnedUserId), value: &(Option<String>, Option<String>)) -> usize {
+    use crate::service::cache::{ENTRY_OVERHEAD, heap_str};
+    let text = |s: &Option<String>| s.as_deref().map_or(0, heap_str);
+    heap_str(key.1.as_str()) + text(&value.0) + text(&value.1) + 64 + ENTRY_OVERHEAD
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,15 +259,4 @@ mod tests {
         let v = vis(&[(30, "join"), (60, "leave")], &[(5, "world_readable"), (20, "joined")]);
         assert_eq!(v.visible_ranges(), vec![(i64::MIN, 20), (29, 60)]);
     }
-}
-
-/// (state group, user) -> the user's membership and the room's history visibility in
-/// that group (`None`: no such state), bounded in bytes (`cache::shares::GROUP_VISIBILITY`).
-pub type GroupVisibility = crate::service::cache::ByteCache<(i64, ruma::OwnedUserId), (Option<String>, Option<String>)>;
-
-/// What an entry of `GroupVisibility` takes, roughly.
-pub fn weigh_group_visibility(key: &(i64, ruma::OwnedUserId), value: &(Option<String>, Option<String>)) -> usize {
-    use crate::service::cache::{ENTRY_OVERHEAD, heap_str};
-    let text = |s: &Option<String>| s.as_deref().map_or(0, heap_str);
-    heap_str(key.1.as_str()) + text(&value.0) + text(&value.1) + 64 + ENTRY_OVERHEAD
 }
