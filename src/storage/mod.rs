@@ -265,14 +265,19 @@ impl Store {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| format!("database.url: cannot create {}: {e}", parent.display()))?;
             }
+            // No ping before a connection is handed out: SQLite runs in process, and each
+            // ping is a round trip to the connection's thread, as costly as a statement
+            // (sqlx still pings on release, off the request's path).
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
+                .test_before_acquire(false)
                 .connect_with(options.clone())
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
             sqlx::migrate!().run(&write).await.map_err(|e| format!("database migration failed: {e}"))?;
             let read = SqlitePoolOptions::new()
                 .max_connections(pool_size)
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
