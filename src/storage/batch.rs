@@ -9,6 +9,11 @@
 //! batch's writes, flushes the batch first (`flush_batch!`), so statements run in the
 //! order the code gives them. A failed statement ends the query with its error, and the
 //! transaction is rolled back by its caller.
+//!
+//! sqlx 0.9 still runs several statements in one prepared query on SQLite, but calls it
+//! deprecated (launchbadge/sqlx#3108; only `fetch_many` warns). Should a later sqlx drop
+//! it, `together: false` makes every batch run one statement at a time, as on
+//! PostgreSQL.
 
 /// The statements gathered so far (see the module comment).
 pub(crate) struct Batch<DB: sqlx::Database> {

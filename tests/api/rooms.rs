@@ -224,6 +224,48 @@ async fn membership_and_power(backend: Backend) {
     server.stop().await;
 }
 
+/// The same client transaction sent many times at once is one event: every answer
+/// names it, and the room's history holds it once (the transaction id's unique key
+/// decides the race inside the event's transaction).
+async fn parallel_sends_of_one_transaction_are_one_event(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({})).await;
+    for round in 0..3 {
+        let send = format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/race-{round}");
+        let body = json!({"msgtype": "m.text", "body": format!("once {round}")});
+        let answers =
+            futures_util::future::join_all((0..8).map(|_| server.put(&send, Some(&alice), body.clone()))).await;
+        let first = answers[0].1["event_id"].clone();
+        assert!(first.is_string(), "{}", answers[0].1);
+        for (status, answer) in &answers {
+            assert_eq!(*status, StatusCode::OK, "{answer}");
+            assert_eq!(answer["event_id"], first, "one transaction, one event");
+        }
+    }
+    let (status, page) =
+        server.get(&format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"), Some(&alice)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let bodies: Vec<&str> = page["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, vec!["once 2", "once 1", "once 0"]);
+    // The room still takes messages: the head moved once per transaction.
+    let (status, body) = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/after"),
+            Some(&alice),
+            json!({"msgtype": "m.text", "body": "after"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await;
+}
+
 async fn send_is_idempotent_and_redaction_erases(backend: Backend) {
     let server = TestServer::start(backend).await;
     let (_, alice, _) = server.register("alice").await;
@@ -494,6 +536,7 @@ backend_tests!(
     every_supported_room_version,
     membership_and_power,
     send_is_idempotent_and_redaction_erases,
+    parallel_sends_of_one_transaction_are_one_event,
     history_pagination_and_visibility,
     aliases_and_directory_permissions,
 );
