@@ -219,6 +219,35 @@ fn pdu(row: &Row, ts: i64) -> String {
     pdu.to_string()
 }
 
+/// `n` stored events in memory, the rows of `rows()` in turn, ids `{prefix}{i}`.
+fn stored_events(n: usize, prefix: &str) -> Vec<StoredEvent> {
+    let rows = rows();
+    (0..n)
+        .map(|i| {
+            let row = &rows[i % rows.len()];
+            StoredEvent {
+                stream_ordering: i as i64,
+                position: Some(i as i64),
+                event_id: format!("{prefix}{i}"),
+                room_id: "!r:x".into(),
+                sender: row.sender.into(),
+                event_type: row.kind.into(),
+                state_key: row.state_key.clone(),
+                depth: i as i64,
+                origin_server_ts: 1,
+                state_group: 1,
+                json: pdu(row, 1),
+                redacted_by: None,
+                txn_device_id: None,
+                txn_id: None,
+                replaces_state: None,
+                rejected_reason: None,
+                related: false,
+            }
+        })
+        .collect()
+}
+
 /// A few hundred varied events of room `!r:x`.
 fn rows() -> Vec<Row> {
     let senders = ["@a:x", "@b:x", "@c:x"];
@@ -442,31 +471,7 @@ async fn same_as_before(postgres: bool) {
 #[test]
 fn client_forms_stay_under_their_bound() {
     use crate::service::cache::heap::bytes_of;
-    let rows = rows();
-    let events: Vec<StoredEvent> = (0..400)
-        .map(|i| {
-            let row = &rows[i % rows.len()];
-            StoredEvent {
-                stream_ordering: i as i64,
-                position: Some(i as i64),
-                event_id: format!("$event{i}"),
-                room_id: "!r:x".into(),
-                sender: row.sender.into(),
-                event_type: row.kind.into(),
-                state_key: row.state_key.clone(),
-                depth: i as i64,
-                origin_server_ts: 1,
-                state_group: 1,
-                json: pdu(row, 1),
-                redacted_by: None,
-                txn_device_id: None,
-                txn_id: None,
-                replaces_state: None,
-                rejected_reason: None,
-                related: false,
-            }
-        })
-        .collect();
+    let events = stored_events(400, "$event");
     let small = super::ClientForms::with_bound(8_000);
     let large = super::ClientForms::with_bound(64 << 20);
     let json = |form: &super::ClientForm, event: &StoredEvent, unsigned: &super::Unsigned<'_>| {
@@ -512,31 +517,7 @@ async fn postgres_client_forms_serve_the_json_of_before() {
 #[tokio::test]
 #[ignore = "a measurement"]
 async fn format_cpu_per_event() {
-    let rows = rows();
-    let events: Vec<StoredEvent> = (0..10_000)
-        .map(|i| {
-            let row = &rows[i % rows.len()];
-            StoredEvent {
-                stream_ordering: i as i64,
-                position: Some(i as i64),
-                event_id: format!("$x{i}"),
-                room_id: "!r:x".into(),
-                sender: row.sender.into(),
-                event_type: row.kind.into(),
-                state_key: row.state_key.clone(),
-                depth: i as i64,
-                origin_server_ts: 1,
-                state_group: 1,
-                json: pdu(row, 1),
-                redacted_by: None,
-                txn_device_id: None,
-                txn_id: None,
-                replaces_state: None,
-                rejected_reason: None,
-                related: false,
-            }
-        })
-        .collect();
+    let events = stored_events(10_000, "$x");
     let start = std::time::Instant::now();
     for event in &events {
         let value = base_client_event(event, None, false).unwrap();
