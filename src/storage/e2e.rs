@@ -125,10 +125,7 @@ impl Store {
     /// Kept in the key status cache (`read_cache.rs`).
     pub async fn get_key_status(&self, user_id: &str, device_id: &str) -> Result<(HashMap<String, i64>, Vec<String>)> {
         let key = (user_id.to_owned(), device_id.to_owned());
-        if let Some(status) = self.caches.key_status.get(&key) {
-            return Ok(status);
-        }
-        let epoch = self.caches.key_status.epoch();
+        self.caches.key_status.get_or_read(key, || async {
         let rows: Vec<(String, String, i64)> = on_pool!(self, read, |pool| {
             sqlx::query_as(
                 "SELECT 'one_time', algorithm, COUNT(*) FROM e2e_one_time_keys WHERE user_id = $1 AND device_id = $2
@@ -151,8 +148,9 @@ impl Store {
             }
         }
         fallback.sort();
-        self.caches.key_status.keep(key, (counts.clone(), fallback.clone()), epoch);
         Ok((counts, fallback))
+        })
+        .await
     }
 
     /// Device keys of the devices of several users, as (user id, device id, JSON), in

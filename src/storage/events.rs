@@ -371,25 +371,23 @@ impl Store {
         state_key: &str,
     ) -> Result<Option<StoredEvent>> {
         let key = (room_id.to_owned(), event_type.to_owned(), state_key.to_owned());
-        if let Some(cached) = self.caches.current_state.get(&key) {
-            return Ok(cached.map(|e| StoredEvent::clone(&e)));
-        }
-        let epoch = self.caches.current_state.epoch();
-        let row: Option<StoredEvent> = on_pool!(self, read, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                event_columns!(),
-                " FROM current_state c JOIN events e ON e.event_id = c.event_id
+        let row = self.caches.current_state.get_or_read(key, || async {
+            let row: Option<StoredEvent> = on_pool!(self, read, |pool| {
+                sqlx::query_as(concat!(
+                    "SELECT ",
+                    event_columns!(),
+                    " FROM current_state c JOIN events e ON e.event_id = c.event_id
                  WHERE c.room_id = $1 AND c.event_type = $2 AND c.state_key = $3"
-            ))
-            .bind(room_id)
-            .bind(event_type)
-            .bind(state_key)
-            .fetch_optional(pool)
-            .await?
+                ))
+                .bind(room_id)
+                .bind(event_type)
+                .bind(state_key)
+                .fetch_optional(pool)
+                .await?
+            });
+            Ok::<_, crate::error::Error>(row.map(Arc::new))
         });
-        self.caches.current_state.keep(key, row.clone().map(Arc::new), epoch);
-        Ok(row)
+        Ok(row.await?.map(|e| StoredEvent::clone(&e)))
     }
 
     /// The state of a group as (type, state key, event id), optionally of one type
@@ -670,28 +668,27 @@ impl Store {
         user_id: &str,
     ) -> Result<std::sync::Arc<Vec<(i64, String, String)>>> {
         let key = (room_id.to_owned(), user_id.to_owned());
-        if let Some(rows) = self.caches.visibility.get(&key) {
-            return Ok(rows);
-        }
-        let epoch = self.caches.visibility.epoch();
-        let rows: Vec<(i64, String, String)> = on_pool!(self, read, |pool| {
-            // Two indexed reads merged (an OR would make SQLite scan the room's events).
-            sqlx::query_as(
-                "SELECT stream_ordering, event_type, json FROM events
+        self.caches
+            .visibility
+            .get_or_read(key, || async {
+                let rows: Vec<(i64, String, String)> = on_pool!(self, read, |pool| {
+                    // Two indexed reads merged (an OR would make SQLite scan the room's events).
+                    sqlx::query_as(
+                        "SELECT stream_ordering, event_type, json FROM events
                  WHERE room_id = $1 AND state_key = $2 AND event_type = 'm.room.member' AND stream_ordering IS NOT NULL
                  UNION ALL
                  SELECT stream_ordering, event_type, json FROM events
                  WHERE room_id = $1 AND state_key = '' AND event_type = 'm.room.history_visibility'
                    AND stream_ordering IS NOT NULL
                  ORDER BY 1",
-            )
-            .bind(room_id)
-            .bind(user_id)
-            .fetch_all(pool)
-            .await?
-        });
-        let rows = std::sync::Arc::new(rows);
-        self.caches.visibility.keep(key, rows.clone(), epoch);
-        Ok(rows)
+                    )
+                    .bind(room_id)
+                    .bind(user_id)
+                    .fetch_all(pool)
+                    .await?
+                });
+                Ok(std::sync::Arc::new(rows))
+            })
+            .await
     }
 }

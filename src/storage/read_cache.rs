@@ -68,6 +68,21 @@ impl<K: Eq + Hash, V: Clone> ReadCache<K, V> {
         Some(value.clone())
     }
 
+    /// The cached answer for `key`, or else what `read` reads, kept unless a write began
+    /// or ended while it read (`keep`).
+    pub(crate) async fn get_or_read<E, Fut>(&self, key: K, read: impl FnOnce() -> Fut) -> Result<V, E>
+    where
+        Fut: std::future::Future<Output = Result<V, E>>,
+    {
+        if let Some(value) = self.get(&key) {
+            return Ok(value);
+        }
+        let epoch = self.epoch();
+        let value = read().await?;
+        self.keep(key, value.clone(), epoch);
+        Ok(value)
+    }
+
     /// Keeps `value`, read from the database after the epoch was `epoch`, unless a
     /// write began or ended since.
     pub(crate) fn keep(&self, key: K, value: V, epoch: u64) {
