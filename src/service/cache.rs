@@ -249,7 +249,10 @@ impl<K: Eq + Hash, V: Clone> ByteCache<K, V> {
 /// How `[caches] memory_mb` is shared among the caches, in percent. They add up to 100.
 pub mod shares {
     /// `rooms/format.rs`: the client form of recently served events.
-    pub const CLIENT_FORMS: u64 = 45;
+    pub const CLIENT_FORMS: u64 = 35;
+    /// `storage/live.rs`: each room's newest events and its members' unread counts (a
+    /// woken `/sync` reads them from memory).
+    pub const LIVE_TAILS: u64 = 10;
     /// `rooms/visibility.rs`: membership and history visibility in each state group,
     /// by user (paging history).
     pub const GROUP_VISIBILITY: u64 = 5;
@@ -415,7 +418,7 @@ mod tests {
     #[test]
     fn shares_add_up_and_split_the_ceiling() {
         use shares::*;
-        assert_eq!(CLIENT_FORMS + GROUP_VISIBILITY + PUSH_RULESETS + PUSH_TEMPLATES + PUSH_MEMBERS + ROOM_MEMBERS, 100);
+        assert_eq!(CLIENT_FORMS + LIVE_TAILS + GROUP_VISIBILITY + PUSH_RULESETS + PUSH_TEMPLATES + PUSH_MEMBERS + ROOM_MEMBERS, 100);
         let budget = CacheBudget::new(&Caches { memory_mb: 64.0 });
         assert_eq!(budget.bytes(50), 32 << 20);
         assert_eq!(budget.bytes(100), 64 << 20);

@@ -137,6 +137,7 @@ impl Services {
         ));
         let notifier = Box::new(LocalNotifier::new(store.stream_watch()));
         let budget = cache::CacheBudget::new(&config.caches);
+        store.live.set_max_bytes(budget.bytes(cache::shares::LIVE_TAILS));
         Ok(Arc::new(Services {
             media: media::Media::new(&config.media),
             federation,

@@ -123,6 +123,16 @@ impl ChangeIndex {
         since >= inner.floor && !after(Kind::Any, "") && !keys.into_iter().any(|key| after(kind, key))
     }
 
+    /// Whether the index can tell what changed after `since` (its floor is below it and
+    /// no unclassified write came after it): otherwise every answer is "may have changed".
+    pub fn knows(&self, since: i64) -> bool {
+        if self.off.load(Ordering::Relaxed) {
+            return false;
+        }
+        let inner = self.inner();
+        since >= inner.floor && inner.last.get(&(Kind::Any, String::new())).is_none_or(|p| *p <= since)
+    }
+
     /// Notes `position` for one key (kept if higher than what is noted).
     pub fn note(&self, kind: Kind, key: &str, position: i64) {
         self.record(&[Change::new(kind, key)], position);

@@ -27,6 +27,9 @@ impl Store {
     /// Stores a receipt (replacing the user's previous one of that type and thread) and
     /// recounts the user's unread counts in the room, in one transaction.
     pub async fn set_receipt(&self, r: &ReceiptRow) -> Result<i64> {
+        // The recount changes the user's kept counts (`live.rs`): read again after it.
+        let live = self.live.begin([r.room_id.as_str()]);
+        live.drop_unread(&r.room_id, Some(&r.user_id));
         let positions = self.take_positions_for(1, &[Change::new(Kind::Receipts, &r.room_id)]).await?;
         let pos = positions.first();
         on_pool!(self, write, |pool| {

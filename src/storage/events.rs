@@ -547,6 +547,42 @@ impl Store {
         })
     }
 
+    /// `get_room_events` backwards, from the room's live tail when it holds the range
+    /// (`live.rs`): a `/sync` woken by a message reads nothing. A miss reads the room's
+    /// newest events into the tail first, when no write of the room is in flight.
+    pub async fn get_recent_room_events(
+        &self,
+        room_id: &str,
+        after: i64,
+        until: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>> {
+        let wanted = usize::try_from(limit).unwrap_or(0);
+        if let Some(events) = self.live.tail_events(room_id, after, until, wanted) {
+            return Ok(events);
+        }
+        if after >= 0 && wanted <= super::live::TAIL_LEN && self.live.may_keep(room_id) {
+            let noted = self.live.note();
+            let newest = self.get_room_events(room_id, 0, i64::MAX, super::live::TAIL_LEN as i64, true).await?;
+            let answer: Vec<StoredEvent> = newest
+                .iter()
+                .filter(|e| e.stream_ordering > after && e.stream_ordering <= until)
+                .take(wanted)
+                .cloned()
+                .collect();
+            // The newest events answer when they reach down to `after` or fill the page
+            // (events past `until` are skipped above them).
+            let reaches = newest.len() < super::live::TAIL_LEN
+                || newest.last().is_some_and(|e| e.stream_ordering <= after)
+                || answer.len() == wanted;
+            self.live.keep_tail(room_id, newest, noted);
+            if reaches {
+                return Ok(answer);
+            }
+        }
+        self.get_room_events(room_id, after, until, limit, true).await
+    }
+
     /// Events of a room in topological order (depth, then stream position), from `from`
     /// (included when going backwards, excluded going forwards) towards `to` (excluded
     /// backwards, included forwards), only those whose stream position lies in one of

@@ -18,6 +18,7 @@ mod event_times;
 mod events;
 mod federation_outbox;
 mod key_backups;
+pub(crate) mod live;
 mod media;
 mod memberships;
 mod openid;
@@ -133,6 +134,8 @@ pub struct Store {
     pub(crate) counters: events::CounterBlocks,
     /// Hot reads kept in memory (`read_cache.rs`).
     pub(crate) caches: ReadCaches,
+    /// Each room's newest events and kept unread counts, in memory (`live.rs`).
+    pub(crate) live: live::Live,
 }
 
 /// How long a cached access token answers without asking the database again.
@@ -292,6 +295,7 @@ impl Store {
                 statements: Default::default(),
                 counters: Default::default(),
                 caches: ReadCaches::default(),
+                live: live::Live::new(live::DEFAULT_MAX_BYTES),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
@@ -324,6 +328,7 @@ impl Store {
                 statements: Default::default(),
                 counters: Default::default(),
                 caches: ReadCaches::default(),
+                live: live::Live::new(live::DEFAULT_MAX_BYTES),
             };
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;

@@ -9,7 +9,7 @@
 
 use super::changes::{Change, Kind};
 use super::{
-    Store,
+    Store, StoredEvent,
     batch::{Batch, batched, flush_batch},
     events::take_counter,
     on_pool,
@@ -356,19 +356,19 @@ macro_rules! insert_event {
             concat!(
                 "WITH ins AS (",
                 insert_event_sql!(),
-                " RETURNING event_id),
+                " RETURNING event_id, replaces_state, related),
                  edges AS (INSERT INTO event_edges (event_id, prev_event_id, room_id)
                      SELECT ins.event_id, p.value, $3 FROM ins, jsonb_array_elements_text(CAST($19 AS jsonb)) AS p(value)
                      ON CONFLICT DO NOTHING),
                  auth AS (INSERT INTO event_auth (event_id, auth_event_id)
                      SELECT ins.event_id, a.value FROM ins, jsonb_array_elements_text(CAST($20 AS jsonb)) AS a(value)
                      ON CONFLICT DO NOTHING)
-                 SELECT COUNT(*) FROM ins"
+                 SELECT replaces_state, related FROM ins"
             )
         } else {
-            insert_event_sql!()
+            concat!(insert_event_sql!(), " RETURNING replaces_state, related")
         };
-        let query = sqlx::query(sql)
+        let query = sqlx::query_as::<_, (Option<String>, bool)>(sql)
             .bind(pos)
             .bind(e.event_id)
             .bind(e.room_id)
@@ -388,11 +388,12 @@ macro_rules! insert_event {
             .bind(d.rejected_reason)
             .bind(d.soft_failed);
         let inserted = if d.from_outlier {
-            sqlx::query(
+            sqlx::query_as::<_, (Option<String>, bool)>(
                 "UPDATE events SET stream_ordering = $2, state_group = $3, outlier = FALSE, rejected_reason = $4,
                      soft_failed = $5, replaces_state = $6,
                      related = EXISTS (SELECT 1 FROM event_relations WHERE relates_to = $1)
-                 WHERE event_id = $1 AND outlier",
+                 WHERE event_id = $1 AND outlier
+                 RETURNING replaces_state, related",
             )
             .bind(e.event_id)
             .bind(pos)
@@ -400,20 +401,17 @@ macro_rules! insert_event {
             .bind(d.rejected_reason)
             .bind(d.soft_failed)
             .bind(d.replaces_state.flatten())
-            .execute(&mut *$tx)
+            .fetch_optional(&mut *$tx)
             .await?
-            .rows_affected()
         } else if postgres {
             let prevs = serde_json::to_string(e.prev_events).map_err(Error::internal)?;
             let auths = serde_json::to_string(e.auth_events).map_err(Error::internal)?;
-            let row = query.bind(prevs).bind(auths).fetch_one(&mut *$tx).await?;
-            sqlx::Row::try_get::<i64, _>(&row, 0)? as u64
+            query.bind(prevs).bind(auths).fetch_optional(&mut *$tx).await?
         } else {
-            query.execute(&mut *$tx).await?.rows_affected()
+            query.fetch_optional(&mut *$tx).await?
         };
-        if inserted == 0 {
-            None
-        } else {
+        // What the database computed of the row, for the rooms' live tails (`live.rs`).
+        if let Some((replaces_state, related)) = inserted {
             // What follows is gathered into as few round trips as the results read allow
             // (`batch.rs`): a message is one.
             let mut batch = Batch::of(&$tx);
@@ -780,9 +778,73 @@ macro_rules! insert_event {
                 .await?;
             }
             flush_batch!($tx, batch);
-            Some(StoredAt { position: pos, state_group: after, current_group })
+            Some((StoredAt { position: pos, state_group: after, current_group }, replaces_state, related))
+        } else {
+            None
         }
     }};
+}
+
+/// Brings the room's live tail and kept unread counts (`live.rs`) up to the event just
+/// committed: a plain event in the stream is appended and counted; an event that redacts,
+/// comes redacted, leaves the stream's order or changes memberships drops what it may
+/// have changed otherwise.
+fn follow_in_live_tail(
+    live: &super::live::LiveWriting<'_>,
+    e: &NewEvent<'_>,
+    at: StoredAt,
+    replaces_state: Option<String>,
+    related: bool,
+) {
+    let d = &e.dag;
+    let live_pos = at.position.filter(|_| d.position == Position::Live);
+    if !e.redactions.is_empty() || d.from_outlier || d.outlier {
+        live.drop_tail(e.room_id);
+        live.drop_unread(e.room_id, None);
+        return;
+    }
+    if e.state_key.is_some() || matches!(d.current, CurrentChange::Delta { .. }) {
+        // A membership may have ended (its counts forgotten).
+        live.drop_unread(e.room_id, None);
+    }
+    match live_pos {
+        Some(pos) => {
+            let parent = super::relations::relation_of(e.json).map(|(parent, _)| parent);
+            live.append(
+                StoredEvent {
+                    stream_ordering: pos,
+                    position: Some(pos),
+                    event_id: e.event_id.to_owned(),
+                    room_id: e.room_id.to_owned(),
+                    sender: e.sender.to_owned(),
+                    event_type: e.event_type.to_owned(),
+                    state_key: e.state_key.map(str::to_owned),
+                    depth: e.depth,
+                    origin_server_ts: e.origin_server_ts,
+                    state_group: at.state_group.unwrap_or(0),
+                    json: e.json.to_owned(),
+                    redacted_by: None,
+                    txn_device_id: e.txn.map(|t| t.device_id.to_owned()),
+                    txn_id: e.txn.map(|t| t.txn_id.to_owned()),
+                    replaces_state,
+                    rejected_reason: d.rejected_reason.map(str::to_owned),
+                    related,
+                },
+                parent.as_deref(),
+            );
+            if !e.push_actions.is_empty() {
+                let mut users: Vec<(&str, bool)> =
+                    e.push_actions.iter().map(|a| (a.user_id.as_str(), a.highlight)).collect();
+                // As `count_push_actions!`: once per user and highlight.
+                users.sort_unstable();
+                users.dedup();
+                live.count(e.room_id, pos, &users);
+            }
+        }
+        // Outside the live stream (backfilled history): nothing a tail holds, but the
+        // counts may have moved.
+        None => live.drop_unread(e.room_id, None),
+    }
 }
 
 /// What storing `events` changes for `/sync` (`changes.rs`): their rooms, and device
@@ -815,6 +877,8 @@ impl Store {
         let _writing =
             (e.state_key.is_some() || matches!(e.dag.current, CurrentChange::Delta { .. }) || !e.redactions.is_empty())
                 .then(|| self.state_writing());
+        // Before the position: the room's live tail follows the write (`live.rs`).
+        let live_writing = self.live.begin([e.room_id]);
         let positions: Option<Positions> = if e.dag.position == Position::Live {
             Some(self.take_positions_for(1, &event_changes(std::slice::from_ref(&e))).await?)
         } else {
@@ -827,14 +891,15 @@ impl Store {
         let stored = on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             match insert_event!(tx, &self.counters, &e, live) {
-                Some(at) => {
+                Some((at, replaces_state, related)) => {
                     stream::commit(tx, positions).await?;
-                    Some(at)
+                    Some((at, replaces_state, related))
                 }
                 None => None,
             }
         });
-        if let Some(at) = stored {
+        if let Some((at, replaces_state, related)) = stored {
+            follow_in_live_tail(&live_writing, &e, at, replaces_state, related);
             return Ok(Persisted::Stored(at));
         }
         // Nothing was written: say which of the two unique keys was taken.
@@ -922,6 +987,10 @@ impl Store {
     /// whole or not at all.
     pub async fn create_room(&self, room: NewRoom<'_>, events: &[NewEvent<'_>]) -> Result<RoomCreated> {
         let _writing = self.state_writing();
+        // Nothing of a new room is kept: a read from before it was made is dropped.
+        let live = self.live.begin([room.room_id]);
+        live.drop_tail(room.room_id);
+        live.drop_unread(room.room_id, None);
         let positions = self.take_positions_for(events.len() as i64, &event_changes(events)).await?;
         self.reserve_counters(events.len() as i64, 0).await?;
         on_pool!(self, write, |pool| {
@@ -962,7 +1031,7 @@ impl Store {
                     dag: Dag { state_before: group.map_or(StateBefore::None, StateBefore::Group), ..Dag::default() },
                     ..*e
                 };
-                let Some(at) = insert_event!(tx, &self.counters, &e, Some(positions.nth(i)?)) else {
+                let Some((at, _, _)) = insert_event!(tx, &self.counters, &e, Some(positions.nth(i)?)) else {
                     return Err(Error::internal(format!("event {} of a new room is already stored", e.event_id)));
                 };
                 stored_at.push(at.position.unwrap_or(0));

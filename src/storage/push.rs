@@ -14,7 +14,9 @@
 //! user's rows in a room first writes (and so locks, on PostgreSQL) the user's `""` row
 //! there, so that a receipt's recount and an event's increment never interleave.
 
-use super::{Store, on_pool};
+use std::collections::HashMap;
+
+use super::{Store, live::UnreadRow, on_pool};
 use crate::error::Result;
 
 /// Users per statement when counting an event's push actions.
@@ -385,6 +387,9 @@ impl Store {
         room_ids: &[&str],
         by_thread: bool,
     ) -> Result<Vec<(String, String, i64, i64)>> {
+        if !by_thread {
+            return self.get_room_unread_counts(user_id, room_ids).await;
+        }
         let mut counts = Vec::new();
         for chunk in room_ids.chunks(500) {
             let rows: Vec<(String, String, i64, i64)> = on_pool!(self, read, |pool| {
@@ -404,6 +409,43 @@ impl Store {
             counts.extend(rows);
         }
         Ok(counts)
+    }
+
+    /// The `""` rows of `get_unread_counts`, from the rooms' kept counts where they are
+    /// kept (`live.rs`), else read (rows that do not count too, and the rooms without
+    /// one) and kept.
+    async fn get_room_unread_counts(&self, user_id: &str, room_ids: &[&str]) -> Result<Vec<(String, String, i64, i64)>> {
+        let noted = self.live.note();
+        let (mut known, missing) = self.live.unread(user_id, room_ids);
+        for chunk in missing.chunks(500) {
+            let rows: Vec<(String, i64, i64, i64)> = on_pool!(self, read, |pool| {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT room_id, after_pos, notifs, highlights FROM unread_counts WHERE user_id = ",
+                );
+                query.push_bind(user_id);
+                query.push(" AND thread_id = '' AND room_id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(id.as_str());
+                }
+                query.push(")");
+                query.build_query_as().fetch_all(pool).await?
+            });
+            let mut rows: HashMap<String, UnreadRow> = rows
+                .into_iter()
+                .map(|(room, after_pos, notifs, highlights)| (room, UnreadRow { after_pos, notifs, highlights }))
+                .collect();
+            for room in chunk {
+                let row = rows.remove(room);
+                self.live.keep_unread(user_id, room, row, noted);
+                known.push((room.clone(), row));
+            }
+        }
+        Ok(known
+            .into_iter()
+            .filter_map(|(room, row)| row.filter(|r| r.notifs != 0 || r.highlights != 0).map(|r| (room, r)))
+            .map(|(room, r)| (room, String::new(), r.notifs, r.highlights))
+            .collect())
     }
 
     /// Fills `unread_counts` for data stored before migration 0024, once (recorded as

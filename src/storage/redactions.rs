@@ -33,6 +33,8 @@ impl Store {
     pub async fn apply_held_redaction(&self, target: &str, applied: Option<(&str, &str)>) -> Result<()> {
         // A state event's JSON may change (the current state cache).
         let _writing = self.state_writing();
+        // The target's room is not known here: every room's live tail waits (`live.rs`).
+        let _live = self.live.begin_all();
         on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             if let Some((by, redacted_json)) = applied {

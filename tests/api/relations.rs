@@ -756,7 +756,47 @@ backend_tests!(
     room_summaries_for_members_and_open_rooms,
     ignored_users_leave_threads,
     the_related_flag_follows_redacted_children,
+    synced_events_follow_edits_and_redactions,
 );
+
+fn timeline_event<'a>(sync: &'a Value, room: &str, event: &str) -> &'a Value {
+    let events = sync["rooms"]["join"][room]["timeline"]["events"].as_array().expect("a timeline");
+    events.iter().find(|e| e["event_id"] == event).unwrap_or_else(|| panic!("{event} not in {sync}"))
+}
+
+/// `/sync` serves a room's newest events from memory (`storage/live.rs`): what happens
+/// to an event kept there after it was sent shows in the next sync as it does in the
+/// database: an edit is bundled with it, a redaction empties it, whether the sync is
+/// initial or incremental, while the same events come from the database after a restart.
+async fn synced_events_follow_edits_and_redactions(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
+    let (alice, bob, room) = room_of_two(&server).await;
+    let original = server.send_text(&alice, &room, "first").await;
+    let filter = "filter=%7B%22room%22%3A%7B%22timeline%22%3A%7B%22limit%22%3A20%7D%7D%7D";
+    let first = server.sync(&bob, None, filter).await;
+    assert!(timeline_event(&first, &room, &original)["unsigned"].get("m.relations").is_none(), "{first}");
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+
+    let replacement = edit(&server, &alice, &room, &original, "second").await;
+    for sync in [server.sync(&bob, None, filter).await, server.sync(&bob, Some(&since), "timeout=0").await] {
+        let events = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap().clone();
+        assert!(events.iter().any(|e| e["event_id"] == replacement.as_str()), "{sync}");
+    }
+    let initial = server.sync(&bob, None, filter).await;
+    let bundled = &timeline_event(&initial, &room, &original)["unsigned"]["m.relations"]["m.replace"];
+    assert_eq!(bundled["event_id"], replacement.as_str(), "{initial}");
+
+    redact(&server, &alice, &room, &original).await;
+    let check = |sync: &Value| {
+        let event = timeline_event(sync, &room, &original);
+        assert_eq!(event["content"], json!({}), "{sync}");
+        assert!(event["unsigned"]["redacted_because"].is_object(), "{sync}");
+    };
+    check(&server.sync(&bob, None, filter).await);
+    server.restart().await;
+    check(&server.sync(&bob, None, filter).await);
+    server.stop().await;
+}
 
 /// Several upgrades of one room at once make one new room: every answer names it, and
 /// the old room has one tombstone.

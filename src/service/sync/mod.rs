@@ -119,6 +119,9 @@ struct JoinedWork {
     typing: Option<Vec<OwnedUserId>>,
     receipts: Vec<JsonValue>,
     account: Vec<(String, String, String)>,
+    /// The room is here only because the change index says its events may have moved:
+    /// left out if its timeline holds nothing new after all.
+    unless_empty: bool,
 }
 
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
@@ -270,8 +273,23 @@ impl Services {
         let skip = Skip::new(self.store.changes(), session, since, &memberships);
 
         // Rooms with new events, and the latest member event of each (if any).
+        let changes = self.store.changes();
+        let rooms_from_index = since.is_some_and(|s| !skip.rooms && changes.knows(s.pos));
         let changed_rooms: Option<BTreeMap<String, Option<i64>>> = match since {
             Some(_) if skip.rooms => Some(BTreeMap::new()),
+            // From the change index: the joined rooms that may have moved (a change it
+            // recorded may lie past `head` or have failed; such a room is dropped below
+            // when its timeline comes back empty), and whether members may have.
+            Some(s) if changes.knows(s.pos) => Some(
+                memberships
+                    .iter()
+                    .filter(|m| m.membership == "join" && !changes.unchanged(Kind::Room, [m.room_id.as_str()], s.pos))
+                    .map(|m| {
+                        let members = !changes.unchanged(Kind::RoomMembers, [m.room_id.as_str()], s.pos);
+                        (m.room_id.clone(), members.then_some(s.pos + 1))
+                    })
+                    .collect(),
+            ),
             Some(s) => Some(
                 self.store
                     .get_rooms_changed_since(s.pos, head)
@@ -327,6 +345,12 @@ impl Services {
                     let summary = initial
                         || req.full_state
                         || !self.store.changes().unchanged(Kind::RoomMembers, [m.room_id.as_str()], since_pos);
+                    let unless_empty = rooms_from_index
+                        && !initial
+                        && !req.full_state
+                        && typing.is_none()
+                        && receipts.is_empty()
+                        && account.is_empty();
                     joined_work.push(JoinedWork {
                         room_id,
                         full_state: req.full_state,
@@ -336,6 +360,7 @@ impl Services {
                         typing,
                         receipts,
                         account,
+                        unless_empty,
                         members: (0, 0),
                         unread: (0, 0),
                         thread_unread: Vec::new(),
@@ -361,12 +386,12 @@ impl Services {
             }
         }
         self.fill_counts(user, &mut joined_work, req.filter.unread_thread_notifications).await?;
-        let joined: Vec<(OwnedRoomId, JoinedRoom)> = stream::iter(joined_work)
+        let joined: Vec<Option<(OwnedRoomId, JoinedRoom)>> = stream::iter(joined_work)
             .map(|work| self.joined_room(session, work, since_pos, head, filter))
             .buffered(JOINED_ROOMS_AT_ONCE)
             .try_collect()
             .await?;
-        response.rooms.join.extend(joined);
+        response.rooms.join.extend(joined.into_iter().flatten());
 
         let mut global = Vec::new();
         for (room, data_type, content) in &room_account_data {
@@ -448,7 +473,7 @@ impl Services {
         since_pos: i64,
         head: i64,
         filter: &SyncFilter,
-    ) -> Result<(OwnedRoomId, JoinedRoom)> {
+    ) -> Result<Option<(OwnedRoomId, JoinedRoom)>> {
         let JoinedWork {
             room_id,
             initial,
@@ -461,6 +486,7 @@ impl Services {
             members,
             unread,
             thread_unread,
+            unless_empty,
             ..
         } = work;
         let user = &session.user_id;
@@ -468,6 +494,9 @@ impl Services {
         if initial || full_state || has_events {
             let (timeline, state) =
                 self.room_timeline(session, &room_id, since_pos, head, initial, full_state, filter).await?;
+            if unless_empty && timeline.events.is_empty() && !timeline.limited && state.events.is_empty() {
+                return Ok(None);
+            }
             joined.timeline = timeline;
             joined.state = State::Before(state);
         }
@@ -498,7 +527,7 @@ impl Services {
             counts.highlight_count = UInt::new(highlights.max(0) as u64);
             joined.unread_thread_notifications.insert(root, counts);
         }
-        Ok((room_id, joined))
+        Ok(Some((room_id, joined)))
     }
 
     /// The timeline of a room up to `end` (from `since`, or from the start when the
@@ -624,7 +653,7 @@ impl Services {
         let (mut events, mut hidden_state) = (Vec::new(), Vec::new());
         let (mut cursor, mut read) = (end, 0);
         let limited = 'scan: loop {
-            let batch = self.store.get_room_events(room_id.as_str(), floor, cursor, page as i64, true).await?;
+            let batch = self.store.get_recent_room_events(room_id.as_str(), floor, cursor, page as i64).await?;
             let exhausted = batch.len() < page;
             for e in batch {
                 read += 1;
