@@ -32,7 +32,7 @@ impl Store {
         live.drop_unread(&r.room_id, Some(&r.user_id));
         let positions = self.take_positions_for(1, &[Change::new(Kind::Receipts, &r.room_id)]).await?;
         let pos = positions.first();
-        on_pool!(self, write, |pool| {
+        let stored: Result<i64> = on_pool!(self, write, |pool| {
             let mut tx = pool.begin().await?;
             // The user's "" count row first: it is the lock an event's increment takes.
             sqlx::query(
@@ -62,7 +62,10 @@ impl Store {
             recount_unread!(tx, &r.user_id, &r.room_id);
             stream::commit(tx, Some(positions)).await?;
             Ok(pos)
-        })
+        });
+        // The room's tail is as it was; the user's counts are read again.
+        live.settle();
+        stored
     }
 
     /// The stream position of the event a user last read in a room (public or private receipt).

@@ -129,7 +129,7 @@ impl Live {
             entry.epoch = clock;
             held.push(room);
         }
-        LiveWriting { live: self, rooms: held, all: false }
+        LiveWriting { live: self, rooms: held, all: false, settled: false }
     }
 
     /// A write that may touch any room begins (everything kept is dropped, now and when
@@ -138,7 +138,7 @@ impl Live {
         let mut inner = self.lock();
         inner.writing_all += 1;
         inner.drop_everything();
-        LiveWriting { live: self, rooms: Vec::new(), all: true }
+        LiveWriting { live: self, rooms: Vec::new(), all: true, settled: false }
     }
 
     /// The clock to note before reading the database.
@@ -308,14 +308,23 @@ impl Inner {
 }
 
 /// A write of some rooms in flight (see `Live::begin`): what it changes in them it
-/// applies through the guard before the guard drops.
+/// applies through the guard before the guard drops. A guard dropped unsettled (the
+/// writer failed or was cancelled: whether it committed is not known) drops its rooms'
+/// tails and counts.
 pub(crate) struct LiveWriting<'a> {
     live: &'a Live,
     rooms: Vec<String>,
     all: bool,
+    settled: bool,
 }
 
 impl LiveWriting<'_> {
+    /// The tails and counts of the rooms are what the database holds (the write's
+    /// changes are applied, or it wrote nothing).
+    pub(crate) fn settle(mut self) {
+        self.settled = true;
+    }
+
     fn with_room(&self, room: &str, change: impl FnOnce(&mut Room) -> isize) {
         debug_assert!(self.all || self.rooms.iter().any(|r| r == room), "a change of a room not begun");
         let mut inner = self.live.lock();
@@ -410,14 +419,22 @@ impl Drop for LiveWriting<'_> {
             inner.drop_everything();
             return;
         }
+        let mut freed = 0;
         for room in &self.rooms {
             inner.clock += 1;
             let clock = inner.clock;
             if let Some(entry) = inner.rooms.get_mut(room) {
                 entry.writing -= 1;
                 entry.epoch = clock;
+                if !self.settled {
+                    freed += entry.bytes - ROOM_OVERHEAD;
+                    entry.tail = None;
+                    entry.unread = HashMap::new();
+                    entry.bytes = ROOM_OVERHEAD;
+                }
             }
         }
+        inner.bytes -= freed;
     }
 }
 
@@ -483,7 +500,7 @@ mod tests {
         assert_eq!(live.unread("@b:x", &["!r"]).1, ["!r"]);
         write.append(event("!r", 7), Some("$e5"));
         write.count("!r", 7, &[("@b:x", true), ("@c:x", false)]);
-        drop(write);
+        write.settle();
 
         let events = live.tail_events("!r", 0, 100, 10).unwrap();
         assert_eq!(positions(&events), [7, 5]);
@@ -526,7 +543,7 @@ mod tests {
         live.keep_tail("!r", vec![event("!r", 50)], noted);
         let write = live.begin(["!r"]);
         write.append(event("!r", 40), None);
-        drop(write);
+        write.settle();
         assert!(live.tail_events("!r", 0, 100, 10).is_none());
 
         let noted = live.note();
@@ -535,9 +552,23 @@ mod tests {
         for p in 51..51 + TAIL_LEN as i64 {
             write.append(event("!r", p), None);
         }
-        drop(write);
+        write.settle();
         assert!(live.tail_events("!r", 0, 1000, 100).is_none(), "the oldest went: the tail no longer reaches 0");
         assert_eq!(live.tail_events("!r", 50, 1000, 100).unwrap().len(), TAIL_LEN);
+    }
+
+    #[test]
+    fn a_writer_that_did_not_settle_leaves_nothing_kept() {
+        let live = Live::new(1 << 20);
+        let noted = live.note();
+        live.keep_tail("!r", vec![event("!r", 5)], noted);
+        live.keep_unread("@b:x", "!r", None, noted);
+        let write = live.begin(["!r"]);
+        write.append(event("!r", 7), None);
+        drop(write); // failed after its commit, perhaps
+        assert!(live.tail_events("!r", 0, 100, 10).is_none());
+        assert_eq!(live.unread("@b:x", &["!r"]).1, ["!r"]);
+        assert_eq!(live.bytes(), ROOM_OVERHEAD);
     }
 
     #[test]

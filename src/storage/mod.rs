@@ -138,6 +138,26 @@ pub struct Store {
     pub(crate) live: live::Live,
 }
 
+/// How long writes gather in the WAL before it is checkpointed.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+/// Checkpoints SQLite's WAL into the database file in the background, at most once per
+/// `CHECKPOINT_EVERY` while the stream moves, on a read connection. A checkpoint copies
+/// pages and syncs both files: run by a commit (SQLite's automatic checkpoint), it held
+/// the one writer, and so every send, for up to 0.3 s. A passive checkpoint waits for no
+/// one and lets the writer go on. Ends when the store's stream is gone.
+async fn checkpoint_wal(read: SqlitePool, mut mark: tokio::sync::watch::Receiver<i64>) {
+    while mark.changed().await.is_ok() {
+        tokio::time::sleep(CHECKPOINT_EVERY).await;
+        if read.is_closed() {
+            return;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&read).await {
+            tracing::warn!(error = %e, "could not checkpoint the database's WAL");
+        }
+    }
+}
+
 /// How long a cached access token answers without asking the database again.
 pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
 
@@ -261,7 +281,10 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(10));
+                .busy_timeout(Duration::from_secs(10))
+                // The WAL is checkpointed by a task of its own (`checkpoint_wal`), not by
+                // the commit that happens to pass 1,000 pages.
+                .pragma("wal_autocheckpoint", "0");
             if let Some(parent) = options.get_filename().parent()
                 && !parent.as_os_str().is_empty()
             {
@@ -288,6 +311,7 @@ impl Store {
                 .fetch_one(&write)
                 .await
                 .map_err(|e| format!("cannot read the stream position: {e}"))?;
+            let checkpointing = read.clone();
             let store = Store {
                 db: Db::Sqlite { read, write },
                 stream: stream::Stream::new(reserved),
@@ -297,6 +321,7 @@ impl Store {
                 caches: ReadCaches::default(),
                 live: live::Live::new(live::DEFAULT_MAX_BYTES),
             };
+            tokio::spawn(checkpoint_wal(checkpointing, store.stream.subscribe_mark()));
             store.fill_dag_edges().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.fill_relations().await.map_err(|e| format!("database migration failed: {e}"))?;
             store.ensure_search_index().await.map_err(|e| format!("database migration failed: {e}"))?;

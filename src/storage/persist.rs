@@ -898,15 +898,17 @@ impl Store {
                 None => None,
             }
         });
-        if let Some((at, replaces_state, related)) = stored {
-            follow_in_live_tail(&live_writing, &e, at, replaces_state, related);
-            return Ok(Persisted::Stored(at));
-        }
-        // Nothing was written: say which of the two unique keys was taken.
-        Ok(match self.get_event(e.event_id).await? {
-            Some(existing) => Persisted::Duplicate(existing.stream_ordering),
-            None => Persisted::TxnTaken,
-        })
+        let Some((at, replaces_state, related)) = stored else {
+            live_writing.settle();
+            // Nothing was written: say which of the two unique keys was taken.
+            return Ok(match self.get_event(e.event_id).await? {
+                Some(existing) => Persisted::Duplicate(existing.stream_ordering),
+                None => Persisted::TxnTaken,
+            });
+        };
+        follow_in_live_tail(&live_writing, &e, at, replaces_state, related);
+        live_writing.settle();
+        Ok(Persisted::Stored(at))
     }
 
     /// Stores a batch of events without state (a join's state and auth chain), with

@@ -148,6 +148,11 @@ impl Stream {
         *self.shared.mark.borrow()
     }
 
+    /// The mark's channel, for a task that must not keep the stream alive.
+    pub(crate) fn subscribe_mark(&self) -> watch::Receiver<i64> {
+        self.shared.mark.subscribe()
+    }
+
     fn watch(&self) -> StreamWatch {
         StreamWatch { shared: Arc::clone(&self.shared) }
     }

@@ -550,3 +550,26 @@ backend_tests!(
     a_failed_write_does_not_hold_back_the_others,
     positions_keep_growing_across_a_restart,
 );
+
+/// SQLite's WAL is checkpointed by a task of the store's, not by the commit that passes
+/// 1,000 pages (which held the one writer, and every send, for up to 0.3 s): after a
+/// pause, the writer starts the WAL over instead of growing it.
+#[tokio::test]
+async fn sqlite_wal_is_checkpointed_in_the_background() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let db = server.config().database.url.trim_start_matches("sqlite://").to_owned();
+    let wal = std::path::PathBuf::from(format!("{db}-wal"));
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({})).await;
+    let mut sizes = Vec::new();
+    for round in 0..3 {
+        for i in 0..100 {
+            server.send_text(&alice, &room, &format!("round {round} message {i}")).await;
+        }
+        // Longer than the checkpoint's wait (a second) and the checkpoint itself.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        sizes.push(std::fs::metadata(&wal).expect("the WAL").len());
+    }
+    assert!(sizes[2] < sizes[0] * 3 / 2, "the WAL grew: {sizes:?} bytes");
+    server.stop().await;
+}
