@@ -418,7 +418,10 @@ mod tests {
     #[test]
     fn shares_add_up_and_split_the_ceiling() {
         use shares::*;
-        assert_eq!(CLIENT_FORMS + LIVE_TAILS + GROUP_VISIBILITY + PUSH_RULESETS + PUSH_TEMPLATES + PUSH_MEMBERS + ROOM_MEMBERS, 100);
+        assert_eq!(
+            CLIENT_FORMS + LIVE_TAILS + GROUP_VISIBILITY + PUSH_RULESETS + PUSH_TEMPLATES + PUSH_MEMBERS + ROOM_MEMBERS,
+            100
+        );
         let budget = CacheBudget::new(&Caches { memory_mb: 64.0 });
         assert_eq!(budget.bytes(50), 32 << 20);
         assert_eq!(budget.bytes(100), 64 << 20);

@@ -425,6 +425,49 @@ impl Store {
             .collect())
     }
 
+    /// The entries of a group's state that a lazy-loading client is sent: everything
+    /// but member events, and the member events of `members`, as (type, state key, event
+    /// id). The group's other members are filtered out in the database: a room of
+    /// 10,000 members does not send 10,000 rows across.
+    pub async fn get_state_group_lazy(&self, group: i64, members: &[&str]) -> Result<Vec<(String, String, String)>> {
+        let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
+            let mut query = sqlx::QueryBuilder::new(
+                "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
+                     SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups WHERE group_id = ",
+            );
+            query.push_bind(group);
+            query.push(
+                " UNION ALL
+                 SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
+                 FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
+                 )
+                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
+                 JOIN chain c ON s.group_id = c.group_id
+                 WHERE s.event_type <> 'm.room.member'",
+            );
+            if !members.is_empty() {
+                query.push(
+                    " UNION ALL SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
+                     JOIN chain c ON s.group_id = c.group_id
+                     WHERE s.event_type = 'm.room.member' AND s.state_key IN (",
+                );
+                let mut list = query.separated(", ");
+                for member in members {
+                    list.push_bind(*member);
+                }
+                query.push(")");
+            }
+            query.push(" ORDER BY 4");
+            query.build_query_as().fetch_all(pool).await?
+        });
+        let mut seen = std::collections::HashSet::new();
+        Ok(rows
+            .into_iter()
+            .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
+            .map(|(t, k, id, _)| (t, k, id))
+            .collect())
+    }
+
     /// The entries of a group's state with these (type, state key) pairs, as (type,
     /// state key, event id), in one query.
     pub async fn get_state_group_entries(

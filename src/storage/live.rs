@@ -72,6 +72,15 @@ struct Room {
     bytes: usize,
 }
 
+impl Room {
+    /// Drops the tail and counts (the room's clock stays).
+    fn clear(&mut self) {
+        self.tail = None;
+        self.unread = HashMap::new();
+        self.bytes = ROOM_OVERHEAD;
+    }
+}
+
 struct Inner {
     /// Moves at every begin and end of a write, and when everything was dropped.
     clock: u64,
@@ -124,7 +133,8 @@ impl Live {
             }
             inner.clock += 1;
             let clock = inner.clock;
-            let entry = inner.rooms.entry(room.clone()).or_insert_with(|| Room { bytes: ROOM_OVERHEAD, ..Room::default() });
+            let entry =
+                inner.rooms.entry(room.clone()).or_insert_with(|| Room { bytes: ROOM_OVERHEAD, ..Room::default() });
             entry.writing += 1;
             entry.epoch = clock;
             held.push(room);
@@ -176,7 +186,8 @@ impl Live {
     pub(crate) fn keep_tail(&self, room: &str, newest_first: Vec<StoredEvent>, noted: u64) {
         let mut inner = self.lock();
         let Some(entry) = inner.keepable(room, noted) else { return };
-        let from = if newest_first.len() < TAIL_LEN { 0 } else { newest_first.last().map_or(0, |e| e.stream_ordering - 1) };
+        let from =
+            if newest_first.len() < TAIL_LEN { 0 } else { newest_first.last().map_or(0, |e| e.stream_ordering - 1) };
         let events: VecDeque<Arc<StoredEvent>> = newest_first.into_iter().rev().map(Arc::new).collect();
         let added: usize = events.iter().map(|e| event_bytes(e)).sum();
         let removed = entry.tail.take().map_or(0, |t| t.events.iter().map(|e| event_bytes(e)).sum());
@@ -225,11 +236,8 @@ impl Live {
             if inner.bytes - freed <= target {
                 break;
             }
-            let kept = room.bytes - ROOM_OVERHEAD;
-            room.tail = None;
-            room.unread = HashMap::new();
-            room.bytes = ROOM_OVERHEAD;
-            freed += kept;
+            freed += room.bytes - ROOM_OVERHEAD;
+            room.clear();
         }
         inner.bytes -= freed;
         if inner.bytes > max {
@@ -271,7 +279,11 @@ impl Inner {
             self.bytes += ROOM_OVERHEAD;
         }
         let clock = self.clock;
-        let entry = self.rooms.entry(room.to_owned()).or_insert_with(|| Room { epoch: clock, bytes: ROOM_OVERHEAD, ..Room::default() });
+        let entry = self.rooms.entry(room.to_owned()).or_insert_with(|| Room {
+            epoch: clock,
+            bytes: ROOM_OVERHEAD,
+            ..Room::default()
+        });
         (entry.writing == 0 && entry.epoch <= noted).then_some(entry)
     }
 
@@ -281,24 +293,14 @@ impl Inner {
         }
         // Rooms being written keep their entries (their writers' guards count on them).
         self.rooms.retain(|_, r| r.writing > 0);
-        self.clock += 1;
-        self.cleared_at = self.clock;
-        for room in self.rooms.values_mut() {
-            room.tail = None;
-            room.unread = HashMap::new();
-            room.bytes = ROOM_OVERHEAD;
-        }
-        self.bytes = self.rooms.len() * ROOM_OVERHEAD;
+        self.drop_everything();
     }
 
+    /// Drops every tail and count; nothing read before is kept.
     fn drop_everything(&mut self) {
         self.clock += 1;
         self.cleared_at = self.clock;
-        for room in self.rooms.values_mut() {
-            room.tail = None;
-            room.unread = HashMap::new();
-            room.bytes = ROOM_OVERHEAD;
-        }
+        self.rooms.values_mut().for_each(Room::clear);
         self.bytes = self.rooms.len() * ROOM_OVERHEAD;
     }
 
@@ -428,9 +430,7 @@ impl Drop for LiveWriting<'_> {
                 entry.epoch = clock;
                 if !self.settled {
                     freed += entry.bytes - ROOM_OVERHEAD;
-                    entry.tail = None;
-                    entry.unread = HashMap::new();
-                    entry.bytes = ROOM_OVERHEAD;
+                    entry.clear();
                 }
             }
         }

@@ -414,7 +414,11 @@ impl Store {
     /// The `""` rows of `get_unread_counts`, from the rooms' kept counts where they are
     /// kept (`live.rs`), else read (rows that do not count too, and the rooms without
     /// one) and kept.
-    async fn get_room_unread_counts(&self, user_id: &str, room_ids: &[&str]) -> Result<Vec<(String, String, i64, i64)>> {
+    async fn get_room_unread_counts(
+        &self,
+        user_id: &str,
+        room_ids: &[&str],
+    ) -> Result<Vec<(String, String, i64, i64)>> {
         let noted = self.live.note();
         let (mut known, missing) = self.live.unread(user_id, room_ids);
         for chunk in missing.chunks(500) {

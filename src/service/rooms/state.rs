@@ -52,6 +52,15 @@ impl Services {
         self.store.get_events_by_ids(&ids).await
     }
 
+    /// `state_events_at`, but of the member events only those of `members` when given
+    /// (lazy-loading members: the rest are never read).
+    pub async fn state_events_for(&self, group: i64, members: Option<&[&str]>) -> Result<Vec<StoredEvent>> {
+        let Some(members) = members else { return self.state_events_at(group).await };
+        let ids: Vec<String> =
+            self.store.get_state_group_lazy(group, members).await?.into_iter().map(|e| e.2).collect();
+        self.store.get_events_by_ids(&ids).await
+    }
+
     /// One state event of a group.
     pub async fn state_event_at(&self, group: i64, event_type: &str, state_key: &str) -> Result<Option<StoredEvent>> {
         match self.store.get_state_group(group, Some(event_type), Some(state_key)).await?.pop() {

@@ -566,17 +566,26 @@ impl Services {
         // The state before the timeline, and the position after which the state events
         // the filter hid still count.
         let key = |e: &StoredEvent| (e.event_type.clone(), e.state_key.clone().unwrap_or_default());
+        // Lazy loading keeps only the member events of the timeline's senders and the
+        // user's own (below): the others are not read at all.
+        let lazy_members: Option<Vec<&str>> = filter.lazy_load_members.then(|| {
+            let mut members: Vec<&str> = visible.iter().map(|e| e.sender.as_str()).collect();
+            members.push(user.as_str());
+            members.sort_unstable();
+            members.dedup();
+            members
+        });
         let (base, hidden_after): (Vec<StoredEvent>, i64) = if initial || full_state {
             match visible.first() {
                 Some(first) => {
                     let before = match self.state_group_before(first).await? {
-                        Some(group) => self.state_events_at(group).await?,
+                        Some(group) => self.state_events_for(group, lazy_members.as_deref()).await?,
                         None => Vec::new(),
                     };
                     (before, first.stream_ordering - 1)
                 }
                 // Nothing to show: the state at the end, which holds everything.
-                None => (self.state_at(room_id, end).await?, end),
+                None => (self.state_at(room_id, end, lazy_members.as_deref()).await?, end),
             }
         } else if scan.limited {
             // The gap's state: what differs between the room's state at `since` and just
@@ -706,10 +715,10 @@ impl Services {
     }
 
     /// The room's state at stream position `end` (resolved, where branches met).
-    async fn state_at(&self, room_id: &RoomId, end: i64) -> Result<Vec<StoredEvent>> {
+    async fn state_at(&self, room_id: &RoomId, end: i64, members: Option<&[&str]>) -> Result<Vec<StoredEvent>> {
         match self.store.get_room_state_group_at(room_id.as_str(), end).await? {
             0 => Ok(Vec::new()),
-            group => self.state_events_at(group).await,
+            group => self.state_events_for(group, members).await,
         }
     }
 
