@@ -441,23 +441,19 @@ impl Store {
                  SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
                  FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
                  )
-                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
-                 JOIN chain c ON s.group_id = c.group_id
+                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM chain c
+                 JOIN state_group_entries s ON s.group_id = c.group_id
                  WHERE s.event_type <> 'm.room.member'",
             );
             if !members.is_empty() {
-                query.push(
-                    " UNION ALL SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
-                     JOIN chain c ON s.group_id = c.group_id
-                     WHERE s.event_type = 'm.room.member' AND s.state_key IN (",
-                );
+                query.push(" OR s.state_key IN (");
                 let mut list = query.separated(", ");
                 for member in members {
                     list.push_bind(*member);
                 }
                 query.push(")");
             }
-            query.push(" ORDER BY 4");
+            query.push(" ORDER BY c.n");
             query.build_query_as().fetch_all(pool).await?
         });
         let mut seen = std::collections::HashSet::new();
