@@ -133,6 +133,9 @@ impl Live {
             }
             inner.clock += 1;
             let clock = inner.clock;
+            if !inner.rooms.contains_key(&room) {
+                inner.bytes += ROOM_OVERHEAD;
+            }
             let entry =
                 inner.rooms.entry(room.clone()).or_insert_with(|| Room { bytes: ROOM_OVERHEAD, ..Room::default() });
             entry.writing += 1;
