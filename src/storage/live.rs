@@ -6,6 +6,8 @@
 //! they hold the room (`begin`): an event that commits is appended to the tail and
 //! counted in the kept counts before the writer lets go, and anything less simple
 //! (a redaction, a membership that ends, a receipt's recount) drops what it touches.
+//! A writer that does not `settle` (it failed or was cancelled, perhaps after its
+//! commit) drops its rooms' tails and counts.
 //! The room is announced before its stream position is taken, so the mark cannot pass
 //! a write of the room while the tail lacks it: readers answer from memory only when no
 //! write of the room is in flight, and otherwise read the database.
