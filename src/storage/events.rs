@@ -417,12 +417,7 @@ impl Store {
             .fetch_all(pool)
             .await?
         });
-        let mut seen = std::collections::HashSet::new();
-        Ok(rows
-            .into_iter()
-            .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
-            .map(|(t, k, id, _)| (t, k, id))
-            .collect())
+        Ok(newest_entries(rows))
     }
 
     /// The entries of a group's state that a lazy-loading client is sent: everything
@@ -431,17 +426,9 @@ impl Store {
     /// 10,000 members does not send 10,000 rows across.
     pub async fn get_state_group_lazy(&self, group: i64, members: &[&str]) -> Result<Vec<(String, String, String)>> {
         let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
-            let mut query = sqlx::QueryBuilder::new(
-                "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
-                     SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups WHERE group_id = ",
-            );
-            query.push_bind(group);
+            let mut query = state_chain(group);
             query.push(
-                " UNION ALL
-                 SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
-                 FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
-                 )
-                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM chain c
+                " SELECT s.event_type, s.state_key, s.event_id, c.n FROM chain c
                  JOIN state_group_entries s ON s.group_id = c.group_id
                  WHERE s.event_type <> 'm.room.member'",
             );
@@ -456,12 +443,7 @@ impl Store {
             query.push(" ORDER BY c.n");
             query.build_query_as().fetch_all(pool).await?
         });
-        let mut seen = std::collections::HashSet::new();
-        Ok(rows
-            .into_iter()
-            .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
-            .map(|(t, k, id, _)| (t, k, id))
-            .collect())
+        Ok(newest_entries(rows))
     }
 
     /// The entries of a group's state with these (type, state key) pairs, as (type,
@@ -475,17 +457,9 @@ impl Store {
             return Ok(Vec::new());
         }
         let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
-            let mut query = sqlx::QueryBuilder::new(
-                "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
-                     SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups WHERE group_id = ",
-            );
-            query.push_bind(group);
+            let mut query = state_chain(group);
             query.push(
-                " UNION ALL
-                 SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
-                 FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
-                 )
-                 SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
+                " SELECT s.event_type, s.state_key, s.event_id, c.n FROM state_group_entries s
                  JOIN chain c ON s.group_id = c.group_id WHERE (",
             );
             for (i, (event_type, state_key)) in keys.iter().enumerate() {
@@ -501,12 +475,7 @@ impl Store {
             query.push(") ORDER BY c.n");
             query.build_query_as().fetch_all(pool).await?
         });
-        let mut seen = std::collections::HashSet::new();
-        Ok(rows
-            .into_iter()
-            .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
-            .map(|(t, k, id, _)| (t, k, id))
-            .collect())
+        Ok(newest_entries(rows))
     }
 
     /// The parent of a state group (the state before a state event).
@@ -766,4 +735,34 @@ impl Store {
             })
             .await
     }
+}
+
+/// The rows of a state chain's entries (type, state key, event id, distance from the
+/// group), nearest first: the newest entry of each key.
+fn newest_entries(rows: Vec<(String, String, String, i64)>) -> Vec<(String, String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    rows.into_iter()
+        .filter(|(t, k, _, _)| seen.insert((t.clone(), k.clone())))
+        .map(|(t, k, id, _)| (t, k, id))
+        .collect()
+}
+
+/// A query that begins with `chain`: `group` and the groups it is a delta on, back to
+/// its snapshot, each with its distance `n` from `group`.
+fn state_chain<DB: sqlx::Database>(group: i64) -> sqlx::QueryBuilder<DB>
+where
+    i64: for<'t> sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+{
+    let mut query = sqlx::QueryBuilder::new(
+        "WITH RECURSIVE chain(group_id, prev_group, snap, n) AS (
+             SELECT group_id, prev_group, is_snapshot, CAST(0 AS BIGINT) FROM state_groups WHERE group_id = ",
+    );
+    query.push_bind(group);
+    query.push(
+        " UNION ALL
+         SELECT g.group_id, g.prev_group, g.is_snapshot, c.n + 1
+         FROM state_groups g JOIN chain c ON g.group_id = c.prev_group WHERE NOT c.snap
+         )",
+    );
+    query
 }
