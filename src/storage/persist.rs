@@ -803,8 +803,10 @@ fn follow_in_live_tail(
         live.drop_unread(e.room_id, None);
         return;
     }
-    if e.state_key.is_some() || matches!(d.current, CurrentChange::Delta { .. }) {
-        // A membership may have ended (its counts forgotten).
+    // A membership that ends forgets its counts (`forget_unread!`): a membership other
+    // than a join, or any change by state resolution. A join, a name or a topic keeps
+    // them (a new member's row is made by the database when an event first counts).
+    if e.membership.is_some_and(|m| m != "join") || matches!(d.current, CurrentChange::Delta { .. }) {
         live.drop_unread(e.room_id, None);
     }
     match live_pos {

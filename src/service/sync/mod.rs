@@ -272,10 +272,10 @@ impl Services {
         // up to `head`).
         let skip = Skip::new(self.store.changes(), session, since, &memberships);
 
-        // Rooms with new events, and the latest member event of each (if any).
+        // Rooms with new events, each with whether member events may be among them.
         let changes = self.store.changes();
         let rooms_from_index = since.is_some_and(|s| !skip.rooms && changes.knows(s.pos));
-        let changed_rooms: Option<BTreeMap<String, Option<i64>>> = match since {
+        let changed_rooms: Option<BTreeMap<String, bool>> = match since {
             Some(_) if skip.rooms => Some(BTreeMap::new()),
             // From the change index: the joined rooms that may have moved (a change it
             // recorded may lie past `head` or have failed; such a room is dropped below
@@ -284,10 +284,7 @@ impl Services {
                 memberships
                     .iter()
                     .filter(|m| m.membership == "join" && !changes.unchanged(Kind::Room, [m.room_id.as_str()], s.pos))
-                    .map(|m| {
-                        let members = !changes.unchanged(Kind::RoomMembers, [m.room_id.as_str()], s.pos);
-                        (m.room_id.clone(), members.then_some(s.pos + 1))
-                    })
+                    .map(|m| (m.room_id.clone(), !changes.unchanged(Kind::RoomMembers, [m.room_id.as_str()], s.pos)))
                     .collect(),
             ),
             Some(s) => Some(
@@ -295,7 +292,7 @@ impl Services {
                     .get_rooms_changed_since(s.pos, head)
                     .await?
                     .into_iter()
-                    .map(|(room, _, member)| (room, member))
+                    .map(|(room, _, member)| (room, member.is_some()))
                     .collect(),
             ),
             None => None,
@@ -423,7 +420,7 @@ impl Services {
             let memberships_moved = memberships.iter().any(|m| {
                 m.stream_ordering > since.pos
                     || (m.membership == "join"
-                        && changed_rooms.as_ref().and_then(|c| c.get(&m.room_id)).is_some_and(Option::is_some))
+                        && changed_rooms.as_ref().and_then(|c| c.get(&m.room_id)).is_some_and(|members| *members))
             });
             if memberships_moved || !skip.device_lists {
                 let (changed, left) = self.device_list_changes(user, since.pos, head, memberships_moved).await?;
