@@ -281,8 +281,9 @@ fn fold(s: &str) -> String {
 /// What of an event can make its push rules answer differently for two users with the
 /// same template: the strings it holds (values and keys, folded, NUL-separated).
 struct EventText {
-    strings: String,
-    has_at: bool,
+    /// Each tail of the strings that starts at an `@` (up to the string's end), sorted:
+    /// a user id is in the strings exactly when one of these starts with it.
+    at_tails: Vec<String>,
     body: Option<String>,
 }
 
@@ -308,12 +309,35 @@ impl EventText {
         let mut strings = String::new();
         walk(event, &mut strings);
         let body = event["content"]["body"].as_str().map(fold);
-        EventText { has_at: strings.contains('@'), strings, body }
+        let mut at_tails: Vec<String> =
+            strings.split('\0').flat_map(|s| s.match_indices('@').map(move |(i, _)| s[i..].to_owned())).collect();
+        at_tails.sort_unstable();
+        at_tails.dedup();
+        EventText { at_tails, body }
     }
 
-    /// Whether one of the event's strings holds this (folded) user id.
+    /// Whether one of the event's strings holds this (folded) user id: a binary search
+    /// rather than a scan of every string, as it is asked for each member of the room.
+    /// (The first tail not below the id starts with it if any tail does: a tail that
+    /// sorts after the id without starting with it sorts after all that do.)
     fn holds(&self, folded_id: &str) -> bool {
-        self.has_at && self.strings.contains(folded_id)
+        let first = self.at_tails.partition_point(|t| t.as_str() < folded_id);
+        self.at_tails.get(first).is_some_and(|t| t.starts_with(folded_id))
+    }
+
+    /// Whether the (folded) body holds this display name, folded: without folding a copy
+    /// of the name when it is ASCII, as it is asked for each member of the room.
+    fn body_holds_name(&self, display_name: &str) -> bool {
+        let Some(body) = self.body.as_deref() else { return false };
+        if display_name.is_empty() {
+            return true;
+        }
+        if display_name.is_ascii() {
+            let name = display_name.as_bytes();
+            return body.len() >= name.len()
+                && body.as_bytes().windows(name.len()).any(|w| w.eq_ignore_ascii_case(name));
+        }
+        body.contains(fold(display_name).as_str())
     }
 
     /// Whether the event may concern this user in particular (their id is in one of its
@@ -324,9 +348,7 @@ impl EventText {
             return true;
         }
         rules.uses_display_name
-            && (display_name.is_empty()
-                || display_name.contains(['*', '?'])
-                || self.body.as_deref().is_some_and(|b| b.contains(fold(display_name).as_str())))
+            && (display_name.is_empty() || display_name.contains(['*', '?']) || self.body_holds_name(display_name))
     }
 }
 
@@ -767,6 +789,57 @@ mod tests {
 
     /// A room of ten thousand members stays cached (the cache does not start over on
     /// every event), and users with equal rules share one parsed ruleset.
+    /// The binary search over `@` tails and the ASCII name match answer as plain scans
+    /// of the folded strings and body do, for ids and names inside, across and beside
+    /// the events' strings.
+    #[test]
+    fn event_text_lookups_answer_as_scans() {
+        let mut events = events();
+        events.push(json!({"type": "m.room.message", "sender": "@s:x", "content": {
+            "body": "mail @Bob:Localhost.evil, or @bob:localhost! (Ünïcode Næme)", "x": ["@a", "b@c:d"]}}));
+        let ids = [
+            "@bob:localhost",
+            "@bob:localhost.evil",
+            "@bob:local",
+            "@bo",
+            "@alice:localhost",
+            "@sender:localhost",
+            "@s:x",
+            "@a",
+            "@c:d",
+            "@kim:localhost",
+            "@lee:localhost",
+            "@zed:localhost",
+            "@",
+            "@bob:localhost!",
+        ];
+        let names = ["Bob", "bob", "BOB ", "Frank", "carol and", "Σίσυφος", "Ünïcode Næme", "pizza", "", "Zed", "k"];
+        for event in &events {
+            let text = EventText::of(event);
+            let mut strings = String::new();
+            fn walk(value: &JsonValue, out: &mut String) {
+                match value {
+                    JsonValue::String(s) => out.push_str(&format!("{}\0", fold(s))),
+                    JsonValue::Array(items) => items.iter().for_each(|v| walk(v, out)),
+                    JsonValue::Object(map) => map.iter().for_each(|(k, v)| {
+                        out.push_str(&format!("{}\0", fold(k)));
+                        walk(v, out)
+                    }),
+                    _ => {}
+                }
+            }
+            walk(event, &mut strings);
+            for id in ids {
+                let id = fold(id);
+                assert_eq!(text.holds(&id), strings.contains(&id), "{id} in {event}");
+            }
+            for name in names {
+                let scan = text.body.as_deref().is_some_and(|b| b.contains(fold(name).as_str()));
+                assert_eq!(text.body_holds_name(name), scan, "{name:?} in {event}");
+            }
+        }
+    }
+
     #[test]
     fn ten_thousand_users_stay_cached_and_share_their_rules() {
         // The default shares of the default `[caches] memory_mb`.
