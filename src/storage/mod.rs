@@ -138,11 +138,6 @@ pub struct Store {
     pub(crate) live: live::Live,
 }
 
-/// Pages (4 KiB) a SQLite write transaction keeps in memory before it spills some to
-/// the WAL: 64 MiB, far above what a send in a room of 10,000 changes (a few MiB), and
-/// a bound for the rare large transaction (a migration's fill, a state reset).
-const WRITE_SPILL_PAGES: u32 = 16_384;
-
 /// How long writes gather in the WAL before it is checkpointed.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
@@ -299,16 +294,10 @@ impl Store {
             // No ping before a connection is handed out: SQLite runs in process, and each
             // ping is a round trip to the connection's thread, as costly as a statement
             // (sqlx still pings on release, off the request's path).
-            // The writer keeps a transaction's pages in memory until it commits (up to
-            // `WRITE_SPILL_PAGES`) and its statement journals in memory: spilled pages
-            // and the journal file were most of a send's CPU in a room of 10,000 (a
-            // write past the end of a file costs the kernel a zeroing of the new block).
-            let write_options =
-                options.clone().pragma("cache_spill", WRITE_SPILL_PAGES.to_string()).pragma("temp_store", "memory");
             let write = SqlitePoolOptions::new()
                 .max_connections(1)
                 .test_before_acquire(false)
-                .connect_with(write_options)
+                .connect_with(options.clone())
                 .await
                 .map_err(|e| format!("database.url: cannot open {url}: {e}"))?;
             sqlx::migrate!().run(&write).await.map_err(|e| format!("database migration failed: {e}"))?;

@@ -305,39 +305,3 @@ storage_tests!(
     account_data_changes_do_not_undo_each_other,
     profile_limit_holds_under_concurrency,
 );
-
-/// SQLite's writer keeps a large transaction's pages in memory until it commits: pages
-/// spilled to the WAL mid-transaction (past the default 2 MB cache) were most of a
-/// send's CPU in a room of 10,000. Here 8 MB of rows stay out of the WAL until the
-/// commit writes them once; and the writer's statement journals are kept in memory.
-#[tokio::test]
-async fn sqlite_writer_keeps_a_large_transaction_in_memory_until_it_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    let store = Store::open(&format!("sqlite://{}", path.display()), 2).await.unwrap();
-    let wal = dir.path().join("t.db-wal");
-    let super::Db::Sqlite { write, .. } = &store.db else { unreachable!() };
-    let (temp_store,): (i64,) = sqlx::query_as("PRAGMA temp_store").fetch_one(write).await.unwrap();
-    assert_eq!(temp_store, 2, "statement journals in memory (temp_store = MEMORY)");
-    sqlx::query("CREATE TABLE spill_probe (id INTEGER PRIMARY KEY, filler TEXT NOT NULL)")
-        .execute(write)
-        .await
-        .unwrap();
-    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(write).await.unwrap();
-    let mut tx = write.begin().await.unwrap();
-    let filler = "x".repeat(1_000);
-    for i in 0..8_000_i64 {
-        sqlx::query("INSERT INTO spill_probe (id, filler) VALUES ($1, $2)")
-            .bind(i)
-            .bind(&filler)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-    }
-    let before_commit = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-    assert!(before_commit < 1 << 20, "{before_commit} bytes spilled to the WAL before the commit");
-    tx.commit().await.unwrap();
-    let after_commit = std::fs::metadata(&wal).unwrap().len();
-    assert!(after_commit > 7_000_000, "the commit wrote the rows: {after_commit} bytes");
-    store.close().await;
-}
