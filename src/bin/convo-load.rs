@@ -404,6 +404,13 @@ fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
     status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
 }
 
+/// Bytes the process has passed to write calls (`wchar` in /proc/PID/io): files and
+/// sockets alike; for a send into a large room, mostly its database's WAL.
+fn proc_written_bytes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// Busy and total jiffies of the whole machine (first line of /proc/stat).
 fn machine_jiffies() -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -461,6 +468,7 @@ struct Meter {
     machine0: Option<(f64, f64)>,
     t0: Instant,
     rss0_mb: Option<f64>,
+    written0: Option<u64>,
     /// The second server of a federation scenario, and its CPU time at the start.
     remote: Option<(u32, f64)>,
 }
@@ -480,6 +488,8 @@ struct Measured {
     other_cpu_s: Option<f64>,
     /// CPU seconds of the second server (federation scenarios), not in `other_cpu_s`.
     remote_cpu_s: Option<f64>,
+    /// MB the server passed to write calls during the phase (`proc_written_bytes`).
+    written_mb: Option<f64>,
 }
 
 impl Meter {
@@ -496,6 +506,7 @@ impl Meter {
             machine0: machine_jiffies(),
             t0: Instant::now(),
             rss0_mb: rss0.map(|k| k as f64 / 1024.0),
+            written0: pid.and_then(proc_written_bytes),
             remote: None,
         }
     }
@@ -527,7 +538,12 @@ impl Meter {
             (Some(_), Some(s)) => Some(s.peak_mb().max(rss_mb.unwrap_or(0.0))),
             _ => None,
         };
+        let written_mb = match (self.pid.and_then(proc_written_bytes), self.written0) {
+            (Some(b), Some(a)) => Some(b.saturating_sub(a) as f64 / 1e6),
+            _ => None,
+        };
         Measured {
+            written_mb,
             rss_start_mb: self.rss0_mb,
             wall_s,
             cpu_s,
@@ -573,6 +589,7 @@ impl Outcome {
             m.insert("server_rss_start_mb".into(), json!(x.rss_start_mb));
             m.insert("tool_cpu_s".into(), json!(x.tool_cpu_s));
             m.insert("other_cpu_s".into(), json!(x.other_cpu_s));
+            m.insert("server_written_mb".into(), json!(x.written_mb));
             if x.remote_cpu_s.is_some() {
                 m.insert("remote_server_cpu_s".into(), json!(x.remote_cpu_s));
             }
@@ -1181,6 +1198,10 @@ fn print_table(label: &str, base: &str, outs: &[Outcome]) {
             rows.push(("server_rss_mb (end)".into(), m.rss_mb.map_or("-".into(), |c| format!("{c:.1}"))));
             rows.push(("load_tool_cpu_s".into(), m.tool_cpu_s.map_or("-".into(), |c| format!("{c:.2}"))));
             rows.push(("other_processes_cpu_s".into(), m.other_cpu_s.map_or("-".into(), |c| format!("{c:.2}"))));
+            rows.push((
+                "server_written_mb (write calls)".into(),
+                m.written_mb.map_or("-".into(), |c| format!("{c:.1}")),
+            ));
             if let Some(c) = m.remote_cpu_s {
                 rows.push(("remote_server_cpu_s".into(), format!("{c:.2}")));
             }
