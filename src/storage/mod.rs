@@ -398,6 +398,8 @@ impl Store {
 #[cfg(test)]
 mod dag_tests;
 #[cfg(test)]
+mod push_actions_migration_tests;
+#[cfg(test)]
 mod relations_tests;
 #[cfg(test)]
 pub(crate) mod test_db;
