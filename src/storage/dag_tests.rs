@@ -2,9 +2,7 @@
 //! it is opened by the current code, which rebuilds `events` and fills the DAG's edges
 //! from the stored JSON once. On SQLite always, on PostgreSQL with `TEST_POSTGRES_URL`.
 
-use std::borrow::Cow;
-
-use super::Store;
+use super::{Store, test_db::TestDb};
 
 /// The statements that store a small room as the code before 0011 did.
 const OLD_ROOM: &[&str] = &[
@@ -24,12 +22,6 @@ const OLD_ROOM: &[&str] = &[
     "INSERT INTO forward_extremities (room_id, event_id) VALUES ('!r:x', '$msg')",
     "UPDATE stream_position SET pos = 3",
 ];
-
-fn migrations_to_0010() -> sqlx::migrate::Migrator {
-    let mut migrator = sqlx::migrate!();
-    migrator.migrations = Cow::Owned(migrator.migrations.iter().filter(|m| m.version <= 10).cloned().collect());
-    migrator
-}
 
 async fn check_migrated(store: &Store, next_group: i64) {
     let events = store.get_events_by_ids(&["$create".into(), "$join".into(), "$msg".into()]).await.unwrap();
@@ -57,20 +49,9 @@ async fn check_migrated(store: &Store, next_group: i64) {
     assert_eq!(store.get_room_head("!r:x").await.unwrap(), [("$msg".to_owned(), 3, 2)]);
 }
 
-#[tokio::test]
-async fn sqlite_data_from_before_0011_is_migrated() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    {
-        use std::str::FromStr;
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        migrations_to_0010().run(&pool).await.unwrap();
-        for sql in OLD_ROOM {
-            sqlx::query(*sql).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    }
+/// On SQLite always; on PostgreSQL with `TEST_POSTGRES_URL`.
+async fn from_before(postgres: bool) {
+    let Some((url, db)) = TestDb::migrated_to(postgres, 10, OLD_ROOM).await else { return };
     let store = Store::open(&url, 2).await.unwrap();
     check_migrated(&store, 3).await;
     store.close().await;
@@ -78,37 +59,15 @@ async fn sqlite_data_from_before_0011_is_migrated() {
     let store = Store::open(&url, 2).await.unwrap();
     check_migrated(&store, 4).await;
     store.close().await;
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn sqlite_data_from_before_0011_is_migrated() {
+    from_before(false).await;
 }
 
 #[tokio::test]
 async fn postgres_data_from_before_0011_is_migrated() {
-    use sqlx::Connection;
-    let admin_url = match std::env::var("TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if std::env::var("REQUIRE_POSTGRES").as_deref() == Ok("1") => {
-            panic!("REQUIRE_POSTGRES=1 but TEST_POSTGRES_URL is not set")
-        }
-        _ => return,
-    };
-    let name = format!("convo_storage_{}", crate::service::generate_registration_token().to_lowercase());
-    let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let (base, _) = admin_url.rsplit_once('/').unwrap();
-    let url = format!("{base}/{name}");
-    {
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        migrations_to_0010().run(&pool).await.unwrap();
-        for sql in OLD_ROOM {
-            sqlx::query(*sql).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    }
-    let store = Store::open(&url, 2).await.unwrap();
-    check_migrated(&store, 3).await;
-    store.close().await;
-    let store = Store::open(&url, 2).await.unwrap();
-    check_migrated(&store, 4).await;
-    store.close().await;
-    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
+    from_before(true).await;
 }

@@ -3,9 +3,7 @@
 //! read of them answers as before. On SQLite always, on PostgreSQL with
 //! `TEST_POSTGRES_URL`.
 
-use std::borrow::Cow;
-
-use super::Store;
+use super::{Store, test_db::TestDb};
 
 /// Two rooms' events and the push actions the code before 0029 stored for them.
 const OLD_ROWS: &[&str] = &[
@@ -24,12 +22,6 @@ const OLD_ROWS: &[&str] = &[
     "UPDATE stream_position SET pos = 2",
 ];
 
-fn migrations_to_0028() -> sqlx::migrate::Migrator {
-    let mut migrator = sqlx::migrate!();
-    migrator.migrations = Cow::Owned(migrator.migrations.iter().filter(|m| m.version <= 28).cloned().collect());
-    migrator
-}
-
 async fn check_kept(store: &Store) {
     let rows = store.get_notifications("@b:x", None, 10, false).await.unwrap();
     let got: Vec<(&str, i64, &str, i32, Option<&str>)> = rows
@@ -44,51 +36,21 @@ async fn check_kept(store: &Store) {
     assert_eq!(store.get_push_action("@c:x", "!r:x", 2).await.unwrap(), None);
 }
 
-#[tokio::test]
-async fn sqlite_push_actions_from_before_0029_are_kept() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    {
-        use std::str::FromStr;
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        migrations_to_0028().run(&pool).await.unwrap();
-        for sql in OLD_ROWS {
-            sqlx::query(*sql).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    }
+/// On SQLite always; on PostgreSQL with `TEST_POSTGRES_URL`.
+async fn from_before(postgres: bool) {
+    let Some((url, db)) = TestDb::migrated_to(postgres, 28, OLD_ROWS).await else { return };
     let store = Store::open(&url, 2).await.unwrap();
     check_kept(&store).await;
     store.close().await;
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn sqlite_push_actions_from_before_0029_are_kept() {
+    from_before(false).await;
 }
 
 #[tokio::test]
 async fn postgres_push_actions_from_before_0029_are_kept() {
-    use sqlx::Connection;
-    let admin_url = match std::env::var("TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if std::env::var("REQUIRE_POSTGRES").as_deref() == Ok("1") => {
-            panic!("REQUIRE_POSTGRES=1 but TEST_POSTGRES_URL is not set")
-        }
-        _ => return,
-    };
-    let name = format!("convo_storage_{}", crate::service::generate_registration_token().to_lowercase());
-    let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let (base, _) = admin_url.rsplit_once('/').unwrap();
-    let url = format!("{base}/{name}");
-    {
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        migrations_to_0028().run(&pool).await.unwrap();
-        for sql in OLD_ROWS {
-            sqlx::query(*sql).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    }
-    let store = Store::open(&url, 2).await.unwrap();
-    check_kept(&store).await;
-    store.close().await;
-    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
+    from_before(true).await;
 }

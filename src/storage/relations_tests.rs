@@ -3,9 +3,7 @@
 //! events outside the room's history are not. On SQLite always, on PostgreSQL with
 //! `TEST_POSTGRES_URL`.
 
-use std::borrow::Cow;
-
-use super::{RelationQuery, Store};
+use super::{RelationQuery, Store, test_db::TestDb};
 
 /// Events as the code before 0023 stored them (no `event_relations` rows).
 const OLD_EVENTS: &[&str] = &[
@@ -31,12 +29,6 @@ const OLD_EVENTS: &[&str] = &[
     "UPDATE stream_position SET pos = 5",
 ];
 
-fn migrations_to_0022() -> sqlx::migrate::Migrator {
-    let mut migrator = sqlx::migrate!();
-    migrator.migrations = Cow::Owned(migrator.migrations.iter().filter(|m| m.version <= 22).cloned().collect());
-    migrator
-}
-
 async fn check_filled(store: &Store) {
     let query = RelationQuery {
         room_id: "!r:x",
@@ -58,20 +50,9 @@ async fn check_filled(store: &Store) {
     assert_eq!(bundled.replacements["$root"], [("$edit".to_owned(), 5)]);
 }
 
-#[tokio::test]
-async fn sqlite_relations_from_before_0023_are_filled() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    {
-        use std::str::FromStr;
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
-        let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
-        migrations_to_0022().run(&pool).await.unwrap();
-        for sql in OLD_EVENTS {
-            sqlx::query(*sql).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    }
+/// On SQLite always; on PostgreSQL with `TEST_POSTGRES_URL`.
+async fn from_before(postgres: bool) {
+    let Some((url, db)) = TestDb::migrated_to(postgres, 22, OLD_EVENTS).await else { return };
     let store = Store::open(&url, 2).await.unwrap();
     check_filled(&store).await;
     store.close().await;
@@ -79,37 +60,15 @@ async fn sqlite_relations_from_before_0023_are_filled() {
     let store = Store::open(&url, 2).await.unwrap();
     check_filled(&store).await;
     store.close().await;
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn sqlite_relations_from_before_0023_are_filled() {
+    from_before(false).await;
 }
 
 #[tokio::test]
 async fn postgres_relations_from_before_0023_are_filled() {
-    use sqlx::Connection;
-    let admin_url = match std::env::var("TEST_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ if std::env::var("REQUIRE_POSTGRES").as_deref() == Ok("1") => {
-            panic!("REQUIRE_POSTGRES=1 but TEST_POSTGRES_URL is not set")
-        }
-        _ => return,
-    };
-    let name = format!("convo_storage_{}", crate::service::generate_registration_token().to_lowercase());
-    let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
-    let (base, _) = admin_url.rsplit_once('/').unwrap();
-    let url = format!("{base}/{name}");
-    {
-        let pool = sqlx::PgPool::connect(&url).await.unwrap();
-        migrations_to_0022().run(&pool).await.unwrap();
-        for sql in OLD_EVENTS {
-            sqlx::query(*sql).execute(&pool).await.unwrap();
-        }
-        pool.close().await;
-    }
-    let store = Store::open(&url, 2).await.unwrap();
-    check_filled(&store).await;
-    store.close().await;
-    let store = Store::open(&url, 2).await.unwrap();
-    check_filled(&store).await;
-    store.close().await;
-    let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&mut conn).await;
+    from_before(true).await;
 }

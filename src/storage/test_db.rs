@@ -21,10 +21,17 @@ impl TestDb {
     /// on `TEST_POSTGRES_URL`: `None` when it is not set (a failure with
     /// `REQUIRE_POSTGRES=1`).
     pub(crate) async fn open(postgres: bool) -> Option<(Store, Self)> {
+        let (url, db) = Self::empty(postgres).await?;
+        Some((Store::open(&url, 2).await.unwrap(), db))
+    }
+
+    /// A new empty database (no tables): its URL, and what to drop after it. `None` as
+    /// `open`.
+    async fn empty(postgres: bool) -> Option<(String, Self)> {
         let dir = tempfile::tempdir().unwrap();
         if !postgres {
             let url = format!("sqlite://{}", dir.path().join("t.db").display());
-            return Some((Store::open(&url, 2).await.unwrap(), TestDb { _dir: dir, pg: None }));
+            return Some((url, TestDb { _dir: dir, pg: None }));
         }
         use sqlx::Connection;
         let admin_url = match std::env::var("TEST_POSTGRES_URL") {
@@ -39,8 +46,35 @@ impl TestDb {
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
         conn.close().await.ok();
         let (base, _) = admin_url.rsplit_once('/').unwrap();
-        let store = Store::open(&format!("{base}/{name}"), 2).await.unwrap();
-        Some((store, TestDb { _dir: dir, pg: Some((admin_url, name)) }))
+        Some((format!("{base}/{name}"), TestDb { _dir: dir, pg: Some((admin_url, name)) }))
+    }
+
+    /// A new database migrated only up to migration `version`, holding what `rows` store
+    /// (as the code of that time did): its URL (for `Store::open`, which runs the later
+    /// migrations), and what to drop after it. `None` as `open`.
+    pub(crate) async fn migrated_to(postgres: bool, version: i64, rows: &[&str]) -> Option<(String, Self)> {
+        let (url, db) = Self::empty(postgres).await?;
+        let mut migrator = sqlx::migrate!();
+        migrator.migrations =
+            std::borrow::Cow::Owned(migrator.migrations.iter().filter(|m| m.version <= version).cloned().collect());
+        macro_rules! fill {
+            ($pool:expr) => {{
+                let pool = $pool;
+                migrator.run(&pool).await.unwrap();
+                for sql in rows {
+                    sqlx::query(sqlx::AssertSqlSafe(*sql)).execute(&pool).await.unwrap();
+                }
+                pool.close().await;
+            }};
+        }
+        if postgres {
+            fill!(sqlx::PgPool::connect(&url).await.unwrap());
+        } else {
+            use std::str::FromStr;
+            let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
+            fill!(sqlx::SqlitePool::connect_with(options).await.unwrap());
+        }
+        Some((url, db))
     }
 
     /// A directory that lives as long as the database.
