@@ -787,8 +787,6 @@ mod tests {
         assert!(highlights > 5, "the events highlight for some members");
     }
 
-    /// A room of ten thousand members stays cached (the cache does not start over on
-    /// every event), and users with equal rules share one parsed ruleset.
     /// The binary search over `@` tails and the ASCII name match answer as plain scans
     /// of the folded strings and body do, for ids and names inside, across and beside
     /// the events' strings.
@@ -840,6 +838,8 @@ mod tests {
         }
     }
 
+    /// A room of ten thousand members stays cached (the cache does not start over on
+    /// every event), and users with equal rules share one parsed ruleset.
     #[test]
     fn ten_thousand_users_stay_cached_and_share_their_rules() {
         // The default shares of the default `[caches] memory_mb`.
