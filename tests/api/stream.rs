@@ -551,16 +551,21 @@ backend_tests!(
     positions_keep_growing_across_a_restart,
 );
 
+/// A server on SQLite, the path of its WAL, and a user (token) with a room to send to.
+async fn sqlite_server_with_a_room() -> (TestServer, std::path::PathBuf, String, String) {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let db = server.config().database.url.trim_start_matches("sqlite://").to_owned();
+    let (_, alice, _) = server.register("alice").await;
+    let room = server.create_room(&alice, json!({})).await;
+    (server, std::path::PathBuf::from(format!("{db}-wal")), alice, room)
+}
+
 /// SQLite's WAL is checkpointed by a task of the store's, not by the commit that passes
 /// 1,000 pages (which held the one writer, and every send, for up to 0.3 s): after a
 /// pause, the writer starts the WAL over instead of growing it.
 #[tokio::test]
 async fn sqlite_wal_is_checkpointed_in_the_background() {
-    let server = TestServer::start(Backend::Sqlite).await;
-    let db = server.config().database.url.trim_start_matches("sqlite://").to_owned();
-    let wal = std::path::PathBuf::from(format!("{db}-wal"));
-    let (_, alice, _) = server.register("alice").await;
-    let room = server.create_room(&alice, json!({})).await;
+    let (server, wal, alice, room) = sqlite_server_with_a_room().await;
     let mut sizes = Vec::new();
     for round in 0..3 {
         for i in 0..100 {
@@ -580,11 +585,7 @@ async fn sqlite_wal_is_checkpointed_in_the_background() {
 /// everything written (10 GB in 45 s of 16 concurrent senders in a release build).
 #[tokio::test]
 async fn sqlite_wal_starts_over_under_steady_writes() {
-    let server = TestServer::start(Backend::Sqlite).await;
-    let db = server.config().database.url.trim_start_matches("sqlite://").to_owned();
-    let wal = std::path::PathBuf::from(format!("{db}-wal"));
-    let (_, alice, _) = server.register("alice").await;
-    let room = server.create_room(&alice, json!({})).await;
+    let (server, wal, alice, room) = sqlite_server_with_a_room().await;
     let start = Instant::now();
     let until = Duration::from_secs(8);
     let senders = (0..4).map(|s| {
