@@ -6,10 +6,7 @@
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
 };
 
 use ruma::{
@@ -29,7 +26,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    storage::PushActionRow,
+    storage::{PushActionRow, PushGroupRow, PushOutcome, SpanChange},
 };
 
 /// Rulesets of users who recently received events, so that every event does not
@@ -40,15 +37,15 @@ use crate::{
 pub struct RulesetCache {
     users: ByteCache<OwnedUserId, Arc<UserRules>>,
     /// Templates (a ruleset as JSON with its user's id taken out) by their JSON: users
-    /// whose templates are equal have the same rules but for their own id. A template
-    /// forgotten and seen again gets a new number: users with equal rules may then have
-    /// two numbers for a while, which only evaluates their rules once more.
+    /// whose templates are equal have the same rules but for their own id.
     templates: ByteCache<Arc<str>, Arc<Template>>,
 }
 
 /// Rules shared by users whose rulesets are equal but for their own ids.
 pub struct Template {
-    number: u64,
+    /// A hash of `json` (its first eight bytes of SHA-256): the same across restarts,
+    /// it names the template in the database (`push_groups`, `push_spans`).
+    key: i64,
     /// The ruleset as JSON, the user's id replaced by a NUL.
     json: Arc<str>,
     /// The ruleset of the user it was made from (`user`): a member's own ruleset
@@ -118,11 +115,11 @@ enum Rules {
 }
 
 impl UserRules {
-    /// The number of the ruleset's template, or `None` when this user's rules are
-    /// always evaluated on their own.
-    fn template(&self) -> Option<u64> {
+    /// The key of the ruleset's template, or `None` when this user's rules are always
+    /// evaluated on their own.
+    fn template(&self) -> Option<i64> {
         match &self.rules {
-            Rules::Shared(t) => Some(t.number),
+            Rules::Shared(t) => Some(t.key),
             Rules::Own(_) => None,
         }
     }
@@ -140,12 +137,21 @@ impl UserRules {
     }
 }
 
-/// Per room: the joined count and the local members' display names in the room.
+/// Per room: the joined count, the local members' display names in the room, and the
+/// template each one's counts follow there (their open span, `push_spans`).
 #[derive(Clone)]
 pub struct RoomPushMembers {
     /// `None` when a remote user's membership changed since it was counted.
     joined_count: Option<UInt>,
     names: HashMap<OwnedUserId, String>,
+    spans: HashMap<OwnedUserId, i64>,
+}
+
+impl RoomPushMembers {
+    /// Whether `user` is a joined local member.
+    pub(crate) fn has(&self, user: &str) -> bool {
+        <&UserId>::try_from(user).is_ok_and(|u| self.names.contains_key(u))
+    }
 }
 
 /// `RoomPushMembers` by room, bounded in estimated bytes (`cache::shares::PUSH_MEMBERS`);
@@ -159,7 +165,9 @@ fn weigh_push_members(room_id: &OwnedRoomId, members: &Arc<RoomPushMembers>) -> 
     // (which may have grown by changes in place), a box and a string (40 bytes) with
     // the table's spare room and control byte, about 56; a table has 4 slots at least.
     let names: usize = members.names.iter().map(|(user, name)| heap_str(user.as_str()) + heap_str(name)).sum();
-    let slots = members.names.capacity().max(4) * 56;
+    let spans: usize = members.spans.keys().map(|user| heap_str(user.as_str())).sum();
+    // A span's slot: a box and a key (24 bytes) with the table's spare room.
+    let slots = members.names.capacity().max(4) * 56 + members.spans.capacity().max(4) * 40 + spans;
     heap_str(room_id.as_str()) + names + slots + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
 }
 
@@ -184,6 +192,10 @@ impl PushMembersCache {
             let members = Arc::make_mut(members);
             if local {
                 let was_joined = members.names.remove(user).is_some();
+                // A membership that ends closes the span; a new join has none yet.
+                if !joined || !was_joined {
+                    members.spans.remove(user);
+                }
                 if joined {
                     members.names.insert(user.to_owned(), name.unwrap_or_else(|| user.localpart().to_owned()));
                 }
@@ -194,6 +206,26 @@ impl PushMembersCache {
                 };
             } else {
                 members.joined_count = None;
+            }
+        });
+    }
+
+    /// The room's local members, when cached.
+    pub(crate) fn members_of(&self, room_id: &RoomId) -> Option<Arc<RoomPushMembers>> {
+        self.rooms.get(room_id)
+    }
+
+    /// Members' spans changed with an event just stored (`PushOutcome::spans`), under
+    /// the room's lock: the room's entry, when cached, follows.
+    pub(crate) fn spans_moved(&self, room_id: &RoomId, changes: &[SpanChange]) {
+        self.rooms.update(room_id, |members| {
+            let members = Arc::make_mut(members);
+            for change in changes {
+                let Ok(user) = OwnedUserId::try_from(change.user_id.as_str()) else { continue };
+                match change.template {
+                    Some(template) => members.spans.insert(user, template),
+                    None => members.spans.remove(&user),
+                };
             }
         });
     }
@@ -225,8 +257,12 @@ impl RulesetCache {
     }
 }
 
-/// Numbers of templates, never reused.
-static NEXT_TEMPLATE: AtomicU64 = AtomicU64::new(1);
+/// A template's key: the first eight bytes of the SHA-256 of its JSON.
+fn template_key(json: &str) -> i64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(json.as_bytes());
+    i64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+}
 
 impl RulesetCache {
     /// Wraps a user's ruleset with its template (shared with the users whose rules are
@@ -245,7 +281,7 @@ impl RulesetCache {
             let key: Arc<str> = json.replace(id, "\0").into();
             let template = self.templates.get_or_insert_with(key.clone(), || {
                 Arc::new(Template {
-                    number: NEXT_TEMPLATE.fetch_add(1, Ordering::Relaxed),
+                    key: template_key(&key),
                     json: key,
                     rules,
                     user: user.to_owned(),
@@ -359,47 +395,111 @@ pub(crate) struct PushMember<'a> {
     pub rules: Arc<UserRules>,
 }
 
-/// Evaluates an event for members: once per template for the members it does not
-/// single out (their answers are the same: the rules differ only by the user's own id,
-/// which the event does not hold, and the display name, which its body does not hold or
-/// the rules do not look at), and on its own for each member it singles out.
+/// Evaluates an event for members, and says how their answers are stored
+/// (`PushOutcome`).
 ///
-/// A template's shared ruleset is its first user's: for a member the event does not
-/// single out, it answers as the member's own when the event does not hold that first
-/// user's id either (a condition that reads an id matches only an event that holds
-/// it); otherwise the member's own ruleset is read back from the template.
+/// Members are evaluated once per template when the event does not single them out
+/// (their answers are the same: the rules differ only by the user's own id, which the
+/// event does not hold, and the display name, which its body does not hold or the rules
+/// do not look at), and each on their own when it does. A template's shared ruleset is
+/// its first user's: for a member the event does not single out, it answers as the
+/// member's own when the event does not hold that first user's id either (a condition
+/// that reads an id matches only an event that holds it); otherwise the member's own
+/// ruleset is read back from the template.
+///
+/// The answer of a member the event does not single out, whose span in the room
+/// (`spans`: the template their counts follow there) is their template, is stored once
+/// for all of them: a row per template that notifies. Every other member gets a row of
+/// their own where their answer differs from what their span's template row (if
+/// written) says, and so does the sender, whom their own event never notifies. Events
+/// in a thread write no template rows (a thread's counts are kept per member). Members
+/// whose span is not their template change it with this event.
 pub(crate) async fn evaluate_grouped(
     members: &[PushMember<'_>],
+    spans: &HashMap<OwnedUserId, i64>,
+    sender: &UserId,
     event: &Raw<JsonValue>,
     event_json: &JsonValue,
     base: &PushConditionRoomCtx,
-) -> Result<Vec<PushActionRow>> {
+) -> Result<PushOutcome> {
+    type Answer = Option<(bool, Arc<str>)>;
     let text = EventText::of(event_json);
-    let mut by_template: HashMap<u64, Option<(bool, Arc<str>)>> = HashMap::new();
-    let mut notified = Vec::new();
+    let threaded = event_json["content"]["m.relates_to"]["rel_type"] == "m.thread";
+    let mut shared: HashMap<i64, Answer> = HashMap::new();
+    // Templates with members their row answers for.
+    let mut grouped: Vec<i64> = Vec::new();
+    let mut alone: Vec<(&PushMember<'_>, Answer)> = Vec::new();
+    let mut moved = Vec::new();
     for member in members {
-        let outcome = match &member.rules.rules {
-            Rules::Shared(template) if !text.singles_out(&member.rules, member.display_name) => {
-                match by_template.get(&template.number) {
-                    Some(outcome) => outcome.clone(),
-                    None => {
-                        let outcome = if text.holds(&template.folded_id) {
-                            evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?
-                        } else {
-                            evaluate_one(member, &template.rules, event, base).await?
-                        };
-                        by_template.insert(template.number, outcome.clone());
-                        outcome
-                    }
-                }
+        let span = spans.get(member.user).copied();
+        if member.rules.template() != span {
+            moved.push(SpanChange { user_id: member.user.to_string(), template: member.rules.template() });
+        }
+        let template = match &member.rules.rules {
+            Rules::Shared(template) if !text.singles_out(&member.rules, member.display_name) => template,
+            _ => {
+                alone.push((member, evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?));
+                continue;
             }
-            _ => evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?,
         };
-        if let Some((highlight, actions)) = outcome {
-            notified.push(PushActionRow { user_id: member.user.to_string(), highlight, actions: actions.to_string() });
+        let answer = match shared.get(&template.key) {
+            Some(answer) => answer.clone(),
+            None => {
+                let answer = if text.holds(&template.folded_id) {
+                    evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?
+                } else {
+                    evaluate_one(member, &template.rules, event, base).await?
+                };
+                shared.insert(template.key, answer.clone());
+                answer
+            }
+        };
+        if !threaded && span == Some(template.key) {
+            if !grouped.contains(&template.key) {
+                grouped.push(template.key);
+            }
+        } else {
+            alone.push((member, answer));
         }
     }
-    Ok(notified)
+    // What the template row of a member's span says for them: a row is written for a
+    // template with members it answers for, when it notifies.
+    let group_of = |user: &UserId| -> Option<&(bool, Arc<str>)> {
+        let key = spans.get(user).filter(|k| grouped.contains(k))?;
+        shared.get(key)?.as_ref()
+    };
+    let mut own = Vec::new();
+    for (member, answer) in &alone {
+        let group = group_of(member.user);
+        if answer.as_ref() != group {
+            own.push(own_row(member.user, answer.as_ref(), group));
+        }
+    }
+    if let Some(group) = group_of(sender) {
+        own.push(own_row(sender, None, Some(group)));
+    }
+    grouped.sort_unstable();
+    let groups = grouped
+        .into_iter()
+        .filter_map(|key| {
+            let (highlight, actions) = shared.get(&key)?.as_ref()?;
+            Some(PushGroupRow { template: key, highlight: *highlight, actions: actions.to_string() })
+        })
+        .collect();
+    Ok(PushOutcome { own, groups, spans: moved })
+}
+
+/// A member's own row: their answer (`None`: it does not notify them) and their
+/// template row's.
+fn own_row(user: &UserId, answer: Option<&(bool, Arc<str>)>, group: Option<&(bool, Arc<str>)>) -> PushActionRow {
+    PushActionRow {
+        user_id: user.to_string(),
+        notifies: answer.is_some(),
+        highlight: answer.is_some_and(|a| a.0),
+        actions: answer.map_or_else(|| "[]".to_owned(), |a| a.1.to_string()),
+        group_notifs: group.is_some(),
+        group_highlight: group.is_some_and(|g| g.0),
+    }
 }
 
 /// One member's evaluation with `rules`: `None` when the event does not notify them,
@@ -434,11 +534,12 @@ impl Services {
     }
 
     /// Evaluates a new event for each local member of its room (other than its
-    /// sender): the members it notifies, with whether it highlights for them. `state`
-    /// is the room state the event is authorized against (it holds the create and
-    /// power levels events); the caller stores the result with the event. Members
-    /// with the same rules (but for their own ids) are evaluated once together
-    /// (`evaluate_grouped`).
+    /// sender): whom it notifies, and for whom it highlights, as stored with it
+    /// (`evaluate_grouped`: a row per template, and rows of their own for the members
+    /// the event singles out). `state` is the room state the event is authorized
+    /// against (it holds the create and power levels events); the caller stores the
+    /// result with the event, under the room's lock, and then tells the cache the
+    /// spans that moved (`PushMembersCache::spans_moved`).
     pub(crate) async fn push_actions_for(
         &self,
         room_id: &RoomId,
@@ -446,7 +547,7 @@ impl Services {
         pdu_json: &str,
         state: &HashMap<(StateEventType, String), Pdu>,
         rules: &RoomVersionRules,
-    ) -> Result<Vec<PushActionRow>> {
+    ) -> Result<PushOutcome> {
         let mut members = self.room_push_members(room_id).await?;
         let joined_count = match members.joined_count {
             Some(count) => count,
@@ -458,7 +559,7 @@ impl Services {
             }
         };
         if members.names.keys().all(|u| u.as_str() == sender.as_str()) {
-            return Ok(Vec::new());
+            return Ok(PushOutcome::default());
         }
         let event: Raw<JsonValue> =
             Raw::from_json(RawValue::from_string(pdu_json.to_owned()).map_err(Error::internal)?);
@@ -482,7 +583,7 @@ impl Services {
         for (user, name) in missing {
             recipients.push(PushMember { user, display_name: name, rules: self.cached_push_rules(user).await? });
         }
-        evaluate_grouped(&recipients, &event, &event_json, &base).await
+        evaluate_grouped(&recipients, &members.spans, sender, &event, &event_json, &base).await
     }
 
     /// The room's joined count and its local members' display names, cached until the
@@ -497,12 +598,20 @@ impl Services {
         let (joined, _) = self.store.count_room_members(room_id.as_str()).await?;
         let users: Vec<&OwnedUserId> = local.iter().collect();
         let mut names = self.display_names(room_id, &users).await?;
+        let spans = self
+            .store
+            .get_open_push_spans(room_id.as_str())
+            .await?
+            .into_iter()
+            .filter_map(|(user, template)| Some((OwnedUserId::try_from(user).ok()?, template)))
+            .collect();
         let members = Arc::new(RoomPushMembers {
             joined_count: Some(UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX)),
             names: local
                 .iter()
                 .map(|u| (u.clone(), names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned())))
                 .collect(),
+            spans,
         });
         self.push_members_cache.rooms.insert_at(stamp, room_id.to_owned(), members.clone());
         Ok(members)
@@ -704,6 +813,7 @@ mod tests {
                 let members = Arc::new(RoomPushMembers {
                     joined_count: Some(UInt::from(n as u32)),
                     names: (0..n).map(|i| (user(i), format!("User number {i}"))).collect(),
+                    spans: (0..n).map(|i| (user(i), i as i64)).collect(),
                 });
                 let room = owned_room_id!("!abcdefghijklmnop:example.org");
                 estimate = weigh_push_members(&room, &members);
@@ -753,7 +863,9 @@ mod tests {
     }
 
     /// Grouping members by template answers exactly what evaluating each member's rules
-    /// on their own answers, in a one-to-one room and in a group.
+    /// on their own answers, in a one-to-one room and in a group, whatever the members'
+    /// spans: a member's answer is their own row, else their span's template row. The
+    /// sender's is nothing, and the members whose span is not their template move.
     #[tokio::test]
     async fn grouped_evaluation_equals_one_by_one() {
         let cache = RulesetCache::new(1 << 20, 1 << 20);
@@ -766,25 +878,59 @@ mod tests {
             .iter()
             .map(|(user, name, rules, _)| PushMember { user, display_name: name, rules: rules.clone() })
             .collect();
+        let sender = owned_user_id!("@sender:localhost");
+        let templates: Vec<(OwnedUserId, Option<i64>)> =
+            members.iter().map(|(user, _, rules, _)| (user.clone(), rules.template())).collect();
+        let default = members[0].2.template().unwrap();
+        // Everyone where their rules say, the sender too; nobody yet; every other one
+        // off (no span, or another template's).
+        let steady: HashMap<OwnedUserId, i64> =
+            templates.iter().filter_map(|(u, t)| Some((u.clone(), (*t)?))).chain([(sender.clone(), default)]).collect();
+        let mixed: HashMap<OwnedUserId, i64> = templates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (u, t))| match i % 3 {
+                0 => Some((u.clone(), (*t)?)),
+                1 => Some((u.clone(), default)),
+                _ => None,
+            })
+            .collect();
         let mut highlights = 0;
-        for member_count in [2, 10] {
-            let base = ctx(member_count);
-            for event_json in events() {
-                let event: Raw<JsonValue> = Raw::from_json(RawValue::from_string(event_json.to_string()).unwrap());
-                let grouped = evaluate_grouped(&recipients, &event, &event_json, &base).await.unwrap();
-                let mut alone = Vec::new();
-                for (member, (.., own)) in recipients.iter().zip(&members) {
-                    if let Some((highlight, actions)) = evaluate_one(member, own, &event, &base).await.unwrap() {
-                        alone.push((member.user.to_string(), highlight, actions.to_string()));
+        let mut group_rows = 0;
+        for spans in [steady, HashMap::new(), mixed] {
+            for member_count in [2, 10] {
+                let base = ctx(member_count);
+                for event_json in events() {
+                    let event: Raw<JsonValue> = Raw::from_json(RawValue::from_string(event_json.to_string()).unwrap());
+                    let outcome =
+                        evaluate_grouped(&recipients, &spans, &sender, &event, &event_json, &base).await.unwrap();
+                    group_rows += outcome.groups.len();
+                    let answer_of = |user: &UserId| -> Option<(bool, String)> {
+                        if let Some(row) = outcome.own.iter().find(|r| r.user_id == user.as_str()) {
+                            return row.notifies.then(|| (row.highlight, row.actions.clone()));
+                        }
+                        let template = spans.get(user)?;
+                        let group = outcome.groups.iter().find(|g| g.template == *template)?;
+                        Some((group.highlight, group.actions.clone()))
+                    };
+                    for (member, (.., own)) in recipients.iter().zip(&members) {
+                        let alone = evaluate_one(member, own, &event, &base).await.unwrap();
+                        let alone = alone.map(|(h, a)| (h, a.to_string()));
+                        highlights += usize::from(alone.as_ref().is_some_and(|a| a.0));
+                        assert_eq!(answer_of(member.user), alone, "{} for {event_json}", member.user);
                     }
+                    assert_eq!(answer_of(&sender), None, "the sender for {event_json}");
+                    let moved: Vec<SpanChange> = templates
+                        .iter()
+                        .filter(|(u, t)| spans.get(u).copied() != *t)
+                        .map(|(u, t)| SpanChange { user_id: u.to_string(), template: *t })
+                        .collect();
+                    assert_eq!(outcome.spans, moved);
                 }
-                let grouped: Vec<(String, bool, String)> =
-                    grouped.into_iter().map(|r| (r.user_id, r.highlight, r.actions)).collect();
-                assert_eq!(grouped, alone, "event {event_json}, {member_count} members");
-                highlights += alone.iter().filter(|r| r.1).count();
             }
         }
         assert!(highlights > 5, "the events highlight for some members");
+        assert!(group_rows > 10, "template rows answer for some members");
     }
 
     /// The binary search over `@` tails and the ASCII name match answer as plain scans

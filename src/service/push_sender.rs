@@ -171,6 +171,22 @@ impl Services {
         }
     }
 
+    /// Wakes the pushers of the room's local members (an event's template rows queued
+    /// pushes for members not named one by one).
+    pub(crate) fn wake_room_pushers(&self, room_id: &ruma::RoomId) {
+        let tasks = self.push_sender.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        if tasks.is_empty() {
+            return;
+        }
+        let members = self.push_members_cache.members_of(room_id);
+        for (user, user_tasks) in tasks.iter() {
+            // Not cached: every pusher looks (it finds nothing new if it has nothing).
+            if members.as_ref().is_none_or(|m| m.has(user)) {
+                user_tasks.values().for_each(|task| task.wake.notify_one());
+            }
+        }
+    }
+
     /// Wakes a pusher's task, starting it if it is not running.
     pub(crate) fn start_pusher(&self, user: &str, app_id: &str, pushkey: &str) {
         let mut tasks = self.push_sender.tasks.lock().unwrap_or_else(|e| e.into_inner());

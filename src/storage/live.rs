@@ -53,6 +53,21 @@ pub(crate) struct UnreadRow {
     pub after_pos: i64,
     pub notifs: i64,
     pub highlights: i64,
+    /// The template whose group rows count for the user too, and its cumulative counts
+    /// when the row last took them in.
+    pub template: Option<i64>,
+    pub base_notifs: i64,
+    pub base_highlights: i64,
+}
+
+impl UnreadRow {
+    /// The user's counts, given their template's cumulative counts now (`group`).
+    pub(crate) fn counts(&self, group: (i64, i64)) -> (i64, i64) {
+        match self.template {
+            Some(_) => (self.notifs + group.0 - self.base_notifs, self.highlights + group.1 - self.base_highlights),
+            None => (self.notifs, self.highlights),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -71,6 +86,9 @@ struct Room {
     tail: Option<Tail>,
     /// User -> their `""` row (`None`: no row is stored).
     unread: HashMap<String, Option<UnreadRow>>,
+    /// Template -> its cumulative counts in the room now (`push_groups`), where known:
+    /// a row that follows a template not here is read from the database.
+    groups: HashMap<i64, (i64, i64)>,
     bytes: usize,
 }
 
@@ -79,6 +97,7 @@ impl Room {
     fn clear(&mut self) {
         self.tail = None;
         self.unread = HashMap::new();
+        self.groups = HashMap::new();
         self.bytes = ROOM_OVERHEAD;
     }
 }
@@ -202,29 +221,51 @@ impl Live {
         self.bound(&mut inner);
     }
 
-    /// A user's kept rows in `rooms`: those known, and the rooms to read.
+    /// A user's counts in `rooms` (notifications, highlights; `None`: no row is
+    /// stored) where they are known, and the rooms to read.
     #[allow(clippy::type_complexity)]
-    pub(crate) fn unread(&self, user: &str, rooms: &[&str]) -> (Vec<(String, Option<UnreadRow>)>, Vec<String>) {
+    pub(crate) fn unread(&self, user: &str, rooms: &[&str]) -> (Vec<(String, Option<(i64, i64)>)>, Vec<String>) {
         let inner = self.lock();
         let (mut known, mut missing) = (Vec::new(), Vec::new());
         for room in rooms {
-            match inner.readable(room).and_then(|r| r.unread.get(user)) {
-                Some(row) => known.push(((*room).to_owned(), *row)),
+            let counts = inner.readable(room).and_then(|r| match r.unread.get(user)? {
+                None => Some(None),
+                Some(row) => match row.template {
+                    None => Some(Some(row.counts((0, 0)))),
+                    Some(t) => r.groups.get(&t).map(|g| Some(row.counts(*g))),
+                },
+            });
+            match counts {
+                Some(counts) => known.push(((*room).to_owned(), counts)),
                 None => missing.push((*room).to_owned()),
             }
         }
         (known, missing)
     }
 
-    /// Keeps a user's row in a room read from the database after `noted`.
-    pub(crate) fn keep_unread(&self, user: &str, room: &str, row: Option<UnreadRow>, noted: u64) {
+    /// Keeps a user's row in a room read from the database after `noted`, with the
+    /// cumulative counts of its template read with it.
+    pub(crate) fn keep_unread(
+        &self,
+        user: &str,
+        room: &str,
+        row: Option<UnreadRow>,
+        group: Option<(i64, i64)>,
+        noted: u64,
+    ) {
         let mut inner = self.lock();
         let Some(entry) = inner.keepable(room, noted) else { return };
-        if entry.unread.insert(user.to_owned(), row).is_none() {
-            let added = COUNT_OVERHEAD + user.len();
-            entry.bytes += added;
-            inner.bytes += added;
+        let mut added = 0;
+        if let (Some(template), Some(group)) = (row.and_then(|r| r.template), group)
+            && entry.groups.insert(template, group).is_none()
+        {
+            added += COUNT_OVERHEAD;
         }
+        if entry.unread.insert(user.to_owned(), row).is_none() {
+            added += COUNT_OVERHEAD + user.len();
+        }
+        entry.bytes += added;
+        inner.bytes += added;
         self.bound(&mut inner);
     }
 
@@ -393,18 +434,18 @@ impl LiveWriting<'_> {
         });
     }
 
-    /// An event at stream position `pos` was counted for `users` (with whether it
-    /// highlights for each) as `count_push_actions!` does in the `""` rows: a row counts
-    /// it if it counts from before it; a user without a row got one (dropped here: its
-    /// values are the database's).
-    pub(crate) fn count(&self, room: &str, pos: i64, users: &[(&str, bool)]) {
+    /// An event at stream position `pos` was counted for `users` (with what it adds to
+    /// each one's notifications and highlights) as `count_push_actions!` does in the
+    /// `""` rows: a row counts it if it counts from before it; a user without a row got
+    /// one (dropped here: its values are the database's).
+    pub(crate) fn count(&self, room: &str, pos: i64, users: &[(&str, (i64, i64))]) {
         self.with_room(room, |r| {
             let mut freed = 0;
-            for (user, highlight) in users {
+            for (user, (notifs, highlights)) in users {
                 match r.unread.get_mut(*user) {
                     Some(Some(row)) if row.after_pos < pos => {
-                        row.notifs += 1;
-                        row.highlights += i64::from(*highlight);
+                        row.notifs += notifs;
+                        row.highlights += highlights;
                     }
                     Some(Some(_)) | None => {}
                     Some(None) => {
@@ -414,6 +455,22 @@ impl LiveWriting<'_> {
                 }
             }
             -(freed as isize)
+        });
+    }
+}
+
+impl LiveWriting<'_> {
+    /// An event got a row for each of these templates (with whether it highlights):
+    /// their cumulative counts moved by one, where known.
+    pub(crate) fn count_groups(&self, room: &str, groups: &[(i64, bool)]) {
+        self.with_room(room, |r| {
+            for (template, highlight) in groups {
+                if let Some(counts) = r.groups.get_mut(template) {
+                    counts.0 += 1;
+                    counts.1 += i64::from(*highlight);
+                }
+            }
+            0
         });
     }
 }
@@ -496,23 +553,34 @@ mod tests {
         let live = Live::new(1 << 20);
         let noted = live.note();
         live.keep_tail("!r", vec![event("!r", 5)], noted);
-        let row = UnreadRow { after_pos: 5, notifs: 0, highlights: 0 };
-        live.keep_unread("@b:x", "!r", Some(row), noted);
-        live.keep_unread("@c:x", "!r", None, noted);
+        let row =
+            UnreadRow { after_pos: 5, notifs: 0, highlights: 0, template: None, base_notifs: 0, base_highlights: 0 };
+        live.keep_unread("@b:x", "!r", Some(row), None, noted);
+        live.keep_unread("@c:x", "!r", None, None, noted);
+        // A member of template 9, whose rows had counted 4 (1 highlight) when the row took them in.
+        let grouped = UnreadRow { template: Some(9), base_notifs: 4, base_highlights: 1, ..row };
+        live.keep_unread("@d:x", "!r", Some(grouped), Some((6, 1)), noted);
+        // Template 8's counts were not read with the row: it is read again.
+        live.keep_unread("@e:x", "!r", Some(UnreadRow { template: Some(8), ..row }), None, noted);
+        assert_eq!(live.unread("@d:x", &["!r"]).0, [("!r".to_owned(), Some((2, 0)))]);
+        assert_eq!(live.unread("@e:x", &["!r"]).1, ["!r"]);
 
         let write = live.begin(["!r"]);
         assert!(live.tail_events("!r", 0, 100, 10).is_none(), "nothing is answered while the room is written");
         assert_eq!(live.unread("@b:x", &["!r"]).1, ["!r"]);
         write.append(event("!r", 7), Some("$e5"));
-        write.count("!r", 7, &[("@b:x", true), ("@c:x", false)]);
+        write.count("!r", 7, &[("@b:x", (1, 1)), ("@c:x", (1, 0))]);
+        write.count_groups("!r", &[(9, true), (8, false)]);
         write.settle();
 
         let events = live.tail_events("!r", 0, 100, 10).unwrap();
         assert_eq!(positions(&events), [7, 5]);
         assert!(events[1].related, "the parent now has a child");
         let (known, missing) = live.unread("@b:x", &["!r"]);
-        assert_eq!(known, [("!r".to_owned(), Some(UnreadRow { after_pos: 5, notifs: 1, highlights: 1 }))]);
+        assert_eq!(known, [("!r".to_owned(), Some((1, 1)))]);
         assert!(missing.is_empty());
+        assert_eq!(live.unread("@d:x", &["!r"]).0, [("!r".to_owned(), Some((3, 1)))], "its template's row counts");
+        assert_eq!(live.unread("@e:x", &["!r"]).1, ["!r"], "a template not known stays unknown");
         assert_eq!(live.unread("@c:x", &["!r"]).1, ["!r"], "a row made by the database is read from it");
     }
 
@@ -522,7 +590,7 @@ mod tests {
         let noted = live.note();
         drop(live.begin(["!r"]));
         live.keep_tail("!r", vec![event("!r", 5)], noted);
-        live.keep_unread("@b:x", "!r", None, noted);
+        live.keep_unread("@b:x", "!r", None, None, noted);
         assert!(live.tail_events("!r", 0, 100, 10).is_none());
         assert_eq!(live.unread("@b:x", &["!r"]).1, ["!r"]);
 
@@ -567,7 +635,7 @@ mod tests {
         let live = Live::new(1 << 20);
         let noted = live.note();
         live.keep_tail("!r", vec![event("!r", 5)], noted);
-        live.keep_unread("@b:x", "!r", None, noted);
+        live.keep_unread("@b:x", "!r", None, None, noted);
         let write = live.begin(["!r"]);
         write.append(event("!r", 7), None);
         drop(write); // failed after its commit, perhaps

@@ -61,7 +61,7 @@ pub use self::{
         CurrentChange, Dag, EventTxn, ExtremityChange, NewEvent, NewRoom, Outlier, Persisted, Position, Redaction,
         RoomCreated, StateBefore, StateEntry, StoredAt,
     },
-    pushers::{NotificationRow, PushActionRow, PusherRow, QueuedPush},
+    pushers::{NotificationRow, PushActionRow, PushGroupRow, PushOutcome, PusherRow, QueuedPush, SpanChange},
     registration_tokens::RegistrationTokenInfo,
     relations::{BundledRelations, RelationQuery, ThreadSummary},
     remote_devices::{DeviceUpdate, RemoteDeviceList},

@@ -13,7 +13,7 @@ use super::{
     batch::{Batch, batched, flush_batch},
     events::take_counter,
     on_pool,
-    push::{count_push_actions, forget_unread, uncount_redacted},
+    push::{close_push_span, count_push_actions, forget_unread, insert_push_group, move_push_spans, uncount_redacted},
     relations::{insert_relation, unrelate},
     search::{index_for_search, unindex_for_search},
     stream::{self, Positions},
@@ -38,9 +38,8 @@ pub struct NewEvent<'a> {
     pub redactions: &'a [Redaction<'a>],
     /// A client send's transaction: device, scope (the endpoint's path) and id.
     pub txn: Option<EventTxn<'a>>,
-    /// Local users the event notifies, with whether it highlights for them and the
-    /// actions of the rule that matched.
-    pub push_actions: &'a [super::PushActionRow],
+    /// What the push rules of the room's local members answered (`PushOutcome`).
+    pub push: &'a super::PushOutcome,
     /// Where the event goes in the DAG, the stream and the room's state.
     pub dag: Dag<'a>,
 }
@@ -511,6 +510,7 @@ macro_rules! insert_event {
                         .await?;
                         if membership != "join" {
                             forget_unread!($tx, e.room_id, user_id);
+                            close_push_span!($tx, e.room_id, user_id, pos.unwrap_or(0));
                         }
                     }
                 }
@@ -529,6 +529,7 @@ macro_rules! insert_event {
                                 .execute(&mut *$tx)
                                 .await?;
                             forget_unread!($tx, e.room_id, k);
+                            close_push_span!($tx, e.room_id, k, pos.unwrap_or(0));
                         }
                     }
                     // Multi-row upserts: a join to a remote room sets its whole state here.
@@ -567,6 +568,7 @@ macro_rules! insert_event {
                         query.build().execute(&mut *$tx).await?;
                         for (user_id, _, _) in chunk.iter().filter(|(_, membership, _)| membership != "join") {
                             forget_unread!($tx, e.room_id, user_id);
+                            close_push_span!($tx, e.room_id, user_id, at);
                         }
                     }
                     if let Some(entries) = group {
@@ -575,10 +577,11 @@ macro_rules! insert_event {
                 }
             }
             if let Some(pos) = pos {
-                for chunk in e.push_actions.chunks(BATCH_ROWS) {
+                for chunk in e.push.own.chunks(BATCH_ROWS) {
                     batched!($tx, batch, |query: &mut sqlx::QueryBuilder<_>| {
                         query.push(
-                            "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight, actions) ",
+                            "INSERT INTO event_push_actions (user_id, room_id, stream_pos, event_id, highlight, actions,
+                                notifies, group_notifs, group_highlights) ",
                         );
                         query.push_values(chunk, |mut row, a| {
                             row.push_bind(&a.user_id)
@@ -586,11 +589,24 @@ macro_rules! insert_event {
                                 .push_bind(pos)
                                 .push_bind(e.event_id)
                                 .push_bind(i32::from(a.highlight))
-                                .push_bind(&a.actions);
+                                .push_bind(&a.actions)
+                                .push_bind(i32::from(a.notifies))
+                                .push_bind(i32::from(a.group_notifs))
+                                .push_bind(i32::from(a.group_highlight));
                         });
                     });
                     // The pushes to send for it, in the same transaction (`service/push_sender.rs`).
-                    super::pushers::enqueue_event_pushes!($tx, batch, chunk, e.room_id, e.event_id, pos);
+                    let notified: Vec<&super::PushActionRow> = chunk.iter().filter(|a| a.notifies).collect();
+                    if !notified.is_empty() {
+                        super::pushers::enqueue_event_pushes!($tx, batch, &notified, e.room_id, e.event_id, pos);
+                    }
+                }
+                // An event that comes redacted (a held redaction) counts for nobody.
+                if !e.redactions.iter().any(|r| matches!(r, Redaction::HeldBy { .. })) {
+                    for group in &e.push.groups {
+                        insert_push_group!($tx, batch, e.room_id, pos, e.event_id, group);
+                        super::pushers::enqueue_group_pushes!($tx, batch, e.room_id, e.event_id, pos, group.template);
+                    }
                 }
             }
             match d.extremities {
@@ -750,12 +766,19 @@ macro_rules! insert_event {
             }
             // The kept unread counts, unless the event came redacted (a held redaction).
             if let Some(pos) = pos
-                && !e.push_actions.is_empty()
+                && !e.push.own.is_empty()
                 && !e.redactions.iter().any(|r| matches!(r, Redaction::HeldBy { .. }))
             {
                 let thread = super::relations::relation_of(e.json)
                     .and_then(|(parent, rel_type)| (rel_type == "m.thread").then_some(parent));
-                count_push_actions!($tx, batch, e.room_id, pos, thread.as_deref(), e.push_actions);
+                count_push_actions!($tx, batch, e.room_id, pos, thread.as_deref(), &e.push.own);
+            }
+            // Members whose template changes with the event: after their counts took it in.
+            if let Some(pos) = pos
+                && !e.push.spans.is_empty()
+            {
+                flush_batch!($tx, batch);
+                move_push_spans!($tx, e.room_id, pos, &e.push.spans);
             }
             // The room's current state at this position, where it is not the event's own.
             let current_after = match &d.current {
@@ -834,13 +857,21 @@ fn follow_in_live_tail(
                 },
                 parent.as_deref(),
             );
-            if !e.push_actions.is_empty() {
-                let mut users: Vec<(&str, bool)> =
-                    e.push_actions.iter().map(|a| (a.user_id.as_str(), a.highlight)).collect();
-                // As `count_push_actions!`: once per user and highlight.
+            if !e.push.own.is_empty() {
+                let mut users: Vec<(&str, (i64, i64))> =
+                    e.push.own.iter().map(|a| (a.user_id.as_str(), a.delta())).collect();
+                // As `count_push_actions!`: once per user.
                 users.sort_unstable();
-                users.dedup();
+                users.dedup_by(|a, b| a.0 == b.0);
                 live.count(e.room_id, pos, &users);
+            }
+            if !e.push.groups.is_empty() {
+                let groups: Vec<(i64, bool)> = e.push.groups.iter().map(|g| (g.template, g.highlight)).collect();
+                live.count_groups(e.room_id, &groups);
+            }
+            // Their rows were rebased by the database.
+            for span in &e.push.spans {
+                live.drop_unread(e.room_id, Some(&span.user_id));
             }
         }
         // Outside the live stream (backfilled history): nothing a tail holds, but the

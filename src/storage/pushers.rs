@@ -5,14 +5,73 @@
 use super::{Store, on_pool, users::lock_user};
 use crate::error::Result;
 
-/// A local user an event notifies: stored with the event (`event_push_actions`).
-#[derive(Clone, Debug)]
+/// A local member's own answer to an event, stored with it (`event_push_actions`): the
+/// event singles them out, their rules are their own, or their template changes with
+/// it (see `PushOutcome`).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PushActionRow {
     pub user_id: String,
+    /// The event notifies them (a row that does not only takes the group's answer back).
+    pub notifies: bool,
     /// The actions set the `highlight` tweak.
     pub highlight: bool,
     /// The actions of the push rule that matched, as a JSON array.
     pub actions: String,
+    /// What their template's group row (`PushGroupRow`) counted for them at this event:
+    /// whether it notified, and highlighted.
+    pub group_notifs: bool,
+    pub group_highlight: bool,
+}
+
+impl PushActionRow {
+    /// What the row adds to the member's counts beyond the group's: notifications and
+    /// highlights.
+    pub fn delta(&self) -> (i64, i64) {
+        (
+            i64::from(self.notifies) - i64::from(self.group_notifs),
+            i64::from(self.highlight) - i64::from(self.group_highlight),
+        )
+    }
+}
+
+/// The answer a template's members get from an event that does not single them out,
+/// when it notifies: one row (`push_groups`) for all of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushGroupRow {
+    /// The template's key (a hash of its JSON: stable across restarts).
+    pub template: i64,
+    pub highlight: bool,
+    pub actions: String,
+}
+
+/// A member whose template in the room changes with an event (`push_spans`): their
+/// span closes, and one opens with `template` (`None`: their rules are their own).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpanChange {
+    pub user_id: String,
+    pub template: Option<i64>,
+}
+
+/// What an event's push rules answered for the room's local members, as stored with it:
+/// one row per template whose shared answer notifies, and a row of their own for the
+/// members the group rows do not answer for exactly.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PushOutcome {
+    pub own: Vec<PushActionRow>,
+    pub groups: Vec<PushGroupRow>,
+    pub spans: Vec<SpanChange>,
+}
+
+impl PushOutcome {
+    /// Nobody's answer (an event no member is evaluated for).
+    pub fn none() -> &'static PushOutcome {
+        static NONE: PushOutcome = PushOutcome { own: Vec::new(), groups: Vec::new(), spans: Vec::new() };
+        &NONE
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.own.is_empty() && self.groups.is_empty() && self.spans.is_empty()
+    }
 }
 
 /// A pusher as stored.
@@ -81,6 +140,39 @@ macro_rules! enqueue_event_pushes {
     }};
 }
 pub(crate) use enqueue_event_pushes;
+
+/// Queues a push of a stored event for every HTTP pusher of the members its row for
+/// `$template` answers for: those whose open span in the room follows the template and
+/// who have no row of their own for it (written before, in the same transaction).
+/// Driven by the pushers, not by the room's members.
+macro_rules! enqueue_group_pushes {
+    ($tx:expr, $batch:expr, $room_id:expr, $event_id:expr, $pos:expr, $template:expr) => {{
+        $crate::storage::batch::batched!($tx, $batch, |query: &mut sqlx::QueryBuilder<_>| {
+            query.push(
+                "INSERT INTO push_queue (user_id, app_id, pushkey, position, kind, room_id, event_id, attempts)
+                 SELECT p.user_id, p.app_id, p.pushkey, ",
+            );
+            query.push_bind($pos);
+            query.push(", 'event', ");
+            query.push_bind($room_id);
+            query.push(", ");
+            query.push_bind($event_id);
+            query.push(
+                ", 0 FROM pushers p WHERE p.kind = 'http'
+                 AND EXISTS (SELECT 1 FROM push_spans s WHERE s.user_id = p.user_id AND s.room_id = ",
+            );
+            query.push_bind($room_id);
+            query.push(" AND s.to_pos IS NULL AND s.template = ");
+            query.push_bind($template);
+            query.push(
+                ") AND NOT EXISTS (SELECT 1 FROM event_push_actions a WHERE a.user_id = p.user_id AND a.stream_pos = ",
+            );
+            query.push_bind($pos);
+            query.push(") ON CONFLICT DO NOTHING");
+        });
+    }};
+}
+pub(crate) use enqueue_group_pushes;
 
 impl Store {
     /// Adds or updates a pusher (keyed by user, app id and pushkey). Without `append`,
@@ -278,9 +370,25 @@ impl Store {
         room_id: &str,
         stream_pos: i64,
     ) -> Result<Option<(Option<String>, i32)>> {
+        // The user's own row, else their template's row at the event.
         on_pool!(self, read, |pool| {
+            let own: Option<(Option<String>, i32, i32)> = sqlx::query_as(
+                "SELECT actions, highlight, notifies FROM event_push_actions
+                 WHERE user_id = $1 AND room_id = $2 AND stream_pos = $3",
+            )
+            .bind(user_id)
+            .bind(room_id)
+            .bind(stream_pos)
+            .fetch_optional(pool)
+            .await?;
+            if let Some((actions, highlight, notifies)) = own {
+                return Ok((notifies == 1).then_some((actions, highlight)));
+            }
             Ok(sqlx::query_as(
-                "SELECT actions, highlight FROM event_push_actions WHERE user_id = $1 AND room_id = $2 AND stream_pos = $3",
+                "SELECT g.actions, g.highlight FROM push_spans s
+                 JOIN push_groups g ON g.room_id = s.room_id AND g.template = s.template
+                 WHERE s.user_id = $1 AND s.room_id = $2 AND g.stream_pos = $3
+                   AND s.from_pos < $3 AND (s.to_pos IS NULL OR s.to_pos > $3)",
             )
             .bind(user_id)
             .bind(room_id)
@@ -310,18 +418,24 @@ impl Store {
     /// the unread history.
     pub async fn count_unread_for_push(&self, user_id: &str) -> Result<(i64, i64)> {
         on_pool!(self, read, |pool| {
-            let (unread, calls): (i64, i64) = sqlx::query_as(
-                "SELECT COALESCE((SELECT CAST(SUM(notifs) AS BIGINT) FROM unread_counts WHERE user_id = $1 AND thread_id = ''), 0),
+            let sql = format!(
+                "SELECT COALESCE((SELECT CAST(SUM(u.notifs + {}) AS BIGINT) FROM unread_counts u
+                         WHERE u.user_id = $1 AND u.thread_id = ''), 0),
                     (SELECT COUNT(*) FROM unread_counts u
                      JOIN events e ON e.room_id = u.room_id AND e.event_type = 'm.call.invite'
                          AND e.stream_ordering > u.after_pos
                      WHERE u.user_id = $1 AND u.thread_id = '' AND e.redacted_by IS NULL
-                       AND EXISTS (SELECT 1 FROM event_push_actions p WHERE p.user_id = u.user_id
-                           AND p.room_id = u.room_id AND p.stream_pos = e.stream_ordering))",
-            )
-            .bind(user_id)
-            .fetch_one(pool)
-            .await?;
+                       AND (EXISTS (SELECT 1 FROM event_push_actions p WHERE p.user_id = u.user_id
+                               AND p.room_id = u.room_id AND p.stream_pos = e.stream_ordering AND p.notifies = 1)
+                           OR (u.template IS NOT NULL
+                               AND EXISTS (SELECT 1 FROM push_groups g WHERE g.room_id = u.room_id
+                                   AND g.template = u.template AND g.stream_pos = e.stream_ordering)
+                               AND NOT EXISTS (SELECT 1 FROM event_push_actions p WHERE p.user_id = u.user_id
+                                   AND p.stream_pos = e.stream_ordering))))",
+                super::push::GROUP_NOTIFS
+            );
+            let (unread, calls): (i64, i64) =
+                sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_one(pool).await?;
             Ok((unread, calls))
         })
     }
@@ -336,14 +450,25 @@ impl Store {
         limit: i64,
         only_highlight: bool,
     ) -> Result<Vec<NotificationRow>> {
-        // `read`: the user's read receipt in the room (public or private) is at or after it.
-        let sql = "SELECT p.room_id, p.stream_pos, p.event_id, p.highlight, p.actions,
+        // The user's own rows that notify, and their templates' rows over their spans
+        // where they have no row of their own. `read`: the user's read receipt in the
+        // room (public or private) is at or after it.
+        let sql = "SELECT n.room_id, n.stream_pos, n.event_id, n.highlight, n.actions,
                 COALESCE((SELECT MAX(re.stream_ordering) FROM receipts r JOIN events re ON re.event_id = r.event_id
-                    WHERE r.user_id = p.user_id AND r.room_id = p.room_id), -1) >= p.stream_pos AS read
-             FROM event_push_actions p JOIN events e ON e.stream_ordering = p.stream_pos
-             WHERE p.user_id = $1 AND ($2 IS NULL OR p.stream_pos < $2) AND ($3 = FALSE OR p.highlight = 1)
-               AND e.redacted_by IS NULL
-             ORDER BY p.stream_pos DESC LIMIT $4";
+                    WHERE r.user_id = $1 AND r.room_id = n.room_id), -1) >= n.stream_pos AS read
+             FROM (SELECT p.room_id, p.stream_pos, p.event_id, p.highlight, p.actions FROM event_push_actions p
+                   WHERE p.user_id = $1 AND p.notifies = 1 AND ($2 IS NULL OR p.stream_pos < $2)
+                     AND ($3 = FALSE OR p.highlight = 1)
+                   UNION ALL
+                   SELECT g.room_id, g.stream_pos, g.event_id, g.highlight, g.actions FROM push_spans s
+                   JOIN push_groups g ON g.room_id = s.room_id AND g.template = s.template
+                       AND g.stream_pos > s.from_pos AND (s.to_pos IS NULL OR g.stream_pos < s.to_pos)
+                   WHERE s.user_id = $1 AND ($2 IS NULL OR g.stream_pos < $2) AND ($3 = FALSE OR g.highlight = 1)
+                     AND NOT EXISTS (SELECT 1 FROM event_push_actions o
+                         WHERE o.user_id = $1 AND o.stream_pos = g.stream_pos)) n
+             JOIN events e ON e.stream_ordering = n.stream_pos
+             WHERE e.redacted_by IS NULL
+             ORDER BY n.stream_pos DESC LIMIT $4";
         on_pool!(self, read, |pool| {
             Ok(sqlx::query_as(sql).bind(user_id).bind(before).bind(only_highlight).bind(limit).fetch_all(pool).await?)
         })

@@ -26,6 +26,7 @@ mod openid;
 mod operations;
 mod profile;
 mod push;
+mod push_groups;
 mod pushers;
 mod register;
 mod relations;

@@ -231,7 +231,7 @@ async fn transaction_ids_are_scoped_to_the_endpoint(backend: Backend) {
             membership: None,
             redactions: &[],
             txn: None,
-            push_actions: &[],
+            push: convo::storage::PushOutcome::none(),
             auth_events: &[],
             dag: convo::storage::Dag {
                 state_before: convo::storage::StateBefore::Group(stored.state_group),

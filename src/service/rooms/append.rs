@@ -20,7 +20,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     service::Services,
-    storage::{EventTxn, Persisted, Position, Redaction},
+    storage::{EventTxn, Persisted, Position, PushOutcome, Redaction},
 };
 
 /// An event a local user wants to send.
@@ -135,7 +135,7 @@ impl Services {
             Err(e) => {
                 // The event still goes out; only its notification counts are lost.
                 tracing::warn!(event_id = %built.event_id, error = %e, "could not evaluate push rules");
-                Vec::new()
+                PushOutcome::default()
             }
         };
         // The event names every forward extremity (up to `MAX_PREV_EVENTS`): the state
@@ -170,7 +170,7 @@ impl Services {
                         scope: &t.scope,
                         txn_id: t.txn_id,
                     }),
-                    push_actions: &push_actions,
+                    push: &push_actions,
                     position: Position::Live,
                     rejected_reason: None,
                     soft_failed: false,

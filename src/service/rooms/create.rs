@@ -17,7 +17,7 @@ use super::{
 use crate::{
     error::{Error, Result},
     service::{Services, now_ms, rooms_supported},
-    storage::{NewEvent, NewRoom, RoomCreated},
+    storage::{NewEvent, NewRoom, PushOutcome, RoomCreated},
 };
 
 /// `createRoom`, as the service sees it.
@@ -212,7 +212,7 @@ impl Services {
                     redactions: &[],
                     txn: None,
                     // Only the creator is joined, and nobody is notified of their own events.
-                    push_actions: &[],
+                    push: PushOutcome::none(),
                     auth_events: &b.auth_events,
                     dag: Default::default(),
                 })

@@ -33,7 +33,7 @@ use crate::service::rooms::{
 use crate::{
     error::Result,
     service::Services,
-    storage::{Persisted, Position, Redaction, StateEntry, StoredEvent},
+    storage::{Persisted, Position, PushOutcome, Redaction, StateEntry, StoredEvent},
 };
 
 use checks::{auth_keys, check_against, create_event_id};
@@ -333,10 +333,10 @@ impl Services {
             (true, Ok(auth)) => {
                 self.push_actions_for(room_id, &parsed.sender, &json, auth, &rules).await.unwrap_or_else(|e| {
                     tracing::warn!(event_id = %event_id, error = %e, "could not evaluate push rules");
-                    Vec::new()
+                    PushOutcome::default()
                 })
             }
-            _ => Vec::new(),
+            _ => PushOutcome::default(),
         };
         let placing = Placing {
             event_id: event_id.as_str(),
@@ -345,7 +345,7 @@ impl Services {
             membership: membership.as_deref(),
             redactions: &redactions,
             txn: None,
-            push_actions: &push_actions,
+            push: &push_actions,
             position: match (&rejected, soft_failed, arrival) {
                 (Some(_), _, _) | (None, true, _) => Position::None,
                 (None, false, Arrival::Backfill) => Position::Backfill,

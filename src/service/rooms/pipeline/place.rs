@@ -21,7 +21,7 @@ pub(crate) struct Placing<'a> {
     pub membership: Option<&'a str>,
     pub redactions: &'a [Redaction<'a>],
     pub txn: Option<crate::storage::EventTxn<'a>>,
-    pub push_actions: &'a [crate::storage::PushActionRow],
+    pub push: &'a crate::storage::PushOutcome,
     pub position: Position,
     pub rejected_reason: Option<&'a str>,
     pub soft_failed: bool,
@@ -252,14 +252,20 @@ impl Services {
                 membership: e.membership,
                 redactions: e.redactions,
                 txn: e.txn,
-                push_actions: e.push_actions,
+                push: e.push,
                 dag,
             })
             .await;
         match &persisted {
             Ok(Persisted::Stored(StoredAt { state_group, current_group, .. })) => {
                 // Its pushes are queued (committed): their pushers send them.
-                self.wake_pushers(e.push_actions.iter().map(|a| a.user_id.as_str()));
+                self.wake_pushers(e.push.own.iter().filter(|a| a.notifies).map(|a| a.user_id.as_str()));
+                if !e.push.groups.is_empty() {
+                    self.wake_room_pushers(room_id);
+                }
+                if !e.push.spans.is_empty() {
+                    self.push_members_cache.spans_moved(room_id, &e.push.spans);
+                }
                 if accepted {
                     let state_group = if linear || (extremities.len() == 1 && becomes_extremity) {
                         state_group.unwrap_or(head.state_group)
