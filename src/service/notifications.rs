@@ -36,6 +36,9 @@ use crate::{
 /// a room of tens of thousands of members stays cached.
 pub struct RulesetCache {
     users: ByteCache<OwnedUserId, Arc<UserRules>>,
+    /// Moves whenever a user's rules change (`forget`): rooms' recipients built before
+    /// are built again.
+    generation: std::sync::atomic::AtomicU64,
     /// Templates (a ruleset as JSON with its user's id taken out) by their JSON: users
     /// whose templates are equal have the same rules but for their own id.
     templates: ByteCache<Arc<str>, Arc<Template>>,
@@ -76,6 +79,7 @@ impl RulesetCache {
     pub fn new(rules_bytes: usize, template_bytes: usize) -> Self {
         RulesetCache {
             users: ByteCache::new(rules_bytes, weigh_rules),
+            generation: std::sync::atomic::AtomicU64::new(0),
             templates: ByteCache::new(template_bytes, weigh_template),
         }
     }
@@ -145,6 +149,11 @@ pub struct RoomPushMembers {
     joined_count: Option<UInt>,
     names: HashMap<OwnedUserId, String>,
     spans: HashMap<OwnedUserId, i64>,
+    /// The members with their rules and spans, in one vector, as of a generation of the
+    /// ruleset cache (`RulesetCache::generation`): a send in a large room walks it
+    /// instead of looking each member up in three maps. Dropped when a membership or a
+    /// span changes; built again when a user's rules changed since.
+    recipients: Option<(u64, Arc<Vec<PushMember>>)>,
 }
 
 impl RoomPushMembers {
@@ -166,9 +175,27 @@ fn weigh_push_members(room_id: &OwnedRoomId, members: &Arc<RoomPushMembers>) -> 
     // the table's spare room and control byte, about 56; a table has 4 slots at least.
     let names: usize = members.names.iter().map(|(user, name)| heap_str(user.as_str()) + heap_str(name)).sum();
     let spans: usize = members.spans.keys().map(|user| heap_str(user.as_str())).sum();
+    // The recipients copy the ids and names, and keep their rules alive.
+    let recipients: usize = members.recipients.as_ref().map_or(0, |(_, r)| {
+        r.iter()
+            .map(|m| {
+                std::mem::size_of::<PushMember>()
+                    + heap_str(m.user.as_str())
+                    + heap_str(&m.display_name)
+                    + m.rules.bytes
+            })
+            .sum::<usize>()
+            + 16
+    });
     // A span's slot: a box and a key (24 bytes) with the table's spare room.
     let slots = members.names.capacity().max(4) * 56 + members.spans.capacity().max(4) * 40 + spans;
-    heap_str(room_id.as_str()) + names + slots + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
+    heap_str(room_id.as_str())
+        + names
+        + slots
+        + recipients
+        + std::mem::size_of::<RoomPushMembers>()
+        + 16
+        + ENTRY_OVERHEAD
 }
 
 impl PushMembersCache {
@@ -190,6 +217,7 @@ impl PushMembersCache {
     pub fn member_changed(&self, room_id: &RoomId, user: &UserId, local: bool, joined: bool, name: Option<String>) {
         self.rooms.update(room_id, |members| {
             let members = Arc::make_mut(members);
+            members.recipients = None;
             if local {
                 let was_joined = members.names.remove(user).is_some();
                 // A membership that ends closes the span; a new join has none yet.
@@ -220,12 +248,29 @@ impl PushMembersCache {
     pub(crate) fn spans_moved(&self, room_id: &RoomId, changes: &[SpanChange]) {
         self.rooms.update(room_id, |members| {
             let members = Arc::make_mut(members);
+            members.recipients = None;
             for change in changes {
                 let Ok(user) = OwnedUserId::try_from(change.user_id.as_str()) else { continue };
                 match change.template {
                     Some(template) => members.spans.insert(user, template),
                     None => members.spans.remove(&user),
                 };
+            }
+        });
+    }
+
+    /// Records the recipients built from `members` (at `generation`) in the room's entry
+    /// if it is still `members` (else a change came since).
+    fn set_recipients(
+        &self,
+        room_id: &RoomId,
+        members: &Arc<RoomPushMembers>,
+        generation: u64,
+        recipients: Arc<Vec<PushMember>>,
+    ) {
+        self.rooms.update(room_id, |cached| {
+            if Arc::ptr_eq(cached, members) {
+                Arc::make_mut(cached).recipients = Some((generation, recipients));
             }
         });
     }
@@ -253,7 +298,12 @@ const MEMBER_CHUNK: usize = 200;
 
 impl RulesetCache {
     pub fn forget(&self, user: &UserId) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.users.remove(user);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -388,11 +438,13 @@ impl EventText {
     }
 }
 
-/// A local member as push rule evaluation sees them.
-pub(crate) struct PushMember<'a> {
-    pub user: &'a UserId,
-    pub display_name: &'a str,
+/// A local member as push rule evaluation sees them: their rules, and the template
+/// their counts follow in the room (their open span).
+pub(crate) struct PushMember {
+    pub user: OwnedUserId,
+    pub display_name: String,
     pub rules: Arc<UserRules>,
+    pub span: Option<i64>,
 }
 
 /// Evaluates an event for members, and says how their answers are stored
@@ -415,9 +467,9 @@ pub(crate) struct PushMember<'a> {
 /// in a thread write no template rows (a thread's counts are kept per member). Members
 /// whose span is not their template change it with this event.
 pub(crate) async fn evaluate_grouped(
-    members: &[PushMember<'_>],
-    spans: &HashMap<OwnedUserId, i64>,
+    members: &[PushMember],
     sender: &UserId,
+    sender_span: Option<i64>,
     event: &Raw<JsonValue>,
     event_json: &JsonValue,
     base: &PushConditionRoomCtx,
@@ -428,17 +480,19 @@ pub(crate) async fn evaluate_grouped(
     let mut shared: HashMap<i64, Answer> = HashMap::new();
     // Templates with members their row answers for.
     let mut grouped: Vec<i64> = Vec::new();
-    let mut alone: Vec<(&PushMember<'_>, Answer)> = Vec::new();
+    let mut alone: Vec<(&PushMember, Answer)> = Vec::new();
     let mut moved = Vec::new();
-    for member in members {
-        let span = spans.get(member.user).copied();
+    // The sender is passed over by its length first (ids of one length are the usual
+    // case in a large room, but one comparison of lengths is cheaper than reading the id).
+    for member in members.iter().filter(|m| m.user.as_str().len() != sender.as_str().len() || m.user != sender) {
+        let span = member.span;
         if member.rules.template() != span {
             moved.push(SpanChange { user_id: member.user.to_string(), template: member.rules.template() });
         }
         let template = match &member.rules.rules {
-            Rules::Shared(template) if !text.singles_out(&member.rules, member.display_name) => template,
+            Rules::Shared(template) if !text.singles_out(&member.rules, &member.display_name) => template,
             _ => {
-                alone.push((member, evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?));
+                alone.push((member, evaluate_one(member, &*member.rules.own(&member.user)?, event, base).await?));
                 continue;
             }
         };
@@ -446,7 +500,7 @@ pub(crate) async fn evaluate_grouped(
             Some(answer) => answer.clone(),
             None => {
                 let answer = if text.holds(&template.folded_id) {
-                    evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?
+                    evaluate_one(member, &*member.rules.own(&member.user)?, event, base).await?
                 } else {
                     evaluate_one(member, &template.rules, event, base).await?
                 };
@@ -464,18 +518,18 @@ pub(crate) async fn evaluate_grouped(
     }
     // What the template row of a member's span says for them: a row is written for a
     // template with members it answers for, when it notifies.
-    let group_of = |user: &UserId| -> Option<&(bool, Arc<str>)> {
-        let key = spans.get(user).filter(|k| grouped.contains(k))?;
-        shared.get(key)?.as_ref()
+    let group_of = |span: Option<i64>| -> Option<&(bool, Arc<str>)> {
+        let key = span.filter(|k| grouped.contains(k))?;
+        shared.get(&key)?.as_ref()
     };
     let mut own = Vec::new();
     for (member, answer) in &alone {
-        let group = group_of(member.user);
+        let group = group_of(member.span);
         if answer.as_ref() != group {
-            own.push(own_row(member.user, answer.as_ref(), group));
+            own.push(own_row(&member.user, answer.as_ref(), group));
         }
     }
-    if let Some(group) = group_of(sender) {
+    if let Some(group) = group_of(sender_span) {
         own.push(own_row(sender, None, Some(group)));
     }
     grouped.sort_unstable();
@@ -505,7 +559,7 @@ fn own_row(user: &UserId, answer: Option<&(bool, Arc<str>)>, group: Option<&(boo
 /// One member's evaluation with `rules`: `None` when the event does not notify them,
 /// else whether it highlights and the actions (JSON).
 async fn evaluate_one(
-    member: &PushMember<'_>,
+    member: &PushMember,
     rules: &Ruleset,
     event: &Raw<JsonValue>,
     base: &PushConditionRoomCtx,
@@ -566,24 +620,46 @@ impl Services {
         let event_json: JsonValue = serde_json::from_str(pdu_json).map_err(Error::internal)?;
         let mut base = PushConditionRoomCtx::new(room_id.to_owned(), joined_count, sender.to_owned(), String::new());
         base.power_levels = Some(push_power_levels(state, rules));
-        // The cached rules of all members under one lock; then those not cached.
+        // Read before the rules: a change meanwhile builds them again next time.
+        let generation = self.ruleset_cache.generation();
+        let recipients = match &members.recipients {
+            Some((built, recipients)) if *built == generation => recipients.clone(),
+            _ => {
+                let recipients = Arc::new(self.push_recipients(&members).await?);
+                self.push_members_cache.set_recipients(room_id, &members, generation, recipients.clone());
+                recipients
+            }
+        };
+        let sender_span = members.spans.get(sender).copied();
+        evaluate_grouped(&recipients, sender, sender_span, &event, &event_json, &base).await
+    }
+
+    /// The room's members with their rules (the cached ones under one lock, then those
+    /// not cached) and spans.
+    async fn push_recipients(&self, members: &RoomPushMembers) -> Result<Vec<PushMember>> {
         let mut recipients = Vec::with_capacity(members.names.len());
         let mut missing = Vec::new();
-        {
-            let others: Vec<(&OwnedUserId, &String)> =
-                members.names.iter().filter(|(u, _)| u.as_str() != sender.as_str()).collect();
-            let cached = self.ruleset_cache.users.get_many(others.iter().map(|(u, _)| u.as_ref() as &UserId));
-            for ((user, name), rules) in others.into_iter().zip(cached) {
-                match rules {
-                    Some(rules) => recipients.push(PushMember { user, display_name: name, rules }),
-                    None => missing.push((user, name)),
-                }
+        let cached = self.ruleset_cache.users.get_many(members.names.keys().map(|u| u.as_ref() as &UserId));
+        for ((user, name), rules) in members.names.iter().zip(cached) {
+            match rules {
+                Some(rules) => recipients.push(PushMember {
+                    user: user.clone(),
+                    display_name: name.clone(),
+                    rules,
+                    span: members.spans.get(user).copied(),
+                }),
+                None => missing.push((user, name)),
             }
         }
         for (user, name) in missing {
-            recipients.push(PushMember { user, display_name: name, rules: self.cached_push_rules(user).await? });
+            recipients.push(PushMember {
+                user: user.clone(),
+                display_name: name.clone(),
+                rules: self.cached_push_rules(user).await?,
+                span: members.spans.get(user).copied(),
+            });
         }
-        evaluate_grouped(&recipients, &members.spans, sender, &event, &event_json, &base).await
+        Ok(recipients)
     }
 
     /// The room's joined count and its local members' display names, cached until the
@@ -612,6 +688,7 @@ impl Services {
                 .map(|u| (u.clone(), names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned())))
                 .collect(),
             spans,
+            recipients: None,
         });
         self.push_members_cache.rooms.insert_at(stamp, room_id.to_owned(), members.clone());
         Ok(members)
@@ -814,6 +891,7 @@ mod tests {
                     joined_count: Some(UInt::from(n as u32)),
                     names: (0..n).map(|i| (user(i), format!("User number {i}"))).collect(),
                     spans: (0..n).map(|i| (user(i), i as i64)).collect(),
+                    recipients: None,
                 });
                 let room = owned_room_id!("!abcdefghijklmnop:example.org");
                 estimate = weigh_push_members(&room, &members);
@@ -874,10 +952,6 @@ mod tests {
         assert_eq!(members[3].2.template(), members[4].2.template(), "equal custom rules share a template");
         assert_ne!(members[0].2.template(), members[3].2.template());
         assert_eq!(members[10].2.template(), members[11].2.template(), "rules naming their own users");
-        let recipients: Vec<PushMember<'_>> = members
-            .iter()
-            .map(|(user, name, rules, _)| PushMember { user, display_name: name, rules: rules.clone() })
-            .collect();
         let sender = owned_user_id!("@sender:localhost");
         let templates: Vec<(OwnedUserId, Option<i64>)> =
             members.iter().map(|(user, _, rules, _)| (user.clone(), rules.template())).collect();
@@ -900,10 +974,27 @@ mod tests {
         for spans in [steady, HashMap::new(), mixed] {
             for member_count in [2, 10] {
                 let base = ctx(member_count);
+                // The sender among them: passed over.
+                let recipients: Vec<PushMember> = members
+                    .iter()
+                    .map(|(user, name, rules, _)| PushMember {
+                        user: user.clone(),
+                        display_name: name.clone(),
+                        rules: rules.clone(),
+                        span: spans.get(user).copied(),
+                    })
+                    .chain([PushMember {
+                        user: sender.clone(),
+                        display_name: "Sender".to_owned(),
+                        rules: members[0].2.clone(),
+                        span: spans.get(&sender).copied(),
+                    }])
+                    .collect();
+                let sender_span = spans.get(&sender).copied();
                 for event_json in events() {
                     let event: Raw<JsonValue> = Raw::from_json(RawValue::from_string(event_json.to_string()).unwrap());
                     let outcome =
-                        evaluate_grouped(&recipients, &spans, &sender, &event, &event_json, &base).await.unwrap();
+                        evaluate_grouped(&recipients, &sender, sender_span, &event, &event_json, &base).await.unwrap();
                     group_rows += outcome.groups.len();
                     let answer_of = |user: &UserId| -> Option<(bool, String)> {
                         if let Some(row) = outcome.own.iter().find(|r| r.user_id == user.as_str()) {
@@ -917,7 +1008,7 @@ mod tests {
                         let alone = evaluate_one(member, own, &event, &base).await.unwrap();
                         let alone = alone.map(|(h, a)| (h, a.to_string()));
                         highlights += usize::from(alone.as_ref().is_some_and(|a| a.0));
-                        assert_eq!(answer_of(member.user), alone, "{} for {event_json}", member.user);
+                        assert_eq!(answer_of(&member.user), alone, "{} for {event_json}", member.user);
                     }
                     assert_eq!(answer_of(&sender), None, "the sender for {event_json}");
                     let moved: Vec<SpanChange> = templates

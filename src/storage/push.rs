@@ -1,7 +1,11 @@
 //! Storage of push actions: which events notify, and which highlight, which users
-//! (written with the event, in `persist_event`), and the unread counts kept from them
-//! (`unread_counts`, migration 0024): incremented in the event's transaction
-//! (`count_push_actions!`), decremented when a counted event is redacted
+//! (written with the event, in `persist_event`: a template row per template whose
+//! members' shared answer notifies, `insert_push_group!`, and rows of their own for the
+//! others, migration 0030), the spans that say which template counts for whom
+//! (`move_push_spans!`, `close_push_span!`), and the unread counts kept from them
+//! (`unread_counts`, migration 0024): their own part incremented in the event's
+//! transaction (`count_push_actions!`) and their template's part followed through its
+//! cumulative counts, decremented when a counted event is redacted
 //! (`uncount_redacted!`), recomputed when a read receipt moves (`recount_unread!`),
 //! dropped when a membership stops being a join (`forget_unread!`), and read by `/sync`
 //! (`get_unread_counts`).
