@@ -141,25 +141,32 @@ impl UserRules {
     }
 }
 
-/// Per room: the joined count, the local members' display names in the room, and the
-/// template each one's counts follow there (their open span, `push_spans`).
+/// Per room: the joined count, and each local member's display name in the room, the
+/// template their counts follow there (their open span, `push_spans`) and their rules.
 #[derive(Clone)]
 pub struct RoomPushMembers {
     /// `None` when a remote user's membership changed since it was counted.
     joined_count: Option<UInt>,
-    names: HashMap<OwnedUserId, String>,
-    spans: HashMap<OwnedUserId, i64>,
-    /// The members with their rules and spans, in one vector, as of a generation of the
-    /// ruleset cache (`RulesetCache::generation`): a send in a large room walks it
-    /// instead of looking each member up in three maps. Dropped when a membership or a
-    /// span changes; built again when a user's rules changed since.
-    recipients: Option<(u64, Arc<Vec<PushMember>>)>,
+    members: HashMap<OwnedUserId, RoomPushMember>,
+    /// The ruleset cache's generation (`RulesetCache::generation`) the members' rules
+    /// are of: when it moved, every member's rules are looked up again.
+    rules_generation: u64,
+}
+
+/// A local member, as `RoomPushMembers` keeps them.
+#[derive(Clone)]
+struct RoomPushMember {
+    name: String,
+    span: Option<i64>,
+    /// Kept here so that a send in a large room walks one map instead of looking each
+    /// member up in the ruleset cache; `None` until the next event looks them up.
+    rules: Option<Arc<UserRules>>,
 }
 
 impl RoomPushMembers {
     /// Whether `user` is a joined local member.
     pub(crate) fn has(&self, user: &str) -> bool {
-        <&UserId>::try_from(user).is_ok_and(|u| self.names.contains_key(u))
+        <&UserId>::try_from(user).is_ok_and(|u| self.members.contains_key(u))
     }
 }
 
@@ -170,32 +177,18 @@ pub struct PushMembersCache {
 }
 
 fn weigh_push_members(room_id: &OwnedRoomId, members: &Arc<RoomPushMembers>) -> usize {
-    // Per member: the boxed id and the name's string; per slot of the map's capacity
-    // (which may have grown by changes in place), a box and a string (40 bytes) with
-    // the table's spare room and control byte, about 56; a table has 4 slots at least.
-    let names: usize = members.names.iter().map(|(user, name)| heap_str(user.as_str()) + heap_str(name)).sum();
-    let spans: usize = members.spans.keys().map(|user| heap_str(user.as_str())).sum();
-    // The recipients copy the ids and names, and keep their rules alive.
-    let recipients: usize = members.recipients.as_ref().map_or(0, |(_, r)| {
-        r.iter()
-            .map(|m| {
-                std::mem::size_of::<PushMember>()
-                    + heap_str(m.user.as_str())
-                    + heap_str(&m.display_name)
-                    + m.rules.bytes
-            })
-            .sum::<usize>()
-            + 16
-    });
-    // A span's slot: a box and a key (24 bytes) with the table's spare room.
-    let slots = members.names.capacity().max(4) * 56 + members.spans.capacity().max(4) * 40 + spans;
-    heap_str(room_id.as_str())
-        + names
-        + slots
-        + recipients
-        + std::mem::size_of::<RoomPushMembers>()
-        + 16
-        + ENTRY_OVERHEAD
+    // Per member: the boxed id, the name's string, and the entry of the rules it keeps
+    // alive (a shared ruleset's is small: the template is counted by its own cache);
+    // per slot of the map's capacity (which may have grown by changes in place), a box,
+    // a string, a span and a pointer (64 bytes) with the table's spare room and control
+    // byte, about 80; a table has 4 slots at least.
+    let heap: usize = members
+        .members
+        .iter()
+        .map(|(user, m)| heap_str(user.as_str()) + heap_str(&m.name) + m.rules.as_ref().map_or(0, |r| r.bytes))
+        .sum();
+    let slots = members.members.capacity().max(4) * 80;
+    heap_str(room_id.as_str()) + heap + slots + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
 }
 
 impl PushMembersCache {
@@ -217,15 +210,14 @@ impl PushMembersCache {
     pub fn member_changed(&self, room_id: &RoomId, user: &UserId, local: bool, joined: bool, name: Option<String>) {
         self.rooms.update(room_id, |members| {
             let members = Arc::make_mut(members);
-            members.recipients = None;
             if local {
-                let was_joined = members.names.remove(user).is_some();
-                // A membership that ends closes the span; a new join has none yet.
-                if !joined || !was_joined {
-                    members.spans.remove(user);
-                }
+                let was = members.members.remove(user);
+                let was_joined = was.is_some();
                 if joined {
-                    members.names.insert(user.to_owned(), name.unwrap_or_else(|| user.localpart().to_owned()));
+                    let name = name.unwrap_or_else(|| user.localpart().to_owned());
+                    // A new join has no span yet; a join that stays one keeps it.
+                    let (span, rules) = was.map_or((None, None), |m| (m.span, m.rules));
+                    members.members.insert(user.to_owned(), RoomPushMember { name, span, rules });
                 }
                 members.joined_count = match (members.joined_count, was_joined, joined) {
                     (Some(n), false, true) => n.checked_add(UInt::from(1u32)),
@@ -248,29 +240,39 @@ impl PushMembersCache {
     pub(crate) fn spans_moved(&self, room_id: &RoomId, changes: &[SpanChange]) {
         self.rooms.update(room_id, |members| {
             let members = Arc::make_mut(members);
-            members.recipients = None;
             for change in changes {
-                let Ok(user) = OwnedUserId::try_from(change.user_id.as_str()) else { continue };
-                match change.template {
-                    Some(template) => members.spans.insert(user, template),
-                    None => members.spans.remove(&user),
-                };
+                let Ok(user) = <&UserId>::try_from(change.user_id.as_str()) else { continue };
+                if let Some(member) = members.members.get_mut(user) {
+                    member.span = change.template;
+                }
             }
         });
     }
 
-    /// Records the recipients built from `members` (at `generation`) in the room's entry
-    /// if it is still `members` (else a change came since).
-    fn set_recipients(
+    /// Records members' rules, looked up at `generation`, in the room's entry when it is
+    /// still `members` (else a change came since; they are looked up again next time).
+    /// The caller lets go of `members`, so that the entry is changed rather than copied.
+    fn set_rules(
         &self,
         room_id: &RoomId,
-        members: &Arc<RoomPushMembers>,
+        members: Arc<RoomPushMembers>,
         generation: u64,
-        recipients: Arc<Vec<PushMember>>,
+        rules: &HashMap<OwnedUserId, Arc<UserRules>>,
     ) {
+        let mut members = Some(members);
         self.rooms.update(room_id, |cached| {
-            if Arc::ptr_eq(cached, members) {
-                Arc::make_mut(cached).recipients = Some((generation, recipients));
+            if members.as_ref().is_some_and(|m| Arc::ptr_eq(cached, m)) {
+                members = None;
+                let cached = Arc::make_mut(cached);
+                if cached.rules_generation != generation {
+                    cached.members.values_mut().for_each(|m| m.rules = None);
+                    cached.rules_generation = generation;
+                }
+                for (user, rules) in rules {
+                    if let Some(member) = cached.members.get_mut(user) {
+                        member.rules = Some(rules.clone());
+                    }
+                }
             }
         });
     }
@@ -440,10 +442,10 @@ impl EventText {
 
 /// A local member as push rule evaluation sees them: their rules, and the template
 /// their counts follow in the room (their open span).
-pub(crate) struct PushMember {
-    pub user: OwnedUserId,
-    pub display_name: String,
-    pub rules: Arc<UserRules>,
+pub(crate) struct PushMember<'a> {
+    pub user: &'a UserId,
+    pub display_name: &'a str,
+    pub rules: &'a UserRules,
     pub span: Option<i64>,
 }
 
@@ -467,7 +469,7 @@ pub(crate) struct PushMember {
 /// in a thread write no template rows (a thread's counts are kept per member). Members
 /// whose span is not their template change it with this event.
 pub(crate) async fn evaluate_grouped(
-    members: &[PushMember],
+    members: &[PushMember<'_>],
     sender: &UserId,
     sender_span: Option<i64>,
     event: &Raw<JsonValue>,
@@ -480,19 +482,17 @@ pub(crate) async fn evaluate_grouped(
     let mut shared: HashMap<i64, Answer> = HashMap::new();
     // Templates with members their row answers for.
     let mut grouped: Vec<i64> = Vec::new();
-    let mut alone: Vec<(&PushMember, Answer)> = Vec::new();
+    let mut alone: Vec<(&PushMember<'_>, Answer)> = Vec::new();
     let mut moved = Vec::new();
-    // The sender is passed over by its length first (ids of one length are the usual
-    // case in a large room, but one comparison of lengths is cheaper than reading the id).
-    for member in members.iter().filter(|m| m.user.as_str().len() != sender.as_str().len() || m.user != sender) {
+    for member in members {
         let span = member.span;
         if member.rules.template() != span {
             moved.push(SpanChange { user_id: member.user.to_string(), template: member.rules.template() });
         }
         let template = match &member.rules.rules {
-            Rules::Shared(template) if !text.singles_out(&member.rules, &member.display_name) => template,
+            Rules::Shared(template) if !text.singles_out(member.rules, member.display_name) => template,
             _ => {
-                alone.push((member, evaluate_one(member, &*member.rules.own(&member.user)?, event, base).await?));
+                alone.push((member, evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?));
                 continue;
             }
         };
@@ -500,7 +500,7 @@ pub(crate) async fn evaluate_grouped(
             Some(answer) => answer.clone(),
             None => {
                 let answer = if text.holds(&template.folded_id) {
-                    evaluate_one(member, &*member.rules.own(&member.user)?, event, base).await?
+                    evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?
                 } else {
                     evaluate_one(member, &template.rules, event, base).await?
                 };
@@ -526,7 +526,7 @@ pub(crate) async fn evaluate_grouped(
     for (member, answer) in &alone {
         let group = group_of(member.span);
         if answer.as_ref() != group {
-            own.push(own_row(&member.user, answer.as_ref(), group));
+            own.push(own_row(member.user, answer.as_ref(), group));
         }
     }
     if let Some(group) = group_of(sender_span) {
@@ -559,7 +559,7 @@ fn own_row(user: &UserId, answer: Option<&(bool, Arc<str>)>, group: Option<&(boo
 /// One member's evaluation with `rules`: `None` when the event does not notify them,
 /// else whether it highlights and the actions (JSON).
 async fn evaluate_one(
-    member: &PushMember,
+    member: &PushMember<'_>,
     rules: &Ruleset,
     event: &Raw<JsonValue>,
     base: &PushConditionRoomCtx,
@@ -612,7 +612,7 @@ impl Services {
                 count
             }
         };
-        if members.names.keys().all(|u| u.as_str() == sender.as_str()) {
+        if members.members.keys().all(|u| u.as_str() == sender.as_str()) {
             return Ok(PushOutcome::default());
         }
         let event: Raw<JsonValue> =
@@ -620,46 +620,50 @@ impl Services {
         let event_json: JsonValue = serde_json::from_str(pdu_json).map_err(Error::internal)?;
         let mut base = PushConditionRoomCtx::new(room_id.to_owned(), joined_count, sender.to_owned(), String::new());
         base.power_levels = Some(push_power_levels(state, rules));
-        // Read before the rules: a change meanwhile builds them again next time.
+        // The members' rules as kept with them; those not kept (new members, or all
+        // after a change of someone's rules) are looked up, and kept for the next event.
+        // The generation is read before the rules: a change meanwhile looks again.
         let generation = self.ruleset_cache.generation();
-        let recipients = match &members.recipients {
-            Some((built, recipients)) if *built == generation => recipients.clone(),
-            _ => {
-                let recipients = Arc::new(self.push_recipients(&members).await?);
-                self.push_members_cache.set_recipients(room_id, &members, generation, recipients.clone());
-                recipients
+        let mut looked_up: HashMap<OwnedUserId, Arc<UserRules>> = HashMap::new();
+        loop {
+            let current = members.rules_generation == generation;
+            let missing: Vec<&OwnedUserId> = members
+                .members
+                .iter()
+                .filter(|(u, m)| (!current || m.rules.is_none()) && !looked_up.contains_key(*u))
+                .map(|(u, _)| u)
+                .collect();
+            if missing.is_empty() {
+                break;
             }
-        };
-        let sender_span = members.spans.get(sender).copied();
+            let cached = self.ruleset_cache.users.get_many(missing.iter().map(|u| u.as_ref() as &UserId));
+            let mut found = Vec::with_capacity(missing.len());
+            for (user, rules) in missing.into_iter().zip(cached) {
+                let rules = match rules {
+                    Some(rules) => rules,
+                    None => self.cached_push_rules(user).await?,
+                };
+                found.push((user.clone(), rules));
+            }
+            looked_up.extend(found);
+            self.push_members_cache.set_rules(room_id, members, generation, &looked_up);
+            // The entry as changed (or as it is, when it changed meanwhile or is gone).
+            members = self.room_push_members(room_id).await?;
+        }
+        let current = members.rules_generation == generation;
+        let recipients: Vec<PushMember<'_>> = members
+            .members
+            .iter()
+            // The sender is passed over by its id's length first: one comparison of
+            // lengths is cheaper than reading each id.
+            .filter(|(user, _)| user.as_str().len() != sender.as_str().len() || *user != sender)
+            .filter_map(|(user, m)| {
+                let rules = m.rules.as_ref().filter(|_| current).or_else(|| looked_up.get(user))?;
+                Some(PushMember { user, display_name: &m.name, rules, span: m.span })
+            })
+            .collect();
+        let sender_span = members.members.get(sender).and_then(|m| m.span);
         evaluate_grouped(&recipients, sender, sender_span, &event, &event_json, &base).await
-    }
-
-    /// The room's members with their rules (the cached ones under one lock, then those
-    /// not cached) and spans.
-    async fn push_recipients(&self, members: &RoomPushMembers) -> Result<Vec<PushMember>> {
-        let mut recipients = Vec::with_capacity(members.names.len());
-        let mut missing = Vec::new();
-        let cached = self.ruleset_cache.users.get_many(members.names.keys().map(|u| u.as_ref() as &UserId));
-        for ((user, name), rules) in members.names.iter().zip(cached) {
-            match rules {
-                Some(rules) => recipients.push(PushMember {
-                    user: user.clone(),
-                    display_name: name.clone(),
-                    rules,
-                    span: members.spans.get(user).copied(),
-                }),
-                None => missing.push((user, name)),
-            }
-        }
-        for (user, name) in missing {
-            recipients.push(PushMember {
-                user: user.clone(),
-                display_name: name.clone(),
-                rules: self.cached_push_rules(user).await?,
-                span: members.spans.get(user).copied(),
-            });
-        }
-        Ok(recipients)
     }
 
     /// The room's joined count and its local members' display names, cached until the
@@ -674,21 +678,18 @@ impl Services {
         let (joined, _) = self.store.count_room_members(room_id.as_str()).await?;
         let users: Vec<&OwnedUserId> = local.iter().collect();
         let mut names = self.display_names(room_id, &users).await?;
-        let spans = self
-            .store
-            .get_open_push_spans(room_id.as_str())
-            .await?
-            .into_iter()
-            .filter_map(|(user, template)| Some((OwnedUserId::try_from(user).ok()?, template)))
-            .collect();
+        let mut spans: HashMap<String, i64> =
+            self.store.get_open_push_spans(room_id.as_str()).await?.into_iter().collect();
         let members = Arc::new(RoomPushMembers {
             joined_count: Some(UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX)),
-            names: local
+            members: local
                 .iter()
-                .map(|u| (u.clone(), names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned())))
+                .map(|u| {
+                    let name = names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned());
+                    (u.clone(), RoomPushMember { name, span: spans.remove(u.as_str()), rules: None })
+                })
                 .collect(),
-            spans,
-            recipients: None,
+            rules_generation: self.ruleset_cache.generation(),
         });
         self.push_members_cache.rooms.insert_at(stamp, room_id.to_owned(), members.clone());
         Ok(members)
@@ -889,9 +890,13 @@ mod tests {
             let taken = bytes_of(|| {
                 let members = Arc::new(RoomPushMembers {
                     joined_count: Some(UInt::from(n as u32)),
-                    names: (0..n).map(|i| (user(i), format!("User number {i}"))).collect(),
-                    spans: (0..n).map(|i| (user(i), i as i64)).collect(),
-                    recipients: None,
+                    members: (0..n)
+                        .map(|i| {
+                            let name = format!("User number {i}");
+                            (user(i), RoomPushMember { name, span: Some(i as i64), rules: None })
+                        })
+                        .collect(),
+                    rules_generation: 0,
                 });
                 let room = owned_room_id!("!abcdefghijklmnop:example.org");
                 estimate = weigh_push_members(&room, &members);
@@ -974,21 +979,14 @@ mod tests {
         for spans in [steady, HashMap::new(), mixed] {
             for member_count in [2, 10] {
                 let base = ctx(member_count);
-                // The sender among them: passed over.
-                let recipients: Vec<PushMember> = members
+                let recipients: Vec<PushMember<'_>> = members
                     .iter()
                     .map(|(user, name, rules, _)| PushMember {
-                        user: user.clone(),
-                        display_name: name.clone(),
-                        rules: rules.clone(),
+                        user,
+                        display_name: name,
+                        rules,
                         span: spans.get(user).copied(),
                     })
-                    .chain([PushMember {
-                        user: sender.clone(),
-                        display_name: "Sender".to_owned(),
-                        rules: members[0].2.clone(),
-                        span: spans.get(&sender).copied(),
-                    }])
                     .collect();
                 let sender_span = spans.get(&sender).copied();
                 for event_json in events() {
@@ -1008,7 +1006,7 @@ mod tests {
                         let alone = evaluate_one(member, own, &event, &base).await.unwrap();
                         let alone = alone.map(|(h, a)| (h, a.to_string()));
                         highlights += usize::from(alone.as_ref().is_some_and(|a| a.0));
-                        assert_eq!(answer_of(&member.user), alone, "{} for {event_json}", member.user);
+                        assert_eq!(answer_of(member.user), alone, "{} for {event_json}", member.user);
                     }
                     assert_eq!(answer_of(&sender), None, "the sender for {event_json}");
                     let moved: Vec<SpanChange> = templates
@@ -1022,6 +1020,31 @@ mod tests {
         }
         assert!(highlights > 5, "the events highlight for some members");
         assert!(group_rows > 10, "template rows answer for some members");
+    }
+
+    /// A room of ten thousand members, with their rules and spans kept, stays cached
+    /// under the default budget (an entry over half of its cache is not kept, and the
+    /// room would be read again for every event).
+    #[test]
+    fn a_room_of_ten_thousand_members_stays_cached() {
+        let budget = crate::service::cache::CacheBudget::new(&crate::config::Caches::default());
+        let rulesets = RulesetCache::new(1 << 30, 1 << 30);
+        let cache = PushMembersCache::new(budget.bytes(crate::service::cache::shares::PUSH_MEMBERS));
+        let user = |i: usize| OwnedUserId::try_from(format!("@member{i}:example.org")).unwrap();
+        let members: HashMap<OwnedUserId, RoomPushMember> = (0..10_000)
+            .map(|i| {
+                let rules = Arc::new(rulesets.prepare(&user(i), Ruleset::server_default(&user(i))).unwrap());
+                (user(i), RoomPushMember { name: format!("Member {i}"), span: Some(1), rules: Some(rules) })
+            })
+            .collect();
+        let room = owned_room_id!("!large:example.org");
+        let entry =
+            Arc::new(RoomPushMembers { joined_count: Some(UInt::from(10_000u32)), members, rules_generation: 0 });
+        eprintln!("{} bytes of {}", weigh_push_members(&room, &entry), cache.bytes().1);
+        cache.rooms.insert(room.clone(), entry);
+        assert!(cache.members_of(&room).is_some(), "the room is cached");
+        cache.member_changed(&room, &user(10_000), true, true, None);
+        assert!(cache.members_of(&room).is_some_and(|m| m.has(user(10_000).as_str())), "and changed in place");
     }
 
     /// The binary search over `@` tails and the ASCII name match answer as plain scans
