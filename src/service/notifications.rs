@@ -157,10 +157,21 @@ pub struct RoomPushMembers {
 #[derive(Clone)]
 struct RoomPushMember {
     name: String,
+    name_key: Option<u16>,
     span: Option<i64>,
     /// Kept here so that a send in a large room walks one map instead of looking each
     /// member up in the ruleset cache; `None` until the next event looks them up.
-    rules: Option<Arc<UserRules>>,
+    rules: Option<(Arc<UserRules>, RulesHints)>,
+}
+
+impl RoomPushMember {
+    fn new(name: String, span: Option<i64>, rules: Option<Arc<UserRules>>) -> Self {
+        let rules = rules.map(|r| {
+            let hints = RulesHints::of(&r);
+            (r, hints)
+        });
+        RoomPushMember { name_key: name_key(&name), name, span, rules }
+    }
 }
 
 impl RoomPushMembers {
@@ -179,15 +190,14 @@ pub struct PushMembersCache {
 fn weigh_push_members(room_id: &OwnedRoomId, members: &Arc<RoomPushMembers>) -> usize {
     // Per member: the boxed id, the name's string, and the entry of the rules it keeps
     // alive (a shared ruleset's is small: the template is counted by its own cache);
-    // per slot of the map's capacity (which may have grown by changes in place), a box,
-    // a string, a span and a pointer (64 bytes) with the table's spare room and control
-    // byte, about 80; a table has 4 slots at least.
+    // per slot of the map's capacity (which may have grown by changes in place), an
+    // entry with the table's spare room and control byte; a table has 4 slots at least.
     let heap: usize = members
         .members
         .iter()
-        .map(|(user, m)| heap_str(user.as_str()) + heap_str(&m.name) + m.rules.as_ref().map_or(0, |r| r.bytes))
+        .map(|(user, m)| heap_str(user.as_str()) + heap_str(&m.name) + m.rules.as_ref().map_or(0, |r| r.0.bytes))
         .sum();
-    let slots = members.members.capacity().max(4) * 80;
+    let slots = members.members.capacity().max(4) * (std::mem::size_of::<(OwnedUserId, RoomPushMember)>() + 1) * 8 / 7;
     heap_str(room_id.as_str()) + heap + slots + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
 }
 
@@ -216,8 +226,8 @@ impl PushMembersCache {
                 if joined {
                     let name = name.unwrap_or_else(|| user.localpart().to_owned());
                     // A new join has no span yet; a join that stays one keeps it.
-                    let (span, rules) = was.map_or((None, None), |m| (m.span, m.rules));
-                    members.members.insert(user.to_owned(), RoomPushMember { name, span, rules });
+                    let (span, rules) = was.map_or((None, None), |m| (m.span, m.rules.map(|r| r.0)));
+                    members.members.insert(user.to_owned(), RoomPushMember::new(name, span, rules));
                 }
                 members.joined_count = match (members.joined_count, was_joined, joined) {
                     (Some(n), false, true) => n.checked_add(UInt::from(1u32)),
@@ -270,7 +280,7 @@ impl PushMembersCache {
                 }
                 for (user, rules) in rules {
                     if let Some(member) = cached.members.get_mut(user) {
-                        member.rules = Some(rules.clone());
+                        member.rules = Some((rules.clone(), RulesHints::of(rules)));
                     }
                 }
             }
@@ -372,7 +382,26 @@ struct EventText {
     /// Each tail of the strings that starts at an `@` (up to the string's end), sorted:
     /// a user id is in the strings exactly when one of these starts with it.
     at_tails: Vec<String>,
+    /// The first eight bytes of each tail at least that long, sorted (`id_prefix`).
+    tail_prefixes: Vec<u64>,
     body: Option<String>,
+    /// Which pairs of bytes follow each other in the body (a bit per pair).
+    body_pairs: Option<Box<[u64; 1024]>>,
+}
+
+/// The first eight bytes of a folded user id, or `None` when it is shorter: an event
+/// whose `@` tails start with none of them holds none of those ids, which is answered
+/// without reading the ids.
+fn id_prefix(folded_id: &str) -> Option<u64> {
+    Some(u64::from_le_bytes(folded_id.as_bytes().get(..8)?.try_into().ok()?))
+}
+
+/// The first two bytes of a folded ASCII display name (`None`: another name, checked in
+/// full): a body without that pair of bytes does not hold the name.
+fn name_key(display_name: &str) -> Option<u16> {
+    let name = display_name.as_bytes();
+    (display_name.is_ascii() && name.len() >= 2 && !display_name.contains(['*', '?']))
+        .then(|| u16::from_le_bytes([name[0].to_ascii_lowercase(), name[1].to_ascii_lowercase()]))
 }
 
 impl EventText {
@@ -401,7 +430,43 @@ impl EventText {
             strings.split('\0').flat_map(|s| s.match_indices('@').map(move |(i, _)| s[i..].to_owned())).collect();
         at_tails.sort_unstable();
         at_tails.dedup();
-        EventText { at_tails, body }
+        let mut tail_prefixes: Vec<u64> = at_tails.iter().filter_map(|t| id_prefix(t)).collect();
+        tail_prefixes.sort_unstable();
+        tail_prefixes.dedup();
+        let body_pairs = body.as_ref().map(|body| {
+            let mut pairs = Box::new([0u64; 1024]);
+            for w in body.as_bytes().windows(2) {
+                let pair = usize::from(u16::from_le_bytes([w[0], w[1]]));
+                pairs[pair / 64] |= 1 << (pair % 64);
+            }
+            pairs
+        });
+        EventText { at_tails, tail_prefixes, body, body_pairs }
+    }
+
+    /// Whether the event singles out this member (`singles_out`), reading their id or
+    /// name only when the prefixes kept with them do not already say no.
+    fn singles_out_member(&self, member: &PushMember<'_>) -> bool {
+        if member.hints.template.is_none() {
+            return true;
+        }
+        let may_hold = member.hints.id_prefix.is_none_or(|p| self.tail_prefixes.binary_search(&p).is_ok());
+        if may_hold && self.holds(&member.rules.folded_id) {
+            return true;
+        }
+        if !member.hints.uses_display_name {
+            return false;
+        }
+        match (member.name_key, &self.body_pairs) {
+            // A name with a key is neither empty nor a glob.
+            (Some(_), None) => false,
+            (None, None) => member.display_name.is_empty() || member.display_name.contains(['*', '?']),
+            (Some(key), Some(pairs)) => {
+                let key = usize::from(key);
+                pairs[key / 64] & (1 << (key % 64)) != 0 && self.body_holds_name(member.display_name)
+            }
+            (None, Some(_)) => self.singles_out(member.rules, member.display_name),
+        }
     }
 
     /// Whether one of the event's strings holds this (folded) user id: a binary search
@@ -447,6 +512,27 @@ pub(crate) struct PushMember<'a> {
     pub display_name: &'a str,
     pub rules: &'a UserRules,
     pub span: Option<i64>,
+    pub hints: RulesHints,
+    pub name_key: Option<u16>,
+}
+
+/// What a send asks of each member's rules, kept next to them in the room's entry so
+/// that a large room's members are walked without reading their rules.
+#[derive(Clone, Copy)]
+pub(crate) struct RulesHints {
+    template: Option<i64>,
+    uses_display_name: bool,
+    id_prefix: Option<u64>,
+}
+
+impl RulesHints {
+    fn of(rules: &UserRules) -> Self {
+        RulesHints {
+            template: rules.template(),
+            uses_display_name: rules.uses_display_name,
+            id_prefix: id_prefix(&rules.folded_id),
+        }
+    }
 }
 
 /// Evaluates an event for members, and says how their answers are stored
@@ -486,11 +572,11 @@ pub(crate) async fn evaluate_grouped(
     let mut moved = Vec::new();
     for member in members {
         let span = member.span;
-        if member.rules.template() != span {
-            moved.push(SpanChange { user_id: member.user.to_string(), template: member.rules.template() });
+        if member.hints.template != span {
+            moved.push(SpanChange { user_id: member.user.to_string(), template: member.hints.template });
         }
         let template = match &member.rules.rules {
-            Rules::Shared(template) if !text.singles_out(member.rules, member.display_name) => template,
+            Rules::Shared(template) if !text.singles_out_member(member) => template,
             _ => {
                 alone.push((member, evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?));
                 continue;
@@ -658,8 +744,14 @@ impl Services {
             // lengths is cheaper than reading each id.
             .filter(|(user, _)| user.as_str().len() != sender.as_str().len() || *user != sender)
             .filter_map(|(user, m)| {
-                let rules = m.rules.as_ref().filter(|_| current).or_else(|| looked_up.get(user))?;
-                Some(PushMember { user, display_name: &m.name, rules, span: m.span })
+                let (rules, hints) = match m.rules.as_ref().filter(|_| current) {
+                    Some((rules, hints)) => (&**rules, *hints),
+                    None => {
+                        let rules = looked_up.get(user)?;
+                        (&**rules, RulesHints::of(rules))
+                    }
+                };
+                Some(PushMember { user, display_name: &m.name, rules, span: m.span, hints, name_key: m.name_key })
             })
             .collect();
         let sender_span = members.members.get(sender).and_then(|m| m.span);
@@ -686,7 +778,7 @@ impl Services {
                 .iter()
                 .map(|u| {
                     let name = names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned());
-                    (u.clone(), RoomPushMember { name, span: spans.remove(u.as_str()), rules: None })
+                    (u.clone(), RoomPushMember::new(name, spans.remove(u.as_str()), None))
                 })
                 .collect(),
             rules_generation: self.ruleset_cache.generation(),
@@ -893,7 +985,7 @@ mod tests {
                     members: (0..n)
                         .map(|i| {
                             let name = format!("User number {i}");
-                            (user(i), RoomPushMember { name, span: Some(i as i64), rules: None })
+                            (user(i), RoomPushMember::new(name, Some(i as i64), None))
                         })
                         .collect(),
                     rules_generation: 0,
@@ -986,6 +1078,8 @@ mod tests {
                         display_name: name,
                         rules,
                         span: spans.get(user).copied(),
+                        hints: RulesHints::of(rules),
+                        name_key: name_key(name),
                     })
                     .collect();
                 let sender_span = spans.get(&sender).copied();
@@ -1034,7 +1128,7 @@ mod tests {
         let members: HashMap<OwnedUserId, RoomPushMember> = (0..10_000)
             .map(|i| {
                 let rules = Arc::new(rulesets.prepare(&user(i), Ruleset::server_default(&user(i))).unwrap());
-                (user(i), RoomPushMember { name: format!("Member {i}"), span: Some(1), rules: Some(rules) })
+                (user(i), RoomPushMember::new(format!("Member {i}"), Some(1), Some(rules)))
             })
             .collect();
         let room = owned_room_id!("!large:example.org");
