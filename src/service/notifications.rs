@@ -507,6 +507,7 @@ impl EventText {
 
 /// A local member as push rule evaluation sees them: their rules, and the template
 /// their counts follow in the room (their open span).
+#[derive(Clone, Copy)]
 pub(crate) struct PushMember<'a> {
     pub user: &'a UserId,
     pub display_name: &'a str,
@@ -554,8 +555,8 @@ impl RulesHints {
 /// written) says, and so does the sender, whom their own event never notifies. Events
 /// in a thread write no template rows (a thread's counts are kept per member). Members
 /// whose span is not their template change it with this event.
-pub(crate) async fn evaluate_grouped(
-    members: &[PushMember<'_>],
+pub(crate) async fn evaluate_grouped<'a>(
+    members: impl IntoIterator<Item = PushMember<'a>>,
     sender: &UserId,
     sender_span: Option<i64>,
     event: &Raw<JsonValue>,
@@ -568,7 +569,7 @@ pub(crate) async fn evaluate_grouped(
     let mut shared: HashMap<i64, Answer> = HashMap::new();
     // Templates with members their row answers for.
     let mut grouped: Vec<i64> = Vec::new();
-    let mut alone: Vec<(&PushMember<'_>, Answer)> = Vec::new();
+    let mut alone: Vec<(PushMember<'a>, Answer)> = Vec::new();
     let mut moved = Vec::new();
     for member in members {
         let span = member.span;
@@ -576,9 +577,10 @@ pub(crate) async fn evaluate_grouped(
             moved.push(SpanChange { user_id: member.user.to_string(), template: member.hints.template });
         }
         let template = match &member.rules.rules {
-            Rules::Shared(template) if !text.singles_out_member(member) => template,
+            Rules::Shared(template) if !text.singles_out_member(&member) => template,
             _ => {
-                alone.push((member, evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?));
+                let answer = evaluate_one(&member, &*member.rules.own(member.user)?, event, base).await?;
+                alone.push((member, answer));
                 continue;
             }
         };
@@ -586,9 +588,9 @@ pub(crate) async fn evaluate_grouped(
             Some(answer) => answer.clone(),
             None => {
                 let answer = if text.holds(&template.folded_id) {
-                    evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?
+                    evaluate_one(&member, &*member.rules.own(member.user)?, event, base).await?
                 } else {
-                    evaluate_one(member, &template.rules, event, base).await?
+                    evaluate_one(&member, &template.rules, event, base).await?
                 };
                 shared.insert(template.key, answer.clone());
                 answer
@@ -737,7 +739,7 @@ impl Services {
             members = self.room_push_members(room_id).await?;
         }
         let current = members.rules_generation == generation;
-        let recipients: Vec<PushMember<'_>> = members
+        let recipients = members
             .members
             .iter()
             // The sender is passed over by its id's length first: one comparison of
@@ -753,9 +755,11 @@ impl Services {
                 };
                 Some(PushMember { user, display_name: &m.name, rules, span: m.span, hints, name_key: m.name_key })
             })
-            .collect();
+            // Collected: an iterator of closures held across the evaluation's awaits
+            // would make the handler's future not `Send` for every lifetime.
+            .collect::<Vec<PushMember<'_>>>();
         let sender_span = members.members.get(sender).and_then(|m| m.span);
-        evaluate_grouped(&recipients, sender, sender_span, &event, &event_json, &base).await
+        evaluate_grouped(recipients, sender, sender_span, &event, &event_json, &base).await
     }
 
     /// The room's joined count and its local members' display names, cached until the
@@ -1086,7 +1090,9 @@ mod tests {
                 for event_json in events() {
                     let event: Raw<JsonValue> = Raw::from_json(RawValue::from_string(event_json.to_string()).unwrap());
                     let outcome =
-                        evaluate_grouped(&recipients, &sender, sender_span, &event, &event_json, &base).await.unwrap();
+                        evaluate_grouped(recipients.iter().copied(), &sender, sender_span, &event, &event_json, &base)
+                            .await
+                            .unwrap();
                     group_rows += outcome.groups.len();
                     let answer_of = |user: &UserId| -> Option<(bool, String)> {
                         if let Some(row) = outcome.own.iter().find(|r| r.user_id == user.as_str()) {

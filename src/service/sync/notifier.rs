@@ -48,6 +48,10 @@ impl LocalNotifier {
 
 fn wake(users: &Waiters, to_wake: &[OwnedUserId]) {
     let mut users = users.lock().unwrap_or_else(|e| e.into_inner());
+    // Nobody waits: nothing to look up (a message in a large room names every member).
+    if users.is_empty() {
+        return;
+    }
     for user in to_wake {
         if let Some(sender) = users.get(user) {
             if sender.receiver_count() == 0 {
