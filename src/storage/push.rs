@@ -26,6 +26,36 @@ use crate::error::Result;
 /// Users per statement when counting an event's push actions.
 pub(crate) const COUNT_ROWS: usize = 2_000;
 
+/// Appends to `$query` (after its select list) the rows `(user_id, room_id, floor)` of
+/// `$users` joined to `$room` (one whose membership ended with the event being stored
+/// gets no row back): `floor` is where a new row of theirs in `$scope` counts
+/// from (the latest of their join and their receipts there: all receipts for `""`,
+/// unthreaded and that thread's for a thread). Leaves the user list open.
+macro_rules! push_floors {
+    ($query:expr, $scope:expr, $room:expr, $users:expr) => {{
+        let scope: &str = $scope;
+        $query.push(
+            " FROM (SELECT m.user_id, m.room_id, (SELECT MAX(x) FROM (
+                 SELECT m.stream_ordering AS x
+                 UNION ALL SELECT e.stream_ordering FROM receipts r JOIN events e ON e.event_id = r.event_id
+                 WHERE r.room_id = m.room_id AND r.user_id = m.user_id",
+        );
+        if !scope.is_empty() {
+            $query.push(" AND r.thread_id IN ('', ");
+            $query.push_bind(scope);
+            $query.push(")");
+        }
+        $query.push(") f) AS floor FROM memberships m WHERE m.room_id = ");
+        $query.push_bind($room);
+        $query.push(" AND m.membership = 'join' AND m.user_id IN (");
+        let mut list = $query.separated(", ");
+        for user in $users {
+            list.push_bind(*user);
+        }
+    }};
+}
+pub(crate) use push_floors;
+
 /// Counts a new event's push actions (`$actions`, at stream position `$pos`, in thread
 /// `$thread`: `Some(root)`, or `None` for the main timeline) in its users' unread
 /// counts, in the event's transaction. Each user's `""` row is written (locked) first;
@@ -138,24 +168,7 @@ macro_rules! count_push_actions {
                         query.push(", ");
                         query.push_bind(highlight);
                     }
-                    query.push(
-                        " FROM (SELECT m.user_id, m.room_id, (SELECT MAX(x) FROM (
-                             SELECT m.stream_ordering AS x
-                             UNION ALL SELECT e.stream_ordering FROM receipts r JOIN events e ON e.event_id = r.event_id
-                             WHERE r.room_id = m.room_id AND r.user_id = m.user_id",
-                    );
-                    if !scope.is_empty() {
-                        query.push(" AND r.thread_id IN ('', ");
-                        query.push_bind(scope);
-                        query.push(")");
-                    }
-                    query.push(") f) AS floor FROM memberships m WHERE m.room_id = ");
-                    query.push_bind(room);
-                    query.push(" AND m.user_id IN (");
-                    let mut list = query.separated(", ");
-                    for user in &missing {
-                        list.push_bind(*user);
-                    }
+                    $crate::storage::push::push_floors!(query, scope, room, &missing);
                     if !scope.is_empty() || together {
                         query.push(
                             ") AND NOT EXISTS (SELECT 1 FROM unread_counts u
@@ -360,24 +373,8 @@ macro_rules! move_push_spans {
                          SELECT user_id, room_id, ",
                     );
                     query.push_bind(scope);
-                    query.push(
-                        ", floor, 0, 0 FROM (SELECT m.user_id, m.room_id, (SELECT MAX(x) FROM (
-                             SELECT m.stream_ordering AS x
-                             UNION ALL SELECT e.stream_ordering FROM receipts r JOIN events e ON e.event_id = r.event_id
-                             WHERE r.room_id = m.room_id AND r.user_id = m.user_id",
-                    );
-                    if !scope.is_empty() {
-                        query.push(" AND r.thread_id IN ('', ");
-                        query.push_bind(scope);
-                        query.push(")");
-                    }
-                    query.push(") f) AS floor FROM memberships m WHERE m.room_id = ");
-                    query.push_bind(room);
-                    query.push(" AND m.membership = 'join' AND m.user_id IN (");
-                    let mut list = query.separated(", ");
-                    for user in chunk {
-                        list.push_bind(*user);
-                    }
+                    query.push(", floor, 0, 0");
+                    $crate::storage::push::push_floors!(query, scope, room, chunk);
                     query.push(")) w WHERE TRUE ON CONFLICT (user_id, room_id, thread_id) DO NOTHING");
                     query.build().execute(&mut *$tx).await?;
                 }
