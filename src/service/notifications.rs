@@ -36,8 +36,8 @@ use crate::{
 /// a room of tens of thousands of members stays cached.
 pub struct RulesetCache {
     users: ByteCache<OwnedUserId, Arc<UserRules>>,
-    /// Moves whenever a user's rules change (`forget`): rooms' recipients built before
-    /// are built again.
+    /// Moves whenever a user's rules change (`forget`): the rules kept with each room's
+    /// members (`RoomPushMember::rules`) are looked up again.
     generation: std::sync::atomic::AtomicU64,
     /// Templates (a ruleset as JSON with its user's id taken out) by their JSON: users
     /// whose templates are equal have the same rules but for their own id.
@@ -444,9 +444,11 @@ impl EventText {
         EventText { at_tails, tail_prefixes, body, body_pairs }
     }
 
-    /// Whether the event singles out this member (`singles_out`), reading their id or
-    /// name only when the prefixes kept with them do not already say no.
-    fn singles_out_member(&self, member: &PushMember<'_>) -> bool {
+    /// Whether the event may concern this member in particular (their id is in one of
+    /// its strings, or their display name in its body when their rules look at it, or
+    /// their rules are their own): then their rules are evaluated for them alone. Their
+    /// id or name is read only when the prefixes kept with them do not already say no.
+    fn singles_out(&self, member: &PushMember<'_>) -> bool {
         if member.hints.template.is_none() {
             return true;
         }
@@ -457,15 +459,16 @@ impl EventText {
         if !member.hints.uses_display_name {
             return false;
         }
-        match (member.name_key, &self.body_pairs) {
-            // A name with a key is neither empty nor a glob.
-            (Some(_), None) => false,
-            (None, None) => member.display_name.is_empty() || member.display_name.contains(['*', '?']),
-            (Some(key), Some(pairs)) => {
+        let name = member.display_name;
+        match member.name_key {
+            // A name with a key is neither empty nor a glob; the body holds it only if
+            // it holds its first two bytes next to each other.
+            Some(key) => {
                 let key = usize::from(key);
-                pairs[key / 64] & (1 << (key % 64)) != 0 && self.body_holds_name(member.display_name)
+                self.body_pairs.as_ref().is_some_and(|pairs| pairs[key / 64] & (1 << (key % 64)) != 0)
+                    && self.body_holds_name(name)
             }
-            (None, Some(_)) => self.singles_out(member.rules, member.display_name),
+            None => name.is_empty() || name.contains(['*', '?']) || self.body_holds_name(name),
         }
     }
 
@@ -491,17 +494,6 @@ impl EventText {
                 && body.as_bytes().windows(name.len()).any(|w| w.eq_ignore_ascii_case(name));
         }
         body.contains(fold(display_name).as_str())
-    }
-
-    /// Whether the event may concern this user in particular (their id is in one of its
-    /// strings, or their display name in its body when their rules look at it): then
-    /// their rules are evaluated for them alone.
-    fn singles_out(&self, rules: &UserRules, display_name: &str) -> bool {
-        if rules.template().is_none() || self.holds(&rules.folded_id) {
-            return true;
-        }
-        rules.uses_display_name
-            && (display_name.is_empty() || display_name.contains(['*', '?']) || self.body_holds_name(display_name))
     }
 }
 
@@ -548,13 +540,14 @@ impl RulesHints {
 /// that reads an id matches only an event that holds it); otherwise the member's own
 /// ruleset is read back from the template.
 ///
+/// `members` are the room's local members but the sender, whose span is `sender_span`.
 /// The answer of a member the event does not single out, whose span in the room
-/// (`spans`: the template their counts follow there) is their template, is stored once
-/// for all of them: a row per template that notifies. Every other member gets a row of
-/// their own where their answer differs from what their span's template row (if
-/// written) says, and so does the sender, whom their own event never notifies. Events
-/// in a thread write no template rows (a thread's counts are kept per member). Members
-/// whose span is not their template change it with this event.
+/// (`PushMember::span`: the template their counts follow there) is their template, is
+/// stored once for all of them: a row per template that notifies. Every other member
+/// gets a row of their own where their answer differs from what their span's template
+/// row (if written) says, and so does the sender, whom their own event never notifies.
+/// Events in a thread write no template rows (a thread's counts are kept per member).
+/// Members whose span is not their template change it with this event.
 pub(crate) async fn evaluate_grouped<'a>(
     members: impl IntoIterator<Item = PushMember<'a>>,
     sender: &UserId,
@@ -577,7 +570,7 @@ pub(crate) async fn evaluate_grouped<'a>(
             moved.push(SpanChange { user_id: member.user.to_string(), template: member.hints.template });
         }
         let template = match &member.rules.rules {
-            Rules::Shared(template) if !text.singles_out_member(&member) => template,
+            Rules::Shared(template) if !text.singles_out(&member) => template,
             _ => {
                 let answer = evaluate_one(&member, &*member.rules.own(member.user)?, event, base).await?;
                 alone.push((member, answer));
@@ -1149,7 +1142,7 @@ mod tests {
 
     /// The binary search over `@` tails and the ASCII name match answer as plain scans
     /// of the folded strings and body do, for ids and names inside, across and beside
-    /// the events' strings.
+    /// the events' strings; the id prefixes and body pairs never rule out a match.
     #[test]
     fn event_text_lookups_answer_as_scans() {
         let mut events = events();
@@ -1190,10 +1183,20 @@ mod tests {
             for id in ids {
                 let id = fold(id);
                 assert_eq!(text.holds(&id), strings.contains(&id), "{id} in {event}");
+                // The prefix filter never rules out an id the event holds.
+                if let (true, Some(prefix)) = (text.holds(&id), id_prefix(&id)) {
+                    assert!(text.tail_prefixes.binary_search(&prefix).is_ok(), "{id}'s prefix in {event}");
+                }
             }
             for name in names {
                 let scan = text.body.as_deref().is_some_and(|b| b.contains(fold(name).as_str()));
                 assert_eq!(text.body_holds_name(name), scan, "{name:?} in {event}");
+                // Nor does the pair filter a name the body holds.
+                if let (true, Some(key)) = (scan, name_key(name)) {
+                    let pairs = text.body_pairs.as_ref().expect("a body has its pairs");
+                    let key = usize::from(key);
+                    assert!(pairs[key / 64] & (1 << (key % 64)) != 0, "{name:?}'s first pair in {event}");
+                }
             }
         }
     }

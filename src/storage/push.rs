@@ -515,15 +515,14 @@ macro_rules! recount_unread {
                 query.push_bind(floors.base);
                 // The template rows of the member's spans (main timeline only) where they
                 // have no row of their own.
-                query.push(
+                query.push(format!(
                     " AND p.notifies = 1 AND e.redacted_by IS NULL
                      UNION ALL SELECT 'main', g.stream_pos, g.highlight
-                           FROM push_spans s
-                           JOIN push_groups g ON g.room_id = s.room_id AND g.template = s.template
-                               AND g.stream_pos > s.from_pos AND (s.to_pos IS NULL OR g.stream_pos < s.to_pos)
+                           FROM {}
                            JOIN events e ON e.stream_ordering = g.stream_pos
                            WHERE s.user_id = ",
-                );
+                    $crate::storage::push::SPAN_ROWS
+                ));
                 query.push_bind(user);
                 query.push(" AND s.room_id = ");
                 query.push_bind(room);
@@ -617,16 +616,18 @@ impl UnreadFloors {
 }
 
 /// The latest cumulative counts of the template a row of `unread_counts u` follows
-/// (NULL when it follows none, or its template has no row yet).
-const LATEST_NOTIFS: &str = "(SELECT g.cum_notifs FROM push_groups g WHERE g.room_id = u.room_id
+/// (NULL when it follows none, or its template has no row yet). What the template's
+/// rows counted for the row since its base is `COALESCE(latest - u.base_*, 0)`.
+pub(super) const LATEST_NOTIFS: &str = "(SELECT g.cum_notifs FROM push_groups g WHERE g.room_id = u.room_id
     AND g.template = u.template ORDER BY g.stream_pos DESC LIMIT 1)";
 const LATEST_HIGHLIGHTS: &str = "(SELECT g.cum_highlights FROM push_groups g WHERE g.room_id = u.room_id
     AND g.template = u.template ORDER BY g.stream_pos DESC LIMIT 1)";
-/// What the template's rows counted for row `u` since its base.
-pub(super) const GROUP_NOTIFS: &str = "COALESCE((SELECT g.cum_notifs FROM push_groups g WHERE g.room_id = u.room_id
-    AND g.template = u.template ORDER BY g.stream_pos DESC LIMIT 1) - u.base_notifs, 0)";
-const GROUP_HIGHLIGHTS: &str = "COALESCE((SELECT g.cum_highlights FROM push_groups g WHERE g.room_id = u.room_id
-    AND g.template = u.template ORDER BY g.stream_pos DESC LIMIT 1) - u.base_highlights, 0)";
+
+/// The template rows that count for the members of their spans: span `s` and each
+/// template row `g` of its template in its room after its start and before its end.
+/// A member's own row for the same event (`event_push_actions`) answers instead.
+pub(super) const SPAN_ROWS: &str = "push_spans s JOIN push_groups g ON g.room_id = s.room_id
+    AND g.template = s.template AND g.stream_pos > s.from_pos AND (s.to_pos IS NULL OR g.stream_pos < s.to_pos)";
 
 impl Store {
     /// A user's kept unread counts in several rooms at once, one indexed query per 500
@@ -647,7 +648,8 @@ impl Store {
             let rows: Vec<(String, String, i64, i64)> = on_pool!(self, read, |pool| {
                 let mut query = sqlx::QueryBuilder::new(format!(
                     "SELECT room_id, thread_id, n, h FROM (SELECT u.room_id, u.thread_id,
-                         u.notifs + {GROUP_NOTIFS} AS n, u.highlights + {GROUP_HIGHLIGHTS} AS h
+                         u.notifs + COALESCE({LATEST_NOTIFS} - u.base_notifs, 0) AS n,
+                         u.highlights + COALESCE({LATEST_HIGHLIGHTS} - u.base_highlights, 0) AS h
                      FROM unread_counts u WHERE u.user_id = "
                 ));
                 query.push_bind(user_id);

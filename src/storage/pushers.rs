@@ -2,7 +2,11 @@
 //! from (`service/push_sender.rs`: rows written in the notifying event's own transaction,
 //! by `persist_event`), and the reads of `/notifications` and of a push's badge count.
 
-use super::{Store, on_pool, users::lock_user};
+use super::{
+    Store, on_pool,
+    push::{LATEST_NOTIFS, SPAN_ROWS},
+    users::lock_user,
+};
 use crate::error::Result;
 
 /// A local member's own answer to an event, stored with it (`event_push_actions`): the
@@ -67,10 +71,6 @@ impl PushOutcome {
     pub fn none() -> &'static PushOutcome {
         static NONE: PushOutcome = PushOutcome { own: Vec::new(), groups: Vec::new(), spans: Vec::new() };
         &NONE
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.own.is_empty() && self.groups.is_empty() && self.spans.is_empty()
     }
 }
 
@@ -384,17 +384,16 @@ impl Store {
             if let Some((actions, highlight, notifies)) = own {
                 return Ok((notifies == 1).then_some((actions, highlight)));
             }
-            Ok(sqlx::query_as(
-                "SELECT g.actions, g.highlight FROM push_spans s
-                 JOIN push_groups g ON g.room_id = s.room_id AND g.template = s.template
-                 WHERE s.user_id = $1 AND s.room_id = $2 AND g.stream_pos = $3
-                   AND s.from_pos < $3 AND (s.to_pos IS NULL OR s.to_pos > $3)",
-            )
-            .bind(user_id)
-            .bind(room_id)
-            .bind(stream_pos)
-            .fetch_optional(pool)
-            .await?)
+            let sql = format!(
+                "SELECT g.actions, g.highlight FROM {SPAN_ROWS} WHERE s.user_id = $1 AND s.room_id = $2
+                     AND g.stream_pos = $3"
+            );
+            Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(user_id)
+                .bind(room_id)
+                .bind(stream_pos)
+                .fetch_optional(pool)
+                .await?)
         })
     }
 
@@ -419,20 +418,18 @@ impl Store {
     pub async fn count_unread_for_push(&self, user_id: &str) -> Result<(i64, i64)> {
         on_pool!(self, read, |pool| {
             let sql = format!(
-                "SELECT COALESCE((SELECT CAST(SUM(u.notifs + {}) AS BIGINT) FROM unread_counts u
-                         WHERE u.user_id = $1 AND u.thread_id = ''), 0),
+                "SELECT COALESCE((SELECT CAST(SUM(u.notifs + COALESCE({LATEST_NOTIFS} - u.base_notifs, 0)) AS BIGINT)
+                         FROM unread_counts u WHERE u.user_id = $1 AND u.thread_id = ''), 0),
                     (SELECT COUNT(*) FROM unread_counts u
                      JOIN events e ON e.room_id = u.room_id AND e.event_type = 'm.call.invite'
                          AND e.stream_ordering > u.after_pos
                      WHERE u.user_id = $1 AND u.thread_id = '' AND e.redacted_by IS NULL
                        AND (EXISTS (SELECT 1 FROM event_push_actions p WHERE p.user_id = u.user_id
                                AND p.room_id = u.room_id AND p.stream_pos = e.stream_ordering AND p.notifies = 1)
-                           OR (u.template IS NOT NULL
-                               AND EXISTS (SELECT 1 FROM push_groups g WHERE g.room_id = u.room_id
-                                   AND g.template = u.template AND g.stream_pos = e.stream_ordering)
+                           OR (EXISTS (SELECT 1 FROM {SPAN_ROWS} WHERE s.user_id = u.user_id
+                                   AND s.room_id = u.room_id AND g.stream_pos = e.stream_ordering)
                                AND NOT EXISTS (SELECT 1 FROM event_push_actions p WHERE p.user_id = u.user_id
-                                   AND p.stream_pos = e.stream_ordering))))",
-                super::push::GROUP_NOTIFS
+                                   AND p.stream_pos = e.stream_ordering))))"
             );
             let (unread, calls): (i64, i64) =
                 sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_one(pool).await?;
@@ -453,24 +450,30 @@ impl Store {
         // The user's own rows that notify, and their templates' rows over their spans
         // where they have no row of their own. `read`: the user's read receipt in the
         // room (public or private) is at or after it.
-        let sql = "SELECT n.room_id, n.stream_pos, n.event_id, n.highlight, n.actions,
+        let sql = format!(
+            "SELECT n.room_id, n.stream_pos, n.event_id, n.highlight, n.actions,
                 COALESCE((SELECT MAX(re.stream_ordering) FROM receipts r JOIN events re ON re.event_id = r.event_id
                     WHERE r.user_id = $1 AND r.room_id = n.room_id), -1) >= n.stream_pos AS read
              FROM (SELECT p.room_id, p.stream_pos, p.event_id, p.highlight, p.actions FROM event_push_actions p
                    WHERE p.user_id = $1 AND p.notifies = 1 AND ($2 IS NULL OR p.stream_pos < $2)
                      AND ($3 = FALSE OR p.highlight = 1)
                    UNION ALL
-                   SELECT g.room_id, g.stream_pos, g.event_id, g.highlight, g.actions FROM push_spans s
-                   JOIN push_groups g ON g.room_id = s.room_id AND g.template = s.template
-                       AND g.stream_pos > s.from_pos AND (s.to_pos IS NULL OR g.stream_pos < s.to_pos)
+                   SELECT g.room_id, g.stream_pos, g.event_id, g.highlight, g.actions FROM {SPAN_ROWS}
                    WHERE s.user_id = $1 AND ($2 IS NULL OR g.stream_pos < $2) AND ($3 = FALSE OR g.highlight = 1)
                      AND NOT EXISTS (SELECT 1 FROM event_push_actions o
                          WHERE o.user_id = $1 AND o.stream_pos = g.stream_pos)) n
              JOIN events e ON e.stream_ordering = n.stream_pos
              WHERE e.redacted_by IS NULL
-             ORDER BY n.stream_pos DESC LIMIT $4";
+             ORDER BY n.stream_pos DESC LIMIT $4"
+        );
         on_pool!(self, read, |pool| {
-            Ok(sqlx::query_as(sql).bind(user_id).bind(before).bind(only_highlight).bind(limit).fetch_all(pool).await?)
+            Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(user_id)
+                .bind(before)
+                .bind(only_highlight)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?)
         })
     }
 }
