@@ -5,7 +5,7 @@
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
 };
 
@@ -151,6 +151,9 @@ pub struct RoomPushMembers {
     /// The ruleset cache's generation (`RulesetCache::generation`) the members' rules
     /// are of: when it moved, every member's rules are looked up again.
     rules_generation: u64,
+    /// The members' heap bytes (`RoomPushMember::heap`), kept as they change: weighing
+    /// the entry after each change in place does not walk a large room's members.
+    heap: usize,
 }
 
 /// A local member, as `RoomPushMembers` keeps them.
@@ -172,9 +175,38 @@ impl RoomPushMember {
         });
         RoomPushMember { name_key: name_key(&name), name, span, rules }
     }
+
+    /// The heap bytes of a member's entry: their boxed id, their name, and the entry of
+    /// the rules it keeps alive (a shared ruleset's is small: the template is counted by
+    /// its own cache).
+    fn heap(user: &UserId, member: &RoomPushMember) -> usize {
+        heap_str(user.as_str()) + heap_str(&member.name) + member.rules.as_ref().map_or(0, |r| r.0.bytes)
+    }
 }
 
 impl RoomPushMembers {
+    fn new(joined_count: Option<UInt>, members: HashMap<OwnedUserId, RoomPushMember>, rules_generation: u64) -> Self {
+        let mut members = RoomPushMembers { joined_count, members, rules_generation, heap: 0 };
+        members.heap = members.count_heap();
+        members
+    }
+
+    fn count_heap(&self) -> usize {
+        self.members.iter().map(|(user, m)| RoomPushMember::heap(user, m)).sum()
+    }
+
+    fn remove_member(&mut self, user: &UserId) -> Option<RoomPushMember> {
+        let was = self.members.remove(user)?;
+        self.heap -= RoomPushMember::heap(user, &was);
+        Some(was)
+    }
+
+    fn insert_member(&mut self, user: OwnedUserId, member: RoomPushMember) {
+        self.remove_member(&user);
+        self.heap += RoomPushMember::heap(&user, &member);
+        self.members.insert(user, member);
+    }
+
     /// Whether `user` is a joined local member.
     pub(crate) fn has(&self, user: &str) -> bool {
         <&UserId>::try_from(user).is_ok_and(|u| self.members.contains_key(u))
@@ -188,15 +220,10 @@ pub struct PushMembersCache {
 }
 
 fn weigh_push_members(room_id: &OwnedRoomId, members: &Arc<RoomPushMembers>) -> usize {
-    // Per member: the boxed id, the name's string, and the entry of the rules it keeps
-    // alive (a shared ruleset's is small: the template is counted by its own cache);
-    // per slot of the map's capacity (which may have grown by changes in place), an
-    // entry with the table's spare room and control byte; a table has 4 slots at least.
-    let heap: usize = members
-        .members
-        .iter()
-        .map(|(user, m)| heap_str(user.as_str()) + heap_str(&m.name) + m.rules.as_ref().map_or(0, |r| r.0.bytes))
-        .sum();
+    // Per member, what `RoomPushMember::heap` counts (kept as members change); per slot
+    // of the map's capacity (which may have grown by changes in place), an entry with
+    // the table's spare room and control byte; a table has 4 slots at least.
+    let heap = members.heap;
     let slots = members.members.capacity().max(4) * (std::mem::size_of::<(OwnedUserId, RoomPushMember)>() + 1) * 8 / 7;
     heap_str(room_id.as_str()) + heap + slots + std::mem::size_of::<RoomPushMembers>() + 16 + ENTRY_OVERHEAD
 }
@@ -221,13 +248,13 @@ impl PushMembersCache {
         self.rooms.update(room_id, |members| {
             let members = Arc::make_mut(members);
             if local {
-                let was = members.members.remove(user);
+                let was = members.remove_member(user);
                 let was_joined = was.is_some();
                 if joined {
                     let name = name.unwrap_or_else(|| user.localpart().to_owned());
                     // A new join has no span yet; a join that stays one keeps it.
                     let (span, rules) = was.map_or((None, None), |m| (m.span, m.rules.map(|r| r.0)));
-                    members.members.insert(user.to_owned(), RoomPushMember::new(name, span, rules));
+                    members.insert_member(user.to_owned(), RoomPushMember::new(name, span, rules));
                 }
                 members.joined_count = match (members.joined_count, was_joined, joined) {
                     (Some(n), false, true) => n.checked_add(UInt::from(1u32)),
@@ -277,10 +304,12 @@ impl PushMembersCache {
                 if cached.rules_generation != generation {
                     cached.members.values_mut().for_each(|m| m.rules = None);
                     cached.rules_generation = generation;
+                    cached.heap = cached.count_heap();
                 }
                 for (user, rules) in rules {
                     if let Some(member) = cached.members.get_mut(user) {
-                        member.rules = Some((rules.clone(), RulesHints::of(rules)));
+                        let was = member.rules.replace((rules.clone(), RulesHints::of(rules)));
+                        cached.heap = cached.heap + rules.bytes - was.map_or(0, |r| r.0.bytes);
                     }
                 }
             }
@@ -382,18 +411,36 @@ struct EventText {
     /// Each tail of the strings that starts at an `@` (up to the string's end), sorted:
     /// a user id is in the strings exactly when one of these starts with it.
     at_tails: Vec<String>,
-    /// The first eight bytes of each tail at least that long, sorted (`id_prefix`).
-    tail_prefixes: Vec<u64>,
+    /// The hash (`id_hash`) of each start of each tail, up to the longest user id,
+    /// sorted: a member's id is in the strings only if its hash is among these.
+    tail_hashes: Vec<u64>,
     body: Option<String>,
     /// Which pairs of bytes follow each other in the body (a bit per pair).
     body_pairs: Option<Box<[u64; 1024]>>,
 }
 
-/// The first eight bytes of a folded user id, or `None` when it is shorter: an event
-/// whose `@` tails start with none of them holds none of those ids, which is answered
-/// without reading the ids.
-fn id_prefix(folded_id: &str) -> Option<u64> {
-    Some(u64::from_le_bytes(folded_id.as_bytes().get(..8)?.try_into().ok()?))
+/// The longest user id, in bytes (the spec's bound): no tail longer than this starts
+/// with a user id's bytes alone.
+const MAX_USER_ID_BYTES: usize = 255;
+
+/// A hash of a folded user id (64-bit FNV-1a, whose hash of each longer start of a
+/// string follows from the shorter one's): an event none of whose `@` tails starts
+/// with a string of this hash holds none of the ids of this hash, which is answered
+/// without reading the ids. Ids alike in their first bytes (`@user1234:...`) do not
+/// share it.
+fn id_hash(folded_id: &str) -> u64 {
+    prefix_hashes(folded_id.as_bytes()).last().unwrap_or(FNV_OFFSET)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The `id_hash` of each start of `bytes` (of one byte, two, ...), up to the longest
+/// user id.
+fn prefix_hashes(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes.iter().take(MAX_USER_ID_BYTES).scan(FNV_OFFSET, |h, b| {
+        *h = (*h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        Some(*h)
+    })
 }
 
 /// The first two bytes of a folded ASCII display name (`None`: another name, checked in
@@ -430,9 +477,9 @@ impl EventText {
             strings.split('\0').flat_map(|s| s.match_indices('@').map(move |(i, _)| s[i..].to_owned())).collect();
         at_tails.sort_unstable();
         at_tails.dedup();
-        let mut tail_prefixes: Vec<u64> = at_tails.iter().filter_map(|t| id_prefix(t)).collect();
-        tail_prefixes.sort_unstable();
-        tail_prefixes.dedup();
+        let mut tail_hashes: Vec<u64> = at_tails.iter().flat_map(|t| prefix_hashes(t.as_bytes())).collect();
+        tail_hashes.sort_unstable();
+        tail_hashes.dedup();
         let body_pairs = body.as_ref().map(|body| {
             let mut pairs = Box::new([0u64; 1024]);
             for w in body.as_bytes().windows(2) {
@@ -441,18 +488,18 @@ impl EventText {
             }
             pairs
         });
-        EventText { at_tails, tail_prefixes, body, body_pairs }
+        EventText { at_tails, tail_hashes, body, body_pairs }
     }
 
     /// Whether the event may concern this member in particular (their id is in one of
     /// its strings, or their display name in its body when their rules look at it, or
     /// their rules are their own): then their rules are evaluated for them alone. Their
-    /// id or name is read only when the prefixes kept with them do not already say no.
+    /// id or name is read only when the hash and name key kept with them do not already say no.
     fn singles_out(&self, member: &PushMember<'_>) -> bool {
         if member.hints.template.is_none() {
             return true;
         }
-        let may_hold = member.hints.id_prefix.is_none_or(|p| self.tail_prefixes.binary_search(&p).is_ok());
+        let may_hold = self.tail_hashes.binary_search(&member.hints.id_hash).is_ok();
         if may_hold && self.holds(&member.rules.folded_id) {
             return true;
         }
@@ -515,7 +562,7 @@ pub(crate) struct PushMember<'a> {
 pub(crate) struct RulesHints {
     template: Option<i64>,
     uses_display_name: bool,
-    id_prefix: Option<u64>,
+    id_hash: u64,
 }
 
 impl RulesHints {
@@ -523,7 +570,7 @@ impl RulesHints {
         RulesHints {
             template: rules.template(),
             uses_display_name: rules.uses_display_name,
-            id_prefix: id_prefix(&rules.folded_id),
+            id_hash: id_hash(&rules.folded_id),
         }
     }
 }
@@ -540,7 +587,8 @@ impl RulesHints {
 /// that reads an id matches only an event that holds it); otherwise the member's own
 /// ruleset is read back from the template.
 ///
-/// `members` are the room's local members but the sender, whose span is `sender_span`.
+/// The members grouped (`group_members`) are the room's local members but the sender,
+/// whose span is `sender_span`.
 /// The answer of a member the event does not single out, whose span in the room
 /// (`PushMember::span`: the template their counts follow there) is their template, is
 /// stored once for all of them: a row per template that notifies. Every other member
@@ -548,54 +596,24 @@ impl RulesHints {
 /// row (if written) says, and so does the sender, whom their own event never notifies.
 /// Events in a thread write no template rows (a thread's counts are kept per member).
 /// Members whose span is not their template change it with this event.
-pub(crate) async fn evaluate_grouped<'a>(
-    members: impl IntoIterator<Item = PushMember<'a>>,
+pub(crate) async fn evaluate_grouped(
+    grouping: Grouping<'_>,
     sender: &UserId,
     sender_span: Option<i64>,
     event: &Raw<JsonValue>,
-    event_json: &JsonValue,
     base: &PushConditionRoomCtx,
 ) -> Result<PushOutcome> {
     type Answer = Option<(bool, Arc<str>)>;
-    let text = EventText::of(event_json);
-    let threaded = event_json["content"]["m.relates_to"]["rel_type"] == "m.thread";
-    let mut shared: HashMap<i64, Answer> = HashMap::new();
-    // Templates with members their row answers for.
-    let mut grouped: Vec<i64> = Vec::new();
-    let mut alone: Vec<(PushMember<'a>, Answer)> = Vec::new();
-    let mut moved = Vec::new();
-    for member in members {
-        let span = member.span;
-        if member.hints.template != span {
-            moved.push(SpanChange { user_id: member.user.to_string(), template: member.hints.template });
-        }
-        let template = match &member.rules.rules {
-            Rules::Shared(template) if !text.singles_out(&member) => template,
-            _ => {
-                let answer = evaluate_one(&member, &*member.rules.own(member.user)?, event, base).await?;
-                alone.push((member, answer));
-                continue;
+    let Grouping { text, firsts, grouped, alone, moved } = grouping;
+    let mut shared: HashMap<i64, Answer> = HashMap::with_capacity(firsts.len());
+    for (key, member) in firsts {
+        let answer = match &member.rules.rules {
+            Rules::Shared(template) if !text.holds(&template.folded_id) => {
+                evaluate_one(&member, &template.rules, event, base).await?
             }
+            _ => evaluate_one(&member, &*member.rules.own(member.user)?, event, base).await?,
         };
-        let answer = match shared.get(&template.key) {
-            Some(answer) => answer.clone(),
-            None => {
-                let answer = if text.holds(&template.folded_id) {
-                    evaluate_one(&member, &*member.rules.own(member.user)?, event, base).await?
-                } else {
-                    evaluate_one(&member, &template.rules, event, base).await?
-                };
-                shared.insert(template.key, answer.clone());
-                answer
-            }
-        };
-        if !threaded && span == Some(template.key) {
-            if !grouped.contains(&template.key) {
-                grouped.push(template.key);
-            }
-        } else {
-            alone.push((member, answer));
-        }
+        shared.insert(key, answer);
     }
     // What the template row of a member's span says for them: a row is written for a
     // template with members it answers for, when it notifies.
@@ -604,7 +622,11 @@ pub(crate) async fn evaluate_grouped<'a>(
         shared.get(&key)?.as_ref()
     };
     let mut own = Vec::new();
-    for (member, answer) in &alone {
+    for (member, key) in &alone {
+        let answer = match key {
+            Some(key) => shared.get(key).cloned().flatten(),
+            None => evaluate_one(member, &*member.rules.own(member.user)?, event, base).await?,
+        };
         let group = group_of(member.span);
         if answer.as_ref() != group {
             own.push(own_row(member.user, answer.as_ref(), group));
@@ -613,6 +635,7 @@ pub(crate) async fn evaluate_grouped<'a>(
     if let Some(group) = group_of(sender_span) {
         own.push(own_row(sender, None, Some(group)));
     }
+    let mut grouped: Vec<i64> = grouped.into_iter().collect();
     grouped.sort_unstable();
     let groups = grouped
         .into_iter()
@@ -622,6 +645,64 @@ pub(crate) async fn evaluate_grouped<'a>(
         })
         .collect();
     Ok(PushOutcome { own, groups, spans: moved })
+}
+
+/// A room's members sorted for `evaluate_grouped` (`group_members`), in one pass that
+/// awaits nothing: the members' iterator is never held across an evaluation, and a
+/// member the event does not single out costs a few comparisons of what is kept with
+/// them (`RulesHints`), without reading their rules.
+pub(crate) struct Grouping<'a> {
+    text: EventText,
+    /// A member per template whose answer is shared (the first met), whom the event
+    /// does not single out.
+    firsts: HashMap<i64, PushMember<'a>>,
+    /// Templates with members their row answers for (members whose span is the
+    /// template, in an event outside a thread).
+    grouped: HashSet<i64>,
+    /// Members with rows of their own: answered by their template (`Some`), or
+    /// evaluated alone (`None`).
+    alone: Vec<(PushMember<'a>, Option<i64>)>,
+    moved: Vec<SpanChange>,
+}
+
+/// Sorts `members` (the room's local members but the sender) for `evaluate_grouped`.
+pub(crate) fn group_members<'a>(
+    members: impl IntoIterator<Item = PushMember<'a>>,
+    event_json: &JsonValue,
+) -> Grouping<'a> {
+    let threaded = event_json["content"]["m.relates_to"]["rel_type"] == "m.thread";
+    let mut g = Grouping {
+        text: EventText::of(event_json),
+        firsts: HashMap::new(),
+        grouped: HashSet::new(),
+        alone: Vec::new(),
+        moved: Vec::new(),
+    };
+    // The template of the member before, already among `firsts` (and `grouped` when
+    // that member was grouped): most members of a room share one template.
+    let mut last: Option<(i64, bool)> = None;
+    for member in members {
+        let span = member.span;
+        if member.hints.template != span {
+            g.moved.push(SpanChange { user_id: member.user.to_string(), template: member.hints.template });
+        }
+        let Some(key) = member.hints.template.filter(|_| !g.text.singles_out(&member)) else {
+            g.alone.push((member, None));
+            continue;
+        };
+        let steady = !threaded && span == Some(key);
+        if last != Some((key, true)) && (last != Some((key, false)) || steady) {
+            g.firsts.entry(key).or_insert(member);
+            if steady {
+                g.grouped.insert(key);
+            }
+            last = Some((key, steady));
+        }
+        if !steady {
+            g.alone.push((member, Some(key)));
+        }
+    }
+    g
 }
 
 /// A member's own row: their answer (`None`: it does not notify them) and their
@@ -732,27 +813,27 @@ impl Services {
             members = self.room_push_members(room_id).await?;
         }
         let current = members.rules_generation == generation;
-        let recipients = members
-            .members
-            .iter()
-            // The sender is passed over by its id's length first: one comparison of
-            // lengths is cheaper than reading each id.
-            .filter(|(user, _)| user.as_str().len() != sender.as_str().len() || *user != sender)
-            .filter_map(|(user, m)| {
-                let (rules, hints) = match m.rules.as_ref().filter(|_| current) {
-                    Some((rules, hints)) => (&**rules, *hints),
-                    None => {
-                        let rules = looked_up.get(user)?;
-                        (&**rules, RulesHints::of(rules))
-                    }
-                };
-                Some(PushMember { user, display_name: &m.name, rules, span: m.span, hints, name_key: m.name_key })
-            })
-            // Collected: an iterator of closures held across the evaluation's awaits
-            // would make the handler's future not `Send` for every lifetime.
-            .collect::<Vec<PushMember<'_>>>();
+        let grouping = group_members(
+            members
+                .members
+                .iter()
+                // The sender is passed over by its id's length first: one comparison of
+                // lengths is cheaper than reading each id.
+                .filter(|(user, _)| user.as_str().len() != sender.as_str().len() || *user != sender)
+                .filter_map(|(user, m)| {
+                    let (rules, hints) = match m.rules.as_ref().filter(|_| current) {
+                        Some((rules, hints)) => (&**rules, *hints),
+                        None => {
+                            let rules = looked_up.get(user)?;
+                            (&**rules, RulesHints::of(rules))
+                        }
+                    };
+                    Some(PushMember { user, display_name: &m.name, rules, span: m.span, hints, name_key: m.name_key })
+                }),
+            &event_json,
+        );
         let sender_span = members.members.get(sender).and_then(|m| m.span);
-        evaluate_grouped(recipients, sender, sender_span, &event, &event_json, &base).await
+        evaluate_grouped(grouping, sender, sender_span, &event, &base).await
     }
 
     /// The room's joined count and its local members' display names, cached until the
@@ -769,17 +850,17 @@ impl Services {
         let mut names = self.display_names(room_id, &users).await?;
         let mut spans: HashMap<String, i64> =
             self.store.get_open_push_spans(room_id.as_str()).await?.into_iter().collect();
-        let members = Arc::new(RoomPushMembers {
-            joined_count: Some(UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX)),
-            members: local
+        let members = Arc::new(RoomPushMembers::new(
+            Some(UInt::new(joined.max(0) as u64).unwrap_or(UInt::MAX)),
+            local
                 .iter()
                 .map(|u| {
                     let name = names.remove(u.as_str()).unwrap_or_else(|| u.localpart().to_owned());
                     (u.clone(), RoomPushMember::new(name, spans.remove(u.as_str()), None))
                 })
                 .collect(),
-            rules_generation: self.ruleset_cache.generation(),
-        });
+            self.ruleset_cache.generation(),
+        ));
         self.push_members_cache.rooms.insert_at(stamp, room_id.to_owned(), members.clone());
         Ok(members)
     }
@@ -977,16 +1058,16 @@ mod tests {
         for n in [1, 10, 300] {
             let mut estimate = 0;
             let taken = bytes_of(|| {
-                let members = Arc::new(RoomPushMembers {
-                    joined_count: Some(UInt::from(n as u32)),
-                    members: (0..n)
+                let members = Arc::new(RoomPushMembers::new(
+                    Some(UInt::from(n as u32)),
+                    (0..n)
                         .map(|i| {
                             let name = format!("User number {i}");
                             (user(i), RoomPushMember::new(name, Some(i as i64), None))
                         })
                         .collect(),
-                    rules_generation: 0,
-                });
+                    0,
+                ));
                 let room = owned_room_id!("!abcdefghijklmnop:example.org");
                 estimate = weigh_push_members(&room, &members);
                 (room, members)
@@ -1082,10 +1163,15 @@ mod tests {
                 let sender_span = spans.get(&sender).copied();
                 for event_json in events() {
                     let event: Raw<JsonValue> = Raw::from_json(RawValue::from_string(event_json.to_string()).unwrap());
-                    let outcome =
-                        evaluate_grouped(recipients.iter().copied(), &sender, sender_span, &event, &event_json, &base)
-                            .await
-                            .unwrap();
+                    let outcome = evaluate_grouped(
+                        group_members(recipients.iter().copied(), &event_json),
+                        &sender,
+                        sender_span,
+                        &event,
+                        &base,
+                    )
+                    .await
+                    .unwrap();
                     group_rows += outcome.groups.len();
                     let answer_of = |user: &UserId| -> Option<(bool, String)> {
                         if let Some(row) = outcome.own.iter().find(|r| r.user_id == user.as_str()) {
@@ -1131,18 +1217,35 @@ mod tests {
             })
             .collect();
         let room = owned_room_id!("!large:example.org");
-        let entry =
-            Arc::new(RoomPushMembers { joined_count: Some(UInt::from(10_000u32)), members, rules_generation: 0 });
+        let entry = Arc::new(RoomPushMembers::new(Some(UInt::from(10_000u32)), members, 0));
         eprintln!("{} bytes of {}", weigh_push_members(&room, &entry), cache.bytes().1);
         cache.rooms.insert(room.clone(), entry);
         assert!(cache.members_of(&room).is_some(), "the room is cached");
         cache.member_changed(&room, &user(10_000), true, true, None);
         assert!(cache.members_of(&room).is_some_and(|m| m.has(user(10_000).as_str())), "and changed in place");
+        // The heap bytes kept as members change are what counting them again gives.
+        let heap_is_counted = |why: &str| {
+            let m = cache.members_of(&room).unwrap();
+            assert_eq!(m.heap, m.count_heap(), "{why}");
+        };
+        heap_is_counted("a join");
+        let rules = Arc::new(rulesets.prepare(&user(10_000), Ruleset::server_default(&user(10_000))).unwrap());
+        let members = cache.members_of(&room).unwrap();
+        cache.set_rules(&room, members, 0, &HashMap::from([(user(10_000), rules.clone())]));
+        heap_is_counted("rules kept");
+        let members = cache.members_of(&room).unwrap();
+        cache.set_rules(&room, members, 1, &HashMap::from([(user(3), rules)]));
+        heap_is_counted("a new generation of rules");
+        cache.member_changed(&room, &user(5), true, true, Some("A much longer display name than before".into()));
+        heap_is_counted("a new name");
+        cache.member_changed(&room, &user(6), true, false, None);
+        heap_is_counted("a leave");
+        assert!(cache.members_of(&room).is_some_and(|m| !m.has(user(6).as_str()) && m.members.len() == 10_000));
     }
 
     /// The binary search over `@` tails and the ASCII name match answer as plain scans
     /// of the folded strings and body do, for ids and names inside, across and beside
-    /// the events' strings; the id prefixes and body pairs never rule out a match.
+    /// the events' strings; the id hashes and body pairs never rule out a match.
     #[test]
     fn event_text_lookups_answer_as_scans() {
         let mut events = events();
@@ -1183,9 +1286,9 @@ mod tests {
             for id in ids {
                 let id = fold(id);
                 assert_eq!(text.holds(&id), strings.contains(&id), "{id} in {event}");
-                // The prefix filter never rules out an id the event holds.
-                if let (true, Some(prefix)) = (text.holds(&id), id_prefix(&id)) {
-                    assert!(text.tail_prefixes.binary_search(&prefix).is_ok(), "{id}'s prefix in {event}");
+                // The hash filter never rules out an id the event holds.
+                if text.holds(&id) {
+                    assert!(text.tail_hashes.binary_search(&id_hash(&id)).is_ok(), "{id}'s hash in {event}");
                 }
             }
             for name in names {
