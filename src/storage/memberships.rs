@@ -107,17 +107,13 @@ impl Store {
         Ok(counts)
     }
 
-    /// Up to `limit` members other than `user_id`, joined or invited first, each kind
-    /// in the order of their membership's position, for room summaries. Each kind is
-    /// read along the room's memberships by position and ends at `limit`: sorting
-    /// them all by kind first read every member of a room of 10,000 (2.5 ms).
+    /// Up to `limit` members other than `user_id` for room summaries, in the order of
+    /// their membership's position: the joined and invited ones, or, when there are
+    /// none, those who left or were banned (the spec's heroes). Read along the room's
+    /// memberships by position, the read ends at `limit`: sorting them all by kind
+    /// first read every member of a room of 10,000 (2.5 ms).
     pub async fn get_room_heroes(&self, room_id: &str, user_id: &str, limit: i64) -> Result<Vec<String>> {
-        let mut heroes = Vec::new();
         for current in [true, false] {
-            let wanted = limit - heroes.len() as i64;
-            if wanted <= 0 {
-                break;
-            }
             let rows: Vec<(String,)> = on_pool!(self, read, |pool| {
                 sqlx::query_as(
                     "SELECT user_id FROM memberships WHERE room_id = $1 AND user_id <> $2
@@ -127,13 +123,15 @@ impl Store {
                 .bind(room_id)
                 .bind(user_id)
                 .bind(current)
-                .bind(wanted)
+                .bind(limit)
                 .fetch_all(pool)
                 .await?
             });
-            heroes.extend(rows.into_iter().map(|r| r.0));
+            if !rows.is_empty() {
+                return Ok(rows.into_iter().map(|r| r.0).collect());
+            }
         }
-        Ok(heroes)
+        Ok(Vec::new())
     }
 
     /// Marks a left room as forgotten for a user.
