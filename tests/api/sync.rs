@@ -110,7 +110,8 @@ async fn sections_invite_join_leave(backend: Backend) {
     let sync = server.sync(&bob, Some(&since), "timeout=5000").await;
     let joined = room(&sync, "join", &room_id);
     assert_eq!(joined["summary"]["m.joined_member_count"], 2);
-    assert_eq!(joined["summary"]["m.heroes"], json!(["@alice:localhost"]));
+    // The room has a name: no heroes are needed to name it.
+    assert_eq!(joined["summary"].get("m.heroes"), None, "{joined}");
     assert_eq!(joined["unread_notifications"]["notification_count"], 1);
     // An empty state section is left out: here the whole history fits in the timeline.
     let state_events = joined["state"]["events"].as_array().cloned().unwrap_or_default();
@@ -241,7 +242,9 @@ async fn filters_lazy_loading_and_account_data(backend: Backend) {
     assert_eq!(bodies(&joined["timeline"]["events"]), vec!["m3", "m4"]);
     assert_eq!(joined["timeline"]["limited"], true);
     let prev_batch = joined["timeline"]["prev_batch"].as_str().unwrap();
-    // Lazy loading: bob has not spoken, so his member event is not sent.
+    // Lazy loading: bob has not spoken, but as the room's only hero his member event
+    // is sent (`lazy_loading_sends_heroes` has members who are neither).
+    assert_eq!(joined["summary"]["m.heroes"], json!(["@bob:localhost"]));
     let members: Vec<&str> = joined["state"]["events"]
         .as_array()
         .unwrap()
@@ -249,7 +252,7 @@ async fn filters_lazy_loading_and_account_data(backend: Backend) {
         .filter(|e| e["type"] == "m.room.member")
         .map(|e| e["state_key"].as_str().unwrap())
         .collect();
-    assert_eq!(members, vec!["@alice:localhost"]);
+    assert_eq!(members, vec!["@alice:localhost", "@bob:localhost"]);
     // prev_batch continues in /messages.
     let (_, page) = server
         .get(&format!("/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=3&from={prev_batch}"), Some(&alice))
@@ -601,7 +604,8 @@ async fn lazy_loading_sends_new_speakers(backend: Backend) {
     let (_, alice, _) = server.register("alice").await;
     let (_, bob, _) = server.register("bob").await;
     let (_, carol, _) = server.register("carol").await;
-    let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    // Named, so that the room has no heroes whose member events would come along.
+    let room_id = server.create_room(&alice, json!({"preset": "public_chat", "name": "Chat"})).await;
     server.join(&bob, &room_id).await;
     server.join(&carol, &room_id).await;
     let displayname = "/_matrix/client/v3/profile/@carol:localhost/displayname";
@@ -609,7 +613,9 @@ async fn lazy_loading_sends_new_speakers(backend: Backend) {
     server.send_text(&alice, &room_id, "hello").await;
     let lazy = filter_param(&json!({"room": {"timeline": {"limit": 1}, "state": {"lazy_load_members": true}}}));
     let sync = server.sync(&alice, None, &lazy).await;
-    let state = &room(&sync, "join", &room_id)["state"];
+    let joined = room(&sync, "join", &room_id);
+    assert_eq!(joined["summary"].get("m.heroes"), None, "a named room has no heroes: {joined}");
+    let state = &joined["state"];
     assert!(!state_keys_of(state, "m.room.member").contains(&"@carol:localhost".to_owned()), "{state}");
     let since = sync["next_batch"].as_str().unwrap().to_owned();
 
@@ -683,8 +689,53 @@ async fn summary_only_when_members_move(backend: Backend) {
     server.stop().await;
 }
 
+/// With lazy loading, the member events of the summary's heroes are in `state` (the
+/// spec's MUST: clients name unnamed rooms from them), and the other silent members'
+/// are not: on an initial sync, and on an incremental one whose summary changed.
+async fn lazy_loading_sends_heroes(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let mut members = Vec::new();
+    for i in 1..=7 {
+        let (id, token, _) = server.register(&format!("m{i}")).await;
+        server.join(&token, &room_id).await;
+        members.push((id, token));
+    }
+    for i in 0..3 {
+        server.send_text(&alice, &room_id, &format!("hello {i}")).await;
+    }
+    let lazy = filter_param(&json!({"room": {"timeline": {"limit": 2}, "state": {"lazy_load_members": true}}}));
+    let sync = server.sync(&alice, None, &lazy).await;
+    let joined = room(&sync, "join", &room_id);
+    let heroes: Vec<String> = members[..5].iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(joined["summary"]["m.heroes"], json!(heroes), "{joined}");
+    let mut expected = heroes.clone();
+    expected.push("@alice:localhost".to_owned());
+    expected.sort();
+    // m6 and m7 joined and said nothing: left out.
+    assert_eq!(state_keys_of(&joined["state"], "m.room.member"), expected, "{joined}");
+
+    // m1 leaves: the heroes move on to m2..m6, and m6's member event (never sent
+    // before) comes with the changed summary, though m6 is silent.
+    let since = sync["next_batch"].as_str().unwrap().to_owned();
+    server.leave(&members[0].1, &room_id).await;
+    let next = server.sync(&alice, Some(&since), &lazy).await;
+    let joined = room(&next, "join", &room_id);
+    let heroes: Vec<String> = members[1..6].iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(joined["summary"]["m.heroes"], json!(heroes), "{joined}");
+    let state = state_keys_of(&joined["state"], "m.room.member");
+    assert!(state.contains(&members[5].0), "{joined}");
+    assert!(!state.contains(&members[6].0), "{joined}");
+    // The leave itself is in the timeline.
+    let timeline = events_of(&joined["timeline"]);
+    assert!(timeline.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == members[0].0.as_str()));
+    server.stop().await;
+}
+
 backend_tests!(
     summary_only_when_members_move,
+    lazy_loading_sends_heroes,
     full_state_presence_and_threaded_receipts,
     long_poll_wakes_on_send_and_times_out,
     sections_invite_join_leave,

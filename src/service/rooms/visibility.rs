@@ -20,7 +20,8 @@ pub struct Visibility {
     changes: Vec<(i64, String)>,
 }
 
-fn content_field(json: &str, field: &str) -> String {
+/// A string field of an event's content (from its JSON), empty when absent.
+pub(crate) fn content_field(json: &str, field: &str) -> String {
     serde_json::from_str::<JsonValue>(json)
         .ok()
         .and_then(|v| v["content"][field].as_str().map(str::to_owned))

@@ -33,6 +33,7 @@ use super::{
     rooms::{
         format::{Viewer, to_raw},
         messages::{EventFilter, membership_of, parse_position},
+        visibility::content_field,
     },
 };
 use crate::{
@@ -488,9 +489,16 @@ impl Services {
         } = work;
         let user = &session.user_id;
         let mut joined = JoinedRoom::new();
-        if initial || full_state || has_events {
+        // The summary comes first: with lazy loading, its heroes' member events belong
+        // in `state`.
+        let summary = match summary {
+            true => Some(self.room_summary(&room_id, user, members).await?),
+            false => None,
+        };
+        let heroes: Vec<&str> = summary.iter().flat_map(|s| s.heroes.iter().map(|h| h.as_str())).collect();
+        if initial || full_state || has_events || (filter.lazy_load_members && !heroes.is_empty()) {
             let (timeline, state) =
-                self.room_timeline(session, &room_id, since_pos, head, initial, full_state, filter).await?;
+                self.room_timeline(session, &room_id, since_pos, head, (initial, full_state), &heroes, filter).await?;
             if unless_empty && timeline.events.is_empty() && !timeline.limited && state.events.is_empty() {
                 return Ok(None);
             }
@@ -510,8 +518,8 @@ impl Services {
         joined.ephemeral.events = ephemeral;
         let account: Vec<_> = account.iter().filter(|(_, t, _)| filter.room_account_data.matches_type(t)).collect();
         joined.account_data = room_account_data_section(&account)?;
-        if summary {
-            joined.summary = self.room_summary(&room_id, user, members).await?;
+        if let Some(summary) = summary {
+            joined.summary = summary;
         }
         let mut counts = UnreadNotificationsCount::new();
         counts.notification_count = UInt::new(unread.0.max(0) as u64);
@@ -530,7 +538,9 @@ impl Services {
     /// The timeline of a room up to `end` (from `since`, or from the start when the
     /// room is new to the client) and the state before it: all of it when `initial` or
     /// `full_state`, else what changed in a gap. State changes the timeline filter leaves
-    /// out are added, so that the client's idea of the state stays right.
+    /// out are added, so that the client's idea of the state stays right. With lazy
+    /// loading, the member events kept are those of the timeline's senders, the user's
+    /// own and those of the summary's `heroes` (empty when no summary is sent).
     #[allow(clippy::too_many_arguments)]
     async fn room_timeline(
         &self,
@@ -538,8 +548,8 @@ impl Services {
         room_id: &RoomId,
         since: i64,
         end: i64,
-        initial: bool,
-        full_state: bool,
+        (initial, full_state): (bool, bool),
+        heroes: &[&str],
         filter: &SyncFilter,
     ) -> Result<(Timeline, StateEvents)> {
         let user = &session.user_id;
@@ -563,11 +573,12 @@ impl Services {
         // The state before the timeline, and the position after which the state events
         // the filter hid still count.
         let key = |e: &StoredEvent| (e.event_type.clone(), e.state_key.clone().unwrap_or_default());
-        // Lazy loading keeps only the member events of the timeline's senders and the
-        // user's own (below): the others are not read at all.
+        // Lazy loading keeps only the member events of the timeline's senders, the
+        // user's own and the heroes' (below): the others are not read at all.
         let lazy_members: Option<Vec<&str>> = filter.lazy_load_members.then(|| {
             let mut members: Vec<&str> = visible.iter().map(|e| e.sender.as_str()).collect();
             members.push(user.as_str());
+            members.extend_from_slice(heroes);
             members.sort_unstable();
             members.dedup();
             members
@@ -610,15 +621,21 @@ impl Services {
             }
         }
 
-        if filter.lazy_load_members {
-            let mut wanted: Vec<&str> = visible.iter().map(|e| e.sender.as_str()).collect();
-            wanted.push(user.as_str());
-            state.retain(|(kind, state_key), _| kind != "m.room.member" || wanted.contains(&state_key.as_str()));
+        if let Some(wanted) = &lazy_members {
+            state.retain(|(kind, state_key), _| {
+                kind != "m.room.member" || wanted.binary_search(&state_key.as_str()).is_ok()
+            });
             if !initial && !full_state {
-                // The member events of the timeline's senders, unless the timeline itself
-                // carries them: the client may never have had them.
+                // The member events of the timeline's senders and of the heroes, unless
+                // the timeline itself carries them: the client may never have had them.
                 let in_timeline: Vec<&str> = visible.iter().map(|e| e.event_id.as_str()).collect();
-                for e in self.member_events_for(room_id, &visible).await? {
+                let mut members: Vec<&str> = visible.iter().map(|e| e.sender.as_str()).collect();
+                members.extend_from_slice(heroes);
+                members.sort_unstable();
+                members.dedup();
+                let keys: Vec<(String, String)> =
+                    members.iter().map(|m| ("m.room.member".to_owned(), (*m).to_owned())).collect();
+                for e in self.store.get_current_state_entries(room_id.as_str(), &keys).await? {
                     let k = key(&e);
                     if e.stream_ordering <= end
                         && !in_timeline.contains(&e.event_id.as_str())
@@ -729,7 +746,7 @@ impl Services {
     ) -> Result<LeftRoom> {
         // The timeline runs up to the leave (or ban) event, not past it.
         let (mut timeline, state) =
-            self.room_timeline(session, room_id, since, m.stream_ordering, since == 0, false, filter).await?;
+            self.room_timeline(session, room_id, since, m.stream_ordering, (since == 0, false), &[], filter).await?;
         // A room this server is not in (a refused knock, a rescinded invite, a declined
         // one): the event that ended the membership is an outlier, outside the stream.
         if let Some(event) = self.store.get_event(&m.event_id).await?.filter(|e| e.position.is_none())
@@ -798,9 +815,20 @@ impl Services {
         Ok(())
     }
 
+    /// A joined room's summary. Heroes are only for naming a room that has neither a
+    /// name nor a canonical alias (the spec requires them then), so a named room has
+    /// none, and with lazy loading no member events come along for them.
     async fn room_summary(&self, room_id: &RoomId, user: &ruma::UserId, members: (i64, i64)) -> Result<RoomSummary> {
         let (joined, invited) = members;
-        let heroes = self.store.get_room_heroes(room_id.as_str(), user.as_str(), 5).await?;
+        let naming = [("m.room.name".to_owned(), String::new()), ("m.room.canonical_alias".to_owned(), String::new())];
+        let named = self.store.get_current_state_entries(room_id.as_str(), &naming).await?.iter().any(|e| {
+            let field = if e.event_type == "m.room.name" { "name" } else { "alias" };
+            !content_field(&e.json, field).is_empty()
+        });
+        let heroes = match named {
+            true => Vec::new(),
+            false => self.store.get_room_heroes(room_id.as_str(), user.as_str(), 5).await?,
+        };
         let mut summary = RoomSummary::new();
         summary.heroes = heroes.into_iter().filter_map(|h| OwnedUserId::try_from(h).ok()).collect();
         summary.joined_member_count = UInt::new(joined as u64);
