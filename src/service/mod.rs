@@ -87,6 +87,8 @@ pub struct Services {
     pub notifier: Box<dyn Notifier>,
     /// `/sync` requests waiting on the notifier (tests wait on it).
     pub waiting_syncs: WaitingSyncs,
+    /// Room summaries' member figures (`sync/summaries.rs`).
+    pub summaries: sync::Summaries,
     pub room_locks: RoomLocks,
     /// Held while a local user joins a room through another server, so that a second
     /// local user waits and then joins here instead of running a second send_join.
@@ -150,6 +152,7 @@ impl Services {
             signing_key,
             notifier,
             waiting_syncs: Default::default(),
+            summaries: Default::default(),
             room_locks: RoomLocks::default(),
             remote_joins: RoomLocks::default(),
             upgrades: RoomLocks::default(),

@@ -53,6 +53,22 @@ pub enum Kind {
     ToDeviceAcked,
 }
 
+/// A key's changes as the index holds them (`ChangeIndex::stamp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    floor: i64,
+    last: Option<i64>,
+    any: Option<i64>,
+}
+
+impl Stamp {
+    /// Whether every change the stamp names lies at or below `head`: committed, since
+    /// changes are recorded before their commit and the mark passes them after it.
+    pub fn covered_by(&self, head: i64) -> bool {
+        self.last.is_none_or(|p| p <= head) && self.any.is_none_or(|p| p <= head)
+    }
+}
+
 /// One change a writer is about to make.
 #[derive(Clone, Debug)]
 pub struct Change {
@@ -144,6 +160,18 @@ impl ChangeIndex {
             return None;
         }
         self.inner().last.get(&(kind, key.to_owned())).copied()
+    }
+
+    /// What the index holds of one key's changes: equal stamps mean that nothing of
+    /// `kind` was recorded for `key` between them (nor an unclassified change, nor a
+    /// forgetting). `None` when the index is off.
+    pub fn stamp(&self, kind: Kind, key: &str) -> Option<Stamp> {
+        if self.off.load(Ordering::Relaxed) {
+            return None;
+        }
+        let inner = self.inner();
+        let last = |kind: Kind, key: &str| inner.last.get(&(kind, key.to_owned())).copied();
+        Some(Stamp { floor: inner.floor, last: last(kind, key), any: last(Kind::Any, "") })
     }
 
     /// Turns the index's answers off (every stream is read) or on again: tests compare

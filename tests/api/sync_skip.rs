@@ -344,7 +344,56 @@ async fn activity_refresh_wakes_nobody(backend: Backend) {
     server.stop().await;
 }
 
+/// A join wakes every member's sync, and each sends the room's new summary: the room's
+/// members are counted by the first of them only, and every one of them sees the right
+/// figures, also after the next change (and heroes without themselves).
+async fn a_membership_change_is_counted_once(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let (alice_id, alice, _) = server.register("alice").await;
+    let (bob_id, bob, _) = server.register("bob").await;
+    let (carol_id, carol, _) = server.register("carol").await;
+    let (dave_id, dave, _) = server.register("dave").await;
+    server.register("erin").await;
+    let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room_id).await;
+    server.join(&carol, &room_id).await;
+    let mut since = [token(&server.sync(&bob, None, "").await), token(&server.sync(&carol, None, "").await)];
+    let summary = |sync: &Value| sync["rooms"]["join"][&room_id]["summary"].clone();
+
+    server.join(&dave, &room_id).await;
+    let mut used = [0u64; 2];
+    for (i, who) in [&bob, &carol].into_iter().enumerate() {
+        let before = statements(&server);
+        let sync = server.sync(who, Some(&since[i]), "timeout=0").await;
+        used[i] = statements(&server) - before;
+        assert_eq!(summary(&sync)["m.joined_member_count"], 4, "{sync}");
+        assert_eq!(summary(&sync)["m.invited_member_count"], 0, "{sync}");
+        since[i] = token(&sync);
+    }
+    // Counting and reading the first members: two statements, for bob's sync only.
+    assert!(used[1] + 2 <= used[0], "carol's sync reuses what bob's counted: {used:?}");
+
+    // The next change is counted again: dave leaves, erin is invited.
+    server.leave(&dave, &room_id).await;
+    let invite = format!("/_matrix/client/v3/rooms/{room_id}/invite");
+    let (status, body) = server.post(&invite, Some(&alice), json!({"user_id": "@erin:localhost"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    for (i, (who, me)) in [(&bob, &bob_id), (&carol, &carol_id)].into_iter().enumerate() {
+        let sync = server.sync(who, Some(&since[i]), "timeout=0").await;
+        let summary = summary(&sync);
+        assert_eq!(summary["m.joined_member_count"], 3, "{sync}");
+        assert_eq!(summary["m.invited_member_count"], 1, "{sync}");
+        // The heroes: the others, joined or invited, in the order they came; not dave.
+        let mut heroes = vec![alice_id.as_str(), bob_id.as_str(), carol_id.as_str(), "@erin:localhost"];
+        heroes.retain(|h| h != me);
+        assert_eq!(summary["m.heroes"], json!(heroes), "{sync}");
+        assert!(!summary["m.heroes"].as_array().unwrap().contains(&json!(dave_id)), "{sync}");
+    }
+    server.stop().await;
+}
+
 backend_tests!(
+    a_membership_change_is_counted_once,
     activity_refresh_wakes_nobody,
     woken_sync_with_one_message_reads_little,
     a_room_that_did_not_move_after_all_is_left_out,

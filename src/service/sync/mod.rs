@@ -9,6 +9,9 @@
 //! notifier wakes a waiting request once the mark covers what woke it.
 
 pub mod notifier;
+mod summaries;
+
+pub use summaries::Summaries;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -105,8 +108,8 @@ struct JoinedWork {
     room_id: OwnedRoomId,
     /// `full_state` was asked for: the room's whole state, whatever `since` says.
     full_state: bool,
-    /// Joined and invited members.
-    members: (i64, i64),
+    /// Joined and invited members and the first of them (when a summary is sent).
+    members: Option<std::sync::Arc<summaries::MemberSummary>>,
     /// Notifying and highlighting events since the user's read receipt (of the main
     /// timeline only, when counts per thread are asked for).
     unread: (i64, i64),
@@ -359,7 +362,7 @@ impl Services {
                         receipts,
                         account,
                         unless_empty,
-                        members: (0, 0),
+                        members: None,
                         unread: (0, 0),
                         thread_unread: Vec::new(),
                     });
@@ -383,7 +386,7 @@ impl Services {
                 _ => {}
             }
         }
-        self.fill_counts(user, &mut joined_work, req.filter.unread_thread_notifications).await?;
+        self.fill_counts(user, &mut joined_work, head, req.filter.unread_thread_notifications).await?;
         let joined: Vec<Option<(OwnedRoomId, JoinedRoom)>> = stream::iter(joined_work)
             .map(|work| self.joined_room(session, work, since_pos, head, filter))
             .buffered(JOINED_ROOMS_AT_ONCE)
@@ -491,9 +494,9 @@ impl Services {
         let mut joined = JoinedRoom::new();
         // The summary comes first: with lazy loading, its heroes' member events belong
         // in `state`.
-        let summary = match summary {
-            true => Some(self.room_summary(&room_id, user, members).await?),
-            false => None,
+        let summary = match members.filter(|_| summary) {
+            Some(members) => Some(self.room_summary(&room_id, user, &members).await?),
+            None => None,
         };
         let heroes: Vec<&str> = summary.iter().flat_map(|s| s.heroes.iter().map(|h| h.as_str())).collect();
         if initial || full_state || has_events || (filter.lazy_load_members && !heroes.is_empty()) {
@@ -765,17 +768,23 @@ impl Services {
     /// Member counts and unread counts of every room about to be built, a few queries
     /// for all of them instead of several per room. The unread counts are the ones kept
     /// at write time (`storage/push.rs`): nothing is counted here.
-    async fn fill_counts(&self, user: &ruma::UserId, work: &mut [JoinedWork], by_thread: bool) -> Result<()> {
+    async fn fill_counts(
+        &self,
+        user: &ruma::UserId,
+        work: &mut [JoinedWork],
+        head: i64,
+        by_thread: bool,
+    ) -> Result<()> {
         if work.is_empty() {
             return Ok(());
         }
         let room_ids: Vec<&str> = work.iter().map(|w| w.room_id.as_str()).collect();
         let summarised: Vec<&str> = work.iter().filter(|w| w.summary).map(|w| w.room_id.as_str()).collect();
         let members =
-            if summarised.is_empty() { HashMap::new() } else { self.store.count_members_in_rooms(&summarised).await? };
+            if summarised.is_empty() { HashMap::new() } else { self.member_summaries(&summarised, head).await? };
         if by_thread {
             for w in work.iter_mut() {
-                w.members = members.get(w.room_id.as_str()).copied().unwrap_or_default();
+                w.members = members.get(w.room_id.as_str()).cloned();
             }
             return self.fill_thread_counts(user, work, &room_ids_owned(work)).await;
         }
@@ -787,7 +796,7 @@ impl Services {
             .map(|(room, _, n, h)| (room, (n, h)))
             .collect();
         for w in work.iter_mut() {
-            w.members = members.get(w.room_id.as_str()).copied().unwrap_or_default();
+            w.members = members.get(w.room_id.as_str()).cloned();
             w.unread = unread.get(w.room_id.as_str()).copied().unwrap_or_default();
         }
         Ok(())
@@ -818,8 +827,13 @@ impl Services {
     /// A joined room's summary. Heroes are only for naming a room that has neither a
     /// name nor a canonical alias (the spec requires them then), so a named room has
     /// none, and with lazy loading no member events come along for them.
-    async fn room_summary(&self, room_id: &RoomId, user: &ruma::UserId, members: (i64, i64)) -> Result<RoomSummary> {
-        let (joined, invited) = members;
+    async fn room_summary(
+        &self,
+        room_id: &RoomId,
+        user: &ruma::UserId,
+        members: &summaries::MemberSummary,
+    ) -> Result<RoomSummary> {
+        let (joined, invited) = (members.joined, members.invited);
         let naming = [("m.room.name".to_owned(), String::new()), ("m.room.canonical_alias".to_owned(), String::new())];
         let named = self.store.get_current_state_entries(room_id.as_str(), &naming).await?.iter().any(|e| {
             let field = if e.event_type == "m.room.name" { "name" } else { "alias" };
@@ -827,7 +841,15 @@ impl Services {
         });
         let heroes = match named {
             true => Vec::new(),
-            false => self.store.get_room_heroes(room_id.as_str(), user.as_str(), 5).await?,
+            false => {
+                let heroes: Vec<String> =
+                    members.first.iter().filter(|m| *m != user.as_str()).take(5).cloned().collect();
+                match heroes.is_empty() {
+                    // Nobody else is joined or invited: those who left or were banned.
+                    true => self.store.get_room_heroes(room_id.as_str(), user.as_str(), 5).await?,
+                    false => heroes,
+                }
+            }
         };
         let mut summary = RoomSummary::new();
         summary.heroes = heroes.into_iter().filter_map(|h| OwnedUserId::try_from(h).ok()).collect();
