@@ -414,11 +414,15 @@ impl Services {
 
     /// The current member events of the senders of `events` (lazy-loading members).
     pub async fn member_events_for(&self, room_id: &RoomId, events: &[StoredEvent]) -> Result<Vec<StoredEvent>> {
-        let mut senders: Vec<&str> = events.iter().map(|e| e.sender.as_str()).collect();
-        senders.sort_unstable();
-        senders.dedup();
-        let keys: Vec<(String, String)> =
-            senders.iter().map(|s| ("m.room.member".to_owned(), (*s).to_owned())).collect();
+        let senders: Vec<&str> = events.iter().map(|e| e.sender.as_str()).collect();
+        self.member_events_of(room_id, senders).await
+    }
+
+    /// The current member events of `users` (repeats allowed).
+    pub async fn member_events_of(&self, room_id: &RoomId, mut users: Vec<&str>) -> Result<Vec<StoredEvent>> {
+        users.sort_unstable();
+        users.dedup();
+        let keys: Vec<(String, String)> = users.iter().map(|u| ("m.room.member".to_owned(), (*u).to_owned())).collect();
         self.store.get_current_state_entries(room_id.as_str(), &keys).await
     }
 

@@ -632,13 +632,8 @@ impl Services {
                 // The member events of the timeline's senders and of the heroes, unless
                 // the timeline itself carries them: the client may never have had them.
                 let in_timeline: Vec<&str> = visible.iter().map(|e| e.event_id.as_str()).collect();
-                let mut members: Vec<&str> = visible.iter().map(|e| e.sender.as_str()).collect();
-                members.extend_from_slice(heroes);
-                members.sort_unstable();
-                members.dedup();
-                let keys: Vec<(String, String)> =
-                    members.iter().map(|m| ("m.room.member".to_owned(), (*m).to_owned())).collect();
-                for e in self.store.get_current_state_entries(room_id.as_str(), &keys).await? {
+                let senders = visible.iter().map(|e| e.sender.as_str());
+                for e in self.member_events_of(room_id, senders.chain(heroes.iter().copied()).collect()).await? {
                     let k = key(&e);
                     if e.stream_ordering <= end
                         && !in_timeline.contains(&e.event_id.as_str())
@@ -842,8 +837,8 @@ impl Services {
         let heroes = match named {
             true => Vec::new(),
             false => {
-                let heroes: Vec<String> =
-                    members.first.iter().filter(|m| *m != user.as_str()).take(5).cloned().collect();
+                let first = self.first_members(room_id.as_str(), members).await?;
+                let heroes: Vec<String> = first.iter().filter(|m| *m != user.as_str()).take(5).cloned().collect();
                 match heroes.is_empty() {
                     // Nobody else is joined or invited: those who left or were banned.
                     true => self.store.get_room_heroes(room_id.as_str(), user.as_str(), 5).await?,

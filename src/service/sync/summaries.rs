@@ -5,6 +5,9 @@
 //! one join that 10,000 long-polls saw). Now the first sync after a change counts and
 //! the others reuse it.
 //!
+//! The first members are read only when a sync needs heroes (the room has neither a
+//! name nor a canonical alias), once per entry.
+//!
 //! An entry holds while the change index's stamp of the room's memberships is the one
 //! it was counted under (`ChangeIndex::stamp`). Writers record a change before they
 //! commit, so an entry is only kept when everything its stamp names is covered by the
@@ -33,8 +36,9 @@ const FIRST_MEMBERS: i64 = 6;
 pub(crate) struct MemberSummary {
     pub joined: i64,
     pub invited: i64,
-    /// The first joined or invited members by the position of their membership.
-    pub first: Vec<String>,
+    /// The first joined or invited members by the position of their membership, read
+    /// when a sync first needs heroes (a named room never does).
+    first: tokio::sync::OnceCell<Vec<String>>,
 }
 
 /// See the module comment.
@@ -85,14 +89,20 @@ impl Services {
         let mut counts = self.store.count_members_in_rooms(&rooms).await?;
         for (room, stamp) in missing {
             let (joined, invited) = counts.remove(room).unwrap_or_default();
-            // No user id is "": the first members, whoever syncs.
-            let first = self.store.get_room_heroes(room, "", FIRST_MEMBERS).await?;
-            let summary = Arc::new(MemberSummary { joined, invited, first });
+            let summary = Arc::new(MemberSummary { joined, invited, first: Default::default() });
             if let Some(stamp) = stamp.filter(|s| s.covered_by(head)) {
                 self.summaries.put(room, stamp, summary.clone());
             }
             out.insert(room.to_owned(), summary);
         }
         Ok(out)
+    }
+
+    /// The first joined or invited members of the room `summary` is of: read once per
+    /// summary (under the same stamp, so as of the count or later).
+    pub(crate) async fn first_members<'a>(&self, room_id: &str, summary: &'a MemberSummary) -> Result<&'a [String]> {
+        // No user id is "": the first members, whoever syncs.
+        let first = summary.first.get_or_try_init(|| self.store.get_room_heroes(room_id, "", FIRST_MEMBERS)).await?;
+        Ok(first)
     }
 }
