@@ -72,7 +72,7 @@ struct Args {
     label: String,
     /// Scenarios to run, comma separated: sends, fanout, initial-sync, messages,
     /// federation-fanout, federation-join (the last two need `--remote-url`), search,
-    /// media, large-room, sync-cpu.
+    /// media, large-room, sync-cpu, request-floor.
     #[arg(long, value_delimiter = ',', default_value = "sends,fanout,initial-sync,messages")]
     scenarios: Vec<String>,
     /// Synapse's `registration_shared_secret` of the server at `--base-url`: register
@@ -1363,9 +1363,12 @@ async fn main() -> std::process::ExitCode {
             "sync-cpu" => outs.push(
                 with_deadline("sync-cpu", a.scenario_timeout, scale::scenario_sync_cpu(&api, &a, &run, tck)).await,
             ),
+            "request-floor" => outs.push(
+                with_deadline("request-floor", a.scenario_timeout, scale::scenario_request_floor(&api, &a, tck)).await,
+            ),
             other => eprintln!(
                 "unknown scenario {other:?} (sends, fanout, initial-sync, messages, federation-fanout, federation-join, \
-                 search, media, large-room, sync-cpu)"
+                 search, media, large-room, sync-cpu, request-floor)"
             ),
         }
     }

@@ -15,6 +15,11 @@
 //!   user long-polls, another sends one message at a time; the CPU of as many sends
 //!   alone (nobody syncing) is measured first and subtracted.
 //!
+//! - `request-floor`: the server CPU of requests that do nothing (`GET
+//!   /_matrix/client/versions`), paced like the fan-out: `--floor-burst` at once,
+//!   `--floor-rate` times a second. What a fan-out message costs a server that wakes
+//!   for it before any Matrix work: the floor under the fan-out's CPU per message.
+//!
 //! Every loop is bounded in count; each scenario has an overall deadline.
 
 use std::{
@@ -78,6 +83,18 @@ pub(crate) struct ScaleArgs {
     /// the long-poll park on the server; idle time, not CPU).
     #[arg(long, default_value_t = 5)]
     sync_cpu_gap_ms: u64,
+
+    /// request-floor: ticks per second (a fan-out message is one tick).
+    #[arg(long, default_value_t = 20.0)]
+    floor_rate: f64,
+    /// request-floor: requests per tick, at once, each on its own connection (a fan-out
+    /// message in a room of 5 is one send and 4 woken syncs answered, plus the senders'
+    /// own).
+    #[arg(long, default_value_t = 6)]
+    floor_burst: usize,
+    /// request-floor: seconds of ticks.
+    #[arg(long, default_value_t = 10)]
+    floor_seconds: u64,
 }
 
 // ---------------------------------------------------------------- helpers
@@ -458,6 +475,53 @@ pub(crate) async fn scenario_sync_cpu(api: &Api, a: &Args, run: &str, tck: f64) 
     if lat.len() < k {
         out.error = Some(format!("{} of {k} messages never reached the long-poll", k - lat.len()));
     }
+    Ok(out)
+}
+
+/// `request-floor` (see the module comment).
+pub(crate) async fn scenario_request_floor(api: &Api, a: &Args, tck: f64) -> Res<Outcome> {
+    let s = &a.scale;
+    let mut out = Outcome::new("request-floor");
+    let ticks = (s.floor_rate * s.floor_seconds as f64).round().max(1.0) as usize;
+    let burst = s.floor_burst.max(1);
+    let path = "/_matrix/client/versions";
+    // One client per slot, so that each keeps its own connection as a long-poll does.
+    let clients: Vec<Api> = (0..burst)
+        .map(|_| {
+            let http =
+                reqwest::Client::builder().timeout(Duration::from_secs(30)).build().map_err(|e| e.to_string())?;
+            Ok(Api { http, ..api.clone() })
+        })
+        .collect::<Res<_>>()?;
+    for c in &clients {
+        c.ok(reqwest::Method::GET, path, None, None).await?;
+    }
+    let interval = Duration::from_secs_f64(1.0 / s.floor_rate.max(0.1));
+    let mut lat = Vec::with_capacity(ticks * burst);
+    let meter = Meter::start(a.server_pid, tck);
+    let t0 = tokio::time::Instant::now();
+    for i in 0..ticks {
+        tokio::time::sleep_until(t0 + interval * i as u32).await;
+        let answers = futures_util::future::join_all(clients.iter().map(|c| async move {
+            let t = Instant::now();
+            c.ok(reqwest::Method::GET, path, None, None).await.map(|_| ms(t.elapsed()))
+        }))
+        .await;
+        for answer in answers {
+            lat.push(answer?);
+        }
+    }
+    let m = meter.stop();
+    let lat = sorted(lat);
+    out.put("ticks", ticks);
+    out.put("requests", lat.len());
+    if let Some(c) = m.cpu_s {
+        out.put("server_cpu_us_per_request", r2(1e6 * c / lat.len().max(1) as f64));
+        out.put("server_cpu_ms_per_tick", r2(1000.0 * c / ticks as f64));
+    }
+    out.put("request_p50_ms", r2(pct(&lat, 50.0)));
+    out.put("request_p99_ms", r2(pct(&lat, 99.0)));
+    out.measured = Some(m);
     Ok(out)
 }
 
