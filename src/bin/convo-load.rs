@@ -124,6 +124,10 @@ struct Args {
     /// fanout: seconds to wait for late deliveries after the last send.
     #[arg(long, default_value_t = 5)]
     fanout_drain_seconds: u64,
+    /// fanout: lazy-load room members in the sync filter, as Element does (in a large
+    /// room an initial sync then carries only the members the timeline needs).
+    #[arg(long)]
+    fanout_lazy_members: bool,
 
     /// initial-sync: rooms the user is in.
     #[arg(long, default_value_t = 20)]
@@ -752,6 +756,7 @@ struct FanoutPhase {
     seconds: u64,
     drain_seconds: u64,
     timeline_limit: u32,
+    lazy_members: bool,
 }
 
 async fn scenario_fanout(
@@ -763,7 +768,11 @@ async fn scenario_fanout(
 ) -> Res<Outcome> {
     let rate = p.rate;
     let mut out = Outcome::new(&p.name);
-    let filter = json!({"room": {"timeline": {"limit": p.timeline_limit}}}).to_string();
+    let mut filter = json!({"room": {"timeline": {"limit": p.timeline_limit}}});
+    if p.lazy_members {
+        filter["room"]["state"] = json!({"lazy_load_members": true});
+    }
+    let filter = filter.to_string();
     // `run` is unique per rate in the list (a repeated rate must not reuse txn ids).
     let tag = format!("{run}-r{rate}:");
     // Every user that long-polls, once.
@@ -859,7 +868,22 @@ async fn scenario_fanout(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Then until the syncs settle: no long-poll returned for a whole second (the
+    // users' first syncs marked them online, and in a large room every member's
+    // long-poll carries the others' presence), at most 60 s.
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    let settling = Instant::now();
+    for _ in 0..60 {
+        let before = syncs.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        if syncs.load(Ordering::Relaxed) == before {
+            break;
+        }
+    }
+    // Seconds the long-polls kept returning before the phase (1 when they were quiet at once).
+    out.put("settle_s", (settling.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+    out.put("settle_syncs", syncs.load(Ordering::Relaxed));
+    out.put("settle_presence_events", presence.load(Ordering::Relaxed));
     syncs.store(0, Ordering::Relaxed);
     limited.store(0, Ordering::Relaxed);
     presence.store(0, Ordering::Relaxed);
@@ -1299,6 +1323,7 @@ async fn main() -> std::process::ExitCode {
                                 seconds: a.fanout_seconds,
                                 drain_seconds: a.fanout_drain_seconds,
                                 timeline_limit: a.fanout_timeline_limit,
+                                lazy_members: a.fanout_lazy_members,
                             };
                             let secs = a.fanout_seconds + a.fanout_drain_seconds + 180;
                             let pids = (a.server_pid, None);

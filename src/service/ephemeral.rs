@@ -392,16 +392,58 @@ impl Services {
         })
     }
 
-    /// Presence events for a sync: changes after `since`, up to `until`.
-    pub async fn presence_events(&self, user: &UserId, since: i64, until: i64) -> Result<Vec<JsonValue>> {
+    /// Presence events for a sync: changes after `since`, up to `until`, of the senders
+    /// `wanted` keeps. Serialised straight from the rows (a sync in a large room can
+    /// carry thousands).
+    pub async fn presence_events<T>(
+        &self,
+        user: &UserId,
+        since: i64,
+        until: i64,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<ruma::serde::Raw<T>>> {
         let now = now_ms();
-        Ok(self
-            .store
-            .get_presence_since(user.as_str(), since, until)
-            .await?
-            .iter()
-            .map(|p| json!({"type": "m.presence", "sender": p.user_id, "content": presence_content(p, now)}))
-            .collect())
+        let rows = self.store.get_presence_since(user.as_str(), since, until).await?;
+        rows.iter()
+            .filter(|p| wanted(&p.user_id))
+            .map(|p| {
+                let event =
+                    PresenceEvent { kind: "m.presence", sender: &p.user_id, content: PresenceContent::of(p, now) };
+                serde_json::value::to_raw_value(&event).map(ruma::serde::Raw::from_json).map_err(Error::internal)
+            })
+            .collect()
+    }
+}
+
+/// An `m.presence` event as `/sync` sends it.
+#[derive(serde::Serialize)]
+struct PresenceEvent<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sender: &'a str,
+    content: PresenceContent<'a>,
+}
+
+/// What clients see of a user's presence (`GET /presence/{userId}/status` and
+/// `m.presence`): the stored state, gone idle or offline with time.
+#[derive(serde::Serialize)]
+struct PresenceContent<'a> {
+    presence: &'a str,
+    last_active_ago: i64,
+    currently_active: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_msg: Option<&'a str>,
+}
+
+impl<'a> PresenceContent<'a> {
+    fn of(p: &'a PresenceRow, now: i64) -> Self {
+        let state = effective_state(p, now);
+        PresenceContent {
+            presence: state,
+            last_active_ago: (now - p.last_active_ts).max(0),
+            currently_active: state == "online",
+            status_msg: p.status_msg.as_deref(),
+        }
     }
 }
 
@@ -415,16 +457,7 @@ fn effective_state(p: &PresenceRow, now: i64) -> &str {
 }
 
 fn presence_content(p: &PresenceRow, now: i64) -> JsonValue {
-    let state = effective_state(p, now);
-    let mut content = json!({
-        "presence": state,
-        "last_active_ago": (now - p.last_active_ts).max(0),
-        "currently_active": state == "online",
-    });
-    if let Some(msg) = &p.status_msg {
-        content["status_msg"] = json!(msg);
-    }
-    content
+    serde_json::to_value(PresenceContent::of(p, now)).unwrap_or_else(|_| json!({"presence": "offline"}))
 }
 
 #[cfg(test)]

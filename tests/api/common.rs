@@ -334,6 +334,11 @@ impl TestServer {
 }
 
 /// The bodies of the `m.room.message` events of a timeline.
+/// `s` percent-encoded for a query string (every byte but ASCII letters and digits).
+pub fn urlencode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
 pub fn bodies(events: &Value) -> Vec<String> {
     events
         .as_array()

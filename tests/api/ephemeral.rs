@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::{
     backend_tests,
-    common::{Backend, TestServer, assert_error},
+    common::{Backend, TestServer, assert_error, urlencode},
 };
 
 fn status_path(user: &str) -> String {
@@ -103,4 +103,58 @@ async fn typing_notices_start_no_task_each(backend: Backend) {
     server.stop().await;
 }
 
-backend_tests!(presence_of_strangers_is_refused, typing_notices_start_no_task_each);
+/// A sync carries the presence of everyone who shares a room with the user, each as its
+/// own `m.presence` event with the spec's fields, never a stranger's; the filter's
+/// `presence.not_senders` is honoured.
+async fn sync_carries_the_presence_of_room_peers_only(backend: Backend) {
+    let server = TestServer::start(backend.clone()).await;
+    let (_, alice, _) = server.register("alice").await;
+    let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let since = server.sync(&alice, None, "").await["next_batch"].as_str().unwrap().to_owned();
+    let mut peers = Vec::new();
+    for i in 0..12 {
+        let (id, token, _) = server.register(&format!("peer{i}")).await;
+        server.join(&token, &room_id).await;
+        peers.push((id, token));
+    }
+    let (stranger_id, stranger, _) = server.register("stranger").await;
+    server.sync(&stranger, None, "").await;
+    // The first peer goes away with a message; the others come online by syncing.
+    let (away_id, away) = &peers[0];
+    let away_status = json!({"presence": "unavailable", "status_msg": "lunch"});
+    assert_eq!(server.put(&status_path(away_id), Some(away), away_status).await.0, StatusCode::OK);
+    for (_, token) in &peers[1..] {
+        server.sync(token, None, "").await;
+    }
+    let (muted_id, _) = &peers[1];
+    let filter = json!({"presence": {"not_senders": [muted_id]}}).to_string();
+    let extra = format!("timeout=0&filter={}", urlencode(&filter));
+    let sync = server.sync(&alice, Some(&since), &extra).await;
+    let events = sync["presence"]["events"].as_array().unwrap();
+    let mut senders: Vec<&str> = events.iter().map(|e| e["sender"].as_str().unwrap()).collect();
+    senders.sort_unstable();
+    let mut expected: Vec<&str> = peers.iter().map(|(id, _)| id.as_str()).filter(|id| id != muted_id).collect();
+    expected.sort_unstable();
+    assert_eq!(senders, expected, "every peer but the filtered one, once, and not {stranger_id}");
+    for event in events {
+        assert_eq!(event["type"], "m.presence", "{event}");
+        let content = &event["content"];
+        assert!(content["last_active_ago"].as_i64().is_some_and(|ago| ago >= 0), "{event}");
+        if event["sender"] == away_id.as_str() {
+            assert_eq!(content["presence"], "unavailable", "{event}");
+            assert_eq!(content["currently_active"], false, "{event}");
+            assert_eq!(content["status_msg"], "lunch", "{event}");
+        } else {
+            assert_eq!(content["presence"], "online", "{event}");
+            assert_eq!(content["currently_active"], true, "{event}");
+            assert!(content.get("status_msg").is_none(), "no message, no key: {event}");
+        }
+    }
+    server.stop().await;
+}
+
+backend_tests!(
+    presence_of_strangers_is_refused,
+    typing_notices_start_no_task_each,
+    sync_carries_the_presence_of_room_peers_only
+);

@@ -5,7 +5,7 @@ use serde_json::json;
 
 use crate::{
     backend_tests,
-    common::{Backend, TestServer, assert_error, bodies},
+    common::{Backend, TestServer, assert_error, bodies, urlencode},
 };
 
 async fn create_room_presets_and_state(backend: Backend) {
@@ -401,10 +401,6 @@ async fn history_pagination_and_visibility(backend: Backend) {
         "M_FORBIDDEN",
     );
     server.stop().await;
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
 }
 
 async fn aliases_and_directory_permissions(backend: Backend) {

@@ -150,6 +150,7 @@ pub(crate) async fn run(
                     seconds: f.fed_fanout_seconds,
                     drain_seconds: f.fed_fanout_drain_seconds,
                     timeline_limit: a.fanout_timeline_limit,
+                    lazy_members: a.fanout_lazy_members,
                 };
                 let secs = f.fed_fanout_seconds + f.fed_fanout_drain_seconds + 180;
                 let run = format!("{run}y{k}");

@@ -435,13 +435,11 @@ impl Services {
         let (one_time_keys, fallback_keys) = self.key_status(session).await?;
         response.device_one_time_keys_count = one_time_keys;
         response.device_unused_fallback_key_types = Some(fallback_keys);
-        let mut presence = Vec::new();
-        if filter.presence.matches_type("m.presence") && !skip.presence {
-            presence = self.presence_events(user, since_pos, head).await?;
-            presence.retain(|p| p["sender"].as_str().is_some_and(|s| filter.presence.matches_sender(s)));
-        }
         response.presence = Presence::new();
-        response.presence.events = presence.into_iter().map(to_raw).collect::<Result<_>>()?;
+        if filter.presence.matches_type("m.presence") && !skip.presence {
+            response.presence.events =
+                self.presence_events(user, since_pos, head, |sender| filter.presence.matches_sender(sender)).await?;
+        }
         Ok(response)
     }
 
