@@ -146,6 +146,12 @@ const CHECKPOINT_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// busy server checkpoints about once a second, a quiet one every five seconds.
 const CHECKPOINT_AFTER_POSITIONS: i64 = 256;
 
+/// Whether the WAL is checkpointed at a check made `waited` after the first write since
+/// the last checkpoint, `written` stream positions later.
+fn checkpoint_due(waited: Duration, written: i64) -> bool {
+    waited >= CHECKPOINT_EVERY || written >= CHECKPOINT_AFTER_POSITIONS
+}
+
 /// Checkpoints SQLite's WAL into the database file in the background, at most
 /// `CHECKPOINT_EVERY` after a write (sooner once `CHECKPOINT_AFTER_POSITIONS` were
 /// written). A checkpoint run by a commit (SQLite's automatic one) held the one writer,
@@ -164,13 +170,12 @@ async fn checkpoint_wal(read: SqlitePool, write: SqlitePool, mut mark: tokio::sy
     const PASSIVE: &str = "PRAGMA wal_checkpoint(PASSIVE)";
     while mark.changed().await.is_ok() {
         let from = *mark.borrow_and_update();
-        // Checked now and then (no wake per write): until `CHECKPOINT_EVERY` has
-        // passed or enough positions were written.
+        // Checked now and then (no wake per write).
         let mut waited = Duration::ZERO;
-        while waited < CHECKPOINT_EVERY {
+        loop {
             tokio::time::sleep(CHECKPOINT_CHECK_EVERY).await;
             waited += CHECKPOINT_CHECK_EVERY;
-            if *mark.borrow() - from >= CHECKPOINT_AFTER_POSITIONS {
+            if checkpoint_due(waited, *mark.borrow() - from) {
                 break;
             }
         }

@@ -305,3 +305,17 @@ storage_tests!(
     account_data_changes_do_not_undo_each_other,
     profile_limit_holds_under_concurrency,
 );
+
+/// The WAL's checkpoint comes at the first check once 256 positions were written, else
+/// five seconds after the first write; never at a check before either.
+#[test]
+fn checkpoint_is_due_after_enough_positions_or_time() {
+    use super::checkpoint_due;
+    use std::time::Duration;
+    let s = Duration::from_secs;
+    assert!(checkpoint_due(s(1), 256), "a busy server: at the first check");
+    assert!(!checkpoint_due(s(1), 255));
+    assert!(!checkpoint_due(s(4), 1));
+    assert!(checkpoint_due(s(5), 1), "a quiet server: five seconds after a write");
+    assert!(checkpoint_due(s(5), 0));
+}
